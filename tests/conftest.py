@@ -1,0 +1,62 @@
+"""Shared fixtures: a real Valkey/Redis server for every test session.
+
+Set ``DISPATCH_TEST_REDIS_URL`` to use an existing server (its database and the next one are
+flushed before each test that asks for them); otherwise an embedded valkey-server is started on
+a free port for the session and stopped after it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aredis
+
+from dispatch.embedded import ensure_embedded, stop_embedded
+
+
+@pytest.fixture(scope="session")
+def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL (database 0 unless the env URL names one) of the session's server."""
+    env_url = os.environ.get("DISPATCH_TEST_REDIS_URL")
+    if env_url:
+        yield env_url
+        return
+    home: Path = tmp_path_factory.mktemp("valkey-home")
+    server, _ = ensure_embedded(home)
+    try:
+        yield server.url
+    finally:
+        stop_embedded(home)
+
+
+@pytest.fixture
+def redis_url(redis_server_url: str) -> str:
+    """URL of an empty database (flushed before the test)."""
+    client = redis.Redis.from_url(redis_server_url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    return redis_server_url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+async def aredis_client(redis_url: str) -> AsyncIterator[aredis.Redis]:
+    client = aredis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
