@@ -128,7 +128,7 @@ def ensure_embedded(home: Path, *, port: int | None = None) -> tuple[EmbeddedSer
             "--logfile", str(home / "valkey.log"),
             "--protected-mode", "yes",
         ]  # fmt: skip
-        proc = subprocess.Popen(  # noqa: S603 - our own binary, fixed arguments
+        proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
         )  # fmt: skip

@@ -1,0 +1,99 @@
+"""The channel contract: one async call sends a batch and returns one typed result per message.
+
+A channel states its capabilities as class attributes (``max_batch``, ``body_maxlen``,
+``supports_idempotency``) so the planner can shard for it and the predictor can cost it. It
+never returns a bare bool: each message's outcome is ``Sent`` (with the provider's id),
+``Retryable`` (with ``retry_after`` when the provider gave one) or ``Permanent`` (with the
+provider's error code).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+__all__ = ["Channel", "Message", "Permanent", "Result", "Retryable", "Sent"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    """One rendered message for one recipient, ready for a provider.
+
+    ``ref`` is our opaque message reference (campaign, batch, index): it is what providers carry
+    back in callbacks; never an address. ``idempotency_key`` is stable across retries and
+    redeliveries of the same message.
+    """
+
+    ref: str
+    address: str
+    body: str
+    idempotency_key: str
+    subject: str | None = None
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """The provider accepted the message."""
+
+    ref: str
+    provider_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retryable:
+    """A transient failure; try again (after ``retry_after`` seconds if the provider said)."""
+
+    ref: str
+    reason: str
+    status: int | None = None
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Permanent:
+    """The provider rejected the message for good (invalid number, unsubscribed, ...)."""
+
+    ref: str
+    code: str
+    reason: str
+    status: int | None = None
+    #: True when the address itself is bad or opted out and should be suppressed.
+    suppress: bool = False
+
+
+Result = Sent | Retryable | Permanent
+
+
+class Channel(ABC):
+    """A provider adapter. Subclasses set the capability attributes and implement ``send``."""
+
+    #: Registry name: "sms", "email", "push", "webhook".
+    name: ClassVar[str]
+    #: Provider label used in metrics (bounded cardinality).
+    provider: ClassVar[str]
+    #: Most messages one ``send`` call should get (the provider's batch API limit, or a
+    #: per-message API's sensible chunk).
+    max_batch: ClassVar[int] = 100
+    #: Longest body the provider accepts, in characters.
+    body_maxlen: ClassVar[int] = 100_000
+    #: Whether the provider honours our idempotency key (so an in-flight message whose worker
+    #: died may be resent safely with the same key).
+    supports_idempotency: ClassVar[bool] = False
+
+    def cost(self, message: Message) -> int:
+        """Rate-limit units one message costs (SMS: segments). Default: 1."""
+        return 1
+
+    @abstractmethod
+    async def send(self, messages: Sequence[Message]) -> list[Result]:
+        """Send ``messages``; return exactly one result per message, in the same order.
+
+        Raises ``ProviderError`` subclasses only for failures of the call as a whole that the
+        channel could not attribute to messages.
+        """
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources the channel owns (not a shared HTTP session)."""
