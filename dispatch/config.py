@@ -1,0 +1,169 @@
+"""Settings: one typed, immutable object built once at start-up.
+
+Sources, later ones winning: the defaults below, an optional TOML file (``DISPATCH_CONFIG`` or
+``--config``; keys are the setting names, e.g. ``batch_size = 500``, optionally under a
+``[dispatch]`` table), then ``DISPATCH_*`` environment variables (``DISPATCH_BATCH_SIZE``).
+Every invalid value raises ``ConfigError`` naming the setting and the fix. Nothing here runs at
+import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from dispatch.errors import ConfigError
+
+__all__ = ["Settings", "describe_settings", "load_settings"]
+
+ENV_PREFIX = "DISPATCH_"
+
+
+def _setting(default: Any, help: str, *, low: float | None = None, high: float | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "low": low, "high": high})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Every setting of a deployment. Build with :func:`load_settings`."""
+
+    home: Path = _setting(Path(".dispatch"), "state directory (embedded Redis data, metrics files)")
+    redis_url: str | None = _setting(None, "Redis/Valkey URL for application keys; unset = embedded")
+    broker_db: int = _setting(1, "logical database of the dramatiq broker (apart from app keys)", low=0, high=15)
+    heartbeat_timeout_ms: int = _setting(
+        5000, "ms without a heartbeat before a worker's batches are redelivered", low=1000, high=600_000
+    )
+    maintenance_chance: int = _setting(
+        100_000, "broker commands per million that run queue maintenance", low=1, high=1_000_000
+    )
+    workers: int = _setting(2, "worker processes started by demo and loadtest", low=1, high=256)
+    worker_threads: int = _setting(2, "batches one worker process runs at once", low=1, high=64)
+    send_concurrency: int = _setting(256, "provider requests in flight per worker process", low=1, high=10_000)
+    batch_size: int = _setting(500, "recipients per batch (one broker message)", low=1, high=10_000)
+    max_attempts: int = _setting(5, "provider attempts per message before dead-lettering", low=1, high=50)
+    sms_base_url: str = _setting("http://127.0.0.1:8099", "Twilio API base URL (or the mock provider's)")
+    sms_account_sid: str = _setting("AC00000000000000000000000000000000", "Twilio account SID")
+    sms_auth_token: str = _setting("dispatch-demo-token", "Twilio auth token")
+    sms_from: str = _setting("+15005550006", "sender number (E.164)")
+    sms_rate: float = _setting(0.0, "SMS segments per second for the account; 0 = unlimited", low=0)
+    sms_honours_idempotency: bool = _setting(
+        True, "the SMS endpoint honours Idempotency-Key (the mock does; real Twilio does not)"
+    )
+    callback_base_url: str | None = _setting(None, "public base URL providers post receipts to")
+    provider_latency_ms: float = _setting(20.0, "expected provider latency for predictions", low=0)
+    retention_s: int = _setting(7 * 86400, "seconds campaign data is kept after it ends", low=60)
+
+    def __post_init__(self) -> None:
+        if self.redis_url is not None:
+            parts = urlsplit(self.redis_url)
+            if parts.scheme not in {"redis", "rediss", "unix"}:
+                raise ConfigError(
+                    "DISPATCH_REDIS_URL",
+                    f"scheme {parts.scheme!r} is not redis://, rediss:// or unix://",
+                    "use a URL like redis://127.0.0.1:6379/0, or unset it to use the embedded server",
+                )
+            if self.app_db == self.broker_db:
+                raise ConfigError(
+                    "DISPATCH_BROKER_DB",
+                    f"the broker shares database {self.broker_db} with the application keys",
+                    "pick another database number for DISPATCH_BROKER_DB (dramatiq's maintenance runs KEYS)",
+                )
+
+    @property
+    def app_db(self) -> int:
+        if self.redis_url is None:
+            return 0
+        path = urlsplit(self.redis_url).path.strip("/")
+        return int(path) if path.isdigit() else 0
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _convert(name: str, raw: Any) -> Any:
+    spec = _FIELDS[name]
+    env = ENV_PREFIX + name.upper()
+    kind: type[Any] = type(spec.default) if spec.default is not None else str
+    if raw is None or (isinstance(raw, str) and raw == "" and spec.default is None):
+        return None
+    try:
+        value: Any
+        if kind is bool:
+            if isinstance(raw, bool):
+                value = raw
+            elif str(raw).strip().lower() in {"1", "true", "yes", "on"}:
+                value = True
+            elif str(raw).strip().lower() in {"0", "false", "no", "off"}:
+                value = False
+            else:
+                raise ValueError
+        elif kind is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            value = int(str(raw).strip()) if isinstance(raw, str) else int(raw)
+        elif kind is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            value = float(raw)
+        elif issubclass(kind, Path):
+            value = Path(str(raw))
+        else:
+            value = str(raw)
+    except ValueError:
+        expected = {bool: "true or false", int: "a whole number", float: "a number"}.get(kind, "text")
+        raise ConfigError(env, f"expected {expected}, got {raw!r}", f"set {env} to {expected}") from None
+    low, high = spec.metadata["low"], spec.metadata["high"]
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise ConfigError(env, f"{value!r} is out of range", f"set {env} to a value {bounds}")
+    return value
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None,
+    *,
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build settings from defaults, an optional TOML file, the environment and overrides."""
+    environ = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = config_file or (Path(environ["DISPATCH_CONFIG"]) if environ.get("DISPATCH_CONFIG") else None)
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(
+                "DISPATCH_CONFIG", f"cannot read {path}: {exc.strerror}", "point it at a TOML file"
+            ) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("DISPATCH_CONFIG", f"{path} is not valid TOML ({exc})", "fix the file's syntax") from None
+        table = data.get("dispatch", data)
+        for key, raw in table.items():
+            if key not in _FIELDS:
+                raise ConfigError(f"{path}: {key}", "unknown setting", f"use one of: {', '.join(sorted(_FIELDS))}")
+            values[key] = _convert(key, raw)
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == "DISPATCH_CONFIG" or key.startswith("DISPATCH_TEST_"):
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name not in _FIELDS:
+            raise ConfigError(key, "unknown setting", f"remove it, or use one of: {', '.join(sorted(_FIELDS))}")
+        values[name] = _convert(name, raw)
+    for name, raw in (overrides or {}).items():
+        values[name] = _convert(name, raw)
+    return Settings(**values)
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """(environment variable, default, help) for every setting, for docs and ``--help``."""
+    rows = []
+    for f in dataclasses.fields(Settings):
+        rows.append((ENV_PREFIX + f.name.upper(), repr(f.default), str(f.metadata["help"])))
+    return rows
