@@ -50,6 +50,9 @@ class Retryable:
     reason: str
     status: int | None = None
     retry_after: float | None = None
+    #: True when the provider may have accepted the message anyway (timeout, connection lost
+    #: after the request went out): resending is safe only with an honoured idempotency key.
+    ambiguous: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +83,10 @@ class Channel(ABC):
     #: Longest body the provider accepts, in characters.
     body_maxlen: ClassVar[int] = 100_000
     #: Whether the provider honours our idempotency key (so an in-flight message whose worker
-    #: died may be resent safely with the same key).
-    supports_idempotency: ClassVar[bool] = False
+    #: died may be resent safely with the same key). A plain attribute, not a ClassVar: an
+    #: instance may set it from its configuration (Twilio honours the key only behind a proxy
+    #: or mock that implements it).
+    supports_idempotency: bool = False
 
     def cost(self, message: Message) -> int:
         """Rate-limit units one message costs (SMS: segments). Default: 1."""

@@ -1,0 +1,307 @@
+"""Shared state of the mock provider: configuration, fault mix, ledger, idempotency store.
+
+Each provider twin (``mock_twilio``, ``mock_sendgrid``, ``mock_fcm``, ``mock_webhook``) runs the
+same steps: authenticate, ``MockState.inject_faults``, answer an idempotent replay, validate the
+request the way the real provider does, ``MockState.admit`` (server-side rate limit), then
+``MockState.accept`` into the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Final, Literal
+
+from aiohttp import web
+
+__all__ = [
+    "DEFAULT_ACCOUNT_SID",
+    "DEFAULT_AUTH_TOKEN",
+    "ErrorFactory",
+    "FaultMix",
+    "Ledger",
+    "MockConfig",
+    "MockState",
+    "ReceiptConfig",
+]
+
+#: Credentials the mock accepts unless configured otherwise.
+DEFAULT_ACCOUNT_SID: Final = "AC" + "0" * 32
+DEFAULT_AUTH_TOKEN: Final = "mock-auth-token"
+
+Jitter = Literal["none", "exponential", "lognormal"]
+
+#: Builds a provider-shaped error response: (HTTP status, message, Retry-After seconds or None).
+ErrorFactory = Callable[[int, str, float | None], web.Response]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FaultMix:
+    """What goes wrong, and how slowly things go right. Probabilities are per request.
+
+    ``p_timeout`` hangs *before* accepting (a clean timeout); ``p_timeout_after_accept`` accepts
+    and then hangs, the ambiguous case where a resend without idempotency duplicates.
+    ``p_reset`` closes the connection without an answer before accepting.
+    """
+
+    latency_ms: float = 0.0
+    jitter: Jitter = "none"
+    #: Mean of the exponential jitter, median of the lognormal one.
+    jitter_ms: float = 0.0
+    #: Shape (sigma) of the lognormal jitter.
+    jitter_sigma: float = 1.0
+    p_429: float = 0.0
+    retry_after_s: float = 1.0
+    p_500: float = 0.0
+    p_503: float = 0.0
+    p_timeout: float = 0.0
+    p_timeout_after_accept: float = 0.0
+    p_reset: float = 0.0
+    #: How long a "timeout" hangs: make it longer than the client's timeout.
+    hang_s: float = 30.0
+    #: Server-side limit: requests above this many accepted messages per second get 429.
+    rate_limit_per_s: int | None = None
+
+    def __post_init__(self) -> None:
+        total = self.p_429 + self.p_500 + self.p_503 + self.p_timeout + self.p_reset
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name.startswith("p_") and not 0.0 <= value <= 1.0:
+                raise ValueError(f"FaultMix.{item.name} must be within [0, 1], got {value}")
+        if total > 1.0:
+            raise ValueError("FaultMix: p_429 + p_500 + p_503 + p_timeout + p_reset must be <= 1")
+        if self.jitter not in ("none", "exponential", "lognormal"):
+            raise ValueError("FaultMix.jitter must be 'none', 'exponential' or 'lognormal'")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> FaultMix:
+        """Build from JSON (``POST /_mock/faults``); unknown keys are an error."""
+        known = {item.name for item in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"FaultMix: unknown fields {sorted(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReceiptConfig:
+    """Delivery-receipt callbacks the mock sends after accepting a message."""
+
+    #: Seconds between acceptance and the callback.
+    delay_s: float = 0.2
+    #: Share of messages reported failed/undelivered/bounced instead of delivered.
+    fail_ratio: float = 0.0
+    #: Where SendGrid-style event batches go (SendGrid's URL is account configuration).
+    sendgrid_event_url: str | None = None
+    #: Where our own signed webhook receipts go.
+    webhook_receipt_url: str | None = None
+    #: Twilio-style: also send an intermediate "sent" status before the final one.
+    twilio_intermediate: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MockConfig:
+    """Credentials the mock accepts and the behaviour it starts with."""
+
+    account_sid: str = DEFAULT_ACCOUNT_SID
+    auth_token: str = DEFAULT_AUTH_TOKEN
+    sendgrid_api_key: str = "SG.mock-api-key"
+    fcm_access_token: str = "mock-fcm-access-token"
+    webhook_secret: str = "mock-webhook-secret"
+    host: str = "127.0.0.1"
+    port: int = 0
+    faults: FaultMix = field(default_factory=FaultMix)
+    #: Numbers that sent STOP: Twilio answers 21610.
+    unsubscribed: frozenset[str] = frozenset()
+    #: Numbers that are landlines: Twilio answers 21614.
+    not_mobile: frozenset[str] = frozenset()
+    receipts: ReceiptConfig | None = None
+    #: Seed for the fault and receipt dice (None: unpredictable).
+    seed: int | None = None
+    #: Largest request body accepted (SendGrid's limit is 30 MB; keep tests cheaper).
+    max_body_bytes: int = 32 * 1024 * 1024
+
+
+class Ledger:
+    """Every message the mock accepted: to count losses and real double sends."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        #: Accepted messages whose (channel, address, content) was accepted before.
+        self.duplicates = 0
+        #: Requests answered from the idempotency store (not accepted again).
+        self.replays = 0
+        #: Requests refused by validation (bad address, missing field, ...), not by faults.
+        self.rejected = 0
+        self.per_second: dict[int, int] = {}
+        self.by_channel: Counter[str] = Counter()
+        self.faults: Counter[str] = Counter()
+        #: Most provider requests being handled at once (shows the client's concurrency).
+        self.max_in_flight = 0
+        #: Receipt callbacks the mock sent: "sent" (2xx answer) and "failed".
+        self.callbacks: Counter[str] = Counter()
+        self._seen: set[bytes] = set()
+
+    def record(self, channel: str, address: str, content: str, *, now: float | None = None) -> bool:
+        """Count one accepted message; True when it duplicates an earlier one."""
+        digest = hashlib.blake2b(f"{channel}\x00{address}\x00{content}".encode(), digest_size=16).digest()
+        second = int(time.time() if now is None else now)
+        self.accepted += 1
+        self.by_channel[channel] += 1
+        self.per_second[second] = self.per_second.get(second, 0) + 1
+        if digest in self._seen:
+            self.duplicates += 1
+            return True
+        self._seen.add(digest)
+        return False
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "replays": self.replays,
+            "rejected": self.rejected,
+            "per_second": {str(second): n for second, n in sorted(self.per_second.items())},
+            "by_channel": dict(self.by_channel),
+            "faults": dict(self.faults),
+            "callbacks": dict(self.callbacks),
+            "max_in_flight": self.max_in_flight,
+        }
+
+
+class MockState:
+    """What the provider twins share while the mock runs."""
+
+    def __init__(self, config: MockConfig) -> None:
+        self.config = config
+        self.faults = config.faults
+        self.ledger = Ledger()
+        self.rng = random.Random(config.seed)
+        #: (channel, idempotency key) -> (status, body, content type) of the original answer.
+        self.idempotent: dict[tuple[str, str], tuple[int, bytes, str]] = {}
+        self.closing = asyncio.Event()
+        self.in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.callback_sender: Callable[[str, bytes, Mapping[str, str]], Awaitable[None]] | None = None
+
+    def reset(self) -> None:
+        self.ledger = Ledger()
+        self.idempotent.clear()
+
+    # -- faults ---------------------------------------------------------------------------------
+
+    def _latency_s(self) -> float:
+        mix = self.faults
+        delay = mix.latency_ms
+        if mix.jitter == "exponential" and mix.jitter_ms > 0:
+            delay += self.rng.expovariate(1.0 / mix.jitter_ms)
+        elif mix.jitter == "lognormal" and mix.jitter_ms > 0:
+            delay += self.rng.lognormvariate(math.log(mix.jitter_ms), mix.jitter_sigma)
+        return delay / 1000.0
+
+    async def hang(self) -> None:
+        """Sleep ``hang_s`` or until the mock shuts down, whichever comes first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.closing.wait(), self.faults.hang_s)
+
+    async def inject_faults(self, request: web.Request, error: ErrorFactory) -> web.StreamResponse | None:
+        """Apply latency and maybe a fault; a response to send instead of the real one, or None."""
+        delay = self._latency_s()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        mix = self.faults
+        roll = self.rng.random()
+        for kind, p in (
+            ("429", mix.p_429),
+            ("500", mix.p_500),
+            ("503", mix.p_503),
+            ("timeout", mix.p_timeout),
+            ("reset", mix.p_reset),
+        ):
+            if roll < p:
+                self.ledger.faults[kind] += 1
+                return await self._fault(kind, request, error)
+            roll -= p
+        return None
+
+    async def _fault(self, kind: str, request: web.Request, error: ErrorFactory) -> web.StreamResponse:
+        if kind == "429":
+            return error(429, "Too Many Requests", self.faults.retry_after_s)
+        if kind == "500":
+            return error(500, "Internal Server Error", None)
+        if kind == "503":
+            return error(503, "Service Unavailable", None)
+        if kind == "timeout":
+            await self.hang()
+            return error(503, "Service Unavailable", None)
+        return reset_connection(request)
+
+    async def after_accept(self, request: web.Request) -> None:
+        """The ambiguous fault: the message is in the ledger, the client never hears so."""
+        if self.faults.p_timeout_after_accept and self.rng.random() < (self.faults.p_timeout_after_accept):
+            self.ledger.faults["timeout_after_accept"] += 1
+            await self.hang()
+
+    def admit(self, count: int = 1, *, now: float | None = None) -> bool:
+        """Whether ``count`` more messages fit under the server-side rate limit this second."""
+        limit = self.faults.rate_limit_per_s
+        if limit is None:
+            return True
+        second = int(time.time() if now is None else now)
+        if self.ledger.per_second.get(second, 0) + count > limit:
+            self.ledger.faults["rate_limit"] += 1
+            return False
+        return True
+
+    # -- idempotency ----------------------------------------------------------------------------
+
+    def replay(self, channel: str, request: web.Request) -> web.Response | None:
+        key = request.headers.get("Idempotency-Key")
+        if not key:
+            return None
+        stored = self.idempotent.get((channel, key))
+        if stored is None:
+            return None
+        self.ledger.replays += 1
+        status, body, content_type = stored
+        return web.Response(status=status, body=body, content_type=content_type)
+
+    def remember(self, channel: str, request: web.Request, response: web.Response) -> None:
+        key = request.headers.get("Idempotency-Key")
+        if key and isinstance(response.body, bytes):
+            content_type = response.content_type or "application/json"
+            self.idempotent[(channel, key)] = (response.status, response.body, content_type)
+
+    # -- background callbacks -------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def shutdown(self) -> None:
+        self.closing.set()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def reset_connection(request: web.Request) -> web.StreamResponse:
+    """Drop the connection without an answer (the client sees a disconnect)."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+    # aiohttp writes nothing to an aborted transport; the response only ends the handler.
+    return web.Response(status=499)
