@@ -1,10 +1,11 @@
 -- GCRA with an adaptive (AIMD) rate over several keys at once, on Redis server time only.
 --
 -- KEYS: one hash per limit key. A key whose hash has no `rate` field is unlimited (skipped).
--- Hash fields: rate burst backoff recovery floor cooldown (configuration, written by the client)
+-- Hash fields: rate burst backoff recovery floor cooldown   the configuration
 --              tat   theoretical arrival time (seconds since EPOCH, server clock)
---              effl  effective rate when tat was last written (tat is rescaled when it changes,
---                    so the bucket's fill level in tokens survives a re-rate or a penalty)
+--              effl  effective rate at which tat was last anchored. When the effective rate
+--                    changes, tat is re-anchored at that moment so the bucket's fill level in
+--                    tokens is kept: tat = now + (tat - now) * effl / eff
 --              eff0, t0  effective rate right after the last penalty and when it happened;
 --                    the rate recovers lazily: min(rate, eff0 + recovery * rate * (now - t0))
 --
@@ -14,8 +15,10 @@
 --       from none. Returns {granted_count, wait, headroom, too_large_key, too_large_burst}:
 --       wait = seconds until the first refused acquisition would fit, headroom = min over the
 --       limited keys of burst / effective rate ("inf" when none), too_large_* set when that
---       acquisition's cost exceeds a burst. Refusals write nothing.
---   "penalize" retry_after   (KEYS[1] only; retry_after < 0 means none) -> new effective rate
+--       acquisition's cost exceeds a burst. A refusal takes no tokens (it may re-anchor tat).
+--   "configure" rate burst backoff recovery floor cooldown   (KEYS[1]) create or re-rate,
+--       keeping the fill level and any penalty in force.
+--   "penalize" retry_after   (KEYS[1]; retry_after <= 0 means none) -> new effective rate
 --   "rate"                   -> the effective rate of each key ("" when unlimited)
 
 -- Redis < 5 replicates scripts verbatim, which forbids writes after TIME; newer servers
@@ -35,6 +38,28 @@ local function fmt(x)
   return string.format('%.17g', x)
 end
 
+local CONFIG = {'rate', 'burst', 'backoff', 'recovery', 'floor', 'cooldown'}
+
+-- The effective rate now, from the configuration and the penalty state.
+local function effective(s)
+  if s.eff0 == nil or s.t0 == nil then
+    return s.rate
+  end
+  local start = math.max(s.eff0, s.floor * s.rate)
+  return math.min(s.rate, start + s.recovery * s.rate * math.max(0, now - s.t0))
+end
+
+-- Moves tat so the fill level in tokens at `now` is kept when the rate becomes `eff`.
+local function anchor(s, eff)
+  if s.tat <= now then
+    s.tat = now
+  elseif s.eff ~= eff then
+    s.tat = now + (s.tat - now) * s.eff / eff
+    s.dirty = true
+  end
+  s.eff = eff
+end
+
 local function load(key)
   local v = redis.call('HMGET', key, 'rate', 'burst', 'backoff', 'recovery', 'floor', 'cooldown',
     'tat', 'effl', 'eff0', 't0')
@@ -45,19 +70,10 @@ local function load(key)
   local s = {
     key = key, rate = rate, burst = tonumber(v[2]), backoff = tonumber(v[3]),
     recovery = tonumber(v[4]), floor = tonumber(v[5]), cooldown = tonumber(v[6]),
-    tat = tonumber(v[7]) or now, effl = tonumber(v[8]), eff0 = tonumber(v[9]), t0 = tonumber(v[10]),
+    tat = tonumber(v[7]) or now, eff0 = tonumber(v[9]), t0 = tonumber(v[10]), dirty = false,
   }
-  local eff = rate
-  if s.eff0 ~= nil and s.t0 ~= nil then
-    local start = math.max(s.eff0, s.floor * rate)
-    eff = math.min(rate, start + s.recovery * rate * math.max(0, now - s.t0))
-  end
-  s.eff = eff
-  if s.tat < now then
-    s.tat = now
-  elseif s.effl ~= nil and s.effl ~= eff then
-    s.tat = now + (s.tat - now) * s.effl / eff
-  end
+  s.eff = tonumber(v[8]) or rate
+  anchor(s, effective(s))
   return s
 end
 
@@ -101,9 +117,11 @@ if op == 'acquire' then
       break
     end
   end
-  if tokens > 0 then
-    for _, s in ipairs(states) do
+  for _, s in ipairs(states) do
+    if tokens > 0 then
       s.tat = s.tat + tokens / s.eff
+      save(s)
+    elseif s.dirty then
       save(s)
     end
   end
@@ -129,8 +147,8 @@ elseif op == 'penalize' then
   local retry_after = tonumber(ARGV[2])
   if s.eff0 == nil or s.t0 == nil or now - s.t0 >= s.cooldown then
     local lowered = math.max(s.floor * s.rate, s.eff * s.backoff)
-    s.tat = now + (s.tat - now) * s.eff / lowered
-    s.eff, s.eff0, s.t0 = lowered, lowered, now
+    anchor(s, lowered)
+    s.eff0, s.t0 = lowered, now
   end
   if retry_after > 0 then
     -- Nothing fits before now + retry_after, then one token, then the effective rate.
@@ -138,6 +156,22 @@ elseif op == 'penalize' then
   end
   save(s)
   return fmt(s.eff)
+elseif op == 'configure' then
+  local key = KEYS[1]
+  local s = load(key)
+  local fields = {}
+  for i, name in ipairs(CONFIG) do
+    fields[#fields + 1] = name
+    fields[#fields + 1] = ARGV[i + 1]
+  end
+  redis.call('HSET', key, unpack(fields))
+  if s ~= nil then
+    s.rate, s.burst, s.floor, s.recovery = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[6]),
+      tonumber(ARGV[5])
+    anchor(s, effective(s))
+    save(s)
+  end
+  return 'OK'
 elseif op == 'rate' then
   local out = {}
   for i, key in ipairs(KEYS) do

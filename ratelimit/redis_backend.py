@@ -77,11 +77,8 @@ class RedisRateLimiter(RateLimiter):
             raise BackendUnavailable(f"rate-limit script failed: {exc}") from exc
 
     async def configure(self, limit: Limit) -> None:
-        mapping = {name: repr(getattr(limit, name)) for name in _CONFIG_FIELDS}
-        try:
-            await self._client.hset(self._name(limit.key), mapping=mapping)  # type: ignore[arg-type]
-        except RedisError as exc:
-            raise BackendUnavailable(f"cannot store limit: {exc}") from exc
+        # Through the script, so a re-rate re-anchors the bucket at the moment it happens.
+        await self._run([limit.key], ["configure", *(repr(getattr(limit, f)) for f in _CONFIG_FIELDS)])
 
     async def remove(self, key: str) -> None:
         try:

@@ -50,25 +50,36 @@ class _State:
 
 @dataclass
 class _View:
-    """A key's state seen at one instant: effective rate and (rescaled) tat."""
+    """A key's state seen at one instant: effective rate and tat anchored to it."""
 
     state: _State
     eff: float
     tat: float
+    dirty: bool = False
+
+    def anchor(self, eff: float, now: float) -> None:
+        """Keep the fill level in tokens at ``now`` while the rate becomes ``eff``."""
+        if self.tat <= now:
+            self.tat = now
+        elif self.eff != eff:
+            self.tat = now + (self.tat - now) * self.eff / eff
+            self.dirty = True
+        self.eff = eff
+
+
+def _effective(state: _State, now: float) -> float:
+    limit = state.limit
+    if state.eff0 is None or state.t0 is None:
+        return limit.rate
+    start = max(state.eff0, limit.floor * limit.rate)
+    return min(limit.rate, start + limit.recovery * limit.rate * max(0.0, now - state.t0))
 
 
 def _view(state: _State, now: float) -> _View:
-    limit = state.limit
-    eff = limit.rate
-    if state.eff0 is not None and state.t0 is not None:
-        start = max(state.eff0, limit.floor * limit.rate)
-        eff = min(limit.rate, start + limit.recovery * limit.rate * max(0.0, now - state.t0))
     tat = now if state.tat is None else state.tat
-    if tat < now:
-        tat = now
-    elif state.effl is not None and state.effl != eff:
-        tat = now + (tat - now) * state.effl / eff
-    return _View(state, eff, tat)
+    view = _View(state, state.effl if state.effl is not None else state.limit.rate, tat)
+    view.anchor(_effective(state, now), now)
+    return view
 
 
 def _save(view: _View) -> None:
@@ -102,8 +113,12 @@ class StubRateLimiter(RateLimiter):
         state = self._states.get(limit.key)
         if state is None:
             self._states[limit.key] = _State(limit)
-        else:
-            state.limit = limit
+            return
+        now = self._clock()
+        view = _view(state, now)
+        state.limit = limit
+        view.anchor(_effective(state, now), now)
+        _save(view)
 
     async def remove(self, key: str) -> None:
         self._states.pop(key, None)
@@ -129,9 +144,11 @@ class StubRateLimiter(RateLimiter):
             if fit < count:
                 refused_cost = cost
                 break
-        if tokens > 0:
-            for view in views:
+        for view in views:
+            if tokens > 0:
                 view.tat += tokens / view.eff
+                _save(view)
+            elif view.dirty:
                 _save(view)
         wait, too_large = 0.0, None
         if refused_cost is not None:
@@ -154,9 +171,8 @@ class StubRateLimiter(RateLimiter):
         limit = state.limit
         if state.eff0 is None or state.t0 is None or now - state.t0 >= limit.cooldown:
             lowered = max(limit.floor * limit.rate, view.eff * limit.backoff)
-            view.tat = now + (view.tat - now) * view.eff / lowered
-            view.eff = state.eff0 = lowered
-            state.t0 = now
+            view.anchor(lowered, now)
+            state.eff0, state.t0 = lowered, now
         if retry_after is not None and math.isfinite(retry_after) and retry_after > 0:
             view.tat = max(view.tat, now + retry_after + (limit.burst - 1) / view.eff)
         _save(view)

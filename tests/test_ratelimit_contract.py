@@ -174,6 +174,15 @@ async def test_live_rerate_applies_to_the_next_acquisition(backend: Backend) -> 
     assert await lim.try_acquire(["account"]) > 0.5
 
 
+async def test_rerate_up_takes_effect_at_once_not_after_the_old_backlog(backend: Backend) -> None:
+    lim = backend.limiter
+    await lim.configure(Limit(key="account", rate=0.5, burst=1))
+    assert await lim.try_acquire(["account"]) == 0.0  # the next token is 2 s away at 0.5/s
+    await lim.configure(Limit(key="account", rate=100.0, burst=1))
+    await backend.advance(0.05)  # the backlog, one token, drains in 10 ms at the new rate
+    assert await lim.try_acquire(["account"]) == 0.0
+
+
 async def test_penalty_decreases_multiplicatively_once_per_cooldown(backend: Backend) -> None:
     lim = backend.limiter
     await lim.configure(Limit(key="account", rate=100.0, burst=10, recovery=0.001, cooldown=60.0))
