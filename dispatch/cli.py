@@ -1,0 +1,237 @@
+"""The ``dispatch`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+import redis
+
+from dispatch.broker import build_broker, enqueue_batch
+from dispatch.campaign import load_campaign_file
+from dispatch.config import Settings, load_settings
+from dispatch.control import CampaignControl
+from dispatch.embedded import find_embedded, stop_embedded
+from dispatch.errors import DispatchError
+from dispatch.planner import Planner, read_csv_rows
+from dispatch.redisdb import resolve_redis
+from dispatch.snapshot import load_manifest
+from dispatch.tracking import iter_records
+
+__all__ = ["main"]
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _print(data: Any, as_json: bool) -> None:
+    if as_json:
+        print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            print(f"{key:>16}: {orjson.dumps(value).decode() if isinstance(value, dict | list) else value}")
+    else:
+        print(data)
+
+
+def _client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(resolve_redis(settings).app_url)
+
+
+def _control(settings: Settings) -> tuple[CampaignControl, Callable[[], None]]:
+    target = resolve_redis(settings)
+    client = redis.Redis.from_url(target.app_url)
+    broker = build_broker(settings, target.broker_url)
+
+    def close() -> None:
+        broker.close()
+        client.close()
+
+    return CampaignControl(client, lambda cid, n, delay: enqueue_batch(broker, cid, n, delay)), close
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest.demo import run_demo
+
+    return run_demo(settings, recipients=args.recipients, workers=args.workers, as_json=args.json)
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from dispatch.worker import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_worker(settings, threads=args.threads)
+
+
+def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    spec = load_campaign_file(args.campaign_file)
+    client = _client(settings)
+    try:
+        report = Planner(client, settings).plan(spec, read_csv_rows(args.audience))
+    finally:
+        client.close()
+    _print(report.as_dict(), args.json)
+    return 0
+
+
+def _simple(action: str) -> Handler:
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        control, close = _control(settings)
+        try:
+            if action == "start":
+                started = control.start(args.campaign)
+                print(f"{args.campaign}: {'started' if started else 'already started'}")
+            else:
+                getattr(control, action)(args.campaign)
+                print(f"{args.campaign}: {action} requested")
+        finally:
+            close()
+        return 0
+
+    return run
+
+
+def cmd_rate(args: argparse.Namespace, settings: Settings) -> int:
+    control, close = _control(settings)
+    try:
+        control.set_rate(args.campaign, None if args.rate <= 0 else args.rate)
+    finally:
+        close()
+    print(f"{args.campaign}: rate set to {args.rate if args.rate > 0 else 'unlimited'}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    control, close = _control(settings)
+    try:
+        _print(control.status(args.campaign).as_dict(), args.json)
+    finally:
+        close()
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    client = _client(settings)
+    out: TextIO = args.output.open("w", newline="", encoding="utf-8") if args.output else sys.stdout
+    try:
+        manifest = load_manifest(client, args.campaign)
+        fields = ["batch", "index", "state", "attempts", "provider_id", "code", "ts"]
+        writer = csv.writer(out) if args.format == "csv" else None
+        if writer is not None:
+            writer.writerow(fields)
+        for record in iter_records(client, args.campaign, int(manifest["batches"])):
+            row = [
+                record.batch,
+                record.index,
+                record.state,
+                record.attempts,
+                record.provider_id,
+                record.code,
+                record.ts,
+            ]
+            if writer is not None:
+                writer.writerow(row)
+            else:
+                out.write(orjson.dumps(dict(zip(fields, row, strict=True))).decode() + "\n")
+    finally:
+        if args.output:
+            out.close()
+        client.close()
+    return 0
+
+
+def cmd_redis(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "stop":
+        print("stopped" if stop_embedded(settings.home) else "no embedded server was running")
+        return 0
+    if args.action == "status":
+        server = find_embedded(settings.home.resolve())
+        print(f"running pid {server.pid} at {server.url}" if server else "not running")
+        return 0 if server else 1
+    target = resolve_redis(settings)
+    print(target.app_url)
+    return 0
+
+
+def cmd_mock_provider(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest.mock_provider import main as mock_main
+
+    argv = ["--host", args.host, "--port", str(args.port)]
+    argv += ["--account-sid", settings.sms_account_sid, "--auth-token", settings.sms_auth_token]
+    return mock_main(argv + (["--faults", args.faults] if args.faults else []))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dispatch", description="Plan, send and show message campaigns.")
+    parser.add_argument("--config", type=Path, default=None, help="TOML settings file (else DISPATCH_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run a complete demo campaign on embedded defaults")
+    p.add_argument("--recipients", type=int, default=20_000)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object (last line)")
+    p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("worker", help="run one worker process")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(handler=cmd_worker)
+
+    p = sub.add_parser("plan", help="plan a campaign: validate, snapshot, batch, predict")
+    p.add_argument("campaign_file", type=Path)
+    p.add_argument("--audience", type=Path, required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_plan)
+
+    for action in ("start", "pause", "resume", "cancel"):
+        p = sub.add_parser(action, help=f"{action} a campaign")
+        p.add_argument("campaign")
+        p.set_defaults(handler=_simple(action))
+
+    p = sub.add_parser("rate", help="change the rate cap of a running campaign (0 = no cap)")
+    p.add_argument("campaign")
+    p.add_argument("rate", type=float)
+    p.set_defaults(handler=cmd_rate)
+
+    p = sub.add_parser("status", help="progress, rate and ETA of a campaign")
+    p.add_argument("campaign")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("export", help="per-message outcomes as JSONL or CSV")
+    p.add_argument("campaign")
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    p.add_argument("--output", type=Path, default=None)
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("redis", help="the embedded Redis: start (prints URL), stop, status")
+    p.add_argument("action", choices=("start", "stop", "status"))
+    p.set_defaults(handler=cmd_redis)
+
+    p = sub.add_parser("mock-provider", help="serve the mock providers (Twilio, SendGrid, FCM, webhook)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8099)
+    p.add_argument("--faults", default=None, help="fault mix as JSON")
+    p.set_defaults(handler=cmd_mock_provider)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(config_file=args.config)
+        handler: Handler = args.handler
+        return handler(args, settings)
+    except DispatchError as exc:
+        print(f"dispatch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Campaign control: start, pause, resume, cancel, re-rate, and status.
+
+The control hash of a campaign is the single source of truth every worker reads: the claim
+script refuses to claim while a campaign is not ``running``, and workers re-read it at least
+every ``CONTROL_TTL_S`` between chunks, so a pause or cancel takes effect across all workers
+within about a second.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from dispatch import keys
+from dispatch.errors import CampaignStateError
+from dispatch.snapshot import load_manifest
+from dispatch.tracking import campaign_counters
+
+__all__ = ["CONTROL_TTL_S", "CampaignControl", "CampaignStatus", "EnqueueFn"]
+
+#: Longest a worker trusts its cached view of a campaign's state.
+CONTROL_TTL_S = 0.5
+
+#: Enqueue one batch: (campaign id, batch number, delay in ms).
+EnqueueFn = Callable[[str, int, int], None]
+
+TERMINAL = ("sent", "failed", "suppressed", "skipped")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CampaignStatus:
+    campaign_id: str
+    state: str
+    accepted: int
+    counters: dict[str, int]
+    done: int
+    rate: float | None
+    current_rate: float
+    eta_s: float | None
+    predicted_s: float
+    deadline: float | None
+    started_at: float | None
+
+    @property
+    def complete(self) -> bool:
+        return self.done >= self.accepted
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "campaign_id": self.campaign_id,
+            "state": self.state,
+            "accepted": self.accepted,
+            "done": self.done,
+            "not_sent": self.accepted - self.counters["sent"],
+            "counters": self.counters,
+            "rate": self.rate,
+            "current_rate": round(self.current_rate, 1),
+            "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
+            "predicted_s": round(self.predicted_s, 2),
+            "deadline": self.deadline,
+            "started_at": self.started_at,
+        }
+
+
+class CampaignControl:
+    """Changes campaign state; ``enqueue`` hands batches to the broker."""
+
+    def __init__(self, client: redis.Redis, enqueue: EnqueueFn | None = None) -> None:
+        self._client = client
+        self._enqueue = enqueue
+
+    def _state(self, campaign_id: str) -> str:
+        raw = self._client.hget(keys.control(campaign_id), "state")
+        return raw.decode() if isinstance(raw, bytes) else "planned"
+
+    def start(self, campaign_id: str) -> bool:
+        """Start a planned campaign; starting it again is a no-op (returns False)."""
+        manifest = load_manifest(self._client, campaign_id)
+        if self._enqueue is None:
+            raise CampaignStateError("this control has no broker to enqueue batches")
+        now = time.time()
+        if not self._client.hsetnx(keys.control(campaign_id), "started_at", f"{now:.3f}"):
+            return False
+        self._client.hset(keys.control(campaign_id), mapping={"state": "running"})
+        for number in range(int(manifest["batches"])):
+            self._enqueue(campaign_id, number, 0)
+        return True
+
+    def pause(self, campaign_id: str) -> None:
+        self._transition(campaign_id, {"running"}, "paused")
+
+    def resume(self, campaign_id: str) -> None:
+        self._transition(campaign_id, {"paused"}, "running")
+
+    def cancel(self, campaign_id: str) -> None:
+        self._transition(campaign_id, {"running", "paused", "planned"}, "cancelled")
+
+    def set_rate(self, campaign_id: str, rate: float | None) -> None:
+        load_manifest(self._client, campaign_id)
+        if rate is not None and rate <= 0:
+            raise CampaignStateError(f"rate must be positive, got {rate}")
+        self._client.hset(keys.control(campaign_id), "rate", "" if rate is None else str(rate))
+
+    def _transition(self, campaign_id: str, allowed: set[str], target: str) -> None:
+        load_manifest(self._client, campaign_id)
+        current = self._state(campaign_id)
+        if current == target:
+            return
+        if current not in allowed:
+            raise CampaignStateError(f"campaign {campaign_id!r} is {current}; cannot make it {target}")
+        self._client.hset(keys.control(campaign_id), "state", target)
+
+    def status(self, campaign_id: str) -> CampaignStatus:
+        manifest = load_manifest(self._client, campaign_id)
+        control: dict[bytes, bytes] = self._client.hgetall(keys.control(campaign_id))  # type: ignore[assignment]
+        counters = campaign_counters(self._client, campaign_id)
+        accepted = int(manifest["accepted"])
+        done = sum(counters[name] for name in TERMINAL)
+        state = control.get(b"state", b"planned").decode()
+        if state == "running" and done >= accepted:
+            state = "completed"
+        started_raw = control.get(b"started_at")
+        started = float(started_raw) if started_raw else None
+        elapsed = time.time() - started if started else 0.0
+        current_rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (accepted - done) / current_rate if current_rate > 0 and done < accepted else None
+        rate_raw = control.get(b"rate")
+        return CampaignStatus(
+            campaign_id=campaign_id,
+            state=state,
+            accepted=accepted,
+            counters=counters,
+            done=done,
+            rate=float(rate_raw) if rate_raw else manifest.get("rate"),
+            current_rate=current_rate,
+            eta_s=eta,
+            predicted_s=float(manifest["prediction"]["duration_s"]),
+            deadline=manifest.get("deadline"),
+            started_at=started,
+        )

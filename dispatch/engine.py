@@ -1,0 +1,360 @@
+"""The send path: one batch in, every message claimed, sent once, and recorded.
+
+A batch runs as: claim (dedup) -> for each chunk of the channel's request size, through the
+steps ``[frequency cap ->] [suppression ->] rate limit -> render -> send with retries`` -> track
+(buffered confirmations). A step is ``async def step(ctx, items, next)``: it may set a result on
+items (they stop there) and passes the others on, so a test can build the chain with stubs.
+
+Short waits (5xx, timeouts, a 429 with a short Retry-After) are retried in-process with tenacity
+(exponential backoff with jitter, Retry-After honoured). A wait longer than ``LONG_WAIT_S`` puts
+the message back to ``retry`` and the batch goes back to the broker with a delay, so no worker slot
+sleeps through it. After ``max_attempts`` the message is dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import string
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import orjson
+import redis.asyncio as aredis
+from tenacity import AsyncRetrying, RetryCallState, retry_if_result, wait_random_exponential
+
+from channels.base import Channel, Message, Permanent, Result, Retryable, Sent
+from channels.errors import PermanentProviderError, RetryableProviderError
+from dispatch import keys
+from dispatch.control import CONTROL_TTL_S
+from dispatch.snapshot import decode_batch
+from dispatch.tracking import CLAIM_BUSY, CLAIM_DONE, CLAIM_RECLAIMED, Outcome, Tracker, make_ref
+
+__all__ = ["BatchOutcome", "Engine", "Item", "SendContext", "Step", "build_chain"]
+
+log = logging.getLogger("dispatch.engine")
+
+#: Waits longer than this go back to the broker instead of holding a worker slot.
+LONG_WAIT_S = 5.0
+#: Confirmations are written in groups of this many (one Lua call each).
+TRACK_FLUSH = 64
+
+
+@dataclass(slots=True)
+class Item:
+    """One message of a batch on its way through the chain."""
+
+    index: int
+    recipient_id: str
+    address: str
+    attrs: dict[str, str] | None
+    attempts: int
+    message: Message | None = None
+    outcome: Outcome | None = None
+
+
+@dataclass(slots=True)
+class SendContext:
+    campaign_id: str
+    batch: int
+    channel: Channel
+    manifest: dict[str, Any]
+    template: string.Template
+    retries: int = 0
+    long_wait: float = 0.0
+    stopped: str | None = None  # "paused" / "cancelled" once seen mid-batch
+
+
+Next = Callable[[SendContext, list[Item]], Awaitable[None]]
+Step = Callable[[SendContext, list[Item], Next], Awaitable[None]]
+
+
+def build_chain(steps: Sequence[Step]) -> Next:
+    """Compose steps into one callable; the last step's ``next`` does nothing."""
+
+    async def end(ctx: SendContext, items: list[Item]) -> None:
+        return None
+
+    chain: Next = end
+    for step in reversed(steps):
+
+        def bind(step: Step, nxt: Next) -> Next:
+            async def run(ctx: SendContext, items: list[Item]) -> None:
+                await step(ctx, items, nxt)
+
+            return run
+
+        chain = bind(step, chain)
+    return chain
+
+
+def idempotency_key(campaign_id: str, recipient_id: str, channel: str) -> str:
+    digest = hashlib.blake2b(f"{campaign_id}\0{recipient_id}\0{channel}".encode(), digest_size=16)
+    return digest.hexdigest()
+
+
+async def render_step(ctx: SendContext, items: list[Item], nxt: Next) -> None:
+    """Render each recipient's message (string.Template: names only, no code, no attributes)."""
+    subject = ctx.manifest.get("subject")
+    for item in items:
+        body = ctx.template.safe_substitute(item.attrs) if item.attrs else ctx.template.template
+        item.message = Message(
+            ref=make_ref(ctx.campaign_id, ctx.batch, item.index),
+            address=item.address,
+            body=body,
+            subject=subject,
+            idempotency_key=idempotency_key(ctx.campaign_id, item.recipient_id, ctx.channel.name),
+        )
+    await nxt(ctx, items)
+
+
+@dataclass(slots=True)
+class _Round:
+    """Messages still retryable after one send round, and the longest wait they asked for."""
+
+    pending: list[Item]
+    retry_after: float = 0.0
+    causes: list[str] = field(default_factory=list)
+
+
+class SendStep:
+    """Send with tenacity retries; sets each item's outcome."""
+
+    def __init__(
+        self,
+        *,
+        max_attempts: int,
+        on_result: Callable[[Item, Result, float], None] | None = None,
+        on_rate_limited: Callable[[SendContext, float | None], Awaitable[None]] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        backoff_max_s: float = 2.0,
+    ) -> None:
+        self._max_attempts = max_attempts
+        self._on_result = on_result
+        self._on_rate_limited = on_rate_limited
+        self._sleep = sleep
+        self._backoff = wait_random_exponential(multiplier=0.05, max=backoff_max_s)
+
+    def _wait(self, state: RetryCallState) -> float:
+        last: _Round = state.outcome.result() if state.outcome else _Round([])
+        return max(last.retry_after, self._backoff(state))
+
+    def _stop(self, state: RetryCallState) -> bool:
+        last: _Round = state.outcome.result() if state.outcome else _Round([])
+        if not last.pending:
+            return True
+        if any(item.attempts >= self._max_attempts for item in last.pending):
+            return True
+        return last.retry_after > LONG_WAIT_S
+
+    async def __call__(self, ctx: SendContext, items: list[Item], nxt: Next) -> None:
+        pending = [item for item in items if item.outcome is None]
+        if not pending:
+            await nxt(ctx, items)
+            return
+        first = True
+
+        async def one_round() -> _Round:
+            nonlocal first
+            current = list(pending)
+            if not first:
+                ctx.retries += len(current)
+            first = False
+            round_ = _Round([])
+            messages = [item.message for item in current if item.message is not None]
+            started = time.perf_counter()
+            try:
+                results: Sequence[Result] = await ctx.channel.send(messages)
+            except RetryableProviderError as exc:
+                results = [Retryable(m.ref, str(exc), exc.status, exc.retry_after) for m in messages]
+            except PermanentProviderError as exc:
+                code = exc.code or f"http_{exc.status}"
+                results = [Permanent(m.ref, code, str(exc), exc.status) for m in messages]
+            elapsed = time.perf_counter() - started
+            rate_limited = False
+            for item, result in zip(current, results, strict=True):
+                item.attempts += 1
+                if self._on_result is not None:
+                    self._on_result(item, result, elapsed)
+                if isinstance(result, Sent):
+                    item.outcome = Outcome(item.index, "sent", item.attempts, result.provider_id)
+                elif isinstance(result, Permanent):
+                    item.outcome = Outcome(item.index, "failed", item.attempts, "", result.code)
+                else:
+                    round_.pending.append(item)
+                    round_.retry_after = max(round_.retry_after, result.retry_after or 0.0)
+                    rate_limited = rate_limited or result.status == 429
+                    item.outcome = Outcome(item.index, "retry", item.attempts, "", f"http_{result.status or 0}")
+            if rate_limited and self._on_rate_limited is not None:
+                await self._on_rate_limited(ctx, round_.retry_after or None)
+            pending[:] = round_.pending
+            return round_
+
+        retrying = AsyncRetrying(
+            retry=retry_if_result(lambda r: bool(r.pending)),
+            stop=self._stop,
+            wait=self._wait,
+            sleep=self._sleep,
+            retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+        )
+        last: _Round | None = await retrying(one_round)
+        if last is not None and last.pending:
+            for item in last.pending:
+                if item.attempts >= self._max_attempts:
+                    code = item.outcome.code if item.outcome else "retry_exhausted"
+                    item.outcome = Outcome(item.index, "dead", item.attempts, "", code)
+            ctx.long_wait = max(ctx.long_wait, last.retry_after)
+        await nxt(ctx, items)
+
+
+class Engine:
+    """Runs batches for one worker process. All collaborators are passed in."""
+
+    def __init__(
+        self,
+        *,
+        client: aredis.Redis,
+        tracker: Tracker,
+        channels: dict[str, Channel],
+        steps: Sequence[Step],
+        owner: str,
+        concurrency: int,
+    ) -> None:
+        self._client = client
+        self._tracker = tracker
+        self._channels = channels
+        self._chain = build_chain(steps)
+        self._owner = owner
+        self._sem = asyncio.Semaphore(concurrency)
+        self._manifests: dict[str, dict[str, Any]] = {}
+        self._control: dict[str, tuple[float, str]] = {}
+        #: Batches running in this process: a second run of one waits (see claim.lua).
+        self._active: set[tuple[str, int]] = set()
+
+    async def _manifest(self, campaign_id: str) -> dict[str, Any]:
+        manifest = self._manifests.get(campaign_id)
+        if manifest is None:
+            raw = await self._client.get(keys.manifest(campaign_id))
+            if raw is None:
+                raise LookupError(f"campaign {campaign_id!r} has no manifest")
+            manifest = orjson.loads(raw)
+            if len(self._manifests) > 256:
+                self._manifests.clear()
+            self._manifests[campaign_id] = manifest
+        return manifest
+
+    async def campaign_state(self, campaign_id: str) -> str:
+        cached = self._control.get(campaign_id)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < CONTROL_TTL_S:
+            return cached[1]
+        self._control[campaign_id] = (now, cached[1] if cached else "running")  # one reader at a time
+        try:
+            raw = cast(bytes | None, await self._client.hget(keys.control(campaign_id), "state"))
+        except BaseException:
+            self._control.pop(campaign_id, None)
+            raise
+        state = raw.decode() if raw else "planned"
+        self._control[campaign_id] = (now, state)
+        return state
+
+    async def send_batch(self, campaign_id: str, batch: int) -> BatchOutcome:
+        run = (campaign_id, batch)
+        if run in self._active:
+            return BatchOutcome(state="busy", requeue_after=1.0)
+        self._active.add(run)
+        try:
+            return await self._send_batch(campaign_id, batch)
+        finally:
+            self._active.discard(run)
+
+    async def _send_batch(self, campaign_id: str, batch: int) -> BatchOutcome:
+        manifest = await self._manifest(campaign_id)
+        state = await self.campaign_state(campaign_id)
+        if state != "running":
+            return BatchOutcome(state=state, requeue_after=1.0 if state in {"paused", "planned"} else None)
+        channel = self._channels[manifest["channel"]]
+        raw_batch = cast(bytes | None, await self._client.get(keys.batch(campaign_id, batch)))
+        snapshot = decode_batch(campaign_id, batch, raw_batch)
+        if snapshot.not_before > time.time():
+            return BatchOutcome(state="waiting", requeue_after=snapshot.not_before - time.time())
+        indices = list(range(len(snapshot.rows)))
+        claims = await self._tracker.claim(campaign_id, batch, self._owner, indices)
+        if claims is None:
+            self._control.pop(campaign_id, None)
+            state = await self.campaign_state(campaign_id)
+            return BatchOutcome(state=state, requeue_after=1.0 if state == "paused" else None)
+        items: list[Item] = []
+        busy = 0
+        lost: list[Outcome] = []
+        for index, (code, attempts) in enumerate(claims):
+            if code == CLAIM_DONE:
+                continue
+            if code == CLAIM_BUSY:
+                busy += 1
+                continue
+            if code == CLAIM_RECLAIMED and not channel.supports_idempotency:
+                lost.append(Outcome(index, "dead", attempts, "", "inflight_unknown"))
+                continue
+            rid, address, attrs = snapshot.rows[index]
+            items.append(Item(index, rid, address, attrs, attempts))
+        if lost:
+            await self._tracker.finish(campaign_id, batch, self._owner, lost)
+        ctx = SendContext(
+            campaign_id=campaign_id,
+            batch=batch,
+            channel=channel,
+            manifest=manifest,
+            template=string.Template(manifest["body"]),
+        )
+        size = max(1, int(getattr(channel, "messages_per_request", 1)))
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        buffer: list[Outcome] = []
+
+        async def flush() -> None:
+            if buffer:
+                taken = buffer[:]
+                buffer.clear()
+                await self._tracker.finish(campaign_id, batch, self._owner, taken)
+
+        async def run_chunk(chunk: list[Item]) -> None:
+            async with self._sem:
+                if ctx.stopped is None:
+                    state = await self.campaign_state(campaign_id)
+                    if state != "running":
+                        ctx.stopped = state
+                if ctx.stopped is not None:
+                    # pause: hand the message back untouched; cancel: it is not sent
+                    back = "skipped" if ctx.stopped == "cancelled" else "retry"
+                    for item in chunk:
+                        item.outcome = Outcome(item.index, back, item.attempts)
+                else:
+                    await self._chain(ctx, chunk)
+            for item in chunk:
+                if item.outcome is None:  # a step dropped it without a verdict: try again later
+                    item.outcome = Outcome(item.index, "retry", item.attempts)
+                buffer.append(item.outcome)
+            if len(buffer) >= TRACK_FLUSH:
+                await flush()
+
+        await asyncio.gather(*(run_chunk(chunk) for chunk in chunks))
+        await flush()
+        if ctx.retries:
+            await self._tracker.finish(campaign_id, batch, self._owner, [], retries=ctx.retries)
+        retry_left = any(item.outcome is not None and item.outcome.state == "retry" for item in items)
+        if ctx.stopped == "paused" or busy:
+            return BatchOutcome(state=ctx.stopped or "busy", requeue_after=1.0)
+        if retry_left:
+            return BatchOutcome(state="retry", requeue_after=max(ctx.long_wait, 1.0))
+        return BatchOutcome(state="done", requeue_after=None)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    """What the actor does next: nothing, or send the batch again after ``requeue_after`` s."""
+
+    state: str
+    requeue_after: float | None

@@ -1,0 +1,134 @@
+"""Frequency cap across campaigns: at most ``limit`` messages per (address, channel) in a rolling
+``window``.
+
+Each (channel, address hash) has a sorted set of send times (ms) whose TTL is the window, so
+memory is bounded by the addresses messaged within one window (about 100 bytes per address plus
+~20 per recorded send). Addresses are hashed exactly as in ``dispatch.suppression`` (never stored
+raw).
+
+- Plan time (sync, read-only): :meth:`FrequencyStore.capped_many` counts sends inside the window
+  with pipelined ``ZCOUNT``; it records nothing, so planning twice changes nothing.
+- Send time (async, atomic): :meth:`AsyncFrequencyStore.reserve_many` runs ``frequency.lua``
+  per address (trim, check, record, refresh TTL in one step). The token (use the message id) makes
+  a redelivered message idempotent: reserving the same token again is allowed and not counted
+  twice. :meth:`AsyncFrequencyStore.release` undoes a reservation whose send failed permanently.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from importlib import resources
+from typing import Final
+
+import redis
+import redis.asyncio as aredis
+
+from dispatch.suppression import AddressHasher
+
+__all__ = ["AsyncFrequencyStore", "FrequencyCap", "FrequencyStore"]
+
+#: Addresses per pipeline round trip.
+DEFAULT_CHUNK: Final = 1_000
+
+
+def _script() -> str:
+    return resources.files("dispatch").joinpath("frequency.lua").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FrequencyCap:
+    limit: int
+    window: timedelta
+
+    def __post_init__(self) -> None:
+        if self.limit < 1 or self.window <= timedelta(0):
+            raise ValueError("a frequency cap needs limit >= 1 and a positive window")
+
+    @property
+    def window_ms(self) -> int:
+        return int(self.window.total_seconds() * 1000)
+
+
+class _Base:
+    def __init__(self, cap: FrequencyCap, prefix: str, hasher: AddressHasher | None, chunk: int) -> None:
+        self.cap, self._prefix, self._hasher, self._chunk = cap, prefix, hasher or AddressHasher(), chunk
+
+    def _key(self, channel: str, address: str) -> bytes:
+        return f"{self._prefix}:{channel}:".encode() + self._hasher(address)
+
+
+def _now_ms(now: float | None) -> int:
+    return int((time.time() if now is None else now) * 1000)
+
+
+class FrequencyStore:
+    """Plan-time view (sync, read-only)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        cap: FrequencyCap,
+        *,
+        prefix: str = "dispatch:freq",
+        hasher: AddressHasher | None = None,
+        chunk: int = DEFAULT_CHUNK,
+    ) -> None:
+        self._client = client
+        self._b = _Base(cap, prefix, hasher, chunk)
+
+    def capped_many(self, channel: str, addresses: Sequence[str], *, now: float | None = None) -> list[bool]:
+        """For each address: True when ``limit`` sends already fall inside the window ending now."""
+        now_ms = _now_ms(now)
+        low = now_ms - self._b.cap.window_ms
+        out: list[bool] = []
+        for start in range(0, len(addresses), self._b._chunk):
+            pipe = self._client.pipeline(transaction=False)
+            for address in addresses[start : start + self._b._chunk]:
+                pipe.zcount(self._b._key(channel, address), f"({low}", "+inf")
+            out.extend(int(n) >= self._b.cap.limit for n in pipe.execute())
+        return out
+
+
+class AsyncFrequencyStore:
+    """Send-time enforcement (async, atomic per address)."""
+
+    def __init__(
+        self,
+        client: aredis.Redis,
+        cap: FrequencyCap,
+        *,
+        prefix: str = "dispatch:freq",
+        hasher: AddressHasher | None = None,
+        chunk: int = DEFAULT_CHUNK,
+    ) -> None:
+        self._client = client
+        self._b = _Base(cap, prefix, hasher, chunk)
+        self._reserve = client.register_script(_script())
+
+    async def reserve_many(
+        self, channel: str, items: Sequence[tuple[str, str]], *, now: float | None = None
+    ) -> list[bool]:
+        """``items``: (address, token) pairs. True: send allowed and recorded; False: capped."""
+        now_ms = _now_ms(now)
+        cap = self._b.cap
+        out: list[bool] = []
+        for start in range(0, len(items), self._b._chunk):
+            pipe = self._client.pipeline(transaction=False)
+            for address, token in items[start : start + self._b._chunk]:
+                await self._reserve(
+                    keys=[self._b._key(channel, address)],
+                    args=[now_ms, cap.window_ms, cap.limit, token],
+                    client=pipe,
+                )
+            out.extend(bool(r) for r in await pipe.execute())
+        return out
+
+    async def reserve(self, channel: str, address: str, token: str, *, now: float | None = None) -> bool:
+        return (await self.reserve_many(channel, [(address, token)], now=now))[0]
+
+    async def release(self, channel: str, address: str, token: str) -> bool:
+        """Forget a reservation (the message was not sent after all)."""
+        return bool(await self._client.zrem(self._b._key(channel, address), token))

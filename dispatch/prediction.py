@@ -1,0 +1,125 @@
+"""Send-window prediction: how long a campaign will take, and whether it fits its deadline.
+
+The send rate is the smallest of three ceilings:
+
+* the rate limits: the provider account's limit in cost units per second (SMS: segments)
+  divided by the average cost of one message, and the campaign's own cap;
+* the workers' in-flight capacity: ``processes x in-flight per process / provider latency``
+  (Little's law);
+* the CPU ceiling of the pipeline itself: ``usable cores / CPU seconds per message``.
+
+Batches held back by quiet hours start no earlier than their ``not_before``; the prediction walks
+the batches in time order, so gaps in the schedule show up in the finish time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+__all__ = ["Capacity", "Prediction", "predict"]
+
+#: Measured CPU cost of one message through the full send path (seconds), see BENCHMARKS.md.
+DEFAULT_CPU_PER_MESSAGE_S = 120e-6
+#: Fixed start-up cost: workers fetching the first batches, connections opening.
+STARTUP_S = 0.5
+
+
+@dataclass(frozen=True, kw_only=True)
+class Capacity:
+    processes: int
+    inflight_per_process: int
+    latency_s: float
+    provider_rate: float | None  # cost units per second, None = unlimited
+    campaign_rate: float | None  # messages per second, None = no cap
+    cpu_per_message_s: float = DEFAULT_CPU_PER_MESSAGE_S
+    cores: int = 0  # 0 = this machine's
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prediction:
+    messages: int
+    cost_units: int
+    rate: float
+    bottleneck: Literal["provider_rate", "campaign_rate", "worker_capacity", "cpu"]
+    duration_s: float
+    start: float
+    finish: float
+    deadline: float | None
+    verdict: Literal["fits", "does_not_fit", "no_deadline"]
+    required_rate: float | None
+    advice: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _ceilings(capacity: Capacity, avg_cost: float) -> dict[str, float]:
+    cores = capacity.cores or os.cpu_count() or 1
+    ceilings = {
+        "worker_capacity": capacity.processes * capacity.inflight_per_process / max(capacity.latency_s, 1e-4),
+        "cpu": min(capacity.processes, cores) / capacity.cpu_per_message_s,
+    }
+    if capacity.provider_rate:
+        ceilings["provider_rate"] = capacity.provider_rate / max(avg_cost, 1.0)
+    if capacity.campaign_rate:
+        ceilings["campaign_rate"] = capacity.campaign_rate
+    return ceilings
+
+
+def predict(
+    *,
+    schedule: Sequence[tuple[float, int]],
+    cost_units: int,
+    capacity: Capacity,
+    start: float,
+    deadline: float | None,
+) -> Prediction:
+    """Predict a campaign's send window.
+
+    ``schedule`` is ``(not_before, messages)`` per batch; ``cost_units`` the total rate-limit cost
+    of all messages (SMS segments).
+    """
+    messages = sum(n for _, n in schedule)
+    avg_cost = cost_units / messages if messages else 1.0
+    ceilings = _ceilings(capacity, avg_cost)
+    bottleneck = min(ceilings, key=lambda k: ceilings[k])
+    rate = ceilings[bottleneck]
+    clock = start + STARTUP_S
+    for not_before, n in sorted(schedule):
+        clock = max(clock, not_before) + n / rate
+    finish = clock if messages else start
+    duration = finish - start
+    required: float | None = None
+    if deadline is None:
+        verdict: Literal["fits", "does_not_fit", "no_deadline"] = "no_deadline"
+        advice = "no deadline set"
+    elif finish <= deadline:
+        verdict = "fits"
+        advice = f"fits with {deadline - finish:.0f}s to spare"
+    else:
+        verdict = "does_not_fit"
+        window = deadline - start - STARTUP_S
+        required = messages / window if window > 0 else None
+        parts = [f"finishes {finish - deadline:.0f}s after the deadline"]
+        if required is not None:
+            parts.append(f"needs {required:.1f} msg/s where {rate:.1f} msg/s is possible ({bottleneck})")
+        parts.append(f"or a deadline at least {finish - deadline:.0f}s later")
+        if window > 0:
+            parts.append(f"or an audience of at most {int(window * rate)}")
+        advice = "; ".join(parts)
+    return Prediction(
+        messages=messages,
+        cost_units=cost_units,
+        rate=rate,
+        bottleneck=bottleneck,  # type: ignore[arg-type]
+        duration_s=duration,
+        start=start,
+        finish=finish,
+        deadline=deadline,
+        verdict=verdict,
+        required_rate=required,
+        advice=advice,
+    )

@@ -1,0 +1,141 @@
+"""Per-worker-process resources, built once at worker start-up.
+
+One event loop (uvloop) runs in a dedicated thread; dramatiq's worker threads hand it batches with
+``run``. The loop owns the process's one aiohttp session, async Redis client, channels and engine.
+A heartbeat thread keeps this process's liveness key (used to reclaim in-flight messages of dead
+workers) and its dramatiq heartbeat fresh even while every worker thread is busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import aiohttp
+import redis
+import redis.asyncio as aredis
+import uvloop
+from dramatiq.brokers.redis import RedisBroker
+
+from channels.base import Channel
+from channels.sms import TwilioConfig, TwilioSms
+from dispatch import keys
+from dispatch.broker import QUEUE
+from dispatch.config import Settings
+from dispatch.engine import Engine, SendStep, Step, render_step
+from dispatch.tracking import Tracker
+
+__all__ = ["WorkerRuntime", "build_channels"]
+
+log = logging.getLogger("dispatch.runtime")
+T = TypeVar("T")
+
+#: Seconds between heartbeats of a worker process.
+HEARTBEAT_EVERY_S = 0.5
+
+
+def build_channels(settings: Settings, session: aiohttp.ClientSession) -> dict[str, Channel]:
+    callback = settings.callback_base_url.rstrip("/") + "/callbacks/twilio" if settings.callback_base_url else None
+    sms = TwilioSms(
+        session,
+        TwilioConfig(
+            base_url=settings.sms_base_url,
+            account_sid=settings.sms_account_sid,
+            auth_token=settings.sms_auth_token,
+            from_number=settings.sms_from,
+            status_callback_url=callback,
+            honours_idempotency=settings.sms_honours_idempotency,
+        ),
+    )
+    return {sms.name: sms}
+
+
+class WorkerRuntime:
+    """Event loop thread + the async collaborators of the send path, for one process."""
+
+    def __init__(self, settings: Settings, *, app_url: str, broker: RedisBroker, owner: str) -> None:
+        self.settings = settings
+        self.owner = owner
+        self._app_url = app_url
+        self._broker = broker
+        self._loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="dispatch-loop", daemon=True)
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name="dispatch-heartbeat", daemon=True)
+        self._sync = redis.Redis.from_url(app_url, socket_timeout=5.0)
+        self._session: aiohttp.ClientSession | None = None
+        self._client: aredis.Redis | None = None
+        self._channels: dict[str, Channel] = {}
+        self._engine: Engine | None = None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("WorkerRuntime.start() was not called")
+        return self._engine
+
+    def start(self) -> None:
+        self._beat_once()
+        self._thread.start()
+        self.run(self._open())
+        self._heartbeat.start()
+
+    async def _open(self) -> None:
+        s = self.settings
+        connector = aiohttp.TCPConnector(limit=s.send_concurrency, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(connector=connector)
+        pool = aredis.BlockingConnectionPool.from_url(self._app_url, max_connections=64, timeout=30)
+        self._client = aredis.Redis(connection_pool=pool)
+        self._channels = build_channels(s, self._session)
+        tracker = Tracker(self._client, ttl_s=s.retention_s)
+        steps: list[Step] = [render_step, SendStep(max_attempts=s.max_attempts)]
+        self._engine = Engine(
+            client=self._client,
+            tracker=tracker,
+            channels=self._channels,
+            steps=steps,
+            owner=self.owner,
+            concurrency=s.send_concurrency,
+        )
+
+    async def _close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        if self._session is not None:
+            await self._session.close()
+        if self._client is not None:
+            await self._client.aclose()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result()
+
+    def _beat_once(self) -> None:
+        ttl_ms = max(1000, self.settings.heartbeat_timeout_ms // 2)
+        self._sync.set(keys.worker_alive(self.owner), b"1", px=ttl_ms)
+        self._broker.do_qsize(QUEUE)  # any broker command refreshes dramatiq's heartbeat
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_EVERY_S):
+            try:
+                self._beat_once()
+            except redis.RedisError as exc:  # Redis restarting: keep trying
+                log.warning("heartbeat failed: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._heartbeat.is_alive():
+            self._heartbeat.join(timeout=2)
+        if self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                self.run(self._close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+        with contextlib.suppress(redis.RedisError):
+            self._sync.delete(keys.worker_alive(self.owner))
+        self._sync.close()

@@ -1,0 +1,115 @@
+"""The frozen audience of a campaign: a manifest plus compact batches, written once.
+
+A batch is one Redis string holding ``orjson([not_before, [[recipient_id, address, attrs], ...]])``
+where ``attrs`` keeps only the template fields the message uses. The manifest records counts,
+policy, a checksum over every batch in order, and when it was made. Writes are ``SET NX`` so a
+snapshot, once written, is never changed; a replan of the same campaign id returns it as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import orjson
+import redis
+
+from dispatch import keys
+from dispatch.errors import CampaignNotFound, PlanError
+
+__all__ = ["Batch", "SnapshotWriter", "load_batch", "load_manifest", "verify_snapshot"]
+
+#: Batches written per pipeline round trip.
+WRITE_CHUNK = 64
+
+Row = tuple[str, str, dict[str, str] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    campaign_id: str
+    number: int
+    not_before: float
+    rows: list[list[Any]]
+
+
+class SnapshotWriter:
+    """Accumulates encoded batches and writes them in pipelined chunks."""
+
+    def __init__(self, client: redis.Redis, campaign_id: str, *, ttl_s: int) -> None:
+        self._client = client
+        self._cid = campaign_id
+        self._ttl = ttl_s
+        self._pending: list[tuple[int, bytes]] = []
+        self._digest = hashlib.sha256()
+        self.batches = 0
+        self.bytes = 0
+
+    def add(self, not_before: float, rows: Sequence[Row]) -> int:
+        data = orjson.dumps([not_before, rows])
+        number = self.batches
+        self._digest.update(data)
+        self._pending.append((number, data))
+        self.batches += 1
+        self.bytes += len(data)
+        if len(self._pending) >= WRITE_CHUNK:
+            self.flush()
+        return number
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for number, data in self._pending:
+            pipe.set(keys.batch(self._cid, number), data, nx=True, ex=self._ttl)
+        written = pipe.execute()
+        if not all(written):
+            raise PlanError(f"campaign {self._cid!r}: a snapshot batch already exists; refusing to overwrite it")
+        self._pending.clear()
+
+    @property
+    def checksum(self) -> str:
+        return self._digest.hexdigest()
+
+
+def load_manifest(client: redis.Redis, campaign_id: str) -> dict[str, Any]:
+    raw = client.get(keys.manifest(campaign_id))
+    if raw is None:
+        raise CampaignNotFound(f"no campaign {campaign_id!r}")
+    manifest: dict[str, Any] = orjson.loads(raw)
+    return manifest
+
+
+def decode_batch(campaign_id: str, number: int, raw: bytes | None) -> Batch:
+    if raw is None:
+        raise CampaignNotFound(f"campaign {campaign_id!r} has no batch {number} (expired or never planned)")
+    not_before, rows = orjson.loads(raw)
+    return Batch(campaign_id=campaign_id, number=number, not_before=float(not_before), rows=rows)
+
+
+def load_batch(client: redis.Redis, campaign_id: str, number: int) -> Batch:
+    return decode_batch(campaign_id, number, cast(bytes | None, client.get(keys.batch(campaign_id, number))))
+
+
+def iter_batches(client: redis.Redis, campaign_id: str, count: int) -> Iterator[Batch]:
+    for start in range(0, count, WRITE_CHUNK):
+        numbers = range(start, min(count, start + WRITE_CHUNK))
+        raws = cast(list[bytes | None], client.mget([keys.batch(campaign_id, n) for n in numbers]))
+        for n, raw in zip(numbers, raws, strict=True):
+            yield decode_batch(campaign_id, n, raw)
+
+
+def verify_snapshot(client: redis.Redis, campaign_id: str) -> bool:
+    """Recompute the checksum over every batch and compare it with the manifest's."""
+    manifest = load_manifest(client, campaign_id)
+    digest = hashlib.sha256()
+    count = int(manifest["batches"])
+    for start in range(0, count, WRITE_CHUNK):
+        numbers = range(start, min(count, start + WRITE_CHUNK))
+        for raw in cast(list[bytes | None], client.mget([keys.batch(campaign_id, n) for n in numbers])):
+            if raw is None:
+                return False
+            digest.update(raw)
+    return bool(digest.hexdigest() == manifest["checksum"])

@@ -1,0 +1,194 @@
+"""Suppression lists in Redis: per-channel opt-out sets and a global blocklist.
+
+Only a hash of the normalized address is stored (GDPR Art. 17: suppression has to outlive the
+erased profile, so it must not keep the address itself). The hash is BLAKE2b-128 of the UTF-8
+address, keyed with ``AddressHasher(key=...)`` when a secret is configured (a keyed hash stops
+anyone with read access from testing guessed phone numbers against the list; losing the key makes
+the list unusable, so keep it with the Redis credentials). Members are the 16 raw digest bytes;
+:meth:`SuppressionStore.export` yields them as hex. **Export gives hashes, never addresses**: an
+exported list can be imported into another deployment with the same key (``import_hashes``) but
+cannot be turned back into a contact list.
+
+Addresses must be normalized the way the planner normalizes them (``dispatch.validation``: E.164
+phones, lowercased email domains), otherwise the same person hashes differently.
+
+The planner uses the sync :class:`SuppressionStore` (pipelined ``SMISMEMBER`` in chunks); the
+send path re-checks with :class:`AsyncSuppressionStore`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import redis
+import redis.asyncio as aredis
+
+__all__ = [
+    "GLOBAL",
+    "AddressHasher",
+    "AsyncSuppressionStore",
+    "ImportResult",
+    "SuppressionStore",
+]
+
+#: Pseudo-channel of the global blocklist (checked for every channel).
+GLOBAL: Final = "global"
+#: Addresses per SMISMEMBER / SADD command.
+DEFAULT_CHUNK: Final = 1_000
+_DIGEST_SIZE: Final = 16
+
+
+@dataclass(frozen=True, slots=True)
+class AddressHasher:
+    """BLAKE2b-128 of a normalized address, keyed when ``key`` is set."""
+
+    key: bytes = b""
+
+    def __call__(self, address: str) -> bytes:
+        return hashlib.blake2b(address.encode("utf-8"), digest_size=_DIGEST_SIZE, key=self.key).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class ImportResult:
+    added: int  # new members (already present ones are not counted)
+    invalid: int  # lines the normalizer refused
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class _Keys:
+    def __init__(self, prefix: str, hasher: AddressHasher, chunk: int) -> None:
+        self.prefix, self.hasher, self.chunk = prefix, hasher, chunk
+
+    def key(self, channel: str) -> str:
+        return f"{self.prefix}:{channel}"
+
+
+class SuppressionStore:
+    """Sync suppression store (plan time, CLI). ``channel`` is a channel name or :data:`GLOBAL`."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = "dispatch:suppress",
+        hasher: AddressHasher | None = None,
+        chunk: int = DEFAULT_CHUNK,
+    ) -> None:
+        self._client = client
+        self._k = _Keys(prefix, hasher or AddressHasher(), chunk)
+
+    def add(self, channel: str, addresses: Iterable[str]) -> int:
+        """Suppress ``addresses`` (normalized); returns how many were new."""
+        return self._add_hashes(channel, [self._k.hasher(a) for a in addresses])
+
+    def remove(self, channel: str, addresses: Iterable[str]) -> int:
+        hashes = [self._k.hasher(a) for a in addresses]
+        removed = 0
+        for part in _chunks(hashes, self._k.chunk):
+            removed += int(self._client.srem(self._k.key(channel), *part))
+        return removed
+
+    def contains_many(self, channel: str, addresses: Sequence[str]) -> list[bool]:
+        """For each address: suppressed on ``channel`` or globally. One round trip per chunk."""
+        out: list[bool] = []
+        own, glob = self._k.key(channel), self._k.key(GLOBAL)
+        for part in _chunks(addresses, self._k.chunk):
+            hashes = [self._k.hasher(a) for a in part]
+            pipe = self._client.pipeline(transaction=False)
+            pipe.smismember(own, hashes)
+            pipe.smismember(glob, hashes)
+            mine, everywhere = pipe.execute()
+            out.extend(bool(a) or bool(b) for a, b in zip(mine, everywhere, strict=True))
+        return out
+
+    def count(self, channel: str) -> int:
+        return int(self._client.scard(self._k.key(channel)))
+
+    def import_file(
+        self, path: Path, channel: str, normalize: Callable[[str], str | None] | None = None
+    ) -> ImportResult:
+        """Add one address per line (blank lines and ``#`` comments skipped), streaming.
+
+        ``normalize`` returns the normalized address or None to refuse the line.
+        """
+        added = invalid = 0
+        batch: list[bytes] = []
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                raw = line.strip()
+                if not raw or raw.startswith("#"):
+                    continue
+                address = normalize(raw) if normalize is not None else raw
+                if address is None:
+                    invalid += 1
+                    continue
+                batch.append(self._k.hasher(address))
+                if len(batch) >= self._k.chunk:
+                    added += self._add_hashes(channel, batch)
+                    batch = []
+        added += self._add_hashes(channel, batch)
+        return ImportResult(added, invalid)
+
+    def import_hashes(self, channel: str, hex_hashes: Iterable[str]) -> int:
+        """Add hashes produced by :meth:`export` (same hasher key)."""
+        return self._add_hashes(channel, [bytes.fromhex(h.strip()) for h in hex_hashes if h.strip()])
+
+    def export(self, channel: str) -> Iterator[str]:
+        """The suppressed **hashes** (hex), not addresses; streamed with SSCAN."""
+        for member in self._client.sscan_iter(self._k.key(channel), count=self._k.chunk):
+            yield bytes(member).hex()
+
+    def _add_hashes(self, channel: str, hashes: Sequence[bytes]) -> int:
+        added = 0
+        for part in _chunks(hashes, self._k.chunk):
+            added += int(self._client.sadd(self._k.key(channel), *part))
+        return added
+
+
+class AsyncSuppressionStore:
+    """The same store for the async send path (re-check just before sending)."""
+
+    def __init__(
+        self,
+        client: aredis.Redis,
+        *,
+        prefix: str = "dispatch:suppress",
+        hasher: AddressHasher | None = None,
+        chunk: int = DEFAULT_CHUNK,
+    ) -> None:
+        self._client = client
+        self._k = _Keys(prefix, hasher or AddressHasher(), chunk)
+
+    async def add(self, channel: str, addresses: Iterable[str]) -> int:
+        hashes = [self._k.hasher(a) for a in addresses]
+        added = 0
+        for part in _chunks(hashes, self._k.chunk):
+            added += int(await self._client.sadd(self._k.key(channel), *part))
+        return added
+
+    async def remove(self, channel: str, addresses: Iterable[str]) -> int:
+        hashes = [self._k.hasher(a) for a in addresses]
+        removed = 0
+        for part in _chunks(hashes, self._k.chunk):
+            removed += int(await self._client.srem(self._k.key(channel), *part))
+        return removed
+
+    async def contains_many(self, channel: str, addresses: Sequence[str]) -> list[bool]:
+        out: list[bool] = []
+        own, glob = self._k.key(channel), self._k.key(GLOBAL)
+        for part in _chunks(addresses, self._k.chunk):
+            hashes = [self._k.hasher(a) for a in part]
+            pipe = self._client.pipeline(transaction=False)
+            pipe.smismember(own, hashes)
+            pipe.smismember(glob, hashes)
+            mine, everywhere = await pipe.execute()
+            out.extend(bool(a) or bool(b) for a, b in zip(mine, everywhere, strict=True))
+        return out

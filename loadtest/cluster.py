@@ -1,0 +1,148 @@
+"""Start and stop a whole local deployment: Redis, the mock provider and worker processes.
+
+Used by ``dispatch demo``, the load tests and the end-to-end tests, so all of them run the same
+real processes the way an operator would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import aiohttp
+import orjson
+
+from dispatch.config import Settings
+from dispatch.embedded import stop_embedded
+from dispatch.redisdb import RedisTarget, resolve_redis
+
+__all__ = ["LocalCluster", "fetch_mock_stats"]
+
+#: How long the mock provider may take to write its URL.
+MOCK_START_TIMEOUT_S = 20.0
+
+
+def fetch_mock_stats(url: str) -> dict[str, Any]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/_mock/stats", timeout=10) as response:
+        data: dict[str, Any] = orjson.loads(response.read())
+        return data
+
+
+@dataclass
+class LocalCluster:
+    """Embedded (or configured) Redis + mock provider subprocess + N worker subprocesses."""
+
+    settings: Settings
+    workers: int
+    mock_args: list[str] = field(default_factory=list)
+    worker_env: dict[str, str] = field(default_factory=dict)
+    target: RedisTarget | None = None
+    mock_url: str = ""
+    _mock: subprocess.Popen[bytes] | None = None
+    _workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        home = self.settings.home.resolve()
+        home.mkdir(parents=True, exist_ok=True)
+        self.target = resolve_redis(self.settings)
+        ready = home / f"mock-{os.getpid()}.url"
+        ready.unlink(missing_ok=True)
+        self._mock = subprocess.Popen(
+            [
+                sys.executable, "-m", "loadtest.mock_provider", "--port", "0", "--ready-file", str(ready),
+                "--account-sid", self.settings.sms_account_sid, "--auth-token", self.settings.sms_auth_token,
+                *self.mock_args,
+            ],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + MOCK_START_TIMEOUT_S
+        while not ready.exists():
+            if self._mock.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the mock provider did not start")
+            time.sleep(0.02)
+        self.mock_url = ready.read_text().strip()
+        for _ in range(self.workers):
+            self.add_worker()
+
+    def env(self) -> dict[str, str]:
+        assert self.target is not None
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
+        env.update(
+            DISPATCH_HOME=str(self.settings.home.resolve()),
+            DISPATCH_REDIS_URL=self.target.app_url,
+            DISPATCH_BROKER_DB=str(self.settings.broker_db),
+            DISPATCH_SMS_BASE_URL=self.mock_url,
+            DISPATCH_SMS_ACCOUNT_SID=self.settings.sms_account_sid,
+            DISPATCH_SMS_AUTH_TOKEN=self.settings.sms_auth_token,
+            DISPATCH_HEARTBEAT_TIMEOUT_MS=str(self.settings.heartbeat_timeout_ms),
+            DISPATCH_MAINTENANCE_CHANCE=str(self.settings.maintenance_chance),
+            DISPATCH_WORKER_THREADS=str(self.settings.worker_threads),
+            DISPATCH_SEND_CONCURRENCY=str(self.settings.send_concurrency),
+            DISPATCH_MAX_ATTEMPTS=str(self.settings.max_attempts),
+            DISPATCH_SMS_RATE=str(self.settings.sms_rate),
+        )
+        env.update(self.worker_env)
+        return env
+
+    def add_worker(self) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dispatch.cli", "worker"], env=self.env(), stdin=subprocess.DEVNULL
+        )
+        self._workers.append(proc)
+        return proc
+
+    @property
+    def worker_processes(self) -> list[subprocess.Popen[bytes]]:
+        return list(self._workers)
+
+    def mock_stats(self) -> dict[str, Any]:
+        return fetch_mock_stats(self.mock_url)
+
+    async def set_faults(self, faults: dict[str, Any]) -> None:
+        async with aiohttp.ClientSession() as session, session.post(f"{self.mock_url}/_mock/faults", json=faults) as r:
+            r.raise_for_status()
+
+    def stop(self) -> None:
+        for proc in self._workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self._workers:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._workers.clear()
+        if self._mock is not None:
+            if self._mock.poll() is None:
+                self._mock.send_signal(signal.SIGTERM)
+                try:
+                    self._mock.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._mock.kill()
+                    self._mock.wait()
+            self._mock = None
+        if self.target is not None and self.target.started_embedded:
+            with contextlib.suppress(Exception):
+                stop_embedded(self.settings.home)
+        self.target = None
