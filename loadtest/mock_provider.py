@@ -1,6 +1,7 @@
 """The mock provider: one aiohttp application speaking the providers' APIs, with a ledger.
 
-It serves the Twilio Messages API (and, as they are added, SendGrid, FCM and our webhook), keeps
+It serves the Twilio Messages API, SendGrid's mail send, FCM HTTP v1 and our signed webhook
+(``loadtest.mock_twilio``, ``mock_sendgrid``, ``mock_fcm``, ``mock_webhook``), keeps
 a ledger of every accepted message (duplicates, idempotent replays, per-second counts) and
 injects faults from a ``FaultMix`` that can change while it runs.
 
@@ -49,7 +50,10 @@ from loadtest.mock_core import (
     MockState,
     ReceiptConfig,
 )
+from loadtest.mock_fcm import fcm_routes
+from loadtest.mock_sendgrid import SendGridTwin
 from loadtest.mock_twilio import twilio_routes
+from loadtest.mock_webhook import webhook_routes
 
 __all__ = [
     "FaultMix",
@@ -63,6 +67,7 @@ __all__ = [
 ]
 
 _STATE_KEY = web.AppKey("mock_state", MockState)
+_SENDGRID_KEY = web.AppKey("mock_sendgrid", SendGridTwin)
 
 
 def _control_routes(state: MockState) -> list[web.RouteDef]:
@@ -112,9 +117,14 @@ def build_app(config: MockConfig) -> web.Application:
     """The mock application; its state lives under ``app[...]`` and is reachable via MockProvider."""
     state = MockState(config)
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_in_flight_middleware(state)])
+    sendgrid = SendGridTwin(state)
     app[_STATE_KEY] = state
+    app[_SENDGRID_KEY] = sendgrid
     app.add_routes(_control_routes(state))
     app.add_routes(twilio_routes(state))
+    app.add_routes(sendgrid.routes())
+    app.add_routes(fcm_routes(state))
+    app.add_routes(webhook_routes(state))
     app.cleanup_ctx.append(_callback_session)
     return app
 
@@ -155,6 +165,11 @@ class MockProvider:
         if self._url is None:
             raise RuntimeError("MockProvider is not running")
         return self._url
+
+    @property
+    def sendgrid_public_key(self) -> str:
+        """Verification key (base64 DER) of the signed SendGrid event webhook."""
+        return self.app[_SENDGRID_KEY].public_key_b64
 
     @property
     def ledger(self) -> Ledger:

@@ -1,0 +1,282 @@
+"""Email through SendGrid's v3 Mail Send API.
+
+``POST {base_url}/v3/mail/send`` with ``Authorization: Bearer <api key>`` and a JSON body holding
+up to 1,000 personalizations (one per message here, so at most 1,000 recipients per request).
+
+Per recipient (one personalization each):
+
+- ``to``: the address; ``subject``: ``Message.subject`` (else the configured default);
+- ``dynamic_template_data`` from ``Message.attributes`` when a dynamic template (``d-...``) is
+  configured, otherwise ``substitutions`` (legacy tags such as ``-first_name-`` in the body);
+- ``custom_args``: ``{"ref": <our opaque ref>}`` and nothing else: custom args cannot be
+  redacted later, so they never hold an address or a name;
+- ``headers``: ``List-Unsubscribe`` (the configured mailto and/or URL template, ``{ref}``
+  replaced) and ``List-Unsubscribe-Post: List-Unsubscribe=One-Click`` (RFC 8058).
+
+Messages of one batch that share a body (and so content) go in one request; distinct bodies go in
+separate requests (content is per request in SendGrid).
+
+Results: 202 -> every message ``Sent`` with provider id ``<X-Message-Id>:<ref>``; 429 -> every
+message ``Retryable`` with ``retry_after`` from ``Retry-After`` or ``X-RateLimit-Reset``; 5xx and
+transport failures -> ``Retryable``; 400 whose errors name ``personalizations.<i>`` -> those
+messages ``Permanent`` and the others resent once without them (SendGrid rejects the whole
+request); 413 -> the request is split in halves; 401/403 or a 400 no message explains -> raises
+``PermanentProviderError``.
+
+``cost()`` is 1 per message: SendGrid's limits count requests and recipients, and a message is
+one recipient. A rate limit on *requests* should divide by ``max_batch``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+import orjson
+
+from channels._http import json_or_none, parse_retry_after, retryable_from, translate_errors
+from channels.base import Channel, Message, Permanent, Result, Retryable, Sent
+from channels.errors import ChannelConfigError, PermanentProviderError, RetryableProviderError
+
+__all__ = ["MAX_PERSONALIZATIONS", "SendGridConfig", "SendGridEmail"]
+
+#: SendGrid's per-request limit on personalizations (and on recipients in total).
+MAX_PERSONALIZATIONS: Final = 1000
+_PERSONALIZATION_FIELD: Final = re.compile(r"^personalizations\.(\d+)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendGridConfig:
+    """Where and as whom to send. ``base_url`` is ``https://api.sendgrid.com`` or a mock's URL."""
+
+    base_url: str
+    api_key: str
+    from_email: str
+    from_name: str | None = None
+    default_subject: str | None = None
+    #: A dynamic template id (``d-...``): attributes become ``dynamic_template_data``.
+    template_id: str | None = None
+    content_type: str = "text/plain"
+    #: ``List-Unsubscribe`` targets; ``{ref}`` is replaced by the message's ref.
+    unsubscribe_url: str | None = None
+    unsubscribe_mailto: str | None = None
+    timeout_s: float = 30.0
+    #: Set only when the endpoint honours ``Idempotency-Key`` (the mock does, SendGrid does not).
+    honours_idempotency: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ChannelConfigError("SendGridConfig.base_url must be an http(s) URL")
+        if not self.api_key or not self.from_email:
+            raise ChannelConfigError("SendGridConfig needs api_key and from_email")
+        if self.unsubscribe_url is None and self.unsubscribe_mailto is None:
+            raise ChannelConfigError(
+                "SendGridConfig needs unsubscribe_url or unsubscribe_mailto: bulk senders must "
+                "offer one-click unsubscribe (List-Unsubscribe)"
+            )
+        if self.timeout_s <= 0:
+            raise ChannelConfigError("SendGridConfig.timeout_s must be positive")
+
+
+class SendGridEmail(Channel):
+    """SendGrid v3 mail send: up to 1,000 recipients per request."""
+
+    name = "email"
+    provider = "sendgrid"
+    max_batch = MAX_PERSONALIZATIONS
+    body_maxlen = 1_000_000
+
+    def __init__(self, session: aiohttp.ClientSession, config: SendGridConfig) -> None:
+        self._session = session
+        self._config = config
+        self._url = f"{config.base_url.rstrip('/')}/v3/mail/send"
+        self._timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+        self.supports_idempotency = config.honours_idempotency
+
+    @property
+    def config(self) -> SendGridConfig:
+        return self._config
+
+    async def send(self, messages: Sequence[Message]) -> list[Result]:
+        # Content is per request: one group per distinct body (a template ignores bodies).
+        groups: dict[str, list[int]] = {}
+        for index, message in enumerate(messages):
+            groups.setdefault("" if self._config.template_id else message.body, []).append(index)
+        chunks = [
+            indices[start : start + MAX_PERSONALIZATIONS]
+            for indices in groups.values()
+            for start in range(0, len(indices), MAX_PERSONALIZATIONS)
+        ]
+        outcomes = await asyncio.gather(
+            *(self._send_request([messages[i] for i in chunk], resend=True) for chunk in chunks),
+            return_exceptions=True,
+        )
+        results: list[Result | None] = [None] * len(messages)
+        for chunk, outcome in zip(chunks, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                raise outcome  # PermanentProviderError (bad key, bad sender) or a bug
+            for index, result in zip(chunk, outcome, strict=True):
+                results[index] = result
+        return [result for result in results if result is not None]
+
+    # -- one request ----------------------------------------------------------------------------
+
+    def _personalization(self, message: Message) -> dict[str, Any]:
+        config = self._config
+        personalization: dict[str, Any] = {
+            "to": [{"email": message.address}],
+            "custom_args": {"ref": message.ref},
+            "headers": self._unsubscribe_headers(message.ref),
+        }
+        subject = message.subject or config.default_subject
+        if subject is not None:
+            personalization["subject"] = subject
+        if message.attributes:
+            key = "dynamic_template_data" if config.template_id else "substitutions"
+            personalization[key] = dict(message.attributes)
+        return personalization
+
+    def _unsubscribe_headers(self, ref: str) -> dict[str, str]:
+        config = self._config
+        targets = []
+        if config.unsubscribe_mailto:
+            targets.append(f"<mailto:{config.unsubscribe_mailto.replace('{ref}', ref)}>")
+        if config.unsubscribe_url:
+            targets.append(f"<{config.unsubscribe_url.replace('{ref}', ref)}>")
+        headers = {"List-Unsubscribe": ", ".join(targets)}
+        if config.unsubscribe_url:  # one-click needs an HTTPS target to POST to
+            headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        return headers
+
+    def _payload(self, messages: Sequence[Message]) -> dict[str, Any]:
+        config = self._config
+        sender: dict[str, str] = {"email": config.from_email}
+        if config.from_name:
+            sender["name"] = config.from_name
+        payload: dict[str, Any] = {
+            "personalizations": [self._personalization(m) for m in messages],
+            "from": sender,
+        }
+        if config.template_id:
+            payload["template_id"] = config.template_id
+        else:
+            payload["content"] = [{"type": config.content_type, "value": messages[0].body}]
+        return payload
+
+    def _headers(self, messages: Sequence[Message]) -> dict[str, str]:
+        headers = {
+            "Authorization": f"Bearer {self._config.api_key}",
+            "Content-Type": "application/json",
+        }
+        if self.supports_idempotency:
+            joined = "\n".join(sorted(m.idempotency_key for m in messages))
+            headers["Idempotency-Key"] = hashlib.sha256(joined.encode()).hexdigest()
+        return headers
+
+    async def _send_request(self, messages: Sequence[Message], *, resend: bool) -> list[Result]:
+        try:
+            with translate_errors(self.provider):
+                async with self._session.post(
+                    self._url,
+                    data=orjson.dumps(self._payload(messages)),
+                    headers=self._headers(messages),
+                    timeout=self._timeout,
+                ) as response:
+                    raw = await response.read()
+                    status, headers = response.status, response.headers
+        except RetryableProviderError as exc:
+            return [retryable_from(m.ref, exc) for m in messages]
+        return await self._results(messages, status, headers, raw, resend=resend)
+
+    async def _results(
+        self,
+        messages: Sequence[Message],
+        status: int,
+        headers: Mapping[str, str],
+        raw: bytes,
+        *,
+        resend: bool,
+    ) -> list[Result]:
+        if status in (200, 202):
+            message_id = headers.get("X-Message-Id", "")
+            return [Sent(m.ref, f"{message_id}:{m.ref}") for m in messages]
+        if status == 429 or status >= 500:
+            retry_after = _retry_after(headers)
+            reason = "sendgrid: rate limited" if status == 429 else f"sendgrid: HTTP {status}"
+            return [Retryable(m.ref, reason, status=status, retry_after=retry_after) for m in messages]
+        if status == 413 and len(messages) > 1:
+            half = len(messages) // 2
+            first, second = await asyncio.gather(
+                self._send_request(messages[:half], resend=resend),
+                self._send_request(messages[half:], resend=resend),
+            )
+            return first + second
+        errors = _errors(raw)
+        if status in (401, 403):
+            raise PermanentProviderError(
+                f"sendgrid: HTTP {status} (check api_key and sender verification)", status=status
+            )
+        bad = {
+            int(match.group(1))
+            for error in errors
+            if (match := _PERSONALIZATION_FIELD.match(str(error.get("field") or "")))
+        }
+        bad = {i for i in bad if i < len(messages)}
+        if not bad:
+            if status == 413:  # one recipient alone is too large: its content is
+                return [Permanent(messages[0].ref, "413", "sendgrid: payload too large", status)]
+            fields = sorted({str(error.get("field")) for error in errors})
+            raise PermanentProviderError(f"sendgrid: request rejected (HTTP {status}, fields {fields})", status=status)
+        results: list[Result | None] = [None] * len(messages)
+        for i in bad:
+            field = _field_of(errors, i)
+            results[i] = Permanent(
+                messages[i].ref,
+                str(status),
+                f"sendgrid: invalid personalization ({field})",
+                status,
+                suppress=field.endswith(".email"),
+            )
+        rest = [i for i in range(len(messages)) if i not in bad]
+        if rest and resend:
+            resent = await self._send_request([messages[i] for i in rest], resend=False)
+            for i, result in zip(rest, resent, strict=True):
+                results[i] = result
+        else:
+            for i in rest:
+                reason = "sendgrid: request rejected for other recipients"
+                results[i] = Retryable(messages[i].ref, reason, status=status)
+        return [result for result in results if result is not None]
+
+
+def _errors(raw: bytes) -> list[Mapping[str, Any]]:
+    payload = json_or_none(raw) or {}
+    errors = payload.get("errors")
+    if not isinstance(errors, list):
+        return []
+    return [error for error in errors if isinstance(error, dict)]
+
+
+def _field_of(errors: Sequence[Mapping[str, Any]], index: int) -> str:
+    for error in errors:
+        field = str(error.get("field") or "")
+        match = _PERSONALIZATION_FIELD.match(field)
+        if match and int(match.group(1)) == index:
+            return field
+    return f"personalizations.{index}"
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    retry_after = parse_retry_after(headers.get("Retry-After"))
+    if retry_after is not None:
+        return retry_after
+    reset = headers.get("X-RateLimit-Reset")
+    if reset and reset.strip().isdigit():
+        return max(0.0, int(reset) - time.time())
+    return None

@@ -1,0 +1,167 @@
+"""Push notifications through Firebase Cloud Messaging's HTTP v1 API.
+
+``POST {base_url}/v1/projects/{project_id}/messages:send`` with ``Authorization: Bearer <token>``
+and ``{"message": {"token", "notification": {"title", "body"}, "data"}}``: one message per
+request (FCM's batch endpoint was shut down in June 2024); a batch is sent concurrently.
+Minting the OAuth access token (service account, one hour) is the caller's job: pass the
+current one in ``FcmConfig.access_token`` or a ``token_source`` coroutine.
+
+Results: 200 -> ``Sent(provider_id=<name>)``. Errors read Google's JSON
+``{"error": {"code", "status", "message", "details": [{"@type": ...FcmError, "errorCode"}]}}``:
+
+- ``UNREGISTERED``, ``SENDER_ID_MISMATCH`` and ``INVALID_ARGUMENT`` about the token ->
+  ``Permanent(suppress=True)`` (the token is dead or not ours); other ``INVALID_ARGUMENT`` ->
+  ``Permanent``
+- ``QUOTA_EXCEEDED`` / 429 -> ``Retryable`` with ``retry_after``; ``UNAVAILABLE``,
+  ``INTERNAL``, 5xx and transport failures -> ``Retryable``
+- 401 / 403 other than the above (bad credentials, wrong project) -> raises
+  ``PermanentProviderError``
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+import orjson
+
+from channels._http import json_or_none, parse_retry_after, retryable_from, translate_errors
+from channels.base import Channel, Message, Permanent, Result, Retryable, Sent
+from channels.errors import ChannelConfigError, PermanentProviderError, RetryableProviderError
+
+__all__ = ["FCM_ERROR_TYPE", "FcmConfig", "FcmPush", "fcm_error_code"]
+
+#: ``@type`` of the detail that carries FCM's own error code.
+FCM_ERROR_TYPE: Final = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
+_DEAD_TOKEN: Final = frozenset({"UNREGISTERED", "SENDER_ID_MISMATCH"})
+_RETRYABLE: Final = frozenset({"QUOTA_EXCEEDED", "UNAVAILABLE", "INTERNAL"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FcmConfig:
+    """``base_url`` is ``https://fcm.googleapis.com`` or a mock's URL."""
+
+    base_url: str
+    project_id: str
+    access_token: str | None = None
+    #: Returns a current access token (called per batch); overrides ``access_token``.
+    token_source: Callable[[], Awaitable[str]] | None = None
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ChannelConfigError("FcmConfig.base_url must be an http(s) URL")
+        if not self.project_id:
+            raise ChannelConfigError("FcmConfig needs project_id")
+        if not self.access_token and self.token_source is None:
+            raise ChannelConfigError("FcmConfig needs access_token or token_source")
+        if self.timeout_s <= 0:
+            raise ChannelConfigError("FcmConfig.timeout_s must be positive")
+
+
+def fcm_error_code(payload: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(FCM errorCode, Google status) from an error body; either may be None."""
+    error = payload.get("error")
+    if not isinstance(error, dict):
+        return None, None
+    status = error.get("status") if isinstance(error.get("status"), str) else None
+    for detail in error.get("details") or []:
+        if isinstance(detail, dict) and detail.get("@type") == FCM_ERROR_TYPE:
+            code = detail.get("errorCode")
+            if isinstance(code, str):
+                return code, status
+    return None, status
+
+
+def _about_token(payload: Mapping[str, Any]) -> bool:
+    """Whether an INVALID_ARGUMENT names the registration token."""
+    error = payload.get("error")
+    if not isinstance(error, dict):
+        return False
+    for detail in error.get("details") or []:
+        for violation in (detail.get("fieldViolations") or []) if isinstance(detail, dict) else []:
+            if isinstance(violation, dict) and violation.get("field") == "message.token":
+                return True
+    return "registration token" in str(error.get("message", "")).lower()
+
+
+class FcmPush(Channel):
+    """FCM HTTP v1: one request per message, the batch sent concurrently."""
+
+    name = "push"
+    provider = "fcm"
+    max_batch = 500
+    #: FCM refuses payloads over 4 KB.
+    body_maxlen = 4000
+
+    def __init__(self, session: aiohttp.ClientSession, config: FcmConfig) -> None:
+        self._session = session
+        self._config = config
+        self._url = f"{config.base_url.rstrip('/')}/v1/projects/{config.project_id}/messages:send"
+        self._timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+
+    @property
+    def config(self) -> FcmConfig:
+        return self._config
+
+    async def send(self, messages: Sequence[Message]) -> list[Result]:
+        source = self._config.token_source
+        token = await source() if source is not None else self._config.access_token
+        authorization = f"Bearer {token}"
+        outcomes = await asyncio.gather(*(self._send_one(m, authorization) for m in messages), return_exceptions=True)
+        results: list[Result] = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome  # PermanentProviderError (credentials, project) or a bug
+            results.append(outcome)
+        return results
+
+    @staticmethod
+    def _payload(message: Message) -> dict[str, Any]:
+        notification = {"body": message.body}
+        if message.subject:
+            notification["title"] = message.subject
+        body: dict[str, Any] = {"token": message.address, "notification": notification}
+        if message.attributes:
+            body["data"] = dict(message.attributes)
+        return {"message": body}
+
+    async def _send_one(self, message: Message, authorization: str) -> Result:
+        try:
+            with translate_errors(self.provider):
+                async with self._session.post(
+                    self._url,
+                    data=orjson.dumps(self._payload(message)),
+                    headers={"Authorization": authorization, "Content-Type": "application/json"},
+                    timeout=self._timeout,
+                ) as response:
+                    raw = await response.read()
+                    return self._result(message.ref, response.status, response.headers, raw)
+        except RetryableProviderError as exc:
+            return retryable_from(message.ref, exc)
+
+    def _result(self, ref: str, status: int, headers: Mapping[str, str], raw: bytes) -> Result:
+        payload = json_or_none(raw) or {}
+        if status == 200:
+            name = payload.get("name")
+            if not isinstance(name, str):
+                return Permanent(ref, "no-name", "fcm accepted without a message name", status)
+            return Sent(ref, name)
+        code, google_status = fcm_error_code(payload)
+        label = code or google_status or f"HTTP {status}"
+        reason = f"fcm: {label}"
+        if status == 429 or status >= 500 or code in _RETRYABLE:
+            retry_after = parse_retry_after(headers.get("Retry-After"))
+            return Retryable(ref, reason, status=status, retry_after=retry_after)
+        if code in _DEAD_TOKEN:
+            return Permanent(ref, code or label, reason, status, suppress=True)
+        if code == "INVALID_ARGUMENT" or google_status == "INVALID_ARGUMENT":
+            return Permanent(ref, "INVALID_ARGUMENT", reason, status, suppress=_about_token(payload))
+        if status in (401, 403) or code == "THIRD_PARTY_AUTH_ERROR":
+            raise PermanentProviderError(
+                f"fcm: {label} (check the access token and project id)", status=status, code=code
+            )
+        return Permanent(ref, label, reason, status)

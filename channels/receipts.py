@@ -1,0 +1,415 @@
+"""Delivery receipts: verify provider callbacks and parse them into typed ``Receipt``s.
+
+Three endpoints (``receipt_routes``):
+
+- ``POST /callbacks/twilio``: Twilio ``StatusCallback`` (form-encoded). ``X-Twilio-Signature`` is
+  base64(HMAC-SHA1(auth token, public URL + POST params sorted by name, name+value each)). The
+  URL is ``public_base_url`` + the request's raw path and query (as Twilio called it, proxies
+  notwithstanding); our ``ref`` rides in that query (``?ref=``, see ``channels.sms``).
+- ``POST /callbacks/sendgrid``: a batch of SendGrid events (JSON list). ECDSA P-256/SHA-256
+  signature over timestamp + raw body in ``X-Twilio-Email-Event-Webhook-Signature`` (base64
+  DER), time in ``X-Twilio-Email-Event-Webhook-Timestamp``; the verification key is the
+  base64 DER public key SendGrid shows. Our ``ref`` is the event's custom arg.
+- ``POST /callbacks/webhook``: our own receipts, ``{"events": [{"ref", "status",
+  "provider_id", "code", "occurred_at", "event_id"}]}`` signed as in ``channels.signing``.
+
+Refusals change nothing (``on_receipts`` is not called): a body over the bound -> 413; a forged,
+altered or stale (timestamp outside tolerance) callback -> 401; a replay of a callback already
+processed (same signature, remembered by a ``ReplayGuard`` for ``replay_ttl_s``) -> 403. If
+``on_receipts`` fails the replay mark is released and the provider gets 500, so its retry is
+processed. Twilio callbacks carry no timestamp, so only the replay guard bounds their reuse.
+
+Receipts can still arrive twice (providers deliver at least once, and a provider's own retry is
+re-signed) and out of order: ``Receipt.event_key`` identifies the event for the consumer's dedup,
+``occurred_at`` orders it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal, Protocol
+from urllib.parse import parse_qsl
+
+import orjson
+import redis.asyncio as aredis
+from aiohttp import web
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from channels.errors import ChannelConfigError
+from channels.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_webhook
+
+__all__ = [
+    "SENDGRID_SIGNATURE_HEADER",
+    "SENDGRID_TIMESTAMP_HEADER",
+    "TWILIO_SIGNATURE_HEADER",
+    "MemoryReplayGuard",
+    "Receipt",
+    "ReceiptStatus",
+    "RedisReplayGuard",
+    "ReplayGuard",
+    "load_sendgrid_public_key",
+    "parse_sendgrid_events",
+    "parse_twilio_callback",
+    "parse_webhook_receipts",
+    "receipt_routes",
+    "twilio_signature",
+    "verify_sendgrid_signature",
+    "verify_twilio_signature",
+]
+
+ReceiptStatus = Literal["delivered", "failed", "bounced", "sent"]
+
+TWILIO_SIGNATURE_HEADER: Final = "X-Twilio-Signature"
+SENDGRID_SIGNATURE_HEADER: Final = "X-Twilio-Email-Event-Webhook-Signature"
+SENDGRID_TIMESTAMP_HEADER: Final = "X-Twilio-Email-Event-Webhook-Timestamp"
+
+_TWILIO_STATUS: Final[Mapping[str, ReceiptStatus]] = {
+    "sent": "sent",
+    "delivered": "delivered",
+    "read": "delivered",
+    "failed": "failed",
+    "undelivered": "failed",
+}
+_SENDGRID_EVENT: Final[Mapping[str, ReceiptStatus]] = {
+    "processed": "sent",
+    "delivered": "delivered",
+    "bounce": "bounced",
+    "blocked": "bounced",
+    "dropped": "failed",
+}
+_STATUSES: Final = frozenset({"delivered", "failed", "bounced", "sent"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Receipt:
+    """One delivery event for one of our messages."""
+
+    ref: str
+    provider: str
+    provider_id: str | None
+    status: ReceiptStatus
+    code: str | None
+    occurred_at: float
+    #: Identifies the event (not the request): equal keys are the same event delivered twice.
+    event_key: str
+
+
+class ReceiptError(ValueError):
+    """A verified callback whose content cannot be understood (answered 400)."""
+
+
+# -- signatures ---------------------------------------------------------------------------------
+
+
+def twilio_signature(url: str, params: Mapping[str, str], auth_token: str) -> str:
+    """The ``X-Twilio-Signature`` Twilio computes for a POST of ``params`` to ``url``."""
+    payload = url + "".join(f"{name}{params[name]}" for name in sorted(params))
+    digest = hmac.new(auth_token.encode(), payload.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+def verify_twilio_signature(url: str, params: Mapping[str, str], signature: str | None, auth_token: str) -> bool:
+    if not signature:
+        return False
+    return hmac.compare_digest(twilio_signature(url, params, auth_token), signature)
+
+
+def load_sendgrid_public_key(key: str) -> ec.EllipticCurvePublicKey:
+    """SendGrid's verification key (base64 DER, as its settings page shows it, or PEM)."""
+    try:
+        if key.lstrip().startswith("-----BEGIN"):
+            loaded = serialization.load_pem_public_key(key.encode())
+        else:
+            loaded = serialization.load_der_public_key(base64.b64decode(key))
+    except (ValueError, binascii.Error) as exc:
+        raise ChannelConfigError("sendgrid_public_key is not a valid public key") from exc
+    if not isinstance(loaded, ec.EllipticCurvePublicKey):
+        raise ChannelConfigError("sendgrid_public_key must be an elliptic-curve (P-256) key")
+    return loaded
+
+
+def verify_sendgrid_signature(
+    public_key: ec.EllipticCurvePublicKey,
+    payload: bytes,
+    signature: str | None,
+    timestamp: str | None,
+) -> bool:
+    """ECDSA/SHA-256 over ``timestamp + payload``; ``signature`` is base64 DER."""
+    if not signature or not timestamp:
+        return False
+    try:
+        public_key.verify(
+            base64.b64decode(signature, validate=True),
+            timestamp.encode() + payload,
+            ec.ECDSA(hashes.SHA256()),
+        )
+    except (InvalidSignature, binascii.Error, ValueError):
+        return False
+    return True
+
+
+# -- replay guard -------------------------------------------------------------------------------
+
+
+class ReplayGuard(Protocol):
+    """Remembers processed callbacks: ``claim`` is True only the first time for a key."""
+
+    async def claim(self, key: str, ttl_s: int) -> bool: ...
+
+    async def release(self, key: str) -> None: ...
+
+
+def _guard_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class RedisReplayGuard:
+    """``SET key 1 NX EX ttl``: shared by every process that receives callbacks."""
+
+    def __init__(self, client: aredis.Redis, *, prefix: str = "dispatch:callback-seen:") -> None:
+        self._client = client
+        self._prefix = prefix
+
+    async def claim(self, key: str, ttl_s: int) -> bool:
+        stored = await self._client.set(self._prefix + _guard_key(key), b"1", nx=True, ex=ttl_s)
+        return bool(stored)
+
+    async def release(self, key: str) -> None:
+        await self._client.delete(self._prefix + _guard_key(key))
+
+
+class MemoryReplayGuard:
+    """One process's guard (a single receiver, tests of other parts, the mock's own use)."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._expiry: dict[str, float] = {}
+
+    async def claim(self, key: str, ttl_s: int) -> bool:
+        now = self._clock()
+        digest = _guard_key(key)
+        if self._expiry.get(digest, 0.0) > now:
+            return False
+        if len(self._expiry) > 100_000:
+            self._expiry = {k: t for k, t in self._expiry.items() if t > now}
+        self._expiry[digest] = now + ttl_s
+        return True
+
+    async def release(self, key: str) -> None:
+        self._expiry.pop(_guard_key(key), None)
+
+
+# -- parsing ------------------------------------------------------------------------------------
+
+
+def parse_twilio_callback(params: Mapping[str, str], ref: str | None, *, now: float | None = None) -> list[Receipt]:
+    """A Twilio status callback as receipts (none for queued/sending/accepted)."""
+    status = _TWILIO_STATUS.get(params.get("MessageStatus", ""))
+    if status is None:
+        return []
+    if not ref:
+        raise ReceiptError("twilio callback without a ref in its URL")
+    sid = params.get("MessageSid") or params.get("SmsSid")
+    code = params.get("ErrorCode") or None
+    return [
+        Receipt(
+            ref=ref,
+            provider="twilio",
+            provider_id=sid,
+            status=status,
+            code=code,
+            occurred_at=time.time() if now is None else now,
+            event_key=f"twilio:{sid}:{params.get('MessageStatus')}",
+        )
+    ]
+
+
+def parse_sendgrid_events(events: Any) -> list[Receipt]:
+    """SendGrid's event batch as receipts; events without our ref or status are skipped."""
+    if not isinstance(events, list):
+        raise ReceiptError("sendgrid events must be a JSON list")
+    receipts = []
+    for event in events:
+        if not isinstance(event, dict):
+            continue
+        name = str(event.get("event", ""))
+        status = _SENDGRID_EVENT.get(name)
+        if name == "bounce" and event.get("type") == "blocked":
+            status = "bounced"
+        ref = event.get("ref")
+        if status is None or not isinstance(ref, str):
+            continue
+        message_id = event.get("sg_message_id")
+        code = event.get("status") if status in ("bounced", "failed") else None
+        if status == "failed" and code is None:
+            code = name
+        timestamp = event.get("timestamp")
+        receipts.append(
+            Receipt(
+                ref=ref,
+                provider="sendgrid",
+                provider_id=message_id if isinstance(message_id, str) else None,
+                status=status,
+                code=None if code is None else str(code),
+                occurred_at=float(timestamp) if isinstance(timestamp, int | float) else time.time(),
+                event_key=f"sendgrid:{message_id or ref}:{name}",
+            )
+        )
+    return receipts
+
+
+def parse_webhook_receipts(payload: Any) -> list[Receipt]:
+    """Our signed receipts: ``{"events": [{"ref", "status", ...}]}``."""
+    events = payload.get("events") if isinstance(payload, dict) else None
+    if not isinstance(events, list):
+        raise ReceiptError('webhook receipts must be {"events": [...]}')
+    receipts = []
+    for event in events:
+        if not isinstance(event, dict):
+            raise ReceiptError("each webhook receipt must be an object")
+        ref, status = event.get("ref"), event.get("status")
+        if not isinstance(ref, str) or status not in _STATUSES:
+            raise ReceiptError("each webhook receipt needs a ref and a known status")
+        provider_id, code = event.get("provider_id"), event.get("code")
+        occurred = event.get("occurred_at")
+        event_id = event.get("event_id")
+        receipts.append(
+            Receipt(
+                ref=ref,
+                provider="webhook",
+                provider_id=provider_id if isinstance(provider_id, str) else None,
+                status=status,
+                code=code if isinstance(code, str) else None,
+                occurred_at=float(occurred) if isinstance(occurred, int | float) else time.time(),
+                event_key=f"webhook:{event_id}" if event_id else f"webhook:{ref}:{status}",
+            )
+        )
+    return receipts
+
+
+# -- routes -------------------------------------------------------------------------------------
+
+OnReceipts = Callable[[list[Receipt]], Awaitable[None]]
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _read_bounded(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise _BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise _BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _refuse(status: int, reason: str) -> web.Response:
+    return web.json_response({"error": reason}, status=status)
+
+
+def receipt_routes(
+    on_receipts: OnReceipts,
+    *,
+    twilio_auth_token: str | None,
+    sendgrid_public_key: str | None,
+    webhook_secret: str | None,
+    replay_guard: ReplayGuard,
+    public_base_url: str,
+    prefix: str = "/callbacks",
+    max_body_bytes: int = 1024 * 1024,
+    tolerance_s: float = 300.0,
+    replay_ttl_s: int = 7 * 24 * 3600,
+) -> list[web.RouteDef]:
+    """Routes for each configured provider (a ``None`` credential leaves its route out)."""
+    base = public_base_url.rstrip("/")
+    sendgrid_key = load_sendgrid_public_key(sendgrid_public_key) if sendgrid_public_key is not None else None
+
+    async def process(replay_key: str, receipts: Sequence[Receipt]) -> web.Response:
+        if not await replay_guard.claim(replay_key, replay_ttl_s):
+            return _refuse(403, "replayed callback")
+        if receipts:
+            try:
+                await on_receipts(list(receipts))
+            except Exception:
+                await replay_guard.release(replay_key)  # let the provider's retry through
+                raise
+        return web.Response(status=204)
+
+    async def twilio(request: web.Request) -> web.StreamResponse:
+        assert twilio_auth_token is not None
+        try:
+            raw = await _read_bounded(request, max_body_bytes)
+            params = dict(parse_qsl(raw.decode(), keep_blank_values=True))
+        except _BodyTooLarge:
+            return _refuse(413, "body too large")
+        except UnicodeDecodeError:
+            return _refuse(400, "body is not UTF-8")
+        signature = request.headers.get(TWILIO_SIGNATURE_HEADER)
+        if not verify_twilio_signature(base + request.raw_path, params, signature, twilio_auth_token):
+            return _refuse(401, "bad signature")
+        try:
+            receipts = parse_twilio_callback(params, request.query.get("ref"))
+        except ReceiptError as exc:
+            return _refuse(400, str(exc))
+        return await process(f"twilio:{signature}", receipts)
+
+    async def sendgrid(request: web.Request) -> web.StreamResponse:
+        assert sendgrid_key is not None
+        try:
+            raw = await _read_bounded(request, max_body_bytes)
+        except _BodyTooLarge:
+            return _refuse(413, "body too large")
+        signature = request.headers.get(SENDGRID_SIGNATURE_HEADER)
+        timestamp = request.headers.get(SENDGRID_TIMESTAMP_HEADER)
+        if not _fresh(timestamp, tolerance_s) or not verify_sendgrid_signature(sendgrid_key, raw, signature, timestamp):
+            return _refuse(401, "bad or stale signature")
+        try:
+            receipts = parse_sendgrid_events(orjson.loads(raw))
+        except (orjson.JSONDecodeError, ReceiptError) as exc:
+            return _refuse(400, str(exc))
+        return await process(f"sendgrid:{signature}", receipts)
+
+    async def webhook(request: web.Request) -> web.StreamResponse:
+        assert webhook_secret is not None
+        try:
+            raw = await _read_bounded(request, max_body_bytes)
+        except _BodyTooLarge:
+            return _refuse(413, "body too large")
+        signature = request.headers.get(SIGNATURE_HEADER)
+        timestamp = request.headers.get(TIMESTAMP_HEADER)
+        if not verify_webhook(webhook_secret, timestamp, signature, raw, tolerance_s=tolerance_s):
+            return _refuse(401, "bad or stale signature")
+        try:
+            receipts = parse_webhook_receipts(orjson.loads(raw))
+        except (orjson.JSONDecodeError, ReceiptError) as exc:
+            return _refuse(400, str(exc))
+        return await process(f"webhook:{signature}", receipts)
+
+    routes = []
+    if twilio_auth_token is not None:
+        routes.append(web.post(f"{prefix}/twilio", twilio))
+    if sendgrid_key is not None:
+        routes.append(web.post(f"{prefix}/sendgrid", sendgrid))
+    if webhook_secret is not None:
+        routes.append(web.post(f"{prefix}/webhook", webhook))
+    return routes
+
+
+def _fresh(timestamp: str | None, tolerance_s: float) -> bool:
+    if not timestamp or not timestamp.isdigit():
+        return False
+    return abs(time.time() - int(timestamp)) <= tolerance_s
