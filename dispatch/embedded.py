@@ -124,25 +124,27 @@ def ensure_embedded(home: Path, *, port: int | None = None) -> tuple[EmbeddedSer
             "--appendfsync", "everysec",
             "--save", "",
             "--maxmemory-policy", "noeviction",
-            "--daemonize", "no",
+            "--daemonize", "yes",
+            "--pidfile", str(home / "valkey.pid"),
             "--logfile", str(home / "valkey.log"),
             "--protected-mode", "yes",
         ]  # fmt: skip
-        proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )  # fmt: skip
+        pidfile = home / "valkey.pid"
+        pidfile.unlink(missing_ok=True)
+        # The server daemonizes itself (double fork): it outlives this process and is nobody's child.
+        subprocess.run(  # noqa: PLW1510 - the exit status is checked through PING below
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30
+        )
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not _answers(chosen):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+        while not (_answers(chosen) and pidfile.exists()):
+            if time.monotonic() > deadline:
                 log = home / "valkey.log"
                 tail = log.read_text(errors="replace")[-800:] if log.exists() else ""
                 raise RedisSetupError(f"embedded valkey-server did not start on port {chosen}: {tail}")
             time.sleep(0.02)
-        server = EmbeddedServer(pid=proc.pid, port=chosen, home=home)
-        (home / "valkey.json").write_bytes(orjson.dumps({"pid": proc.pid, "port": chosen}))
+        pid = int(pidfile.read_text().strip())
+        server = EmbeddedServer(pid=pid, port=chosen, home=home)
+        (home / "valkey.json").write_bytes(orjson.dumps({"pid": pid, "port": chosen}))
         return server, True
 
 
@@ -159,8 +161,6 @@ def stop_embedded(home: Path, *, timeout: float = 10.0) -> bool:
         client.close()
         deadline = time.monotonic() + timeout
         while _alive(server.pid) and time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(server.pid, os.WNOHANG)
             time.sleep(0.05)
         if _alive(server.pid):
             os.kill(server.pid, signal.SIGKILL)

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dispatch.config import Settings, load_settings
+from dispatch.errors import ConfigError
+
+
+def test_defaults_need_nothing() -> None:
+    settings = load_settings({})
+    assert settings.redis_url is None
+    assert settings.broker_db != settings.app_db
+    assert settings.heartbeat_timeout_ms <= 10_000  # redelivery within seconds, not minutes
+
+
+def test_env_values_are_typed() -> None:
+    settings = load_settings({"DISPATCH_BATCH_SIZE": "250", "DISPATCH_SMS_RATE": "99.5", "DISPATCH_HOME": "/x"})
+    assert settings.batch_size == 250
+    assert settings.sms_rate == 99.5
+    assert settings.home == Path("/x")
+
+
+@pytest.mark.parametrize(
+    ("env", "setting", "words"),
+    [
+        ({"DISPATCH_BATCH_SIZE": "lots"}, "DISPATCH_BATCH_SIZE", "whole number"),
+        ({"DISPATCH_BATCH_SIZE": "0"}, "DISPATCH_BATCH_SIZE", "from 1 to 10000"),
+        ({"DISPATCH_SMS_HONOURS_IDEMPOTENCY": "maybe"}, "DISPATCH_SMS_HONOURS_IDEMPOTENCY", "true or false"),
+        ({"DISPATCH_BATCHSIZE": "5"}, "DISPATCH_BATCHSIZE", "unknown setting"),
+        ({"DISPATCH_REDIS_URL": "http://x"}, "DISPATCH_REDIS_URL", "redis://"),
+        ({"DISPATCH_REDIS_URL": "redis://h:1/1"}, "DISPATCH_BROKER_DB", "another database"),
+    ],
+)
+def test_invalid_settings_name_the_setting_and_the_fix(env: dict[str, str], setting: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    assert info.value.setting == setting
+    assert words in str(info.value)
+    assert "Fix:" in str(info.value)
+
+
+def test_toml_file_then_env_wins(tmp_path: Path) -> None:
+    path = tmp_path / "dispatch.toml"
+    path.write_text("[dispatch]\nbatch_size = 123\nworkers = 3\n")
+    settings = load_settings({"DISPATCH_WORKERS": "4"}, config_file=path)
+    assert settings.batch_size == 123
+    assert settings.workers == 4
+
+
+def test_toml_unknown_key_and_bad_syntax(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("batchsize = 1\n")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load_settings({}, config_file=path)
+    path.write_text("batch_size = [\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings({}, config_file=path)
+
+
+def test_settings_are_immutable() -> None:
+    settings = Settings()
+    with pytest.raises(AttributeError):
+        settings.batch_size = 1  # type: ignore[misc]
