@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from importlib import resources
+from pathlib import Path
 from typing import Final
 
 import redis
@@ -35,7 +35,7 @@ DEFAULT_CHUNK: Final = 1_000
 
 
 def _script() -> str:
-    return resources.files("dispatch").joinpath("frequency.lua").read_text(encoding="utf-8")
+    return Path(__file__).with_name("frequency.lua").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
