@@ -25,6 +25,7 @@ from monitoring.metrics import (
     Metrics,
     Outcome,
     RetryCause,
+    collect_queue_depths,
 )
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "Outcome",
     "RetryCause",
     "attach_multiprocess",
+    "collect_queue_depths",
     "mark_process_dead",
     "metrics_handler",
     "multiprocess_registry",

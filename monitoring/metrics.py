@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Final, Literal, cast, get_args
 
+import redis.asyncio as aredis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 
 from monitoring.errors import LabelValueError, MultiprocessSetupError
@@ -49,6 +50,7 @@ __all__ = [
     "Metrics",
     "Outcome",
     "RetryCause",
+    "collect_queue_depths",
 ]
 
 #: What happened to a message (one message can be counted as "retried" several times, then once
@@ -503,3 +505,23 @@ class Metrics:
         self, metric: Histogram, key: tuple[object, ...], labels: tuple[str, ...] | _LabelThunk
     ) -> Histogram:
         return cast(Histogram, self._child(metric, key, labels))
+
+
+async def collect_queue_depths(
+    metrics: Metrics, broker_redis: aredis.Redis, queues: Iterable[str], *, namespace: str = "dramatiq"
+) -> dict[str, int]:
+    """Read each dramatiq queue's depth from the broker's Redis and publish it; one round trip.
+
+    Publishes ``queue`` (messages ready to run) and ``queue.DQ`` (delayed: retries and deferred
+    batches) for every queue, using dramatiq's Redis layout (``{namespace}:{queue}`` lists).
+    Call it every few seconds from one place (a worker's background task); returns the depths.
+    """
+    names = [name for queue in queues for name in (queue, f"{queue}.DQ")]
+    async with broker_redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.llen(f"{namespace}:{name}")
+        lengths = await pipe.execute()
+    depths = {name: int(length) for name, length in zip(names, lengths, strict=True)}
+    for name, depth in depths.items():
+        metrics.set_queue_depth(name, depth)
+    return depths

@@ -270,3 +270,29 @@ def test_heartbeat_defaults_to_now(metrics: Metrics) -> None:
     assert stamp is not None
     assert not math.isnan(stamp)
     assert before <= stamp <= time.time()
+
+
+async def test_queue_depths_come_from_a_real_dramatiq_broker(redis_url: str, aredis_client) -> None:  # type: ignore[no-untyped-def]
+    import dramatiq
+    from dramatiq.brokers.redis import RedisBroker
+
+    from monitoring.metrics import collect_queue_depths
+
+    broker = RedisBroker(url=redis_url, namespace="test-broker", middleware=[])
+    try:
+        broker.declare_queue("dispatch.sms")
+        for n in range(3):
+            broker.enqueue(
+                dramatiq.Message(queue_name="dispatch.sms", actor_name="a", args=(n,), kwargs={}, options={})
+            )
+        delayed = dramatiq.Message(queue_name="dispatch.sms", actor_name="a", args=(9,), kwargs={}, options={})
+        broker.enqueue(delayed, delay=60_000)
+    finally:
+        broker.close()
+    metrics = Metrics(CollectorRegistry())
+
+    depths = await collect_queue_depths(metrics, aredis_client, ["dispatch.sms"], namespace="test-broker")
+
+    assert depths == {"dispatch.sms": 3, "dispatch.sms.DQ": 1}
+    assert value(metrics, "dispatch_queue_depth", queue="dispatch.sms") == 3
+    assert value(metrics, "dispatch_queue_depth", queue="dispatch.sms.DQ") == 1
