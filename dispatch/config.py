@@ -57,6 +57,9 @@ class Settings:
     )
     callback_base_url: str | None = _setting(None, "public base URL providers post receipts to")
     provider_latency_ms: float = _setting(20.0, "expected provider latency for predictions", low=0)
+    cpu_per_message_us: float = _setting(
+        550.0, "CPU microseconds one message costs end to end, for predictions (measure: dispatch demo)", low=1
+    )
     retention_s: int = _setting(7 * 86400, "seconds campaign data is kept after it ends", low=60)
 
     def __post_init__(self) -> None:

@@ -89,6 +89,7 @@ class Planner:
             latency_s=s.provider_latency_ms / 1000.0,
             provider_rate=s.sms_rate or None,
             campaign_rate=spec.rate,
+            cpu_per_message_s=s.cpu_per_message_us / 1e6,
         )
 
     def batch_size(self, spec: CampaignSpec) -> int:

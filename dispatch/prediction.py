@@ -21,8 +21,9 @@ from typing import Any, Literal
 
 __all__ = ["Capacity", "Prediction", "predict"]
 
-#: Measured CPU cost of one message through the full send path (seconds), see BENCHMARKS.md.
-DEFAULT_CPU_PER_MESSAGE_S = 120e-6
+#: CPU cost of one message through the full send path (seconds), measured with ``dispatch demo``
+#: on a 2-core machine with the mock provider on the same machine (see BENCHMARKS.md).
+DEFAULT_CPU_PER_MESSAGE_S = 550e-6
 #: Fixed start-up cost: workers fetching the first batches, connections opening.
 STARTUP_S = 0.5
 
