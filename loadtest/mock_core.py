@@ -185,6 +185,8 @@ class MockState:
     def __init__(self, config: MockConfig) -> None:
         self.config = config
         self.faults = config.faults
+        #: Receipt behaviour; like ``faults`` it can change while the mock runs.
+        self.receipts = config.receipts
         self.ledger = Ledger()
         self.rng = random.Random(config.seed)
         #: (channel, idempotency key) -> (status, body, content type) of the original answer.

@@ -38,6 +38,7 @@ from typing import Self
 
 import aiohttp
 import orjson
+import yarl
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
@@ -136,7 +137,10 @@ async def _callback_session(app: web.Application) -> AsyncIterator[None]:
 
     async def send(url: str, body: bytes, headers: Mapping[str, str]) -> None:
         try:
-            async with session.post(url, data=body, headers=dict(headers)) as response:
+            # encoded=True: request exactly the URL that was signed, as Twilio does (yarl would
+            # otherwise normalise escapes such as %3A and the signature would not match).
+            target = yarl.URL(url, encoded=True)
+            async with session.post(target, data=body, headers=dict(headers)) as response:
                 await response.read()
                 outcome = "sent" if response.status < 300 else "failed"
         except (aiohttp.ClientError, TimeoutError):
@@ -181,6 +185,10 @@ class MockProvider:
 
     def set_faults(self, faults: FaultMix) -> None:
         self._state.faults = faults
+
+    def set_receipts(self, receipts: ReceiptConfig | None) -> None:
+        """Change (or stop) delivery-receipt callbacks while running."""
+        self._state.receipts = receipts
 
     def reset(self) -> None:
         self._state.reset()

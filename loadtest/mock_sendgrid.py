@@ -155,13 +155,13 @@ class SendGridTwin:
                 state.ledger.record("email", recipient["email"], text, now=now)
         response = web.Response(status=202, headers={"X-Message-Id": message_id})
         state.remember("email", request, response)
-        if state.config.receipts and state.config.receipts.sendgrid_event_url:
+        if state.receipts and state.receipts.sendgrid_event_url:
             state.spawn(self._events(message_id, personalizations))
         await state.after_accept(request)
         return response
 
     async def _events(self, message_id: str, personalizations: list[dict[str, Any]]) -> None:
-        receipts = self.state.config.receipts
+        receipts = self.state.receipts
         sender = self.state.callback_sender
         if receipts is None or receipts.sendgrid_event_url is None or sender is None:
             return

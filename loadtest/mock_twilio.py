@@ -120,7 +120,7 @@ def _validate(state: MockState, form: Mapping[str, str]) -> web.Response | None:
 
 
 async def _status_callbacks(state: MockState, resource: Mapping[str, Any], url: str) -> None:
-    receipts = state.config.receipts
+    receipts = state.receipts
     sender = state.callback_sender
     if receipts is None or sender is None:
         return

@@ -30,7 +30,7 @@ def _error(status: int, message: str, retry_after: float | None) -> web.Response
 
 
 async def _receipt(state: MockState, ref: str, provider_id: str) -> None:
-    receipts = state.config.receipts
+    receipts = state.receipts
     sender = state.callback_sender
     if receipts is None or receipts.webhook_receipt_url is None or sender is None:
         return
