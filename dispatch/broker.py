@@ -14,11 +14,13 @@ from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, Shutdow
 
 from dispatch.config import Settings
 
-__all__ = ["ACTOR_NAME", "QUEUE", "build_broker", "enqueue_batch"]
+__all__ = ["ACTOR_NAME", "BROKER_NAMESPACE", "QUEUE", "build_broker", "enqueue_batch"]
 
 #: The one queue batches travel on.
 QUEUE = "dispatch"
 ACTOR_NAME = "send_batch"
+#: Key prefix of the broker's keys (in its own database).
+BROKER_NAMESPACE = "dispatch-broker"
 #: A batch that runs longer than this is interrupted and retried by dramatiq.
 BATCH_TIME_LIMIT_MS = 15 * 60 * 1000
 
@@ -37,7 +39,7 @@ def build_broker(settings: Settings, broker_url: str) -> RedisBroker:
     return RedisBroker(  # type: ignore[no-untyped-call]
         url=broker_url,
         middleware=middleware,
-        namespace="dispatch-broker",
+        namespace=BROKER_NAMESPACE,
         heartbeat_timeout=settings.heartbeat_timeout_ms,
         maintenance_chance=settings.maintenance_chance,
     )

@@ -65,7 +65,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from dispatch.worker import run_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_worker(settings, threads=args.threads)
+    return run_worker(settings, threads=args.threads, metrics_port=args.metrics_port)
 
 
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run one worker process")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port")
     p.set_defaults(handler=cmd_worker)
 
     p = sub.add_parser("plan", help="plan a campaign: validate, snapshot, batch, predict")

@@ -60,6 +60,7 @@ class Settings:
     cpu_per_message_us: float = _setting(
         550.0, "CPU microseconds one message costs end to end, for predictions (measure: dispatch demo)", low=1
     )
+    metrics_port: int = _setting(0, "port of a worker's /metrics endpoint (0 = none)", low=0, high=65535)
     retention_s: int = _setting(7 * 86400, "seconds campaign data is kept after it ends", low=60)
 
     def __post_init__(self) -> None:

@@ -32,6 +32,7 @@ from dispatch import keys
 from dispatch.control import CONTROL_TTL_S
 from dispatch.snapshot import decode_batch
 from dispatch.tracking import CLAIM_BUSY, CLAIM_DONE, CLAIM_RECLAIMED, Outcome, Tracker, make_ref
+from monitoring.metrics import Metrics
 
 __all__ = ["BatchOutcome", "Engine", "Item", "SendContext", "Step", "build_chain"]
 
@@ -127,7 +128,7 @@ class SendStep:
         self,
         *,
         max_attempts: int,
-        on_result: Callable[[Item, Result, float], None] | None = None,
+        on_result: Callable[[SendContext, Item, Result, float], None] | None = None,
         on_rate_limited: Callable[[SendContext, float | None], Awaitable[None]] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         backoff_max_s: float = 2.0,
@@ -178,7 +179,7 @@ class SendStep:
             for item, result in zip(current, results, strict=True):
                 item.attempts += 1
                 if self._on_result is not None:
-                    self._on_result(item, result, elapsed)
+                    self._on_result(ctx, item, result, elapsed)
                 if isinstance(result, Sent):
                     item.outcome = Outcome(item.index, "sent", item.attempts, result.provider_id)
                 elif isinstance(result, Permanent):
@@ -222,7 +223,11 @@ class Engine:
         steps: Sequence[Step],
         owner: str,
         concurrency: int,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
+        #: Campaigns this process worked on recently (for progress gauges): id -> last seen.
+        self.seen: dict[str, float] = {}
         self._client = client
         self._tracker = tracker
         self._channels = channels
@@ -266,10 +271,20 @@ class Engine:
         if run in self._active:
             return BatchOutcome(state="busy", requeue_after=1.0)
         self._active.add(run)
+        self.seen[campaign_id] = time.time()
+        if self._metrics is not None:
+            self._metrics.record_batch("started")
         try:
-            return await self._send_batch(campaign_id, batch)
+            outcome = await self._send_batch(campaign_id, batch)
+        except BaseException:
+            if self._metrics is not None:
+                self._metrics.record_batch("failed")
+            raise
         finally:
             self._active.discard(run)
+        if self._metrics is not None:
+            self._metrics.record_batch("retried" if outcome.requeue_after is not None else "completed")
+        return outcome
 
     async def _send_batch(self, campaign_id: str, batch: int) -> BatchOutcome:
         manifest = await self._manifest(campaign_id)
@@ -288,10 +303,11 @@ class Engine:
             state = await self.campaign_state(campaign_id)
             return BatchOutcome(state=state, requeue_after=1.0 if state == "paused" else None)
         items: list[Item] = []
-        busy = 0
+        busy = dedup_hits = 0
         lost: list[Outcome] = []
         for index, (code, attempts) in enumerate(claims):
             if code == CLAIM_DONE:
+                dedup_hits += 1
                 continue
             if code == CLAIM_BUSY:
                 busy += 1
@@ -301,6 +317,8 @@ class Engine:
                 continue
             rid, address, attrs = snapshot.rows[index]
             items.append(Item(index, rid, address, attrs, attempts))
+        if dedup_hits and self._metrics is not None:
+            self._metrics.record_dedup_hit(channel.name, dedup_hits)
         if lost:
             await self._tracker.finish(campaign_id, batch, self._owner, lost)
         ctx = SendContext(
@@ -337,6 +355,8 @@ class Engine:
                 if item.outcome is None:  # a step dropped it without a verdict: try again later
                     item.outcome = Outcome(item.index, "retry", item.attempts)
                 buffer.append(item.outcome)
+                if self._metrics is not None and item.outcome.state in _FINAL_OUTCOMES:
+                    self._metrics.record_send(channel.name, channel.provider, _FINAL_OUTCOMES[item.outcome.state])
             if len(buffer) >= TRACK_FLUSH:
                 await flush()
 
@@ -350,6 +370,16 @@ class Engine:
         if retry_left:
             return BatchOutcome(state="retry", requeue_after=max(ctx.long_wait, 1.0))
         return BatchOutcome(state="done", requeue_after=None)
+
+
+#: Record states that end a message's send, and their metric outcome ("sent" is counted here).
+_FINAL_OUTCOMES: dict[str, Any] = {
+    "sent": "sent",
+    "failed": "failed",
+    "dead": "dead_lettered",
+    "suppressed": "suppressed",
+    "skipped": "skipped",
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Coroutine
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -21,14 +22,19 @@ import redis
 import redis.asyncio as aredis
 import uvloop
 from dramatiq.brokers.redis import RedisBroker
+from prometheus_client import CollectorRegistry
 
-from channels.base import Channel
+from channels.base import Channel, Result, Retryable
 from channels.sms import TwilioConfig, TwilioSms
 from dispatch import keys
-from dispatch.broker import QUEUE
+from dispatch.broker import BROKER_NAMESPACE, QUEUE
 from dispatch.config import Settings
-from dispatch.engine import Engine, SendStep, Step, render_step
+from dispatch.control import CampaignControl
+from dispatch.engine import Engine, Item, SendContext, SendStep, Step, render_step
+from dispatch.errors import DispatchError
 from dispatch.tracking import Tracker
+from monitoring.exposition import MetricsServer, start_metrics_server
+from monitoring.metrics import Metrics, RetryCause, collect_queue_depths
 
 __all__ = ["WorkerRuntime", "build_channels"]
 
@@ -37,6 +43,10 @@ T = TypeVar("T")
 
 #: Seconds between heartbeats of a worker process.
 HEARTBEAT_EVERY_S = 0.5
+#: Seconds between refreshes of the campaign progress and queue depth gauges.
+GAUGES_EVERY_S = 2.0
+#: A campaign not worked on for this long is no longer reported by this process.
+CAMPAIGN_IDLE_S = 60.0
 
 
 def build_channels(settings: Settings, session: aiohttp.ClientSession) -> dict[str, Channel]:
@@ -53,6 +63,15 @@ def build_channels(settings: Settings, session: aiohttp.ClientSession) -> dict[s
         ),
     )
     return {sms.name: sms}
+
+
+def retry_cause(result: Retryable) -> RetryCause:
+    status = result.status or 0
+    if status == 429:
+        return "http_429"
+    if status >= 500:
+        return "http_5xx"
+    return "timeout" if "timeout" in result.reason.lower() else "connection"
 
 
 class WorkerRuntime:
@@ -72,6 +91,10 @@ class WorkerRuntime:
         self._client: aredis.Redis | None = None
         self._channels: dict[str, Channel] = {}
         self._engine: Engine | None = None
+        self.metrics = Metrics(CollectorRegistry())
+        self.metrics_server: MetricsServer | None = None
+        self._control = CampaignControl(self._sync)
+        self._broker_client: aredis.Redis | None = None
 
     @property
     def engine(self) -> Engine:
@@ -79,7 +102,10 @@ class WorkerRuntime:
             raise RuntimeError("WorkerRuntime.start() was not called")
         return self._engine
 
-    def start(self) -> None:
+    def start(self, *, metrics_port: int | None = None) -> None:
+        port = self.settings.metrics_port if metrics_port is None else metrics_port
+        if port:
+            self.metrics_server = start_metrics_server(port, self.metrics.registry)
         self._beat_once()
         self._thread.start()
         self.run(self._open())
@@ -91,9 +117,13 @@ class WorkerRuntime:
         self._session = aiohttp.ClientSession(connector=connector)
         pool = aredis.BlockingConnectionPool.from_url(self._app_url, max_connections=64, timeout=30)
         self._client = aredis.Redis(connection_pool=pool)
+        self._broker_client = aredis.Redis.from_url(self._broker_redis_url())
         self._channels = build_channels(s, self._session)
+        for channel in self._channels.values():
+            self.metrics.register_provider(channel.name, channel.provider)
+        self.metrics.register_queue(QUEUE)
         tracker = Tracker(self._client, ttl_s=s.retention_s)
-        steps: list[Step] = [render_step, SendStep(max_attempts=s.max_attempts)]
+        steps: list[Step] = [render_step, SendStep(max_attempts=s.max_attempts, on_result=self._observe)]
         self._engine = Engine(
             client=self._client,
             tracker=tracker,
@@ -101,7 +131,20 @@ class WorkerRuntime:
             steps=steps,
             owner=self.owner,
             concurrency=s.send_concurrency,
+            metrics=self.metrics,
         )
+
+    def _broker_redis_url(self) -> str:
+        kwargs = self._broker.client.connection_pool.connection_kwargs
+        return f"redis://{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+
+    def _observe(self, ctx: SendContext, item: Item, result: Result, elapsed: float) -> None:
+        """Per-message metrics of one provider answer (no address ever reaches a label)."""
+        provider = ctx.channel.provider
+        self.metrics.observe_latency(provider, elapsed)
+        if isinstance(result, Retryable):
+            self.metrics.record_send(ctx.channel.name, provider, "retried")
+            self.metrics.record_retry(provider, retry_cause(result))
 
     async def _close(self) -> None:
         for channel in self._channels.values():
@@ -110,6 +153,8 @@ class WorkerRuntime:
             await self._session.close()
         if self._client is not None:
             await self._client.aclose()
+        if self._broker_client is not None:
+            await self._broker_client.aclose()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -121,11 +166,41 @@ class WorkerRuntime:
         self._broker.do_qsize(QUEUE)  # any broker command refreshes dramatiq's heartbeat
 
     def _beat(self) -> None:
+        last_gauges = 0.0
         while not self._stop.wait(HEARTBEAT_EVERY_S):
             try:
                 self._beat_once()
-            except redis.RedisError as exc:  # Redis restarting: keep trying
+                self.metrics.heartbeat()
+                if time.monotonic() - last_gauges >= GAUGES_EVERY_S:
+                    last_gauges = time.monotonic()
+                    self._refresh_gauges()
+            except (redis.RedisError, DispatchError) as exc:  # Redis restarting: keep trying
                 log.warning("heartbeat failed: %s", exc)
+
+    def _refresh_gauges(self) -> None:
+        if self._broker_client is not None:
+            future = asyncio.run_coroutine_threadsafe(
+                collect_queue_depths(self.metrics, self._broker_client, [QUEUE], namespace=BROKER_NAMESPACE),
+                self._loop,
+            )
+            future.result(timeout=5)
+        now = time.time()
+        for campaign_id, seen in list(self.engine.seen.items()):
+            status = self._control.status(campaign_id)
+            if status.complete or status.state == "cancelled" or now - seen > CAMPAIGN_IDLE_S:
+                self.metrics.end_campaign(campaign_id)
+                self.engine.seen.pop(campaign_id, None)
+                continue
+            started = status.started_at or now
+            self.metrics.set_campaign_progress(
+                campaign_id,
+                sent=status.done,
+                total=status.accepted,
+                predicted_finish_ts=started + status.predicted_s,
+                estimated_finish_ts=now + status.eta_s if status.eta_s is not None else None,
+                deadline_ts=status.deadline,
+                paused=status.state == "paused",
+            )
 
     def stop(self) -> None:
         self._stop.set()
@@ -139,3 +214,5 @@ class WorkerRuntime:
         with contextlib.suppress(redis.RedisError):
             self._sync.delete(keys.worker_alive(self.owner))
         self._sync.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()

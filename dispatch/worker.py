@@ -34,13 +34,13 @@ def declare_actor(broker: RedisBroker, runtime: WorkerRuntime) -> dramatiq.Actor
     return actor
 
 
-def run_worker(settings: Settings, *, threads: int | None = None) -> int:
+def run_worker(settings: Settings, *, threads: int | None = None, metrics_port: int | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
     target = resolve_redis(settings)
     broker = build_broker(settings, target.broker_url)
     runtime = WorkerRuntime(settings, app_url=target.app_url, broker=broker, owner=broker.broker_id)
     declare_actor(broker, runtime)
-    runtime.start()
+    runtime.start(metrics_port=metrics_port)
     worker = dramatiq.Worker(broker, worker_threads=threads or settings.worker_threads, worker_timeout=100)
     stop = threading.Event()
 

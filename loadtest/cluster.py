@@ -45,6 +45,8 @@ class LocalCluster:
     workers: int
     mock_args: list[str] = field(default_factory=list)
     worker_env: dict[str, str] = field(default_factory=dict)
+    #: One /metrics port per worker (by start order); empty = no endpoints.
+    metrics_ports: list[int] = field(default_factory=list)
     target: RedisTarget | None = None
     mock_url: str = ""
     _mock: subprocess.Popen[bytes] | None = None
