@@ -61,6 +61,8 @@ _EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
 _TRUE: Final = frozenset({"1", "true", "yes", "y", "t"})
 _FALSE: Final = frozenset({"0", "false", "no", "n", "f"})
 _GZIP_MAGIC: Final = b"\x1f\x8b"
+#: Exact spellings looked up before the general (lowercasing) parse.
+_CONSENT_WORDS: Final = {w: True for w in _TRUE} | {w: False for w in _FALSE}
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,28 +397,89 @@ def _read_csv(
     header[0] = header[0].removeprefix("\ufeff")
     if len(set(header)) != len(header):
         raise AudienceError("the CSV header names a column twice")
-    index = {name: i for i, name in enumerate(header)}
     width = len(header)
-    builder = _Builder(columns, limits)
-    attr_index = [(name, index[name]) for name in columns.attribute_columns(header) if name in index]
-    row_no = 0
-    for fields, reason, detail in records:
-        row_no += 1
+    build = _CsvBuilder(columns, limits, header).build
+    for row_no, (fields, reason, detail) in enumerate(records, start=1):
         if fields is None:
             yield RowRejected(row_no, reason or Reason.MALFORMED_ROW, None, detail)
-            continue
-        if len(fields) != width:
+        elif len(fields) != width:
             yield RowRejected(row_no, Reason.MALFORMED_ROW, None, f"{len(fields)} fields, header has {width}")
-            continue
+        else:
+            yield build(row_no, fields)
 
-        def get(column: str | None, _f: list[str] = fields) -> str | None:
-            i = index.get(column) if column is not None else None
-            return None if i is None else _f[i]
 
-        if columns.id not in index:
-            yield RowRejected(row_no, Reason.MISSING_COLUMN, columns.id, "no such column")
-            continue
-        yield builder.build(row_no, get, ((name, fields[i]) for name, i in attr_index))
+class _CsvBuilder:
+    """The CSV twin of :class:`_Builder`, by column index (the hot path of a 10M-row plan)."""
+
+    def __init__(self, columns: ColumnMap, limits: ReadLimits, header: list[str]) -> None:
+        index = {name: i for i, name in enumerate(header)}
+        self.header = header
+        self.id_col = columns.id
+        self.id_i = index.get(columns.id)
+        names = ("phone", "email", "push_token", "webhook_url", "openid", "timezone", "locale")
+        self.addr_i = tuple(index.get(c) if (c := getattr(columns, n)) is not None else None for n in names)
+        self.consent_i = tuple((ch, index[col], col) for ch, col in columns.consent.items() if col in index)
+        self.updated_col = columns.updated_at
+        self.updated_i = index.get(columns.updated_at) if columns.updated_at is not None else None
+        self.attr_i = tuple((n, index[n]) for n in columns.attribute_columns(header) if n in index)
+        self.limit = limits.max_field_bytes
+        self._last_time: tuple[str, datetime | None] = ("", None)
+
+    def build(self, row_no: int, fields: list[str]) -> Recipient | RowRejected:
+        limit = self.limit
+        if max(map(len, fields)) * 4 > limit:
+            for i, value in enumerate(fields):
+                if _too_large(value, limit):
+                    return RowRejected(row_no, Reason.FIELD_TOO_LARGE, self.header[i], f"over {limit} bytes")
+        if self.id_i is None:
+            return RowRejected(row_no, Reason.MISSING_COLUMN, self.id_col, "no such column")
+        rid = fields[self.id_i]
+        if not rid.strip():
+            return RowRejected(row_no, Reason.MISSING_COLUMN, self.id_col, "no recipient id")
+        pi, ei, ti, ui, oi, zi, li = self.addr_i
+        phone = (fields[pi] or None) if pi is not None else None
+        email = (fields[ei] or None) if ei is not None else None
+        push = (fields[ti] or None) if ti is not None else None
+        url = (fields[ui] or None) if ui is not None else None
+        openid = (fields[oi] or None) if oi is not None else None
+        tz = (fields[zi] or None) if zi is not None else None
+        locale = (fields[li] or None) if li is not None else None
+        consent: dict[str, bool] = {}
+        updated: datetime | None = None
+        try:
+            for channel, i, column in self.consent_i:
+                value = fields[i]
+                if value:
+                    given = _CONSENT_WORDS.get(value)
+                    if given is None:
+                        given = _parse_consent(value, column)
+                    if given is not None:
+                        consent[channel] = given
+            if self.updated_i is not None:
+                text = fields[self.updated_i]
+                last_text, last_value = self._last_time
+                if text == last_text and text:
+                    updated = last_value
+                else:
+                    updated = _parse_time(text, self.updated_col or "")
+                    self._last_time = (text, updated)
+        except _BadValue as exc:
+            return RowRejected(row_no, Reason.MALFORMED_ROW, exc.field_name, exc.detail)
+        attributes = {name: fields[i] for name, i in self.attr_i if fields[i]}
+        return Recipient(
+            row_no,
+            rid,
+            phone,
+            email,
+            push,
+            url,
+            openid,
+            tz,
+            locale,
+            consent or _EMPTY,
+            updated,
+            attributes or _EMPTY,
+        )
 
 
 # --- JSONL and iterables -----------------------------------------------------------------------

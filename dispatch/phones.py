@@ -273,6 +273,8 @@ def _predicates_for(cc: int) -> list[_Predicate] | None:
 
 _SHAPE: Final = re.compile(r"[ ().\-]*(\+?)([0-9 ().\-]*)")
 _DROP: Final = str.maketrans("", "", " ().-")
+#: "49" -> 49 for every calling code libphonenumber knows (same table as _extract_country_code).
+_CALLING_CODES: Final = {str(cc): cc for cc in _pu.COUNTRY_CODE_TO_REGION_CODE}
 
 
 @dataclass
@@ -291,6 +293,7 @@ class PhoneValidator:
     _depths: dict[tuple[int, int], list[int]] = field(default_factory=dict, init=False, repr=False)
     _preds: dict[int, list[_Predicate] | None] = field(default_factory=dict, init=False, repr=False)
     _md: Any = field(default=None, init=False, repr=False)
+    _cc_md: dict[int, Any] = field(default_factory=dict, init=False, repr=False)
     _idd: re.Pattern[str] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -303,29 +306,27 @@ class PhoneValidator:
 
     def check(self, raw: str) -> PhoneCheck:
         """Same answer as ``check_phone_naive(raw, self.default_region)``."""
-        found = self._raw_cache.get(raw)
-        if found is not None:
-            return found
-        result = self._check_uncached(raw)
-        if len(self._raw_cache) >= self.cache_size:
-            self._raw_cache.clear()
-        self._raw_cache[raw] = result
-        return result
-
-    def _check_uncached(self, raw: str) -> PhoneCheck:
         m = _SHAPE.fullmatch(raw) if len(raw) <= _MAX_INPUT else None
-        digits = m.group(2).translate(_DROP) if m is not None else ""
-        if m is None or len(digits) < 3:
-            return check_phone_naive(raw, self.default_region)
-        key = m.group(1) + digits
-        found = self._key_cache.get(key)
+        if m is not None:
+            plus, rest = m.groups()
+            digits = rest.translate(_DROP)
+            if len(digits) >= 3:
+                key = plus + digits
+                found = self._key_cache.get(key)
+                if found is None:
+                    found = self._from_digits(bool(plus), digits)
+                    if found is None:
+                        found = check_phone_naive(raw, self.default_region)
+                    if len(self._key_cache) >= self.cache_size:
+                        self._key_cache.clear()
+                    self._key_cache[key] = found
+                return found
+        found = self._raw_cache.get(raw)
         if found is None:
-            found = self._from_digits(bool(m.group(1)), digits)
-            if found is None:
-                found = check_phone_naive(raw, self.default_region)
-            if len(self._key_cache) >= self.cache_size:
-                self._key_cache.clear()
-            self._key_cache[key] = found
+            found = check_phone_naive(raw, self.default_region)
+            if len(self._raw_cache) >= self.cache_size:
+                self._raw_cache.clear()
+            self._raw_cache[raw] = found
         return found
 
     def _from_digits(self, plus: bool, digits: str) -> PhoneCheck | None:
@@ -340,12 +341,16 @@ class PhoneValidator:
         if plus:
             if len(digits) <= _MIN_NSN:
                 return None
-            cc, nsn = _pu._extract_country_code(digits)
-            if cc == 0:
+            if digits[0] == "0":
                 return None
-            number_region = _pu.region_code_for_country_code(cc)
-            if number_region != self.default_region:
-                md = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(cc, number_region)
+            for size in (1, 2, 3):  # calling codes are a prefix code: at most one matches
+                cc = _CALLING_CODES.get(digits[:size], 0)
+                if cc:
+                    break
+            else:
+                return None
+            nsn = digits[size:]
+            md = self._md_for(cc)
         else:
             cc, nsn = md.country_code, digits
             cc_str = str(cc)
@@ -377,6 +382,18 @@ class PhoneValidator:
             return _INVALID
         valid, sms = self._classify(cc, nsn)
         return PhoneCheck(f"+{cc}{nsn}", sms) if valid else _INVALID
+
+    def _md_for(self, cc: int) -> Any:
+        """Metadata parse() uses after extracting ``cc`` (the default region's when it is cc's main)."""
+        md = self._cc_md.get(cc)
+        if md is None:
+            number_region = _pu.region_code_for_country_code(cc)
+            if number_region == self.default_region:
+                md = self._md
+            else:
+                md = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(cc, number_region)
+            self._cc_md[cc] = md
+        return md
 
     def _classify(self, cc: int, nsn: str) -> tuple[bool, bool]:
         length = len(nsn)
