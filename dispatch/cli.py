@@ -166,6 +166,35 @@ def cmd_mock_provider(args: argparse.Namespace, settings: Settings) -> int:
     return mock_main(argv + (["--faults", args.faults] if args.faults else []))
 
 
+def cmd_callbacks(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    import redis.asyncio as aredis
+    import uvloop
+    from aiohttp import web
+
+    from dispatch.receipts import build_receipt_app
+
+    target = resolve_redis(settings)
+    public = args.public_url or settings.callback_base_url or f"http://{args.host}:{args.port}"
+
+    async def serve() -> None:
+        client = aredis.Redis.from_url(target.app_url)
+        app, _ = build_receipt_app(settings, client, public_base_url=public)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, args.host, args.port).start()
+        print(f"receipt endpoint listening on {args.host}:{args.port}, public URL {public}/callbacks/...", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+            await client.aclose()
+
+    uvloop.run(serve())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dispatch", description="Plan, send and show message campaigns.")
     parser.add_argument("--config", type=Path, default=None, help="TOML settings file (else DISPATCH_CONFIG)")
@@ -212,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("redis", help="the embedded Redis: start (prints URL), stop, status")
     p.add_argument("action", choices=("start", "stop", "status"))
     p.set_defaults(handler=cmd_redis)
+
+    p = sub.add_parser("callbacks", help="serve the provider delivery-receipt endpoints")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8098)
+    p.add_argument("--public-url", default=None, help="URL providers call (signatures cover it)")
+    p.set_defaults(handler=cmd_callbacks)
 
     p = sub.add_parser("mock-provider", help="serve the mock providers (Twilio, SendGrid, FCM, webhook)")
     p.add_argument("--host", default="127.0.0.1")
