@@ -81,7 +81,7 @@ async def test_signed_receipts_update_records_and_forgeries_change_nothing(aredi
         outcome = await engine.send_batch(cid, 0)
         assert outcome.requeue_after is None
         deadline = time.monotonic() + 10
-        while applier.applied + applier.deferred < 20 and time.monotonic() < deadline:
+        while applier.applied + applier.deferred < 20 and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
 
         # a forged callback (wrong signature) is refused and changes nothing
