@@ -35,6 +35,8 @@ class ManualClock:
         self._now += max(seconds, 0.0)
 
     async def sleep(self, seconds: float) -> None:
+        # Let tasks woken before this sleep run at the current time, then jump.
+        await asyncio.sleep(0)
         self.advance(seconds)
         await asyncio.sleep(0)
 
