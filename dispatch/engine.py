@@ -1,8 +1,9 @@
 """The send path: one batch in, every message claimed, sent once, and recorded.
 
 A batch runs as: claim (dedup) -> for each chunk of the channel's request size, through the
-steps ``[frequency cap ->] [suppression ->] rate limit -> render -> send with retries`` -> track
-(buffered confirmations). A step is ``async def step(ctx, items, next)``: it may set a result on
+steps ``render -> rate limit -> send with retries`` -> track (buffered confirmations). Rendering
+comes before the rate limit because an SMS's cost (its segments) depends on the rendered body.
+A step is ``async def step(ctx, items, next)``: it may set a result on
 items (they stop there) and passes the others on, so a test can build the chain with stubs.
 
 Short waits (5xx, timeouts, a 429 with a short Retry-After) are retried in-process with tenacity
@@ -33,8 +34,9 @@ from dispatch.control import CONTROL_TTL_S
 from dispatch.snapshot import decode_batch
 from dispatch.tracking import CLAIM_BUSY, CLAIM_DONE, CLAIM_RECLAIMED, Outcome, Tracker, make_ref
 from monitoring.metrics import Metrics
+from ratelimit import Limit, RateLimiter
 
-__all__ = ["BatchOutcome", "Engine", "Item", "SendContext", "Step", "build_chain"]
+__all__ = ["BatchOutcome", "Engine", "Item", "RateLimitStep", "SendContext", "SendStep", "Step", "build_chain"]
 
 log = logging.getLogger("dispatch.engine")
 
@@ -110,6 +112,50 @@ async def render_step(ctx: SendContext, items: list[Item], nxt: Next) -> None:
             idempotency_key=idempotency_key(ctx.campaign_id, item.recipient_id, ctx.channel.name),
         )
     await nxt(ctx, items)
+
+
+class RateLimitStep:
+    """Acquire the chunk's cost from the provider account's limit and the campaign's cap.
+
+    The campaign cap is read from the campaign's control hash (``dispatch rate``) and pushed to
+    the shared limiter when it changes, so a re-rate reaches every worker within a second.
+    """
+
+    def __init__(self, limiter: RateLimiter, account_keys: dict[str, str], *, metrics: Metrics | None = None) -> None:
+        self._limiter = limiter
+        self._account_keys = account_keys
+        self._metrics = metrics
+        self._campaign_rates: dict[str, float | None] = {}
+
+    def campaign_key(self, campaign_id: str) -> str:
+        return f"campaign:{campaign_id}"
+
+    async def set_campaign_rate(self, campaign_id: str, rate: float | None) -> None:
+        if self._campaign_rates.get(campaign_id, -1.0) == rate:
+            return
+        key = self.campaign_key(campaign_id)
+        if rate is None:
+            await self._limiter.remove(key)
+        else:
+            await self._limiter.configure(Limit(key=key, rate=rate, burst=max(1, int(rate / 10))))
+        self._campaign_rates[campaign_id] = rate
+
+    async def penalize(self, ctx: SendContext, retry_after: float | None) -> None:
+        key = self._account_keys.get(ctx.channel.name)
+        if key is not None:
+            await self._limiter.penalize(key, retry_after)
+
+    async def __call__(self, ctx: SendContext, items: list[Item], nxt: Next) -> None:
+        cost = sum(ctx.channel.cost(item.message) for item in items if item.message is not None)
+        limit_keys = [self.campaign_key(ctx.campaign_id)]
+        account = self._account_keys.get(ctx.channel.name)
+        if account is not None:
+            limit_keys.append(account)
+        started = time.perf_counter()
+        await self._limiter.acquire(limit_keys, max(1, cost))
+        if self._metrics is not None:
+            self._metrics.observe_ratelimit_wait(ctx.channel.provider, time.perf_counter() - started)
+        await nxt(ctx, items)
 
 
 @dataclass(slots=True)
@@ -224,8 +270,10 @@ class Engine:
         owner: str,
         concurrency: int,
         metrics: Metrics | None = None,
+        rate_step: RateLimitStep | None = None,
     ) -> None:
         self._metrics = metrics
+        self._rate_step = rate_step
         #: Campaigns this process worked on recently (for progress gauges): id -> last seen.
         self.seen: dict[str, float] = {}
         self._client = client
@@ -258,7 +306,10 @@ class Engine:
             return cached[1]
         self._control[campaign_id] = (now, cached[1] if cached else "running")  # one reader at a time
         try:
-            raw = cast(bytes | None, await self._client.hget(keys.control(campaign_id), "state"))
+            raw, rate = cast(list[bytes | None], await self._client.hmget(keys.control(campaign_id), ["state", "rate"]))
+            if self._rate_step is not None:
+                manifest_rate = self._manifests.get(campaign_id, {}).get("rate")
+                await self._rate_step.set_campaign_rate(campaign_id, float(rate) if rate else manifest_rate)
         except BaseException:
             self._control.pop(campaign_id, None)
             raise

@@ -30,11 +30,12 @@ from dispatch import keys
 from dispatch.broker import BROKER_NAMESPACE, QUEUE
 from dispatch.config import Settings
 from dispatch.control import CampaignControl
-from dispatch.engine import Engine, Item, SendContext, SendStep, Step, render_step
+from dispatch.engine import Engine, Item, RateLimitStep, SendContext, SendStep, Step, render_step
 from dispatch.errors import DispatchError
 from dispatch.tracking import Tracker
 from monitoring.exposition import MetricsServer, start_metrics_server
 from monitoring.metrics import Metrics, RetryCause, collect_queue_depths
+from ratelimit import Limit, RedisRateLimiter
 
 __all__ = ["WorkerRuntime", "build_channels"]
 
@@ -123,7 +124,16 @@ class WorkerRuntime:
             self.metrics.register_provider(channel.name, channel.provider)
         self.metrics.register_queue(QUEUE)
         tracker = Tracker(self._client, ttl_s=s.retention_s)
-        steps: list[Step] = [render_step, SendStep(max_attempts=s.max_attempts, on_result=self._observe)]
+        limiter = RedisRateLimiter(self._client)
+        account_keys = {"sms": f"sms:{s.sms_account_sid}"}
+        if s.sms_rate > 0:
+            # burst: about 20 ms of traffic, and at least one long SMS (10 segments)
+            await limiter.configure(
+                Limit(key=account_keys["sms"], rate=s.sms_rate, burst=max(10, int(s.sms_rate / 50)))
+            )
+        rate_step = RateLimitStep(limiter, account_keys, metrics=self.metrics)
+        send_step = SendStep(max_attempts=s.max_attempts, on_result=self._observe, on_rate_limited=rate_step.penalize)
+        steps: list[Step] = [render_step, rate_step, send_step]
         self._engine = Engine(
             client=self._client,
             tracker=tracker,
@@ -132,6 +142,7 @@ class WorkerRuntime:
             owner=self.owner,
             concurrency=s.send_concurrency,
             metrics=self.metrics,
+            rate_step=rate_step,
         )
 
     def _broker_redis_url(self) -> str:
