@@ -36,6 +36,8 @@ class Limit:
     #: Tokens per second when no penalty is in force.
     rate: float
     #: Tokens that may be taken at once after an idle period (>= the largest cost you acquire).
+    #: Workers poll each key set about every 20 ms; a burst below ``rate * 0.04`` makes them poll
+    #: faster (down to one Redis call per token), so give fast keys ``rate / 10`` or so.
     burst: int = 1
     #: Factor applied to the effective rate by one ``penalize``.
     backoff: float = 0.5
