@@ -14,22 +14,24 @@ import csv
 import string
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
-import phonenumbers
 import redis
 
 from channels.sms import segments
 from dispatch import keys
+from dispatch.audience import Recipient, RowRejected, from_records, read_audience
 from dispatch.campaign import CampaignSpec
+from dispatch.checks import Reason
 from dispatch.config import Settings
-from dispatch.errors import AudienceError, PlanError
+from dispatch.errors import PlanError
 from dispatch.prediction import Capacity, predict
 from dispatch.snapshot import Row, SnapshotWriter, load_manifest
+from dispatch.validation import ADDRESS_FIELD, AddressValidator
 
 __all__ = ["PlanReport", "Planner", "read_csv_rows"]
 
@@ -64,22 +66,34 @@ class PlanReport:
         }
 
 
-def read_csv_rows(path: Path) -> Iterator[dict[str, str]]:
-    """Stream a CSV file as dicts (first line is the header)."""
-    try:
-        handle = path.open(newline="", encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise AudienceError(f"cannot open audience {path}: {exc.strerror}") from None
-    with handle:
-        yield from csv.DictReader(handle)
+AudienceRow = Recipient | RowRejected
+
+
+def read_csv_rows(path: Path) -> Iterator[AudienceRow]:
+    """Stream an audience file (CSV or JSONL, optionally gzip) in bounded memory."""
+    return read_audience(path)
+
+
+def as_audience(rows: Iterable[AudienceRow | Mapping[str, Any]]) -> Iterator[AudienceRow]:
+    """Accept parsed rows as they are and plain mappings (the Python iterable API) via ``from_records``."""
+    iterator = iter(rows)
+    for first in iterator:
+        if isinstance(first, Recipient | RowRejected):
+            yield first
+            yield from iterator  # type: ignore[misc]
+        else:
+            yield from from_records([first])
+            yield from from_records(iterator)  # type: ignore[arg-type]
+        return
 
 
 class Planner:
     """Builds campaign snapshots. One instance per process; it holds no campaign state."""
 
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings, *, default_region: str | None = None) -> None:
         self._client = client
         self._settings = settings
+        self._validator = AddressValidator(default_region)
 
     def capacity(self, spec: CampaignSpec) -> Capacity:
         s = self._settings
@@ -96,7 +110,7 @@ class Planner:
         size = spec.batch_size or self._settings.batch_size
         return min(size, PROVIDER_BATCH_LIMITS.get(spec.channel, size))
 
-    def plan(self, spec: CampaignSpec, rows: Iterable[dict[str, str]]) -> PlanReport:
+    def plan(self, spec: CampaignSpec, rows: Iterable[AudienceRow | Mapping[str, Any]]) -> PlanReport:
         existing = self._client.get(keys.manifest(spec.id))
         if existing is not None:
             manifest = orjson.loads(existing)
@@ -124,17 +138,25 @@ class Planner:
         with rejected_path.open("w", newline="", encoding="utf-8") as rej_handle:
             rej = csv.writer(rej_handle)
             rej.writerow(["row", "recipient_id", "field", "reason"])
-            for total, row in enumerate(rows, start=1):
-                reason, address = self._check(row, seen)
-                if reason is not None:
-                    rejected[reason] += 1
-                    rej.writerow([total, row.get("id", ""), "phone", reason])
+            field_name = ADDRESS_FIELD[spec.channel]
+            for total, row in enumerate(as_audience(rows), start=1):  # noqa: B007 - total is the count
+                if isinstance(row, RowRejected):
+                    rejected[str(row.reason)] += 1
+                    rej.writerow([row.row, "", row.field or "", str(row.reason)])
                     continue
+                reason, address = self._validator.check(spec.channel, row.address(field_name))
+                if reason is None and address in seen:
+                    reason = Reason.DUPLICATE
+                if reason is not None:
+                    rejected[str(reason)] += 1
+                    rej.writerow([row.row, row.id, field_name, str(reason)])
+                    continue
+                seen.add(address)
                 accepted += 1
-                attrs = {f: row.get(f) or "" for f in fields} or None
+                attrs = {f: row.attributes.get(f) or "" for f in fields} or None
                 body = template.safe_substitute(attrs) if attrs else spec.body
                 cost_units += segments(body)
-                pending.append((row.get("id") or str(total), address, attrs))
+                pending.append((row.id or str(row.row), address, attrs))
                 if len(pending) >= size:
                     writer.add(started, pending)
                     schedule.append((started, len(pending)))
@@ -174,27 +196,6 @@ class Planner:
             raise PlanError(f"campaign {spec.id!r} was planned concurrently by another process")
         self._client.zadd(keys.CAMPAIGNS, {spec.id: started})
         return self._report(manifest, existing=False)
-
-    def _check(self, row: dict[str, str], seen: set[str]) -> tuple[str | None, str]:
-        raw = (row.get("phone") or "").strip()
-        if not raw:
-            return "missing_address", ""
-        try:
-            number = phonenumbers.parse(raw, None)
-        except phonenumbers.NumberParseException:
-            return "invalid_phone", ""
-        if not phonenumbers.is_valid_number(number):
-            return "invalid_phone", ""
-        if phonenumbers.number_type(number) not in (
-            phonenumbers.PhoneNumberType.MOBILE,
-            phonenumbers.PhoneNumberType.FIXED_LINE_OR_MOBILE,
-        ):
-            return "not_sms_capable", ""
-        e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
-        if e164 in seen:
-            return "duplicate", ""
-        seen.add(e164)
-        return None, e164
 
     def _report(self, manifest: dict[str, Any], *, existing: bool) -> PlanReport:
         return PlanReport(

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+
+from dispatch.campaign import CampaignSpec
+from dispatch.config import load_settings
+from dispatch.errors import PlanError
+from dispatch.planner import Planner, read_csv_rows
+from dispatch.snapshot import iter_batches, verify_snapshot
+
+
+def test_every_row_is_accepted_or_rejected_with_a_reason(redis_client: redis.Redis, tmp_path: Path) -> None:
+    audience = tmp_path / "audience.csv"
+    audience.write_bytes(
+        b"id,phone,first_name\n"
+        b"a,+447400123456,Ada\n"
+        b"b,+447400123456,Bob\n"  # duplicate of a
+        b"c,not-a-number,Cy\n"
+        b"d,,Di\n"
+        b"e,+4915123456789,\xff\xfe\n"  # bad encoding in a field
+        b'f,"+33612345678,Fi\n'  # unbalanced quote
+        b"g,+61412345678,Gus\n"
+    )
+    settings = load_settings({"DISPATCH_HOME": str(tmp_path), "DISPATCH_BATCH_SIZE": "2"})
+    spec = CampaignSpec(id="plan-1", channel="sms", body="Hi $first_name")
+    report = Planner(redis_client, settings).plan(spec, read_csv_rows(audience))
+    assert report.total == 7
+    assert report.total == report.accepted + sum(report.rejected.values())
+    assert report.rejected["duplicate"] == 1
+    assert report.rejected["invalid_phone"] == 1
+    assert report.rejected["missing_address"] == 1
+    rejected_lines = Path(str(report.rejected_file)).read_text().splitlines()
+    assert len(rejected_lines) == 1 + sum(report.rejected.values())
+    assert all("+44" not in line for line in rejected_lines)  # no raw addresses in the rejects file
+    batches = list(iter_batches(redis_client, "plan-1", report.batches))
+    assert sum(len(b.rows) for b in batches) == report.accepted
+    assert all(len(b.rows) <= 2 for b in batches)
+    assert verify_snapshot(redis_client, "plan-1")
+    # the snapshot is immutable and replanning returns it; a different spec under the same id is refused
+    again = Planner(redis_client, settings).plan(spec, read_csv_rows(audience))
+    assert again.existing and again.accepted == report.accepted
+    with pytest.raises(PlanError, match="different spec"):
+        Planner(redis_client, settings).plan(CampaignSpec(id="plan-1", channel="sms", body="Bye"), [])
+
+
+def test_prediction_says_whether_it_fits(redis_client: redis.Redis, tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    rows = [{"id": str(i), "phone": f"+447400{i:06d}", "first_name": "A"} for i in range(1000)]
+    settings = load_settings({"DISPATCH_HOME": str(tmp_path), "DISPATCH_SMS_RATE": "10"})
+    tight = CampaignSpec(id="plan-tight", channel="sms", body="Hi", deadline=datetime.now(UTC) + timedelta(seconds=30))
+    report = Planner(redis_client, settings).plan(tight, rows)
+    prediction = report.prediction
+    assert prediction["bottleneck"] == "provider_rate"
+    assert prediction["duration_s"] == pytest.approx(100.5, rel=0.05)  # 1000 msgs at 10/s + start-up
+    assert prediction["verdict"] == "does_not_fit"
+    assert "msg/s" in prediction["advice"]
+    loose = CampaignSpec(id="plan-loose", channel="sms", body="Hi", deadline=datetime.now(UTC) + timedelta(hours=1))
+    assert Planner(redis_client, settings).plan(loose, rows).prediction["verdict"] == "fits"
