@@ -28,6 +28,9 @@ __all__ = ["main"]
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
+#: Modules that register their own subcommands (see ``build_parser``).
+COMMAND_MODULES = ("dispatch.api", "dispatch.plan_commands", "loadtest.commands")
+
 
 def _print(data: Any, as_json: bool) -> None:
     if as_json:
@@ -253,6 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8099)
     p.add_argument("--faults", default=None, help="fault mix as JSON")
     p.set_defaults(handler=cmd_mock_provider)
+
+    # Areas that own their commands add them here: each module has
+    # ``add_commands(sub) -> None`` registering parsers whose handler is ``(args, settings) -> int``.
+    import importlib
+
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.add_commands(sub)
     return parser
 
 
