@@ -1,12 +1,17 @@
 """Serving metrics: multiprocess set-up, the aiohttp ``/metrics`` handler, a standalone server.
 
-dramatiq runs actors in several worker processes; each keeps its own metric values. In
+Today each ``dispatch worker --metrics-port PORT`` is one process (dramatiq worker threads, no
+forking): it builds ``Metrics`` on its own registry and serves it with
+``start_metrics_server(PORT, registry)``, one scrape target per worker process. The multiprocess
+set-up below is for a supervisor that forks workers behind one endpoint.
+
+When several processes share one endpoint, each keeps its own metric values. In
 prometheus_client's multiprocess mode every process writes its values to files in one directory
 and whoever serves ``/metrics`` merges those files. prometheus_client chooses file-backed values
 from ``PROMETHEUS_MULTIPROC_DIR`` *when it is first imported*, so setting the variable later does
 nothing on its own. ``setup_multiprocess`` makes the switch explicit and import-order proof.
 
-Start-up order for ``dispatch worker --metrics-port PORT`` (one directory per service)::
+Start-up order for a forking supervisor (one directory per service)::
 
     setup_multiprocess(directory)      # 1. supervisor, before any Metrics and before forking:
                                        #    wipes stale *.db files, sets the variable, switches
