@@ -80,6 +80,9 @@ class Channel(ABC):
     #: Most messages one ``send`` call should get (the provider's batch API limit, or a
     #: per-message API's sensible chunk).
     max_batch: ClassVar[int] = 100
+    #: Messages one provider *request* carries (1 for per-message APIs; SendGrid: 1,000). The
+    #: engine bounds in-flight requests, so it hands a channel this many messages per call.
+    messages_per_request: ClassVar[int] = 1
     #: Longest body the provider accepts, in characters.
     body_maxlen: ClassVar[int] = 100_000
     #: Whether the provider honours our idempotency key (so an in-flight message whose worker

@@ -90,6 +90,7 @@ class SendGridEmail(Channel):
     name = "email"
     provider = "sendgrid"
     max_batch = MAX_PERSONALIZATIONS
+    messages_per_request = MAX_PERSONALIZATIONS
     body_maxlen = 1_000_000
 
     def __init__(self, session: aiohttp.ClientSession, config: SendGridConfig) -> None:

@@ -99,6 +99,16 @@ def _simple(action: str) -> Handler:
     return run
 
 
+def cmd_retry_failed(args: argparse.Namespace, settings: Settings) -> int:
+    control, close = _control(settings)
+    try:
+        messages, batches = control.retry_failed(args.campaign)
+    finally:
+        close()
+    print(f"{args.campaign}: {messages} dead-lettered messages queued again in {batches} batches")
+    return 0
+
+
 def cmd_rate(args: argparse.Namespace, settings: Settings) -> int:
     control, close = _control(settings)
     try:
@@ -224,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(action, help=f"{action} a campaign")
         p.add_argument("campaign")
         p.set_defaults(handler=_simple(action))
+
+    p = sub.add_parser("retry-failed", help="send a campaign's dead-lettered messages again (only those)")
+    p.add_argument("campaign")
+    p.set_defaults(handler=cmd_retry_failed)
 
     p = sub.add_parser("rate", help="change the rate cap of a running campaign (0 = no cap)")
     p.add_argument("campaign")

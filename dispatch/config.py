@@ -55,6 +55,21 @@ class Settings:
     sms_honours_idempotency: bool = _setting(
         True, "the SMS endpoint honours Idempotency-Key (the mock does; real Twilio does not)"
     )
+    email_base_url: str = _setting("http://127.0.0.1:8099", "SendGrid API base URL (or the mock provider's)")
+    email_api_key: str = _setting("SG.mock-api-key", "SendGrid API key")
+    email_from: str = _setting("campaigns@example.com", "sender address")
+    email_unsubscribe_url: str = _setting(
+        "https://example.com/unsubscribe/{ref}", "one-click unsubscribe URL; {ref} is the message reference"
+    )
+    email_honours_idempotency: bool = _setting(True, "the email endpoint honours Idempotency-Key (the mock does)")
+    push_base_url: str = _setting("http://127.0.0.1:8099", "FCM HTTP v1 base URL (or the mock provider's)")
+    push_project: str = _setting("dispatch-demo", "FCM project id")
+    push_access_token: str = _setting("mock-fcm-access-token", "FCM OAuth access token")
+    webhook_url: str = _setting("http://127.0.0.1:8099/webhook", "URL signed webhook messages are posted to")
+    webhook_secret: str = _setting("mock-webhook-secret", "HMAC secret of the webhook channel (>= 16 chars)")
+    webhook_honours_idempotency: bool = _setting(True, "the webhook receiver honours Idempotency-Key")
+    frequency_limit: int = _setting(0, "messages per recipient per channel in the window (0 = no cap)", low=0)
+    frequency_window_s: int = _setting(86_400, "rolling frequency-cap window in seconds", low=1)
     callback_base_url: str | None = _setting(None, "public base URL providers post receipts to")
     provider_latency_ms: float = _setting(20.0, "expected provider latency for predictions", low=0)
     cpu_per_message_us: float = _setting(

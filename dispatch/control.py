@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from importlib import resources
+from typing import Any, cast
 
 import redis
 
@@ -98,6 +99,29 @@ class CampaignControl:
 
     def cancel(self, campaign_id: str) -> None:
         self._transition(campaign_id, {"running", "paused", "planned"}, "cancelled")
+
+    def retry_failed(self, campaign_id: str) -> tuple[int, int]:
+        """Send dead-lettered messages again (and only those); returns (messages, batches)."""
+        load_manifest(self._client, campaign_id)
+        if self._enqueue is None:
+            raise CampaignStateError("this control has no broker to enqueue batches")
+        state = self._state(campaign_id)
+        if state not in {"running", "paused"}:
+            raise CampaignStateError(f"campaign {campaign_id!r} is {state}; only a started campaign can retry")
+        script = self._client.register_script(
+            resources.files("dispatch").joinpath("requeue_dead.lua").read_text(encoding="utf-8")
+        )
+        prefix = keys.records(campaign_id, 0)[: -len("0")]
+        result = cast(
+            list[int],
+            script(
+                keys=[keys.dead_letters(campaign_id), keys.counters(campaign_id)], args=[prefix, f"{time.time():.3f}"]
+            ),
+        )
+        *batches, count = result
+        for number in sorted(batches):
+            self._enqueue(campaign_id, int(number), 0)
+        return int(count), len(batches)
 
     def set_rate(self, campaign_id: str, rate: float | None) -> None:
         load_manifest(self._client, campaign_id)

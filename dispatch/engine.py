@@ -31,12 +31,26 @@ from channels.base import Channel, Message, Permanent, Result, Retryable, Sent
 from channels.errors import PermanentProviderError, RetryableProviderError
 from dispatch import keys
 from dispatch.control import CONTROL_TTL_S
+from dispatch.frequency import AsyncFrequencyStore
 from dispatch.snapshot import decode_batch
+from dispatch.suppression import AsyncSuppressionStore
 from dispatch.tracking import CLAIM_BUSY, CLAIM_DONE, CLAIM_RECLAIMED, Outcome, Tracker, make_ref
 from monitoring.metrics import Metrics
 from ratelimit import Limit, RateLimiter
 
-__all__ = ["BatchOutcome", "Engine", "Item", "RateLimitStep", "SendContext", "SendStep", "Step", "build_chain"]
+__all__ = [
+    "BatchFilter",
+    "BatchOutcome",
+    "Engine",
+    "FrequencyFilter",
+    "Item",
+    "RateLimitStep",
+    "SendContext",
+    "SendStep",
+    "Step",
+    "SuppressionFilter",
+    "build_chain",
+]
 
 log = logging.getLogger("dispatch.engine")
 
@@ -57,6 +71,8 @@ class Item:
     attempts: int
     message: Message | None = None
     outcome: Outcome | None = None
+    #: The provider said the address is bad or opted out: add it to the suppression list.
+    suppress: bool = False
 
 
 @dataclass(slots=True)
@@ -73,6 +89,43 @@ class SendContext:
 
 Next = Callable[[SendContext, list[Item]], Awaitable[None]]
 Step = Callable[[SendContext, list[Item], Next], Awaitable[None]]
+#: A batch-level step (one Redis round trip per batch, not per message): sets outcomes on the
+#: items it stops.
+BatchFilter = Callable[[SendContext, list[Item]], Awaitable[None]]
+
+
+class SuppressionFilter:
+    """Re-check opt-outs at send time: an opt-out that arrived after planning is honoured."""
+
+    def __init__(self, store: AsyncSuppressionStore) -> None:
+        self._store = store
+
+    async def __call__(self, ctx: SendContext, items: list[Item]) -> None:
+        flags = await self._store.contains_many(ctx.channel.name, [item.address for item in items])
+        for item, suppressed in zip(items, flags, strict=True):
+            if suppressed:
+                item.outcome = Outcome(item.index, "suppressed", item.attempts, "", "suppressed")
+
+    async def feed(self, channel: str, addresses: list[str]) -> None:
+        """Hard bounces and permanent rejections the provider flagged join the list."""
+        if addresses:
+            await self._store.add(channel, addresses)
+
+
+class FrequencyFilter:
+    """Enforce the cross-campaign frequency cap at send time (reservations keyed by message)."""
+
+    def __init__(self, store: AsyncFrequencyStore) -> None:
+        self._store = store
+
+    async def __call__(self, ctx: SendContext, items: list[Item]) -> None:
+        pairs = [
+            (item.address, idempotency_key(ctx.campaign_id, item.recipient_id, ctx.channel.name)) for item in items
+        ]
+        allowed = await self._store.reserve_many(ctx.channel.name, pairs)
+        for item, ok in zip(items, allowed, strict=True):
+            if not ok:
+                item.outcome = Outcome(item.index, "skipped", item.attempts, "", "frequency_capped")
 
 
 def build_chain(steps: Sequence[Step]) -> Next:
@@ -230,6 +283,7 @@ class SendStep:
                     item.outcome = Outcome(item.index, "sent", item.attempts, result.provider_id)
                 elif isinstance(result, Permanent):
                     item.outcome = Outcome(item.index, "failed", item.attempts, "", result.code)
+                    item.suppress = result.suppress
                 else:
                     round_.pending.append(item)
                     round_.retry_after = max(round_.retry_after, result.retry_after or 0.0)
@@ -271,7 +325,11 @@ class Engine:
         concurrency: int,
         metrics: Metrics | None = None,
         rate_step: RateLimitStep | None = None,
+        filters: Sequence[BatchFilter] = (),
+        suppression: SuppressionFilter | None = None,
     ) -> None:
+        self._filters = list(filters)
+        self._suppression = suppression
         self._metrics = metrics
         self._rate_step = rate_step
         #: Campaigns this process worked on recently (for progress gauges): id -> last seen.
@@ -379,9 +437,17 @@ class Engine:
             manifest=manifest,
             template=string.Template(manifest["body"]),
         )
-        size = max(1, int(getattr(channel, "messages_per_request", 1)))
-        chunks = [items[i : i + size] for i in range(0, len(items), size)]
-        buffer: list[Outcome] = []
+        for batch_filter in self._filters:
+            open_items = [item for item in items if item.outcome is None]
+            if open_items:
+                await batch_filter(ctx, open_items)
+        buffer: list[Outcome] = [item.outcome for item in items if item.outcome is not None]
+        if self._metrics is not None:
+            for outcome in buffer:
+                self._metrics.record_send(channel.name, channel.provider, _FINAL_OUTCOMES[outcome.state])
+        pending_items = [item for item in items if item.outcome is None]
+        size = max(1, channel.messages_per_request)
+        chunks = [pending_items[i : i + size] for i in range(0, len(pending_items), size)]
 
         async def flush() -> None:
             if buffer:
@@ -413,6 +479,8 @@ class Engine:
 
         await asyncio.gather(*(run_chunk(chunk) for chunk in chunks))
         await flush()
+        if self._suppression is not None:
+            await self._suppression.feed(channel.name, [item.address for item in items if item.suppress])
         if ctx.retries:
             await self._tracker.finish(campaign_id, batch, self._owner, [], retries=ctx.retries)
         retry_left = any(item.outcome is not None and item.outcome.state == "retry" for item in items)

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Coroutine
 from concurrent.futures import Future
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import aiohttp
@@ -25,13 +26,29 @@ from dramatiq.brokers.redis import RedisBroker
 from prometheus_client import CollectorRegistry
 
 from channels.base import Channel, Result, Retryable
+from channels.email import SendGridConfig, SendGridEmail
+from channels.push import FcmConfig, FcmPush
 from channels.sms import TwilioConfig, TwilioSms
+from channels.webhook import SignedWebhook, WebhookConfig
 from dispatch import keys
 from dispatch.broker import BROKER_NAMESPACE, QUEUE
 from dispatch.config import Settings
 from dispatch.control import CampaignControl
-from dispatch.engine import Engine, Item, RateLimitStep, SendContext, SendStep, Step, render_step
+from dispatch.engine import (
+    BatchFilter,
+    Engine,
+    FrequencyFilter,
+    Item,
+    RateLimitStep,
+    SendContext,
+    SendStep,
+    Step,
+    SuppressionFilter,
+    render_step,
+)
 from dispatch.errors import DispatchError
+from dispatch.frequency import AsyncFrequencyStore, FrequencyCap
+from dispatch.suppression import AsyncSuppressionStore
 from dispatch.tracking import Tracker
 from monitoring.exposition import MetricsServer, start_metrics_server
 from monitoring.metrics import Metrics, RetryCause, collect_queue_depths
@@ -51,19 +68,42 @@ CAMPAIGN_IDLE_S = 60.0
 
 
 def build_channels(settings: Settings, session: aiohttp.ClientSession) -> dict[str, Channel]:
-    callback = settings.callback_base_url.rstrip("/") + "/callbacks/twilio" if settings.callback_base_url else None
-    sms = TwilioSms(
-        session,
-        TwilioConfig(
-            base_url=settings.sms_base_url,
-            account_sid=settings.sms_account_sid,
-            auth_token=settings.sms_auth_token,
-            from_number=settings.sms_from,
-            status_callback_url=callback,
-            honours_idempotency=settings.sms_honours_idempotency,
+    """One adapter per channel, configured from settings; they share the process's session."""
+    s = settings
+    callback = s.callback_base_url.rstrip("/") + "/callbacks/twilio" if s.callback_base_url else None
+    channels: list[Channel] = [
+        TwilioSms(
+            session,
+            TwilioConfig(
+                base_url=s.sms_base_url,
+                account_sid=s.sms_account_sid,
+                auth_token=s.sms_auth_token,
+                from_number=s.sms_from,
+                status_callback_url=callback,
+                honours_idempotency=s.sms_honours_idempotency,
+            ),
         ),
-    )
-    return {sms.name: sms}
+        SendGridEmail(
+            session,
+            SendGridConfig(
+                base_url=s.email_base_url,
+                api_key=s.email_api_key,
+                from_email=s.email_from,
+                unsubscribe_url=s.email_unsubscribe_url,
+                honours_idempotency=s.email_honours_idempotency,
+            ),
+        ),
+        FcmPush(
+            session, FcmConfig(base_url=s.push_base_url, project_id=s.push_project, access_token=s.push_access_token)
+        ),
+        SignedWebhook(
+            session,
+            WebhookConfig(
+                url=s.webhook_url, secret=s.webhook_secret, honours_idempotency=s.webhook_honours_idempotency
+            ),
+        ),
+    ]
+    return {channel.name: channel for channel in channels}
 
 
 def retry_cause(result: Retryable) -> RetryCause:
@@ -134,6 +174,11 @@ class WorkerRuntime:
         rate_step = RateLimitStep(limiter, account_keys, metrics=self.metrics)
         send_step = SendStep(max_attempts=s.max_attempts, on_result=self._observe, on_rate_limited=rate_step.penalize)
         steps: list[Step] = [render_step, rate_step, send_step]
+        suppression = SuppressionFilter(AsyncSuppressionStore(self._client))
+        filters: list[BatchFilter] = [suppression]
+        if s.frequency_limit:
+            cap = FrequencyCap(limit=s.frequency_limit, window=timedelta(seconds=s.frequency_window_s))
+            filters.append(FrequencyFilter(AsyncFrequencyStore(self._client, cap)))
         self._engine = Engine(
             client=self._client,
             tracker=tracker,
@@ -143,6 +188,8 @@ class WorkerRuntime:
             concurrency=s.send_concurrency,
             metrics=self.metrics,
             rate_step=rate_step,
+            filters=filters,
+            suppression=suppression,
         )
 
     def _broker_redis_url(self) -> str:

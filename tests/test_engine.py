@@ -1,0 +1,168 @@
+"""The send path in-process against real Redis and the real mock provider over sockets."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis
+import redis.asyncio as aredis
+
+from channels.sms import TwilioConfig, TwilioSms
+from dispatch.campaign import CampaignSpec
+from dispatch.config import load_settings
+from dispatch.control import CampaignControl
+from dispatch.engine import BatchOutcome, Engine, FrequencyFilter, SendStep, SuppressionFilter, render_step
+from dispatch.frequency import AsyncFrequencyStore, FrequencyCap
+from dispatch.planner import Planner
+from dispatch.suppression import AsyncSuppressionStore, SuppressionStore
+from dispatch.tracking import Tracker, campaign_counters, iter_records
+from loadtest.mock_core import FaultMix, MockConfig
+from loadtest.mock_provider import MockProvider
+
+SID, TOKEN = "AC" + "2" * 32, "engine-test-token"
+
+
+@dataclass
+class Rig:
+    sync: redis.Redis
+    client: aredis.Redis
+    mock: MockProvider
+    engine: Engine
+    control: CampaignControl
+    home: Path
+
+    def plan(self, cid: str, phones: list[str]) -> int:
+        rows = [{"id": f"{cid}-{i}", "phone": p, "first_name": "Ada"} for i, p in enumerate(phones)]
+        settings = load_settings({"DISPATCH_HOME": str(self.home), "DISPATCH_BATCH_SIZE": "1000"})
+        report = Planner(self.sync, settings).plan(CampaignSpec(id=cid, channel="sms", body="Hi $first_name"), rows)
+        self.control.start(cid)
+        return report.accepted
+
+    async def send(self, cid: str) -> BatchOutcome:
+        return await self.engine.send_batch(cid, 0)
+
+
+def phones(n: int, start: int = 0) -> list[str]:
+    return [f"+447400{i:06d}" for i in range(start, start + n)]
+
+
+@pytest.fixture
+async def rig(redis_client: redis.Redis, aredis_client: aredis.Redis, tmp_path: Path) -> AsyncIterator[Rig]:
+    config = MockConfig(account_sid=SID, auth_token=TOKEN, unsubscribed=frozenset({"+447400999999"}), seed=1)
+    async with MockProvider(config) as mock, aiohttp.ClientSession() as session:
+        channel = TwilioSms(
+            session,
+            TwilioConfig(
+                base_url=mock.url,
+                account_sid=SID,
+                auth_token=TOKEN,
+                from_number="+15005550006",
+                timeout_s=0.5,
+                honours_idempotency=True,
+            ),
+        )
+        suppression = SuppressionFilter(AsyncSuppressionStore(aredis_client))
+        cap = FrequencyCap(limit=1, window=timedelta(hours=1))
+        engine = Engine(
+            client=aredis_client,
+            tracker=Tracker(aredis_client, ttl_s=3600),
+            channels={"sms": channel},
+            steps=[render_step, SendStep(max_attempts=6, backoff_max_s=0.05)],
+            owner="engine-test",
+            concurrency=16,
+            filters=[suppression, FrequencyFilter(AsyncFrequencyStore(aredis_client, cap))],
+            suppression=suppression,
+        )
+        control = CampaignControl(redis_client, lambda cid, n, delay: None)
+        yield Rig(redis_client, aredis_client, mock, engine, control, tmp_path)
+
+
+async def test_transient_errors_are_retried_until_sent_once(rig: Rig) -> None:
+    accepted = rig.plan("retry-1", phones(60))
+    rig.mock.set_faults(FaultMix(p_503=0.1, p_500=0.05, p_429=0.05, retry_after_s=0.05, p_reset=0.05))
+    outcome = await rig.send("retry-1")
+    assert outcome.requeue_after is None
+    counters = campaign_counters(rig.sync, "retry-1")
+    assert counters["sent"] == accepted == rig.mock.ledger.accepted
+    assert rig.mock.ledger.duplicates == 0
+    assert counters["retries"] > 0
+
+
+async def test_timeouts_resend_with_the_same_idempotency_key(rig: Rig) -> None:
+    accepted = rig.plan("timeout-1", phones(20))
+    rig.mock.set_faults(FaultMix(p_timeout_after_accept=0.3, hang_s=2.0))
+    await rig.send("timeout-1")
+    assert campaign_counters(rig.sync, "timeout-1")["sent"] == accepted == rig.mock.ledger.accepted
+    assert rig.mock.ledger.duplicates == 0
+    assert rig.mock.ledger.replays > 0  # the ambiguous ones were answered from the provider's key store
+
+
+async def test_permanent_rejection_fails_without_retry_and_feeds_suppression(rig: Rig) -> None:
+    rig.plan("perm-1", ["+447400999999", *phones(3)])
+    await rig.send("perm-1")
+    records = {r.index: r for r in iter_records(rig.sync, "perm-1", 1)}
+    assert records[0].state == "failed" and records[0].code == "21610" and records[0].attempts == 1
+    assert campaign_counters(rig.sync, "perm-1")["failed"] == 1
+    assert SuppressionStore(rig.sync).contains_many("sms", ["+447400999999"]) == [True]
+    # the next campaign drops the opted-out number at send time, before any provider call
+    rig.plan("perm-2", ["+447400999999"])
+    before = rig.mock.ledger.rejected
+    await rig.send("perm-2")
+    assert campaign_counters(rig.sync, "perm-2")["suppressed"] == 1
+    assert rig.mock.ledger.rejected == before
+
+
+async def test_long_retry_after_goes_back_to_the_broker_then_completes(rig: Rig) -> None:
+    accepted = rig.plan("long-1", phones(10, 100))
+    rig.mock.set_faults(FaultMix(p_429=1.0, retry_after_s=30))
+    outcome = await rig.send("long-1")
+    assert outcome.requeue_after is not None and outcome.requeue_after >= 30
+    assert {r.state for r in iter_records(rig.sync, "long-1", 1)} == {"retry"}
+    rig.mock.set_faults(FaultMix())
+    assert (await rig.send("long-1")).requeue_after is None
+    assert campaign_counters(rig.sync, "long-1")["sent"] == accepted == rig.mock.ledger.accepted
+
+
+async def test_dead_letters_and_retry_failed_resend_only_those(rig: Rig) -> None:
+    rig.plan("dead-1", phones(5, 200))
+    rig.mock.set_faults(FaultMix(p_500=1.0))
+    await rig.send("dead-1")
+    counters = campaign_counters(rig.sync, "dead-1")
+    assert counters["dead_letters"] == counters["failed"] == 5
+    assert {r.attempts for r in iter_records(rig.sync, "dead-1", 1)} == {6}
+    rig.mock.set_faults(FaultMix())
+    assert rig.control.retry_failed("dead-1") == (5, 1)
+    await rig.send("dead-1")
+    counters = campaign_counters(rig.sync, "dead-1")
+    assert counters["sent"] == 5 and counters["failed"] == 0 and counters["dead_letters"] == 0
+    assert rig.mock.ledger.accepted == 5 and rig.mock.ledger.duplicates == 0
+    assert rig.control.retry_failed("dead-1") == (0, 0)
+
+
+async def test_frequency_cap_across_campaigns(rig: Rig) -> None:
+    rig.plan("freq-1", phones(3, 300))
+    await rig.send("freq-1")
+    rig.plan("freq-2", phones(4, 300))  # three already messaged within the window
+    await rig.send("freq-2")
+    counters = campaign_counters(rig.sync, "freq-2")
+    assert counters["sent"] == 1 and counters["skipped"] == 3
+    assert rig.mock.ledger.accepted == 4
+
+
+async def test_cancelled_and_paused_campaigns_send_nothing(rig: Rig) -> None:
+    rig.plan("stop-1", phones(5, 400))
+    rig.control.pause("stop-1")
+    rig.engine._control.clear()  # a new process would not have the cached state either
+    outcome = await rig.send("stop-1")
+    assert outcome.requeue_after is not None  # paused: try again later, position kept
+    rig.control.cancel("stop-1")
+    rig.engine._control.clear()
+    assert (await rig.send("stop-1")).requeue_after is None
+    assert rig.mock.ledger.accepted == 0
+    status = rig.control.status("stop-1")
+    assert status.state == "cancelled" and status.as_dict()["not_sent"] == 5
