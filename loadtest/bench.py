@@ -1,0 +1,224 @@
+"""``dispatch bench``: the raw provider ceiling and the full pipeline, in one run, on one mock.
+
+    .venv/bin/dispatch bench --messages 3000000 --workers 2
+    .venv/bin/python -m loadtest.bench --messages 200000     # the same, without the CLI
+
+(a) raw ceiling: W processes (the pipeline's worker count), each a bare aiohttp client (uvloop)
+    keeping ``send_concurrency`` Twilio-form POSTs in flight against the mock provider for
+    ``--raw-seconds``: no Redis, no dedup, no rate limiter, no metrics. Its rate is the most any
+    client on this machine gets out of this mock, which runs on the same cores.
+(b) the full pipeline: a ``dispatch loadtest`` run of ``--messages`` SMS through W worker
+    processes (dedup claims, rate-limit step, retries, tracking, Prometheus metrics on) against
+    the same mock process, after its ledger is reset.
+
+It prints both, their ratio, and then the planner benchmark (``loadtest.bench_planner``: the
+fast audience + validation path and the naive csv + phonenumbers baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import multiprocessing as mp
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import uvloop
+
+from dispatch.config import Settings, load_settings
+from loadtest import bench_planner
+from loadtest.cluster import LocalCluster
+from loadtest.report import percentile
+from loadtest.runner import LoadtestOptions, run_loadtest
+
+__all__ = ["main", "raw_ceiling", "run_bench"]
+
+#: Seconds of bare-client traffic before the measured window (connections, warm caches).
+RAW_WARMUP_S = 1.0
+
+
+async def _raw_client(
+    url: str, *, account_sid: str, token: str, concurrency: int, seconds: float, offset: int
+) -> dict[str, Any]:
+    endpoint = f"{url}/2010-04-01/Accounts/{account_sid}/Messages.json"
+    auth = aiohttp.encode_basic_auth(account_sid, token)
+    latencies: list[float] = []
+    counts = {"ok": 0, "errors": 0}
+    warm_until = time.monotonic() + RAW_WARMUP_S
+    stop_at = warm_until + seconds
+    serial = offset
+
+    async def one_loop(session: aiohttp.ClientSession) -> None:
+        nonlocal serial
+        while True:
+            serial += 1
+            n = serial
+            started = time.monotonic()
+            if started >= stop_at:
+                return
+            form = {"To": f"+1201555{n % 10_000_000:07d}", "From": "+15005550006", "Body": f"raw ceiling {n}"}
+            headers = {"Authorization": auth, "Idempotency-Key": f"raw-{n}"}
+            async with session.post(endpoint, data=form, headers=headers) as response:
+                await response.read()
+                ok = response.status == 201
+            if started >= warm_until:
+                counts["ok" if ok else "errors"] += 1
+                latencies.append(time.monotonic() - started)
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(one_loop(session) for _ in range(concurrency)))
+    return {**counts, "seconds": seconds, "latencies": latencies}
+
+
+def _raw_process(url: str, options: dict[str, Any]) -> bytes:
+    result = uvloop.run(_raw_client(url, **options))
+    return orjson.dumps(result)
+
+
+def raw_ceiling(
+    url: str, *, account_sid: str, token: str, processes: int, concurrency: int, seconds: float
+) -> dict[str, Any]:
+    """Messages/s the mock accepts from bare clients (``processes`` x ``concurrency`` in flight)."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(processes) as pool:
+        jobs = [
+            pool.apply_async(
+                _raw_process,
+                (
+                    url,
+                    {
+                        "account_sid": account_sid,
+                        "token": token,
+                        "concurrency": concurrency,
+                        "seconds": seconds,
+                        "offset": i * 100_000_000,
+                    },
+                ),
+            )
+            for i in range(processes)
+        ]
+        parts = [orjson.loads(job.get()) for job in jobs]
+    ok = sum(p["ok"] for p in parts)
+    latencies = [x for p in parts for x in p["latencies"]]
+    return {
+        "processes": processes,
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "messages": ok,
+        "errors": sum(p["errors"] for p in parts),
+        "rate": round(ok / seconds, 1),
+        "latency_ms": {
+            q: round(percentile(latencies, v) * 1000, 2) for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
+        },
+    }
+
+
+def _planner(rows: int, naive_rows: int) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        bench_planner.main(["--rows", str(rows), "--naive-rows", str(min(naive_rows, rows))])
+    return out.getvalue()
+
+
+def run_bench(
+    settings: Settings,
+    *,
+    messages: int,
+    workers: int,
+    raw_seconds: float = 10.0,
+    planner_rows: int = 200_000,
+    naive_rows: int = 50_000,
+    out_dir: Path | None = None,
+    as_json: bool = False,
+) -> int:
+    def say(*parts: object) -> None:
+        if not as_json:
+            print(*parts, flush=True)
+
+    settings = replace(settings, workers=workers)
+    say(f"dispatch bench: {workers} worker processes x {settings.send_concurrency} in flight, {messages:,} messages")
+    with LocalCluster(settings, workers=0) as cluster:
+        say(f"(a) raw ceiling: bare aiohttp clients -> mock {cluster.mock_url}, {raw_seconds:g} s ...")
+        raw = raw_ceiling(
+            cluster.mock_url,
+            account_sid=settings.sms_account_sid,
+            token=settings.sms_auth_token,
+            processes=workers,
+            concurrency=settings.send_concurrency,
+            seconds=raw_seconds,
+        )
+        lat = raw["latency_ms"]
+        say(f"    {raw['rate']:>10,.0f} msg/s   ({raw['messages']:,} in {raw_seconds:g} s, errors {raw['errors']}; "
+            f"latency p50 {lat['p50']} ms p95 {lat['p95']} ms p99 {lat['p99']} ms)")  # fmt: skip
+        asyncio.run(_reset(cluster.mock_url))
+        say("(b) full pipeline: dispatch loadtest (dedup, rate-limit step, retries, tracking, metrics) ...")
+        report = run_loadtest(
+            settings,
+            LoadtestOptions(recipients=messages, workers=workers, out_dir=out_dir, progress=not as_json),
+            cluster=cluster,
+        )
+    thr = report["throughput"]
+    ratio_mean = thr["mean"] / raw["rate"] if raw["rate"] else 0.0
+    ratio_sustained = thr["sustained"] / raw["rate"] if raw["rate"] else 0.0
+    say(f"    {thr['mean']:>10,.0f} msg/s mean, {thr['sustained']:,.0f} msg/s sustained (median 1-s) over "
+        f"{report['sent']:,} messages in {report['prediction']['actual_s']:.1f} s")  # fmt: skip
+    say(f"    lost {report['lost']}, duplicates {report['duplicates']}, retries {report['retries']}, "
+        f"latency p50/p95/p99 {report['latency_ms']['p50']}/{report['latency_ms']['p95']}/"
+        f"{report['latency_ms']['p99']} ms; predicted {report['prediction']['predicted_s']:.1f} s")  # fmt: skip
+    say(f"ratio pipeline/raw: {ratio_mean:.2f} (mean), {ratio_sustained:.2f} (sustained)   target >= 0.70")
+    say(f"report {report['json_file']}\nchart  {report['chart_file']}")
+    planner = ""
+    if planner_rows > 0:
+        say(f"planner benchmark (loadtest.bench_planner --rows {planner_rows} --naive-rows {naive_rows}):")
+        planner = _planner(planner_rows, naive_rows)
+        say(planner.rstrip())
+    if as_json:
+        summary = {
+            "raw": raw,
+            "pipeline": {k: v for k, v in report.items() if k not in {"samples", "provider_per_second"}},
+            "ratio_mean": round(ratio_mean, 3),
+            "ratio_sustained": round(ratio_sustained, 3),
+            "planner": planner,
+        }
+        print(orjson.dumps(summary).decode())
+    return 0 if report["ok"] else 1
+
+
+async def _reset(url: str) -> None:
+    async with aiohttp.ClientSession() as session, session.post(f"{url}/_mock/reset") as response:
+        response.raise_for_status()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--raw-seconds", type=float, default=10.0)
+    parser.add_argument("--planner-rows", type=int, default=200_000)
+    parser.add_argument("--naive-rows", type=int, default=50_000)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    return run_bench(
+        settings,
+        messages=args.messages,
+        workers=args.workers or settings.workers,
+        raw_seconds=args.raw_seconds,
+        planner_rows=args.planner_rows,
+        naive_rows=args.naive_rows,
+        out_dir=args.out,
+        as_json=args.json,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

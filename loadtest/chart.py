@@ -1,0 +1,234 @@
+"""A tiny pure-Python PNG chart: line series over time, with axes and labels.
+
+No plotting library: a ``Canvas`` is an RGB pixel buffer with lines, rectangles and a 3x5 bitmap
+font, and ``Canvas.png()`` encodes it with ``zlib`` and ``struct`` (PNG colour type 2, 8 bits,
+filter 0 on every row). ``render_chart`` draws the load-test figure: throughput over time on top,
+latency percentiles below.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["PNG_SIGNATURE", "Canvas", "Panel", "Series", "nice_ticks", "render_chart"]
+
+#: The eight bytes every PNG file starts with.
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+Colour = tuple[int, int, int]
+
+WHITE: Colour = (255, 255, 255)
+BLACK: Colour = (0, 0, 0)
+GRID: Colour = (225, 225, 225)
+
+#: 3x5 glyphs, one string of 15 "#"/"." cells per character (rows top to bottom).
+_FONT: dict[str, str] = {
+    "0": "####.##.##.####", "1": ".#.##..#..#.###", "2": "###..#####..###", "3": "###..####..####",
+    "4": "#.##.####..#..#", "5": "####..###..####", "6": "####..####.####", "7": "###..#..#..#..#",
+    "8": "####.#####.####", "9": "####.####..####", "A": ".#.#.#####.##.#", "B": "##.#.###.#.###.",
+    "C": "####..#..#..###", "D": "##.#.##.##.###.", "E": "####..####..###", "F": "####..####..#..",
+    "G": "####..#.##.####", "H": "#.##.#####.##.#", "I": "###.#..#..#.###", "J": "..#..#..##.####",
+    "K": "#.##.###.#.##.#", "L": "#..#..#..#..###", "M": "#.#####.##.##.#", "N": "##.#.##.##.##.#",
+    "O": "####.##.##.####", "P": "####.#####..#..", "Q": "####.##.###..##", "R": "##.#.###.#.##.#",
+    "S": "####..###..####", "T": "###.#..#..#..#.", "U": "#.##.##.##.####", "V": "#.##.##.##.#.#.",
+    "W": "#.##.##.#######", "X": "#.##.#.#.#.##.#", "Y": "#.##.#.#..#..#.", "Z": "###..#.#.#..###",
+    ".": ".............#.", ",": "..........#.#..", ":": "....#.....#....", "-": "......###......",
+    "/": "..#..#.#.#..#..", "%": "#.#..#.#.#..#.#", "(": ".#.#..#..#...#.", ")": ".#...#..#..#.#.",
+    "=": "...###...###...", "+": "....#.###.#....", " ": "...............", "_": "............###",
+    ">": "#...#...#.#.#..", "<": "..#.#.#...#...#", "'": ".#..#..........", "*": "#.#.#.#.#......",
+}  # fmt: skip
+
+
+def _glyph(char: str) -> str:
+    glyph = _FONT.get(char.upper(), _FONT[" "])
+    return glyph.ljust(15, ".")
+
+
+class Canvas:
+    """An RGB image in memory (origin top left)."""
+
+    def __init__(self, width: int, height: int, background: Colour = WHITE) -> None:
+        if width <= 0 or height <= 0:
+            raise ValueError("a canvas needs a positive width and height")
+        self.width = width
+        self.height = height
+        self._rows = [bytearray(bytes(background) * width) for _ in range(height)]
+
+    def pixel(self, x: int, y: int) -> Colour:
+        row = self._rows[y]
+        return row[3 * x], row[3 * x + 1], row[3 * x + 2]
+
+    def set(self, x: int, y: int, colour: Colour) -> None:
+        if 0 <= x < self.width and 0 <= y < self.height:
+            self._rows[y][3 * x : 3 * x + 3] = bytes(colour)
+
+    def rect(self, x0: int, y0: int, x1: int, y1: int, colour: Colour) -> None:
+        """Fill the rectangle with corners (x0, y0) and (x1, y1), both included."""
+        x0, x1 = sorted((max(0, x0), min(self.width - 1, x1)))
+        y0, y1 = sorted((max(0, y0), min(self.height - 1, y1)))
+        run = bytes(colour) * (x1 - x0 + 1)
+        for y in range(y0, y1 + 1):
+            self._rows[y][3 * x0 : 3 * x1 + 3] = run
+
+    def line(self, x0: int, y0: int, x1: int, y1: int, colour: Colour, *, width: int = 1) -> None:
+        """Bresenham's line; ``width`` > 1 thickens it vertically and horizontally."""
+        dx, dy = abs(x1 - x0), -abs(y1 - y0)
+        sx, sy = (1 if x0 < x1 else -1), (1 if y0 < y1 else -1)
+        err = dx + dy
+        half = width // 2
+        while True:
+            for o in range(-half, width - half):
+                self.set(x0 + o, y0, colour)
+                self.set(x0, y0 + o, colour)
+            if x0 == x1 and y0 == y1:
+                return
+            e2 = 2 * err
+            if e2 >= dy:
+                err += dy
+                x0 += sx
+            if e2 <= dx:
+                err += dx
+                y0 += sy
+
+    def text(self, x: int, y: int, text: str, colour: Colour = BLACK, scale: int = 1) -> int:
+        """Draw ``text`` with its top left at (x, y); returns the x after the last character."""
+        for char in text:
+            glyph = _glyph(char)
+            for i, cell in enumerate(glyph):
+                if cell == "#":
+                    gx, gy = x + (i % 3) * scale, y + (i // 3) * scale
+                    self.rect(gx, gy, gx + scale - 1, gy + scale - 1, colour)
+            x += 4 * scale
+        return x
+
+    @staticmethod
+    def text_width(text: str, scale: int = 1) -> int:
+        return max(0, 4 * scale * len(text) - scale)
+
+    def png(self) -> bytes:
+        """Encode as PNG: signature, IHDR, one IDAT (filter 0 per row), IEND."""
+
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+        header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)
+        raw = b"".join(b"\x00" + bytes(row) for row in self._rows)
+        return PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
+
+
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Round tick values (1, 2, 5 x 10^k steps) covering [low, high]."""
+    if not math.isfinite(low) or not math.isfinite(high) or high <= low:
+        high = low + 1.0
+    raw = (high - low) / max(1, count)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    first = math.floor(low / step) * step
+    ticks = []
+    value = first
+    while value <= high + step * 1e-9:
+        ticks.append(round(value, 10))
+        value += step
+    if ticks[-1] < high:
+        ticks.append(round(value, 10))
+    return ticks
+
+
+def _label(value: float) -> str:
+    if abs(value) >= 10_000:
+        return f"{value / 1000:g}K"
+    if value == int(value):
+        return str(int(value))
+    return f"{value:.3g}"
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    name: str
+    points: Sequence[tuple[float, float]]
+    colour: Colour
+
+
+@dataclass(frozen=True, slots=True)
+class Panel:
+    title: str
+    series: Sequence[Series]
+    #: A horizontal reference line (e.g. the rate limit), drawn dashed.
+    reference: float | None = None
+    reference_name: str = ""
+
+
+def _draw_panel(canvas: Canvas, panel: Panel, box: tuple[int, int, int, int], x_max: float) -> None:
+    left, top, right, bottom = box
+    values = [v for s in panel.series for _, v in s.points if math.isfinite(v)]
+    if panel.reference is not None:
+        values.append(panel.reference)
+    y_ticks = nice_ticks(0.0, max(values, default=1.0) or 1.0)
+    y_top = y_ticks[-1]
+    x_ticks = nice_ticks(0.0, x_max or 1.0, 8)
+    x_end = x_ticks[-1]
+
+    def sx(x: float) -> int:
+        return left + round((right - left) * x / x_end)
+
+    def sy(y: float) -> int:
+        return bottom - round((bottom - top) * y / y_top)
+
+    canvas.text(left, top - 14, panel.title, scale=2)
+    for tick in y_ticks:
+        y = sy(tick)
+        canvas.line(left, y, right, y, GRID)
+        label = _label(tick)
+        canvas.text(left - 6 - Canvas.text_width(label, 2), y - 5, label, scale=2)
+    for tick in x_ticks:
+        x = sx(tick)
+        canvas.line(x, top, x, bottom, GRID)
+        label = _label(tick)
+        canvas.text(x - Canvas.text_width(label, 2) // 2, bottom + 6, label, scale=2)
+    canvas.line(left, top, left, bottom, BLACK)
+    canvas.line(left, bottom, right, bottom, BLACK)
+    if panel.reference is not None:
+        y = sy(panel.reference)
+        for x in range(left, right, 12):
+            canvas.line(x, y, min(x + 6, right), y, (200, 0, 0), width=2)
+    for series in panel.series:
+        points = [(sx(x), sy(y)) for x, y in series.points if math.isfinite(y)]
+        if len(points) == 1:
+            x, y = points[0]
+            canvas.rect(x - 2, y - 2, x + 2, y + 2, series.colour)
+        for (x0, y0), (x1, y1) in itertools.pairwise(points):
+            canvas.line(x0, y0, x1, y1, series.colour, width=2)
+    legend_x = right - 10
+    names = [(s.name, s.colour) for s in panel.series]
+    if panel.reference is not None:
+        names.append((panel.reference_name, (200, 0, 0)))
+    for i, (name, colour) in enumerate(names):
+        width = Canvas.text_width(name, 2)
+        y = top + 6 + 16 * i
+        canvas.rect(legend_x - width - 22, y, legend_x - width - 10, y + 9, colour)
+        canvas.text(legend_x - width, y, name, scale=2)
+
+
+def render_chart(
+    path: Path, panels: Sequence[Panel], *, title: str, x_label: str = "SECONDS", width: int = 1000
+) -> Path:
+    """Write the panels stacked vertically (shared time axis) as a PNG file at ``path``."""
+    panel_h = 300
+    height = 50 + len(panels) * (panel_h + 60) + 20
+    canvas = Canvas(width, height)
+    canvas.text(20, 12, title, scale=2)
+    x_max = max((x for p in panels for s in p.series for x, _ in s.points), default=1.0)
+    top = 60
+    for panel in panels:
+        _draw_panel(canvas, panel, (100, top + 20, width - 30, top + panel_h), x_max)
+        top += panel_h + 60
+    canvas.text(width // 2 - Canvas.text_width(x_label, 2) // 2, height - 22, x_label, scale=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(canvas.png())
+    return path

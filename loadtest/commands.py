@@ -1,0 +1,85 @@
+"""Subcommands of the load-test kit: ``dispatch loadtest`` and ``dispatch bench``.
+
+``dispatch.cli`` calls :func:`add_commands` (see its ``COMMAND_MODULES``); the heavy modules are
+imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from dispatch.config import Settings
+
+__all__ = ["add_commands", "cmd_bench", "cmd_loadtest"]
+
+
+def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest.report import format_report
+    from loadtest.runner import CHANNELS, LoadtestOptions, run_loadtest
+
+    assert args.channel in CHANNELS
+    report = run_loadtest(
+        settings,
+        LoadtestOptions(
+            recipients=args.recipients,
+            workers=args.workers or settings.workers,
+            channel=args.channel,
+            provider_latency_ms=args.provider_latency,
+            error_rate=args.error_rate,
+            rate_limit=args.rate_limit or None,
+            out_dir=args.out,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            progress=not args.json,
+        ),
+    )
+    if args.json:
+        print(orjson.dumps(report).decode())
+    else:
+        print(format_report(report))
+    return 0 if report["ok"] else 1
+
+
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest.bench import run_bench
+
+    return run_bench(
+        settings,
+        messages=args.messages,
+        workers=args.workers or settings.workers,
+        raw_seconds=args.raw_seconds,
+        planner_rows=args.planner_rows,
+        naive_rows=args.naive_rows,
+        out_dir=args.out,
+        as_json=args.json,
+    )
+
+
+def add_commands(sub: Any) -> None:
+    """Register ``loadtest`` and ``bench`` on the ``dispatch`` parser's subparsers."""
+    p = sub.add_parser("loadtest", help="send a synthetic campaign through real workers against the mock provider")
+    p.add_argument("--recipients", type=int, required=True, help="audience rows to generate")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: the workers setting)")
+    p.add_argument("--channel", choices=("sms", "email", "push", "webhook"), default="sms")
+    p.add_argument("--provider-latency", type=float, default=0.0, metavar="MS", help="mock latency per request")
+    p.add_argument("--error-rate", type=float, default=0.0, metavar="P", help="share of requests answered 500/503")
+    p.add_argument("--rate-limit", type=float, default=0.0, metavar="R", help="account limit per second (0 = none)")
+    p.add_argument("--batch-size", type=int, default=None, help="recipients per batch (default: the setting)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--out", type=Path, default=None, help="directory of the JSON report and PNG chart")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (no progress bar)")
+    p.set_defaults(handler=cmd_loadtest)
+
+    p = sub.add_parser("bench", help="raw provider ceiling vs the full pipeline, and the planner benchmark")
+    p.add_argument("--messages", type=int, default=200_000, help="messages the pipeline sends")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: the workers setting)")
+    p.add_argument("--raw-seconds", type=float, default=10.0, help="duration of the bare-client measurement")
+    p.add_argument("--planner-rows", type=int, default=200_000, help="rows for the planner benchmark (0 = skip)")
+    p.add_argument("--naive-rows", type=int, default=50_000, help="rows for the planner's naive baseline")
+    p.add_argument("--out", type=Path, default=None, help="directory of the pipeline run's report and chart")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.set_defaults(handler=cmd_bench)
