@@ -144,3 +144,54 @@ def test_rate_limit_pause_and_resume_across_workers(settings: Settings) -> None:
     per_second = sorted(stats["per_second"].items())[1:-1]  # whole seconds only
     burst = max(10, int(300 / 50))
     assert per_second and max(n for _, n in per_second) <= 300 * 1.02 + burst, per_second
+
+
+def test_redis_restart_mid_campaign_completes_without_loss(tmp_path: Path) -> None:
+    from dispatch.embedded import ensure_embedded, stop_embedded
+
+    redis_home = tmp_path / "own-redis"
+    server, _ = ensure_embedded(redis_home)
+    try:
+        settings = load_settings(
+            {
+                "DISPATCH_HOME": str(tmp_path),
+                "DISPATCH_REDIS_URL": server.url,
+                "DISPATCH_HEARTBEAT_TIMEOUT_MS": "3000",
+                "DISPATCH_BATCH_SIZE": "100",
+                "DISPATCH_SEND_CONCURRENCY": "8",
+            }
+        )
+        with LocalCluster(settings, workers=2, mock_args=["--faults", '{"latency_ms": 20}']) as cluster:
+            assert cluster.target is not None
+            client = redis.Redis.from_url(cluster.target.app_url)
+            broker = build_broker(settings, cluster.target.broker_url)
+            plan = Planner(client, settings).plan(_spec("e2e-restart"), list(generate_rows(2000, seed=9)))
+            control = CampaignControl(client, lambda cid, n, d: enqueue_batch(broker, cid, n, d))
+            control.start("e2e-restart")
+            deadline = time.monotonic() + 30
+            while control.status("e2e-restart").counters["sent"] < 300 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert control.status("e2e-restart").counters["sent"] < plan.accepted
+            stop_embedded(redis_home)  # SHUTDOWN: the AOF is flushed
+            time.sleep(1.0)
+            ensure_embedded(redis_home, port=server.port)  # same port, data reloaded from the AOF
+            client = redis.Redis.from_url(cluster.target.app_url)
+            control = CampaignControl(client, lambda cid, n, d: enqueue_batch(broker, cid, n, d))
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    if control.status("e2e-restart").complete:
+                        break
+                except redis.ConnectionError:
+                    pass
+                time.sleep(0.2)
+            status = control.status("e2e-restart")
+            stats = cluster.mock_stats()
+            broker.close()
+            client.close()
+        assert status.complete, status.as_dict()
+        assert status.counters["sent"] == plan.accepted
+        assert stats["accepted"] == plan.accepted
+        assert stats["duplicates"] == 0
+    finally:
+        stop_embedded(redis_home)
