@@ -1,0 +1,254 @@
+"""Triggered messages (``POST /v1/messages``): one message per request, through the same workers.
+
+Design: each channel has one *triggered campaign* per UTC hour (``triggered-sms-2026112512``),
+created on first use with a fixed manifest whose body template is ``$body``. A message becomes a
+one-recipient batch of that campaign (batch number from ``INCR``), whose only attribute is the
+rendered text, and is enqueued like any planned batch: the worker claims, rate-limits, sends,
+retries and records it exactly like a campaign message, and receipts update it the same way.
+
+Idempotency: the ``Idempotency-Key`` (scoped to the calling API key) maps, for 24 h, to the
+request's fingerprint and the message it created. A repeat with the same body answers the same
+message (``replayed: true``) and re-writes and re-enqueues its batch when the message was never
+claimed (the snapshot write and the claim are idempotent, so this repairs a crash between
+accepting and enqueueing without ever sending twice); a repeat with another body is a 409.
+
+Checks before anything is written: the address is validated and normalized per channel, the
+suppression lists (channel and global) are consulted (a suppressed recipient is answered
+``state: suppressed`` and nothing is enqueued), and ``timezone`` holds the message until the
+recipient's allowed window (08:00-21:00 local, ``dispatch.checks.QuietHours``) through the batch's
+not-before time. A frequency cap needs a configured cap (not in Settings yet) and is not applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, cast
+
+import orjson
+import redis.asyncio as aredis
+
+from dispatch import keys
+from dispatch.api_problems import ApiProblem, FieldError
+from dispatch.checks import QuietHours, next_allowed, resolve_timezone
+from dispatch.config import Settings
+from dispatch.suppression import AsyncSuppressionStore
+from dispatch.tracking import make_ref
+from dispatch.validation import AddressValidator
+
+__all__ = ["TRIGGERED_PREFIX", "AsyncEnqueue", "TriggeredSender", "sequence_key", "split_recipient"]
+
+#: Campaign ids of triggered campaigns start with this.
+TRIGGERED_PREFIX: Final = "triggered-"
+#: How long an Idempotency-Key is remembered.
+IDEMPOTENCY_TTL_S: Final = 24 * 3600
+#: Separates the caller's recipient id from the message number in the snapshot row id (the row id
+#: must be unique per message: the provider idempotency key is derived from it).
+_RID_SEP: Final = "#"
+
+AsyncEnqueue = Callable[[str, int, int], Awaitable[None]]
+
+
+def sequence_key(campaign_id: str) -> str:
+    """Counter of batch numbers handed out in a triggered campaign."""
+    return f"{keys.PREFIX}:{{{campaign_id}}}:seq"
+
+
+def split_recipient(row_id: str) -> str:
+    """The caller's recipient id from a triggered snapshot row id."""
+    return row_id.rsplit(_RID_SEP, 1)[0]
+
+
+def _idempotency_key(owner: str, key: str) -> str:
+    return f"{keys.PREFIX}:idem:" + hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()[:32]
+
+
+def _manifest(campaign_id: str, channel: str, now: float) -> dict[str, Any]:
+    return {
+        "campaign_id": campaign_id,
+        "kind": "triggered",
+        "fingerprint": "triggered",
+        "channel": channel,
+        "body": "$body",
+        "subject": None,
+        "rate": None,
+        "deadline": None,
+        "total": 0,
+        "accepted": 0,
+        "rejected": {},
+        "batches": 0,
+        "batch_size": 1,
+        "cost_units": 0,
+        "checksum": "",
+        "snapshot_bytes": 0,
+        "created_at": now,
+        "prediction": {
+            "messages": 0,
+            "cost_units": 0,
+            "rate": 0.0,
+            "bottleneck": "worker_capacity",
+            "duration_s": 0.0,
+            "start": now,
+            "finish": now,
+            "deadline": None,
+            "verdict": "no_deadline",
+            "required_rate": None,
+            "advice": "triggered messages are sent as they arrive",
+        },
+        "rejected_file": None,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class _Accepted:
+    message_id: str
+    campaign_id: str
+    batch: int
+    state: str
+    not_before: float
+    row: list[Any] | None
+
+    def body(self, *, replayed: bool) -> dict[str, Any]:
+        return {
+            "message_id": self.message_id,
+            "campaign_id": self.campaign_id,
+            "state": self.state,
+            "not_before": self.not_before,
+            "replayed": replayed,
+        }
+
+
+class TriggeredSender:
+    """Accepts one message: checks, writes its one-message batch, enqueues it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: aredis.Redis,
+        enqueue: AsyncEnqueue,
+        suppression: AsyncSuppressionStore,
+        *,
+        quiet_hours: QuietHours | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._client = client
+        self._enqueue = enqueue
+        self._suppression = suppression
+        self._quiet = quiet_hours or QuietHours()
+        self._clock = clock
+        self._validator = AddressValidator()
+        self._ready: set[str] = set()
+
+    async def _campaign(self, channel: str, now: float) -> str:
+        campaign_id = f"{TRIGGERED_PREFIX}{channel}-{datetime.fromtimestamp(now, UTC):%Y%m%d%H}"
+        if campaign_id in self._ready:
+            return campaign_id
+        ttl = self._settings.retention_s + 3600
+        pipe = self._client.pipeline(transaction=False)
+        pipe.set(keys.manifest(campaign_id), orjson.dumps(_manifest(campaign_id, channel, now)), nx=True, ex=ttl)
+        pipe.hsetnx(keys.control(campaign_id), "state", "running")
+        pipe.hsetnx(keys.control(campaign_id), "started_at", f"{now:.3f}")
+        pipe.expire(keys.control(campaign_id), ttl)
+        pipe.zadd(keys.CAMPAIGNS, {campaign_id: now}, nx=True)
+        await pipe.execute()
+        if len(self._ready) > 64:
+            self._ready.clear()
+        self._ready.add(campaign_id)
+        return campaign_id
+
+    async def submit(self, owner: str, idempotency_key: str, message: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, response body) for one validated ``TriggeredMessage``."""
+        fingerprint = hashlib.sha256(orjson.dumps(message, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        idem = _idempotency_key(owner, idempotency_key)
+        replay = await self._replay(idem, fingerprint)
+        if replay is not None:
+            return replay
+        channel = str(message["channel"])
+        reason, address = self._validator.check(channel, str(message["to"]))
+        if reason is not None:
+            raise ApiProblem(422, "the recipient address is not usable", errors=[FieldError("to", str(reason))])
+        template = string.Template(str(message["body"]))
+        if not template.is_valid():
+            raise ApiProblem(
+                422, "the body template is not valid", errors=[FieldError("body", "'$' not followed by a name")]
+            )
+        text = template.safe_substitute(cast(dict[str, str], message.get("attributes") or {}))
+        now = self._clock()
+        not_before = now
+        zone_name = message.get("timezone")
+        if zone_name:
+            zone = resolve_timezone(str(zone_name))
+            if zone is None:
+                raise ApiProblem(422, "unknown timezone", errors=[FieldError("timezone", "not an IANA zone name")])
+            not_before = next_allowed(datetime.fromtimestamp(now, UTC), zone, self._quiet).timestamp()
+        campaign_id = await self._campaign(channel, now)
+        (suppressed,) = await self._suppression.contains_many(channel, [address])
+        number = int(await self._client.incr(sequence_key(campaign_id)))
+        recipient = str(message.get("recipient_id") or "")
+        row = [f"{recipient}{_RID_SEP}{number}", address, {"body": text}]
+        accepted = _Accepted(
+            message_id=make_ref(campaign_id, number, 0),
+            campaign_id=campaign_id,
+            batch=number,
+            state="suppressed" if suppressed else "queued",
+            not_before=round(not_before, 3),
+            row=row,
+        )
+        record = orjson.dumps(
+            {
+                "fingerprint": fingerprint,
+                "message_id": accepted.message_id,
+                "campaign_id": campaign_id,
+                "batch": number,
+                "state": accepted.state,
+                "not_before": accepted.not_before,
+                "row": row,
+            }
+        )
+        if not await self._client.set(idem, record, nx=True, ex=IDEMPOTENCY_TTL_S):
+            # the same key raced in from another request: answer what that one created
+            replay = await self._replay(idem, fingerprint)
+            if replay is None:
+                raise ApiProblem(409, "this Idempotency-Key is being used by a request in progress; retry")
+            return replay
+        if not suppressed:
+            await self._write_and_enqueue(accepted)
+        return 202, accepted.body(replayed=False)
+
+    async def _write_and_enqueue(self, accepted: _Accepted) -> None:
+        batch = orjson.dumps([accepted.not_before, [accepted.row]])
+        ttl = self._settings.retention_s + 3600
+        await self._client.set(keys.batch(accepted.campaign_id, accepted.batch), batch, nx=True, ex=ttl)
+        delay_ms = max(0, int((accepted.not_before - self._clock()) * 1000))
+        await self._enqueue(accepted.campaign_id, accepted.batch, delay_ms)
+
+    async def _replay(self, idem: str, fingerprint: str) -> tuple[int, dict[str, Any]] | None:
+        raw = await self._client.get(idem)
+        if raw is None:
+            return None
+        stored: dict[str, Any] = orjson.loads(raw)
+        if stored["fingerprint"] != fingerprint:
+            raise ApiProblem(
+                409,
+                "this Idempotency-Key was used with a different request body; use a new key",
+                slug="idempotency-key-reuse",
+            )
+        accepted = _Accepted(
+            message_id=stored["message_id"],
+            campaign_id=stored["campaign_id"],
+            batch=int(stored["batch"]),
+            state=stored["state"],
+            not_before=float(stored["not_before"]),
+            row=stored["row"],
+        )
+        if accepted.state == "queued":
+            claimed = await self._client.hexists(keys.records(accepted.campaign_id, accepted.batch), "0")
+            if not claimed:
+                # never claimed: maybe the first request died before enqueueing; both steps are idempotent
+                await self._write_and_enqueue(accepted)
+        return 200, accepted.body(replayed=True)

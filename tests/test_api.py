@@ -1,0 +1,386 @@
+"""The HTTP API against a real Redis: auth, problems, limits, idempotent create, control, paging,
+suppressions, triggered messages (enqueue recorded, no workers here; see test_api_e2e.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import redis
+import redis.asyncio as aredis
+from test_api_support import Api, api_settings, running_api
+
+from dispatch import keys
+from dispatch.api import ApiLimits
+from dispatch.api_auth import KEYS_HASH, ApiKeyStore
+from dispatch.api_openapi import OPERATIONS, response_errors
+from dispatch.api_schemas import SCHEMAS, validate
+from dispatch.checks import QuietHours, next_allowed, resolve_timezone
+from dispatch.suppression import SuppressionStore
+from loadtest.audience import generate_rows
+
+SPEC = {"id": "spring", "channel": "sms", "body": "Hi $first_name"}
+ROWS = list(generate_rows(120, seed=4))
+
+
+def _csv(rows: list[dict[str, str]]) -> bytes:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["id", "phone", "first_name"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue().encode()
+
+
+def _multipart(spec: dict[str, Any], audience: bytes, content_type: str = "text/csv") -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    form.add_field("spec", orjson.dumps(spec).decode(), content_type="application/json")
+    form.add_field("audience", audience, content_type=content_type, filename="audience.csv")
+    return form
+
+
+@pytest.fixture
+async def api(
+    redis_url: str, tmp_path: Path, aredis_client: aredis.Redis, redis_client: redis.Redis
+) -> AsyncIterator[Api]:
+    settings = api_settings(redis_url, tmp_path)
+    limits = ApiLimits(json_bytes=64 * 1024, spec_bytes=4 * 1024, audience_bytes=64 * 1024)
+    async with running_api(settings, aredis_client, redis_client, limits=limits) as running:
+        yield running
+
+
+# --- auth --------------------------------------------------------------------------------------
+
+
+async def test_without_a_valid_key_every_change_is_refused_with_401(api: Api, redis_client: redis.Redis) -> None:
+    revoked_token, revoked = ApiKeyStore(redis_client).create("admin")
+    assert ApiKeyStore(redis_client).revoke(revoked.id)
+    attempts: list[dict[str, str] | None] = [
+        None,
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        {"Authorization": "Bearer "},
+        {"Authorization": "Bearer dsp_" + "A" * 43},
+        {"Authorization": f"Bearer {revoked_token}"},
+        {"Authorization": f"Bearer {api.tokens['admin']}x"},
+    ]
+    for headers in attempts:
+        create = await api.call(
+            "POST", "/v1/campaigns", token=None, headers=headers, json={"spec": SPEC, "recipients": ROWS}
+        )
+        assert create.status == 401, create.body
+        assert create.headers["Content-Type"].startswith("application/problem+json")
+        assert create.headers["WWW-Authenticate"].startswith("Bearer")
+        problem = create.json
+        assert problem["status"] == 401 and problem["instance"] == "/v1/campaigns"
+        assert api.tokens["admin"] not in create.body.decode()
+        suppress = await api.call(
+            "POST",
+            "/v1/suppressions",
+            token=None,
+            headers=headers,
+            json={"channel": "sms", "addresses": ["+14155550100"]},
+        )
+        assert suppress.status == 401
+        send = await api.call(
+            "POST",
+            "/v1/messages",
+            token=None,
+            headers={**(headers or {}), "Idempotency-Key": "k1"},
+            json={"channel": "sms", "to": "+447400123456", "body": "hi"},
+        )
+        assert send.status == 401
+    assert redis_client.exists(keys.manifest("spring")) == 0
+    assert redis_client.zcard(keys.CAMPAIGNS) == 0
+    assert SuppressionStore(redis_client).count("sms") == 0
+    assert api.enqueued == []
+
+
+async def test_scopes_are_ordered_read_write_admin(api: Api, redis_client: redis.Redis) -> None:
+    denied = await api.call("POST", "/v1/campaigns", token="read", json={"spec": SPEC, "recipients": ROWS})
+    assert denied.status == 403 and "needs 'write'" in denied.json["detail"]
+    assert redis_client.exists(keys.manifest("spring")) == 0
+    created = await api.call("POST", "/v1/campaigns", token="write", json={"spec": SPEC, "recipients": ROWS})
+    assert created.status == 201
+    assert (await api.call("GET", "/v1/campaigns/spring", token="read")).status == 200
+    assert (await api.call("GET", "/v1/campaigns/spring", token="admin")).status == 200
+    await api.call("POST", "/v1/suppressions", json={"channel": "sms", "addresses": ["+447400123456"]})
+    lift = await api.call("DELETE", "/v1/suppressions/sms/%2B447400123456", token="write")
+    assert lift.status == 403
+    assert SuppressionStore(redis_client).count("sms") == 1
+    lift = await api.call("DELETE", "/v1/suppressions/sms/%2B447400123456", token="admin")
+    assert lift.status == 200 and lift.json == {"channel": "sms", "removed": 1}
+    assert SuppressionStore(redis_client).count("sms") == 0
+
+
+async def test_keys_are_stored_hashed_and_tokens_never_logged(
+    api: Api, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    stored = redis_client.hgetall(KEYS_HASH)
+    dump = b"".join(k + v for k, v in stored.items())
+    for token in api.tokens.values():
+        assert token.encode() not in dump
+    assert {key.scope for key in ApiKeyStore(redis_client).list()} == {"read", "write", "admin"}
+    caplog.set_level(logging.DEBUG)
+    await api.call("GET", "/v1/campaigns/nothing-here?cursor=x", token="read")
+    await api.call("GET", "/v1/campaigns/nothing-here", token="bogus-token-value")
+    await asyncio.sleep(0.05)
+    assert "/v1/campaigns/nothing-here" in caplog.text  # the access log did run
+    for token in [*api.tokens.values(), "bogus-token-value"]:
+        assert token not in caplog.text
+
+
+# --- problems, limits, content types ---------------------------------------------------------
+
+
+async def test_malformed_oversized_and_wrongly_typed_bodies(api: Api, redis_client: redis.Redis) -> None:
+    bad_json = await api.call("POST", "/v1/campaigns", data=b'{"spec": {', headers={"Content-Type": "application/json"})
+    assert bad_json.status == 400 and bad_json.json["type"].endswith("/malformed-json")
+    wrong_type = await api.call("POST", "/v1/campaigns", data=b"id,phone\n", headers={"Content-Type": "text/plain"})
+    assert wrong_type.status == 415
+    big = {"spec": SPEC, "recipients": [{"id": str(i), "phone": "+447400123456", "pad": "x" * 100} for i in range(700)]}
+    too_large = await api.call("POST", "/v1/campaigns", json=big)
+    assert too_large.status == 413
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield b'{"spec": {"id": "x", "channel": "sms", "body": "b"}, "recipients": ['
+        for _ in range(1000):
+            yield b'{"id": "1", "phone": "+447400123456", "pad": "' + b"x" * 100 + b'"},'
+        yield b"{}]}"
+
+    streamed = await api.call("POST", "/v1/campaigns", data=chunked(), headers={"Content-Type": "application/json"})
+    assert streamed.status == 413
+    invalid = await api.call(
+        "POST",
+        "/v1/campaigns",
+        json={
+            "spec": {"id": "bad id!", "channel": "fax", "body": "", "rate": -1, "colour": "red"},
+            "recipients": [{"id": "1", "nested": {"no": 1}}],
+            "extra": True,
+        },
+    )
+    assert invalid.status == 422
+    fields = {e["field"]: e["reason"] for e in invalid.json["errors"]}
+    assert fields["spec.id"].startswith("does not match")
+    assert fields["spec.channel"].startswith("expected one of")
+    assert fields["spec.body"].startswith("shorter than")
+    assert fields["spec.rate"] == "must be greater than 0"
+    assert fields["spec.colour"] == "unknown field"
+    assert fields["extra"] == "unknown field"
+    assert fields["recipients[0].nested"].startswith("expected string")
+    template = await api.call("POST", "/v1/campaigns", json={"spec": {**SPEC, "body": "costs 5$"}, "recipients": ROWS})
+    assert template.status == 422 and template.json["errors"][0]["field"] == "spec"
+    missing = await api.call("GET", "/v1/nowhere", token="read", check=False)
+    assert missing.status == 404 and missing.headers["Content-Type"].startswith("application/problem+json")
+    assert redis_client.zcard(keys.CAMPAIGNS) == 0
+
+
+async def test_audience_upload_over_the_limit_is_413_and_leaves_nothing(
+    api: Api, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    rows = [{"id": f"r{i}", "phone": f"+4474001{i:05d}", "first_name": "A" * 20} for i in range(3000)]
+    audience = _csv(rows)
+    assert len(audience) > 64 * 1024
+    reply = await api.call("POST", "/v1/campaigns", data=_multipart(SPEC, audience))
+    assert reply.status == 413
+    assert redis_client.exists(keys.manifest("spring")) == 0
+    assert list((tmp_path / "uploads").iterdir()) == []
+    unknown = await api.call("POST", "/v1/campaigns", data=_multipart(SPEC, b"x", content_type="image/png"))
+    assert unknown.status == 415
+    big_spec = await api.call("POST", "/v1/campaigns", data=_multipart({**SPEC, "body": "y" * 5000}, b"id\n"))
+    assert big_spec.status == 413
+
+
+# --- campaigns ---------------------------------------------------------------------------------
+
+
+async def test_create_is_idempotent_and_a_different_spec_is_a_conflict(api: Api, redis_client: redis.Redis) -> None:
+    first = await api.call("POST", "/v1/campaigns", data=_multipart(SPEC, _csv(ROWS)))
+    assert first.status == 201, first.body
+    plan = first.json
+    assert plan["total"] == 120 == plan["accepted"] + sum(plan["rejected"].values())
+    assert plan["existing"] is False and plan["batches"] == -(-plan["accepted"] // 50)
+    assert first.headers["Location"] == "/v1/campaigns/spring"
+    manifest = redis_client.get(keys.manifest("spring"))
+    again = await api.call("POST", "/v1/campaigns", data=_multipart(SPEC, _csv(ROWS)))
+    assert again.status == 200
+    assert again.json == {**plan, "existing": True}
+    as_json = await api.call("POST", "/v1/campaigns", json={"spec": SPEC, "recipients": ROWS})
+    assert as_json.status == 200 and as_json.json["existing"] is True
+    other = await api.call("POST", "/v1/campaigns", data=_multipart({**SPEC, "body": "Bye $first_name"}, _csv(ROWS)))
+    assert other.status == 409 and other.json["type"].endswith("/conflict")
+    assert redis_client.get(keys.manifest("spring")) == manifest
+    # JSONL upload plans the same audience to the same counts
+    jsonl = b"\n".join(orjson.dumps(r) for r in ROWS)
+    second = await api.call(
+        "POST", "/v1/campaigns", data=_multipart({**SPEC, "id": "spring-jsonl"}, jsonl, "application/x-ndjson")
+    )
+    assert second.status == 201
+    assert {k: second.json[k] for k in ("total", "accepted", "rejected")} == {
+        k: plan[k] for k in ("total", "accepted", "rejected")
+    }
+    assert api.enqueued == []
+
+
+async def test_control_and_paged_messages(api: Api) -> None:
+    plan = (await api.call("POST", "/v1/campaigns", json={"spec": SPEC, "recipients": ROWS})).json
+    status = (await api.call("GET", "/v1/campaigns/spring", token="read")).json
+    assert status["state"] == "planned" and status["accepted"] == plan["accepted"]
+    assert status["verdict"] == "no_deadline" and status["kind"] == "campaign"
+    started = await api.call("POST", "/v1/campaigns/spring/start")
+    assert started.json["state"] == "running"
+    assert sorted(n for _, n, _ in api.enqueued) == list(range(plan["batches"]))
+    await api.call("POST", "/v1/campaigns/spring/start")
+    assert len(api.enqueued) == plan["batches"]  # starting twice enqueues once
+    assert (await api.call("POST", "/v1/campaigns/spring/pause")).json["state"] == "paused"
+    assert (await api.call("POST", "/v1/campaigns/spring/resume")).json["state"] == "running"
+    rated = await api.call("PATCH", "/v1/campaigns/spring", json={"rate": 25.5})
+    assert rated.json["rate"] == 25.5
+    bad_rate = await api.call("PATCH", "/v1/campaigns/spring", json={"rate": 0})
+    assert bad_rate.status == 422
+    assert (await api.call("POST", "/v1/campaigns/spring/cancel")).json["state"] == "cancelled"
+    conflict = await api.call("POST", "/v1/campaigns/spring/resume")
+    assert conflict.status == 409
+    assert (await api.call("POST", "/v1/campaigns/nope/start")).status == 404
+
+    seen: list[dict[str, Any]] = []
+    cursor = None
+    pages = 0
+    while True:
+        query = "?limit=30" + (f"&cursor={cursor}" if cursor else "")
+        page = (await api.call("GET", f"/v1/campaigns/spring/messages{query}", token="read")).json
+        seen += page["items"]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert len(seen) == plan["accepted"] and pages == -(-plan["accepted"] // 30)
+    assert {item["state"] for item in seen} == {"pending"}
+    accepted_ids = {row["id"] for row in ROWS}
+    assert {item["recipient_id"] for item in seen} <= accepted_ids
+    assert len({item["message_id"] for item in seen}) == plan["accepted"]
+    one_batch = (await api.call("GET", "/v1/campaigns/spring/messages?batch=1&limit=1000", token="read")).json
+    assert {item["batch"] for item in one_batch["items"]} == {1} and one_batch["next_cursor"] is None
+    single = await api.call("GET", f"/v1/messages/{seen[0]['message_id']}", token="read")
+    assert single.json == seen[0]
+    for query in ("?limit=0", "?limit=abc", "?cursor=zz", "?page=2"):
+        bad = await api.call("GET", f"/v1/campaigns/spring/messages{query}", token="read")
+        assert bad.status == 422, query
+
+
+# --- suppressions ------------------------------------------------------------------------------
+
+
+async def test_suppressions_are_normalized_validated_and_all_or_nothing(api: Api, redis_client: redis.Redis) -> None:
+    added = await api.call("POST", "/v1/suppressions", json={"channel": "sms", "addresses": ["+44 7400 123456"]})
+    assert added.json == {"channel": "sms", "added": 1}
+    store = SuppressionStore(redis_client)
+    assert store.contains_many("sms", ["+447400123456"]) == [True]
+    again = await api.call("POST", "/v1/suppressions", json={"channel": "sms", "addresses": ["+447400123456"]})
+    assert again.json["added"] == 0
+    invalid = await api.call(
+        "POST", "/v1/suppressions", json={"channel": "email", "addresses": ["a@example.com", "not-an-email"]}
+    )
+    assert invalid.status == 422 and invalid.json["errors"] == [{"field": "addresses[1]", "reason": "invalid_email"}]
+    assert store.count("email") == 0
+    glob = await api.call("POST", "/v1/suppressions", json={"channel": "global", "addresses": ["A@Example.COM"]})
+    assert glob.json["added"] == 1
+    assert store.contains_many("email", ["A@example.com"]) == [True]
+
+
+# --- triggered messages ------------------------------------------------------------------------
+
+
+async def test_triggered_message_is_idempotent_and_checked(api: Api, redis_client: redis.Redis) -> None:
+    message = {"channel": "sms", "to": "+447400123456", "body": "Your cart: $item", "attributes": {"item": "socks"}}
+    no_key = await api.call("POST", "/v1/messages", json=message)
+    assert no_key.status == 400 and no_key.json["errors"][0]["field"] == "Idempotency-Key"
+    first = await api.call("POST", "/v1/messages", json=message, headers={"Idempotency-Key": "cart-1"})
+    assert first.status == 202 and first.json["state"] == "queued" and first.json["replayed"] is False
+    cid = first.json["campaign_id"]
+    assert cid.startswith("triggered-sms-")
+    assert api.enqueued == [(cid, 1, 0)]
+    batch = orjson.loads(redis_client.get(keys.batch(cid, 1)))
+    assert batch[1][0][1:] == ["+447400123456", {"body": "Your cart: socks"}]
+    replay = await api.call("POST", "/v1/messages", json=message, headers={"Idempotency-Key": "cart-1"})
+    assert replay.status == 200 and replay.json == {**first.json, "replayed": True}
+    reused = await api.call(
+        "POST", "/v1/messages", json={**message, "to": "+447400123457"}, headers={"Idempotency-Key": "cart-1"}
+    )
+    assert reused.status == 409 and reused.json["type"].endswith("/idempotency-key-reuse")
+    bad_address = await api.call(
+        "POST", "/v1/messages", json={**message, "to": "+1555"}, headers={"Idempotency-Key": "cart-2"}
+    )
+    assert bad_address.status == 422 and bad_address.json["errors"] == [{"field": "to", "reason": "invalid_phone"}]
+    await api.call("POST", "/v1/suppressions", json={"channel": "global", "addresses": ["+447400999999"]})
+    suppressed = await api.call(
+        "POST", "/v1/messages", json={**message, "to": "+447400999999"}, headers={"Idempotency-Key": "cart-3"}
+    )
+    assert suppressed.status == 202 and suppressed.json["state"] == "suppressed"
+    zone = await api.call(
+        "POST",
+        "/v1/messages",
+        json={**message, "timezone": "Pacific/Kiritimati"},
+        headers={"Idempotency-Key": "cart-4"},
+    )
+    expected = next_allowed(datetime.now(UTC), resolve_timezone("Pacific/Kiritimati"), QuietHours())  # type: ignore[arg-type]
+    assert abs(zone.json["not_before"] - expected.timestamp()) < 5
+    # the replay re-enqueued the unclaimed batch 1 (safe: claims dedup); suppressed batch 2 never was
+    assert [(c, n) for c, n, _ in api.enqueued] == [(cid, 1), (cid, 1), (cid, 3)]
+    assert abs(api.enqueued[2][2] / 1000 - (expected.timestamp() - time.time())) < 5
+    bad_zone = await api.call(
+        "POST", "/v1/messages", json={**message, "timezone": "Mars/Olympus"}, headers={"Idempotency-Key": "cart-5"}
+    )
+    assert bad_zone.status == 422
+    record = await api.call("GET", f"/v1/messages/{first.json['message_id']}", token="read")
+    assert record.json["state"] == "pending" and record.json["recipient_id"] == ""
+    status = (await api.call("GET", f"/v1/campaigns/{cid}", token="read")).json
+    assert status["kind"] == "triggered" and status["state"] == "running"
+
+
+# --- health, metrics, the document -------------------------------------------------------------
+
+
+async def test_health_readiness_metrics_and_document(api: Api) -> None:
+    assert (await api.call("GET", "/healthz", token=None)).json == {"status": "ok"}
+    ready = await api.call("GET", "/readyz", token=None)
+    assert ready.status == 200 and ready.json["checks"] == {"redis": "ok", "eviction_policy": "ok"}
+    metrics = await api.call("GET", "/metrics", token=None)
+    text = metrics.body.decode()
+    assert 'dispatch_api_request_duration_seconds_count{method="GET",route="/readyz",status="200"} 1.0' in text
+    document = (await api.call("GET", "/v1/openapi.json", token=None)).json
+    assert document["openapi"] == "3.1.0"
+    documented = {(m.upper(), p) for p, item in document["paths"].items() for m in item}
+    assert documented == {(op.method, op.path) for op in OPERATIONS}
+
+
+def test_the_response_checker_catches_departures_from_the_document() -> None:
+    from dispatch.api_openapi import openapi_document
+
+    doc = openapi_document()
+    ok = b'{"status": "ok"}'
+    assert response_errors(doc, "GET", "/healthz", 200, content_type="application/json", body=ok) == []
+    assert response_errors(doc, "GET", "/healthz", 201, content_type="application/json", body=ok)
+    assert response_errors(doc, "GET", "/healthz", 200, content_type="text/html", body=ok)
+    assert response_errors(doc, "GET", "/healthz", 200, content_type="application/json", body=b'{"status": 1}')
+    assert response_errors(doc, "GET", "/nowhere", 200, content_type="application/json", body=ok)
+    page = b'{"items": [{"message_id": "c.0.0"}], "next_cursor": null}'
+    errors = response_errors(doc, "GET", "/v1/campaigns/x/messages", 200, content_type="application/json", body=page)
+    assert any("items[0].recipient_id: required" in e for e in errors)
+
+
+def test_validator_reports_every_field_and_refuses_unknown_keywords() -> None:
+    errors = validate(SCHEMAS["CampaignPatch"], {"rate": "fast", "burst": 3})
+    assert [(e.field, e.reason) for e in errors] == [("rate", "expected number or null"), ("burst", "unknown field")]
+    assert validate(SCHEMAS["CampaignPatch"], {"rate": None}) == []
+    assert validate({"type": "integer"}, True)  # a bool is not an integer
+    with pytest.raises(ValueError, match="not supported"):
+        validate({"type": "string", "oneOf": []}, "x")

@@ -1,0 +1,125 @@
+"""Shared helpers of the API tests: a live app on 127.0.0.1 port 0 and a caller that checks every
+response against the published OpenAPI document (so each API test also keeps the document true)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import redis
+import redis.asyncio as aredis
+from aiohttp import web
+
+from dispatch.api import ApiLimits, build_app, make_runner
+from dispatch.api_auth import SCOPES, ApiKeyStore
+from dispatch.api_openapi import openapi_document, response_errors
+from dispatch.config import Settings, load_settings
+from dispatch.control import EnqueueFn
+from dispatch.redisdb import with_db
+
+__all__ = ["Api", "Reply", "api_settings", "running_api"]
+
+
+def api_settings(redis_url: str, home: Path, **extra: str) -> Settings:
+    env = {
+        "DISPATCH_HOME": str(home),
+        "DISPATCH_REDIS_URL": with_db(redis_url, 0),
+        "DISPATCH_BROKER_DB": "1",
+        "DISPATCH_BATCH_SIZE": "50",
+    }
+    env.update(extra)
+    return load_settings(env)
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+@dataclass
+class Api:
+    base: str
+    session: aiohttp.ClientSession
+    tokens: dict[str, str]
+    enqueued: list[tuple[str, int, int]]
+    document: dict[str, Any] = field(default_factory=openapi_document)
+    #: (method, path, status) of every call, for the coverage check
+    seen: list[tuple[str, str, int]] = field(default_factory=list)
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = "write",
+        json: Any = None,
+        data: Any = None,
+        headers: dict[str, str] | None = None,
+        check: bool = True,
+    ) -> Reply:
+        all_headers = dict(headers or {})
+        if token is not None:
+            all_headers["Authorization"] = f"Bearer {self.tokens.get(token, token)}"
+        kwargs: dict[str, Any] = {"headers": all_headers}
+        if json is not None:
+            kwargs["data"] = orjson.dumps(json)
+            all_headers.setdefault("Content-Type", "application/json")
+        elif data is not None:
+            kwargs["data"] = data
+        async with self.session.request(method, self.base + path, **kwargs) as response:
+            body = await response.read()
+            reply = Reply(response.status, dict(response.headers), body)
+        self.seen.append((method, path.split("?", maxsplit=1)[0], reply.status))
+        if check:
+            errors = response_errors(
+                self.document,
+                method,
+                path.split("?", maxsplit=1)[0],
+                reply.status,
+                content_type=reply.headers.get("Content-Type", ""),
+                body=body,
+            )
+            assert not errors, (errors, body[:500])
+        return reply
+
+
+@asynccontextmanager
+async def running_api(
+    settings: Settings,
+    app_client: aredis.Redis,
+    sync_client: redis.Redis,
+    *,
+    enqueue: EnqueueFn | Callable[..., None] | None = None,
+    limits: ApiLimits | None = None,
+    record_enqueues: bool = True,
+) -> AsyncIterator[Api]:
+    enqueued: list[tuple[str, int, int]] = []
+
+    def recording(cid: str, n: int, delay: int) -> None:
+        enqueued.append((cid, n, delay))
+
+    chosen = enqueue if enqueue is not None else (recording if record_enqueues else None)
+    app = build_app(settings, app_client=app_client, sync_client=sync_client, enqueue=chosen, limits=limits)
+    runner: web.AppRunner = make_runner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    store = ApiKeyStore(sync_client)
+    tokens = {scope: store.create(scope, f"test-{scope}")[0] for scope in SCOPES}
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield Api(f"http://{host}:{port}", session, tokens, enqueued)
+    finally:
+        await runner.cleanup()
