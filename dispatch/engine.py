@@ -231,7 +231,9 @@ class SendStep:
         on_rate_limited: Callable[[SendContext, float | None], Awaitable[None]] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         backoff_max_s: float = 2.0,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._max_attempts = max_attempts
         self._on_result = on_result
         self._on_rate_limited = on_rate_limited
@@ -267,7 +269,11 @@ class SendStep:
             messages = [item.message for item in current if item.message is not None]
             started = time.perf_counter()
             try:
-                results: Sequence[Result] = await ctx.channel.send(messages)
+                if self._metrics is not None:
+                    with self._metrics.inflight(ctx.channel.provider, len(messages)):
+                        results: Sequence[Result] = await ctx.channel.send(messages)
+                else:
+                    results = await ctx.channel.send(messages)
             except RetryableProviderError as exc:
                 results = [Retryable(m.ref, str(exc), exc.status, exc.retry_after) for m in messages]
             except PermanentProviderError as exc:

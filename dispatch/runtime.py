@@ -136,6 +136,8 @@ class WorkerRuntime:
         self.metrics_server: MetricsServer | None = None
         self._control = CampaignControl(self._sync)
         self._broker_client: aredis.Redis | None = None
+        self._limiter: RedisRateLimiter | None = None
+        self._limiter_keys: list[str] = []
 
     @property
     def engine(self) -> Engine:
@@ -172,7 +174,14 @@ class WorkerRuntime:
                 Limit(key=account_keys["sms"], rate=s.sms_rate, burst=max(10, int(s.sms_rate / 50)))
             )
         rate_step = RateLimitStep(limiter, account_keys, metrics=self.metrics)
-        send_step = SendStep(max_attempts=s.max_attempts, on_result=self._observe, on_rate_limited=rate_step.penalize)
+        send_step = SendStep(
+            max_attempts=s.max_attempts,
+            on_result=self._observe,
+            on_rate_limited=rate_step.penalize,
+            metrics=self.metrics,
+        )
+        self._limiter = limiter
+        self._limiter_keys = [key for name, key in account_keys.items() if name == "sms" and s.sms_rate > 0]
         steps: list[Step] = [render_step, rate_step, send_step]
         suppression = SuppressionFilter(AsyncSuppressionStore(self._client))
         filters: list[BatchFilter] = [suppression]
@@ -235,7 +244,17 @@ class WorkerRuntime:
             except (redis.RedisError, DispatchError) as exc:  # Redis restarting: keep trying
                 log.warning("heartbeat failed: %s", exc)
 
+    async def _limiter_rates(self) -> None:
+        if self._limiter is None:
+            return
+        for key in self._limiter_keys:
+            limit = await self._limiter.get_limit(key)
+            if limit is not None:
+                current = await self._limiter.effective_rate(key)
+                self.metrics.set_ratelimit_rate(key, current, limit.rate)
+
     def _refresh_gauges(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._limiter_rates(), self._loop).result(timeout=5)
         if self._broker_client is not None:
             future = asyncio.run_coroutine_threadsafe(
                 collect_queue_depths(self.metrics, self._broker_client, [QUEUE], namespace=BROKER_NAMESPACE),
