@@ -3,6 +3,7 @@ response against the published OpenAPI document (so each API test also keeps the
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -110,12 +111,23 @@ async def running_api(
         enqueued.append((cid, n, delay))
 
     chosen = enqueue if enqueue is not None else (recording if record_enqueues else None)
-    app = build_app(settings, app_client=app_client, sync_client=sync_client, enqueue=chosen, limits=limits)
+    # provider signatures cover the callback URL, so the app must know its port before it starts
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = build_app(
+        settings,
+        app_client=app_client,
+        sync_client=sync_client,
+        enqueue=chosen,
+        limits=limits,
+        public_base_url=f"http://127.0.0.1:{port}",
+    )
     runner: web.AppRunner = make_runner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
-    host, port = runner.addresses[0][:2]
+    host = "127.0.0.1"
     store = ApiKeyStore(sync_client)
     tokens = {scope: store.create(scope, f"test-{scope}")[0] for scope in SCOPES}
     try:
