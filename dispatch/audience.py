@@ -52,6 +52,7 @@ __all__ = [
     "from_postgres",
     "from_records",
     "read_audience",
+    "read_header",
     "recipients_only",
 ]
 
@@ -560,6 +561,39 @@ def read_audience(
             raise AudienceError("cannot tell the format of a file object: pass format='csv' or 'jsonl'")
         format = _detect_format(name)
     return _read_handle(source, format, _Opts(cols, lim, delimiter, quotechar))
+
+
+def read_header(
+    path: str | os.PathLike[str],
+    *,
+    format: AudienceFormat | None = None,
+    delimiter: str = ",",
+    quotechar: str = '"',
+    limits: ReadLimits | None = None,
+) -> list[str] | None:
+    """The column names of a CSV file (None for JSONL or an empty file), as the reader sees
+    them. Raises AudienceError when the file or its header cannot be read."""
+    fmt = format or _detect_format(os.fspath(path))
+    if fmt != "csv":
+        return None
+    lim = limits or ReadLimits()
+    try:
+        handle = Path(path).open("rb")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        raise AudienceError(f"cannot open audience {Path(path).name!r}: {exc.strerror}") from None
+    with handle:
+        try:
+            stream = _maybe_gunzip(handle)
+        except (OSError, ValueError) as exc:
+            raise AudienceError(f"audience stream cannot be read: {exc}") from None
+        records = _csv_records(iter(_Lines(stream, lim.max_line_bytes)), lim, delimiter, quotechar)
+        for fields, _reason, detail in records:
+            if fields is None:
+                raise AudienceError(f"the CSV header cannot be read ({detail})")
+            header = [h.strip() for h in fields]
+            header[0] = header[0].removeprefix("\ufeff")
+            return header
+    return None
 
 
 class _Opts(NamedTuple):

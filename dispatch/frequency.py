@@ -79,16 +79,30 @@ class FrequencyStore:
         self._client = client
         self._b = _Base(cap, prefix, hasher, chunk)
 
+    @property
+    def cap(self) -> FrequencyCap:
+        return self._b.cap
+
+    @property
+    def hasher(self) -> AddressHasher:
+        return self._b._hasher
+
     def capped_many(self, channel: str, addresses: Sequence[str], *, now: float | None = None) -> list[bool]:
         """For each address: True when ``limit`` sends already fall inside the window ending now."""
+        return self.capped_hashes(channel, [self._b._hasher(a) for a in addresses], now=now)
+
+    def capped_hashes(self, channel: str, hashes: Sequence[bytes], *, now: float | None = None) -> list[bool]:
+        """:meth:`capped_many` for addresses already hashed with :attr:`hasher`."""
         now_ms = _now_ms(now)
-        low = now_ms - self._b.cap.window_ms
+        low = f"({now_ms - self._b.cap.window_ms}"
+        limit = self._b.cap.limit
+        prefix = f"{self._b._prefix}:{channel}:".encode()
         out: list[bool] = []
-        for start in range(0, len(addresses), self._b._chunk):
+        for start in range(0, len(hashes), self._b._chunk):
             pipe = self._client.pipeline(transaction=False)
-            for address in addresses[start : start + self._b._chunk]:
-                pipe.zcount(self._b._key(channel, address), f"({low}", "+inf")
-            out.extend(int(n) >= self._b.cap.limit for n in pipe.execute())
+            for digest in hashes[start : start + self._b._chunk]:
+                pipe.zcount(prefix + digest, low, "+inf")
+            out.extend(int(n) >= limit for n in pipe.execute())
         return out
 
 

@@ -4,11 +4,19 @@ A batch is one Redis string holding ``orjson([not_before, [[recipient_id, addres
 where ``attrs`` keeps only the template fields the message uses. The manifest records counts,
 policy, a checksum over every batch in order, and when it was made. Writes are ``SET NX`` so a
 snapshot, once written, is never changed; a replan of the same campaign id returns it as it is.
+
+Lifetime: batches are written with a provisional TTL (``retention_s``); once the plan is complete,
+the manifest and every batch get one expiry instant, ``expires_at = max(predicted finish,
+deadline) + retention_s`` (recorded in the manifest). A campaign that runs longer than
+predicted, or is started late, should have its snapshot kept: the engine calls
+:func:`extend_retention` when a campaign ends (``retention_s`` from then on), and may call it
+when a campaign starts. A planned campaign that is never started expires on its own.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -19,7 +27,18 @@ import redis
 from dispatch import keys
 from dispatch.errors import CampaignNotFound, PlanError
 
-__all__ = ["Batch", "SnapshotWriter", "load_batch", "load_manifest", "verify_snapshot"]
+__all__ = [
+    "Batch",
+    "SnapshotWriter",
+    "decode_batch",
+    "discard_batches",
+    "expire_snapshot",
+    "extend_retention",
+    "iter_batches",
+    "load_batch",
+    "load_manifest",
+    "verify_snapshot",
+]
 
 #: Batches written per pipeline round trip.
 WRITE_CHUNK = 64
@@ -113,3 +132,36 @@ def verify_snapshot(client: redis.Redis, campaign_id: str) -> bool:
                 return False
             digest.update(raw)
     return bool(digest.hexdigest() == manifest["checksum"])
+
+
+def discard_batches(client: redis.Redis, campaign_id: str, count: int) -> None:
+    """Delete batches 0..count-1 of a plan that failed before its manifest was written."""
+    for start in range(0, count, WRITE_CHUNK):
+        client.delete(*[keys.batch(campaign_id, n) for n in range(start, min(count, start + WRITE_CHUNK))])
+
+
+def expire_snapshot(client: redis.Redis, campaign_id: str, count: int, expires_at: float) -> None:
+    """Make the manifest and batches 0..count-1 expire at ``expires_at`` (epoch seconds)."""
+    when = int(expires_at * 1000)
+    pipe = client.pipeline(transaction=False)
+    pipe.pexpireat(keys.manifest(campaign_id), when)
+    for n in range(count):
+        pipe.pexpireat(keys.batch(campaign_id, n), when)
+        if len(pipe) >= 1_000:
+            pipe.execute()
+    pipe.execute()
+
+
+def extend_retention(client: redis.Redis, campaign_id: str, seconds: float) -> float:
+    """Keep a campaign's snapshot until ``seconds`` from now (never shortens it); returns the
+    new expiry (epoch seconds). The engine calls this when a campaign ends, with
+    ``settings.retention_s``. Raises CampaignNotFound when the snapshot is already gone."""
+    manifest = load_manifest(client, campaign_id)
+    target = time.time() + seconds
+    current = float(manifest.get("expires_at") or 0.0)
+    if target <= current:
+        return current
+    manifest["expires_at"] = target
+    client.set(keys.manifest(campaign_id), orjson.dumps(manifest), xx=True, keepttl=True)
+    expire_snapshot(client, campaign_id, int(manifest["batches"]), target)
+    return target

@@ -96,15 +96,23 @@ class SuppressionStore:
             removed += int(self._client.srem(self._k.key(channel), *part))
         return removed
 
+    @property
+    def hasher(self) -> AddressHasher:
+        return self._k.hasher
+
     def contains_many(self, channel: str, addresses: Sequence[str]) -> list[bool]:
         """For each address: suppressed on ``channel`` or globally. One round trip per chunk."""
+        return self.contains_hashes(channel, [self._k.hasher(a) for a in addresses])
+
+    def contains_hashes(self, channel: str, hashes: Sequence[bytes]) -> list[bool]:
+        """:meth:`contains_many` for addresses already hashed with :attr:`hasher`."""
         out: list[bool] = []
         own, glob = self._k.key(channel), self._k.key(GLOBAL)
-        for part in _chunks(addresses, self._k.chunk):
-            hashes = [self._k.hasher(a) for a in part]
+        for part in _chunks(hashes, self._k.chunk):
             pipe = self._client.pipeline(transaction=False)
-            pipe.smismember(own, hashes)
-            pipe.smismember(glob, hashes)
+            members = list(part)
+            pipe.smismember(own, members)
+            pipe.smismember(glob, members)
             mine, everywhere = pipe.execute()
             out.extend(bool(a) or bool(b) for a, b in zip(mine, everywhere, strict=True))
         return out
