@@ -34,6 +34,7 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
             out_dir=args.out,
             seed=args.seed,
             batch_size=args.batch_size,
+            profile_s=args.profile,
             progress=not args.json,
         ),
     )
@@ -70,6 +71,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--rate-limit", type=float, default=0.0, metavar="R", help="account limit per second (0 = none)")
     p.add_argument("--batch-size", type=int, default=None, help="recipients per batch (default: the setting)")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--profile", type=float, default=0.0, metavar="S", help="py-spy the workers and the mock for S seconds"
+    )
     p.add_argument("--out", type=Path, default=None, help="directory of the JSON report and PNG chart")
     p.add_argument("--json", action="store_true", help="print the report as JSON (no progress bar)")
     p.set_defaults(handler=cmd_loadtest)

@@ -17,6 +17,7 @@ from typing import Any
 
 __all__ = [
     "LATENCY_METRIC",
+    "OWN_PACKAGES",
     "Buckets",
     "Sample",
     "bucket_percentile",
@@ -25,6 +26,7 @@ __all__ = [
     "parse_histogram",
     "percentile",
     "sum_buckets",
+    "summarize_profile",
 ]
 
 #: The workers' provider-latency histogram (see ``monitoring.metrics``).
@@ -35,6 +37,11 @@ Buckets = list[tuple[float, float]]
 
 _BUCKET_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)_bucket\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)")
 _LE = re.compile(r'(?:^|,)le="(?P<le>[^"]+)"')
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<path>[^()]*?)(?::\d+)?\)$")
+#: Prefixes of absolute paths in front of a module path (site-packages, the standard library).
+_PATH_PREFIX = re.compile(r"^.*(?:site-packages/|/python3\.\d+/)")
+#: The project's own packages: the "ours" view of a profile.
+OWN_PACKAGES = frozenset({"dispatch", "channels", "ratelimit", "monitoring", "loadtest"})
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -98,6 +105,64 @@ def diff_buckets(now: Buckets, before: Buckets) -> Buckets:
     return [(bound, max(0.0, count - earlier.get(bound, 0.0))) for bound, count in now]
 
 
+def _frame(raw: str) -> tuple[str, str]:
+    """(``function (file)``, package) of one py-spy frame ``function (path:line)``."""
+    match = _FRAME.match(raw.strip())
+    if match is None:
+        return raw.strip(), "?"
+    path = match["path"]
+    module = _PATH_PREFIX.sub("", path)
+    for own in OWN_PACKAGES:  # an absolute path into this repository
+        if f"/{own}/" in module:
+            module = module[module.index(f"/{own}/") + 1 :]
+    return f"{match['func']} ({module})", module.split("/", 1)[0].removesuffix(".py")
+
+
+def summarize_profile(collapsed: str, top: int = 15) -> dict[str, Any]:
+    """Hot spots of a py-spy ``--format raw`` (collapsed stacks) profile.
+
+    ``self``: share of samples whose innermost frame is the function (a Python frame that calls
+    into C, such as uvloop's loop in ``Thread.run``, holds the C time too); ``inclusive``: share of
+    samples with the function anywhere on the stack; ``ours``: the inclusive view restricted to
+    this project's packages; ``packages``: by top-level package or module (``dispatch``,
+    ``aiohttp``, ``redis``, ``asyncio``...), counted once per sample. Idle time is not sampled.
+    """
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    ours: dict[str, int] = {}
+    packages: dict[str, int] = {}
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [_frame(raw) for raw in stack.split(";") if raw.strip()]
+        if not frames:
+            continue
+        leaf = frames[-1][0]
+        own[leaf] = own.get(leaf, 0) + count
+        for name, package in set(frames):
+            inclusive[name] = inclusive.get(name, 0) + count
+            if package in OWN_PACKAGES:
+                ours[name] = ours.get(name, 0) + count
+        for package in {package for _, package in frames}:
+            packages[package] = packages.get(package, 0) + count
+
+    def ranked(counts: dict[str, int]) -> list[tuple[str, float]]:
+        best = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+        return [(name, round(n / total, 4)) for name, n in best] if total else []
+
+    return {
+        "samples": total,
+        "self": ranked(own),
+        "inclusive": ranked(inclusive),
+        "ours": ranked(ours),
+        "packages": ranked(packages),
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class Sample:
     """One second of a load test."""
@@ -156,6 +221,15 @@ def format_report(report: Mapping[str, Any]) -> str:
         f"actual {pred['actual_s']:.2f} s, error {pred['error_pct']:+.1f}%",
         f"peak 1-s    {prov['peak_1s']:,} msg/s at the provider ({limit_text})",
     ]
+    cpu = report.get("cpu")
+    if cpu:
+        per = ", ".join(f"{k} {v:,.0f}" for k, v in cpu["us_per_message"].items() if v is not None)
+        lines.append(f"cpu         us per message: {per}")
+    for name, profile in (report.get("profile") or {}).items():
+        packages = ", ".join(f"{pkg} {share:.0%}" for pkg, share in profile["packages"][:6])
+        lines.append(f"profile     {name}: {profile['samples']:,} samples; by package {packages}")
+        for func, share in profile["self"][:8]:
+            lines.append(f"              {share:6.1%} self  {func}")
     if report.get("json_file"):
         lines.append(f"report      {report['json_file']}")
     if report.get("chart_file"):

@@ -20,8 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
+import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import time
 import urllib.error
@@ -46,7 +49,15 @@ from loadtest.audience import generate_rows
 from loadtest.chart import Panel, Series, render_chart
 from loadtest.cluster import LocalCluster
 from loadtest.demo import progress_line
-from loadtest.report import Buckets, Sample, bucket_percentile, diff_buckets, parse_histogram, sum_buckets
+from loadtest.report import (
+    Buckets,
+    Sample,
+    bucket_percentile,
+    diff_buckets,
+    parse_histogram,
+    sum_buckets,
+    summarize_profile,
+)
 
 __all__ = [
     "CHANNELS",
@@ -91,6 +102,8 @@ class LoadtestOptions:
     interval_s: float = 1.0
     #: Recipients per batch; None = the settings' ``batch_size``.
     batch_size: int | None = None
+    #: Seconds of py-spy sampling of every worker and the mock from the campaign's start (0 = off).
+    profile_s: float = 0.0
     #: Called with each sample (the bench prints its own lines).
     on_sample: Callable[[Sample], None] | None = field(default=None, compare=False)
 
@@ -180,6 +193,109 @@ class _Scraper:
         return sum_buckets(self.last.values())
 
 
+def _processes(match: Callable[[int, str], bool]) -> list[int]:
+    """Pids whose (parent pid, command line) satisfy ``match`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                ppid = int(handle.read().rsplit(b")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmdline = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        if match(ppid, cmdline):
+            found.append(int(entry))
+    return found
+
+
+def _children_running(module: str) -> list[int]:
+    """Pids of this process's children whose command line names ``module``."""
+    return _processes(lambda ppid, cmdline: ppid == os.getpid() and module in cmdline)
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process (all its threads), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _CpuMeter:
+    """CPU seconds used by each part of the deployment between ``start`` and ``stop``."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        assert cluster.target is not None
+        port = cluster.target.app_url.rsplit(":", 1)[-1].split("/", 1)[0]
+        self.parts: dict[str, list[int]] = {
+            "workers": [proc.pid for proc in cluster.worker_processes],
+            "mock": _children_running("loadtest.mock_provider"),
+            "redis": _processes(lambda _, cmd: ("valkey-server" in cmd or "redis-server" in cmd) and f":{port}" in cmd),
+            "runner": [os.getpid()],
+        }
+        self._start: dict[int, float] = {}
+
+    def _read(self) -> dict[int, float]:
+        values = {}
+        for pids in self.parts.values():
+            for pid in pids:
+                cpu = _cpu_seconds(pid)
+                if cpu is not None:
+                    values[pid] = cpu
+        return values
+
+    def start(self) -> None:
+        self._start = self._read()
+
+    def stop(self) -> dict[str, float | None]:
+        """CPU seconds per part (None when its processes could not be found)."""
+        end = self._read()
+        used: dict[str, float | None] = {}
+        for name, pids in self.parts.items():
+            seen = [pid for pid in pids if pid in end and pid in self._start]
+            used[name] = round(sum(end[pid] - self._start[pid] for pid in seen), 3) if seen else None
+        return used
+
+
+class _Profiler:
+    """py-spy ``record`` on the workers and the mock provider for a fixed number of seconds."""
+
+    def __init__(self, cluster: LocalCluster, out_dir: Path, seconds: float) -> None:
+        exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(exe).exists():
+            raise LoadtestError("--profile needs py-spy: .venv/bin/pip install py-spy")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        targets = [(f"worker{i}", proc.pid) for i, proc in enumerate(cluster.worker_processes)]
+        targets += [("mock", pid) for pid in _children_running("loadtest.mock_provider")]
+        self.files: dict[str, Path] = {}
+        self._procs: list[subprocess.Popen[bytes]] = []
+        for name, pid in targets:
+            path = out_dir / f"{name}.collapsed.txt"
+            self.files[name] = path
+            command = [exe, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "250"]
+            # --gil: only samples holding the GIL, i.e. Python CPU (not sleeps, not epoll waits)
+            command += ["--format", "raw", "--output", str(path), "--nonblocking", "--gil"]
+            self._procs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def finish(self, timeout_s: float) -> dict[str, Any]:
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait()
+        summary: dict[str, Any] = {}
+        for name, path in self.files.items():
+            if path.exists():
+                summary[name] = {"file": str(path), **summarize_profile(path.read_text())}
+        return summary
+
+
 def _latency(buckets: Buckets) -> tuple[float, float, float]:
     return (
         bucket_percentile(buckets, 0.50) * 1000,
@@ -213,7 +329,7 @@ def run_loadtest(
             "(dispatch.runtime.build_channels); only these are: " + ", ".join(sorted(wired_channels(settings)))
         )
     cid = options.campaign_id or f"loadtest-{int(time.time() * 1000)}"
-    out_dir = (options.out_dir or settings.home / "loadtest").resolve()
+    out_dir = _out_dir(settings, options)
     spec = CampaignSpec(
         id=cid,
         channel=options.channel,
@@ -236,6 +352,10 @@ def run_loadtest(
     _chart(report, Path(report["chart_file"]))
     Path(report["json_file"]).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     return report
+
+
+def _out_dir(settings: Settings, options: LoadtestOptions) -> Path:
+    return (options.out_dir or settings.home / "loadtest").resolve()
 
 
 def _add_workers(cluster: LocalCluster, ports: list[int]) -> _Scraper:
@@ -264,9 +384,14 @@ def _with_workers(
         scraper = _add_workers(cluster, ports)
         control = CampaignControl(client, lambda cid, n, delay: enqueue_batch(broker, cid, n, delay))
         baseline = scraper.scrape()
+        meter = _CpuMeter(cluster)
+        meter.start()
         started = time.monotonic()
         started_wall = time.time()
         control.start(spec.id)
+        profiler = None
+        if options.profile_s > 0:
+            profiler = _Profiler(cluster, _out_dir(settings, options) / f"{spec.id}-profile", options.profile_s)
         samples, status, actual_s, final_buckets = _sample(
             control=control,
             cid=spec.id,
@@ -276,12 +401,14 @@ def _with_workers(
             started=started,
             baseline=baseline,
         )
+        cpu = meter.stop()
         time.sleep(0.2)  # answers in flight when the counters completed reach the ledger
         stats = cluster.mock_stats()
+        profile = profiler.finish(options.profile_s + 15) if profiler is not None else None
     finally:
         broker.close()
         client.close()
-    return _build_report(
+    report = _build_report(
         settings=settings,
         spec=spec,
         options=options,
@@ -294,6 +421,17 @@ def _with_workers(
         stats=stats,
         latency=diff_buckets(final_buckets, baseline),
     )
+    sent = max(1, report["sent"])
+    report["cpu"] = {
+        "seconds": cpu,
+        "us_per_message": {k: None if v is None else round(v / sent * 1e6, 1) for k, v in cpu.items()},
+        "cores_busy": {k: None if v is None else round(v / max(report["prediction"]["actual_s"], 1e-6), 2)
+                       for k, v in cpu.items()},
+        "note": "runner = this process (planning excluded: counted from the campaign's start)",
+    }  # fmt: skip
+    if profile is not None:
+        report["profile"] = profile
+    return report
 
 
 def _sample(
