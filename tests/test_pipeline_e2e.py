@@ -195,3 +195,43 @@ def test_redis_restart_mid_campaign_completes_without_loss(tmp_path: Path) -> No
         assert stats["duplicates"] == 0
     finally:
         stop_embedded(redis_home)
+
+
+def test_rerate_and_mid_campaign_opt_outs_take_effect_within_seconds(settings: Settings) -> None:
+    from dispatch.suppression import SuppressionStore
+
+    with LocalCluster(settings, workers=2) as cluster:
+        assert cluster.target is not None
+        client = redis.Redis.from_url(cluster.target.app_url)
+        broker = build_broker(settings, cluster.target.broker_url)
+        rows = list(generate_rows(3000, seed=12))
+        spec = CampaignSpec(id="e2e-rerate", channel="sms", body="Hello $first_name", rate=100.0)
+        plan = Planner(client, settings).plan(spec, rows)
+        control = CampaignControl(client, lambda cid, n, d: enqueue_batch(broker, cid, n, d))
+        control.start("e2e-rerate")
+        deadline = time.monotonic() + 30
+        while control.status("e2e-rerate").counters["sent"] < 50 and time.monotonic() < deadline:
+            time.sleep(0.05)  # workers are up and sending
+        time.sleep(2.5)
+        # opt-outs arriving mid-campaign: the last 100 audience rows (not yet sent at 100/s)
+        late = [r["phone"] for r in rows[-100:] if r["phone"]]
+        SuppressionStore(client).add("sms", late)
+        rerated_at = time.time()
+        control.set_rate("e2e-rerate", 400.0)
+        deadline = time.monotonic() + 60
+        while not control.status("e2e-rerate").complete and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status = control.status("e2e-rerate")
+        stats = cluster.mock_stats()
+        broker.close()
+        client.close()
+    assert status.complete
+    per_second = {int(k): v for k, v in stats["per_second"].items()}
+    before = [n for t, n in per_second.items() if t < rerated_at - 1]
+    after = [n for t, n in sorted(per_second.items()) if t >= rerated_at + 2][:-1]  # whole seconds only
+    assert before and max(before) <= 100 * 1.02 + 10, (rerated_at, per_second)
+    assert after and max(after) > 250, (before, after)  # the new rate reached every worker
+    assert max(after) <= 400 * 1.02 + 40
+    assert status.counters["suppressed"] >= 1
+    assert stats["accepted"] == status.counters["sent"] == plan.accepted - status.counters["suppressed"]
+    assert stats["duplicates"] == 0
