@@ -601,7 +601,7 @@ def build_app(
         io_pool=io_pool,
         plan_pool=plan_pool,
         suppression=suppression,
-        triggered=TriggeredSender(settings, app_client, enqueue_async, suppression),
+        triggered=TriggeredSender(settings, app_client, enqueue_async, hasher=suppression_hasher),
     )
     scopes: dict[str, Scope | None] = {op.operation_id: op.scope for op in OPERATIONS}
 

@@ -36,7 +36,7 @@ from dispatch import keys
 from dispatch.api_problems import ApiProblem, FieldError
 from dispatch.checks import QuietHours, next_allowed, resolve_timezone
 from dispatch.config import Settings
-from dispatch.suppression import AsyncSuppressionStore
+from dispatch.suppression import GLOBAL, AddressHasher
 from dispatch.tracking import make_ref
 from dispatch.validation import AddressValidator
 
@@ -130,15 +130,17 @@ class TriggeredSender:
         settings: Settings,
         client: aredis.Redis,
         enqueue: AsyncEnqueue,
-        suppression: AsyncSuppressionStore,
         *,
+        hasher: AddressHasher | None = None,
+        suppression_prefix: str = "dispatch:suppress",
         quiet_hours: QuietHours | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
         self._client = client
         self._enqueue = enqueue
-        self._suppression = suppression
+        self._hasher = hasher or AddressHasher()
+        self._suppression_prefix = suppression_prefix
         self._quiet = quiet_hours or QuietHours()
         self._clock = clock
         self._validator = AddressValidator()
@@ -162,23 +164,39 @@ class TriggeredSender:
         return campaign_id
 
     async def submit(self, owner: str, idempotency_key: str, message: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """(HTTP status, response body) for one validated ``TriggeredMessage``."""
+        """(HTTP status, response body) for one validated ``TriggeredMessage``.
+
+        Three Redis round trips: (idempotency record, suppression, next batch number) in one
+        pipeline, then (idempotency record, batch) in another, then the enqueue. A batch number
+        burned by a replay or a lost race is a gap; a batch written for a lost race is never
+        enqueued and expires with the campaign.
+        """
         fingerprint = hashlib.sha256(orjson.dumps(message, option=orjson.OPT_SORT_KEYS)).hexdigest()
         idem = _idempotency_key(owner, idempotency_key)
-        replay = await self._replay(idem, fingerprint)
-        if replay is not None:
-            return replay
         channel = str(message["channel"])
         reason, address = self._validator.check(channel, str(message["to"]))
+        template = string.Template(str(message["body"]))
+        now = self._clock()
+        campaign_id = await self._campaign(channel, now)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.get(idem)
+        pipe.incr(sequence_key(campaign_id))
+        if reason is None:
+            # the same two lookups as AsyncSuppressionStore.contains_many, inside this round trip
+            digest = self._hasher(address)
+            pipe.smismember(f"{self._suppression_prefix}:{channel}", [digest])
+            pipe.smismember(f"{self._suppression_prefix}:{GLOBAL}", [digest])
+        stored, number, *suppression = await pipe.execute()
+        if stored is not None:
+            return await self._replay(stored, fingerprint)
         if reason is not None:
             raise ApiProblem(422, "the recipient address is not usable", errors=[FieldError("to", str(reason))])
-        template = string.Template(str(message["body"]))
         if not template.is_valid():
             raise ApiProblem(
                 422, "the body template is not valid", errors=[FieldError("body", "'$' not followed by a name")]
             )
+        suppressed = any(suppression[0]) or any(suppression[1])
         text = template.safe_substitute(cast(dict[str, str], message.get("attributes") or {}))
-        now = self._clock()
         not_before = now
         zone_name = message.get("timezone")
         if zone_name:
@@ -186,15 +204,12 @@ class TriggeredSender:
             if zone is None:
                 raise ApiProblem(422, "unknown timezone", errors=[FieldError("timezone", "not an IANA zone name")])
             not_before = next_allowed(datetime.fromtimestamp(now, UTC), zone, self._quiet).timestamp()
-        campaign_id = await self._campaign(channel, now)
-        (suppressed,) = await self._suppression.contains_many(channel, [address])
-        number = int(await self._client.incr(sequence_key(campaign_id)))
         recipient = str(message.get("recipient_id") or "")
         row = [f"{recipient}{_RID_SEP}{number}", address, {"body": text}]
         accepted = _Accepted(
-            message_id=make_ref(campaign_id, number, 0),
+            message_id=make_ref(campaign_id, int(number), 0),
             campaign_id=campaign_id,
-            batch=number,
+            batch=int(number),
             state="suppressed" if suppressed else "queued",
             not_before=round(not_before, 3),
             row=row,
@@ -204,33 +219,37 @@ class TriggeredSender:
                 "fingerprint": fingerprint,
                 "message_id": accepted.message_id,
                 "campaign_id": campaign_id,
-                "batch": number,
+                "batch": accepted.batch,
                 "state": accepted.state,
                 "not_before": accepted.not_before,
                 "row": row,
             }
         )
-        if not await self._client.set(idem, record, nx=True, ex=IDEMPOTENCY_TTL_S):
-            # the same key raced in from another request: answer what that one created
-            replay = await self._replay(idem, fingerprint)
-            if replay is None:
-                raise ApiProblem(409, "this Idempotency-Key is being used by a request in progress; retry")
-            return replay
+        pipe = self._client.pipeline(transaction=False)
+        pipe.set(idem, record, nx=True, ex=IDEMPOTENCY_TTL_S)
         if not suppressed:
-            await self._write_and_enqueue(accepted)
+            self._queue_batch(pipe, accepted)
+        created, *_ = await pipe.execute()
+        if not created:
+            # the same key raced in from another request: answer what that one created
+            stored = cast(bytes | None, await self._client.get(idem))
+            if stored is None:
+                raise ApiProblem(409, "this Idempotency-Key is being used by a request in progress; retry")
+            return await self._replay(stored, fingerprint)
+        if not suppressed:
+            await self._enqueue_batch(accepted)
         return 202, accepted.body(replayed=False)
 
-    async def _write_and_enqueue(self, accepted: _Accepted) -> None:
+    def _queue_batch(self, pipe: Any, accepted: _Accepted) -> None:
         batch = orjson.dumps([accepted.not_before, [accepted.row]])
         ttl = self._settings.retention_s + 3600
-        await self._client.set(keys.batch(accepted.campaign_id, accepted.batch), batch, nx=True, ex=ttl)
+        pipe.set(keys.batch(accepted.campaign_id, accepted.batch), batch, nx=True, ex=ttl)
+
+    async def _enqueue_batch(self, accepted: _Accepted) -> None:
         delay_ms = max(0, int((accepted.not_before - self._clock()) * 1000))
         await self._enqueue(accepted.campaign_id, accepted.batch, delay_ms)
 
-    async def _replay(self, idem: str, fingerprint: str) -> tuple[int, dict[str, Any]] | None:
-        raw = await self._client.get(idem)
-        if raw is None:
-            return None
+    async def _replay(self, raw: bytes, fingerprint: str) -> tuple[int, dict[str, Any]]:
         stored: dict[str, Any] = orjson.loads(raw)
         if stored["fingerprint"] != fingerprint:
             raise ApiProblem(
@@ -250,5 +269,8 @@ class TriggeredSender:
             claimed = await self._client.hexists(keys.records(accepted.campaign_id, accepted.batch), "0")
             if not claimed:
                 # never claimed: maybe the first request died before enqueueing; both steps are idempotent
-                await self._write_and_enqueue(accepted)
+                pipe = self._client.pipeline(transaction=False)
+                self._queue_batch(pipe, accepted)
+                await pipe.execute()
+                await self._enqueue_batch(accepted)
         return 200, accepted.body(replayed=True)

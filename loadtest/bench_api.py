@@ -1,0 +1,229 @@
+"""Benchmark of ``POST /v1/messages``: open-loop at a fixed request rate, latency percentiles.
+
+    .venv/bin/python -m loadtest.bench_api [--rate 1000] [--seconds 10] [--campaign 100000]
+
+Starts a LocalCluster (embedded Redis, the mock provider, worker processes) and ``dispatch serve``
+as its own process, then measures, each phase at ``--rate`` requests/s for ``--seconds``:
+
+1. baseline: ``GET /healthz`` (HTTP + event loop only, no Redis) on the same server;
+2. idle: ``POST /v1/messages`` (auth, idempotency, validation, suppression, snapshot, enqueue);
+3. busy: the same while a ``--campaign``-recipient campaign sends at full speed (0 skips it).
+
+Open loop: request *i* is due at ``start + i / rate`` whatever happened before, and its latency is
+measured from that due time, so a stalled server shows up as latency instead of as fewer requests
+(no coordinated omission). Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import redis
+import uvloop
+
+from dispatch.api_auth import ApiKeyStore
+from dispatch.config import Settings, load_settings
+from loadtest.audience import generate_rows
+from loadtest.cluster import LocalCluster
+
+__all__ = ["Phase", "main", "run_phase"]
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    sent: int
+    errors: int
+    latencies_ms: list[float]
+    seconds: float
+
+    def line(self) -> str:
+        lat = sorted(self.latencies_ms)
+
+        def pct(p: float) -> float:
+            return lat[min(len(lat) - 1, int(p / 100 * len(lat)))] if lat else float("nan")
+
+        return (
+            f"{self.name:<28} {self.sent / self.seconds:7.0f} req/s  errors {self.errors:<5} "
+            f"p50 {pct(50):6.2f} ms  p95 {pct(95):6.2f} ms  p99 {pct(99):6.2f} ms  max {max(lat, default=0):7.2f} ms"
+        )
+
+
+async def run_phase(
+    name: str,
+    session: aiohttp.ClientSession,
+    make_request: Any,
+    *,
+    rate: float,
+    seconds: float,
+) -> Phase:
+    """Fire ``make_request(i)`` (-> (method, url, kwargs)) open-loop at ``rate`` for ``seconds``."""
+    total = int(rate * seconds)
+    latencies: list[float] = []
+    errors = 0
+    clock = time.perf_counter  # uvloop's loop.time() has millisecond resolution
+    start = clock() + 0.05
+
+    async def one(i: int, due: float) -> None:
+        nonlocal errors
+        method, url, kwargs = make_request(i)
+        try:
+            async with session.request(method, url, **kwargs) as response:
+                await response.read()
+                ok = response.status < 400
+        except aiohttp.ClientError:
+            ok = False
+        latencies.append((clock() - due) * 1000)
+        if not ok:
+            errors += 1
+
+    tasks: list[asyncio.Task[None]] = []
+    for i in range(total):
+        due = start + i / rate
+        delay = due - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i, due)))
+    await asyncio.gather(*tasks)
+    return Phase(name, total, errors, latencies, max(seconds, clock() - start))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("dispatch serve exited")
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+            if response.status == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError("dispatch serve did not become ready")
+
+
+async def _bench(base: str, token: str, args: argparse.Namespace, audience: Path | None) -> list[Phase]:
+    auth = {"Authorization": f"Bearer {token}"}
+    run_id = os.urandom(4).hex()
+    phases: list[Phase] = []
+    connector = aiohttp.TCPConnector(limit=512)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        def health(i: int) -> tuple[str, str, dict[str, Any]]:
+            return "GET", f"{base}/healthz", {}
+
+        def message(prefix: str) -> Any:
+            def make(i: int) -> tuple[str, str, dict[str, Any]]:
+                body: dict[str, Any] = {"channel": "sms", "to": f"+4474009{i % 100_000:05d}"}
+                body["body"] = "Your code is $code"
+                body["attributes"] = {"code": f"{prefix}-{i:06d}"}
+                headers = {**auth, "Idempotency-Key": f"{run_id}-{prefix}-{i}", "Content-Type": "application/json"}
+                return "POST", f"{base}/v1/messages", {"data": orjson.dumps(body), "headers": headers}
+
+            return make
+
+        # warm connections and the triggered campaign
+        await run_phase("warm-up", session, message("warm"), rate=200, seconds=1)
+        phases.append(await run_phase("baseline GET /healthz", session, health, rate=args.rate, seconds=args.seconds))
+        phases.append(
+            await run_phase("POST /v1/messages idle", session, message("idle"), rate=args.rate, seconds=args.seconds)
+        )
+        if audience is not None:
+            form = aiohttp.FormData()
+            form.add_field(
+                "spec", orjson.dumps({"id": f"bench-{run_id}", "channel": "sms", "body": "Hi $first_name"}).decode()
+            )
+            form.add_field("audience", audience.open("rb"), content_type="text/csv", filename="audience.csv")
+            async with session.post(f"{base}/v1/campaigns", data=form, headers=auth) as response:
+                plan = await response.json()
+            async with session.post(f"{base}/v1/campaigns/bench-{run_id}/start", headers=auth) as response:
+                await response.read()
+            await asyncio.sleep(1.0)  # let the workers reach full speed
+            busy = await run_phase(
+                "POST /v1/messages + campaign", session, message("busy"), rate=args.rate, seconds=args.seconds
+            )
+            async with session.get(f"{base}/v1/campaigns/bench-{run_id}", headers=auth) as response:
+                status = await response.json()
+            phases.append(busy)
+            print(
+                f"campaign: {plan['accepted']} accepted, {status['done']} done during the busy phase "
+                f"({status['current_rate']:.0f} msg/s)",
+                flush=True,
+            )
+    return phases
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--campaign", type=int, default=100_000, help="recipients of the busy phase (0 = skip)")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-api-") as home:
+        settings: Settings = load_settings({"DISPATCH_HOME": home})
+        audience: Path | None = None
+        if args.campaign:
+            audience = Path(home) / "audience.csv"
+            with audience.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=["id", "phone", "first_name"])
+                writer.writeheader()
+                writer.writerows(generate_rows(args.campaign, seed=1))
+        with LocalCluster(settings, workers=args.workers) as cluster:
+            if not args.workers:
+                print("no workers: messages are accepted and enqueued, not sent", flush=True)
+            assert cluster.target is not None
+            port = _free_port()
+            base = f"http://127.0.0.1:{port}"
+            server = subprocess.Popen(
+                [sys.executable, "-m", "dispatch.cli", "serve", "--port", str(port)],
+                env=cluster.env(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                _wait_ready(base, server)
+                client = redis.Redis.from_url(cluster.target.app_url)
+                token, _ = ApiKeyStore(client).create("write", "bench")
+                client.close()
+                print(f"API at {base}; {args.rate:.0f} req/s for {args.seconds:.0f} s per phase, open loop", flush=True)
+                phases = uvloop.run(_bench(base, token, args, audience))
+            finally:
+                server.send_signal(signal.SIGTERM)
+                try:
+                    server.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait()
+            for phase in phases:
+                print(phase.line())
+            stats = cluster.mock_stats()
+            print(f"mock provider: {stats['accepted']} messages accepted, {stats['duplicates']} duplicates")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
