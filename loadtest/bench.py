@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import io
 import multiprocessing as mp
+import resource
 import sys
 import time
 from dataclasses import replace
@@ -36,9 +37,9 @@ from dispatch.config import Settings, load_settings
 from loadtest import bench_planner
 from loadtest.cluster import LocalCluster
 from loadtest.report import percentile
-from loadtest.runner import LoadtestOptions, run_loadtest
+from loadtest.runner import LoadtestOptions, children_running, cpu_seconds, run_loadtest
 
-__all__ = ["main", "raw_ceiling", "run_bench"]
+__all__ = ["PREDICTION_CASES", "main", "prediction_matrix", "raw_ceiling", "run_bench"]
 
 #: Seconds of bare-client traffic before the measured window (connections, warm caches).
 RAW_WARMUP_S = 1.0
@@ -79,7 +80,11 @@ async def _raw_client(
 
 
 def _raw_process(url: str, options: dict[str, Any]) -> bytes:
+    before = resource.getrusage(resource.RUSAGE_SELF)
     result = uvloop.run(_raw_client(url, **options))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    # includes the warm-up second: a slight overestimate of the client's cost per message
+    result["cpu_s"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     return orjson.dumps(result)
 
 
@@ -88,6 +93,8 @@ def raw_ceiling(
 ) -> dict[str, Any]:
     """Messages/s the mock accepts from bare clients (``processes`` x ``concurrency`` in flight)."""
     ctx = mp.get_context("spawn")
+    mock_pids = children_running("loadtest.mock_provider")
+    mock_before = sum(cpu_seconds(pid) or 0.0 for pid in mock_pids)
     with ctx.Pool(processes) as pool:
         jobs = [
             pool.apply_async(
@@ -106,7 +113,9 @@ def raw_ceiling(
             for i in range(processes)
         ]
         parts = [orjson.loads(job.get()) for job in jobs]
+    mock_cpu = sum(cpu_seconds(pid) or 0.0 for pid in mock_pids) - mock_before
     ok = sum(p["ok"] for p in parts)
+    total = max(1, ok)
     latencies = [x for p in parts for x in p["latencies"]]
     return {
         "processes": processes,
@@ -115,10 +124,68 @@ def raw_ceiling(
         "messages": ok,
         "errors": sum(p["errors"] for p in parts),
         "rate": round(ok / seconds, 1),
+        "cpu_us_per_message": {
+            "clients": round(sum(p["cpu_s"] for p in parts) / total * 1e6, 1),
+            "mock": round(mock_cpu / total * 1e6, 1) if mock_pids else None,
+        },
         "latency_ms": {
             q: round(percentile(latencies, v) * 1000, 2) for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
         },
     }
+
+
+#: (recipients, workers, provider latency ms, rate limit/s or 0): sizes, rates and latencies that
+#: make each of the prediction's ceilings the bottleneck at least once.
+PREDICTION_CASES: tuple[tuple[int, int, float, float], ...] = (
+    (5_000, 1, 0.0, 0.0),
+    (30_000, 2, 0.0, 0.0),
+    (20_000, 2, 20.0, 1000.0),
+    (10_000, 2, 0.0, 500.0),
+    (15_000, 1, 200.0, 0.0),
+    (8_000, 2, 500.0, 0.0),
+)
+
+
+def prediction_matrix(
+    settings: Settings, cases: tuple[tuple[int, int, float, float], ...] = PREDICTION_CASES, *, quiet: bool = False
+) -> list[dict[str, Any]]:
+    """Predicted vs actual duration of one load test per case (each on its own deployment)."""
+    rows = []
+    for recipients, workers, latency, rate in cases:
+        report = run_loadtest(
+            replace(settings, workers=workers),
+            LoadtestOptions(
+                recipients=recipients,
+                workers=workers,
+                provider_latency_ms=latency,
+                rate_limit=rate or None,
+                progress=False,
+            ),
+        )
+        pred = report["prediction"]
+        row = {
+            "recipients": recipients,
+            "accepted": report["accepted"],
+            "workers": workers,
+            "latency_ms": latency,
+            "rate_limit": rate or None,
+            "bottleneck": pred["bottleneck"],
+            "predicted_s": pred["predicted_s"],
+            "actual_s": pred["actual_s"],
+            "error_pct": pred["error_pct"],
+            "mean_rate": report["throughput"]["mean"],
+            "peak_1s": report["provider"]["peak_1s"],
+            "lost": report["lost"],
+            "duplicates": report["duplicates"],
+            "cpu_us_per_message": report["cpu"]["us_per_message"],
+        }
+        rows.append(row)
+        if not quiet:
+            print(f"  {recipients:>7,} rcpt {workers} w {latency:>5g} ms limit {rate or '-':>5} | "
+                  f"{row['bottleneck']:<15} predicted {row['predicted_s']:7.2f} s actual {row['actual_s']:7.2f} s "
+                  f"error {row['error_pct']:+6.1f}% | {row['mean_rate']:>7,.0f} msg/s peak {row['peak_1s']:,} "
+                  f"lost {row['lost']} dup {row['duplicates']}", flush=True)  # fmt: skip
+    return rows
 
 
 def _planner(rows: int, naive_rows: int) -> str:
@@ -138,6 +205,7 @@ def run_bench(
     naive_rows: int = 50_000,
     out_dir: Path | None = None,
     as_json: bool = False,
+    prediction: bool = False,
 ) -> int:
     def say(*parts: object) -> None:
         if not as_json:
@@ -156,8 +224,10 @@ def run_bench(
             seconds=raw_seconds,
         )
         lat = raw["latency_ms"]
+        cpu = raw["cpu_us_per_message"]
         say(f"    {raw['rate']:>10,.0f} msg/s   ({raw['messages']:,} in {raw_seconds:g} s, errors {raw['errors']}; "
-            f"latency p50 {lat['p50']} ms p95 {lat['p95']} ms p99 {lat['p99']} ms)")  # fmt: skip
+            f"latency p50 {lat['p50']} ms p95 {lat['p95']} ms p99 {lat['p99']} ms; "
+            f"CPU us/msg: clients {cpu['clients']}, mock {cpu['mock']})")  # fmt: skip
         asyncio.run(_reset(cluster.mock_url))
         say("(b) full pipeline: dispatch loadtest (dedup, rate-limit step, retries, tracking, metrics) ...")
         report = run_loadtest(
@@ -173,6 +243,7 @@ def run_bench(
     say(f"    lost {report['lost']}, duplicates {report['duplicates']}, retries {report['retries']}, "
         f"latency p50/p95/p99 {report['latency_ms']['p50']}/{report['latency_ms']['p95']}/"
         f"{report['latency_ms']['p99']} ms; predicted {report['prediction']['predicted_s']:.1f} s")  # fmt: skip
+    say(f"    CPU us/msg: {report['cpu']['us_per_message']}")
     say(f"ratio pipeline/raw: {ratio_mean:.2f} (mean), {ratio_sustained:.2f} (sustained)   target >= 0.70")
     say(f"report {report['json_file']}\nchart  {report['chart_file']}")
     planner = ""
@@ -180,8 +251,15 @@ def run_bench(
         say(f"planner benchmark (loadtest.bench_planner --rows {planner_rows} --naive-rows {naive_rows}):")
         planner = _planner(planner_rows, naive_rows)
         say(planner.rstrip())
+    matrix: list[dict[str, Any]] = []
+    if prediction:
+        say(f"prediction matrix (DISPATCH_CPU_PER_MESSAGE_US={settings.cpu_per_message_us:g}):")
+        matrix = prediction_matrix(settings, quiet=as_json)
+        errors = [abs(row["error_pct"]) for row in matrix]
+        say(f"  worst |error| {max(errors):.1f}%   target <= 10%")
     if as_json:
         summary = {
+            "prediction": matrix,
             "raw": raw,
             "pipeline": {k: v for k, v in report.items() if k not in {"samples", "provider_per_second"}},
             "ratio_mean": round(ratio_mean, 3),
@@ -206,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--naive-rows", type=int, default=50_000)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--prediction", action="store_true", help="also run the prediction matrix")
     args = parser.parse_args(argv)
     settings = load_settings()
     return run_bench(
@@ -217,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         naive_rows=args.naive_rows,
         out_dir=args.out,
         as_json=args.json,
+        prediction=args.prediction,
     )
 
 

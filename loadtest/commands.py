@@ -57,6 +57,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         naive_rows=args.naive_rows,
         out_dir=args.out,
         as_json=args.json,
+        prediction=args.prediction,
     )
 
 
@@ -86,4 +87,5 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--naive-rows", type=int, default=50_000, help="rows for the planner's naive baseline")
     p.add_argument("--out", type=Path, default=None, help="directory of the pipeline run's report and chart")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--prediction", action="store_true", help="also run the predicted-vs-actual matrix")
     p.set_defaults(handler=cmd_bench)

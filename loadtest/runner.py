@@ -64,6 +64,8 @@ __all__ = [
     "LoadtestError",
     "LoadtestOptions",
     "audience_rows",
+    "children_running",
+    "cpu_seconds",
     "free_port",
     "run_loadtest",
     "wired_channels",
@@ -211,12 +213,12 @@ def _processes(match: Callable[[int, str], bool]) -> list[int]:
     return found
 
 
-def _children_running(module: str) -> list[int]:
+def children_running(module: str) -> list[int]:
     """Pids of this process's children whose command line names ``module``."""
     return _processes(lambda ppid, cmdline: ppid == os.getpid() and module in cmdline)
 
 
-def _cpu_seconds(pid: int) -> float | None:
+def cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a process (all its threads), None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
@@ -234,7 +236,7 @@ class _CpuMeter:
         port = cluster.target.app_url.rsplit(":", 1)[-1].split("/", 1)[0]
         self.parts: dict[str, list[int]] = {
             "workers": [proc.pid for proc in cluster.worker_processes],
-            "mock": _children_running("loadtest.mock_provider"),
+            "mock": children_running("loadtest.mock_provider"),
             "redis": _processes(lambda _, cmd: ("valkey-server" in cmd or "redis-server" in cmd) and f":{port}" in cmd),
             "runner": [os.getpid()],
         }
@@ -244,7 +246,7 @@ class _CpuMeter:
         values = {}
         for pids in self.parts.values():
             for pid in pids:
-                cpu = _cpu_seconds(pid)
+                cpu = cpu_seconds(pid)
                 if cpu is not None:
                     values[pid] = cpu
         return values
@@ -271,7 +273,7 @@ class _Profiler:
             raise LoadtestError("--profile needs py-spy: .venv/bin/pip install py-spy")
         out_dir.mkdir(parents=True, exist_ok=True)
         targets = [(f"worker{i}", proc.pid) for i, proc in enumerate(cluster.worker_processes)]
-        targets += [("mock", pid) for pid in _children_running("loadtest.mock_provider")]
+        targets += [("mock", pid) for pid in children_running("loadtest.mock_provider")]
         self.files: dict[str, Path] = {}
         self._procs: list[subprocess.Popen[bytes]] = []
         for name, pid in targets:

@@ -23,6 +23,7 @@ from loadtest.report import (
     parse_histogram,
     percentile,
     sum_buckets,
+    summarize_profile,
 )
 from loadtest.runner import LoadtestError, LoadtestOptions, run_loadtest, wired_channels
 
@@ -183,3 +184,21 @@ def test_histograms_are_parsed_summed_and_differenced() -> None:
     both = sum_buckets([buckets, buckets])
     assert both == [(0.01, 8.0), (math.inf, 12.0)]
     assert diff_buckets(both, buckets) == buckets
+
+
+def test_profile_summary_ranks_self_inclusive_and_packages() -> None:
+    collapsed = "\n".join(
+        [
+            "Thread.run (threading.py:982);Engine.send (dispatch/engine.py:10);post (aiohttp/client.py:5) 6",
+            "Thread.run (threading.py:982);Engine.send (dispatch/engine.py:11) 3",
+            "Thread.run (threading.py:982);iter (/x/site-packages/tenacity/__init__.py:7) 1",
+            "not a stack line",
+        ]
+    )
+    summary = summarize_profile(collapsed)
+    assert summary["samples"] == 10
+    assert summary["self"] == [("post (aiohttp/client.py)", 0.6), ("Engine.send (dispatch/engine.py)", 0.3),
+                               ("iter (tenacity/__init__.py)", 0.1)]  # fmt: skip
+    assert summary["inclusive"][0] == ("Thread.run (threading.py)", 1.0)
+    assert summary["ours"] == [("Engine.send (dispatch/engine.py)", 0.9)]
+    assert dict(summary["packages"]) == {"threading": 1.0, "dispatch": 0.9, "aiohttp": 0.6, "tenacity": 0.1}
