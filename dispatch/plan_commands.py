@@ -1,0 +1,201 @@
+"""Planning commands of the ``dispatch`` CLI: suppression lists and the full plan report.
+
+    dispatch suppress add CHANNEL ADDRESS...        (CHANNEL: sms, email, push, webhook or global)
+    dispatch suppress remove CHANNEL ADDRESS...
+    dispatch suppress import CHANNEL FILE [--hashes]   one address (or exported hash) per line
+    dispatch suppress export CHANNEL [--output FILE]   hashes, never addresses
+    dispatch suppress count CHANNEL
+    dispatch plan CAMPAIGN_FILE --audience SOURCE [--query SQL] [--json]
+
+Addresses are normalized the way the planner normalizes them before they are hashed (E.164
+phones, lowercased email domains), so ``+44 7400 123456`` and ``+447400123456`` are one entry;
+an address that does not validate is refused (``add``) or counted as invalid (``import``). For
+``global`` an address containing ``@`` is taken as an email, anything else as a phone.
+
+The plan command checks suppression lists and, when ``frequency_limit`` is set in the
+settings, the frequency cap. ``SOURCE`` is a CSV/JSONL file (optionally gzip) or a
+``postgresql://`` DSN read with ``--query`` through a server-side cursor. It registers as
+``plan`` when the core CLI has no ``plan`` command, otherwise as ``plan-campaign``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+import redis
+
+from dispatch.audience import from_postgres
+from dispatch.campaign import load_campaign_file
+from dispatch.config import Settings
+from dispatch.errors import AudienceError, PlanError
+from dispatch.frequency import FrequencyCap
+from dispatch.planner import Planner, PlanReport
+from dispatch.redisdb import resolve_redis
+from dispatch.suppression import GLOBAL, SuppressionStore
+from dispatch.validation import AddressValidator
+
+__all__ = ["add_commands", "format_report", "frequency_cap_from", "normalizer"]
+
+CHANNELS = ("sms", "email", "push", "webhook", "wechat", GLOBAL)
+
+
+def normalizer(channel: str, region: str | None = None) -> Callable[[str], str | None]:
+    """The planner's normalization for ``channel``'s addresses (None: not a valid address)."""
+    validator = AddressValidator(region)
+
+    def normalize(raw: str) -> str | None:
+        target = channel
+        if channel == GLOBAL:
+            target = "email" if "@" in raw else "sms"
+        reason, address = validator.check_phone(raw, sms=False) if target == "sms" else validator.check(target, raw)
+        return None if reason is not None else address
+
+    return normalize
+
+
+def frequency_cap_from(settings: Settings) -> FrequencyCap | None:
+    """The frequency cap of the settings (``frequency_limit`` / ``frequency_window_s``), if set."""
+    limit = int(getattr(settings, "frequency_limit", 0) or 0)
+    if limit <= 0:
+        return None
+    return FrequencyCap(limit=limit, window=timedelta(seconds=int(getattr(settings, "frequency_window_s", 86_400))))
+
+
+def _client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(resolve_redis(settings).app_url)
+
+
+def cmd_suppress(args: argparse.Namespace, settings: Settings) -> int:
+    client = _client(settings)
+    try:
+        store = SuppressionStore(client)
+        normalize = normalizer(args.channel, args.region)
+        if args.action in ("add", "remove"):
+            addresses = [normalize(a) for a in args.addresses]
+            bad = [i + 1 for i, a in enumerate(addresses) if a is None]
+            if bad:
+                raise PlanError(f"address(es) number {', '.join(map(str, bad))} are not valid {args.channel} addresses")
+            valid = [a for a in addresses if a is not None]
+            changed = store.add(args.channel, valid) if args.action == "add" else store.remove(args.channel, valid)
+            print(f"{args.channel}: {changed} {'added' if args.action == 'add' else 'removed'}")
+        elif args.action == "import":
+            if args.hashes:
+                with args.file.open(encoding="utf-8") as handle:
+                    print(f"{args.channel}: {store.import_hashes(args.channel, handle)} added")
+            else:
+                result = store.import_file(args.file, args.channel, normalize)
+                print(f"{args.channel}: {result.added} added, {result.invalid} invalid lines skipped")
+        elif args.action == "export":
+            out: TextIO = args.output.open("w", encoding="utf-8") if args.output else sys.stdout
+            try:
+                for digest in store.export(args.channel):
+                    out.write(digest + "\n")
+            finally:
+                if args.output:
+                    out.close()
+        else:
+            print(store.count(args.channel))
+    except OSError as exc:
+        target = getattr(args, "file", None) or getattr(args, "output", None)
+        raise PlanError(f"cannot use {target}: {exc.strerror}") from None
+    finally:
+        client.close()
+    return 0
+
+
+def format_report(report: PlanReport) -> str:
+    """The plan report for people: counts by reason, batches, schedule, prediction, verdict."""
+    p = report.prediction
+    lines = [f"campaign {report.campaign_id}{' (already planned: the existing plan)' if report.existing else ''}"]
+    lines.append(f"  rows         {report.total:>12,}")
+    lines.append(f"  accepted     {report.accepted:>12,}")
+    for reason, n in sorted(report.rejected.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {reason:<12} {n:>12,}")
+    lines.append(f"  batches      {report.batches:>12,}   cost units {report.cost_units:,}")
+    for group in report.extra.get("schedule") or []:
+        when = datetime.fromtimestamp(group["not_before"], UTC).isoformat(timespec="minutes")
+        lines.append(f"  due {when}  {group['recipients']:>10,} recipients in {group['batches']:,} batches")
+    start = datetime.fromtimestamp(p["start"], UTC).isoformat(timespec="seconds")
+    finish = datetime.fromtimestamp(p["finish"], UTC).isoformat(timespec="seconds")
+    lines.append(f"  prediction   {p['rate']:,.1f} msg/s ({p['bottleneck']}), {p['duration_s']:,.0f} s")
+    lines.append(f"               start {start}, finish {finish}")
+    lines.append(f"  verdict      {p['verdict']}: {p['advice']}")
+    if report.rejected_file:
+        lines.append(f"  rejected rows: {report.rejected_file}")
+    return "\n".join(lines)
+
+
+def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    spec = load_campaign_file(args.campaign_file)
+    client = _client(settings)
+    try:
+        planner = Planner.with_redis_checks(
+            client, settings, frequency_cap=frequency_cap_from(settings), default_region=args.region
+        )
+        source: str = args.audience
+        if source.startswith(("postgresql://", "postgres://")):
+            if not args.query:
+                raise PlanError("a PostgreSQL audience needs --query")
+            report = _plan_postgres(planner, spec, source, args.query)
+        else:
+            if args.query:
+                raise PlanError("--query is only for a postgresql:// audience")
+            report = planner.plan_file(spec, Path(source))
+    finally:
+        client.close()
+    if args.json:
+        data: dict[str, Any] = {**report.as_dict(), **report.extra}
+        print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _plan_postgres(planner: Planner, spec: Any, dsn: str, query: str) -> PlanReport:
+    try:
+        import psycopg
+    except ImportError:
+        raise AudienceError("PostgreSQL audiences need psycopg: pip install 'dispatch[postgres]'") from None
+    try:
+        conn = psycopg.connect(dsn)
+    except psycopg.Error as exc:
+        raise AudienceError(f"cannot connect to the audience database: {type(exc).__name__}") from None
+    with conn:
+        return planner.plan(spec, from_postgres(conn, query))
+
+
+def add_commands(sub: Any) -> None:
+    """Register ``suppress`` and the planning command on the CLI's subparsers."""
+    p = sub.add_parser("suppress", help="suppression lists: add, remove, import, export, count")
+    actions = p.add_subparsers(dest="action", required=True)
+    for action in ("add", "remove"):
+        a = actions.add_parser(action, help=f"{action} addresses")
+        a.add_argument("channel", choices=CHANNELS)
+        a.add_argument("addresses", nargs="+")
+    a = actions.add_parser("import", help="add one address (or hash, with --hashes) per line")
+    a.add_argument("channel", choices=CHANNELS)
+    a.add_argument("file", type=Path)
+    a.add_argument("--hashes", action="store_true", help="the file holds hashes from 'export'")
+    a = actions.add_parser("export", help="write the suppressed hashes (not addresses)")
+    a.add_argument("channel", choices=CHANNELS)
+    a.add_argument("--output", type=Path, default=None)
+    a = actions.add_parser("count", help="how many entries a list holds")
+    a.add_argument("channel", choices=CHANNELS)
+    for a in actions.choices.values():
+        a.add_argument("--region", default=None, help="default region for national phone numbers")
+    p.set_defaults(handler=cmd_suppress)
+
+    name = "plan" if "plan" not in sub.choices else "plan-campaign"
+    p = sub.add_parser(name, help="plan a campaign with every check: counts by reason, batches, prediction")
+    p.add_argument("campaign_file", type=Path)
+    p.add_argument("--audience", required=True, help="CSV/JSONL file (optionally .gz) or postgresql:// DSN")
+    p.add_argument("--query", default=None, help="SQL query for a PostgreSQL audience")
+    p.add_argument("--region", default=None, help="default region for national phone numbers (e.g. US)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_plan)
