@@ -153,9 +153,11 @@ class TwilioSms(Channel):
             with translate_errors(self.provider):
                 async with self._session.post(
                     self._url,
-                    data=self._form(message),
+                    # pre-encoded: aiohttp's FormData for a dict costs more CPU than the request
+                    data=urlencode(self._form(message)).encode(),
                     headers={
                         "Authorization": self._authorization,
+                        "Content-Type": "application/x-www-form-urlencoded",
                         "Idempotency-Key": message.idempotency_key,
                     },
                     timeout=self._timeout,

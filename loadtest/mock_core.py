@@ -126,6 +126,8 @@ class MockConfig:
     #: Numbers that are landlines: Twilio answers 21614.
     not_mobile: frozenset[str] = frozenset()
     receipts: ReceiptConfig | None = None
+    #: Idempotency keys remembered (oldest forgotten first), like a provider's key window.
+    idempotency_keys: int = 200_000
     #: Seed for the fault and receipt dice (None: unpredictable).
     seed: int | None = None
     #: Largest request body accepted (SendGrid's limit is 30 MB; keep tests cheaper).
@@ -282,7 +284,13 @@ class MockState:
         key = request.headers.get("Idempotency-Key")
         if key and isinstance(response.body, bytes):
             content_type = response.content_type or "application/json"
-            self.idempotent[(channel, key)] = (response.status, response.body, content_type)
+            # an exact-size copy: orjson's output keeps its whole (8 KiB) buffer allocated
+            body = bytes(memoryview(response.body))
+            self.idempotent[(channel, key)] = (response.status, body, content_type)
+            # Providers keep keys for a window, not forever: bound memory on multi-million runs
+            # (a resend after a crash arrives within seconds, far inside this window).
+            while len(self.idempotent) > self.config.idempotency_keys:
+                del self.idempotent[next(iter(self.idempotent))]
 
     # -- background callbacks -------------------------------------------------------------------
 
