@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import string
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -50,6 +51,8 @@ __all__ = [
     "Step",
     "SuppressionFilter",
     "build_chain",
+    "chunk_size",
+    "limiter_burst",
 ]
 
 log = logging.getLogger("dispatch.engine")
@@ -58,6 +61,18 @@ log = logging.getLogger("dispatch.engine")
 LONG_WAIT_S = 5.0
 #: Confirmations are written in groups of this many (one Lua call each).
 TRACK_FLUSH = 64
+#: Messages handed to a per-message channel per call (it sends them concurrently): one pass
+#: through the chain, one rate-limit acquisition and one semaphore permit for all of them.
+PER_MESSAGE_CHUNK = 8
+
+
+def chunk_size(channel: Channel) -> int:
+    return channel.messages_per_request if channel.messages_per_request > 1 else PER_MESSAGE_CHUNK
+
+
+def limiter_burst(rate: float) -> int:
+    """Burst for a limit key: ~50 ms of traffic, and at least a few chunks of long messages."""
+    return max(64, int(rate / 20))
 
 
 @dataclass(slots=True)
@@ -190,7 +205,7 @@ class RateLimitStep:
         if rate is None:
             await self._limiter.remove(key)
         else:
-            await self._limiter.configure(Limit(key=key, rate=rate, burst=max(1, int(rate / 10))))
+            await self._limiter.configure(Limit(key=key, rate=rate, burst=limiter_burst(rate)))
         self._campaign_rates[campaign_id] = rate
 
     async def penalize(self, ctx: SendContext, retry_after: float | None) -> None:
@@ -239,13 +254,20 @@ class SendStep:
         self._on_rate_limited = on_rate_limited
         self._sleep = sleep
         self._backoff = wait_random_exponential(multiplier=0.05, max=backoff_max_s)
+        self._backoff_max = backoff_max_s
+
+    def _backoff_first(self) -> float:
+        """Jittered wait before the first retry (what the exponential policy gives attempt 1)."""
+        return random.uniform(0.0, min(self._backoff_max, 0.1))
 
     def _wait(self, state: RetryCallState) -> float:
         last: _Round = state.outcome.result() if state.outcome else _Round([])
         return max(last.retry_after, self._backoff(state))
 
     def _stop(self, state: RetryCallState) -> bool:
-        last: _Round = state.outcome.result() if state.outcome else _Round([])
+        return self._done(state.outcome.result() if state.outcome else _Round([]))
+
+    def _done(self, last: _Round) -> bool:
         if not last.pending:
             return True
         if any(item.attempts >= self._max_attempts for item in last.pending):
@@ -300,14 +322,19 @@ class SendStep:
             pending[:] = round_.pending
             return round_
 
-        retrying = AsyncRetrying(
-            retry=retry_if_result(lambda r: bool(r.pending)),
-            stop=self._stop,
-            wait=self._wait,
-            sleep=self._sleep,
-            retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
-        )
-        last: _Round | None = await retrying(one_round)
+        # The first round runs bare: most sends succeed, and a tenacity loop costs more CPU than
+        # the request itself. Only messages that need a retry enter the policy.
+        last: _Round | None = await one_round()
+        if last is not None and not self._done(last):
+            await self._sleep(max(last.retry_after, self._backoff_first()))
+            retrying = AsyncRetrying(
+                retry=retry_if_result(lambda r: bool(r.pending)),
+                stop=self._stop,
+                wait=self._wait,
+                sleep=self._sleep,
+                retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+            )
+            last = await retrying(one_round)
         if last is not None and last.pending:
             for item in last.pending:
                 if item.attempts >= self._max_attempts:
@@ -345,7 +372,8 @@ class Engine:
         self._channels = channels
         self._chain = build_chain(steps)
         self._owner = owner
-        self._sem = asyncio.Semaphore(concurrency)
+        # one permit per chunk: at most ``concurrency`` provider requests in flight
+        self._sem = asyncio.Semaphore(max(1, concurrency // PER_MESSAGE_CHUNK))
         self._manifests: dict[str, dict[str, Any]] = {}
         self._control: dict[str, tuple[float, str]] = {}
         #: Batches running in this process: a second run of one waits (see claim.lua).
@@ -452,7 +480,7 @@ class Engine:
             for outcome in buffer:
                 self._metrics.record_send(channel.name, channel.provider, _FINAL_OUTCOMES[outcome.state])
         pending_items = [item for item in items if item.outcome is None]
-        size = max(1, channel.messages_per_request)
+        size = chunk_size(channel)
         chunks = [pending_items[i : i + size] for i in range(0, len(pending_items), size)]
 
         async def flush() -> None:

@@ -84,7 +84,7 @@ async def rig(redis_client: redis.Redis, aredis_client: aredis.Redis, tmp_path: 
 
 async def test_transient_errors_are_retried_until_sent_once(rig: Rig) -> None:
     accepted = rig.plan("retry-1", phones(60))
-    rig.mock.set_faults(FaultMix(p_503=0.1, p_500=0.05, p_429=0.05, retry_after_s=0.05, p_reset=0.05))
+    rig.mock.set_faults(FaultMix(p_503=0.06, p_500=0.03, p_429=0.03, retry_after_s=0.05, p_reset=0.03))
     outcome = await rig.send("retry-1")
     assert outcome.requeue_after is None
     counters = campaign_counters(rig.sync, "retry-1")
