@@ -70,6 +70,12 @@ class Settings:
     webhook_honours_idempotency: bool = _setting(True, "the webhook receiver honours Idempotency-Key")
     frequency_limit: int = _setting(0, "messages per recipient per channel in the window (0 = no cap)", low=0)
     frequency_window_s: int = _setting(86_400, "rolling frequency-cap window in seconds", low=1)
+    api_key_pepper: str = _setting("", "secret mixed into stored API-key hashes (a dump alone cannot test tokens)")
+    suppression_key: str = _setting("", "secret key of the suppression-list address hashes (same on every process)")
+    api_max_json_bytes: int = _setting(1024 * 1024, "largest JSON request body of the API", low=1024)
+    api_max_audience_bytes: int = _setting(2 * 1024**3, "largest audience upload of the API", low=1024)
+    sendgrid_public_key: str | None = _setting(None, "SendGrid event-webhook verification key (base64 DER or PEM)")
+    receipt_webhook_secret: str | None = _setting(None, "HMAC secret of signed webhook delivery receipts")
     callback_base_url: str | None = _setting(None, "public base URL providers post receipts to")
     provider_latency_ms: float = _setting(20.0, "expected provider latency for predictions", low=0)
     cpu_per_message_us: float = _setting(
