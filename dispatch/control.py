@@ -18,7 +18,7 @@ import redis
 
 from dispatch import keys
 from dispatch.errors import CampaignStateError
-from dispatch.snapshot import load_manifest
+from dispatch.snapshot import extend_retention, load_manifest
 from dispatch.tracking import campaign_counters
 
 __all__ = ["CONTROL_TTL_S", "CampaignControl", "CampaignStatus", "EnqueueFn"]
@@ -100,14 +100,40 @@ class CampaignControl:
     def cancel(self, campaign_id: str) -> None:
         self._transition(campaign_id, {"running", "paused", "planned"}, "cancelled")
 
+    def finalize(self, campaign_id: str, retention_s: float) -> bool:
+        """Mark a finished campaign completed and let all its keys expire ``retention_s`` later.
+
+        A cancelled campaign's keys expire the same way (its state stays ``cancelled``).
+
+        Idempotent; any worker may call it. Returns False while the campaign is not finished.
+        """
+        status = self.status(campaign_id)
+        if not status.complete and status.state != "cancelled":
+            return False
+        control = keys.control(campaign_id)
+        if self._client.hget(control, "state") == b"running":
+            self._client.hset(control, mapping={"state": "completed", "completed_at": f"{time.time():.3f}"})
+        manifest = load_manifest(self._client, campaign_id)
+        extend_retention(self._client, campaign_id, retention_s)
+        ttl = int(retention_s)
+        pipe = self._client.pipeline(transaction=False)
+        for key in (control, keys.counters(campaign_id), keys.dead_letters(campaign_id)):
+            pipe.expire(key, ttl)
+        for number in range(int(manifest["batches"])):
+            pipe.expire(keys.records(campaign_id, number), ttl)
+        pipe.execute()
+        return True
+
     def retry_failed(self, campaign_id: str) -> tuple[int, int]:
         """Send dead-lettered messages again (and only those); returns (messages, batches)."""
         load_manifest(self._client, campaign_id)
         if self._enqueue is None:
             raise CampaignStateError("this control has no broker to enqueue batches")
         state = self._state(campaign_id)
-        if state not in {"running", "paused"}:
+        if state not in {"running", "paused", "completed"}:
             raise CampaignStateError(f"campaign {campaign_id!r} is {state}; only a started campaign can retry")
+        if state == "completed":
+            self._client.hset(keys.control(campaign_id), "state", "running")
         script = self._client.register_script(
             resources.files("dispatch").joinpath("requeue_dead.lua").read_text(encoding="utf-8")
         )
@@ -146,7 +172,7 @@ class CampaignControl:
         done = sum(counters[name] for name in TERMINAL)
         state = control.get(b"state", b"planned").decode()
         if state == "running" and done >= accepted:
-            state = "completed"
+            state = "completed"  # finished; a worker records it (finalize) within seconds
         started_raw = control.get(b"started_at")
         started = float(started_raw) if started_raw else None
         elapsed = time.time() - started if started else 0.0

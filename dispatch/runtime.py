@@ -265,6 +265,8 @@ class WorkerRuntime:
         for campaign_id, seen in list(self.engine.seen.items()):
             status = self._control.status(campaign_id)
             if status.complete or status.state == "cancelled" or now - seen > CAMPAIGN_IDLE_S:
+                if status.complete or status.state == "cancelled":
+                    self._control.finalize(campaign_id, self.settings.retention_s)
                 self.metrics.end_campaign(campaign_id)
                 self.engine.seen.pop(campaign_id, None)
                 continue

@@ -166,3 +166,22 @@ async def test_cancelled_and_paused_campaigns_send_nothing(rig: Rig) -> None:
     assert rig.mock.ledger.accepted == 0
     status = rig.control.status("stop-1")
     assert status.state == "cancelled" and status.as_dict()["not_sent"] == 5
+
+
+async def test_finished_campaign_is_finalized_and_its_keys_expire(rig: Rig) -> None:
+    from dispatch import keys
+
+    rig.plan("final-1", phones(4, 500))
+    assert not rig.control.finalize("final-1", 600)  # not finished yet
+    await rig.send("final-1")
+    assert rig.control.finalize("final-1", 600)
+    assert rig.control.status("final-1").state == "completed"
+    for key in (
+        keys.counters("final-1"),
+        keys.control("final-1"),
+        keys.records("final-1", 0),
+        keys.batch("final-1", 0),
+    ):
+        assert 0 < rig.sync.ttl(key) <= 600 + 5, key
+    # a completed campaign can still resend its dead letters (none here)
+    assert rig.control.retry_failed("final-1") == (0, 0)
