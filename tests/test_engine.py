@@ -176,12 +176,8 @@ async def test_finished_campaign_is_finalized_and_its_keys_expire(rig: Rig) -> N
     await rig.send("final-1")
     assert rig.control.finalize("final-1", 600)
     assert rig.control.status("final-1").state == "completed"
-    for key in (
-        keys.counters("final-1"),
-        keys.control("final-1"),
-        keys.records("final-1", 0),
-        keys.batch("final-1", 0),
-    ):
+    for key in (keys.counters("final-1"), keys.control("final-1"), keys.records("final-1", 0)):
         assert 0 < rig.sync.ttl(key) <= 600 + 5, key
+    assert rig.sync.ttl(keys.batch("final-1", 0)) > 0  # the snapshot keeps its longer expiry
     # a completed campaign can still resend its dead letters (none here)
     assert rig.control.retry_failed("final-1") == (0, 0)
