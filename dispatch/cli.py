@@ -6,6 +6,7 @@ import argparse
 import csv
 import logging
 import sys
+import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -15,10 +16,11 @@ import redis
 
 from dispatch.broker import build_broker, enqueue_batch
 from dispatch.campaign import load_campaign_file
+from dispatch.client import DispatchClient
 from dispatch.config import Settings, load_settings
 from dispatch.control import CampaignControl
 from dispatch.embedded import find_embedded, stop_embedded
-from dispatch.errors import DispatchError
+from dispatch.errors import ConfigError, DispatchError
 from dispatch.planner import Planner, read_csv_rows
 from dispatch.redisdb import resolve_redis
 from dispatch.snapshot import load_manifest
@@ -71,7 +73,27 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return run_worker(settings, threads=args.threads, metrics_port=args.metrics_port)
 
 
+def _api(settings: Settings) -> DispatchClient | None:
+    """The API client when ``--api``/``DISPATCH_API_URL`` is set: commands then go over HTTP."""
+    if settings.api_url is None:
+        return None
+    if not settings.api_token:
+        raise ConfigError("DISPATCH_API_TOKEN", "--api needs a token", "pass --token or set DISPATCH_API_TOKEN")
+    return DispatchClient(settings.api_url, settings.api_token)
+
+
+def _spec_mapping(path: Path) -> dict[str, Any]:
+    load_campaign_file(path)  # the same validation and messages as a local plan
+    raw = path.read_bytes()
+    data: dict[str, Any] = tomllib.loads(raw.decode()) if path.suffix == ".toml" else orjson.loads(raw)
+    return data
+
+
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    api = _api(settings)
+    if api is not None:
+        _print(api.create_campaign(_spec_mapping(args.campaign_file), audience=args.audience), args.json)
+        return 0
     spec = load_campaign_file(args.campaign_file)
     client = _client(settings)
     try:
@@ -84,6 +106,11 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
 
 def _simple(action: str) -> Handler:
     def run(args: argparse.Namespace, settings: Settings) -> int:
+        api = _api(settings)
+        if api is not None:
+            result = getattr(api, action)(args.campaign)
+            print(f"{args.campaign}: {result.get('state', action)}")
+            return 0
         control, close = _control(settings)
         try:
             if action == "start":
@@ -110,6 +137,11 @@ def cmd_retry_failed(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_rate(args: argparse.Namespace, settings: Settings) -> int:
+    api = _api(settings)
+    if api is not None:
+        api.set_rate(args.campaign, None if args.rate <= 0 else args.rate)
+        print(f"{args.campaign}: rate set to {args.rate if args.rate > 0 else 'unlimited'}")
+        return 0
     control, close = _control(settings)
     try:
         control.set_rate(args.campaign, None if args.rate <= 0 else args.rate)
@@ -120,6 +152,10 @@ def cmd_rate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    api = _api(settings)
+    if api is not None:
+        _print(api.campaign(args.campaign), args.json)
+        return 0
     control, close = _control(settings)
     try:
         _print(control.status(args.campaign).as_dict(), args.json)
@@ -129,8 +165,23 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
-    client = _client(settings)
+    api = _api(settings)
     out: TextIO = args.output.open("w", newline="", encoding="utf-8") if args.output else sys.stdout
+    if api is not None:
+        try:
+            items = list(api.messages(args.campaign))
+            if args.format == "csv":
+                dict_writer = csv.DictWriter(out, fieldnames=sorted({k for item in items for k in item}))
+                dict_writer.writeheader()
+                dict_writer.writerows(items)
+            else:
+                for item in items:
+                    out.write(orjson.dumps(item).decode() + "\n")
+        finally:
+            if args.output:
+                out.close()
+        return 0
+    client = _client(settings)
     try:
         manifest = load_manifest(client, args.campaign)
         fields = ["batch", "index", "state", "attempts", "provider_id", "code", "ts"]
@@ -211,6 +262,8 @@ def cmd_callbacks(args: argparse.Namespace, settings: Settings) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dispatch", description="Plan, send and show message campaigns.")
     parser.add_argument("--config", type=Path, default=None, help="TOML settings file (else DISPATCH_CONFIG)")
+    parser.add_argument("--api", default=None, help="go through this dispatch API (else DISPATCH_API_URL)")
+    parser.add_argument("--token", default=None, help="API bearer token (else DISPATCH_API_TOKEN)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="run a complete demo campaign on embedded defaults")
@@ -289,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = load_settings(config_file=args.config)
+        overrides = {k: v for k, v in (("api_url", args.api), ("api_token", args.token)) if v is not None}
+        settings = load_settings(config_file=args.config, overrides=overrides)
         handler: Handler = args.handler
         return handler(args, settings)
     except DispatchError as exc:

@@ -70,6 +70,8 @@ class Settings:
     webhook_honours_idempotency: bool = _setting(True, "the webhook receiver honours Idempotency-Key")
     frequency_limit: int = _setting(0, "messages per recipient per channel in the window (0 = no cap)", low=0)
     frequency_window_s: int = _setting(86_400, "rolling frequency-cap window in seconds", low=1)
+    api_url: str | None = _setting(None, "with it, CLI commands go through this dispatch API instead of Redis")
+    api_token: str | None = _setting(None, "bearer token for api_url (dispatch apikey create)")
     api_key_pepper: str = _setting("", "secret mixed into stored API-key hashes (a dump alone cannot test tokens)")
     suppression_key: str = _setting("", "secret key of the suppression-list address hashes (same on every process)")
     api_max_json_bytes: int = _setting(1024 * 1024, "largest JSON request body of the API", low=1024)

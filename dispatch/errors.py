@@ -10,7 +10,9 @@ The tree::
     │                          rejections, never exceptions)
     ├── PlanError              a campaign cannot be planned (stale source, bad template, ...)
     ├── CampaignNotFound       no campaign with that id
-    └── CampaignStateError     the operation does not fit the campaign's state
+    ├── CampaignStateError     the operation does not fit the campaign's state
+    ├── ApiProblem             (dispatch.api_problems) an API request is refused: RFC 9457 problem
+    └── ApiError               (dispatch.client) the API answered a problem to the Python client
 """
 
 from __future__ import annotations
