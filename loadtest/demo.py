@@ -59,6 +59,9 @@ def run_campaign(
                 sys.stderr.flush()
             if status.complete or time.monotonic() - started > limit:
                 break
+            workers = cluster.worker_processes
+            if workers and all(proc.poll() is not None for proc in workers):
+                raise RuntimeError("every worker process has exited; their stderr says why")
             time.sleep(0.2)
         elapsed = time.monotonic() - started
         if progress and tty:
