@@ -14,6 +14,7 @@ from typing import Any, TextIO
 import orjson
 import redis
 
+from dispatch import keys
 from dispatch.broker import build_broker, enqueue_batch
 from dispatch.campaign import load_campaign_file
 from dispatch.client import DispatchClient
@@ -24,7 +25,7 @@ from dispatch.errors import ConfigError, DispatchError
 from dispatch.planner import Planner, read_csv_rows
 from dispatch.redisdb import resolve_redis
 from dispatch.snapshot import load_manifest
-from dispatch.tracking import iter_records
+from dispatch.tracking import iter_outcomes
 
 __all__ = ["main"]
 
@@ -184,20 +185,13 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     client = _client(settings)
     try:
         manifest = load_manifest(client, args.campaign)
-        fields = ["batch", "index", "state", "attempts", "provider_id", "code", "ts"]
+        cancelled = client.hget(keys.control(args.campaign), "state") == b"cancelled"
+        fields = ["batch", "index", "recipient_id", "state", "attempts", "provider_id", "code", "ts"]
         writer = csv.writer(out) if args.format == "csv" else None
         if writer is not None:
             writer.writerow(fields)
-        for record in iter_records(client, args.campaign, int(manifest["batches"])):
-            row = [
-                record.batch,
-                record.index,
-                record.state,
-                record.attempts,
-                record.provider_id,
-                record.code,
-                record.ts,
-            ]
+        for r in iter_outcomes(client, args.campaign, int(manifest["batches"]), cancelled=cancelled):
+            row = [r.batch, r.index, r.recipient_id, r.state, r.attempts, r.provider_id, r.code, r.ts]
             if writer is not None:
                 writer.writerow(row)
             else:

@@ -36,6 +36,7 @@ __all__ = [
     "Record",
     "Tracker",
     "campaign_counters",
+    "iter_outcomes",
     "iter_records",
     "parse_ref",
 ]
@@ -79,6 +80,7 @@ class Record:
     provider_id: str
     code: str
     ts: float | None
+    recipient_id: str = ""
 
 
 def make_ref(campaign_id: str, batch: int, index: int) -> str:
@@ -143,20 +145,44 @@ def campaign_counters(client: redis.Redis, campaign_id: str) -> dict[str, int]:
     return counts
 
 
+def iter_outcomes(client: redis.Redis, campaign_id: str, batches: int, *, cancelled: bool = False) -> Iterator[Record]:
+    """Every message of the snapshot with its outcome, in snapshot order (for exports).
+
+    A message never claimed is ``queued`` (``skipped`` once the campaign is cancelled); the
+    recipient id comes from the snapshot, the address is never included.
+    """
+    from dispatch.snapshot import iter_batches
+
+    unclaimed = "skipped" if cancelled else "queued"
+    for snapshot in iter_batches(client, campaign_id, batches):
+        found = {record.index: record for record in _batch_records(client, campaign_id, snapshot.number)}
+        for index, row in enumerate(snapshot.rows):
+            record = found.get(index)
+            if record is None:
+                record = Record(snapshot.number, index, unclaimed, 0, "", "", None)
+            yield Record(
+                record.batch, index, record.state, record.attempts, record.provider_id, record.code, record.ts, row[0]
+            )
+
+
 def iter_records(client: redis.Redis, campaign_id: str, batches: int) -> Iterator[Record]:
     """Every message's record, batch by batch; messages never claimed are absent."""
     for batch in range(batches):
-        raw: dict[bytes, bytes] = client.hgetall(keys.records(campaign_id, batch))  # type: ignore[assignment]
-        for field, value in sorted(raw.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else -1):
-            if not field.isdigit():
-                continue
-            state, attempts, _owner, provider_id, code, ts = value.decode().split("|", 5)
-            yield Record(
-                batch=batch,
-                index=int(field),
-                state=state,
-                attempts=int(attempts or 0),
-                provider_id=provider_id,
-                code=code,
-                ts=float(ts) if ts else None,
-            )
+        yield from _batch_records(client, campaign_id, batch)
+
+
+def _batch_records(client: redis.Redis, campaign_id: str, batch: int) -> Iterator[Record]:
+    raw: dict[bytes, bytes] = client.hgetall(keys.records(campaign_id, batch))  # type: ignore[assignment]
+    for field, value in sorted(raw.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else -1):
+        if not field.isdigit():
+            continue
+        state, attempts, _owner, provider_id, code, ts = value.decode().split("|", 5)
+        yield Record(
+            batch=batch,
+            index=int(field),
+            state=state,
+            attempts=int(attempts or 0),
+            provider_id=provider_id,
+            code=code,
+            ts=float(ts) if ts else None,
+        )

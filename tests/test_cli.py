@@ -39,7 +39,11 @@ def test_plan_status_export_locally(
     status = orjson.loads(capsys.readouterr().out)
     assert status["state"] == "planned" and status["accepted"] == plan["accepted"]
     assert cli_main(["export", "cli-1", "--format", "csv"]) == 0
-    assert capsys.readouterr().out.splitlines()[0] == "batch,index,state,attempts,provider_id,code,ts"
+    exported = capsys.readouterr().out.splitlines()
+    assert exported[0] == "batch,index,recipient_id,state,attempts,provider_id,code,ts"
+    assert len(exported) == 1 + plan["accepted"]  # every accepted message, queued until claimed
+    assert all(",queued," in line for line in exported[1:])
+    assert all("+" not in line for line in exported)  # no addresses
     assert cli_main(["pause", "cli-1"]) == 2  # a planned campaign cannot be paused: clear error, exit 2
     assert "cannot make it paused" in capsys.readouterr().err
     assert cli_main(["status", "no-such-campaign"]) == 2
