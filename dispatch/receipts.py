@@ -76,8 +76,8 @@ def build_receipt_app(
         receipt_routes(
             applier,
             twilio_auth_token=settings.sms_auth_token,
-            sendgrid_public_key=sendgrid_public_key,
-            webhook_secret=webhook_secret,
+            sendgrid_public_key=sendgrid_public_key or settings.sendgrid_public_key,
+            webhook_secret=webhook_secret or settings.receipt_webhook_secret,
             replay_guard=replay_guard or RedisReplayGuard(client),
             public_base_url=public_base_url,
         )
