@@ -6,7 +6,6 @@ import argparse
 import csv
 import logging
 import sys
-import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -16,13 +15,11 @@ import redis
 
 from dispatch import keys
 from dispatch.broker import build_broker, enqueue_batch
-from dispatch.campaign import load_campaign_file
 from dispatch.client import DispatchClient
 from dispatch.config import Settings, load_settings
 from dispatch.control import CampaignControl
 from dispatch.embedded import find_embedded, stop_embedded
 from dispatch.errors import ConfigError, DispatchError
-from dispatch.planner import Planner, read_csv_rows
 from dispatch.redisdb import resolve_redis
 from dispatch.snapshot import load_manifest
 from dispatch.tracking import iter_outcomes
@@ -58,7 +55,8 @@ def _control(settings: Settings) -> tuple[CampaignControl, Callable[[], None]]:
         broker.close()
         client.close()
 
-    return CampaignControl(client, lambda cid, n, delay: enqueue_batch(broker, cid, n, delay)), close
+    enqueue = lambda cid, n, delay: enqueue_batch(broker, cid, n, delay)  # noqa: E731
+    return CampaignControl(client, enqueue, retention_s=settings.retention_s), close
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -81,28 +79,6 @@ def _api(settings: Settings) -> DispatchClient | None:
     if not settings.api_token:
         raise ConfigError("DISPATCH_API_TOKEN", "--api needs a token", "pass --token or set DISPATCH_API_TOKEN")
     return DispatchClient(settings.api_url, settings.api_token)
-
-
-def _spec_mapping(path: Path) -> dict[str, Any]:
-    load_campaign_file(path)  # the same validation and messages as a local plan
-    raw = path.read_bytes()
-    data: dict[str, Any] = tomllib.loads(raw.decode()) if path.suffix == ".toml" else orjson.loads(raw)
-    return data
-
-
-def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
-    api = _api(settings)
-    if api is not None:
-        _print(api.create_campaign(_spec_mapping(args.campaign_file), audience=args.audience), args.json)
-        return 0
-    spec = load_campaign_file(args.campaign_file)
-    client = _client(settings)
-    try:
-        report = Planner(client, settings).plan(spec, read_csv_rows(args.audience))
-    finally:
-        client.close()
-    _print(report.as_dict(), args.json)
-    return 0
 
 
 def _simple(action: str) -> Handler:
@@ -270,12 +246,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port")
     p.set_defaults(handler=cmd_worker)
-
-    p = sub.add_parser("plan", help="plan a campaign: validate, snapshot, batch, predict")
-    p.add_argument("campaign_file", type=Path)
-    p.add_argument("--audience", type=Path, required=True)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_plan)
 
     for action in ("start", "pause", "resume", "cancel"):
         p = sub.add_parser(action, help=f"{action} a campaign")

@@ -23,6 +23,8 @@ from dispatch.tracking import campaign_counters
 
 __all__ = ["CONTROL_TTL_S", "CampaignControl", "CampaignStatus", "EnqueueFn"]
 
+#: Default seconds a campaign's data outlives its end (``Settings.retention_s``).
+DEFAULT_RETENTION_S = 7 * 86400.0
 #: Longest a worker trusts its cached view of a campaign's state.
 CONTROL_TTL_S = 0.5
 
@@ -70,9 +72,12 @@ class CampaignStatus:
 class CampaignControl:
     """Changes campaign state; ``enqueue`` hands batches to the broker."""
 
-    def __init__(self, client: redis.Redis, enqueue: EnqueueFn | None = None) -> None:
+    def __init__(
+        self, client: redis.Redis, enqueue: EnqueueFn | None = None, *, retention_s: float = DEFAULT_RETENTION_S
+    ) -> None:
         self._client = client
         self._enqueue = enqueue
+        self._retention_s = retention_s
 
     def _state(self, campaign_id: str) -> str:
         raw = self._client.hget(keys.control(campaign_id), "state")
@@ -87,6 +92,9 @@ class CampaignControl:
         if not self._client.hsetnx(keys.control(campaign_id), "started_at", f"{now:.3f}"):
             return False
         self._client.hset(keys.control(campaign_id), mapping={"state": "running"})
+        # a campaign started long after planning must not outlive its snapshot
+        predicted = float(manifest.get("prediction", {}).get("duration_s") or 0.0)
+        extend_retention(self._client, campaign_id, predicted + self._retention_s)
         for number in range(int(manifest["batches"])):
             self._enqueue(campaign_id, number, 0)
         return True

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -33,14 +34,13 @@ import redis
 from dispatch.audience import from_postgres
 from dispatch.campaign import load_campaign_file
 from dispatch.config import Settings
-from dispatch.errors import AudienceError, PlanError
-from dispatch.frequency import FrequencyCap
+from dispatch.errors import AudienceError, ConfigError, PlanError
 from dispatch.planner import Planner, PlanReport
 from dispatch.redisdb import resolve_redis
-from dispatch.suppression import GLOBAL, SuppressionStore
+from dispatch.suppression import GLOBAL, SuppressionStore, hasher_for
 from dispatch.validation import AddressValidator
 
-__all__ = ["add_commands", "format_report", "frequency_cap_from", "normalizer"]
+__all__ = ["add_commands", "format_report", "normalizer"]
 
 CHANNELS = ("sms", "email", "push", "webhook", "wechat", GLOBAL)
 
@@ -59,14 +59,6 @@ def normalizer(channel: str, region: str | None = None) -> Callable[[str], str |
     return normalize
 
 
-def frequency_cap_from(settings: Settings) -> FrequencyCap | None:
-    """The frequency cap of the settings (``frequency_limit`` / ``frequency_window_s``), if set."""
-    limit = int(getattr(settings, "frequency_limit", 0) or 0)
-    if limit <= 0:
-        return None
-    return FrequencyCap(limit=limit, window=timedelta(seconds=int(getattr(settings, "frequency_window_s", 86_400))))
-
-
 def _client(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(resolve_redis(settings).app_url)
 
@@ -74,7 +66,7 @@ def _client(settings: Settings) -> redis.Redis:
 def cmd_suppress(args: argparse.Namespace, settings: Settings) -> int:
     client = _client(settings)
     try:
-        store = SuppressionStore(client)
+        store = SuppressionStore(client, hasher=hasher_for(settings))
         normalize = normalizer(args.channel, args.region)
         if args.action in ("add", "remove"):
             addresses = [normalize(a) for a in args.addresses]
@@ -132,12 +124,12 @@ def format_report(report: PlanReport) -> str:
 
 
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.api_url is not None:
+        return _plan_through_api(args, settings)
     spec = load_campaign_file(args.campaign_file)
     client = _client(settings)
     try:
-        planner = Planner.with_redis_checks(
-            client, settings, frequency_cap=frequency_cap_from(settings), default_region=args.region
-        )
+        planner = Planner.for_settings(client, settings, default_region=args.region)
         source: str = args.audience
         if source.startswith(("postgresql://", "postgres://")):
             if not args.query:
@@ -155,6 +147,31 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print(format_report(report))
     return 0
+
+
+def _plan_through_api(args: argparse.Namespace, settings: Settings) -> int:
+    """``--api``: the campaign file and audience go to the API, which plans with the same checks."""
+    from dispatch.client import DispatchClient
+
+    if not settings.api_token:
+        raise ConfigError("DISPATCH_API_TOKEN", "--api needs a token", "pass --token or set DISPATCH_API_TOKEN")
+    if args.audience.startswith(("postgresql://", "postgres://")):
+        raise PlanError("a PostgreSQL audience is read by the planning process: plan it without --api")
+    load_campaign_file(args.campaign_file)  # the same validation and messages as a local plan
+    raw = args.campaign_file.read_bytes()
+    spec: dict[str, Any] = tomllib.loads(raw.decode()) if args.campaign_file.suffix == ".toml" else orjson.loads(raw)
+    client = DispatchClient(settings.api_url or "", settings.api_token)
+    report = client.create_campaign(spec, audience=Path(args.audience))
+    print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() if args.json else format_api_report(report))
+    return 0
+
+
+def format_api_report(report: dict[str, Any]) -> str:
+    lines = [f"{key:>14}: {value}" for key, value in report.items() if not isinstance(value, dict | list)]
+    lines += [
+        f"{key:>14}: {orjson.dumps(value).decode()}" for key, value in report.items() if isinstance(value, dict | list)
+    ]
+    return "\n".join(lines)
 
 
 def _plan_postgres(planner: Planner, spec: Any, dsn: str, query: str) -> PlanReport:

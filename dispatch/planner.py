@@ -44,7 +44,7 @@ from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import chain
 from pathlib import Path
 from typing import IO, Any, Final
@@ -308,6 +308,19 @@ class Planner:
                 raise ValueError("the suppression and frequency stores must hash addresses the same way")
         self._clock = clock
         self._segments: dict[str, int] = {}
+
+    @classmethod
+    def for_settings(cls, client: redis.Redis, settings: Settings, *, default_region: str | None = None) -> Planner:
+        """The deployment's planner: suppression lists, and the frequency cap when configured,
+        checked with the deployment's address hasher (the same one the workers use)."""
+        from dispatch.suppression import hasher_for
+
+        cap = None
+        if settings.frequency_limit > 0:
+            cap = FrequencyCap(limit=settings.frequency_limit, window=timedelta(seconds=settings.frequency_window_s))
+        return cls.with_redis_checks(
+            client, settings, frequency_cap=cap, hasher=hasher_for(settings), default_region=default_region
+        )
 
     @classmethod
     def with_redis_checks(

@@ -48,7 +48,7 @@ from dispatch.engine import (
 )
 from dispatch.errors import DispatchError
 from dispatch.frequency import AsyncFrequencyStore, FrequencyCap
-from dispatch.suppression import AsyncSuppressionStore
+from dispatch.suppression import AsyncSuppressionStore, hasher_for
 from dispatch.tracking import Tracker
 from monitoring.exposition import MetricsServer, start_metrics_server
 from monitoring.metrics import Metrics, RetryCause, collect_queue_depths
@@ -183,11 +183,12 @@ class WorkerRuntime:
         self._limiter = limiter
         self._limiter_keys = [key for name, key in account_keys.items() if name == "sms" and s.sms_rate > 0]
         steps: list[Step] = [render_step, rate_step, send_step]
-        suppression = SuppressionFilter(AsyncSuppressionStore(self._client))
+        hasher = hasher_for(s)
+        suppression = SuppressionFilter(AsyncSuppressionStore(self._client, hasher=hasher))
         filters: list[BatchFilter] = [suppression]
         if s.frequency_limit:
             cap = FrequencyCap(limit=s.frequency_limit, window=timedelta(seconds=s.frequency_window_s))
-            filters.append(FrequencyFilter(AsyncFrequencyStore(self._client, cap)))
+            filters.append(FrequencyFilter(AsyncFrequencyStore(self._client, cap, hasher=hasher)))
         self._engine = Engine(
             client=self._client,
             tracker=tracker,

@@ -27,12 +27,15 @@ from typing import Any, Final
 import redis
 import redis.asyncio as aredis
 
+from dispatch.config import Settings
+
 __all__ = [
     "GLOBAL",
     "AddressHasher",
     "AsyncSuppressionStore",
     "ImportResult",
     "SuppressionStore",
+    "hasher_for",
 ]
 
 #: Pseudo-channel of the global blocklist (checked for every channel).
@@ -50,6 +53,11 @@ class AddressHasher:
 
     def __call__(self, address: str) -> bytes:
         return hashlib.blake2b(address.encode("utf-8"), digest_size=_DIGEST_SIZE, key=self.key).digest()
+
+
+def hasher_for(settings: Settings) -> AddressHasher:
+    """The deployment's address hasher: every process must hash with the same key."""
+    return AddressHasher(key=settings.suppression_key.encode())
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,7 +44,7 @@ def run_campaign(
     client = redis.Redis.from_url(cluster.target.app_url)
     broker = build_broker(cluster.settings, cluster.target.broker_url)
     try:
-        plan = Planner(client, cluster.settings).plan(spec, rows)
+        plan = Planner.for_settings(client, cluster.settings).plan(spec, rows)
         control = CampaignControl(client, lambda cid, n, delay: enqueue_batch(broker, cid, n, delay))
         started = time.monotonic()
         control.start(spec.id)

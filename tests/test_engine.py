@@ -104,13 +104,13 @@ async def test_timeouts_resend_with_the_same_idempotency_key(rig: Rig) -> None:
 
 async def test_permanent_rejection_fails_without_retry_and_feeds_suppression(rig: Rig) -> None:
     rig.plan("perm-1", ["+447400999999", *phones(3)])
+    rig.plan("perm-2", ["+447400999999"])  # planned before anyone knew of the opt-out
     await rig.send("perm-1")
     records = {r.index: r for r in iter_records(rig.sync, "perm-1", 1)}
     assert records[0].state == "failed" and records[0].code == "21610" and records[0].attempts == 1
     assert campaign_counters(rig.sync, "perm-1")["failed"] == 1
     assert SuppressionStore(rig.sync).contains_many("sms", ["+447400999999"]) == [True]
-    # the next campaign drops the opted-out number at send time, before any provider call
-    rig.plan("perm-2", ["+447400999999"])
+    # the other campaign drops the opted-out number at send time, before any provider call
     before = rig.mock.ledger.rejected
     await rig.send("perm-2")
     assert campaign_counters(rig.sync, "perm-2")["suppressed"] == 1

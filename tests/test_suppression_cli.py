@@ -59,7 +59,7 @@ def test_plan_command_reports_reasons_schedule_and_verdict(
     audience.write_text(
         "id,phone,first_name\nr1,+447400000001,Ann\nr2,+447400000002,Bob\nr3,+447400000001,Cy\nr4,x,Di\n"
     )
-    assert main(["plan-campaign" if _core_has_plan() else "plan", str(campaign), "--audience", str(audience),
+    assert main(["plan", str(campaign), "--audience", str(audience),
                  "--json"]) == 0  # fmt: skip
     report = orjson.loads(capsys.readouterr().out)
     assert report["total"] == 4 and report["accepted"] == 1
@@ -67,11 +67,5 @@ def test_plan_command_reports_reasons_schedule_and_verdict(
     assert report["schedule"][0]["recipients"] == 1 and report["prediction"]["verdict"] == "no_deadline"
     bad = env / "bad.toml"
     bad.write_text('id = "cli-bad"\nchannel = "sms"\nbody = "Hi $nickname"\n')
-    assert main(["plan-campaign" if _core_has_plan() else "plan", str(bad), "--audience", str(audience)]) == 2
+    assert main(["plan", str(bad), "--audience", str(audience)]) == 2
     assert "$nickname but the audience has no such column" in capsys.readouterr().err
-
-
-def _core_has_plan() -> bool:
-    from dispatch import cli
-
-    return hasattr(cli, "cmd_plan")
