@@ -190,7 +190,14 @@ def load_settings(
 
 def describe_settings() -> list[tuple[str, str, str]]:
     """(environment variable, default, help) for every setting, for docs and ``--help``."""
-    rows = []
-    for f in dataclasses.fields(Settings):
-        rows.append((ENV_PREFIX + f.name.upper(), repr(f.default), str(f.metadata["help"])))
-    return rows
+
+    def shown(value: Any) -> str:
+        if value is None:
+            return "unset"
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return str(value)
+
+    return [
+        (ENV_PREFIX + f.name.upper(), shown(f.default), str(f.metadata["help"])) for f in dataclasses.fields(Settings)
+    ]

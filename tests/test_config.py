@@ -63,3 +63,11 @@ def test_settings_are_immutable() -> None:
     settings = Settings()
     with pytest.raises(AttributeError):
         settings.batch_size = 1  # type: ignore[misc]
+
+
+def test_readme_documents_every_setting() -> None:
+    from dispatch.config import describe_settings
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for env, default, _help in describe_settings():
+        assert f"| `{env}` | `{default}` |" in readme, f"README's settings table lacks {env} (default {default})"
