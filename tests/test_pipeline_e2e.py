@@ -236,3 +236,24 @@ def test_rerate_and_mid_campaign_opt_outs_take_effect_within_seconds(settings: S
     assert status.counters["suppressed"] >= 1
     assert stats["accepted"] == status.counters["sent"] == plan.accepted - status.counters["suppressed"]
     assert stats["duplicates"] == 0
+
+
+@pytest.mark.parametrize(
+    ("channel", "column", "address"),
+    [
+        ("email", "email", "user{i}@example.com"),
+        ("push", "push_token", "fcm-{i:06d}-" + "a" * 80),
+        ("webhook", "webhook_url", "https://hooks.example.com/u/{i}"),
+    ],
+)
+def test_every_channel_end_to_end(settings: Settings, channel: str, column: str, address: str) -> None:
+    rows = [{"id": f"r{i}", column: address.format(i=i), "first_name": "Ada"} for i in range(1200)]
+    rows.append({"id": "bad", column: "not an address", "first_name": "Bo"})
+    spec = CampaignSpec(id=f"e2e-{channel}", channel=channel, body="Hello $first_name", subject="Hi")
+    with LocalCluster(settings, workers=1) as cluster:
+        plan, status, _ = run_campaign(cluster, spec, rows, progress=False, timeout_s=90)
+        stats = cluster.mock_stats()
+    assert plan["accepted"] == 1200 and sum(plan["rejected"].values()) == 1
+    assert status.complete and status.counters["sent"] == 1200
+    assert stats["by_channel"].get(channel) == 1200
+    assert stats["duplicates"] == 0
