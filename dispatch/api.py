@@ -47,7 +47,15 @@ from dispatch.api_auth import (
 from dispatch.api_openapi import OPERATIONS, openapi_document
 from dispatch.api_problems import ApiProblem, FieldError, problem_middleware
 from dispatch.api_schemas import SCHEMAS, validate
-from dispatch.api_triggered import TRIGGERED_PREFIX, TriggeredSender, sequence_key, split_recipient
+from dispatch.api_sealer import TriggeredSealer
+from dispatch.api_triggered import (
+    TRIGGERED_PREFIX,
+    TriggeredSender,
+    open_key,
+    split_recipient,
+    state_key,
+    triggered_counts,
+)
 from dispatch.audience import AudienceFormat, read_audience
 from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings
@@ -62,7 +70,7 @@ from dispatch.validation import AddressValidator
 from monitoring.exposition import metrics_handler
 from monitoring.metrics import Metrics
 
-__all__ = ["ApiLimits", "add_commands", "build_app", "make_runner", "serve"]
+__all__ = ["SEALER", "ApiLimits", "add_commands", "build_app", "make_runner", "serve"]
 
 T = TypeVar("T")
 
@@ -101,6 +109,7 @@ class _Deps:
     plan_pool: ThreadPoolExecutor
     suppression: AsyncSuppressionStore
     triggered: TriggeredSender
+    sealer: TriggeredSealer | None
     validator: AddressValidator = field(default_factory=AddressValidator)
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
@@ -111,6 +120,8 @@ class _Deps:
 
 
 DEPS: Final = web.AppKey("dispatch_api_deps", _Deps)
+#: The app's triggered-message sealer (absent without a broker): ``await app[SEALER].flush()``.
+SEALER: Final = web.AppKey("dispatch_api_sealer", TriggeredSealer)
 
 
 # --- request helpers ---------------------------------------------------------------------------
@@ -286,10 +297,11 @@ def _status_body(deps: _Deps, campaign_id: str) -> dict[str, Any]:
     manifest = load_manifest(deps.sync, campaign_id)
     status = deps.control().status(campaign_id).as_dict()
     triggered = manifest.get("kind") == "triggered"
+    batches = int(manifest["batches"])
     if triggered:
-        issued = int(cast(bytes | None, deps.sync.get(sequence_key(campaign_id))) or 0)
-        status["accepted"] = issued
-        status["not_sent"] = issued - status["counters"]["sent"]
+        accepted, batches = triggered_counts(cast(dict[bytes, bytes], deps.sync.hgetall(state_key(campaign_id))))
+        status["accepted"] = accepted
+        status["not_sent"] = accepted - status["counters"]["sent"]
         if status["state"] == "completed":
             status["state"] = "running"
     return {
@@ -298,7 +310,7 @@ def _status_body(deps: _Deps, campaign_id: str) -> dict[str, Any]:
         "channel": manifest["channel"],
         "total": status["accepted"] if triggered else manifest["total"],
         "rejected": manifest["rejected"],
-        "batches": status["accepted"] if triggered else manifest["batches"],
+        "batches": batches,
         "verdict": manifest["prediction"]["verdict"],
         "prediction": manifest["prediction"],
     }
@@ -364,7 +376,10 @@ def _int_param(request: web.Request, name: str, low: int, high: int, default: in
 def _messages_page(deps: _Deps, cid: str, only: int | None, start: tuple[int, int], limit: int) -> dict[str, Any]:
     manifest = load_manifest(deps.sync, cid)
     triggered = manifest.get("kind") == "triggered"
-    batches = int(cast(bytes | None, deps.sync.get(sequence_key(cid))) or 0) + 1 if triggered else manifest["batches"]
+    if triggered:
+        batches = triggered_counts(cast(dict[bytes, bytes], deps.sync.hgetall(state_key(cid))))[1]
+    else:
+        batches = int(manifest["batches"])
     last = min(batches, only + 1) if only is not None else batches
     batch, index = start
     if only is not None:
@@ -374,14 +389,25 @@ def _messages_page(deps: _Deps, cid: str, only: int | None, start: tuple[int, in
         pipe = deps.sync.pipeline(transaction=False)
         pipe.get(keys.batch(cid, batch))
         pipe.hgetall(keys.records(cid, batch))
-        raw_batch, records = cast(tuple[bytes | None, dict[bytes, bytes]], tuple(pipe.execute()))
-        rows = orjson.loads(raw_batch)[1] if raw_batch else []
+        if triggered:
+            pipe.lrange(open_key(cid, batch), 0, -1)
+        raw_batch, records, *still_open = pipe.execute()
+        rows = _rows(raw_batch, still_open[0] if still_open else None)
         for i in range(index, len(rows)):
             if len(items) >= limit:
                 return {"items": items, "next_cursor": f"{batch}.{i}"}
             items.append(_record(cid, batch, i, rows[i][0], records.get(str(i).encode()), triggered=triggered))
         batch, index = batch + 1, 0
     return {"items": items, "next_cursor": None}
+
+
+def _rows(raw_batch: bytes | None, open_rows: list[bytes] | None) -> list[Any]:
+    """A batch's rows: the sealed snapshot batch, else a triggered batch still open (a list of
+    encoded rows, sealed within milliseconds), else none."""
+    if raw_batch:
+        rows: list[Any] = orjson.loads(raw_batch)[1]
+        return rows
+    return [orjson.loads(row) for row in open_rows or ()]
 
 
 def _record(cid: str, batch: int, index: int, rid: str, raw: bytes | None, *, triggered: bool) -> dict[str, Any]:
@@ -446,14 +472,21 @@ async def get_message(request: web.Request) -> web.StreamResponse:
         cid, batch, index = parse_ref(request.match_info["message_id"])
     except ValueError:
         raise ApiProblem(404, "no such message") from None
+    triggered = cid.startswith(TRIGGERED_PREFIX)
     pipe = deps.client.pipeline(transaction=False)
     pipe.get(keys.batch(cid, batch))
     pipe.hget(keys.records(cid, batch), str(index))
-    raw_batch, raw_record = await pipe.execute()
-    rows = orjson.loads(raw_batch)[1] if raw_batch else []
-    if index >= len(rows):
+    if triggered:
+        pipe.lindex(open_key(cid, batch), index)
+    raw_batch, raw_record, *open_row = await pipe.execute()
+    if raw_batch:
+        rows = orjson.loads(raw_batch)[1]
+        row = rows[index] if index < len(rows) else None
+    else:
+        row = orjson.loads(open_row[0]) if open_row and open_row[0] else None
+    if row is None:
         raise ApiProblem(404, "no such message")
-    return _json(_record(cid, batch, index, rows[index][0], raw_record, triggered=cid.startswith(TRIGGERED_PREFIX)))
+    return _json(_record(cid, batch, index, row[0], raw_record, triggered=triggered))
 
 
 # --- suppressions ------------------------------------------------------------------------------
@@ -535,6 +568,16 @@ def _openapi_handler() -> Callable[[web.Request], Awaitable[web.StreamResponse]]
 # --- the application ---------------------------------------------------------------------------
 
 
+class _NoSealer:
+    """Without a broker nothing is accepted (503), so nothing is ever sealed."""
+
+    def note_open(self, campaign_id: str) -> None:
+        return None
+
+    def note_sealed(self, member: str) -> None:
+        return None
+
+
 def _timing_middleware(registry: CollectorRegistry) -> Any:
     histogram = Histogram(
         "dispatch_api_request_duration_seconds",
@@ -572,7 +615,7 @@ def build_app(
     sync_client: redis.Redis,
     enqueue: EnqueueFn | None = None,
     registry: CollectorRegistry | None = None,
-    key_pepper: bytes = b"",
+    key_pepper: bytes | None = None,
     suppression_hasher: AddressHasher | None = None,
     public_base_url: str | None = None,
     limits: ApiLimits | None = None,
@@ -580,18 +623,24 @@ def build_app(
     plan_threads: int = 2,
 ) -> web.Application:
     """The API application. ``enqueue`` hands batches to the broker (None: start and messages
-    answer 503); ``public_base_url`` is the URL providers call (their signatures cover it)."""
-    lim = limits or ApiLimits()
+    answer 503); ``public_base_url`` is the URL providers call (their signatures cover it).
+    ``key_pepper``, ``suppression_hasher`` and ``limits`` default to what ``settings`` says
+    (``api_key_pepper``, ``suppression_key``, ``api_max_*_bytes``)."""
+    lim = limits or ApiLimits(json_bytes=settings.api_max_json_bytes, audience_bytes=settings.api_max_audience_bytes)
+    pepper = key_pepper if key_pepper is not None else settings.api_key_pepper.encode()
+    hasher = suppression_hasher or AddressHasher(key=settings.suppression_key.encode())
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry)
     io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="dispatch-api-io")
     plan_pool = ThreadPoolExecutor(plan_threads, thread_name_prefix="dispatch-api-plan")
-    suppression = AsyncSuppressionStore(app_client, hasher=suppression_hasher)
+    suppression = AsyncSuppressionStore(app_client, hasher=hasher)
 
     async def enqueue_async(cid: str, batch: int, delay_ms: int) -> None:
         assert enqueue is not None
         await asyncio.get_running_loop().run_in_executor(io_pool, enqueue, cid, batch, delay_ms)
 
+    ttl = settings.retention_s + 3600
+    sealer = TriggeredSealer(app_client, enqueue_async, ttl_s=ttl) if enqueue is not None else None
     deps = _Deps(
         settings=settings,
         client=app_client,
@@ -601,7 +650,8 @@ def build_app(
         io_pool=io_pool,
         plan_pool=plan_pool,
         suppression=suppression,
-        triggered=TriggeredSender(settings, app_client, enqueue_async, hasher=suppression_hasher),
+        triggered=TriggeredSender(settings, app_client, sealer or _NoSealer(), hasher=hasher),
+        sealer=sealer,
     )
     scopes: dict[str, Scope | None] = {op.operation_id: op.scope for op in OPERATIONS}
 
@@ -614,10 +664,12 @@ def build_app(
         middlewares=[
             _timing_middleware(registry),
             problem_middleware,
-            auth_middleware(AsyncApiKeyLookup(app_client, pepper=key_pepper), scope_for),
+            auth_middleware(AsyncApiKeyLookup(app_client, pepper=pepper), scope_for),
         ],
     )
     app[DEPS] = deps
+    if sealer is not None:
+        app[SEALER] = sealer
     handlers: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
         "createCampaign": create_campaign,
         "getCampaign": get_campaign,
@@ -652,11 +704,18 @@ def build_app(
         )
     )
 
-    async def close_pools(app: web.Application) -> None:
+    async def start_sealer(app: web.Application) -> None:
+        if sealer is not None:
+            sealer.start()
+
+    async def close(app: web.Application) -> None:
+        if sealer is not None:
+            await sealer.stop()  # seals and enqueues what is left, on the I/O pool
         io_pool.shutdown(wait=True, cancel_futures=True)
         plan_pool.shutdown(wait=True, cancel_futures=True)
 
-    app.on_cleanup.append(close_pools)
+    app.on_startup.append(start_sealer)
+    app.on_cleanup.append(close)
     return app
 
 
@@ -720,7 +779,7 @@ def cmd_apikey(args: argparse.Namespace, settings: Settings) -> int:
     from dispatch.redisdb import resolve_redis
 
     client = redis.Redis.from_url(resolve_redis(settings).app_url)
-    store = ApiKeyStore(client)
+    store = ApiKeyStore(client, pepper=settings.api_key_pepper.encode())
     try:
         if args.action == "create":
             token, key = store.create(args.scope, args.name or "")

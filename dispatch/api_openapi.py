@@ -142,7 +142,10 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         description=(
             "Checked like campaign messages (address, suppression, quiet hours when `timezone` is "
             "given) and sent by the same workers. A repeated Idempotency-Key with the same body "
-            "answers the original message (200, `replayed: true`); with another body it is a 409."
+            "answers the original message (200, `replayed: true`); with another body it is a 409. "
+            "Accepted messages are sent in micro-batches (sealed every ~15 ms or at 100 messages); "
+            "`message_id` is `<campaign_id>.<batch>.<index>` (readable at once with getMessage), or "
+            "`<campaign_id>.s.<n>` for a suppressed message, which has no record."
         ),
         parameters=[
             {

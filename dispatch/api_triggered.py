@@ -1,22 +1,34 @@
-"""Triggered messages (``POST /v1/messages``): one message per request, through the same workers.
+"""Triggered messages (``POST /v1/messages``): accepted in one Redis round trip, sent in micro-batches.
 
 Design: each channel has one *triggered campaign* per UTC hour (``triggered-sms-2026112512``),
-created on first use with a fixed manifest whose body template is ``$body``. A message becomes a
-one-recipient batch of that campaign (batch number from ``INCR``), whose only attribute is the
-rendered text, and is enqueued like any planned batch: the worker claims, rate-limits, sends,
-retries and records it exactly like a campaign message, and receipts update it the same way.
+created on first use with a fixed manifest whose body template is ``$body``. An accepted message
+is one row ``[rid, address, {"body": text}]`` appended to the campaign's *open batch* (a Redis list,
+:func:`open_key`) by ``triggered_accept.lua``; :class:`dispatch.api_sealer.TriggeredSealer` seals
+open batches every few milliseconds (or the script does, inline, when one reaches
+:data:`SEAL_SIZE` rows) into the engine's snapshot format and enqueues each sealed batch once, so
+the worker claims, rate-limits, sends, retries and records triggered messages exactly like campaign
+messages, one broker message per batch instead of per recipient.
 
-Idempotency: the ``Idempotency-Key`` (scoped to the calling API key) maps, for 24 h, to the
-request's fingerprint and the message it created. A repeat with the same body answers the same
-message (``replayed: true``) and re-writes and re-enqueues its batch when the message was never
-claimed (the snapshot write and the claim are idempotent, so this repairs a crash between
-accepting and enqueueing without ever sending twice); a repeat with another body is a 409.
+The message id is ``make_ref(campaign, batch, index)``; the row id ``<recipient_id>#<batch>.<index>``
+is unique per message (the provider idempotency key is derived from it). A suppressed message is
+answered with an id ``<campaign>.s.<k>`` that has no record (``GET`` answers 404, as it always did).
 
-Checks before anything is written: the address is validated and normalized per channel, the
-suppression lists (channel and global) are consulted (a suppressed recipient is answered
-``state: suppressed`` and nothing is enqueued), and ``timezone`` holds the message until the
-recipient's allowed window (08:00-21:00 local, ``dispatch.checks.QuietHours``) through the batch's
-not-before time. A frequency cap needs a configured cap (not in Settings yet) and is not applied.
+One round trip per request (after auth), all in the script: the ``Idempotency-Key`` (scoped to the
+calling API key, kept 24 h) is checked and recorded with the request's fingerprint (a repeat with
+the same body answers the same message, ``replayed: true``; with another body it is a 409), the
+suppression lists (channel and global; address hashes computed here with the planner's
+:class:`AddressHasher`, keyed with ``settings.suppression_key``) are consulted, and the row is
+appended. Recording the key and appending the row are one atomic step, so a replay never needs to
+repair anything: a batch sealed but never enqueued (a crash) is re-enqueued by the sealer's sweep.
+
+``timezone`` holds the message until the recipient's allowed window (08:00-21:00 local,
+``dispatch.checks.QuietHours``): a held message gets a batch of its own whose not-before time is
+that instant, written and queued at once (rare, and it never delays anybody else). A frequency cap
+needs a configured cap (not in Settings yet) and is not applied.
+
+Keys: every key of a triggered campaign carries its id in a hash tag; the idempotency records, the
+suppression sets and the two shared sorted sets (:data:`TO_ENQUEUE`, :data:`REGISTRY`) do not, so
+on a Redis Cluster the script would need them co-located (one node is what we run).
 """
 
 from __future__ import annotations
@@ -25,9 +37,9 @@ import hashlib
 import string
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, cast
+from importlib import resources
+from typing import Any, Final, NoReturn, Protocol, cast
 
 import orjson
 import redis.asyncio as aredis
@@ -37,30 +49,88 @@ from dispatch.api_problems import ApiProblem, FieldError
 from dispatch.checks import QuietHours, next_allowed, resolve_timezone
 from dispatch.config import Settings
 from dispatch.suppression import GLOBAL, AddressHasher
-from dispatch.tracking import make_ref
 from dispatch.validation import AddressValidator
 
-__all__ = ["TRIGGERED_PREFIX", "AsyncEnqueue", "TriggeredSender", "sequence_key", "split_recipient"]
+__all__ = [
+    "REGISTRY",
+    "SEAL_SIZE",
+    "TO_ENQUEUE",
+    "TRIGGERED_PREFIX",
+    "AsyncEnqueue",
+    "SealNotifier",
+    "TriggeredSender",
+    "batch_prefix",
+    "open_key",
+    "open_prefix",
+    "parse_member",
+    "split_recipient",
+    "state_key",
+    "triggered_counts",
+]
 
 #: Campaign ids of triggered campaigns start with this.
 TRIGGERED_PREFIX: Final = "triggered-"
 #: How long an Idempotency-Key is remembered.
 IDEMPOTENCY_TTL_S: Final = 24 * 3600
-#: Separates the caller's recipient id from the message number in the snapshot row id (the row id
-#: must be unique per message: the provider idempotency key is derived from it).
+#: An open batch is sealed at once when it reaches this many rows.
+SEAL_SIZE: Final = 100
+#: Sealed batches not yet known to be enqueued: member ``cid|n|not_before``, score = sealed at.
+TO_ENQUEUE: Final = f"{keys.PREFIX}:triggered:to-enqueue"
+#: Triggered campaigns that may have an open batch: member = campaign id, score = last batch opened.
+REGISTRY: Final = f"{keys.PREFIX}:triggered:campaigns"
+#: A not-before closer than this to now is sent now (no batch of its own).
+_HOLD_MIN_S: Final = 1.0
+#: Separates the caller's recipient id from the message's position in the row id.
 _RID_SEP: Final = "#"
 
 AsyncEnqueue = Callable[[str, int, int], Awaitable[None]]
 
 
-def sequence_key(campaign_id: str) -> str:
-    """Counter of batch numbers handed out in a triggered campaign."""
-    return f"{keys.PREFIX}:{{{campaign_id}}}:seq"
+class SealNotifier(Protocol):
+    """What the sender tells the sealer (``dispatch.api_sealer.TriggeredSealer``)."""
+
+    def note_open(self, campaign_id: str) -> None: ...
+
+    def note_sealed(self, member: str) -> None: ...
+
+
+def state_key(campaign_id: str) -> str:
+    """Hash of a triggered campaign: ``next`` batch number, ``open`` batch, ``accepted``,
+    ``suppressed`` counts."""
+    return f"{keys.PREFIX}:{{{campaign_id}}}:triggered"
+
+
+def open_prefix(campaign_id: str) -> str:
+    return f"{keys.PREFIX}:{{{campaign_id}}}:open:"
+
+
+def open_key(campaign_id: str, n: int) -> str:
+    """The list of encoded rows of an open (not yet sealed) batch."""
+    return f"{open_prefix(campaign_id)}{n}"
+
+
+def batch_prefix(campaign_id: str) -> str:
+    return keys.batch(campaign_id, 0)[:-1]
+
+
+def parse_member(member: str) -> tuple[str, int, float]:
+    """(campaign id, batch, not_before) of a :data:`TO_ENQUEUE` member."""
+    cid, n, not_before = member.rsplit("|", 2)
+    return cid, int(n), float(not_before)
 
 
 def split_recipient(row_id: str) -> str:
     """The caller's recipient id from a triggered snapshot row id."""
     return row_id.rsplit(_RID_SEP, 1)[0]
+
+
+def triggered_counts(raw: dict[bytes, bytes]) -> tuple[int, int]:
+    """(accepted messages, batch numbers handed out) from a :func:`state_key` hash."""
+    return int(raw.get(b"accepted", 0)), int(raw.get(b"next", 0))
+
+
+def _script(name: str) -> str:
+    return resources.files("dispatch").joinpath(name).read_text(encoding="utf-8")
 
 
 def _idempotency_key(owner: str, key: str) -> str:
@@ -81,7 +151,7 @@ def _manifest(campaign_id: str, channel: str, now: float) -> dict[str, Any]:
         "accepted": 0,
         "rejected": {},
         "batches": 0,
-        "batch_size": 1,
+        "batch_size": SEAL_SIZE,
         "cost_units": 0,
         "checksum": "",
         "snapshot_bytes": 0,
@@ -103,59 +173,54 @@ def _manifest(campaign_id: str, channel: str, now: float) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True, slots=True)
-class _Accepted:
-    message_id: str
-    campaign_id: str
-    batch: int
-    state: str
-    not_before: float
-    row: list[Any] | None
-
-    def body(self, *, replayed: bool) -> dict[str, Any]:
-        return {
-            "message_id": self.message_id,
-            "campaign_id": self.campaign_id,
-            "state": self.state,
-            "not_before": self.not_before,
-            "replayed": replayed,
-        }
+def _answer(message_id: str, state: str, not_before: float, *, replayed: bool) -> dict[str, Any]:
+    return {
+        "message_id": message_id,
+        "campaign_id": message_id.rsplit(".", 2)[0],
+        "state": state,
+        "not_before": not_before,
+        "replayed": replayed,
+    }
 
 
 class TriggeredSender:
-    """Accepts one message: checks, writes its one-message batch, enqueues it."""
+    """Accepts one message: checks it, then one script call records and queues it."""
 
     def __init__(
         self,
         settings: Settings,
         client: aredis.Redis,
-        enqueue: AsyncEnqueue,
+        sealer: SealNotifier,
         *,
         hasher: AddressHasher | None = None,
         suppression_prefix: str = "dispatch:suppress",
         quiet_hours: QuietHours | None = None,
+        seal_size: int = SEAL_SIZE,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
         self._client = client
-        self._enqueue = enqueue
-        self._hasher = hasher or AddressHasher()
+        self._sealer = sealer
+        self._hasher = hasher or AddressHasher(key=settings.suppression_key.encode())
         self._suppression_prefix = suppression_prefix
         self._quiet = quiet_hours or QuietHours()
+        self._seal_size = str(seal_size)
+        self._ttl = settings.retention_s + 3600
         self._clock = clock
         self._validator = AddressValidator()
+        self._accept = client.register_script(_script("triggered_accept.lua"))
         self._ready: set[str] = set()
 
     async def _campaign(self, channel: str, now: float) -> str:
         campaign_id = f"{TRIGGERED_PREFIX}{channel}-{datetime.fromtimestamp(now, UTC):%Y%m%d%H}"
         if campaign_id in self._ready:
             return campaign_id
-        ttl = self._settings.retention_s + 3600
         pipe = self._client.pipeline(transaction=False)
-        pipe.set(keys.manifest(campaign_id), orjson.dumps(_manifest(campaign_id, channel, now)), nx=True, ex=ttl)
+        manifest = orjson.dumps(_manifest(campaign_id, channel, now))
+        pipe.set(keys.manifest(campaign_id), manifest, nx=True, ex=self._ttl)
         pipe.hsetnx(keys.control(campaign_id), "state", "running")
         pipe.hsetnx(keys.control(campaign_id), "started_at", f"{now:.3f}")
-        pipe.expire(keys.control(campaign_id), ttl)
+        pipe.expire(keys.control(campaign_id), self._ttl)
         pipe.zadd(keys.CAMPAIGNS, {campaign_id: now}, nx=True)
         await pipe.execute()
         if len(self._ready) > 64:
@@ -164,113 +229,79 @@ class TriggeredSender:
         return campaign_id
 
     async def submit(self, owner: str, idempotency_key: str, message: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        """(HTTP status, response body) for one validated ``TriggeredMessage``.
-
-        Three Redis round trips: (idempotency record, suppression, next batch number) in one
-        pipeline, then (idempotency record, batch) in another, then the enqueue. A batch number
-        burned by a replay or a lost race is a gap; a batch written for a lost race is never
-        enqueued and expires with the campaign.
-        """
+        """(HTTP status, response body) for one validated ``TriggeredMessage``."""
         fingerprint = hashlib.sha256(orjson.dumps(message, option=orjson.OPT_SORT_KEYS)).hexdigest()
         idem = _idempotency_key(owner, idempotency_key)
         channel = str(message["channel"])
         reason, address = self._validator.check(channel, str(message["to"]))
-        template = string.Template(str(message["body"]))
-        now = self._clock()
-        campaign_id = await self._campaign(channel, now)
-        pipe = self._client.pipeline(transaction=False)
-        pipe.get(idem)
-        pipe.incr(sequence_key(campaign_id))
-        if reason is None:
-            # the same two lookups as AsyncSuppressionStore.contains_many, inside this round trip
-            digest = self._hasher(address)
-            pipe.smismember(f"{self._suppression_prefix}:{channel}", [digest])
-            pipe.smismember(f"{self._suppression_prefix}:{GLOBAL}", [digest])
-        stored, number, *suppression = await pipe.execute()
-        if stored is not None:
-            return await self._replay(stored, fingerprint)
         if reason is not None:
-            raise ApiProblem(422, "the recipient address is not usable", errors=[FieldError("to", str(reason))])
+            await self._refuse(idem, fingerprint, "to", str(reason), "the recipient address is not usable")
+        template = string.Template(str(message["body"]))
         if not template.is_valid():
-            raise ApiProblem(
-                422, "the body template is not valid", errors=[FieldError("body", "'$' not followed by a name")]
-            )
-        suppressed = any(suppression[0]) or any(suppression[1])
-        text = template.safe_substitute(cast(dict[str, str], message.get("attributes") or {}))
-        not_before = now
+            await self._refuse(idem, fingerprint, "body", "'$' not followed by a name", "the body template is invalid")
+        now = self._clock()
+        not_before, held = now, False
         zone_name = message.get("timezone")
         if zone_name:
             zone = resolve_timezone(str(zone_name))
             if zone is None:
-                raise ApiProblem(422, "unknown timezone", errors=[FieldError("timezone", "not an IANA zone name")])
+                await self._refuse(idem, fingerprint, "timezone", "not an IANA zone name", "unknown timezone")
             not_before = next_allowed(datetime.fromtimestamp(now, UTC), zone, self._quiet).timestamp()
+            held = not_before - now >= _HOLD_MIN_S
+        text = template.safe_substitute(cast(dict[str, str], message.get("attributes") or {}))
         recipient = str(message.get("recipient_id") or "")
-        row = [f"{recipient}{_RID_SEP}{number}", address, {"body": text}]
-        accepted = _Accepted(
-            message_id=make_ref(campaign_id, int(number), 0),
-            campaign_id=campaign_id,
-            batch=int(number),
-            state="suppressed" if suppressed else "queued",
-            not_before=round(not_before, 3),
-            row=row,
+        campaign_id = await self._campaign(channel, now)
+        head = b"[" + orjson.dumps(recipient + _RID_SEP)[:-1]
+        tail = b'",' + orjson.dumps(address) + b"," + orjson.dumps({"body": text}) + b"]"
+        answered = round(not_before, 3)
+        raw = await self._accept(
+            keys=[
+                idem,
+                f"{self._suppression_prefix}:{channel}",
+                f"{self._suppression_prefix}:{GLOBAL}",
+                state_key(campaign_id),
+                keys.manifest(campaign_id),
+                TO_ENQUEUE,
+                REGISTRY,
+            ],
+            args=[
+                fingerprint,
+                self._hasher(address),
+                campaign_id,
+                batch_prefix(campaign_id),
+                open_prefix(campaign_id),
+                head,
+                tail,
+                f"{answered:.3f}" if held else "0",
+                self._seal_size,
+                self._ttl,
+                IDEMPOTENCY_TTL_S,
+                f"{now:.3f}",
+                f"{answered:.3f}",
+            ],
         )
-        record = orjson.dumps(
-            {
-                "fingerprint": fingerprint,
-                "message_id": accepted.message_id,
-                "campaign_id": campaign_id,
-                "batch": accepted.batch,
-                "state": accepted.state,
-                "not_before": accepted.not_before,
-                "row": row,
-            }
-        )
-        pipe = self._client.pipeline(transaction=False)
-        pipe.set(idem, record, nx=True, ex=IDEMPOTENCY_TTL_S)
-        if not suppressed:
-            self._queue_batch(pipe, accepted)
-        created, *_ = await pipe.execute()
-        if not created:
-            # the same key raced in from another request: answer what that one created
-            stored = cast(bytes | None, await self._client.get(idem))
-            if stored is None:
-                raise ApiProblem(409, "this Idempotency-Key is being used by a request in progress; retry")
-            return await self._replay(stored, fingerprint)
-        if not suppressed:
-            await self._enqueue_batch(accepted)
-        return 202, accepted.body(replayed=False)
+        if int(raw[0]) == 0:
+            return self._replay(bytes(raw[1]), fingerprint)
+        message_id, state, sealed = (bytes(part).decode() for part in raw[1:4])
+        if sealed:
+            self._sealer.note_sealed(sealed)
+        elif state == "queued":
+            self._sealer.note_open(campaign_id)
+        return 202, _answer(message_id, state, answered, replayed=False)
 
-    def _queue_batch(self, pipe: Any, accepted: _Accepted) -> None:
-        batch = orjson.dumps([accepted.not_before, [accepted.row]])
-        ttl = self._settings.retention_s + 3600
-        pipe.set(keys.batch(accepted.campaign_id, accepted.batch), batch, nx=True, ex=ttl)
+    async def _refuse(self, idem: str, fingerprint: str, field: str, reason: str, title: str) -> NoReturn:
+        """422, unless the key already answers a request (then that answer's 409/replay rule)."""
+        stored = cast(bytes | None, await self._client.get(idem))
+        if stored is not None:
+            self._replay(stored, fingerprint)  # a different body: 409 (the same body was accepted once)
+        raise ApiProblem(422, title, errors=[FieldError(field, reason)])
 
-    async def _enqueue_batch(self, accepted: _Accepted) -> None:
-        delay_ms = max(0, int((accepted.not_before - self._clock()) * 1000))
-        await self._enqueue(accepted.campaign_id, accepted.batch, delay_ms)
-
-    async def _replay(self, raw: bytes, fingerprint: str) -> tuple[int, dict[str, Any]]:
-        stored: dict[str, Any] = orjson.loads(raw)
-        if stored["fingerprint"] != fingerprint:
+    def _replay(self, stored: bytes, fingerprint: str) -> tuple[int, dict[str, Any]]:
+        known, state, not_before, message_id = stored.decode().split("|", 3)
+        if known != fingerprint:
             raise ApiProblem(
                 409,
                 "this Idempotency-Key was used with a different request body; use a new key",
                 slug="idempotency-key-reuse",
             )
-        accepted = _Accepted(
-            message_id=stored["message_id"],
-            campaign_id=stored["campaign_id"],
-            batch=int(stored["batch"]),
-            state=stored["state"],
-            not_before=float(stored["not_before"]),
-            row=stored["row"],
-        )
-        if accepted.state == "queued":
-            claimed = await self._client.hexists(keys.records(accepted.campaign_id, accepted.batch), "0")
-            if not claimed:
-                # never claimed: maybe the first request died before enqueueing; both steps are idempotent
-                pipe = self._client.pipeline(transaction=False)
-                self._queue_batch(pipe, accepted)
-                await pipe.execute()
-                await self._enqueue_batch(accepted)
-        return 200, accepted.body(replayed=True)
+        return 200, _answer(message_id, state, float(not_before), replayed=True)

@@ -306,16 +306,21 @@ async def test_triggered_message_is_idempotent_and_checked(api: Api, redis_clien
     first = await api.call("POST", "/v1/messages", json=message, headers={"Idempotency-Key": "cart-1"})
     assert first.status == 202 and first.json["state"] == "queued" and first.json["replayed"] is False
     cid = first.json["campaign_id"]
-    assert cid.startswith("triggered-sms-")
-    assert api.enqueued == [(cid, 1, 0)]
-    batch = orjson.loads(redis_client.get(keys.batch(cid, 1)))
-    assert batch[1][0][1:] == ["+447400123456", {"body": "Your cart: socks"}]
+    assert cid.startswith("triggered-sms-") and first.json["message_id"] == f"{cid}.0.0"
+    await api.flush()
+    assert api.enqueued == [(cid, 0, 0)]
+    batch = orjson.loads(redis_client.get(keys.batch(cid, 0)))
+    assert batch == [0, [["#0.0", "+447400123456", {"body": "Your cart: socks"}]]]
     replay = await api.call("POST", "/v1/messages", json=message, headers={"Idempotency-Key": "cart-1"})
     assert replay.status == 200 and replay.json == {**first.json, "replayed": True}
     reused = await api.call(
         "POST", "/v1/messages", json={**message, "to": "+447400123457"}, headers={"Idempotency-Key": "cart-1"}
     )
     assert reused.status == 409 and reused.json["type"].endswith("/idempotency-key-reuse")
+    reused_invalid = await api.call(
+        "POST", "/v1/messages", json={**message, "to": "+1555"}, headers={"Idempotency-Key": "cart-1"}
+    )
+    assert reused_invalid.status == 409
     bad_address = await api.call(
         "POST", "/v1/messages", json={**message, "to": "+1555"}, headers={"Idempotency-Key": "cart-2"}
     )
@@ -325,6 +330,7 @@ async def test_triggered_message_is_idempotent_and_checked(api: Api, redis_clien
         "POST", "/v1/messages", json={**message, "to": "+447400999999"}, headers={"Idempotency-Key": "cart-3"}
     )
     assert suppressed.status == 202 and suppressed.json["state"] == "suppressed"
+    assert (await api.call("GET", f"/v1/messages/{suppressed.json['message_id']}", token="read")).status == 404
     zone = await api.call(
         "POST",
         "/v1/messages",
@@ -333,10 +339,12 @@ async def test_triggered_message_is_idempotent_and_checked(api: Api, redis_clien
     )
     expected = next_allowed(datetime.now(UTC), resolve_timezone("Pacific/Kiritimati"), QuietHours())  # type: ignore[arg-type]
     assert abs(zone.json["not_before"] - expected.timestamp()) < 5
-    # the replay re-enqueued the unclaimed batch 1 (safe: claims dedup); the suppressed one never was
+    await api.flush()
+    # the replay enqueued nothing more; the suppressed one never was; a held message has its own
+    # batch, enqueued with a delay up to its not-before (or sent now when Kiritimati is awake)
     zone_batch = int(zone.json["message_id"].split(".")[-2])
-    assert [(c, n) for c, n, _ in api.enqueued] == [(cid, 1), (cid, 1), (cid, zone_batch)]
-    assert abs(api.enqueued[2][2] / 1000 - (expected.timestamp() - time.time())) < 5
+    assert [(c, n) for c, n, _ in api.enqueued] == [(cid, 0), (cid, zone_batch)]
+    assert abs(api.enqueued[1][2] / 1000 - (expected.timestamp() - time.time())) < 5
     bad_zone = await api.call(
         "POST", "/v1/messages", json={**message, "timezone": "Mars/Olympus"}, headers={"Idempotency-Key": "cart-5"}
     )
@@ -345,6 +353,7 @@ async def test_triggered_message_is_idempotent_and_checked(api: Api, redis_clien
     assert record.json["state"] == "pending" and record.json["recipient_id"] == ""
     status = (await api.call("GET", f"/v1/campaigns/{cid}", token="read")).json
     assert status["kind"] == "triggered" and status["state"] == "running"
+    assert status["accepted"] == 2 and status["batches"] == 2 and status["not_sent"] == 2
 
 
 # --- health, metrics, the document -------------------------------------------------------------

@@ -16,7 +16,7 @@ import redis
 import redis.asyncio as aredis
 from aiohttp import web
 
-from dispatch.api import ApiLimits, build_app, make_runner
+from dispatch.api import SEALER, ApiLimits, build_app, make_runner
 from dispatch.api_auth import SCOPES, ApiKeyStore
 from dispatch.api_openapi import openapi_document, response_errors
 from dispatch.config import Settings, load_settings
@@ -57,6 +57,12 @@ class Api:
     document: dict[str, Any] = field(default_factory=openapi_document)
     #: (method, path, status) of every call, for the coverage check
     seen: list[tuple[str, str, int]] = field(default_factory=list)
+    app: web.Application | None = None
+
+    async def flush(self) -> None:
+        """Seal and enqueue the triggered messages accepted so far (the sealer lingers ~15 ms)."""
+        assert self.app is not None
+        await self.app[SEALER].flush()
 
     async def call(
         self,
@@ -132,6 +138,6 @@ async def running_api(
     tokens = {scope: store.create(scope, f"test-{scope}")[0] for scope in SCOPES}
     try:
         async with aiohttp.ClientSession() as session:
-            yield Api(f"http://{host}:{port}", session, tokens, enqueued)
+            yield Api(f"http://{host}:{port}", session, tokens, enqueued, app=app)
     finally:
         await runner.cleanup()
