@@ -64,7 +64,7 @@ from dispatch.errors import AudienceError, CampaignNotFound, CampaignStateError,
 from dispatch.planner import Planner, PlanReport
 from dispatch.receipts import ReceiptApplier
 from dispatch.snapshot import load_manifest
-from dispatch.suppression import GLOBAL, AddressHasher, AsyncSuppressionStore
+from dispatch.suppression import GLOBAL, AddressHasher, AsyncSuppressionStore, hasher_for
 from dispatch.tracking import Tracker, make_ref, parse_ref
 from dispatch.validation import AddressValidator
 from monitoring.exposition import metrics_handler
@@ -116,7 +116,7 @@ class _Deps:
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
 
     def control(self) -> CampaignControl:
-        return CampaignControl(self.sync, self.enqueue)
+        return CampaignControl(self.sync, self.enqueue, retention_s=self.settings.retention_s)
 
 
 DEPS: Final = web.AppKey("dispatch_api_deps", _Deps)
@@ -302,8 +302,6 @@ def _status_body(deps: _Deps, campaign_id: str) -> dict[str, Any]:
         accepted, batches = triggered_counts(cast(dict[bytes, bytes], deps.sync.hgetall(state_key(campaign_id))))
         status["accepted"] = accepted
         status["not_sent"] = accepted - status["counters"]["sent"]
-        if status["state"] == "completed":
-            status["state"] = "running"
     return {
         **status,
         "kind": "triggered" if triggered else "campaign",
@@ -628,7 +626,7 @@ def build_app(
     (``api_key_pepper``, ``suppression_key``, ``api_max_*_bytes``)."""
     lim = limits or ApiLimits(json_bytes=settings.api_max_json_bytes, audience_bytes=settings.api_max_audience_bytes)
     pepper = key_pepper if key_pepper is not None else settings.api_key_pepper.encode()
-    hasher = suppression_hasher or AddressHasher(key=settings.suppression_key.encode())
+    hasher = suppression_hasher or hasher_for(settings)
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry)
     io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="dispatch-api-io")

@@ -10,7 +10,8 @@
 * **enqueue**: each sealed batch is enqueued once (the sync dramatiq enqueue runs on a thread, via
   the ``enqueue`` coroutine passed in), then removed from :data:`~dispatch.api_triggered.TO_ENQUEUE`.
 * **sweep** (every ``sweep_every_s``): seal every registered campaign's open batch, whichever
-  process opened it (a process that died leaves one behind), and re-enqueue members of
+  process opened it (a process that died leaves one behind), close campaigns whose hour ended
+  :data:`CLOSE_GRACE_S` ago (their manifest's ``accepted`` becomes exact), and re-enqueue members of
   ``TO_ENQUEUE`` older than ``stale_after_s`` (a crash between sealing and enqueueing). A batch
   enqueued twice is harmless: the worker's claims dedup every message.
 
@@ -38,6 +39,7 @@ from dispatch.api_triggered import (
     TO_ENQUEUE,
     AsyncEnqueue,
     batch_prefix,
+    closes_at,
     open_prefix,
     parse_member,
     state_key,
@@ -47,8 +49,8 @@ __all__ = ["TriggeredSealer"]
 
 log = logging.getLogger(__name__)
 
-#: A registered campaign with nothing open that opened no batch for this long is forgotten.
-FORGET_AFTER_S: Final = 600.0
+#: A campaign is closed this long after its hour ends (clocks of API processes may differ a little).
+CLOSE_GRACE_S: Final = 300.0
 #: How long stopping waits for the task and for the last flush.
 STOP_TIMEOUT_S: Final = 5.0
 #: Members re-enqueued per sweep at most.
@@ -111,7 +113,7 @@ class TriggeredSealer:
                 open_prefix(campaign_id),
                 self._ttl,
                 f"{now:.3f}",
-                f"{now - FORGET_AFTER_S:.3f}",
+                "1" if now >= closes_at(campaign_id) + CLOSE_GRACE_S else "0",
             ],
         )
         return bytes(raw).decode() if raw else None

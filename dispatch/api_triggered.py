@@ -21,6 +21,13 @@ suppression lists (channel and global; address hashes computed here with the pla
 appended. Recording the key and appending the row are one atomic step, so a replay never needs to
 repair anything: a batch sealed but never enqueued (a crash) is re-enqueued by the sealer's sweep.
 
+Lifecycle: a campaign's manifest counts follow its batches (``dispatch status`` and ``export`` work
+on it), except that its ``accepted`` stays one above the real count while the campaign can still
+get messages, so the workers (which finalize a campaign once everything accepted is done) never
+mark it completed under a message being accepted. The sealer *closes* it a few minutes after its
+hour ends (with nothing open): ``accepted`` becomes exact and the workers finalize it once its
+last (possibly held) message is done.
+
 ``timezone`` holds the message until the recipient's allowed window (08:00-21:00 local,
 ``dispatch.checks.QuietHours``): a held message gets a batch of its own whose not-before time is
 that instant, written and queued at once (rare, and it never delays anybody else). A frequency cap
@@ -48,7 +55,7 @@ from dispatch import keys
 from dispatch.api_problems import ApiProblem, FieldError
 from dispatch.checks import QuietHours, next_allowed, resolve_timezone
 from dispatch.config import Settings
-from dispatch.suppression import GLOBAL, AddressHasher
+from dispatch.suppression import GLOBAL, AddressHasher, hasher_for
 from dispatch.validation import AddressValidator
 
 __all__ = [
@@ -60,6 +67,7 @@ __all__ = [
     "SealNotifier",
     "TriggeredSender",
     "batch_prefix",
+    "closes_at",
     "open_key",
     "open_prefix",
     "parse_member",
@@ -119,6 +127,12 @@ def parse_member(member: str) -> tuple[str, int, float]:
     return cid, int(n), float(not_before)
 
 
+def closes_at(campaign_id: str) -> float:
+    """When a triggered campaign stops getting messages: the end of its UTC hour."""
+    hour = datetime.strptime(campaign_id.rsplit("-", 1)[1], "%Y%m%d%H").replace(tzinfo=UTC)
+    return hour.timestamp() + 3600
+
+
 def split_recipient(row_id: str) -> str:
     """The caller's recipient id from a triggered snapshot row id."""
     return row_id.rsplit(_RID_SEP, 1)[0]
@@ -148,7 +162,7 @@ def _manifest(campaign_id: str, channel: str, now: float) -> dict[str, Any]:
         "rate": None,
         "deadline": None,
         "total": 0,
-        "accepted": 0,
+        "accepted": 1,  # one more than accepted until the campaign closes (see the module docstring)
         "rejected": {},
         "batches": 0,
         "batch_size": SEAL_SIZE,
@@ -201,7 +215,7 @@ class TriggeredSender:
         self._settings = settings
         self._client = client
         self._sealer = sealer
-        self._hasher = hasher or AddressHasher(key=settings.suppression_key.encode())
+        self._hasher = hasher or hasher_for(settings)
         self._suppression_prefix = suppression_prefix
         self._quiet = quiet_hours or QuietHours()
         self._seal_size = str(seal_size)

@@ -31,7 +31,9 @@ if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 or redis.call('SISMEMBER', KEY
   return {1, message_id, 'suppressed', ''}
 end
 
--- the manifest's counts follow the campaign, so `dispatch status` and `export` see every batch
+-- the manifest's counts follow the campaign, so `dispatch status` and `export` see every batch;
+-- its "accepted" stays one above the real count until the campaign closes (triggered_seal.lua),
+-- so workers never finalize a campaign that may still get messages
 local function bump_manifest(batches, accepted)
   local manifest = redis.call('GET', KEYS[5])
   if not manifest then
@@ -42,7 +44,7 @@ local function bump_manifest(batches, accepted)
     batches = current
   end
   manifest = string.gsub(manifest, '"total":%d+', '"total":' .. accepted, 1)
-  manifest = string.gsub(manifest, '"accepted":%d+', '"accepted":' .. accepted, 1)
+  manifest = string.gsub(manifest, '"accepted":%d+', '"accepted":' .. (accepted + 1), 1)
   manifest = string.gsub(manifest, '"batches":%d+', '"batches":' .. batches, 1)
   redis.call('SET', KEYS[5], manifest, 'KEEPTTL')
 end
@@ -55,6 +57,7 @@ if nb ~= '0' then
   redis.call('SET', ARGV[4] .. n, '[' .. nb .. ',[' .. row .. ']]', 'EX', ttl)
   local member = cid .. '|' .. n .. '|' .. nb
   redis.call('ZADD', KEYS[6], now, member)
+  redis.call('ZADD', KEYS[7], now, cid)
   redis.call('EXPIRE', KEYS[4], ttl)
   bump_manifest(n + 1, accepted)
   local message_id = cid .. '.' .. n .. '.0'

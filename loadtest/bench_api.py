@@ -1,6 +1,6 @@
 """Benchmark of ``POST /v1/messages``: open-loop at a fixed request rate, latency percentiles.
 
-    .venv/bin/python -m loadtest.bench_api [--rate 1000] [--seconds 10] [--campaign 100000]
+    .venv/bin/python -m loadtest.bench_api [--rate 1000] [--seconds 10] [--campaign 100000] [--profile DIR]
 
 Starts a LocalCluster (embedded Redis, the mock provider, worker processes) and ``dispatch serve``
 as its own process, then measures, each phase at ``--rate`` requests/s for ``--seconds``:
@@ -11,7 +11,11 @@ as its own process, then measures, each phase at ``--rate`` requests/s for ``--s
 
 Open loop: request *i* is due at ``start + i / rate`` whatever happened before, and its latency is
 measured from that due time, so a stalled server shows up as latency instead of as fewer requests
-(no coordinated omission). Prints figures; asserts nothing.
+(no coordinated omission). Each phase also prints the server process's CPU per request (from
+/proc). ``--profile DIR`` samples the server with py-spy (``--gil``) during the idle phase and prints
+its hot spots. At the end the bench waits for the workers to hand every queued triggered message to
+the mock (a check that micro-batches are sealed, enqueued and sent once) and prints the load
+average before and after (the machine is shared: read latencies next to it). Asserts nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +46,8 @@ from dispatch.api_auth import ApiKeyStore
 from dispatch.config import Settings, load_settings
 from loadtest.audience import generate_rows
 from loadtest.cluster import LocalCluster
+from loadtest.report import summarize_profile
+from loadtest.runner import cpu_seconds
 
 __all__ = ["Phase", "main", "run_phase"]
 
@@ -51,6 +59,9 @@ class Phase:
     errors: int
     latencies_ms: list[float]
     seconds: float
+    server_cpu_s: float | None = None
+    queued: int = 0
+    campaign_accepted: int = 0
 
     def line(self) -> str:
         lat = sorted(self.latencies_ms)
@@ -61,6 +72,7 @@ class Phase:
         return (
             f"{self.name:<28} {self.sent / self.seconds:7.0f} req/s  errors {self.errors:<5} "
             f"p50 {pct(50):6.2f} ms  p95 {pct(95):6.2f} ms  p99 {pct(99):6.2f} ms  max {max(lat, default=0):7.2f} ms"
+            + (f"  server CPU {self.server_cpu_s / self.sent * 1e6:4.0f} us/req" if self.server_cpu_s else "")
         )
 
 
@@ -71,21 +83,24 @@ async def run_phase(
     *,
     rate: float,
     seconds: float,
+    server_pid: int | None = None,
 ) -> Phase:
     """Fire ``make_request(i)`` (-> (method, url, kwargs)) open-loop at ``rate`` for ``seconds``."""
     total = int(rate * seconds)
     latencies: list[float] = []
-    errors = 0
+    errors = queued = 0
+    cpu_before = cpu_seconds(server_pid) if server_pid else None
     clock = time.perf_counter  # uvloop's loop.time() has millisecond resolution
     start = clock() + 0.05
 
     async def one(i: int, due: float) -> None:
-        nonlocal errors
+        nonlocal errors, queued
         method, url, kwargs = make_request(i)
         try:
             async with session.request(method, url, **kwargs) as response:
-                await response.read()
+                body = await response.read()
                 ok = response.status < 400
+                queued += response.status == 202 and b'"state":"queued"' in body
         except aiohttp.ClientError:
             ok = False
         latencies.append((clock() - due) * 1000)
@@ -100,7 +115,9 @@ async def run_phase(
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(i, due)))
     await asyncio.gather(*tasks)
-    return Phase(name, total, errors, latencies, max(seconds, clock() - start))
+    cpu_after = cpu_seconds(server_pid) if server_pid else None
+    used = cpu_after - cpu_before if cpu_after is not None and cpu_before is not None else None
+    return Phase(name, total, errors, latencies, max(seconds, clock() - start), used, queued)
 
 
 def _free_port() -> int:
@@ -124,7 +141,35 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.0
     raise RuntimeError("dispatch serve did not become ready")
 
 
-async def _bench(base: str, token: str, args: argparse.Namespace, audience: Path | None) -> list[Phase]:
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
+def _profile(pid: int, seconds: float, out_dir: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "api-server.collapsed.txt"
+    command = [exe, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", "500"]
+    command += ["--format", "raw", "--output", str(path), "--nonblocking", "--gil"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), path
+
+
+def _print_profile(path: Path) -> None:
+    if not path.exists():
+        print("profile: py-spy wrote nothing", flush=True)
+        return
+    summary = summarize_profile(path.read_text(), top=25)
+    print(f"profile of the API server ({summary['samples']} samples with the GIL, {path}):")
+    for title in ("packages", "self", "ours"):
+        print(f"  {title}:")
+        for name, share in summary[title]:
+            print(f"    {share * 100:5.1f}%  {name}")
+
+
+async def _bench(
+    base: str, token: str, args: argparse.Namespace, audience: Path | None, server_pid: int
+) -> list[Phase]:
     auth = {"Authorization": f"Bearer {token}"}
     run_id = os.urandom(4).hex()
     phases: list[Phase] = []
@@ -145,11 +190,26 @@ async def _bench(base: str, token: str, args: argparse.Namespace, audience: Path
             return make
 
         # warm connections and the triggered campaign
-        await run_phase("warm-up", session, message("warm"), rate=200, seconds=1)
-        phases.append(await run_phase("baseline GET /healthz", session, health, rate=args.rate, seconds=args.seconds))
+        phases.append(await run_phase("warm-up", session, message("warm"), rate=200, seconds=1))
         phases.append(
-            await run_phase("POST /v1/messages idle", session, message("idle"), rate=args.rate, seconds=args.seconds)
+            await run_phase(
+                "baseline GET /healthz", session, health, rate=args.rate, seconds=args.seconds, server_pid=server_pid
+            )
         )
+        profiler = _profile(server_pid, args.seconds, Path(args.profile)) if args.profile else None
+        phases.append(
+            await run_phase(
+                "POST /v1/messages idle",
+                session,
+                message("idle"),
+                rate=args.rate,
+                seconds=args.seconds,
+                server_pid=server_pid,
+            )
+        )
+        if profiler is not None:
+            profiler[0].wait()
+            _print_profile(profiler[1])
         if audience is not None:
             form = aiohttp.FormData()
             form.add_field(
@@ -162,11 +222,16 @@ async def _bench(base: str, token: str, args: argparse.Namespace, audience: Path
                 await response.read()
             await asyncio.sleep(1.0)  # let the workers reach full speed
             busy = await run_phase(
-                "POST /v1/messages + campaign", session, message("busy"), rate=args.rate, seconds=args.seconds
+                "POST /v1/messages + campaign",
+                session,
+                message("busy"),
+                rate=args.rate,
+                seconds=args.seconds,
+                server_pid=server_pid,
             )
             async with session.get(f"{base}/v1/campaigns/bench-{run_id}", headers=auth) as response:
                 status = await response.json()
-            phases.append(busy)
+            phases.append(dataclasses.replace(busy, campaign_accepted=int(plan["accepted"])))
             print(
                 f"campaign: {plan['accepted']} accepted, {status['done']} done during the busy phase "
                 f"({status['current_rate']:.0f} msg/s)",
@@ -181,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--campaign", type=int, default=100_000, help="recipients of the busy phase (0 = skip)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--profile", default="", metavar="DIR", help="py-spy the API server in the idle phase")
+    parser.add_argument("--drain", type=float, default=60.0, help="seconds to wait for the mock to get every message")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-api-") as home:
         settings: Settings = load_settings({"DISPATCH_HOME": home})
@@ -210,7 +277,14 @@ def main(argv: list[str] | None = None) -> int:
                 token, _ = ApiKeyStore(client).create("write", "bench")
                 client.close()
                 print(f"API at {base}; {args.rate:.0f} req/s for {args.seconds:.0f} s per phase, open loop", flush=True)
-                phases = uvloop.run(_bench(base, token, args, audience))
+                print(f"before: {_load()}", flush=True)
+                phases = uvloop.run(_bench(base, token, args, audience, server.pid))
+                print(f"after:  {_load()}", flush=True)
+                triggered = sum(phase.queued for phase in phases)
+                expected = triggered + sum(phase.campaign_accepted for phase in phases)
+                waited = time.monotonic()
+                while cluster.mock_stats()["accepted"] < expected and time.monotonic() - waited < args.drain:
+                    time.sleep(0.5)
             finally:
                 server.send_signal(signal.SIGTERM)
                 try:
@@ -221,7 +295,11 @@ def main(argv: list[str] | None = None) -> int:
             for phase in phases:
                 print(phase.line())
             stats = cluster.mock_stats()
-            print(f"mock provider: {stats['accepted']} messages accepted, {stats['duplicates']} duplicates")
+            print(
+                f"mock provider: {stats['accepted']} messages accepted of {expected} queued "
+                f"({triggered} triggered), {stats['duplicates']} duplicates",
+                flush=True,
+            )
     return 0
 
 

@@ -20,7 +20,7 @@ from test_api_support import api_settings, running_api
 from dispatch import keys
 from dispatch.api_problems import ApiProblem
 from dispatch.api_sealer import TriggeredSealer
-from dispatch.api_triggered import REGISTRY, TO_ENQUEUE, TriggeredSender, open_key, state_key
+from dispatch.api_triggered import REGISTRY, TO_ENQUEUE, TriggeredSender, closes_at, open_key, state_key
 from dispatch.broker import build_broker, enqueue_batch
 from dispatch.config import Settings
 from dispatch.redisdb import with_db
@@ -97,7 +97,8 @@ async def test_accept_appends_to_the_open_batch_and_seals_at_the_size_threshold(
             i = n * 100 + index
             assert row == [f"user-{i}#{n}.{index}", f"+4474001{i:05d}", {"body": f"Code {i}"}]
     manifest = load_manifest(redis_client, cid)
-    assert (manifest["batches"], manifest["accepted"], manifest["total"]) == (3, 250, 250)
+    # "accepted" stays one above the real count while the campaign is open: workers never finalize it
+    assert (manifest["batches"], manifest["accepted"], manifest["total"]) == (3, 251, 250)
     assert list(iter_records(redis_client, cid, manifest["batches"])) == []  # nothing claimed yet
     await parts.sealer.flush()  # nothing open: nothing sealed, nothing enqueued again
     assert len(parts.enqueued) == 3
@@ -222,10 +223,14 @@ async def test_the_sweep_recovers_a_crash_between_seal_and_enqueue_and_orphaned_
     assert parts.enqueued == [(cid, 1, 0), (cid, 0, 0)]
     assert redis_client.zcard(TO_ENQUEUE) == 0
     assert [r[0] for r in _batch(redis_client, cid, 1)[1]] == ["#1.0"] and two["message_id"] == f"{cid}.1.0"
-    # nothing open and nothing opened for 10 minutes: the campaign leaves the registry
-    parts.clock.now += 601
-    assert await survivor.sweep() == 0
-    assert redis_client.zcard(REGISTRY) == 0
+    assert load_manifest(redis_client, cid)["accepted"] == 3
+    # its hour is over (and the grace for clock skew): closed, with exact counts, and forgotten
+    parts.clock.now = closes_at(cid) + 299
+    assert await survivor.sweep() == 0 and redis_client.zcard(REGISTRY) == 1
+    parts.clock.now = closes_at(cid) + 301
+    assert await survivor.sweep() == 0 and redis_client.zcard(REGISTRY) == 0
+    manifest = load_manifest(redis_client, cid)
+    assert (manifest["accepted"], manifest["total"], manifest["batches"]) == (2, 2, 2)
 
 
 # --- real workers ------------------------------------------------------------------------------
@@ -275,25 +280,33 @@ async def test_workers_deliver_micro_batched_messages_exactly_once(
                     assert reply.status == 202, reply.body
                     return str(reply.json["message_id"])
 
+                async def sent(count: int) -> dict[str, Any]:
+                    deadline = time.monotonic() + 45
+                    while True:
+                        status: dict[str, Any] = (await api.call("GET", f"/v1/campaigns/{cid}", token="read")).json
+                        if status["counters"]["sent"] >= count or time.monotonic() > deadline:
+                            return status
+                        await asyncio.sleep(0.2)
+
                 ids = await asyncio.gather(*(send(i) for i in range(300)))
                 await api.flush()
                 cid = parse_ref(ids[0])[0]
                 # a crash-recovery sweep (or a second API process) enqueueing every batch again
                 for n in sorted({n for _, n in enqueues}):
                     enqueue_batch(broker, cid, n, 0)
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    status = (await api.call("GET", f"/v1/campaigns/{cid}", token="read")).json
-                    if status["counters"]["sent"] >= 300:
-                        break
-                    await asyncio.sleep(0.2)
+                await sent(300)
+                # everything accepted so far is sent: the workers must not finalize the campaign
+                await asyncio.sleep(3.0)
+                ids += await asyncio.gather(*(send(i) for i in range(300, 320)))
+                status = await sent(320)
                 await asyncio.sleep(0.5)  # a duplicate send would have reached the mock by now
                 stats = cluster.mock_stats()
                 record = (await api.call("GET", f"/v1/messages/{ids[123]}", token="read")).json
     finally:
         broker.close()
-    assert status["counters"]["sent"] == 300 and status["accepted"] == 300 and status["not_sent"] == 0
-    assert stats["accepted"] == 300 and stats["duplicates"] == 0
+    assert status["counters"]["sent"] == 320 and status["accepted"] == 320 and status["not_sent"] == 0
+    assert status["state"] == "running"
+    assert stats["accepted"] == 320 and stats["duplicates"] == 0
     batches = len(set(enqueues))
     assert batches == status["batches"] and batches <= 100  # micro-batches, not one per message
     assert record["state"] == "sent" and record["provider_id"]
