@@ -38,6 +38,7 @@ from typing import Self
 
 import aiohttp
 import orjson
+import uvloop
 import yarl
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -257,7 +258,7 @@ def run_mock_provider(
     """Serve until SIGINT/SIGTERM. ``host``/``port`` override the config's; with port 0 the URL
     is printed (``mock provider listening on URL``) and written to ``ready_file`` if given."""
     base = config or MockConfig()
-    asyncio.run(_serve(replace(base, host=host, port=port), ready_file))
+    uvloop.run(_serve(replace(base, host=host, port=port), ready_file))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
