@@ -15,7 +15,9 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
+from dispatch.config import Settings, load_settings
 from dispatch.embedded import ensure_embedded, stop_embedded
+from dispatch.redisdb import with_db
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +62,25 @@ async def aredis_client(redis_url: str) -> AsyncIterator[aredis.Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+def cluster_settings(redis_url: str, tmp_path: Path) -> Iterator[Settings]:
+    """Settings for a LocalCluster on the test server: app keys in db 0, the broker in db 1
+    (flushed before and after), fast redelivery, small batches."""
+    settings = load_settings(
+        {
+            "DISPATCH_HOME": str(tmp_path),
+            "DISPATCH_REDIS_URL": with_db(redis_url, 0),
+            "DISPATCH_BROKER_DB": "1",
+            "DISPATCH_HEARTBEAT_TIMEOUT_MS": "3000",
+            "DISPATCH_BATCH_SIZE": "100",
+        }
+    )
+    broker_db = redis.Redis.from_url(with_db(redis_url, 1))
+    broker_db.flushdb()
+    try:
+        yield settings
+    finally:
+        broker_db.flushdb()
+        broker_db.close()

@@ -21,14 +21,13 @@ import math
 import re
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from test_monitoring_promql import (
     alert_expressions,
     api,
@@ -42,8 +41,7 @@ from test_monitoring_promql import (
 )
 
 from dispatch.campaign import CampaignSpec
-from dispatch.config import Settings, load_settings
-from dispatch.redisdb import with_db
+from dispatch.config import Settings
 from loadtest.audience import generate_rows
 from loadtest.cluster import LocalCluster
 from loadtest.demo import run_campaign
@@ -96,21 +94,8 @@ _PHONE = re.compile(r"(?<![\w.])\+?\d(?:[\s\-()]*\d){6,}(?![\w.])")
 
 
 @pytest.fixture
-def settings(redis_url: str, tmp_path: Path) -> Iterator[Settings]:
-    base = load_settings(
-        {
-            "DISPATCH_HOME": str(tmp_path),
-            "DISPATCH_REDIS_URL": with_db(redis_url, 0),
-            "DISPATCH_BROKER_DB": "1",
-            "DISPATCH_HEARTBEAT_TIMEOUT_MS": "3000",
-            "DISPATCH_BATCH_SIZE": "100",
-        }
-    )
-    broker_db = redis.Redis.from_url(with_db(redis_url, 1))
-    broker_db.flushdb()
-    yield replace(base, send_concurrency=16, sms_rate=1000.0)  # an account limit: its rate gauges
-    broker_db.flushdb()
-    broker_db.close()
+def settings(cluster_settings: Settings) -> Settings:
+    return replace(cluster_settings, send_concurrency=16, sms_rate=1000.0)  # an account limit: its rate gauges
 
 
 def start_workers(cluster: LocalCluster, ports: list[int]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,28 +16,14 @@ from dispatch.config import Settings, load_settings
 from dispatch.control import CampaignControl
 from dispatch.engine import limiter_burst
 from dispatch.planner import Planner
-from dispatch.redisdb import with_db
 from loadtest.audience import generate_rows
 from loadtest.cluster import LocalCluster
 from loadtest.demo import run_campaign
 
 
 @pytest.fixture
-def settings(redis_url: str, tmp_path: Path) -> Iterator[Settings]:
-    base = load_settings(
-        {
-            "DISPATCH_HOME": str(tmp_path),
-            "DISPATCH_REDIS_URL": with_db(redis_url, 0),
-            "DISPATCH_BROKER_DB": "1",
-            "DISPATCH_HEARTBEAT_TIMEOUT_MS": "3000",
-            "DISPATCH_BATCH_SIZE": "100",
-        }
-    )
-    broker_db = redis.Redis.from_url(with_db(redis_url, 1))
-    broker_db.flushdb()
-    yield base
-    broker_db.flushdb()
-    broker_db.close()
+def settings(cluster_settings: Settings) -> Settings:
+    return cluster_settings
 
 
 def _spec(cid: str) -> CampaignSpec:
