@@ -46,6 +46,7 @@ from dispatch.api_auth import (
 )
 from dispatch.api_openapi import OPERATIONS, openapi_document
 from dispatch.api_problems import ApiProblem, FieldError, problem_middleware
+from dispatch.api_redis import PipelinedRedis
 from dispatch.api_schemas import SCHEMAS, validate
 from dispatch.api_sealer import TriggeredSealer
 from dispatch.api_triggered import (
@@ -619,11 +620,13 @@ def build_app(
     limits: ApiLimits | None = None,
     io_threads: int = 8,
     plan_threads: int = 2,
+    pipelined: PipelinedRedis | None = None,
 ) -> web.Application:
     """The API application. ``enqueue`` hands batches to the broker (None: start and messages
     answer 503); ``public_base_url`` is the URL providers call (their signatures cover it).
     ``key_pepper``, ``suppression_hasher`` and ``limits`` default to what ``settings`` says
-    (``api_key_pepper``, ``suppression_key``, ``api_max_*_bytes``)."""
+    (``api_key_pepper``, ``suppression_key``, ``api_max_*_bytes``). ``pipelined``: the hot path's
+    shared connection (auth lookups and triggered messages); without it they use ``app_client``."""
     lim = limits or ApiLimits(json_bytes=settings.api_max_json_bytes, audience_bytes=settings.api_max_audience_bytes)
     pepper = key_pepper if key_pepper is not None else settings.api_key_pepper.encode()
     hasher = suppression_hasher or hasher_for(settings)
@@ -648,7 +651,7 @@ def build_app(
         io_pool=io_pool,
         plan_pool=plan_pool,
         suppression=suppression,
-        triggered=TriggeredSender(settings, app_client, sealer or _NoSealer(), hasher=hasher),
+        triggered=TriggeredSender(settings, app_client, sealer or _NoSealer(), hasher=hasher, pipelined=pipelined),
         sealer=sealer,
     )
     scopes: dict[str, Scope | None] = {op.operation_id: op.scope for op in OPERATIONS}
@@ -662,7 +665,7 @@ def build_app(
         middlewares=[
             _timing_middleware(registry),
             problem_middleware,
-            auth_middleware(AsyncApiKeyLookup(app_client, pepper=pepper), scope_for),
+            auth_middleware(AsyncApiKeyLookup(pipelined or app_client, pepper=pepper), scope_for),
         ],
     )
     app[DEPS] = deps
@@ -733,6 +736,7 @@ async def serve(
     pool = aredis.BlockingConnectionPool.from_url(target.app_url, max_connections=64, timeout=10)
     client = aredis.Redis(connection_pool=pool)
     sync = redis.Redis.from_url(target.app_url, socket_timeout=10.0)
+    pipelined = PipelinedRedis(target.app_url)
     broker = build_broker(settings, target.broker_url)
     app = build_app(
         settings,
@@ -740,6 +744,7 @@ async def serve(
         sync_client=sync,
         enqueue=lambda cid, n, delay: enqueue_batch(broker, cid, n, delay),
         public_base_url=public_url or settings.callback_base_url or f"http://{host}:{port}",
+        pipelined=pipelined,
     )
     runner = make_runner(app)
     await runner.setup()
@@ -755,6 +760,7 @@ async def serve(
         await done.wait()
     finally:
         await runner.cleanup()
+        await pipelined.aclose()
         await client.aclose()
         sync.close()
         broker.close()

@@ -21,7 +21,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal, Protocol, cast
 
 import orjson
 import redis
@@ -38,6 +38,7 @@ __all__ = [
     "ApiKey",
     "ApiKeyStore",
     "AsyncApiKeyLookup",
+    "HashReader",
     "PathOnlyAccessLogger",
     "Scope",
     "auth_middleware",
@@ -110,10 +111,16 @@ class ApiKeyStore:
         return False
 
 
+class HashReader(Protocol):
+    """What the lookup needs of a client: redis-py's, or ``dispatch.api_redis.PipelinedRedis``."""
+
+    async def hget(self, name: str, key: str) -> Any: ...
+
+
 class AsyncApiKeyLookup:
     """Token -> key for the request path (one ``HGET``; revocation takes effect at once)."""
 
-    def __init__(self, client: aredis.Redis, *, pepper: bytes = b"") -> None:
+    def __init__(self, client: aredis.Redis | HashReader, *, pepper: bytes = b"") -> None:
         self._client = client
         self._pepper = pepper
 

@@ -53,6 +53,7 @@ import redis.asyncio as aredis
 
 from dispatch import keys
 from dispatch.api_problems import ApiProblem, FieldError
+from dispatch.api_redis import PipelinedRedis
 from dispatch.checks import QuietHours, next_allowed, resolve_timezone
 from dispatch.config import Settings
 from dispatch.suppression import GLOBAL, AddressHasher, hasher_for
@@ -211,7 +212,10 @@ class TriggeredSender:
         quiet_hours: QuietHours | None = None,
         seal_size: int = SEAL_SIZE,
         clock: Callable[[], float] = time.time,
+        pipelined: PipelinedRedis | None = None,
     ) -> None:
+        """``pipelined``: when given, the accept script runs on it (the hot path's connection)
+        instead of on ``client``."""
         self._settings = settings
         self._client = client
         self._sealer = sealer
@@ -222,7 +226,9 @@ class TriggeredSender:
         self._ttl = settings.retention_s + 3600
         self._clock = clock
         self._validator = AddressValidator()
-        self._accept = client.register_script(_script("triggered_accept.lua"))
+        self._source = _script("triggered_accept.lua")
+        self._accept = client.register_script(self._source)
+        self._pipelined = pipelined
         self._ready: set[str] = set()
 
     async def _campaign(self, channel: str, now: float) -> str:
@@ -268,32 +274,34 @@ class TriggeredSender:
         head = b"[" + orjson.dumps(recipient + _RID_SEP)[:-1]
         tail = b'",' + orjson.dumps(address) + b"," + orjson.dumps({"body": text}) + b"]"
         answered = round(not_before, 3)
-        raw = await self._accept(
-            keys=[
-                idem,
-                f"{self._suppression_prefix}:{channel}",
-                f"{self._suppression_prefix}:{GLOBAL}",
-                state_key(campaign_id),
-                keys.manifest(campaign_id),
-                TO_ENQUEUE,
-                REGISTRY,
-            ],
-            args=[
-                fingerprint,
-                self._hasher(address),
-                campaign_id,
-                batch_prefix(campaign_id),
-                open_prefix(campaign_id),
-                head,
-                tail,
-                f"{answered:.3f}" if held else "0",
-                self._seal_size,
-                self._ttl,
-                IDEMPOTENCY_TTL_S,
-                f"{now:.3f}",
-                f"{answered:.3f}",
-            ],
-        )
+        script_keys: list[Any] = [
+            idem,
+            f"{self._suppression_prefix}:{channel}",
+            f"{self._suppression_prefix}:{GLOBAL}",
+            state_key(campaign_id),
+            keys.manifest(campaign_id),
+            TO_ENQUEUE,
+            REGISTRY,
+        ]
+        script_args: list[Any] = [
+            fingerprint,
+            self._hasher(address),
+            campaign_id,
+            batch_prefix(campaign_id),
+            open_prefix(campaign_id),
+            head,
+            tail,
+            f"{answered:.3f}" if held else "0",
+            self._seal_size,
+            self._ttl,
+            IDEMPOTENCY_TTL_S,
+            f"{now:.3f}",
+            f"{answered:.3f}",
+        ]
+        if self._pipelined is not None:
+            raw = await self._pipelined.evalsha(self._source, script_keys, script_args)
+        else:
+            raw = await self._accept(keys=script_keys, args=script_args)
         if int(raw[0]) == 0:
             return self._replay(bytes(raw[1]), fingerprint)
         message_id, state, sealed = (bytes(part).decode() for part in raw[1:4])

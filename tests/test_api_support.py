@@ -19,6 +19,7 @@ from aiohttp import web
 from dispatch.api import SEALER, ApiLimits, build_app, make_runner
 from dispatch.api_auth import SCOPES, ApiKeyStore
 from dispatch.api_openapi import openapi_document, response_errors
+from dispatch.api_redis import PipelinedRedis
 from dispatch.config import Settings, load_settings
 from dispatch.control import EnqueueFn
 from dispatch.redisdb import with_db
@@ -121,8 +122,11 @@ async def running_api(
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    assert settings.redis_url is not None
+    pipelined = PipelinedRedis(settings.redis_url)
     app = build_app(
         settings,
+        pipelined=pipelined,
         app_client=app_client,
         sync_client=sync_client,
         enqueue=chosen,
@@ -141,3 +145,4 @@ async def running_api(
             yield Api(f"http://{host}:{port}", session, tokens, enqueued, app=app)
     finally:
         await runner.cleanup()
+        await pipelined.aclose()
