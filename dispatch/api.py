@@ -38,6 +38,7 @@ from dispatch import keys
 from dispatch.api_auth import (
     API_KEY,
     SCOPES,
+    SERVE_AUTH_CACHE_S,
     ApiKeyStore,
     AsyncApiKeyLookup,
     PathOnlyAccessLogger,
@@ -621,12 +622,14 @@ def build_app(
     io_threads: int = 8,
     plan_threads: int = 2,
     pipelined: PipelinedRedis | None = None,
+    auth_cache_s: float = 0.0,
 ) -> web.Application:
     """The API application. ``enqueue`` hands batches to the broker (None: start and messages
     answer 503); ``public_base_url`` is the URL providers call (their signatures cover it).
     ``key_pepper``, ``suppression_hasher`` and ``limits`` default to what ``settings`` says
     (``api_key_pepper``, ``suppression_key``, ``api_max_*_bytes``). ``pipelined``: the hot path's
-    shared connection (auth lookups and triggered messages); without it they use ``app_client``."""
+    shared connection (auth lookups and triggered messages); without it they use ``app_client``.
+    ``auth_cache_s``: how long a valid API key is trusted without a lookup (0: every request)."""
     lim = limits or ApiLimits(json_bytes=settings.api_max_json_bytes, audience_bytes=settings.api_max_audience_bytes)
     pepper = key_pepper if key_pepper is not None else settings.api_key_pepper.encode()
     hasher = suppression_hasher or hasher_for(settings)
@@ -665,7 +668,7 @@ def build_app(
         middlewares=[
             _timing_middleware(registry),
             problem_middleware,
-            auth_middleware(AsyncApiKeyLookup(pipelined or app_client, pepper=pepper), scope_for),
+            auth_middleware(AsyncApiKeyLookup(pipelined or app_client, pepper=pepper, cache_s=auth_cache_s), scope_for),
         ],
     )
     app[DEPS] = deps
@@ -745,6 +748,7 @@ async def serve(
         enqueue=lambda cid, n, delay: enqueue_batch(broker, cid, n, delay),
         public_base_url=public_url or settings.callback_base_url or f"http://{host}:{port}",
         pipelined=pipelined,
+        auth_cache_s=SERVE_AUTH_CACHE_S,
     )
     runner = make_runner(app)
     await runner.setup()

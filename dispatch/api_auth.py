@@ -8,7 +8,10 @@ per-deployment ``pepper`` (the BLAKE2b key) additionally makes a stolen Redis du
 checking candidate tokens offline; tokens created under one pepper only work under the same one.
 
 Metadata never holds the token: ``{"id", "name", "scope", "created_at"}``; ``id`` (8 hex chars)
-names a key for ``list`` and ``revoke``. Tokens never reach a log line: requests are logged by
+names a key for ``list`` and ``revoke``. Revocation takes effect at once, or within
+``cache_s`` when the lookup caches valid keys (``dispatch serve`` caches them for
+:data:`SERVE_AUTH_CACHE_S`: one Redis round trip less per request; unknown tokens are never
+cached, so a new key works at once). Tokens never reach a log line: requests are logged by
 :class:`PathOnlyAccessLogger` (no headers, no query string), and problems never echo the ``Authorization`` header.
 """
 
@@ -35,6 +38,7 @@ __all__ = [
     "API_KEY",
     "KEYS_HASH",
     "SCOPES",
+    "SERVE_AUTH_CACHE_S",
     "ApiKey",
     "ApiKeyStore",
     "AsyncApiKeyLookup",
@@ -51,6 +55,10 @@ SCOPES: Final[tuple[Scope, ...]] = ("read", "write", "admin")
 #: Redis hash of stored keys: token digest (hex) -> metadata JSON.
 KEYS_HASH: Final = "dp:apikeys"
 TOKEN_PREFIX: Final = "dsp_"
+#: Seconds ``dispatch serve`` trusts a looked-up key (a revocation takes at most this long).
+SERVE_AUTH_CACHE_S: Final = 1.0
+#: Cached keys per process at most (then the cache starts over).
+_CACHE_MAX: Final = 10_000
 _TOKEN_LEN: Final = len(TOKEN_PREFIX) + 43
 
 
@@ -118,16 +126,23 @@ class HashReader(Protocol):
 
 
 class AsyncApiKeyLookup:
-    """Token -> key for the request path (one ``HGET``; revocation takes effect at once)."""
+    """Token -> key for the request path (one ``HGET``, or none while a valid key is cached)."""
 
-    def __init__(self, client: aredis.Redis | HashReader, *, pepper: bytes = b"") -> None:
+    def __init__(self, client: aredis.Redis | HashReader, *, pepper: bytes = b"", cache_s: float = 0.0) -> None:
         self._client = client
         self._pepper = pepper
+        self._cache_s = cache_s
+        #: token digest -> (valid until, monotonic; key)
+        self._cache: dict[str, tuple[float, ApiKey]] = {}
 
     async def lookup(self, token: str) -> ApiKey | None:
         if len(token) != _TOKEN_LEN or not token.startswith(TOKEN_PREFIX) or not token.isascii():
             return None
         digest = hash_token(token, self._pepper)
+        if self._cache_s > 0:
+            cached = self._cache.get(digest)
+            if cached is not None and cached[0] > time.monotonic():
+                return cached[1]
         raw = cast(bytes | None, await self._client.hget(KEYS_HASH, digest))
         if raw is None:
             return None
@@ -135,7 +150,12 @@ class AsyncApiKeyLookup:
         # time anyway so no future change to the lookup turns this into a timing oracle.
         if not hmac.compare_digest(digest, hash_token(token, self._pepper)):
             return None
-        return ApiKey.from_json(raw)
+        key = ApiKey.from_json(raw)
+        if self._cache_s > 0:
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            self._cache[digest] = (time.monotonic() + self._cache_s, key)
+        return key
 
 
 class PathOnlyAccessLogger(AbstractAccessLogger):

@@ -65,6 +65,8 @@ class PipelinedRedis:
         self._connecting: asyncio.Lock | None = None
         self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._scripts: dict[str, bytes] = {}
+        #: commands written in this loop iteration, sent with one syscall at its end
+        self._outgoing: list[bytes] = []
 
     async def _connect(self) -> asyncio.StreamWriter:
         if self._connecting is None:
@@ -89,10 +91,18 @@ class PipelinedRedis:
             return writer
 
     def _send(self, writer: asyncio.StreamWriter, args: tuple[Any, ...]) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._waiting.append(future)
-        writer.write(_encode(args))
+        if not self._outgoing:
+            loop.call_soon(self._flush, writer)
+        self._outgoing.append(_encode(args))
         return future
+
+    def _flush(self, writer: asyncio.StreamWriter) -> None:
+        data, self._outgoing = b"".join(self._outgoing), []
+        if self._writer is writer:
+            writer.write(data)
 
     async def _read(self, stream: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         parser = hiredis.Reader()
@@ -113,6 +123,7 @@ class PipelinedRedis:
         if self._writer is not writer:
             return
         self._writer = None
+        self._outgoing.clear()
         writer.close()
         waiting, self._waiting = self._waiting, collections.deque()
         for future in waiting:

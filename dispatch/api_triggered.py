@@ -229,12 +229,14 @@ class TriggeredSender:
         self._source = _script("triggered_accept.lua")
         self._accept = client.register_script(self._source)
         self._pipelined = pipelined
-        self._ready: set[str] = set()
+        #: (channel, hour number) -> campaign id whose manifest exists
+        self._ready: dict[tuple[str, int], str] = {}
 
     async def _campaign(self, channel: str, now: float) -> str:
+        ready = self._ready.get((channel, int(now // 3600)))
+        if ready is not None:
+            return ready
         campaign_id = f"{TRIGGERED_PREFIX}{channel}-{datetime.fromtimestamp(now, UTC):%Y%m%d%H}"
-        if campaign_id in self._ready:
-            return campaign_id
         pipe = self._client.pipeline(transaction=False)
         manifest = orjson.dumps(_manifest(campaign_id, channel, now))
         pipe.set(keys.manifest(campaign_id), manifest, nx=True, ex=self._ttl)
@@ -245,7 +247,7 @@ class TriggeredSender:
         await pipe.execute()
         if len(self._ready) > 64:
             self._ready.clear()
-        self._ready.add(campaign_id)
+        self._ready[channel, int(now // 3600)] = campaign_id
         return campaign_id
 
     async def submit(self, owner: str, idempotency_key: str, message: dict[str, Any]) -> tuple[int, dict[str, Any]]:

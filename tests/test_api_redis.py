@@ -1,6 +1,6 @@
 """The API's pipelined hot-path connection against a real Redis: replies matched in order under
 concurrency, error replies, script loading on NOSCRIPT, database selection, a killed connection
-failing its waiters and the next command reconnecting."""
+failing its waiters and the next command reconnecting; the short auth cache of ``dispatch serve``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import asyncio
 import pytest
 import redis
 
+from dispatch.api_auth import KEYS_HASH, ApiKeyStore, AsyncApiKeyLookup, hash_token
 from dispatch.api_redis import PipelinedRedis
 from dispatch.redisdb import with_db
 
@@ -61,5 +62,26 @@ async def test_a_lost_connection_fails_its_waiters_and_the_next_command_reconnec
             await timing_out.execute("BLPOP", "never", 0)
         assert await timing_out.execute("PING") == b"PONG"  # a new connection: no stray reply
         await timing_out.aclose()
+    finally:
+        await hot.aclose()
+
+
+async def test_the_auth_cache_keeps_valid_keys_briefly_and_never_unknown_ones(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    store = ApiKeyStore(redis_client)
+    hot = PipelinedRedis(redis_url)
+    lookup = AsyncApiKeyLookup(hot, cache_s=0.3)
+    try:
+        token, key = store.create("write")
+        assert await lookup.lookup(token) == key
+        assert store.revoke(key.id)
+        assert await lookup.lookup(token) == key  # trusted for cache_s after a lookup
+        await asyncio.sleep(0.35)
+        assert await lookup.lookup(token) is None
+        late = "dsp_" + "B" * 43
+        assert await lookup.lookup(late) is None
+        redis_client.hset(KEYS_HASH, hash_token(late), key.to_json())  # the key is created now
+        assert await lookup.lookup(late) == key  # a miss was not cached
     finally:
         await hot.aclose()
