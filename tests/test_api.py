@@ -296,6 +296,15 @@ async def test_suppressions_are_normalized_validated_and_all_or_nothing(api: Api
     assert store.contains_many("email", ["A@example.com"]) == [True]
 
 
+async def test_campaigns_are_planned_with_the_suppression_lists(api: Api) -> None:
+    rows = [dict(row) for row in ROWS[:10]]
+    rows[3]["phone"] = "+447400123456"
+    await api.call("POST", "/v1/suppressions", json={"channel": "sms", "addresses": ["+44 7400 123456"]})
+    plan = (await api.call("POST", "/v1/campaigns", json={"spec": SPEC, "recipients": rows})).json
+    assert plan["rejected"]["suppressed"] == 1
+    assert plan["total"] == 10 == plan["accepted"] + sum(plan["rejected"].values())
+
+
 # --- triggered messages ------------------------------------------------------------------------
 
 
