@@ -77,6 +77,19 @@ def test_loadtest_command_reports_consistent_figures(
     assert "lost        0   duplicates 0" in format_report(report)
 
 
+def test_loadtest_sends_email_through_the_batch_api(env: dict[str, str], tmp_path: Path) -> None:
+    settings = load_settings()
+    if "email" not in wired_channels(settings):
+        pytest.skip("email is not wired into the worker runtime")
+    options = LoadtestOptions(recipients=2500, workers=1, channel="email", out_dir=tmp_path, progress=False)
+    report = run_loadtest(settings, options)
+    assert report["accepted"] == report["sent"] == report["provider"]["unique"] == 2500
+    assert report["lost"] == 0 and report["duplicates"] == 0 and report["ok"]
+    # 1,000 personalizations per request: 3 requests, each observed once per recipient
+    assert report["latency_ms"]["observations"] == 2500
+    assert report["cpu"]["us_per_message"]["workers"] is not None
+
+
 def test_loadtest_refuses_an_unknown_channel(env: dict[str, str]) -> None:
     settings: Settings = load_settings()
     assert "sms" in wired_channels(settings)
