@@ -11,7 +11,9 @@ as its own process, then measures, each phase at ``--rate`` requests/s for ``--s
 
 Open loop: request *i* is due at ``start + i / rate`` whatever happened before, and its latency is
 measured from that due time, so a stalled server shows up as latency instead of as fewer requests
-(no coordinated omission). Each phase also prints the server process's CPU per request (from
+(no coordinated omission). ``--worker-nice 10`` runs the workers at a lower CPU priority than the
+API (the deployment choice for a latency-bound API sharing cores with throughput-bound workers).
+Each phase also prints the server process's CPU per request (from
 /proc). ``--profile DIR`` samples the server with py-spy (``--gil``) during the idle phase and prints
 its hot spots. At the end the bench waits for the workers to hand every queued triggered message to
 the mock (a check that micro-batches are sealed, enqueued and sent once) and prints the load
@@ -47,7 +49,7 @@ from dispatch.config import Settings, load_settings
 from loadtest.audience import generate_rows
 from loadtest.cluster import LocalCluster
 from loadtest.report import summarize_profile
-from loadtest.runner import cpu_seconds
+from loadtest.runner import children_running, cpu_seconds
 
 __all__ = ["Phase", "main", "run_phase"]
 
@@ -62,6 +64,8 @@ class Phase:
     server_cpu_s: float | None = None
     queued: int = 0
     campaign_accepted: int = 0
+    #: CPU seconds of each part of the deployment during the phase
+    parts_cpu_s: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def line(self) -> str:
         lat = sorted(self.latencies_ms)
@@ -73,6 +77,14 @@ class Phase:
             f"{self.name:<28} {self.sent / self.seconds:7.0f} req/s  errors {self.errors:<5} "
             f"p50 {pct(50):6.2f} ms  p95 {pct(95):6.2f} ms  p99 {pct(99):6.2f} ms  max {max(lat, default=0):7.2f} ms"
             + (f"  server CPU {self.server_cpu_s / self.sent * 1e6:4.0f} us/req" if self.server_cpu_s else "")
+            + (
+                "\n"
+                + " " * 29
+                + "CPU cores used: "
+                + ", ".join(f"{name} {used / self.seconds:.2f}" for name, used in self.parts_cpu_s.items())
+                if self.parts_cpu_s
+                else ""
+            )
         )
 
 
@@ -84,12 +96,14 @@ async def run_phase(
     rate: float,
     seconds: float,
     server_pid: int | None = None,
+    parts: dict[str, list[int]] | None = None,
 ) -> Phase:
     """Fire ``make_request(i)`` (-> (method, url, kwargs)) open-loop at ``rate`` for ``seconds``."""
     total = int(rate * seconds)
     latencies: list[float] = []
     errors = queued = 0
     cpu_before = cpu_seconds(server_pid) if server_pid else None
+    parts_before = _parts_cpu(parts or {})
     clock = time.perf_counter  # uvloop's loop.time() has millisecond resolution
     start = clock() + 0.05
 
@@ -117,7 +131,12 @@ async def run_phase(
     await asyncio.gather(*tasks)
     cpu_after = cpu_seconds(server_pid) if server_pid else None
     used = cpu_after - cpu_before if cpu_after is not None and cpu_before is not None else None
-    return Phase(name, total, errors, latencies, max(seconds, clock() - start), used, queued)
+    parts_used = {name: after - parts_before.get(name, 0.0) for name, after in _parts_cpu(parts or {}).items()}
+    return Phase(name, total, errors, latencies, max(seconds, clock() - start), used, queued, 0, parts_used)
+
+
+def _parts_cpu(parts: dict[str, list[int]]) -> dict[str, float]:
+    return {name: sum(cpu_seconds(pid) or 0.0 for pid in pids) for name, pids in parts.items()}
 
 
 def _free_port() -> int:
@@ -168,7 +187,13 @@ def _print_profile(path: Path) -> None:
 
 
 async def _bench(
-    base: str, token: str, args: argparse.Namespace, audience: Path | None, server_pid: int
+    base: str,
+    token: str,
+    args: argparse.Namespace,
+    audience: Path | None,
+    *,
+    server_pid: int,
+    parts: dict[str, list[int]],
 ) -> list[Phase]:
     auth = {"Authorization": f"Bearer {token}"}
     run_id = os.urandom(4).hex()
@@ -193,7 +218,13 @@ async def _bench(
         phases.append(await run_phase("warm-up", session, message("warm"), rate=200, seconds=1))
         phases.append(
             await run_phase(
-                "baseline GET /healthz", session, health, rate=args.rate, seconds=args.seconds, server_pid=server_pid
+                "baseline GET /healthz",
+                session,
+                health,
+                rate=args.rate,
+                seconds=args.seconds,
+                server_pid=server_pid,
+                parts=parts,
             )
         )
         profiler = _profile(server_pid, args.seconds, Path(args.profile)) if args.profile else None
@@ -205,6 +236,7 @@ async def _bench(
                 rate=args.rate,
                 seconds=args.seconds,
                 server_pid=server_pid,
+                parts=parts,
             )
         )
         if profiler is not None:
@@ -228,6 +260,7 @@ async def _bench(
                 rate=args.rate,
                 seconds=args.seconds,
                 server_pid=server_pid,
+                parts=parts,
             )
             async with session.get(f"{base}/v1/campaigns/bench-{run_id}", headers=auth) as response:
                 status = await response.json()
@@ -247,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--campaign", type=int, default=100_000, help="recipients of the busy phase (0 = skip)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--profile", default="", metavar="DIR", help="py-spy the API server in the idle phase")
+    parser.add_argument(
+        "--worker-nice",
+        type=int,
+        default=0,
+        help="renice the worker processes (e.g. 10: the API, latency-bound, wins the CPU over campaign sending)",
+    )
     parser.add_argument("--drain", type=float, default=60.0, help="seconds to wait for the mock to get every message")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-api-") as home:
@@ -261,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         with LocalCluster(settings, workers=args.workers) as cluster:
             if not args.workers:
                 print("no workers: messages are accepted and enqueued, not sent", flush=True)
+            if args.worker_nice:
+                for proc in cluster.worker_processes:
+                    os.setpriority(os.PRIO_PROCESS, proc.pid, args.worker_nice)
+                print(f"workers run at nice {args.worker_nice}", flush=True)
             assert cluster.target is not None
             port = _free_port()
             base = f"http://127.0.0.1:{port}"
@@ -278,7 +321,13 @@ def main(argv: list[str] | None = None) -> int:
                 client.close()
                 print(f"API at {base}; {args.rate:.0f} req/s for {args.seconds:.0f} s per phase, open loop", flush=True)
                 print(f"before: {_load()}", flush=True)
-                phases = uvloop.run(_bench(base, token, args, audience, server.pid))
+                parts = {
+                    "api": [server.pid],
+                    "workers": [proc.pid for proc in cluster.worker_processes],
+                    "mock": children_running("loadtest.mock_provider"),
+                    "bench": [os.getpid()],
+                }
+                phases = uvloop.run(_bench(base, token, args, audience, server_pid=server.pid, parts=parts))
                 print(f"after:  {_load()}", flush=True)
                 triggered = sum(phase.queued for phase in phases)
                 expected = triggered + sum(phase.campaign_accepted for phase in phases)
