@@ -63,6 +63,12 @@ _INVALID: Final = PhoneCheck(None, False)
 _MAX_INPUT: Final = 250
 _MIN_NSN: Final = 2
 _MAX_NSN: Final = 17
+#: Length verdicts after which parse() keeps the national prefix instead of stripping it.
+_KEEP_PREFIX: Final = (
+    _pu.ValidationResult.TOO_SHORT,
+    _pu.ValidationResult.IS_POSSIBLE_LOCAL_ONLY,
+    _pu.ValidationResult.INVALID_LENGTH,
+)
 
 
 def check_phone_naive(raw: str, region: str | None) -> PhoneCheck:
@@ -287,10 +293,16 @@ class PhoneValidator:
 
     default_region: str | None = "US"
     cache_size: int = 200_000
-    _raw_cache: dict[str, PhoneCheck] = field(default_factory=dict, init=False, repr=False)
-    _key_cache: dict[str, PhoneCheck] = field(default_factory=dict, init=False, repr=False)
-    _class_memo: dict[tuple[int, int, str], tuple[bool, bool]] = field(default_factory=dict, init=False, repr=False)
-    _depths: dict[tuple[int, int], list[int]] = field(default_factory=dict, init=False, repr=False)
+    _raw_cache: dict[str, tuple[str | None, bool]] = field(default_factory=dict, init=False, repr=False)
+    _key_cache: dict[str, tuple[str | None, bool]] = field(default_factory=dict, init=False, repr=False)
+    #: (cc * 32 + national length) -> (decision depths in ascending order, {nsn prefix: answer})
+    _tables: dict[int, tuple[list[int], dict[str, tuple[bool, bool]]]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    _memo_size: int = field(default=0, init=False, repr=False)
+    _cc_plans: dict[str, tuple[int, int, Any, re.Pattern[str] | None]] = field(
+        default_factory=dict, init=False, repr=False
+    )
     _preds: dict[int, list[_Predicate] | None] = field(default_factory=dict, init=False, repr=False)
     _md: Any = field(default=None, init=False, repr=False)
     _cc_md: dict[int, Any] = field(default_factory=dict, init=False, repr=False)
@@ -306,15 +318,19 @@ class PhoneValidator:
 
     def check(self, raw: str) -> PhoneCheck:
         """Same answer as ``check_phone_naive(raw, self.default_region)``."""
-        m = _SHAPE.fullmatch(raw) if len(raw) <= _MAX_INPUT else None
-        if m is not None:
-            plus, rest = m.groups()
-            digits = rest.translate(_DROP)
-            if len(digits) >= 3:
-                key = plus + digits
+        e164, sms = self.lookup(raw)
+        return PhoneCheck(e164, sms)
+
+    def lookup(self, raw: str) -> tuple[str | None, bool]:
+        """:meth:`check` as a plain ``(e164 or None, sms_capable)`` tuple (the planner's hot path)."""
+        if len(raw) <= _MAX_INPUT:
+            # the common shape: separators " ().-" anywhere, one optional "+" before any digit
+            key = raw if raw[:1] == "+" and raw.isascii() and raw[1:].isdigit() else raw.translate(_DROP)
+            digits = key[1:] if key[:1] == "+" else key
+            if len(digits) >= 3 and digits.isdigit() and digits.isascii():
                 found = self._key_cache.get(key)
                 if found is None:
-                    found = self._from_digits(bool(plus), digits)
+                    found = self._from_digits(len(digits) != len(key), digits)
                     if found is None:
                         found = check_phone_naive(raw, self.default_region)
                     if len(self._key_cache) >= self.cache_size:
@@ -329,30 +345,30 @@ class PhoneValidator:
             self._raw_cache[raw] = found
         return found
 
-    def _from_digits(self, plus: bool, digits: str) -> PhoneCheck | None:
+    def _from_digits(self, plus: bool, digits: str) -> tuple[str | None, bool] | None:
         """Replay of ``phonenumbers.parse`` for the simple shape; None means "ask the naive path"."""
         md = self._md
-        if not plus and md is None:
-            return None
-        if not plus and self._idd is not None:
-            idd = self._idd.match(digits)
-            if idd is not None and not digits[idd.end() :].startswith("0"):
-                plus, digits = True, digits[idd.end() :]
+        if not plus:
+            if md is None:
+                return None
+            if self._idd is not None:
+                idd = self._idd.match(digits)
+                if idd is not None and not digits[idd.end() :].startswith("0"):
+                    plus, digits = True, digits[idd.end() :]
         if plus:
-            if len(digits) <= _MIN_NSN:
+            if len(digits) <= _MIN_NSN or digits[0] == "0":
                 return None
-            if digits[0] == "0":
-                return None
-            for size in (1, 2, 3):  # calling codes are a prefix code: at most one matches
-                cc = _CALLING_CODES.get(digits[:size], 0)
-                if cc:
-                    break
-            else:
-                return None
+            # calling codes are a prefix code: at most one of the three prefixes matches
+            plan = self._cc_plans.get(digits[:1]) or self._cc_plans.get(digits[:2]) or self._cc_plans.get(digits[:3])
+            if plan is None:
+                plan = self._cc_plan(digits)
+                if plan is None:
+                    return None
+            cc, size, md, national_prefix = plan
             nsn = digits[size:]
-            md = self._md_for(cc)
         else:
             cc, nsn = md.country_code, digits
+            national_prefix = self._national_prefix(md)
             cc_str = str(cc)
             if digits.startswith(cc_str):
                 general = md.general_desc
@@ -365,23 +381,43 @@ class PhoneValidator:
                     number_region = _pu.region_code_for_country_code(cc)
                     if number_region != self.default_region:
                         md = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(cc, number_region)
+                        national_prefix = self._national_prefix(md)
         if md is None:
             return None
         if len(nsn) < _MIN_NSN:
             return _INVALID
-        prefix = md.national_prefix_for_parsing
-        if prefix and _re_compile(prefix).match(nsn):
+        if national_prefix is not None and national_prefix.match(nsn):
             _, potential, _ = _pu._maybe_strip_national_prefix_carrier_code(nsn, md)
-            if _pu._test_number_length(potential, md) not in (
-                _pu.ValidationResult.TOO_SHORT,
-                _pu.ValidationResult.IS_POSSIBLE_LOCAL_ONLY,
-                _pu.ValidationResult.INVALID_LENGTH,
-            ):
+            if _pu._test_number_length(potential, md) not in _KEEP_PREFIX:
                 nsn = potential
-        if not _MIN_NSN <= len(nsn) <= _MAX_NSN:
+        length = len(nsn)
+        if not _MIN_NSN <= length <= _MAX_NSN:
             return _INVALID
+        # the classification memo (see _classify), inlined: this runs once per distinct number
+        table = self._tables.get(cc * 32 + length)
+        if table is not None:
+            memo = table[1]
+            for k in table[0]:
+                found = memo.get(nsn[:k])
+                if found is not None:
+                    return (f"+{cc}{nsn}", found[1]) if found[0] else _INVALID
         valid, sms = self._classify(cc, nsn)
-        return PhoneCheck(f"+{cc}{nsn}", sms) if valid else _INVALID
+        return (f"+{cc}{nsn}", sms) if valid else _INVALID
+
+    def _cc_plan(self, digits: str) -> tuple[int, int, Any, re.Pattern[str] | None] | None:
+        for size in (1, 2, 3):
+            cc = _CALLING_CODES.get(digits[:size], 0)
+            if cc:
+                md = self._md_for(cc)
+                plan = (cc, size, md, self._national_prefix(md) if md is not None else None)
+                self._cc_plans[digits[:size]] = plan
+                return plan
+        return None
+
+    def _national_prefix(self, md: Any) -> re.Pattern[str] | None:
+        """The compiled ``national_prefix_for_parsing`` of ``md`` (libphonenumber's own cache)."""
+        prefix = md.national_prefix_for_parsing
+        return _re_compile(prefix) if prefix else None
 
     def _md_for(self, cc: int) -> Any:
         """Metadata parse() uses after extracting ``cc`` (the default region's when it is cc's main)."""
@@ -397,11 +433,10 @@ class PhoneValidator:
 
     def _classify(self, cc: int, nsn: str) -> tuple[bool, bool]:
         length = len(nsn)
-        depths = self._depths.get((cc, length))
-        if depths is not None:
-            memo = self._class_memo
-            for k in depths:
-                found = memo.get((cc, length, nsn[:k]))
+        table = self._tables.get(cc * 32 + length)
+        if table is not None:
+            for k in table[0]:
+                found = table[1].get(nsn[:k])
                 if found is not None:
                     return found
         if cc not in self._preds:
@@ -411,14 +446,15 @@ class PhoneValidator:
         if preds is None:
             return answer
         k = self._decision_depth(preds, nsn)
-        if len(self._class_memo) >= self.cache_size:
-            self._class_memo.clear()
-            self._depths.clear()
-        self._class_memo[(cc, length, nsn[:k])] = answer
-        depths = self._depths.setdefault((cc, length), [])
-        if k not in depths:
-            depths.append(k)
-            depths.sort()
+        if self._memo_size >= self.cache_size:
+            self._tables.clear()
+            self._memo_size = 0
+        table = self._tables.setdefault(cc * 32 + length, ([], {}))
+        table[1][nsn[:k]] = answer
+        self._memo_size += 1
+        if k not in table[0]:
+            table[0].append(k)
+            table[0].sort()
         return answer
 
     @staticmethod

@@ -37,7 +37,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import string
 import tempfile
 import time
 from array import array
@@ -45,7 +44,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from itertools import chain
+from itertools import chain, islice, repeat
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -54,20 +53,25 @@ import redis
 
 from channels.sms import segments
 from dispatch import keys
-from dispatch.audience import ColumnMap, Recipient, RowRejected, from_records, read_audience, read_header
+from dispatch.audience import (
+    ColumnMap,
+    ReadLimits,
+    Recipient,
+    RowRejected,
+    from_records,
+    read_audience,
+    read_header,
+)
 from dispatch.campaign import CampaignSpec
 from dispatch.checks import (
-    ConsentPolicy,
     FreshnessPolicy,
-    QuietHoursPlanner,
     Reason,
-    check_freshness,
     require_fresh_source,
-    resolve_timezone,
 )
 from dispatch.config import Settings
 from dispatch.errors import PlanError
 from dispatch.frequency import FrequencyCap, FrequencyStore
+from dispatch.planner_csv import CHUNK_ROWS, Chunk, RowScanner, ScanConfig, scan_csv_file
 from dispatch.prediction import Capacity, predict
 from dispatch.snapshot import Row, SnapshotWriter, discard_batches, expire_snapshot, load_manifest
 from dispatch.suppression import AddressHasher, SuppressionStore
@@ -170,6 +174,38 @@ class FingerprintSet:
             self._grow(shard)
         return True
 
+    def add_all(self, values: Iterable[int]) -> bytearray:
+        """:meth:`add` for each value in order; a flag per value (1: new, 0: already there)."""
+        out = bytearray()
+        flag = out.append
+        tables, counts, bits = self._tables, self._counts, 64 - self._SHARD_BITS
+        added = 0
+        for value in values:
+            fp = value | 1
+            shard = fp >> bits
+            table = tables[shard]
+            mask = len(table) - 1
+            i = (fp >> 1) & mask
+            while True:
+                slot = table[i]
+                if slot == 0:
+                    break
+                if slot == fp:
+                    break
+                i = (i + 1) & mask
+            if slot == fp:
+                flag(0)
+                continue
+            table[i] = fp
+            flag(1)
+            added += 1
+            count = counts[shard] + 1
+            counts[shard] = count
+            if count * 4 > len(table) * 3:
+                self._grow(shard)
+        self.size += added
+        return out
+
     def _grow(self, shard: int) -> None:
         old = self._tables[shard]
         table = array("Q", [0]) * (len(old) * 2)
@@ -195,16 +231,24 @@ class _Rejects:
         self._write = csv.writer(handle).writerow
         self._write(["row", "recipient_id", "field", "reason"])
 
+        self._write_many = csv.writer(handle).writerows
+
     def add(self, row: int, rid: str, field_name: str, reason: str) -> None:
         self.counts[reason] += 1
         self._write([row, rid, field_name, reason])
+
+    def add_many(self, rows: list[tuple[int, str, str, str]]) -> None:
+        """Rejections as (row, recipient id, field, reason) tuples, written in the given order."""
+        self.counts.update(row[3] for row in rows)
+        self._write_many(rows)
 
 
 class _Schedule:
     """Accepted recipients grouped into batches by ``not_before``, written in time order.
 
-    Batches due at ``now`` (the earliest possible instant) go to the snapshot as they fill;
-    batches for later instants are spilled to a temporary file and written after them.
+    Rows arrive encoded, without their closing bracket (see ``dispatch.planner_csv.Chunk``). Batches due at ``now`` (the
+    earliest possible instant) go to the snapshot as they fill; batches for later instants are
+    spilled to a temporary file and written after them.
     """
 
     def __init__(self, writer: SnapshotWriter, now: float, size: int, spill_dir: Path) -> None:
@@ -214,10 +258,13 @@ class _Schedule:
         self._spill_dir = spill_dir
         self._spill: IO[bytes] | None = None
         self._spilled: list[tuple[float, int, int, int]] = []  # (not_before, offset, length, n)
-        self._pending: dict[float, list[Row]] = {}
+        self._pending: dict[float, list[bytes]] = {}
         self.batches: list[tuple[float, int]] = []  # (not_before, n) in batch-number order
 
     def add(self, not_before: float, row: Row) -> None:
+        self.add_encoded(not_before, orjson.dumps(row)[:-1])
+
+    def add_encoded(self, not_before: float, row: bytes) -> None:
         rows = self._pending.get(not_before)
         if rows is None:
             rows = self._pending[not_before] = []
@@ -226,14 +273,14 @@ class _Schedule:
             del self._pending[not_before]
             self._emit(not_before, rows)
 
-    def _emit(self, not_before: float, rows: list[Row]) -> None:
+    def _emit(self, not_before: float, rows: list[bytes]) -> None:
+        data = b"[" + b"],".join(rows) + b"]]"
         if not_before <= self._now:
-            self._writer.add(not_before, rows)
+            self._writer.add_encoded(not_before, data)
             self.batches.append((not_before, len(rows)))
             return
         if self._spill is None:
             self._spill = tempfile.TemporaryFile(dir=self._spill_dir, prefix="plan-spill-")  # noqa: SIM115
-        data = orjson.dumps(rows)
         offset = self._spill.seek(0, os.SEEK_END)
         self._spill.write(data)
         self._spilled.append((not_before, offset, len(data), len(rows)))
@@ -246,7 +293,7 @@ class _Schedule:
         if spill is not None:
             for not_before, offset, length, n in sorted(self._spilled, key=lambda s: (s[0], s[1])):
                 spill.seek(offset)
-                self._writer.add(not_before, orjson.loads(spill.read(length)))
+                self._writer.add_encoded(not_before, spill.read(length))
                 self.batches.append((not_before, n))
             spill.close()
         self._writer.flush()
@@ -359,10 +406,17 @@ class Planner:
         return min(size, PROVIDER_BATCH_LIMITS.get(spec.channel, size))
 
     def plan_file(
-        self, spec: CampaignSpec, path: Path, *, columns: ColumnMap | None = None, delimiter: str = ","
+        self,
+        spec: CampaignSpec,
+        path: Path,
+        *,
+        columns: ColumnMap | None = None,
+        delimiter: str = ",",
+        processes: int | None = None,
     ) -> PlanReport:
         """Plan from a CSV or JSONL file (optionally gzip); a CSV header is checked against the
-        template before any row is read."""
+        template before any row is read. A large plain CSV file is scanned by ``processes``
+        worker processes (default: one per CPU; see ``dispatch.planner_csv``)."""
         if self._client.exists(keys.manifest(spec.id)):
             return self.plan(spec, [])
         cols = columns or ColumnMap()
@@ -375,9 +429,35 @@ class Planner:
                     f"campaign {spec.id}: the body uses ${', $'.join(missing)} but the audience has no such "
                     f"column (it has: {', '.join(sorted(available)) or 'none'})"
                 )
+
+            def csv_chunks(config: ScanConfig) -> Iterator[tuple[int, Chunk]]:
+                base = 0
+                for chunk in scan_csv_file(config, path, processes=processes):
+                    yield base, chunk
+                    base += chunk.total
+
+            return self._plan(spec, csv_chunks, cols, delimiter)
         return self.plan(spec, read_audience(path, columns=cols, delimiter=delimiter))
 
     def plan(self, spec: CampaignSpec, rows: Iterable[AudienceRow | Mapping[str, Any]]) -> PlanReport:
+        def item_chunks(config: ScanConfig) -> Iterator[tuple[int, Chunk]]:
+            scanner = RowScanner(config, validator=self._validator)
+            items = as_audience(rows)
+            while True:
+                part = list(islice(items, CHUNK_ROWS))
+                if not part:
+                    return
+                yield 0, scanner.scan_items(part)
+
+        return self._plan(spec, item_chunks, ColumnMap(), ",")
+
+    def _plan(
+        self,
+        spec: CampaignSpec,
+        source: Callable[[ScanConfig], Iterator[tuple[int, Chunk]]],
+        columns: ColumnMap,
+        delimiter: str,
+    ) -> PlanReport:
         existing = self._client.get(keys.manifest(spec.id))
         if existing is not None:
             manifest = orjson.loads(existing)
@@ -395,6 +475,23 @@ class Planner:
         freshness = FreshnessPolicy(max_staleness=spec.max_staleness) if spec.max_staleness else None
         if freshness is not None:
             require_fresh_source(as_of, now, freshness)
+        config = ScanConfig(
+            channel=spec.channel,
+            region=self._region,
+            hash_key=self._hasher.key,
+            started=now,
+            as_of=as_of,
+            freshness=freshness,
+            quiet_hours=spec.quiet_hours,
+            default_timezone=spec.default_timezone,
+            require_timezone=spec.require_timezone,
+            require_consent=spec.require_consent,
+            template_fields=tuple(spec.template_fields),
+            body=spec.body,
+            columns=columns,
+            limits=ReadLimits(),
+            delimiter=delimiter,
+        )
 
         size = self.batch_size(spec)
         writer = SnapshotWriter(self._client, spec.id, ttl_s=self._settings.retention_s)
@@ -405,9 +502,7 @@ class Planner:
         try:
             with rejected_path.open("w", newline="", encoding="utf-8") as handle:
                 rejects = _Rejects(handle)
-                total, accepted, cost_units, unseen = self._stream(
-                    spec, as_audience(rows), rejects, schedule, now, as_of, freshness
-                )
+                total, accepted, cost_units, unseen = self._merge(spec, source(config), rejects, schedule, started)
                 if unseen:
                     raise PlanError(
                         f"campaign {spec.id}: the body uses ${', $'.join(sorted(unseen))} but no recipient row "
@@ -466,113 +561,66 @@ class Planner:
         self._client.zadd(keys.CAMPAIGNS, {spec.id: started})
         return self._report(manifest, existing=False)
 
-    def _stream(  # noqa: PLR0917
+    def _merge(
         self,
         spec: CampaignSpec,
-        rows: Iterator[AudienceRow],
+        chunks: Iterator[tuple[int, Chunk]],
         rejects: _Rejects,
         schedule: _Schedule,
-        now: datetime,
-        as_of: datetime,
-        freshness: FreshnessPolicy | None,
+        started: float,
     ) -> tuple[int, int, int, set[str]]:
-        """The per-row loop; returns (total, accepted, cost units, template fields never seen)."""
+        """Steps 6-8 over scanned chunks in row order; returns (total, accepted, cost units,
+        template fields never seen). ``chunks`` yields (row offset, chunk)."""
         channel = spec.channel
         field_name = ADDRESS_FIELD[channel]
-        template_fields = spec.template_fields
-        template = string.Template(spec.body)
-        static_cost = self._cost(spec.body) if channel == "sms" and not template_fields else None
-        unseen = set(template_fields)
-        reject = rejects.add
-        validate = self._validator.check
-        consent_policy = ConsentPolicy(require_explicit=spec.require_consent)
-        require_explicit = consent_policy.require_explicit
-        started = now.timestamp()
-        quiet = (
-            QuietHoursPlanner(now, spec.quiet_hours, resolve_timezone(spec.default_timezone))
-            if spec.quiet_hours is not None
-            else None
-        )
-        no_zone_ok = spec.default_timezone is None and not spec.require_timezone
-        hasher = self._hasher
+        unseen = set(spec.template_fields)
         seen = FingerprintSet()
-        add_seen = seen.add
-        window: list[tuple[int, str, str, dict[str, str] | None, float, bytes]] = []
-        accepted = cost_units = total = 0
-        no_consent, duplicate, no_zone = str(Reason.NO_CONSENT), str(Reason.DUPLICATE), str(Reason.UNKNOWN_TIMEZONE)
-
-        def check_window() -> None:
-            nonlocal accepted, cost_units
-            hashes = [w[5] for w in window]
-            blocked = (
-                self._suppression.contains_hashes(channel, hashes)
-                if self._suppression is not None
-                else [False] * len(window)
-            )
-            capped = (
-                self._frequency.capped_hashes(channel, hashes, now=started)
-                if self._frequency is not None
-                else [False] * len(window)
-            )
-            suppressed, frequency_capped = str(Reason.SUPPRESSED), str(Reason.FREQUENCY_CAPPED)
-            for (row_no, rid, address, attrs, not_before, _), is_blocked, is_capped in zip(
-                window, blocked, capped, strict=True
-            ):
-                if is_blocked:
-                    reject(row_no, rid, field_name, suppressed)
-                elif is_capped:
-                    reject(row_no, rid, field_name, frequency_capped)
-                else:
-                    accepted += 1
-                    if static_cost is not None:
-                        cost_units += static_cost
-                    elif channel == "sms":
-                        cost_units += self._cost(template.safe_substitute(attrs) if attrs else spec.body)
+        duplicate, suppressed = str(Reason.DUPLICATE), str(Reason.SUPPRESSED)
+        frequency_capped = str(Reason.FREQUENCY_CAPPED)
+        total = accepted = cost_units = 0
+        add_encoded = schedule.add_encoded
+        for base, chunk in chunks:
+            total += chunk.total
+            rows, ids, encoded, hashes = chunk.rows, chunk.ids, chunk.encoded, chunk.hashes
+            refused = [(base + r[0], r[1], r[2], r[3]) for r in chunk.rejects] if base else chunk.rejects
+            fresh = seen.add_all(chunk.fingerprints)
+            keep = [i for i, new in enumerate(fresh) if new]
+            if len(keep) != len(fresh):
+                refused.extend(
+                    (base + rows[i], ids[i], field_name, duplicate) for i, new in enumerate(fresh) if not new
+                )
+            if unseen:
+                for i in keep:
+                    attrs = orjson.loads(encoded[i] + b"]")[2]
+                    unseen.difference_update([k for k in unseen if attrs.get(k)])
+                    if not unseen:
+                        break
+            not_before, cost = chunk.not_before, chunk.cost
+            for start in range(0, len(keep), CHECK_CHUNK):
+                window = keep[start : start + CHECK_CHUNK]
+                digests = [hashes[16 * i : 16 * i + 16] for i in window]
+                blocked = (
+                    self._suppression.contains_hashes(channel, digests)
+                    if self._suppression is not None
+                    else repeat(False)
+                )
+                capped = (
+                    self._frequency.capped_hashes(channel, digests, now=started)
+                    if self._frequency is not None
+                    else repeat(False)
+                )
+                for i, is_blocked, is_capped in zip(window, blocked, capped):  # noqa: B905 - repeat() is endless
+                    if is_blocked:
+                        refused.append((base + rows[i], ids[i], field_name, suppressed))
+                    elif is_capped:
+                        refused.append((base + rows[i], ids[i], field_name, frequency_capped))
                     else:
-                        cost_units += 1
-                    schedule.add(not_before, (rid, address, attrs))
-            window.clear()
-
-        for total, row in enumerate(rows, start=1):  # noqa: B007 - total is the count
-            if isinstance(row, RowRejected):
-                reject(row.row, "", row.field or "", str(row.reason))
-                continue
-            reason, address = validate(channel, row.address(field_name))
-            if reason is not None:
-                reject(row.row, row.id, field_name, str(reason))
-                continue
-            given = row.consent.get(channel)
-            if given is not True and (given is not None or require_explicit):
-                reject(row.row, row.id, "consent", no_consent)
-                continue
-            if freshness is not None:
-                stale_reason = check_freshness(row.updated_at, as_of, freshness)
-                if stale_reason is not None:
-                    reject(row.row, row.id, "updated_at", str(stale_reason))
-                    continue
-            not_before = started
-            if quiet is not None and not (row.timezone is None and no_zone_ok):
-                found = quiet.not_before(row.timezone)
-                if isinstance(found, Reason):
-                    reject(row.row, row.id, "timezone", no_zone)
-                    continue
-                not_before = found.timestamp()
-            digest = hasher(address)
-            if not add_seen(int.from_bytes(digest[:8], "little")):
-                reject(row.row, row.id, field_name, duplicate)
-                continue
-            if template_fields:
-                attrs_all = row.attributes
-                attrs: dict[str, str] | None = {f: attrs_all.get(f) or "" for f in template_fields}
-                if unseen:
-                    unseen.difference_update([k for k in unseen if attrs_all.get(k)])
-            else:
-                attrs = None
-            window.append((row.row, row.id, address, attrs, not_before, digest))
-            if len(window) >= CHECK_CHUNK:
-                check_window()
-        if window:
-            check_window()
+                        accepted += 1
+                        cost_units += cost[i]
+                        add_encoded(not_before[i], encoded[i])
+            if refused:
+                refused.sort()
+                rejects.add_many(refused)
         return total, accepted, cost_units, unseen if seen.size else set()
 
     def _cost(self, body: str) -> int:

@@ -256,10 +256,24 @@ def _limited(path: str, limit: int) -> Path:
     return out
 
 
+def _child_main(fn: Any, args: tuple[Any, ...], conn: Any) -> None:
+    conn.send(fn(*args))
+    conn.close()
+
+
 def _in_child(fn: Any, *args: Any) -> dict[str, Any]:
+    """Run ``fn(*args)`` in a fresh (spawned, non-daemonic: the planner starts workers) process."""
     ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        result: dict[str, Any] = pool.apply(fn, args)
+    receiver, sender = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child_main, args=(fn, args, sender))
+    child.start()
+    sender.close()
+    try:
+        result: dict[str, Any] = receiver.recv()
+    except EOFError:
+        child.join()
+        raise RuntimeError(f"benchmark child failed (exit code {child.exitcode})") from None
+    child.join()
     return result
 
 
