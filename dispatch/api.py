@@ -8,6 +8,11 @@ Blocking work never runs on the event loop: planning (CPU-bound) runs on a small
 executor with the sync Redis client, after the audience upload has been streamed to a temporary
 file under ``<home>/uploads`` (bounded memory, ``ApiLimits.audience_bytes`` at most); campaign
 control and the dramatiq enqueue (sync client) run on an I/O executor.
+
+``POST /v1/messages`` is the hot path: after auth it is one Lua call on a shared pipelined
+connection (``dispatch.api_redis``), and accepted messages are sent in micro-batches sealed and
+enqueued by a background task (``dispatch.api_triggered``, ``dispatch.api_sealer``), one broker
+message per batch. ``dispatch serve`` trusts a looked-up API key for ``SERVE_AUTH_CACHE_S``.
 """
 
 from __future__ import annotations
