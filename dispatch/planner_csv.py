@@ -617,7 +617,7 @@ def _sequential(scanner: RowScanner, path: Path, start: int, chunk_bytes: int) -
 def _parallel(scanner: RowScanner, path: Path, start: int, workers: int, chunk_bytes: int) -> Iterator[Chunk]:
     config = scanner.config
     assert scanner.header is not None
-    ctx = multiprocessing.get_context("forkserver")
+    ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
         workers, mp_context=ctx, initializer=_init_worker, initargs=(config, scanner.header, str(path))
     ) as pool:

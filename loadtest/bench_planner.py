@@ -28,6 +28,7 @@ import csv
 import hashlib
 import io
 import multiprocessing as mp
+import os
 import pstats
 import random
 import resource
@@ -183,7 +184,9 @@ def _fast(path: str, limit: int, region: str, profile: bool) -> dict[str, Any]:
     return {"rows": n, "seconds": elapsed, "counts": dict(counts), "peak_rss_mib": _peak_rss_mib(), "profile": report}
 
 
-def _full(path: str, limit: int, region: str, redis_url: str, home: str) -> dict[str, Any]:
+def _full(  # noqa: PLR0917
+    path: str, limit: int, region: str, redis_url: str, home: str, processes: int | None
+) -> dict[str, Any]:
     """The full Planner, every check on, against a real Redis (see the module docstring)."""
     from datetime import timedelta
 
@@ -225,9 +228,13 @@ def _full(path: str, limit: int, region: str, redis_url: str, home: str) -> dict
         id="bench", channel="sms", body="Hi $first_name, 20% off today", max_staleness=timedelta(days=3650)
     )
     rows = _limited(path, limit)
+    redis_cpu = _redis_cpu(client)
+    cpu = _cpu_s()
     started = time.perf_counter()
-    report = planner.plan_file(spec, rows)
+    report = planner.plan_file(spec, rows, processes=processes)
     elapsed = time.perf_counter() - started
+    cpu_after = _cpu_s()
+    redis_cpu = _redis_cpu(client) - redis_cpu
     after = int(client.info("memory")["used_memory"])
     client.close()
     return {
@@ -238,7 +245,23 @@ def _full(path: str, limit: int, region: str, redis_url: str, home: str) -> dict
         "batches": report.batches,
         "redis_bytes": after - before,
         "peak_rss_mib": _peak_rss_mib(),
+        "workers_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "cpu_planner_s": cpu_after[0] - cpu[0],
+        "cpu_workers_s": cpu_after[1] - cpu[1],
+        "cpu_redis_s": redis_cpu,
     }
+
+
+def _cpu_s() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process and of its ended children."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+def _redis_cpu(client: Any) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def _limited(path: str, limit: int) -> Path:
@@ -285,19 +308,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile the fast path (slower)")
     parser.add_argument("--keep", type=Path, help="write the generated CSV here and keep it")
     parser.add_argument("--skip-full", action="store_true", help="skip (c), the full planner")
+    parser.add_argument("--fast-rows", type=int, default=1_000_000, help="rows for (b)")
+    parser.add_argument("--processes", type=int, help="planner worker processes for (c) (default: one per CPU)")
+    parser.add_argument("--audience", type=Path, help="plan this existing CSV (made by --keep) instead of generating")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.keep or Path(tmp) / "audience.csv"
+        path = args.audience or args.keep or Path(tmp) / "audience.csv"
         started = time.perf_counter()
-        generate(path, args.rows)
-        size_mib = path.stat().st_size / 2**20
-        print(f"generated {args.rows:,} rows ({size_mib:.0f} MiB) in {time.perf_counter() - started:.1f} s")
+        if args.audience is None:
+            generate(path, args.rows)
+            size_mib = path.stat().st_size / 2**20
+            print(f"generated {args.rows:,} rows ({size_mib:.0f} MiB) in {time.perf_counter() - started:.1f} s")
 
         naive_rows = min(args.naive_rows, args.rows)
         naive = _in_child(_naive, str(path), naive_rows, args.region)
         fast_same = _in_child(_fast, str(path), naive_rows, args.region, False)
-        fast = _in_child(_fast, str(path), args.rows, args.region, args.profile)
+        fast = _in_child(_fast, str(path), min(args.rows, args.fast_rows), args.region, args.profile)
         full = None
         if not args.skip_full:
             from dispatch.embedded import ensure_embedded, stop_embedded
@@ -306,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
             home.mkdir()
             server, _ = ensure_embedded(home)
             try:
-                full = _in_child(_full, str(path), args.rows, args.region, server.url, str(home))
+                full = _in_child(_full, str(path), args.rows, args.region, server.url, str(home), args.processes)
             finally:
                 stop_embedded(home)
 
@@ -316,7 +344,11 @@ def main(argv: list[str] | None = None) -> None:
               f"peak RSS {r['peak_rss_mib']:6.1f} MiB")  # fmt: skip
         return rate
 
-    print(f"{'(1 core, default region ' + args.region + ')':<34}")
+    load_after = os.getloadavg()
+    cores = os.cpu_count() or 1
+    print(f"{'(default region ' + args.region + f', {cores} CPUs)':<34} load average (1/5/15 min) before "
+          f"{'/'.join(f'{x:.1f}' for x in load_before)}, after {'/'.join(f'{x:.1f}' for x in load_after)}: "
+          "the machine is shared, a load above the CPU count means other work took CPU from these figures")  # fmt: skip
     naive_rate = line("(a) naive csv + phonenumbers", naive)
     fast_rate = line("(b) reader + fast validation", fast)
     print(f"speed-up (b)/(a): {fast_rate / naive_rate:.1f}x")
@@ -328,6 +360,12 @@ def main(argv: list[str] | None = None) -> None:
               f"{per_million:.1f} MiB per million accepted; (c)/(a) {full_rate / naive_rate:.1f}x; "
               f"target 200,000 rows/s: {'met' if full_rate >= 200_000 else 'NOT met'}")  # fmt: skip
         print(f"    rejected by reason: {sorted(full['rejected'].items())}")
+        cpu_total = full["cpu_planner_s"] + full["cpu_workers_s"] + full["cpu_redis_s"]
+        per_row_us = cpu_total / full["rows"] * 1e6
+        print(f"    CPU: planner {full['cpu_planner_s']:.1f} s + workers {full['cpu_workers_s']:.1f} s + Redis "
+              f"{full['cpu_redis_s']:.1f} s = {per_row_us:.1f} us per row, i.e. at most "
+              f"{cores / per_row_us * 1e6:,.0f} rows/s on {cores} idle CPUs; peak RSS of a worker "
+              f"{full['workers_peak_rss_mib']:.0f} MiB")  # fmt: skip
     same = naive["counts"] == fast_same["counts"]
     print(f"same counts on the first {naive_rows:,} rows: {same}")
     if not same:
