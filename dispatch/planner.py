@@ -15,8 +15,10 @@ address), so ``total == accepted + sum(rejected.values())`` always holds. The ch
 7. suppression (``suppressed``): the channel's opt-out list and the global blocklist;
 8. frequency cap (``frequency_capped``): sends already recorded inside the rolling window.
 
-Steps 7 and 8 are batched Redis lookups (``CHECK_CHUNK`` addresses per round trip), so the rows
-they reject appear in the rejected file when their chunk is checked, a little out of row order.
+Steps 1-5 run per row in ``dispatch.planner_csv.RowScanner`` (for a large CSV file, in worker
+processes over byte ranges); steps 6-8 run here over its chunks in row order: dedup in a compact
+fingerprint set, suppression and frequency cap as batched Redis lookups (``CHECK_CHUNK`` addresses
+per round trip). The rejected file lists rows in row order.
 
 Quiet hours do not reject anyone: a recipient outside their allowed local window gets a later
 ``not_before``. Accepted recipients are grouped into batches by ``not_before`` (batches never mix

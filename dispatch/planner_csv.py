@@ -242,9 +242,12 @@ class RowScanner:
 
     # --- CSV records ---------------------------------------------------------------------------
 
-    def scan_records(self, records: Iterable[list[str] | tuple[None, Reason | None, str]]) -> Chunk:
+    def scan_records(
+        self, records: Iterable[list[str] | tuple[None, Reason | None, str]], *, long_fields: bool = True
+    ) -> Chunk:
         """Scan parsed CSV records (field lists, or ``(None, reason, detail)`` for a record the
-        splitter refused) in order; the fast path of the module docstring."""
+        splitter refused) in order; the fast path of the module docstring. ``long_fields=False``
+        promises that no field can exceed ``max_field_bytes`` (no line is that long)."""
         out = _ChunkBuilder()
         rejects = out.rejects
         width = self.width
@@ -262,8 +265,8 @@ class RowScanner:
         quiet = self.quiet is not None
         no_zone_ok = self.no_zone_ok
         started = self.started
-        key = self.hash_key
-        blake2b = hashlib.blake2b
+        keyed = hashlib.blake2b(digest_size=16, key=self.hash_key)
+        copy = keyed.copy
         dumps = orjson.dumps
         static_cost = self.static_cost
         cost_of = self.cost
@@ -279,7 +282,7 @@ class RowScanner:
                     self._add_item(out, n, self._build(n, fields))
                 continue
             rid = fields[id_i]
-            if not rid or rid.isspace() or max(map(len, fields)) * 4 > large:
+            if not rid or rid.isspace() or (long_fields and max(map(len, fields)) * 4 > large):
                 self._add_item(out, n, self._build(n, fields))
                 continue
             slow = False
@@ -340,12 +343,13 @@ class RowScanner:
                 attrs = {f: fields[i] if i is not None else "" for f, i in zip(template_fields, attr_i, strict=True)}
             else:
                 attrs = None
-            digest = blake2b(address.encode(), digest_size=16, key=key).digest()
+            hasher = copy()  # the keyed state copied: cheaper than keying a new one
+            hasher.update(address.encode())
             add(
                 n,
                 rid,
                 dumps((rid, address, attrs))[:-1],
-                digest,
+                hasher.digest(),
                 not_before,
                 static_cost if static_cost is not None else cost_of(attrs),
             )
@@ -390,12 +394,11 @@ class RowScanner:
     def scan_block(self, data: bytes) -> Chunk:
         """Scan the rows of ``data``: whole lines of the file that start between records."""
         c = self.config
-        text = _plain_text(data, c.limits, c.quote)
-        if text is not None:
-            lines = text.split("\n")
-            if lines and not lines[-1]:
-                lines.pop()
-            return self.scan_records(map(str.split, filter(None, lines), repeat(c.delimiter)))
+        lines = _plain_lines(data, c.limits, c.quote)
+        if lines is not None:
+            longest = max(map(len, lines), default=0)
+            records = map(str.split, filter(None, lines), repeat(c.delimiter))
+            return self.scan_records(records, long_fields=longest * 4 > c.limits.max_field_bytes)
         lines_iter = iter(_Lines(io.BytesIO(data), c.limits.max_line_bytes))
         return self.scan_records(_exact(_csv_records(lines_iter, c.limits, c.delimiter, c.quote)))
 
@@ -408,9 +411,10 @@ def _exact(
         yield fields if fields is not None else (None, record[1], record[2])
 
 
-def _plain_text(data: bytes, limits: ReadLimits, quote: str) -> str | None:
-    """``data`` decoded when ``str.split`` reads it exactly as the record splitter would: no quote
-    and no NUL anywhere, CR only in CRLF line ends, valid UTF-8, no line near the length limit."""
+def _plain_lines(data: bytes, limits: ReadLimits, quote: str) -> list[str] | None:
+    """The lines of ``data`` when ``str.split`` reads them exactly as the record splitter would:
+    no quote and no NUL anywhere, CR only in CRLF line ends, valid UTF-8, no line near the
+    length limit."""
     if quote.encode() in data or b"\x00" in data:
         return None
     crlf = b"\r" in data
@@ -422,9 +426,12 @@ def _plain_text(data: bytes, limits: ReadLimits, quote: str) -> str | None:
         return None
     if crlf:
         text = text.replace("\r\n", "\n")
-    if len(data) >= limits.max_line_bytes - 1 and max(map(len, text.split("\n"))) * 4 >= limits.max_line_bytes - 1:
+    lines = text.split("\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    if len(data) >= limits.max_line_bytes - 1 and max(map(len, lines)) * 4 >= limits.max_line_bytes - 1:
         return None
-    return text
+    return lines
 
 
 class _ChunkBuilder:
