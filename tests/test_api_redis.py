@@ -59,7 +59,7 @@ async def test_a_lost_connection_fails_its_waiters_and_the_next_command_reconnec
         assert await hot.execute("PING") == b"PONG"
         timing_out = PipelinedRedis(redis_url, timeout_s=0.2)
         with pytest.raises(redis.TimeoutError):
-            await timing_out.execute("BLPOP", "never", 0)
+            await timing_out.execute("BLPOP", "never", 1)
         assert await timing_out.execute("PING") == b"PONG"  # a new connection: no stray reply
         await timing_out.aclose()
     finally:
