@@ -100,9 +100,10 @@ class PipelinedRedis:
         return future
 
     def _flush(self, writer: asyncio.StreamWriter) -> None:
+        if self._writer is not writer:
+            return  # dropped since: its commands failed already, and a new connection flushes its own
         data, self._outgoing = b"".join(self._outgoing), []
-        if self._writer is writer:
-            writer.write(data)
+        writer.write(data)
 
     async def _read(self, stream: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         parser = hiredis.Reader()
