@@ -79,7 +79,11 @@ class PipelinedRedis:
             except OSError as exc:
                 raise redis.ConnectionError(f"cannot connect to Redis: {exc}") from exc
             self._writer = writer
-            self._reader_task = asyncio.create_task(self._read(stream, writer), name="dispatch-api-redis-reader")
+            # the reader owns this connection's queue of waiters: after a drop, replies still
+            # buffered from the old connection can never reach the new connection's callers
+            self._reader_task = asyncio.create_task(
+                self._read(stream, writer, self._waiting), name="dispatch-api-redis-reader"
+            )
             setup: list[asyncio.Future[Any]] = []
             if self._password:
                 auth = (self._username, self._password) if self._username else (self._password,)
@@ -105,17 +109,22 @@ class PipelinedRedis:
         data, self._outgoing = b"".join(self._outgoing), []
         writer.write(data)
 
-    async def _read(self, stream: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _read(
+        self,
+        stream: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        waiting: collections.deque[asyncio.Future[Any]],
+    ) -> None:
         parser = hiredis.Reader()
         error: BaseException = redis.ConnectionError("Redis closed the connection")
         try:
-            while data := await stream.read(_READ_SIZE):
+            while self._writer is writer and (data := await stream.read(_READ_SIZE)):
                 parser.feed(data)
                 while (reply := parser.gets()) is not False:
-                    future = self._waiting.popleft()
+                    future = waiting.popleft()
                     if not future.done():
                         future.set_result(reply)
-        except (OSError, hiredis.ProtocolError) as exc:
+        except (OSError, IndexError, hiredis.ProtocolError) as exc:
             error = redis.ConnectionError(f"Redis connection lost: {exc}")
         finally:
             self._drop(writer, error)
