@@ -112,9 +112,11 @@ class LocalCluster:
         return env
 
     def add_worker(self) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dispatch.cli", "worker"], env=self.env(), stdin=subprocess.DEVNULL
-        )
+        env = self.env()
+        position = len(self._workers)
+        if position < len(self.metrics_ports):
+            env["DISPATCH_METRICS_PORT"] = str(self.metrics_ports[position])
+        proc = subprocess.Popen([sys.executable, "-m", "dispatch.cli", "worker"], env=env, stdin=subprocess.DEVNULL)
         self._workers.append(proc)
         return proc
 

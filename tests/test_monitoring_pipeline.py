@@ -98,19 +98,6 @@ def settings(cluster_settings: Settings) -> Settings:
     return replace(cluster_settings, send_concurrency=16, sms_rate=1000.0)  # an account limit: its rate gauges
 
 
-def start_workers(cluster: LocalCluster, ports: list[int]) -> None:
-    """One worker per port, each serving /metrics there (``DISPATCH_METRICS_PORT``).
-
-    ``LocalCluster(metrics_ports=...)`` is declared but not passed to the workers yet, so the port
-    goes in through ``worker_env`` before each ``add_worker``.
-    """
-    for port in ports:
-        cluster.worker_env["DISPATCH_METRICS_PORT"] = str(port)
-        cluster.add_worker()
-    for port in ports:
-        wait_http(f"http://127.0.0.1:{port}/metrics", 30)
-
-
 def get(base: str, path: str, **params: str) -> Any:
     """A Prometheus HTTP API reply (JSON)."""
     return api(base, path, **params)
@@ -231,11 +218,12 @@ def test_prometheus_scrapes_a_running_campaign_and_every_expression_has_data(
     deadline = datetime.now(UTC) + timedelta(seconds=5)  # the campaign cannot make it: the alert must say so
     spec = CampaignSpec(id=CAMPAIGN, channel="sms", body="Hi $first_name", deadline=deadline, rate=CAMPAIGN_RATE)
     with (
-        LocalCluster(settings, workers=0, mock_args=["--faults", FAULTS]) as cluster,
+        LocalCluster(settings, workers=2, mock_args=["--faults", FAULTS], metrics_ports=ports) as cluster,
         running_prometheus(prometheus_bin, tmp_path, [f"127.0.0.1:{p}" for p in ports]) as base,
         concurrent.futures.ThreadPoolExecutor(1) as pool,
     ):
-        start_workers(cluster, ports)
+        for port in ports:
+            wait_http(f"http://127.0.0.1:{port}/metrics", 30)
         wait_until("both workers scraped", lambda: len(query(base, "up == 1")) == 2, 15)
         started = time.monotonic()
         campaign = pool.submit(run_campaign, cluster, spec, rows, progress=False, timeout_s=60)
