@@ -6,7 +6,9 @@ The send rate is the smallest of three ceilings:
   divided by the average cost of one message, and the campaign's own cap;
 * the workers' in-flight capacity: ``processes x in-flight per process / provider latency``
   (Little's law);
-* the CPU ceiling of the pipeline itself: ``usable cores / CPU seconds per message``.
+* the CPU ceiling of the pipeline itself: ``cores / CPU seconds per message`` over everything that
+  runs on the machine (workers, Redis, and the mock provider when it is local), and at most
+  ``processes / worker CPU seconds per message`` since one worker process uses one core.
 
 Batches held back by quiet hours start no earlier than their ``not_before``; the prediction walks
 the batches in time order, so gaps in the schedule show up in the finish time.
@@ -21,9 +23,12 @@ from typing import Any, Literal
 
 __all__ = ["Capacity", "Prediction", "predict"]
 
-#: CPU cost of one message through the full send path (seconds), measured with ``dispatch demo``
-#: on a 2-core machine with the mock provider on the same machine (see BENCHMARKS.md).
-DEFAULT_CPU_PER_MESSAGE_S = 550e-6
+#: CPU cost of one message through the full send path (seconds) over every process of the
+#: machine (workers, Redis, the local mock provider), measured by ``dispatch loadtest`` on a
+#: 2-core machine (see BENCHMARKS.md).
+DEFAULT_CPU_PER_MESSAGE_S = 440e-6
+#: The worker process's share of it (aiohttp client, claims, confirmations).
+DEFAULT_WORKER_CPU_PER_MESSAGE_S = 240e-6
 #: Fixed start-up cost: workers fetching the first batches, connections opening.
 STARTUP_S = 0.5
 
@@ -36,6 +41,7 @@ class Capacity:
     provider_rate: float | None  # cost units per second, None = unlimited
     campaign_rate: float | None  # messages per second, None = no cap
     cpu_per_message_s: float = DEFAULT_CPU_PER_MESSAGE_S
+    worker_cpu_per_message_s: float = DEFAULT_WORKER_CPU_PER_MESSAGE_S
     cores: int = 0  # 0 = this machine's
 
 
@@ -61,7 +67,7 @@ def _ceilings(capacity: Capacity, avg_cost: float) -> dict[str, float]:
     cores = capacity.cores or os.cpu_count() or 1
     ceilings = {
         "worker_capacity": capacity.processes * capacity.inflight_per_process / max(capacity.latency_s, 1e-4),
-        "cpu": min(capacity.processes, cores) / capacity.cpu_per_message_s,
+        "cpu": min(cores / capacity.cpu_per_message_s, capacity.processes / capacity.worker_cpu_per_message_s),
     }
     if capacity.provider_rate:
         ceilings["provider_rate"] = capacity.provider_rate / max(avg_cost, 1.0)
