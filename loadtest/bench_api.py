@@ -286,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="renice the worker processes (e.g. 10: the API, latency-bound, wins the CPU over campaign sending)",
     )
+    parser.add_argument(
+        "--mock-nice",
+        type=int,
+        default=0,
+        help="renice the mock provider (it stands for a remote provider, not for a process of the deployment)",
+    )
     parser.add_argument("--drain", type=float, default=60.0, help="seconds to wait for the mock to get every message")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-api-") as home:
@@ -304,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
                 for proc in cluster.worker_processes:
                     os.setpriority(os.PRIO_PROCESS, proc.pid, args.worker_nice)
                 print(f"workers run at nice {args.worker_nice}", flush=True)
+            if args.mock_nice:
+                for pid in children_running("loadtest.mock_provider"):
+                    os.setpriority(os.PRIO_PROCESS, pid, args.mock_nice)
+                print(f"the mock provider runs at nice {args.mock_nice}", flush=True)
             assert cluster.target is not None
             port = _free_port()
             base = f"http://127.0.0.1:{port}"
