@@ -30,8 +30,9 @@ last (possibly held) message is done.
 
 ``timezone`` holds the message until the recipient's allowed window (08:00-21:00 local,
 ``dispatch.checks.QuietHours``): a held message gets a batch of its own whose not-before time is
-that instant, written and queued at once (rare, and it never delays anybody else). A frequency cap
-needs a configured cap (not in Settings yet) and is not applied.
+that instant, written and queued at once (rare, and it never delays anybody else). The frequency cap
+(``settings.frequency_limit``) is not checked here: the workers enforce it at send time, as for
+campaign messages (a capped message is recorded ``skipped``).
 
 Keys: every key of a triggered campaign carries its id in a hash tag; the idempotency records, the
 suppression sets and the two shared sorted sets (:data:`TO_ENQUEUE`, :data:`REGISTRY`) do not, so
