@@ -66,6 +66,7 @@ from dispatch.api_triggered import (
 )
 from dispatch.audience import AudienceFormat, read_audience
 from dispatch.campaign import CampaignSpec
+from dispatch.checks import Reason
 from dispatch.config import Settings
 from dispatch.control import CampaignControl, EnqueueFn
 from dispatch.errors import AudienceError, CampaignNotFound, CampaignStateError, DispatchError, PlanError
@@ -119,6 +120,7 @@ class _Deps:
     triggered: TriggeredSender
     sealer: TriggeredSealer | None
     validator: AddressValidator = field(default_factory=AddressValidator)
+    metrics: Metrics | None = None
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
@@ -212,6 +214,9 @@ def _plan(deps: _Deps, spec: CampaignSpec, rows: Any) -> PlanReport:
 
 async def _run_plan(deps: _Deps, fn: Callable[..., PlanReport], *args: Any) -> web.Response:
     report = await asyncio.get_running_loop().run_in_executor(deps.plan_pool, fn, *args)
+    if deps.metrics is not None and not report.existing:
+        for reason, count in report.rejected.items():
+            deps.metrics.record_planner_rejections(reason, count)
     status = 200 if report.existing else 201
     return _json(_report_body(report), status, {"Location": f"/v1/campaigns/{report.campaign_id}"})
 
@@ -662,7 +667,9 @@ def build_app(
         suppression=suppression,
         triggered=TriggeredSender(settings, app_client, sealer or _NoSealer(), hasher=hasher, pipelined=pipelined),
         sealer=sealer,
+        metrics=metrics,
     )
+    metrics.register_planner_reasons(reason.value for reason in Reason)
     scopes: dict[str, Scope | None] = {op.operation_id: op.scope for op in OPERATIONS}
 
     def scope_for(request: web.Request) -> Scope | None:

@@ -228,6 +228,11 @@ async def test_create_is_idempotent_and_a_different_spec_is_a_conflict(api: Api,
         k: plan[k] for k in ("total", "accepted", "rejected")
     }
     assert api.enqueued == []
+    # planner rejections reach /metrics once per new plan (replays are not counted again)
+    text = (await api.call("GET", "/metrics", token=None)).body.decode()
+    for reason, count in plan["rejected"].items():
+        assert f'dispatch_planner_rejections_total{{reason="{reason}"}} {2 * count:.1f}' in text, reason
+    assert 'dispatch_planner_rejections_total{reason="stale"} 0.0' in text  # every reason is primed
 
 
 async def test_control_and_paged_messages(api: Api) -> None:

@@ -61,9 +61,9 @@ EVALUATE_AFTER_S = 8.0
 RANGES = {"$__rate_interval": "15s", "$__interval": "15s", "$__range": "1m"}
 
 _PLANNER = (
-    "the planner runs in the process that plans (here the test, in production the API service or "
-    "`dispatch plan`); Planner.plan never calls Metrics.record_planner_rejections and no scraped "
-    "process registers the reasons"
+    "planner rejections are counted by the process that plans: the API service (`dispatch serve`, "
+    "tested in tests/test_api.py), not the workers this test scrapes; a campaign planned by the test "
+    "itself or by `dispatch plan` has no /metrics endpoint"
 )
 #: Dashboard expressions the real workers cannot feed yet, and why (see the module docstring).
 KNOWN_GAPS: dict[str, str] = {
