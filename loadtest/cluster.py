@@ -7,6 +7,7 @@ real processes the way an operator would.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from dispatch.config import Settings
 from dispatch.embedded import stop_embedded
 from dispatch.redisdb import RedisTarget, resolve_redis
 
-__all__ = ["LocalCluster", "fetch_mock_stats"]
+__all__ = ["LocalCluster", "fetch_mock_stats", "settings_env"]
 
 #: How long the mock provider may take to write its URL.
 MOCK_START_TIMEOUT_S = 20.0
@@ -35,6 +36,18 @@ def fetch_mock_stats(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(f"{url}/_mock/stats", timeout=10) as response:
         data: dict[str, Any] = orjson.loads(response.read())
         return data
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``DISPATCH_*`` variables that rebuild ``settings`` in another process."""
+    env: dict[str, str] = {}
+    for item in dataclasses.fields(settings):
+        value = getattr(settings, item.name)
+        if value is None:
+            continue
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        env[f"DISPATCH_{item.name.upper()}"] = text
+    return env
 
 
 @dataclass
@@ -87,27 +100,20 @@ class LocalCluster:
             self.add_worker()
 
     def env(self) -> dict[str, str]:
+        """Environment of the cluster's processes: every setting of ``settings``, pointed at this
+        cluster's Redis and mock provider."""
         assert self.target is not None
         env = {k: v for k, v in os.environ.items() if not k.startswith("DISPATCH_")}
+        env.update(settings_env(self.settings))
         env.update(
             DISPATCH_HOME=str(self.settings.home.resolve()),
             DISPATCH_REDIS_URL=self.target.app_url,
-            DISPATCH_BROKER_DB=str(self.settings.broker_db),
             DISPATCH_SMS_BASE_URL=self.mock_url,
             DISPATCH_EMAIL_BASE_URL=self.mock_url,
             DISPATCH_PUSH_BASE_URL=self.mock_url,
             DISPATCH_WEBHOOK_URL=f"{self.mock_url}/webhook",
-            DISPATCH_FREQUENCY_LIMIT=str(self.settings.frequency_limit),
-            DISPATCH_FREQUENCY_WINDOW_S=str(self.settings.frequency_window_s),
-            DISPATCH_SMS_ACCOUNT_SID=self.settings.sms_account_sid,
-            DISPATCH_SMS_AUTH_TOKEN=self.settings.sms_auth_token,
-            DISPATCH_HEARTBEAT_TIMEOUT_MS=str(self.settings.heartbeat_timeout_ms),
-            DISPATCH_MAINTENANCE_CHANCE=str(self.settings.maintenance_chance),
-            DISPATCH_WORKER_THREADS=str(self.settings.worker_threads),
-            DISPATCH_SEND_CONCURRENCY=str(self.settings.send_concurrency),
-            DISPATCH_MAX_ATTEMPTS=str(self.settings.max_attempts),
-            DISPATCH_SMS_RATE=str(self.settings.sms_rate),
         )
+        env.pop("DISPATCH_METRICS_PORT", None)  # one port per worker: see add_worker
         env.update(self.worker_env)
         return env
 
