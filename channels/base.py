@@ -9,12 +9,13 @@ provider's error code).
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-__all__ = ["Channel", "Message", "Permanent", "Result", "Retryable", "Sent"]
+__all__ = ["Channel", "Message", "Permanent", "Result", "Retryable", "Sent", "send_each"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -68,6 +69,21 @@ class Permanent:
 
 
 Result = Sent | Retryable | Permanent
+
+
+async def send_each(requests: Iterable[Awaitable[Result]]) -> list[Result]:
+    """Run one request per message concurrently, for per-message APIs.
+
+    Every request finishes before anything is raised (no task is left running); a
+    ``ProviderError`` of the call as a whole (bad credentials) or a bug is then re-raised.
+    """
+    outcomes = await asyncio.gather(*requests, return_exceptions=True)
+    results: list[Result] = []
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        results.append(outcome)
+    return results
 
 
 class Channel(ABC):

@@ -20,7 +20,6 @@ Results: 200 -> ``Sent(provider_id=<name>)``. Errors read Google's JSON
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -29,7 +28,7 @@ import aiohttp
 import orjson
 
 from channels._http import json_or_none, parse_retry_after, retryable_from, translate_errors
-from channels.base import Channel, Message, Permanent, Result, Retryable, Sent
+from channels.base import Channel, Message, Permanent, Result, Retryable, Sent, send_each
 from channels.errors import ChannelConfigError, PermanentProviderError, RetryableProviderError
 
 __all__ = ["FCM_ERROR_TYPE", "FcmConfig", "FcmPush", "fcm_error_code"]
@@ -111,13 +110,7 @@ class FcmPush(Channel):
         source = self._config.token_source
         token = await source() if source is not None else self._config.access_token
         authorization = f"Bearer {token}"
-        outcomes = await asyncio.gather(*(self._send_one(m, authorization) for m in messages), return_exceptions=True)
-        results: list[Result] = []
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome  # PermanentProviderError (credentials, project) or a bug
-            results.append(outcome)
-        return results
+        return await send_each(self._send_one(m, authorization) for m in messages)
 
     @staticmethod
     def _payload(message: Message) -> dict[str, Any]:

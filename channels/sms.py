@@ -19,7 +19,6 @@ Responses map to results as follows:
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -28,7 +27,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import aiohttp
 
 from channels._http import json_or_none, parse_retry_after, retryable_from, translate_errors
-from channels.base import Channel, Message, Permanent, Result, Retryable, Sent
+from channels.base import Channel, Message, Permanent, Result, Retryable, Sent, send_each
 from channels.errors import (
     ChannelConfigError,
     PermanentProviderError,
@@ -128,14 +127,7 @@ class TwilioSms(Channel):
         return segments(message.body)
 
     async def send(self, messages: Sequence[Message]) -> list[Result]:
-        outcomes = await asyncio.gather(*(self._send_one(message) for message in messages), return_exceptions=True)
-        # Every request has finished before anything is raised: no task is left running.
-        results: list[Result] = []
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome  # PermanentProviderError (bad credentials) or a bug
-            results.append(outcome)
-        return results
+        return await send_each(self._send_one(message) for message in messages)
 
     def _form(self, message: Message) -> dict[str, str]:
         config = self._config

@@ -23,7 +23,6 @@ the status), ``suppress`` when the receiver says ``{"suppress": true}``.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,7 @@ import aiohttp
 import orjson
 
 from channels._http import json_or_none, parse_retry_after, retryable_from, translate_errors
-from channels.base import Channel, Message, Permanent, Result, Retryable, Sent
+from channels.base import Channel, Message, Permanent, Result, Retryable, Sent, send_each
 from channels.errors import ChannelConfigError, PermanentProviderError, RetryableProviderError
 from channels.signing import signed_headers
 
@@ -74,13 +73,7 @@ class SignedWebhook(Channel):
         return self._config
 
     async def send(self, messages: Sequence[Message]) -> list[Result]:
-        outcomes = await asyncio.gather(*(self._send_one(m) for m in messages), return_exceptions=True)
-        results: list[Result] = []
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome  # PermanentProviderError (wrong secret) or a bug
-            results.append(outcome)
-        return results
+        return await send_each(self._send_one(m) for m in messages)
 
     @staticmethod
     def body(message: Message) -> bytes:
