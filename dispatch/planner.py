@@ -74,7 +74,7 @@ from dispatch.config import Settings
 from dispatch.errors import PlanError
 from dispatch.frequency import FrequencyCap, FrequencyStore
 from dispatch.planner_csv import CHUNK_ROWS, Chunk, RowScanner, ScanConfig, scan_csv_file
-from dispatch.prediction import Capacity, predict
+from dispatch.prediction import Capacity, cpu_costs, predict
 from dispatch.snapshot import Row, SnapshotWriter, discard_batches, expire_snapshot, load_manifest
 from dispatch.suppression import AddressHasher, SuppressionStore
 from dispatch.validation import ADDRESS_FIELD, AddressValidator
@@ -394,13 +394,15 @@ class Planner:
 
     def capacity(self, spec: CampaignSpec) -> Capacity:
         s = self._settings
+        machine_cpu, worker_cpu = cpu_costs(spec.channel, s.cpu_per_message_us / 1e6)
         return Capacity(
             processes=s.workers,
             inflight_per_process=min(s.send_concurrency, s.worker_threads * self.batch_size(spec)),
             latency_s=s.provider_latency_ms / 1000.0,
             provider_rate=(s.sms_rate or None) if spec.channel == "sms" else None,
             campaign_rate=spec.rate,
-            cpu_per_message_s=s.cpu_per_message_us / 1e6,
+            cpu_per_message_s=machine_cpu,
+            worker_cpu_per_message_s=worker_cpu,
         )
 
     def batch_size(self, spec: CampaignSpec) -> int:

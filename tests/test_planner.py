@@ -60,3 +60,23 @@ def test_prediction_says_whether_it_fits(redis_client: redis.Redis, tmp_path: Pa
     assert "msg/s" in prediction["advice"]
     loose = CampaignSpec(id="plan-loose", channel="sms", body="Hi", deadline=datetime.now(UTC) + timedelta(hours=1))
     assert Planner(redis_client, settings).plan(loose, rows).prediction["verdict"] == "fits"
+
+
+def test_batch_channels_are_predicted_with_their_per_recipient_cost() -> None:
+    from dispatch.prediction import Capacity, cpu_costs, predict
+
+    email, sms = cpu_costs("email", 440e-6), cpu_costs("sms", 440e-6)
+    assert email[0] < sms[0] / 5 and email[1] < sms[1] / 5
+    capacity = Capacity(
+        processes=2,
+        inflight_per_process=256,
+        latency_s=0.001,
+        provider_rate=None,
+        campaign_rate=None,
+        cpu_per_message_s=email[0],
+        worker_cpu_per_message_s=email[1],
+        cores=2,
+    )
+    prediction = predict(schedule=[(0.0, 1_000_000)], cost_units=1_000_000, capacity=capacity, start=0.0, deadline=None)
+    assert prediction.bottleneck == "cpu"
+    assert prediction.duration_s == pytest.approx(0.5 + 1_000_000 * 44e-6 / 2, rel=0.01)
