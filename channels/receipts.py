@@ -367,37 +367,56 @@ def receipt_routes(
             return _refuse(400, str(exc))
         return await process(f"twilio:{signature}", receipts)
 
-    async def sendgrid(request: web.Request) -> web.StreamResponse:
-        assert sendgrid_key is not None
+    async def signed_json(
+        request: web.Request,
+        kind: str,
+        *,
+        signature_header: str,
+        timestamp_header: str,
+        verify: Callable[[bytes, str | None, str | None], bool],
+        parse: Callable[[Any], list[Receipt]],
+    ) -> web.StreamResponse:
+        """A JSON body signed over timestamp + body (SendGrid events, our webhook receipts)."""
         try:
             raw = await _read_bounded(request, max_body_bytes)
         except _BodyTooLarge:
             return _refuse(413, "body too large")
-        signature = request.headers.get(SENDGRID_SIGNATURE_HEADER)
-        timestamp = request.headers.get(SENDGRID_TIMESTAMP_HEADER)
-        if not _fresh(timestamp, tolerance_s) or not verify_sendgrid_signature(sendgrid_key, raw, signature, timestamp):
+        signature = request.headers.get(signature_header)
+        if not verify(raw, signature, request.headers.get(timestamp_header)):
             return _refuse(401, "bad or stale signature")
         try:
-            receipts = parse_sendgrid_events(orjson.loads(raw))
+            receipts = parse(orjson.loads(raw))
         except (orjson.JSONDecodeError, ReceiptError) as exc:
             return _refuse(400, str(exc))
-        return await process(f"sendgrid:{signature}", receipts)
+        return await process(f"{kind}:{signature}", receipts)
+
+    def sendgrid_verify(raw: bytes, signature: str | None, timestamp: str | None) -> bool:
+        assert sendgrid_key is not None
+        return _fresh(timestamp, tolerance_s) and verify_sendgrid_signature(sendgrid_key, raw, signature, timestamp)
+
+    def webhook_verify(raw: bytes, signature: str | None, timestamp: str | None) -> bool:
+        assert webhook_secret is not None
+        return verify_webhook(webhook_secret, timestamp, signature, raw, tolerance_s=tolerance_s)
+
+    async def sendgrid(request: web.Request) -> web.StreamResponse:
+        return await signed_json(
+            request,
+            "sendgrid",
+            signature_header=SENDGRID_SIGNATURE_HEADER,
+            timestamp_header=SENDGRID_TIMESTAMP_HEADER,
+            verify=sendgrid_verify,
+            parse=parse_sendgrid_events,
+        )
 
     async def webhook(request: web.Request) -> web.StreamResponse:
-        assert webhook_secret is not None
-        try:
-            raw = await _read_bounded(request, max_body_bytes)
-        except _BodyTooLarge:
-            return _refuse(413, "body too large")
-        signature = request.headers.get(SIGNATURE_HEADER)
-        timestamp = request.headers.get(TIMESTAMP_HEADER)
-        if not verify_webhook(webhook_secret, timestamp, signature, raw, tolerance_s=tolerance_s):
-            return _refuse(401, "bad or stale signature")
-        try:
-            receipts = parse_webhook_receipts(orjson.loads(raw))
-        except (orjson.JSONDecodeError, ReceiptError) as exc:
-            return _refuse(400, str(exc))
-        return await process(f"webhook:{signature}", receipts)
+        return await signed_json(
+            request,
+            "webhook",
+            signature_header=SIGNATURE_HEADER,
+            timestamp_header=TIMESTAMP_HEADER,
+            verify=webhook_verify,
+            parse=parse_webhook_receipts,
+        )
 
     routes = []
     if twilio_auth_token is not None:

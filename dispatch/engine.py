@@ -396,7 +396,10 @@ class Engine:
         now = time.monotonic()
         if cached is not None and now - cached[0] < CONTROL_TTL_S:
             return cached[1]
-        self._control[campaign_id] = (now, cached[1] if cached else "running")  # one reader at a time
+        if cached is not None:
+            # while one coroutine refreshes, the others keep the last known state; with nothing
+            # known yet, each reads for itself (never assume "running")
+            self._control[campaign_id] = (now, cached[1])
         try:
             raw, rate = cast(list[bytes | None], await self._client.hmget(keys.control(campaign_id), ["state", "rate"]))
             if self._rate_step is not None:

@@ -118,7 +118,8 @@ def retry_cause(result: Retryable) -> RetryCause:
 class WorkerRuntime:
     """Event loop thread + the async collaborators of the send path, for one process."""
 
-    def __init__(self, settings: Settings, *, app_url: str, broker: RedisBroker, owner: str) -> None:
+    def __init__(self, settings: Settings, *, app_url: str, broker_url: str, broker: RedisBroker, owner: str) -> None:
+        self._broker_url = broker_url
         self.settings = settings
         self.owner = owner
         self._app_url = app_url
@@ -160,7 +161,7 @@ class WorkerRuntime:
         self._session = aiohttp.ClientSession(connector=connector)
         pool = aredis.BlockingConnectionPool.from_url(self._app_url, max_connections=64, timeout=30)
         self._client = aredis.Redis(connection_pool=pool)
-        self._broker_client = aredis.Redis.from_url(self._broker_redis_url())
+        self._broker_client = aredis.Redis.from_url(self._broker_url)
         self._channels = build_channels(s, self._session)
         for channel in self._channels.values():
             self.metrics.register_provider(channel.name, channel.provider)
@@ -201,10 +202,6 @@ class WorkerRuntime:
             filters=filters,
             suppression=suppression,
         )
-
-    def _broker_redis_url(self) -> str:
-        kwargs = self._broker.client.connection_pool.connection_kwargs
-        return f"redis://{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
 
     def _observe(self, ctx: SendContext, item: Item, result: Result, elapsed: float) -> None:
         """Per-message metrics of one provider answer (no address ever reaches a label)."""

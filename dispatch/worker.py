@@ -73,7 +73,9 @@ def run_worker(settings: Settings, *, threads: int | None = None, metrics_port: 
     """Run until SIGTERM/SIGINT; returns the exit code."""
     target = resolve_redis(settings)
     broker = build_broker(settings, target.broker_url)
-    runtime = WorkerRuntime(settings, app_url=target.app_url, broker=broker, owner=broker.broker_id)
+    runtime = WorkerRuntime(
+        settings, app_url=target.app_url, broker_url=target.broker_url, broker=broker, owner=broker.broker_id
+    )
     declare_actor(broker, runtime)
     runtime.start(metrics_port=metrics_port)
     worker = dramatiq.Worker(broker, worker_threads=threads or settings.worker_threads, worker_timeout=100)

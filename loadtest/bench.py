@@ -17,7 +17,6 @@ fast audience + validation path and the naive csv + phonenumbers baseline).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import io
@@ -33,7 +32,7 @@ import aiohttp
 import orjson
 import uvloop
 
-from dispatch.config import Settings, load_settings
+from dispatch.config import Settings
 from loadtest import bench_planner
 from loadtest.cluster import LocalCluster
 from loadtest.report import percentile
@@ -276,28 +275,10 @@ async def _reset(url: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=200_000)
-    parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--raw-seconds", type=float, default=10.0)
-    parser.add_argument("--planner-rows", type=int, default=200_000)
-    parser.add_argument("--naive-rows", type=int, default=50_000)
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--prediction", action="store_true", help="also run the prediction matrix")
-    args = parser.parse_args(argv)
-    settings = load_settings()
-    return run_bench(
-        settings,
-        messages=args.messages,
-        workers=args.workers or settings.workers,
-        raw_seconds=args.raw_seconds,
-        planner_rows=args.planner_rows,
-        naive_rows=args.naive_rows,
-        out_dir=args.out,
-        as_json=args.json,
-        prediction=args.prediction,
-    )
+    """``python -m loadtest.bench`` is ``dispatch bench`` (one parser, in loadtest.commands)."""
+    from dispatch.cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
