@@ -140,12 +140,15 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         scope="write",
         summary="Send one triggered message (Idempotency-Key required)",
         description=(
-            "Checked like campaign messages (address, suppression, quiet hours when `timezone` is "
-            "given) and sent by the same workers. A repeated Idempotency-Key with the same body "
+            "Checked like campaign messages (address, suppression, frequency cap, quiet hours when "
+            "`timezone` is given) and sent by the same workers. A repeated Idempotency-Key with the same body "
             "answers the original message (200, `replayed: true`); with another body it is a 409. "
             "Accepted messages are sent in micro-batches (sealed every ~15 ms or at 100 messages); "
             "`message_id` is `<campaign_id>.<batch>.<index>` (readable at once with getMessage), or "
-            "`<campaign_id>.s.<n>` for a suppressed message, which has no record."
+            "`<campaign_id>.s.<n>` for a suppressed message and `<campaign_id>.f.<n>` for one refused by "
+            "the frequency cap (state `frequency_capped`: the address already got `DISPATCH_FREQUENCY_LIMIT` "
+            "messages on this channel in the window); neither has a record. The cap counts sends "
+            "already made; the workers check it again at send time."
         ),
         parameters=[
             {

@@ -238,7 +238,11 @@ SCHEMAS: Final[dict[str, dict[str, Any]]] = {
         {
             "message_id": _s("string"),
             "campaign_id": _s("string"),
-            "state": _s("string", enum=["queued", "suppressed"]),
+            "state": _s(
+                "string",
+                enum=["queued", "suppressed", "frequency_capped"],
+                description="queued; or refused (no record): suppressed, frequency_capped",
+            ),
             "not_before": _NUM,
             "replayed": _s("boolean", description="true when this answers a repeated Idempotency-Key"),
         },

@@ -11,15 +11,21 @@ messages, one broker message per batch instead of per recipient.
 
 The message id is ``make_ref(campaign, batch, index)``; the row id ``<recipient_id>#<batch>.<index>``
 is unique per message (the provider idempotency key is derived from it). A suppressed message is
-answered with an id ``<campaign>.s.<k>`` that has no record (``GET`` answers 404, as it always did).
+answered with an id ``<campaign>.s.<k>`` that has no record (``GET`` answers 404, as it always did);
+a message refused by the frequency cap likewise with ``<campaign>.f.<k>`` and state
+``frequency_capped``. Both are counted in the campaign's state hash (``suppressed``,
+``frequency_capped``).
 
 One round trip per request (after auth), all in the script: the ``Idempotency-Key`` (scoped to the
 calling API key, kept 24 h) is checked and recorded with the request's fingerprint (a repeat with
 the same body answers the same message, ``replayed: true``; with another body it is a 409), the
 suppression lists (channel and global; address hashes computed here with the planner's
-:class:`AddressHasher`, keyed with ``settings.suppression_key``) are consulted, and the row is
-appended. Recording the key and appending the row are one atomic step, so a replay never needs to
-repair anything: a batch sealed but never enqueued (a crash) is re-enqueued by the sealer's sweep.
+:class:`AddressHasher`, keyed with ``settings.suppression_key``) are consulted, then the frequency
+cap when ``settings.frequency_limit`` is set (the address's send-time set of
+``dispatch.frequency``, same hash, read as the planner reads it: sends recorded inside the window
+ending now; nothing is recorded at accept), and the row is appended. Recording the key and
+appending the row are one atomic step, so a replay never needs to repair anything: a batch sealed
+but never enqueued (a crash) is re-enqueued by the sealer's sweep.
 
 Lifecycle: a campaign's manifest counts follow its batches (``dispatch status`` and ``export`` work
 on it), except that its ``accepted`` stays one above the real count while the campaign can still
@@ -31,8 +37,9 @@ last (possibly held) message is done.
 ``timezone`` holds the message until the recipient's allowed window (08:00-21:00 local,
 ``dispatch.checks.QuietHours``): a held message gets a batch of its own whose not-before time is
 that instant, written and queued at once (rare, and it never delays anybody else). The frequency cap
-(``settings.frequency_limit``) is not checked here: the workers enforce it at send time, as for
-campaign messages (a capped message is recorded ``skipped``).
+is checked at accept against the sends already recorded; the workers record each send and check
+the cap again at send time, as for campaign messages, so messages accepted together for one address
+before any of them is sent are capped there (recorded ``skipped``, code ``frequency_capped``).
 
 Keys: every key of a triggered campaign carries its id in a hash tag; the idempotency records, the
 suppression sets and the two shared sorted sets (:data:`TO_ENQUEUE`, :data:`REGISTRY`) do not, so
@@ -57,6 +64,8 @@ from dispatch.api_problems import ApiProblem, FieldError
 from dispatch.api_redis import PipelinedRedis
 from dispatch.checks import QuietHours, next_allowed, resolve_timezone
 from dispatch.config import Settings
+from dispatch.frequency import DEFAULT_PREFIX as FREQUENCY_PREFIX
+from dispatch.frequency import frequency_key
 from dispatch.suppression import GLOBAL, AddressHasher, hasher_for
 from dispatch.validation import AddressValidator
 
@@ -106,7 +115,7 @@ class SealNotifier(Protocol):
 
 def state_key(campaign_id: str) -> str:
     """Hash of a triggered campaign: ``next`` batch number, ``open`` batch, ``accepted``,
-    ``suppressed`` counts."""
+    ``suppressed`` and ``frequency_capped`` counts."""
     return f"{keys.PREFIX}:{{{campaign_id}}}:triggered"
 
 
@@ -210,6 +219,7 @@ class TriggeredSender:
         *,
         hasher: AddressHasher | None = None,
         suppression_prefix: str = "dispatch:suppress",
+        frequency_prefix: str = FREQUENCY_PREFIX,
         quiet_hours: QuietHours | None = None,
         seal_size: int = SEAL_SIZE,
         clock: Callable[[], float] = time.time,
@@ -222,6 +232,9 @@ class TriggeredSender:
         self._sealer = sealer
         self._hasher = hasher or hasher_for(settings)
         self._suppression_prefix = suppression_prefix
+        self._frequency_prefix = frequency_prefix
+        #: (limit, window ms); limit 0: no cap (the key is still passed, never read)
+        self._frequency = (settings.frequency_limit, settings.frequency_window_s * 1000)
         self._quiet = quiet_hours or QuietHours()
         self._seal_size = str(seal_size)
         self._ttl = settings.retention_s + 3600
@@ -277,6 +290,8 @@ class TriggeredSender:
         head = b"[" + orjson.dumps(recipient + _RID_SEP)[:-1]
         tail = b'",' + orjson.dumps(address) + b"," + orjson.dumps({"body": text}) + b"]"
         answered = round(not_before, 3)
+        digest = self._hasher(address)
+        limit, window_ms = self._frequency
         script_keys: list[Any] = [
             idem,
             f"{self._suppression_prefix}:{channel}",
@@ -285,10 +300,11 @@ class TriggeredSender:
             keys.manifest(campaign_id),
             TO_ENQUEUE,
             REGISTRY,
+            frequency_key(channel, digest, prefix=self._frequency_prefix),
         ]
         script_args: list[Any] = [
             fingerprint,
-            self._hasher(address),
+            digest,
             campaign_id,
             batch_prefix(campaign_id),
             open_prefix(campaign_id),
@@ -300,6 +316,8 @@ class TriggeredSender:
             IDEMPOTENCY_TTL_S,
             f"{now:.3f}",
             f"{answered:.3f}",
+            limit,
+            int(now * 1000) - window_ms,  # as frequency.py: sends after now - window count
         ]
         if self._pipelined is not None:
             raw = await self._pipelined.evalsha(self._source, script_keys, script_args)

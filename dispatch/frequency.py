@@ -12,6 +12,8 @@ raw).
   per address (trim, check, record, refresh TTL in one step). The token (use the message id) makes
   a redelivered message idempotent: reserving the same token again is allowed and not counted
   twice. :meth:`AsyncFrequencyStore.release` undoes a reservation whose send failed permanently.
+- Accept time (triggered messages, read-only): ``triggered_accept.lua`` counts the same key
+  (:func:`frequency_key`) the way count mode does, inside its one call; it records nothing.
 """
 
 from __future__ import annotations
@@ -28,10 +30,18 @@ import redis.asyncio as aredis
 
 from dispatch.suppression import AddressHasher
 
-__all__ = ["AsyncFrequencyStore", "FrequencyCap", "FrequencyStore"]
+__all__ = ["DEFAULT_PREFIX", "AsyncFrequencyStore", "FrequencyCap", "FrequencyStore", "frequency_key"]
 
 #: Addresses per pipeline round trip.
 DEFAULT_CHUNK: Final = 1_000
+#: Key prefix of the per-address send-time sets (the workers' and the planner's default).
+DEFAULT_PREFIX: Final = "dispatch:freq"
+
+
+def frequency_key(channel: str, digest: bytes, *, prefix: str = DEFAULT_PREFIX) -> bytes:
+    """The sorted set of one (channel, address hash): what every user of the cap reads or writes
+    (``digest`` from the deployment's :class:`AddressHasher`)."""
+    return f"{prefix}:{channel}:".encode() + digest
 
 
 def _script() -> str:
@@ -57,7 +67,7 @@ class _Base:
         self.cap, self._prefix, self._hasher, self._chunk = cap, prefix, hasher or AddressHasher(), chunk
 
     def _key(self, channel: str, address: str) -> bytes:
-        return f"{self._prefix}:{channel}:".encode() + self._hasher(address)
+        return frequency_key(channel, self._hasher(address), prefix=self._prefix)
 
 
 def _now_ms(now: float | None) -> int:
@@ -72,7 +82,7 @@ class FrequencyStore:
         client: redis.Redis,
         cap: FrequencyCap,
         *,
-        prefix: str = "dispatch:freq",
+        prefix: str = DEFAULT_PREFIX,
         hasher: AddressHasher | None = None,
         chunk: int = DEFAULT_CHUNK,
     ) -> None:
@@ -100,7 +110,7 @@ class FrequencyStore:
         """
         low = _now_ms(now) - self._b.cap.window_ms
         limit = self._b.cap.limit
-        prefix = f"{self._b._prefix}:{channel}:".encode()
+        prefix = frequency_key(channel, b"", prefix=self._b._prefix)
         out: list[bool] = []
         for start in range(0, len(hashes), self._b._chunk):
             part = [prefix + digest for digest in hashes[start : start + self._b._chunk]]
@@ -117,7 +127,7 @@ class AsyncFrequencyStore:
         client: aredis.Redis,
         cap: FrequencyCap,
         *,
-        prefix: str = "dispatch:freq",
+        prefix: str = DEFAULT_PREFIX,
         hasher: AddressHasher | None = None,
         chunk: int = DEFAULT_CHUNK,
     ) -> None:

@@ -1,14 +1,19 @@
--- Accept one triggered message, atomically: Idempotency-Key, suppression, append to the open batch.
+-- Accept one triggered message, atomically: Idempotency-Key, suppression, frequency cap, append
+-- to the open batch.
 -- KEYS[1] idempotency record (string), KEYS[2] suppression set of the channel, KEYS[3] global
--- suppression set, KEYS[4] the triggered campaign's state hash (next, open, accepted, suppressed),
--- KEYS[5] its manifest, KEYS[6] sealed batches waiting for an enqueue (zset, member
--- "cid|n|not_before", score = sealed at), KEYS[7] registry of triggered campaigns (zset)
+-- suppression set, KEYS[4] the triggered campaign's state hash (next, open, accepted, suppressed,
+-- frequency_capped), KEYS[5] its manifest, KEYS[6] sealed batches waiting for an enqueue (zset,
+-- member "cid|n|not_before", score = sealed at), KEYS[7] registry of triggered campaigns (zset),
+-- KEYS[8] the address's frequency-cap set (frequency.lua's key: send times in ms)
 -- ARGV[1] request fingerprint, ARGV[2] address hash, ARGV[3] campaign id, ARGV[4] batch key
 -- prefix (key = prefix .. n), ARGV[5] open-list key prefix, ARGV[6] row head (`["<recipient>#`),
 -- ARGV[7] row tail (`",<address>,<attrs>]`), ARGV[8] not-before ('0' = now; else the row gets a
 -- batch of its own, written at once), ARGV[9] seal size, ARGV[10] snapshot TTL (s),
 -- ARGV[11] idempotency TTL (s), ARGV[12] now (unix s), ARGV[13] not-before answered to the
--- caller (kept in the idempotency record so a replay answers the same body)
+-- caller (kept in the idempotency record so a replay answers the same body), ARGV[14] frequency
+-- limit ('0' = no cap), ARGV[15] frequency window start (ms, exclusive)
+-- The frequency cap is read the way frequency.lua's count mode reads it (sends recorded after the
+-- window start); nothing is recorded here: the workers record a send when they make it.
 -- The row id is "<recipient>#<batch>.<index>", unique per message (the provider idempotency key is
 -- derived from it). The idempotency record is "fingerprint|state|not_before|message_id".
 -- Returns {0, stored record} for a known key (the caller compares fingerprints), else
@@ -29,6 +34,14 @@ if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 or redis.call('SISMEMBER', KEY
   local message_id = cid .. '.s.' .. k
   remember('suppressed', message_id)
   return {1, message_id, 'suppressed', ''}
+end
+
+local limit = tonumber(ARGV[14])
+if limit > 0 and redis.call('ZCOUNT', KEYS[8], '(' .. ARGV[15], '+inf') >= limit then
+  local k = redis.call('HINCRBY', KEYS[4], 'frequency_capped', 1)
+  local message_id = cid .. '.f.' .. k
+  remember('frequency_capped', message_id)
+  return {1, message_id, 'frequency_capped', ''}
 end
 
 -- the manifest's counts follow the campaign, so `dispatch status` and `export` see every batch;

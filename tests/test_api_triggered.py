@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,10 @@ from dispatch.api_sealer import TriggeredSealer
 from dispatch.api_triggered import REGISTRY, TO_ENQUEUE, TriggeredSender, closes_at, open_key, state_key
 from dispatch.broker import build_broker, enqueue_batch
 from dispatch.config import Settings
+from dispatch.frequency import AsyncFrequencyStore, FrequencyCap, frequency_key
 from dispatch.redisdb import with_db
 from dispatch.snapshot import load_manifest
-from dispatch.suppression import AddressHasher, SuppressionStore
+from dispatch.suppression import AddressHasher, SuppressionStore, hasher_for
 from dispatch.tracking import iter_records, parse_ref
 from loadtest.cluster import LocalCluster
 
@@ -140,6 +142,85 @@ async def test_suppression_uses_the_configured_hash_key(
     await parts.sealer.flush()
     assert [row[1] for row in _batch(redis_client, passed["campaign_id"], 0)[1]] == ["+447400100002"]
     assert len(parts.enqueued) == 1
+
+
+def _commands(client: redis.Redis) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {name: int(value["calls"]) for name, value in stats.items()}
+
+
+async def test_the_frequency_cap_is_checked_at_accept_in_the_same_round_trip(
+    redis_url: str, tmp_path: Path, aredis_client: aredis.Redis, redis_client: redis.Redis
+) -> None:
+    settings = api_settings(
+        redis_url,
+        tmp_path,
+        DISPATCH_FREQUENCY_LIMIT="2",
+        DISPATCH_FREQUENCY_WINDOW_S="3600",
+        DISPATCH_SUPPRESSION_KEY="k",
+    )
+    parts = Parts(settings, aredis_client)
+    now = parts.clock.now
+    # sends recorded the way the workers record them (the deployment's keyed hash)
+    sends = AsyncFrequencyStore(
+        aredis_client, FrequencyCap(limit=2, window=timedelta(hours=1)), hasher=hasher_for(settings)
+    )
+    at_cap, under_cap, expired = "+447400100001", "+447400100002", "+447400100003"
+    assert await sends.reserve("sms", at_cap, "earlier-1", now=now - 600)
+    assert await sends.reserve("sms", at_cap, "earlier-2", now=now - 60)
+    assert await sends.reserve("sms", under_cap, "earlier-3", now=now - 60)
+    # two sends that have left the window (recorded an hour and more ago)
+    key = frequency_key("sms", hasher_for(settings)(expired))
+    redis_client.zadd(key, {b"old-1": (now - 3600) * 1000, b"old-2": (now - 7200) * 1000})
+    freq_before = {k: redis_client.zrange(k, 0, -1) for k in redis_client.keys("dispatch:freq:*")}
+
+    await parts.sender.submit("k", "warm-up", _message(9))  # the campaign's manifest, once per hour
+    before = _commands(redis_client)
+    status, capped = await parts.sender.submit("k", "a", _message(1))
+    after = _commands(redis_client)
+    changed = {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+    # one round trip (plus our INFO); the rest ran inside the script, which read the cap's set
+    # (ZCOUNT) and recorded no send (no ZADD)
+    assert changed.pop("cmdstat_evalsha") == 1 and changed.pop("cmdstat_info") == 1
+    assert changed == {
+        "cmdstat_get": 1, "cmdstat_sismember": 2, "cmdstat_zcount": 1, "cmdstat_hincrby": 1, "cmdstat_set": 1
+    }  # fmt: skip
+    cid = capped["campaign_id"]
+    assert status == 202 and capped == {
+        "message_id": f"{cid}.f.1", "campaign_id": cid, "state": "frequency_capped", "not_before": now,
+        "replayed": False,
+    }  # fmt: skip
+    _, passed = await parts.sender.submit("k", "b", _message(2))
+    _, old_sends = await parts.sender.submit("k", "c", _message(3))
+    assert passed["state"] == "queued" and old_sends["state"] == "queued"
+    # idempotent: the same key and body answer the same refusal, another body is a conflict
+    status, replay = await parts.sender.submit("k", "a", _message(1))
+    assert status == 200 and replay == {**capped, "replayed": True}
+    with pytest.raises(ApiProblem) as conflict:
+        await parts.sender.submit("k", "a", _message(2))
+    assert conflict.value.status == 409
+    # counted like suppressed messages; no row, and nothing recorded in the cap's sets at accept
+    assert redis_client.hget(state_key(cid), "frequency_capped") == b"1"
+    assert redis_client.hget(state_key(cid), "accepted") == b"3"
+    await parts.sealer.flush()
+    assert [row[1] for row in _batch(redis_client, cid, 0)[1]] == ["+447400100009", under_cap, expired]
+    assert {k: redis_client.zrange(k, 0, -1) for k in redis_client.keys("dispatch:freq:*")} == freq_before
+    # another channel's sends do not count
+    assert (await parts.sender.submit("k", "d", _message(1, channel="sms", to="+447400100004")))[1]["state"] == "queued"
+
+
+async def test_without_a_frequency_limit_accept_ignores_recorded_sends(
+    parts: Parts, aredis_client: aredis.Redis, settings: Settings
+) -> None:
+    assert settings.frequency_limit == 0
+    sends = AsyncFrequencyStore(
+        aredis_client, FrequencyCap(limit=1, window=timedelta(hours=1)), hasher=hasher_for(settings)
+    )
+    for i in range(3):
+        await sends.reserve("sms", "+447400100001", f"t{i}", now=parts.clock.now - i)
+    for i in range(3):
+        status, body = await parts.sender.submit("k", f"m{i}", _message(1))
+        assert status == 202 and body["state"] == "queued"
 
 
 async def test_a_held_message_gets_a_batch_of_its_own_with_its_not_before(
@@ -311,3 +392,44 @@ async def test_workers_deliver_micro_batched_messages_exactly_once(
     batches = len(set(enqueues))
     assert batches == status["batches"] and batches <= 100  # micro-batches, not one per message
     assert record["state"] == "sent" and record["provider_id"]
+
+
+async def test_a_send_by_the_workers_caps_the_next_triggered_message_at_accept(
+    redis_url: str, tmp_path: Path, clients: tuple[aredis.Redis, redis.Redis]
+) -> None:
+    settings = api_settings(
+        redis_url,
+        tmp_path,
+        DISPATCH_HEARTBEAT_TIMEOUT_MS="3000",
+        DISPATCH_FREQUENCY_LIMIT="1",
+        DISPATCH_SUPPRESSION_KEY="keyed",
+    )
+    assert settings.redis_url is not None
+    app_client, sync_client = clients
+    broker = build_broker(settings, with_db(settings.redis_url, settings.broker_db))
+    try:
+        async with running_api(
+            settings, app_client, sync_client, enqueue=lambda cid, n, delay: enqueue_batch(broker, cid, n, delay)
+        ) as api:
+            with LocalCluster(settings, workers=1):
+                first = await api.call("POST", "/v1/messages", json=_message(1), headers={"Idempotency-Key": "1"})
+                assert first.status == 202 and first.json["state"] == "queued"
+                await api.flush()
+                deadline = time.monotonic() + 45
+                while time.monotonic() < deadline:
+                    record = (await api.call("GET", f"/v1/messages/{first.json['message_id']}", token="read")).json
+                    if record["state"] == "sent":
+                        break
+                    await asyncio.sleep(0.2)
+                assert record["state"] == "sent"
+                again = await api.call("POST", "/v1/messages", json=_message(1), headers={"Idempotency-Key": "2"})
+                other = await api.call("POST", "/v1/messages", json=_message(2), headers={"Idempotency-Key": "3"})
+                replay = await api.call("POST", "/v1/messages", json=_message(1), headers={"Idempotency-Key": "2"})
+                missing = await api.call("GET", f"/v1/messages/{again.json['message_id']}", token="read")
+    finally:
+        broker.close()
+    assert again.status == 202 and again.json["state"] == "frequency_capped"
+    assert again.json["message_id"].startswith(f"{first.json['campaign_id']}.f.")
+    assert other.status == 202 and other.json["state"] == "queued"
+    assert replay.status == 200 and replay.json == {**again.json, "replayed": True}
+    assert missing.status == 404  # like a suppressed message: no record
