@@ -35,7 +35,16 @@ from dispatch.control import CONTROL_TTL_S
 from dispatch.frequency import AsyncFrequencyStore
 from dispatch.snapshot import decode_batch
 from dispatch.suppression import AsyncSuppressionStore
-from dispatch.tracking import CLAIM_BUSY, CLAIM_DONE, CLAIM_RECLAIMED, Outcome, Tracker, make_ref
+from dispatch.tracking import (
+    CLAIM_BUSY,
+    CLAIM_DONE,
+    CLAIM_RECLAIMED,
+    GROUP_STATES,
+    GroupOutcome,
+    Outcome,
+    Tracker,
+    make_ref,
+)
 from monitoring.metrics import Metrics
 from ratelimit import Limit, RateLimiter
 
@@ -52,6 +61,7 @@ __all__ = [
     "SuppressionFilter",
     "build_chain",
     "chunk_size",
+    "group_outcome",
     "limiter_burst",
 ]
 
@@ -88,6 +98,8 @@ class Item:
     outcome: Outcome | None = None
     #: The provider said the address is bad or opted out: add it to the suppression list.
     suppress: bool = False
+    #: A member of the batch's group record (batch channels): confirmed with the group.
+    grouped: bool = False
 
 
 @dataclass(slots=True)
@@ -442,30 +454,19 @@ class Engine:
         snapshot = decode_batch(campaign_id, batch, raw_batch)
         if snapshot.not_before > time.time():
             return BatchOutcome(state="waiting", requeue_after=snapshot.not_before - time.time())
-        indices = list(range(len(snapshot.rows)))
-        claims = await self._tracker.claim(campaign_id, batch, self._owner, indices)
-        if claims is None:
+        grouped = channel.messages_per_request > 1
+        if grouped:
+            claimed = await self._claim_group(campaign_id, batch, channel, snapshot.rows)
+        else:
+            claimed = await self._claim_each(campaign_id, batch, channel, snapshot.rows)
+        if claimed is None:
             self._control.pop(campaign_id, None)
             state = await self.campaign_state(campaign_id)
             return BatchOutcome(state=state, requeue_after=1.0 if state == "paused" else None)
-        items: list[Item] = []
-        busy = dedup_hits = 0
-        lost: list[Outcome] = []
-        for index, (code, attempts) in enumerate(claims):
-            if code == CLAIM_DONE:
-                dedup_hits += 1
-                continue
-            if code == CLAIM_BUSY:
-                busy += 1
-                continue
-            if code == CLAIM_RECLAIMED and not channel.supports_idempotency:
-                lost.append(Outcome(index, "dead", attempts, "", "inflight_unknown"))
-                continue
-            rid, address, attrs = snapshot.rows[index]
-            items.append(Item(index, rid, address, attrs, attempts))
+        items, lost, busy, dedup_hits = claimed
         if dedup_hits and self._metrics is not None:
             self._metrics.record_dedup_hit(channel.name, dedup_hits)
-        if lost:
+        if lost and not grouped:
             await self._tracker.finish(campaign_id, batch, self._owner, lost)
         ctx = SendContext(
             campaign_id=campaign_id,
@@ -479,9 +480,7 @@ class Engine:
             if open_items:
                 await batch_filter(ctx, open_items)
         buffer: list[Outcome] = [item.outcome for item in items if item.outcome is not None]
-        if self._metrics is not None:
-            for outcome in buffer:
-                self._metrics.record_send(channel.name, channel.provider, _FINAL_OUTCOMES[outcome.state])
+        self._count_sends(channel, buffer)
         pending_items = [item for item in items if item.outcome is None]
         size = chunk_size(channel)
         chunks = [pending_items[i : i + size] for i in range(0, len(pending_items), size)]
@@ -505,27 +504,138 @@ class Engine:
                         item.outcome = Outcome(item.index, back, item.attempts)
                 else:
                     await self._chain(ctx, chunk)
+            done: list[Outcome] = []
             for item in chunk:
                 if item.outcome is None:  # a step dropped it without a verdict: try again later
                     item.outcome = Outcome(item.index, "retry", item.attempts)
-                buffer.append(item.outcome)
-                if self._metrics is not None and item.outcome.state in _FINAL_OUTCOMES:
-                    self._metrics.record_send(channel.name, channel.provider, _FINAL_OUTCOMES[item.outcome.state])
-            if len(buffer) >= TRACK_FLUSH:
-                await flush()
+                done.append(item.outcome)
+            self._count_sends(channel, done)
+            if not grouped:
+                buffer.extend(done)
+                if len(buffer) >= TRACK_FLUSH:
+                    await flush()
 
         await asyncio.gather(*(run_chunk(chunk) for chunk in chunks))
-        await flush()
+        if grouped:
+            # one confirmation for the whole run: the group's outcome, and the exceptions
+            group, singles = group_outcome(ctx, items)
+            singles.extend(lost)
+            if group is not None or singles or ctx.retries:
+                await self._tracker.finish_group(campaign_id, batch, self._owner, singles, group, retries=ctx.retries)
+        else:
+            await flush()
+            if ctx.retries:
+                await self._tracker.finish(campaign_id, batch, self._owner, [], retries=ctx.retries)
         if self._suppression is not None:
             await self._suppression.feed(channel.name, [item.address for item in items if item.suppress])
-        if ctx.retries:
-            await self._tracker.finish(campaign_id, batch, self._owner, [], retries=ctx.retries)
         retry_left = any(item.outcome is not None and item.outcome.state == "retry" for item in items)
         if ctx.stopped == "paused" or busy:
             return BatchOutcome(state=ctx.stopped or "busy", requeue_after=1.0)
         if retry_left:
             return BatchOutcome(state="retry", requeue_after=max(ctx.long_wait, 1.0))
         return BatchOutcome(state="done", requeue_after=None)
+
+    def _count_sends(self, channel: Channel, outcomes: Sequence[Outcome]) -> None:
+        """Final outcomes on the messages counter, one increment per outcome kind."""
+        if self._metrics is None or not outcomes:
+            return
+        counts: dict[str, int] = {}
+        for outcome in outcomes:
+            counts[outcome.state] = counts.get(outcome.state, 0) + 1
+        for state, n in counts.items():
+            final = _FINAL_OUTCOMES.get(state)
+            if final is not None:
+                self._metrics.record_send(channel.name, channel.provider, final, n)
+
+    async def _claim_each(
+        self, campaign_id: str, batch: int, channel: Channel, rows: list[Any]
+    ) -> tuple[list[Item], list[Outcome], int, int] | None:
+        """Per-message channels: one record per message, claimed before the send."""
+        claims = await self._tracker.claim(campaign_id, batch, self._owner, list(range(len(rows))))
+        if claims is None:
+            return None
+        items: list[Item] = []
+        busy = dedup_hits = 0
+        lost: list[Outcome] = []
+        for index, (code, attempts) in enumerate(claims):
+            if code == CLAIM_DONE:
+                dedup_hits += 1
+            elif code == CLAIM_BUSY:
+                busy += 1
+            elif code == CLAIM_RECLAIMED and not channel.supports_idempotency:
+                lost.append(Outcome(index, "dead", attempts, "", "inflight_unknown"))
+            else:
+                rid, address, attrs = rows[index]
+                items.append(Item(index, rid, address, attrs, attempts))
+        return items, lost, busy, dedup_hits
+
+    async def _claim_group(
+        self, campaign_id: str, batch: int, channel: Channel, rows: list[Any]
+    ) -> tuple[list[Item], list[Outcome], int, int] | None:
+        """Batch channels: one group record for the messages without a record of their own."""
+        claim = await self._tracker.claim_group(campaign_id, batch, self._owner, len(rows))
+        if claim is None:
+            return None
+        items: list[Item] = []
+        busy = dedup_hits = 0
+        lost: list[Outcome] = []
+
+        def take(index: int, code: int, attempts: int, grouped: bool) -> None:
+            nonlocal busy, dedup_hits
+            if code == CLAIM_DONE:
+                dedup_hits += 1
+            elif code == CLAIM_BUSY:
+                busy += 1
+            elif code == CLAIM_RECLAIMED and not channel.supports_idempotency:
+                lost.append(Outcome(index, "dead", attempts, "", "inflight_unknown"))
+            else:
+                rid, address, attrs = rows[index]
+                items.append(Item(index, rid, address, attrs, attempts, grouped=grouped))
+
+        others = claim.others
+        for index in range(len(rows)):
+            other = others.get(index)
+            if other is not None:
+                take(index, other[0], other[1], False)
+            elif claim.first <= index <= claim.last:
+                take(index, claim.code, claim.attempts, True)
+        return items, lost, busy, dedup_hits
+
+
+def group_outcome(ctx: SendContext, items: Sequence[Item]) -> tuple[GroupOutcome | None, list[Outcome]]:
+    """Split a run's outcomes into the one most group members share and everyone else's.
+
+    A member joins the group's outcome when its state can be a group state and its provider id is
+    empty or the group's prefix followed by its ref; any other outcome is written as a record of
+    its own (and a message that is not a group member always is).
+    """
+    singles: list[Outcome] = []
+    keyed: list[tuple[tuple[str, int, str, str], Outcome]] = []
+    counts: dict[tuple[str, int, str, str], int] = {}
+    for item in items:
+        outcome = item.outcome
+        if outcome is None:
+            continue
+        if not item.grouped or outcome.state not in GROUP_STATES:
+            singles.append(outcome)
+            continue
+        pid = outcome.provider_id
+        if pid:
+            ref = item.message.ref if item.message is not None else make_ref(ctx.campaign_id, ctx.batch, item.index)
+            if len(pid) <= len(ref) or not pid.endswith(ref) or "|" in pid:
+                singles.append(outcome)
+                continue
+            prefix = pid[: -len(ref)]
+        else:
+            prefix = ""
+        key = (outcome.state, outcome.attempts, prefix, outcome.code)
+        counts[key] = counts.get(key, 0) + 1
+        keyed.append((key, outcome))
+    if not counts:
+        return None, singles
+    best = max(counts, key=lambda k: counts[k])
+    singles.extend(outcome for key, outcome in keyed if key != best)
+    return GroupOutcome(best[0], best[1], best[2], best[3]), singles
 
 
 #: Record states that end a message's send, and their metric outcome ("sent" is counted here).

@@ -6,6 +6,16 @@ is *claimed* (state ``sending`` with the worker's id) before the provider call a
 after (``sent``, ``failed``, ...). Both transitions are Lua scripts, so counters move exactly once
 per message whatever the number of workers, redeliveries or duplicate enqueues.
 
+Batch channels (one provider request carries many messages) use a *group record* instead of one
+record per message: field ``g`` of the same hash, ``state|attempts|owner|provider_id_prefix|code|
+ts|first|last|members``, stands for every index ``first..last`` that has no record of its own. It
+is claimed (``claim_group.lua``) and confirmed (``finish_group.lua``) in one step per run, and the
+counters move by ``members``. Messages whose fate differs from the request's (a rejected
+recipient, a retry, a dead letter, a delivery receipt) get a record of their own, which wins over
+the group's: a message's state is *its own record, else its group's*. A member's provider id is the
+group's prefix followed by the message's ref (``<X-Message-Id>:<ref>`` for SendGrid).
+:func:`record_value` resolves one message that way for readers of the raw hash.
+
 In-flight policy after a crash: a record left ``sending`` by a worker whose liveness key has
 expired is *reclaimed*. If the channel honours idempotency keys the message is sent again with
 the same key (the provider answers with the original message); otherwise it is marked failed with
@@ -16,7 +26,7 @@ decides with ``dispatch retry-failed``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -32,6 +42,9 @@ __all__ = [
     "CLAIM_FRESH",
     "CLAIM_RECLAIMED",
     "COUNTERS",
+    "GROUP_STATES",
+    "GroupClaim",
+    "GroupOutcome",
     "Outcome",
     "Record",
     "Tracker",
@@ -39,6 +52,7 @@ __all__ = [
     "iter_outcomes",
     "iter_records",
     "parse_ref",
+    "record_value",
 ]
 
 CLAIM_DONE, CLAIM_FRESH, CLAIM_RECLAIMED, CLAIM_BUSY = 0, 1, 2, 3
@@ -56,6 +70,12 @@ COUNTERS = (
 )
 
 
+#: States a whole group record can take (a dead letter is always a record of its own).
+GROUP_STATES = frozenset({"sent", "retry", "failed", "suppressed", "skipped"})
+#: Field of a batch's records hash holding its group record.
+GROUP_FIELD = "g"
+
+
 def _script(name: str) -> str:
     return resources.files("dispatch").joinpath(name).read_text(encoding="utf-8")
 
@@ -69,6 +89,39 @@ class Outcome:
     attempts: int
     provider_id: str = ""
     code: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupOutcome:
+    """One outcome for every remaining member of a batch's group record (``finish_group``).
+
+    A member's provider id is ``provider_prefix`` followed by its ref (none when the prefix is
+    empty).
+    """
+
+    state: str  # one of GROUP_STATES
+    attempts: int
+    provider_prefix: str = ""
+    code: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupClaim:
+    """What ``claim_group`` answered: the group's claim code, and the codes of the other messages.
+
+    Members are the indices ``first..last`` absent from ``others``; ``members`` counts them.
+    """
+
+    code: int
+    attempts: int
+    first: int
+    last: int
+    members: int
+    #: index -> (claim code, attempts) of every message that is not a group member.
+    others: dict[int, tuple[int, int]]
+
+    def is_member(self, index: int) -> bool:
+        return self.first <= index <= self.last and index not in self.others
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +155,8 @@ class Tracker:
         self._claim = client.register_script(_script("claim.lua"))
         self._finish = client.register_script(_script("finish.lua"))
         self._receipt = client.register_script(_script("receipt.lua"))
+        self._claim_group = client.register_script(_script("claim_group.lua"))
+        self._finish_group = client.register_script(_script("finish_group.lua"))
 
     async def claim(
         self, campaign_id: str, batch: int, owner: str, indices: Sequence[int]
@@ -127,12 +182,53 @@ class Tracker:
         )
         return int(applied)
 
+    async def claim_group(self, campaign_id: str, batch: int, owner: str, count: int) -> GroupClaim | None:
+        """Claim a batch of ``count`` messages for a batch channel: one group record for every
+        message without a record of its own; ``None`` when the campaign is not running."""
+        raw = await self._claim_group(
+            keys=[keys.records(campaign_id, batch), keys.control(campaign_id)],
+            args=[owner, f"{time.time():.3f}", keys.worker_alive(""), self._ttl, count],
+        )
+        if raw and raw[0] == -1:
+            return None
+        others = {int(raw[i]): (int(raw[i + 1]), int(raw[i + 2])) for i in range(5, len(raw), 3)}
+        return GroupClaim(int(raw[0]), int(raw[1]), int(raw[2]), int(raw[3]), int(raw[4]), others)
+
+    async def finish_group(
+        self,
+        campaign_id: str,
+        batch: int,
+        owner: str,
+        outcomes: Sequence[Outcome],
+        group: GroupOutcome | None,
+        *,
+        retries: int = 0,
+    ) -> int:
+        """Record a batch-channel run: ``outcomes`` of single messages first (a group member
+        among them leaves the group), then ``group`` for the group's remaining members (``None``:
+        the group keeps its claim). Returns the number of messages whose outcome was applied."""
+        if group is not None and group.state not in GROUP_STATES:
+            raise ValueError(f"a group record cannot be {group.state!r}")
+        args: list[Any] = [owner, f"{time.time():.3f}", batch, retries]
+        if group is None:
+            args.extend(("", 0, "", ""))
+        else:
+            args.extend((group.state, group.attempts, group.provider_prefix, group.code))
+        args.append(make_ref(campaign_id, batch, 0)[:-1])
+        for o in outcomes:
+            args.extend((o.index, o.state, o.attempts, o.provider_id, o.code))
+        applied = await self._finish_group(
+            keys=[keys.records(campaign_id, batch), keys.counters(campaign_id), keys.dead_letters(campaign_id)],
+            args=args,
+        )
+        return int(applied)
+
     async def apply_receipt(self, ref: str, state: str, code: str | None) -> int:
         """Move a sent message to delivered/failed/bounced; see receipt.lua for return codes."""
         campaign_id, batch, index = parse_ref(ref)
         result = await self._receipt(
             keys=[keys.records(campaign_id, batch), keys.counters(campaign_id)],
-            args=[index, state, code or "", f"{time.time():.3f}"],
+            args=[index, state, code or "", f"{time.time():.3f}", ref],
         )
         return int(result)
 
@@ -171,13 +267,53 @@ def iter_records(client: redis.Redis, campaign_id: str, batches: int) -> Iterato
         yield from _batch_records(client, campaign_id, batch)
 
 
+def record_value(records: Mapping[bytes, bytes], campaign_id: str, batch: int, index: int) -> bytes | None:
+    """One message's record in the per-message format (``state|attempts|owner|provider_id|code|
+    ts``) from a batch's raw records hash (``HGETALL``, or ``HMGET`` of ``str(index)`` and
+    ``"g"`` as a mapping): its own record, else its group's; ``None`` when it has neither."""
+    own = records.get(str(index).encode())
+    if own is not None:
+        return own
+    group = records.get(GROUP_FIELD.encode())
+    if group is None:
+        return None
+    resolved = _GroupRecord.parse(group)
+    if not resolved.first <= index <= resolved.last:
+        return None
+    return resolved.member_value(make_ref(campaign_id, batch, index)).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class _GroupRecord:
+    state: str
+    attempts: str
+    owner: str
+    prefix: str
+    code: str
+    ts: str
+    first: int
+    last: int
+
+    @classmethod
+    def parse(cls, raw: bytes) -> _GroupRecord:
+        state, attempts, owner, prefix, code, ts, first, last, _members = raw.decode().split("|")
+        return cls(state, attempts, owner, prefix, code, ts, int(first), int(last))
+
+    def provider_id(self, ref: str) -> str:
+        return self.prefix + ref if self.prefix else ""
+
+    def member_value(self, ref: str) -> str:
+        return f"{self.state}|{self.attempts}|{self.owner}|{self.provider_id(ref)}|{self.code}|{self.ts}"
+
+
 def _batch_records(client: redis.Redis, campaign_id: str, batch: int) -> Iterator[Record]:
     raw: dict[bytes, bytes] = client.hgetall(keys.records(campaign_id, batch))  # type: ignore[assignment]
-    for field, value in sorted(raw.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else -1):
+    records: dict[int, Record] = {}
+    for field, value in raw.items():
         if not field.isdigit():
             continue
         state, attempts, _owner, provider_id, code, ts = value.decode().split("|", 5)
-        yield Record(
+        records[int(field)] = Record(
             batch=batch,
             index=int(field),
             state=state,
@@ -186,3 +322,13 @@ def _batch_records(client: redis.Redis, campaign_id: str, batch: int) -> Iterato
             code=code,
             ts=float(ts) if ts else None,
         )
+    group_raw = raw.get(GROUP_FIELD.encode())
+    if group_raw is not None:
+        group = _GroupRecord.parse(group_raw)
+        group_attempts, group_ts = int(group.attempts or 0), float(group.ts) if group.ts else None
+        for index in range(group.first, group.last + 1):
+            if index not in records:
+                pid = group.provider_id(make_ref(campaign_id, batch, index))
+                records[index] = Record(batch, index, group.state, group_attempts, pid, group.code, group_ts)
+    for index in sorted(records):
+        yield records[index]
