@@ -6,8 +6,14 @@ listed once in ``dispatch.api_openapi.OPERATIONS`` and published at ``/v1/openap
 
 Blocking work never runs on the event loop: planning (CPU-bound) runs on a small planning
 executor with the sync Redis client, after the audience upload has been streamed to a temporary
-file under ``<home>/uploads`` (bounded memory, ``ApiLimits.audience_bytes`` at most); campaign
-control and the dramatiq enqueue (sync client) run on an I/O executor.
+file under ``<home>/uploads`` (bounded memory, ``ApiLimits.audience_bytes`` at most), or from a
+configured audience source named in a JSON create (``dispatch.sources``); campaign control and
+the dramatiq enqueue (sync client) run on an I/O executor.
+
+Create is idempotent on (id, spec, audience origin): a campaign planned from source ``NAME``
+carries ``audience_source: NAME`` in its manifest (and, while it is being planned, in
+:func:`origin_key`), so creating it again from another source, or from an uploaded audience, is
+a 409 like another spec; an uploaded audience is not compared (it is not read again).
 
 ``POST /v1/messages`` is the hot path: after auth it is one Lua call on a shared pipelined
 connection (``dispatch.api_redis``), and accepted messages are sent in micro-batches sealed and
@@ -73,13 +79,14 @@ from dispatch.errors import AudienceError, CampaignNotFound, CampaignStateError,
 from dispatch.planner import Planner, PlanReport
 from dispatch.receipts import ReceiptApplier
 from dispatch.snapshot import load_manifest
+from dispatch.sources import SourceUnavailable, plan_from_source
 from dispatch.suppression import GLOBAL, AddressHasher, AsyncSuppressionStore, hasher_for
 from dispatch.tracking import Tracker, make_ref, parse_ref
 from dispatch.validation import AddressValidator
 from monitoring.exposition import metrics_handler
 from monitoring.metrics import Metrics
 
-__all__ = ["SEALER", "ApiLimits", "add_commands", "build_app", "make_runner", "serve"]
+__all__ = ["SEALER", "ApiLimits", "add_commands", "build_app", "make_runner", "origin_key", "serve"]
 
 T = TypeVar("T")
 
@@ -96,6 +103,10 @@ _AUDIENCE_TYPES: Final[dict[str, AudienceFormat]] = {
 UPLOAD_CHUNK: Final = 256 * 1024
 #: Idempotency keys: printable ASCII.
 _MAX_IDEMPOTENCY_KEY: Final = 255
+#: Manifest field naming the configured source a campaign was planned from (absent: uploaded).
+AUDIENCE_SOURCE: Final = "audience_source"
+#: How long the origin claim of a source create outlives its planning (the manifest then says it).
+_ORIGIN_CLAIM_S: Final = 3600
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,21 +153,31 @@ def _media_type(request: web.Request) -> str:
 
 
 async def _read_json(request: web.Request, schema: str, limit: int) -> dict[str, Any]:
+    return _checked(await _read_json_value(request, limit), schema)
+
+
+async def _read_json_value(request: web.Request, limit: int) -> Any:
     if _media_type(request) != "application/json":
         raise ApiProblem(415, "send the body as application/json", headers={"Accept": "application/json"})
     if request.content_length is not None and request.content_length > limit:
         raise ApiProblem(413, f"request body over {limit} bytes")
-    raw = await request.read()
-    return _parse_json(raw, schema)
+    return _loads(await request.read())
 
 
 def _parse_json(raw: bytes, schema: str, prefix: str = "") -> dict[str, Any]:
+    return _checked(_loads(raw), schema, prefix)
+
+
+def _loads(raw: bytes) -> Any:
     try:
-        data = orjson.loads(raw)
+        return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ApiProblem(
             400, f"the body is not valid JSON ({exc.msg} at character {exc.pos})", slug="malformed-json"
         ) from None
+
+
+def _checked(data: Any, schema: str, prefix: str = "") -> dict[str, Any]:
     errors = validate(SCHEMAS[schema], data, path=prefix)
     if errors:
         raise ApiProblem(422, f"the {schema} is invalid", errors=errors)
@@ -190,26 +211,94 @@ def _report_body(report: PlanReport) -> dict[str, Any]:
 # --- campaigns ---------------------------------------------------------------------------------
 
 
-def _existing_plan(deps: _Deps, spec: CampaignSpec) -> PlanReport | None:
-    """The stored plan when this id was planned with this spec; 409 when with another."""
-    raw = deps.sync.get(keys.manifest(spec.id))
+def origin_key(campaign_id: str) -> str:
+    """The source a campaign is being planned from (a claim taken before planning, kept an hour:
+    the manifest's ``audience_source`` says it for good once the plan is written)."""
+    return f"{keys.PREFIX}:{{{campaign_id}}}:audience-source"
+
+
+def _origin_text(source: str | None) -> str:
+    return f"source {source!r}" if source else "an uploaded audience"
+
+
+def _existing_plan(deps: _Deps, spec: CampaignSpec, source: str | None = None) -> PlanReport | None:
+    """The stored plan when this id was planned with this spec and audience origin (``source``:
+    the configured source's name, None for an audience in the request); 409 when with another."""
+    pipe = deps.sync.pipeline(transaction=False)
+    pipe.get(keys.manifest(spec.id))
+    pipe.get(origin_key(spec.id))
+    raw, claimed = pipe.execute()
     if raw is None:
         return None
     manifest = orjson.loads(cast(bytes, raw))
     if manifest.get("fingerprint") != spec.fingerprint():
         raise ApiProblem(409, f"campaign {spec.id!r} exists with a different spec; use a new id", slug="conflict")
+    planned_from = manifest.get(AUDIENCE_SOURCE) or (claimed.decode() if claimed else None)
+    if planned_from != source:
+        raise ApiProblem(
+            409,
+            f"campaign {spec.id!r} was planned from {_origin_text(planned_from)}, not {_origin_text(source)}; "
+            "use a new id",
+            slug="conflict",
+        )
     return Planner.for_settings(deps.sync, deps.settings).plan(spec, [])  # answers the stored plan, reads nothing
 
 
 def _plan(deps: _Deps, spec: CampaignSpec, rows: Any) -> PlanReport:
+    return _planning(deps, spec, lambda planner: planner.plan(spec, rows), "audience")
+
+
+def _planning(deps: _Deps, spec: CampaignSpec, run: Callable[[Planner], PlanReport], where: str) -> PlanReport:
     try:
-        return Planner.for_settings(deps.sync, deps.settings).plan(spec, rows)
+        return run(Planner.for_settings(deps.sync, deps.settings))
+    except SourceUnavailable as exc:
+        raise ApiProblem(503, f"the audience source is unavailable: {exc}") from None
     except AudienceError as exc:
-        raise ApiProblem(422, "the audience cannot be read", errors=[FieldError("audience", str(exc))]) from None
+        raise ApiProblem(422, "the audience cannot be read", errors=[FieldError(where, str(exc))]) from None
     except PlanError as exc:
         if deps.sync.exists(keys.manifest(spec.id)):
             raise ApiProblem(409, str(exc)) from None
         raise ApiProblem(422, "the campaign cannot be planned", errors=[FieldError("spec", str(exc))]) from None
+
+
+def _plan_source(deps: _Deps, spec: CampaignSpec, name: str) -> PlanReport:
+    """Plan from the configured source ``name``, holding the id's origin claim while planning."""
+    claim = origin_key(spec.id)
+    if not deps.sync.set(claim, name, nx=True, ex=_ORIGIN_CLAIM_S):
+        held = cast(bytes | None, deps.sync.get(claim))
+        if held is not None and held.decode() != name:
+            raise ApiProblem(
+                409,
+                f"campaign {spec.id!r} is being planned from {_origin_text(held.decode())}; use a new id",
+                slug="conflict",
+            )
+    source = deps.settings.sources[name]
+    try:
+        report = _planning(deps, spec, lambda planner: plan_from_source(planner, spec, source), "audience.source")
+    except BaseException:
+        if deps.sync.get(claim) == name.encode():  # not planned from it (another create may have won)
+            deps.sync.delete(claim)
+        raise
+    if not report.existing:
+        _note_source(deps, spec.id, name)
+    return report
+
+
+#: Add a field to a manifest (a JSON object) in place, keeping its TTL; the value is JSON text.
+#: String surgery rather than cjson, whose number encoding would round the manifest's floats.
+_ANNOTATE: Final = """
+local manifest = redis.call('GET', KEYS[1])
+if not manifest or string.find(manifest, '"' .. ARGV[1] .. '":', 1, true) then
+  return 0
+end
+redis.call('SET', KEYS[1], string.sub(manifest, 1, -2) .. ',"' .. ARGV[1] .. '":' .. ARGV[2] .. '}', 'KEEPTTL')
+return 1
+"""
+
+
+def _note_source(deps: _Deps, campaign_id: str, name: str) -> None:
+    """Write ``audience_source`` into the new manifest (kept by every later rewrite of it)."""
+    deps.sync.eval(_ANNOTATE, 1, keys.manifest(campaign_id), AUDIENCE_SOURCE, orjson.dumps(name))
 
 
 async def _run_plan(deps: _Deps, fn: Callable[..., PlanReport], *args: Any) -> web.Response:
@@ -225,11 +314,23 @@ async def create_campaign(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
     media = _media_type(request)
     if media == "application/json":
-        body = await _read_json(request, "CampaignCreateJson", deps.limits.json_bytes)
+        data = await _read_json_value(request, deps.limits.json_bytes)
+        from_source = isinstance(data, dict) and "audience" in data
+        body = _checked(data, "CampaignCreateFromSource" if from_source else "CampaignCreateJson")
         spec = _spec(body["spec"], "spec")
-        existing = await deps.io(_existing_plan, deps, spec)
+        name: str | None = body["audience"]["source"] if from_source else None
+        if name is not None and name not in deps.settings.sources:
+            known = ", ".join(sorted(deps.settings.sources)) or "none"
+            raise ApiProblem(
+                422,
+                "no such audience source",
+                errors=[FieldError("audience.source", f"no configured source named {name!r} (configured: {known})")],
+            )
+        existing = await deps.io(_existing_plan, deps, spec, name)
         if existing is not None:
             return _json(_report_body(existing), 200, {"Location": f"/v1/campaigns/{spec.id}"})
+        if name is not None:
+            return await _run_plan(deps, _plan_source, deps, spec, name)
         return await _run_plan(deps, _plan, deps, spec, body["recipients"])
     if media != "multipart/form-data":
         raise ApiProblem(415, "send multipart/form-data (spec + audience parts) or application/json")

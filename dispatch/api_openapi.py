@@ -57,10 +57,16 @@ Plan a campaign under a client-supplied id. Two body forms:
   from the part's `Content-Type` (`text/csv`, `application/x-ndjson`, `application/jsonl`) or its
   filename (`.csv`, `.jsonl`, `.ndjson`, optionally `.gz`).
 * `application/json`: `{"spec": CampaignSpec, "recipients": [ {...row...} ]}` for small audiences
-  (the JSON body limit applies).
+  (the JSON body limit applies), or `{"spec": CampaignSpec, "audience": {"source": "NAME"}}` to
+  plan from an audience source configured on the server (`[sources.NAME]` in its settings: a
+  PostgreSQL query or a CSV/JSONL file on the server). An unknown name is a 422 with the field
+  `audience.source`; a source whose database cannot be reached is a 503. Connection details never
+  appear in answers.
 
 Idempotent: the same id and spec answer the existing plan (200, `existing: true`) without reading
-the audience again; the same id with another spec is a 409. A new plan is a 201."""
+the audience again; the same id with another spec is a 409. A campaign planned from a source
+answers only a create naming the same source: another source, or an uploaded audience, is a 409
+(and a source create for an id planned from an upload is too). A new plan is a 201."""
 
 OPERATIONS: Final[tuple[Operation, ...]] = (
     Operation(
@@ -68,7 +74,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         method="POST",
         path="/v1/campaigns",
         scope="write",
-        summary="Plan a campaign (spec + streamed audience)",
+        summary="Plan a campaign (spec + streamed audience, or a configured source)",
         description=_CREATE_DESCRIPTION,
         request={
             "multipart/form-data": {
@@ -79,7 +85,12 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
                 },
                 "required": ["spec", "audience"],
             },
-            JSON: "CampaignCreateJson",
+            JSON: {
+                "oneOf": [
+                    {"$ref": "#/components/schemas/CampaignCreateJson"},
+                    {"$ref": "#/components/schemas/CampaignCreateFromSource"},
+                ]
+            },
         },
         responses={201: (JSON, "PlanReport"), 200: (JSON, "PlanReport")},
     ),
@@ -235,7 +246,7 @@ _ERROR_TEXT: Final = {
     413: "body too large",
     415: "unsupported Content-Type",
     422: "a field is invalid (see errors)",
-    503: "no broker configured, or Redis unavailable",
+    503: "no broker configured, Redis unavailable, or an audience source unreachable",
 }
 
 

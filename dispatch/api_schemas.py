@@ -19,6 +19,7 @@ from functools import lru_cache
 from typing import Any, Final
 
 from dispatch.api_problems import FieldError
+from dispatch.config import SOURCE_NAME_PATTERN
 
 __all__ = ["SCHEMAS", "validate"]
 
@@ -95,6 +96,23 @@ SCHEMAS: Final[dict[str, dict[str, Any]]] = {
             ),
         },
         ["spec", "recipients"],
+    ),
+    "CampaignCreateFromSource": _obj(
+        {
+            "spec": {"$ref": _REF_PREFIX + "CampaignSpec"},
+            "audience": {"$ref": _REF_PREFIX + "AudienceSourceRef"},
+        },
+        ["spec", "audience"],
+    ),
+    "AudienceSourceRef": _obj(
+        {
+            "source": _s(
+                "string",
+                pattern=SOURCE_NAME_PATTERN,
+                description="name of an audience source configured on the server ([sources.NAME] in its settings)",
+            )
+        },
+        ["source"],
     ),
     "Prediction": _obj(
         {

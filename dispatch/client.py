@@ -3,6 +3,7 @@
     client = DispatchClient("http://127.0.0.1:8080", token)
     plan = client.create_campaign({"id": "spring", "channel": "sms", "body": "Hi $first_name"},
                                   audience=Path("audience.csv"))
+    client.create_campaign({"id": "nightly-1", ...}, source="crm")   # a source configured on the server
     client.start("spring")
     for record in client.messages("spring"):
         ...
@@ -93,10 +94,17 @@ class DispatchClient:
         *,
         audience: Path | None = None,
         recipients: Sequence[Mapping[str, Any]] | None = None,
+        source: str | None = None,
     ) -> dict[str, Any]:
-        """Plan a campaign from an audience file (streamed) or a small list of recipient rows."""
-        if (audience is None) == (recipients is None):
-            raise ValueError("pass exactly one of audience= or recipients=")
+        """Plan a campaign from an audience file (streamed), a small list of recipient rows, or
+        the audience source ``source`` configured on the server (by name)."""
+        if sum(given is not None for given in (audience, recipients, source)) != 1:
+            raise ValueError("pass exactly one of audience=, recipients= or source=")
+        if source is not None:
+            planned: dict[str, Any] = self._request(
+                "POST", "/v1/campaigns", body={"spec": dict(spec), "audience": {"source": source}}
+            )
+            return planned
         if recipients is not None:
             result: dict[str, Any] = self._request(
                 "POST", "/v1/campaigns", body={"spec": dict(spec), "recipients": list(recipients)}

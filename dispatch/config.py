@@ -5,24 +5,174 @@ Sources, later ones winning: the defaults below, an optional TOML file (``DISPAT
 ``[dispatch]`` table), then ``DISPATCH_*`` environment variables (``DISPATCH_BATCH_SIZE``).
 Every invalid value raises ``ConfigError`` naming the setting and the fix. Nothing here runs at
 import time.
+
+Named audience sources (setting ``sources``; planned by name with ``dispatch plan --audience
+source:NAME`` or the API's ``{"audience": {"source": NAME}}``, see ``dispatch.sources``) are one
+TOML table each::
+
+    [sources.crm]
+    kind = "postgres"                 # a query read through a server-side cursor
+    dsn = "postgresql://reader:secret@db.internal/crm"
+    query = "select id, phone, first_name from contacts where opted_in"
+
+    [sources.nightly]
+    kind = "file"                     # CSV or JSONL on the server, optionally .gz
+    path = "/data/exports/nightly.csv"
+
+or ``DISPATCH_SOURCES`` holding the same as JSON (``{"crm": {"kind": "postgres", ...}}``), which
+replaces the file's sources as a whole. A DSN may hold a password: it is never shown (``repr``,
+errors and API answers leave it out); ``str()`` of the sources is that JSON form, secrets
+included, for handing settings to child processes only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Final
 from urllib.parse import urlsplit
 
 from dispatch.errors import ConfigError
 
-__all__ = ["Settings", "describe_settings", "load_settings"]
+__all__ = [
+    "SOURCE_NAME_PATTERN",
+    "AudienceSource",
+    "AudienceSources",
+    "FileSource",
+    "PostgresSource",
+    "Settings",
+    "describe_settings",
+    "load_settings",
+]
 
 ENV_PREFIX = "DISPATCH_"
+#: Names of audience sources: what a CLI argument and a URL-free JSON field carry safely.
+SOURCE_NAME_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}$"
+#: File suffixes a file source may have (optionally followed by ``.gz``).
+_FILE_SUFFIXES: Final = (".csv", ".jsonl", ".ndjson")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PostgresSource:
+    """A query read through a server-side cursor (``dispatch.audience.from_postgres``). ``dsn``
+    is a secret (it may hold a password): it is left out of ``repr`` and of every message."""
+
+    kind: ClassVar[str] = "postgres"
+    name: str
+    dsn: str = field(repr=False)
+    query: str
+
+    def as_config(self) -> dict[str, str]:
+        return {"kind": self.kind, "dsn": self.dsn, "query": self.query}
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileSource:
+    """A CSV or JSONL file (optionally gzip) on the planning host, planned with
+    ``Planner.plan_file`` (a large plain CSV file is scanned on every core)."""
+
+    kind: ClassVar[str] = "file"
+    name: str
+    path: Path
+
+    def as_config(self) -> dict[str, str]:
+        return {"kind": self.kind, "path": str(self.path)}
+
+
+AudienceSource = PostgresSource | FileSource
+
+
+class AudienceSources(Mapping[str, AudienceSource]):
+    """The deployment's named audience sources (immutable). ``str()`` is the ``DISPATCH_SOURCES``
+    JSON form, DSNs included (for child processes only); ``repr()`` never shows a DSN."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, sources: Iterable[AudienceSource] = ()) -> None:
+        items: dict[str, AudienceSource] = {}
+        for source in sources:
+            items[source.name] = source
+        self._items = items
+
+    def __getitem__(self, name: str) -> AudienceSource:
+        return self._items[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._items.values()))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, AudienceSources):
+            return self._items == other._items
+        return NotImplemented
+
+    def __str__(self) -> str:
+        return json.dumps({name: source.as_config() for name, source in self._items.items()})
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={source.kind}" for name, source in self._items.items())
+        return f"AudienceSources({shown})"
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> AudienceSources:
+        """Sources from a TOML table or the JSON text of ``DISPATCH_SOURCES``; ``where`` names the
+        setting in errors. Raises ConfigError (never quoting a DSN)."""
+        if isinstance(raw, AudienceSources):
+            return raw
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw) if raw.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ConfigError(
+                    where,
+                    f"not valid JSON ({exc.msg} at character {exc.pos})",
+                    'use {"NAME": {"kind": "postgres", "dsn": "...", "query": "..."}} or {"NAME": '
+                    '{"kind": "file", "path": "/abs/path.csv"}}',
+                ) from None
+        if not isinstance(raw, Mapping):
+            raise ConfigError(where, "expected a table of named sources", "write [sources.NAME] tables")
+        return cls(_parse_source(str(name), spec, where) for name, spec in raw.items())
+
+
+def _parse_source(name: str, spec: Any, where: str) -> AudienceSource:
+    at = f"{where}: {name}"
+    if not re.fullmatch(SOURCE_NAME_PATTERN, name):
+        raise ConfigError(at, "invalid source name", "use 1-64 letters, digits, '_' or '-'")
+    if not isinstance(spec, Mapping):
+        raise ConfigError(at, "expected a table with kind = 'postgres' or 'file'", f"write [sources.{name}]")
+    kind = spec.get("kind")
+    expected = {"postgres": {"kind", "dsn", "query"}, "file": {"kind", "path"}}
+    if kind not in expected:
+        raise ConfigError(at, f"unknown kind {kind!r}", "set kind = 'postgres' (dsn, query) or 'file' (path)")
+    unknown = sorted(set(spec) - expected[str(kind)])
+    if unknown:
+        raise ConfigError(at, f"unknown key(s) {', '.join(unknown)}", f"a {kind} source takes {sorted(expected[kind])}")
+    missing = sorted(k for k in expected[str(kind)] if not isinstance(spec.get(k), str) or not spec[k].strip())
+    if missing:
+        given = " and ".join(missing)
+        raise ConfigError(at, f"{', '.join(missing)} missing or empty", f"give the {kind} source {given}")
+    if kind == "postgres":
+        dsn = str(spec["dsn"])
+        if not (dsn.startswith(("postgresql://", "postgres://")) or "=" in dsn):
+            raise ConfigError(at, "dsn is not a PostgreSQL DSN", "use postgresql://... or libpq key=value settings")
+        return PostgresSource(name=name, dsn=dsn, query=str(spec["query"]))
+    path = Path(str(spec["path"]))
+    if not path.is_absolute():
+        raise ConfigError(at, f"path {str(path)!r} is relative", "give the absolute path on the planning host")
+    if not path.name.lower().removesuffix(".gz").endswith(_FILE_SUFFIXES):
+        raise ConfigError(at, f"cannot tell the format of {path.name!r}", "name it .csv or .jsonl (optionally .gz)")
+    return FileSource(name=name, path=path)
 
 
 def _setting(default: Any, help: str, *, low: float | None = None, high: float | None = None) -> Any:
@@ -85,6 +235,10 @@ class Settings:
     )
     metrics_port: int = _setting(0, "port of a worker's /metrics endpoint (0 = none)", low=0, high=65535)
     retention_s: int = _setting(7 * 86400, "seconds campaign data is kept after it ends", low=60)
+    sources: AudienceSources = _setting(
+        AudienceSources(),
+        "named audience sources, [sources.NAME] tables in the TOML file or JSON here (see Configuration)",
+    )
 
     def __post_init__(self) -> None:
         if self.redis_url is not None:
@@ -116,6 +270,8 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 def _convert(name: str, raw: Any) -> Any:
     spec = _FIELDS[name]
     env = ENV_PREFIX + name.upper()
+    if name == "sources":
+        return AudienceSources.parse(raw, env)
     kind: type[Any] = type(spec.default) if spec.default is not None else str
     if raw is None or (isinstance(raw, str) and raw == "" and spec.default is None):
         return None
@@ -172,10 +328,14 @@ def load_settings(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("DISPATCH_CONFIG", f"{path} is not valid TOML ({exc})", "fix the file's syntax") from None
         table = data.get("dispatch", data)
+        if table is not data and "sources" in data:  # [sources.NAME] tables beside [dispatch]
+            if "sources" in table:
+                raise ConfigError(f"{path}: sources", "defined twice", "keep either [sources] or [dispatch.sources]")
+            table = {**table, "sources": data["sources"]}
         for key, raw in table.items():
             if key not in _FIELDS:
                 raise ConfigError(f"{path}: {key}", "unknown setting", f"use one of: {', '.join(sorted(_FIELDS))}")
-            values[key] = _convert(key, raw)
+            values[key] = AudienceSources.parse(raw, f"{path}: sources") if key == "sources" else _convert(key, raw)
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX) or key == "DISPATCH_CONFIG" or key.startswith("DISPATCH_TEST_"):
             continue

@@ -6,6 +6,7 @@
     dispatch suppress export CHANNEL [--output FILE]   hashes, never addresses
     dispatch suppress count CHANNEL
     dispatch plan CAMPAIGN_FILE --audience SOURCE [--query SQL] [--json]
+    dispatch plan CAMPAIGN_FILE --audience source:NAME [--json]     (a configured source)
 
 Addresses are normalized the way the planner normalizes them before they are hashed (E.164
 phones, lowercased email domains), so ``+44 7400 123456`` and ``+447400123456`` are one entry;
@@ -13,8 +14,10 @@ an address that does not validate is refused (``add``) or counted as invalid (``
 ``global`` an address containing ``@`` is taken as an email, anything else as a phone.
 
 The plan command checks suppression lists and, when ``frequency_limit`` is set in the
-settings, the frequency cap. ``SOURCE`` is a CSV/JSONL file (optionally gzip) or a
-``postgresql://`` DSN read with ``--query`` through a server-side cursor. It registers as
+settings, the frequency cap. ``SOURCE`` is a CSV/JSONL file (optionally gzip), a
+``postgresql://`` DSN read with ``--query`` through a server-side cursor, or ``source:NAME``, a
+source configured in the settings (``[sources.NAME]``, see ``dispatch.config``). With ``--api``,
+``source:NAME`` names a source configured on the API server, which reads it. It registers as
 ``plan`` when the core CLI has no ``plan`` command, otherwise as ``plan-campaign``.
 """
 
@@ -31,12 +34,12 @@ from typing import Any, TextIO
 import orjson
 import redis
 
-from dispatch.audience import from_postgres
 from dispatch.campaign import load_campaign_file
 from dispatch.config import Settings
-from dispatch.errors import AudienceError, ConfigError, PlanError
+from dispatch.errors import ConfigError, PlanError
 from dispatch.planner import Planner, PlanReport
 from dispatch.redisdb import resolve_redis
+from dispatch.sources import find_source, parse_reference, plan_from_source, plan_postgres
 from dispatch.suppression import GLOBAL, SuppressionStore, hasher_for
 from dispatch.validation import AddressValidator
 
@@ -131,13 +134,16 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     try:
         planner = Planner.for_settings(client, settings, default_region=args.region)
         source: str = args.audience
+        named = parse_reference(source)
         if source.startswith(("postgresql://", "postgres://")):
             if not args.query:
                 raise PlanError("a PostgreSQL audience needs --query")
-            report = _plan_postgres(planner, spec, source, args.query)
+            report = plan_postgres(planner, spec, source, args.query, what="the audience database")
+        elif args.query:
+            raise PlanError("--query is only for a postgresql:// audience (a source:NAME has its own query)")
+        elif named is not None:
+            report = plan_from_source(planner, spec, find_source(settings, named))
         else:
-            if args.query:
-                raise PlanError("--query is only for a postgresql:// audience")
             report = planner.plan_file(spec, Path(source))
     finally:
         client.close()
@@ -156,12 +162,21 @@ def _plan_through_api(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.api_token:
         raise ConfigError("DISPATCH_API_TOKEN", "--api needs a token", "pass --token or set DISPATCH_API_TOKEN")
     if args.audience.startswith(("postgresql://", "postgres://")):
-        raise PlanError("a PostgreSQL audience is read by the planning process: plan it without --api")
+        raise PlanError(
+            "a PostgreSQL audience is read by the planning process: plan it without --api, or configure it "
+            "as a source on the API server and pass --audience source:NAME"
+        )
+    if args.query:
+        raise PlanError("--query is only for a postgresql:// audience (a source:NAME has its own query)")
     load_campaign_file(args.campaign_file)  # the same validation and messages as a local plan
     raw = args.campaign_file.read_bytes()
     spec: dict[str, Any] = tomllib.loads(raw.decode()) if args.campaign_file.suffix == ".toml" else orjson.loads(raw)
     client = DispatchClient(settings.api_url or "", settings.api_token)
-    report = client.create_campaign(spec, audience=Path(args.audience))
+    named = parse_reference(args.audience)
+    if named is not None:
+        report = client.create_campaign(spec, source=named)  # the server's source of that name
+    else:
+        report = client.create_campaign(spec, audience=Path(args.audience))
     print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() if args.json else format_api_report(report))
     return 0
 
@@ -172,19 +187,6 @@ def format_api_report(report: dict[str, Any]) -> str:
         f"{key:>14}: {orjson.dumps(value).decode()}" for key, value in report.items() if isinstance(value, dict | list)
     ]
     return "\n".join(lines)
-
-
-def _plan_postgres(planner: Planner, spec: Any, dsn: str, query: str) -> PlanReport:
-    try:
-        import psycopg
-    except ImportError:
-        raise AudienceError("PostgreSQL audiences need psycopg: pip install 'dispatch[postgres]'") from None
-    try:
-        conn = psycopg.connect(dsn)
-    except psycopg.Error as exc:
-        raise AudienceError(f"cannot connect to the audience database: {type(exc).__name__}") from None
-    with conn:
-        return planner.plan(spec, from_postgres(conn, query))
 
 
 def add_commands(sub: Any) -> None:
@@ -211,7 +213,11 @@ def add_commands(sub: Any) -> None:
     name = "plan" if "plan" not in sub.choices else "plan-campaign"
     p = sub.add_parser(name, help="plan a campaign with every check: counts by reason, batches, prediction")
     p.add_argument("campaign_file", type=Path)
-    p.add_argument("--audience", required=True, help="CSV/JSONL file (optionally .gz) or postgresql:// DSN")
+    p.add_argument(
+        "--audience",
+        required=True,
+        help="CSV/JSONL file (optionally .gz), postgresql:// DSN (with --query), or source:NAME (a configured source)",
+    )
     p.add_argument("--query", default=None, help="SQL query for a PostgreSQL audience")
     p.add_argument("--region", default=None, help="default region for national phone numbers (e.g. US)")
     p.add_argument("--json", action="store_true")

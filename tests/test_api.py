@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gzip
 import io
 import logging
 import time
@@ -18,10 +19,10 @@ import orjson
 import pytest
 import redis
 import redis.asyncio as aredis
-from test_api_support import Api, api_settings, running_api
+from test_api_support import PG_PASSWORD, Api, api_settings, postgres_table, running_api
 
 from dispatch import keys
-from dispatch.api import ApiLimits
+from dispatch.api import ApiLimits, origin_key
 from dispatch.api_auth import KEYS_HASH, ApiKeyStore
 from dispatch.api_openapi import OPERATIONS, response_errors
 from dispatch.api_schemas import SCHEMAS, validate
@@ -279,6 +280,129 @@ async def test_control_and_paged_messages(api: Api) -> None:
     for query in ("?limit=0", "?limit=abc", "?cursor=zz", "?page=2"):
         bad = await api.call("GET", f"/v1/campaigns/spring/messages{query}", token="read")
         assert bad.status == 422, query
+
+
+# --- configured audience sources ---------------------------------------------------------------
+
+
+def _counts(plan: dict[str, Any]) -> dict[str, Any]:
+    return {k: plan[k] for k in ("total", "accepted", "rejected", "batches")}
+
+
+async def test_create_from_a_configured_file_source_is_idempotent_per_source(
+    redis_url: str, tmp_path: Path, aredis_client: aredis.Redis, redis_client: redis.Redis
+) -> None:
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    (exports / "nightly.csv").write_bytes(_csv(ROWS))
+    (exports / "weekly.jsonl.gz").write_bytes(gzip.compress(b"\n".join(orjson.dumps(r) for r in ROWS[:50])))
+    sources = {
+        "nightly": {"kind": "file", "path": str(exports / "nightly.csv")},
+        "weekly": {"kind": "file", "path": str(exports / "weekly.jsonl.gz")},
+        "gone": {"kind": "file", "path": str(exports / "gone.csv")},
+    }
+    settings = api_settings(redis_url, tmp_path, DISPATCH_SOURCES=orjson.dumps(sources).decode())
+    async with running_api(settings, aredis_client, redis_client) as api:
+        uploaded = await api.call("POST", "/v1/campaigns", data=_multipart({**SPEC, "id": "uploaded"}, _csv(ROWS)))
+        assert uploaded.status == 201
+        from_source = {"spec": SPEC, "audience": {"source": "nightly"}}
+        first = await api.call("POST", "/v1/campaigns", json=from_source)
+        assert first.status == 201, first.body
+        assert first.headers["Location"] == "/v1/campaigns/spring"
+        plan = first.json
+        assert _counts(plan) == _counts(uploaded.json) and plan["existing"] is False
+        assert orjson.loads(redis_client.get(keys.manifest("spring")))["audience_source"] == "nightly"
+        again = await api.call("POST", "/v1/campaigns", json=from_source)
+        assert again.status == 200 and again.json == {**plan, "existing": True}
+        # another audience for the same id and spec is another request body: 409, nothing changes
+        manifest = redis_client.get(keys.manifest("spring"))
+        for other in (
+            {"json": {"spec": SPEC, "audience": {"source": "weekly"}}},
+            {"json": {"spec": SPEC, "recipients": ROWS}},
+            {"data": _multipart(SPEC, _csv(ROWS))},
+            {"json": {"spec": {**SPEC, "body": "Bye $first_name"}, "audience": {"source": "nightly"}}},
+        ):
+            conflict = await api.call("POST", "/v1/campaigns", **other)
+            assert conflict.status == 409 and conflict.json["type"].endswith("/conflict"), other
+        assert redis_client.get(keys.manifest("spring")) == manifest
+        # once the planning claim has expired the manifest alone answers
+        assert redis_client.delete(origin_key("spring")) == 1
+        assert (await api.call("POST", "/v1/campaigns", json=from_source)).status == 200
+        assert (await api.call("POST", "/v1/campaigns", json={"spec": SPEC, "recipients": ROWS})).status == 409
+        # an id planned from an upload is not answered for a source
+        upload_then_source = await api.call(
+            "POST", "/v1/campaigns", json={"spec": {**SPEC, "id": "uploaded"}, "audience": {"source": "nightly"}}
+        )
+        assert upload_then_source.status == 409 and "uploaded audience" in upload_then_source.json["detail"]
+        # gzip JSONL source
+        weekly = await api.call(
+            "POST", "/v1/campaigns", json={"spec": {**SPEC, "id": "wk"}, "audience": {"source": "weekly"}}
+        )
+        assert weekly.status == 201 and weekly.json["total"] == 50
+        # field-level problems: unknown name, bad name, both audiences, a source that cannot be read
+        unknown = await api.call(
+            "POST", "/v1/campaigns", json={"spec": {**SPEC, "id": "u"}, "audience": {"source": "crm"}}
+        )
+        assert unknown.status == 422 and unknown.json["errors"] == [
+            {
+                "field": "audience.source",
+                "reason": "no configured source named 'crm' (configured: gone, nightly, weekly)",
+            }
+        ]
+        bad = await api.call(
+            "POST",
+            "/v1/campaigns",
+            json={"spec": {**SPEC, "id": "u"}, "audience": {"source": "../etc/passwd", "path": "/x"}, "recipients": []},
+        )
+        assert bad.status == 422
+        assert {e["field"] for e in bad.json["errors"]} == {"audience.source", "audience.path", "recipients"}
+        gone = await api.call(
+            "POST", "/v1/campaigns", json={"spec": {**SPEC, "id": "g"}, "audience": {"source": "gone"}}
+        )
+        assert gone.status == 422 and gone.json["errors"][0]["field"] == "audience.source"
+        assert str(exports) not in gone.body.decode()
+        assert redis_client.exists(keys.manifest("u"), keys.manifest("g"), origin_key("g")) == 0
+    assert {(m, p) for m, p, _ in api.seen} == {("POST", "/v1/campaigns")}
+
+
+async def test_create_from_a_configured_postgres_source_never_shows_its_dsn(
+    redis_url: str,
+    tmp_path: Path,
+    aredis_client: aredis.Redis,
+    redis_client: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with postgres_table(ROWS) as (dsn, table):
+        sources = {
+            "crm": {"kind": "postgres", "dsn": dsn, "query": f"SELECT * FROM {table} ORDER BY id"},
+            "broken": {"kind": "postgres", "dsn": dsn, "query": "SELECT * FROM no_such_table_here"},
+            "down": {"kind": "postgres", "dsn": f"postgresql://reader:{PG_PASSWORD}@127.0.0.1:1/test", "query": "x"},
+        }
+        settings = api_settings(redis_url, tmp_path, DISPATCH_SOURCES=orjson.dumps(sources).decode())
+        assert PG_PASSWORD not in repr(settings)
+        async with running_api(settings, aredis_client, redis_client) as api:
+            uploaded = await api.call("POST", "/v1/campaigns", json={"spec": {**SPEC, "id": "up"}, "recipients": ROWS})
+            created = await api.call("POST", "/v1/campaigns", json={"spec": SPEC, "audience": {"source": "crm"}})
+            assert created.status == 201, created.body
+            assert _counts(created.json) == _counts(uploaded.json)
+            again = await api.call("POST", "/v1/campaigns", json={"spec": SPEC, "audience": {"source": "crm"}})
+            assert again.status == 200 and again.json == {**created.json, "existing": True}
+            down = await api.call(
+                "POST", "/v1/campaigns", json={"spec": {**SPEC, "id": "d"}, "audience": {"source": "down"}}
+            )
+            assert down.status == 503 and "source 'down'" in down.json["detail"]
+            broken = await api.call(
+                "POST", "/v1/campaigns", json={"spec": {**SPEC, "id": "b"}, "audience": {"source": "broken"}}
+            )
+            assert broken.status == 422 and broken.json["errors"][0]["field"] == "audience.source"
+            assert "no_such_table_here" in broken.json["errors"][0]["reason"]
+            replies = b"".join(r.body for r in (created, again, down, broken))
+            status = await api.call("GET", "/v1/campaigns/spring", token="read")
+            replies += status.body
+    for secret in (PG_PASSWORD, dsn, "127.0.0.1:5432"):
+        assert secret.encode() not in replies
+        assert secret not in caplog.text
 
 
 # --- suppressions ------------------------------------------------------------------------------

@@ -3,15 +3,17 @@ response against the published OpenAPI document (so each API test also keeps the
 
 from __future__ import annotations
 
+import secrets
 import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 import redis
 import redis.asyncio as aredis
 from aiohttp import web
@@ -24,7 +26,11 @@ from dispatch.config import Settings, load_settings
 from dispatch.control import EnqueueFn
 from dispatch.redisdb import with_db
 
-__all__ = ["Api", "Reply", "api_settings", "running_api"]
+__all__ = ["PG_PASSWORD", "Api", "Reply", "api_settings", "postgres_table", "running_api"]
+
+#: The password written into test DSNs (the test server trusts local connections and ignores it):
+#: it must never show up in an answer or a log line.
+PG_PASSWORD = "pw-" + secrets.token_hex(8)
 
 
 def api_settings(redis_url: str, home: Path, **extra: str) -> Settings:
@@ -146,3 +152,34 @@ async def running_api(
     finally:
         await runner.cleanup()
         await pipelined.aclose()
+
+
+@contextmanager
+def postgres_table(rows: Sequence[Mapping[str, str]]) -> Iterator[tuple[str, str]]:
+    """(DSN with a password, table name) of a real table holding ``rows`` (columns from the first
+    row, all text) on the PostgreSQL at 127.0.0.1:5432, database ``test``, as tests/test_audience.py
+    reaches it; the test is skipped when none answers. The table is dropped afterwards."""
+    psycopg = pytest.importorskip("psycopg", reason="psycopg (extra 'postgres') is not installed")
+    last: Exception | None = None
+    for user in ("postgres", "root"):
+        try:
+            conn = psycopg.connect(host="127.0.0.1", port=5432, dbname="test", user=user, connect_timeout=3)
+            break
+        except psycopg.OperationalError as exc:
+            last = exc
+    else:
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 (database 'test', trust auth): {last}")
+    table = f"dispatch_audience_{secrets.token_hex(4)}"
+    columns = list(rows[0])
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE TABLE {table} ({', '.join(f'{c} text' for c in columns)})")
+            marks = ", ".join(["%s"] * len(columns))
+            cur.executemany(f"INSERT INTO {table} VALUES ({marks})", [[row[c] for c in columns] for row in rows])
+        conn.commit()
+        yield f"postgresql://{user}:{PG_PASSWORD}@127.0.0.1:5432/test", table
+    finally:
+        conn.rollback()
+        conn.execute(f"DROP TABLE IF EXISTS {table}")
+        conn.commit()
+        conn.close()

@@ -6,6 +6,7 @@ import asyncio
 import csv
 from pathlib import Path
 
+import orjson
 import pytest
 import redis
 import redis.asyncio as aredis
@@ -64,6 +65,27 @@ async def test_client_drives_a_campaign_and_raises_problems(
         with pytest.raises(ApiError) as unauthorized:
             await asyncio.to_thread(DispatchClient(api.base, "dsp_nope").campaign, "c1")
         assert unauthorized.value.status == 401 and "not valid" in str(unauthorized.value)
+
+
+async def test_client_creates_from_a_source_configured_on_the_server(
+    redis_url: str, tmp_path: Path, aredis_client: aredis.Redis, redis_client: redis.Redis
+) -> None:
+    audience = tmp_path / "server" / "people.jsonl"
+    audience.parent.mkdir()
+    audience.write_bytes(b"\n".join(orjson.dumps(row) for row in generate_rows(40, seed=3)))
+    sources = orjson.dumps({"people": {"kind": "file", "path": str(audience)}}).decode()
+    settings = api_settings(redis_url, tmp_path, DISPATCH_SOURCES=sources)
+    async with running_api(settings, aredis_client, redis_client) as api:
+        client = DispatchClient(api.base, api.tokens["write"])
+        spec = {"id": "from-source", "channel": "sms", "body": "Hi $first_name"}
+        plan = await asyncio.to_thread(client.create_campaign, spec, source="people")
+        assert plan["total"] == 40 and plan["existing"] is False
+        assert await asyncio.to_thread(client.create_campaign, spec, source="people") == {**plan, "existing": True}
+        with pytest.raises(ApiError) as unknown:
+            await asyncio.to_thread(client.create_campaign, {**spec, "id": "other"}, source="nobody")
+        assert unknown.value.status == 422 and unknown.value.errors[0]["field"] == "audience.source"
+        with pytest.raises(ValueError, match="exactly one"):
+            client.create_campaign(spec, source="people", audience=audience)
 
 
 def test_apikey_commands_create_list_revoke(

@@ -71,3 +71,58 @@ def test_readme_documents_every_setting() -> None:
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     for env, default, _help in describe_settings():
         assert f"| `{env}` | `{default}` |" in readme, f"README's settings table lacks {env} (default {default})"
+
+
+# --- audience sources ----------------------------------------------------------------------------
+
+SECRET = "s3cr3t-pw"
+
+
+def test_sources_from_toml_tables_beside_dispatch_and_from_env_json(tmp_path: Path) -> None:
+    from dispatch.config import AudienceSources, FileSource, PostgresSource
+
+    path = tmp_path / "dispatch.toml"
+    path.write_text(
+        "[dispatch]\nbatch_size = 100\n\n"
+        f'[sources.crm]\nkind = "postgres"\ndsn = "postgresql://reader:{SECRET}@db/crm"\nquery = "select * from c"\n\n'
+        '[sources.nightly]\nkind = "file"\npath = "/data/nightly.csv.gz"\n'
+    )
+    settings = load_settings({}, config_file=path)
+    assert settings.batch_size == 100
+    assert settings.sources == AudienceSources(
+        [
+            PostgresSource(name="crm", dsn=f"postgresql://reader:{SECRET}@db/crm", query="select * from c"),
+            FileSource(name="nightly", path=Path("/data/nightly.csv.gz")),
+        ]
+    )
+    assert SECRET not in repr(settings) and "crm=postgres" in repr(settings)
+    # the env form replaces the file's sources; str() is that form (how settings reach child processes)
+    env = load_settings({"DISPATCH_SOURCES": '{"x": {"kind": "file", "path": "/x.jsonl"}}'}, config_file=path)
+    assert list(env.sources) == ["x"]
+    assert load_settings({"DISPATCH_SOURCES": str(settings.sources)}).sources == settings.sources
+    assert load_settings({}).sources == AudienceSources() and str(Settings().sources) == "{}"
+    nested = tmp_path / "nested.toml"
+    nested.write_text('[dispatch.sources.n]\nkind = "file"\npath = "/n.csv"\n')
+    assert list(load_settings({}, config_file=nested).sources) == ["n"]
+
+
+@pytest.mark.parametrize(
+    ("sources", "words"),
+    [
+        ('{"crm": {"kind": "mysql", "dsn": "x"}}', "unknown kind"),
+        ('{"crm": {"kind": "postgres", "dsn": "postgresql://u:' + SECRET + '@h/d"}}', "query missing"),
+        ('{"crm": {"kind": "postgres", "dsn": "mysql://u:' + SECRET + '@h/d", "query": "q"}}', "not a PostgreSQL DSN"),
+        ('{"crm": {"kind": "postgres", "dsn": "' + SECRET + '", "query": "q", "pass": "x"}}', "unknown key(s) pass"),
+        ('{"n": {"kind": "file", "path": "data/x.csv"}}', "relative"),
+        ('{"n": {"kind": "file", "path": "/data/x.parquet"}}', "cannot tell the format"),
+        ('{"bad name": {"kind": "file", "path": "/x.csv"}}', "invalid source name"),
+        ('{"crm": "postgresql://u:' + SECRET + '@h/d"}', "expected a table"),
+        ('{"crm": ', "not valid JSON"),
+    ],
+)
+def test_invalid_sources_name_the_source_and_never_quote_a_dsn(sources: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"DISPATCH_SOURCES": sources})
+    assert info.value.setting.startswith("DISPATCH_SOURCES")
+    assert words in str(info.value) and "Fix:" in str(info.value)
+    assert SECRET not in str(info.value)
