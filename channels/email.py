@@ -14,7 +14,10 @@ Per recipient (one personalization each):
   replaced) and ``List-Unsubscribe-Post: List-Unsubscribe=One-Click`` (RFC 8058).
 
 Messages of one batch that share a body (and so content) go in one request; distinct bodies go in
-separate requests (content is per request in SendGrid).
+separate requests (content is per request in SendGrid). :meth:`SendGridEmail.substitution_template`
+turns a campaign's ``string.Template`` body into one body with substitution tags and per-recipient
+``substitutions`` (:class:`Substitution`), so a batch personalized by name is still one request
+and the engine does not render 1,000 bodies.
 
 Results: 202 -> every message ``Sent`` with provider id ``<X-Message-Id>:<ref>``; 429 -> every
 message ``Retryable`` with ``retry_after`` from ``Retry-After`` or ``X-RateLimit-Reset``; 5xx and
@@ -32,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import string
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -44,7 +48,7 @@ from channels._http import json_or_none, parse_retry_after, retryable_from, tran
 from channels.base import Channel, Message, Permanent, Result, Retryable, Sent
 from channels.errors import ChannelConfigError, PermanentProviderError, RetryableProviderError
 
-__all__ = ["MAX_PERSONALIZATIONS", "SendGridConfig", "SendGridEmail"]
+__all__ = ["MAX_PERSONALIZATIONS", "SendGridConfig", "SendGridEmail", "Substitution", "compile_substitution"]
 
 #: SendGrid's per-request limit on personalizations (and on recipients in total).
 MAX_PERSONALIZATIONS: Final = 1000
@@ -84,6 +88,50 @@ class SendGridConfig:
             raise ChannelConfigError("SendGridConfig.timeout_s must be positive")
 
 
+@dataclass(frozen=True, slots=True)
+class Substitution:
+    """A ``string.Template`` body as SendGrid legacy substitutions: one body with a tag where each
+    placeholder was, and each recipient's value per tag. What SendGrid sends a recipient is then
+    exactly ``Template(body).safe_substitute(attributes)`` (an unknown name keeps its placeholder).
+    """
+
+    body: str
+    #: (tag, attribute name, placeholder text kept when the recipient has no such attribute)
+    tags: tuple[tuple[str, str, str], ...]
+
+    def values(self, attributes: Mapping[str, str] | None) -> dict[str, str]:
+        """One recipient's ``substitutions``."""
+        if not attributes:
+            return {tag: kept for tag, _, kept in self.tags}
+        return {tag: str(attributes[name]) if name in attributes else kept for tag, name, kept in self.tags}
+
+
+def compile_substitution(template: str) -> Substitution | None:
+    """``template`` (``string.Template`` syntax) as substitution tags, or ``None`` when that would
+    not give the same text: ``$$`` or a stray ``$`` (rendered differently without attributes), or a
+    tag that also occurs in the template's own text."""
+    pieces: list[str] = []
+    tags: dict[str, tuple[str, str]] = {}
+    placed: dict[str, int] = {}
+    position = 0
+    for match in string.Template.pattern.finditer(template):
+        named, braced = match.group("named"), match.group("braced")
+        name = named or braced
+        if name is None:  # "$$" or an ill-formed "$"
+            return None
+        tag = f"-{name}-" if named else f"-{{{name}}}-"
+        pieces.append(template[position : match.start()])
+        pieces.append(tag)
+        tags[tag] = (name, match.group(0))
+        placed[tag] = placed.get(tag, 0) + 1
+        position = match.end()
+    pieces.append(template[position:])
+    body = "".join(pieces)
+    if any(body.count(tag) != count for tag, count in placed.items()):
+        return None
+    return Substitution(body, tuple((tag, name, kept) for tag, (name, kept) in tags.items()))
+
+
 class SendGridEmail(Channel):
     """SendGrid v3 mail send: up to 1,000 recipients per request."""
 
@@ -103,6 +151,14 @@ class SendGridEmail(Channel):
     @property
     def config(self) -> SendGridConfig:
         return self._config
+
+    def substitution_template(self, template: str) -> Substitution | None:
+        """The campaign body as substitutions (see :func:`compile_substitution`); ``None`` with a
+        dynamic template (attributes are ``dynamic_template_data`` there) or when the body cannot
+        be expressed with tags: the caller then renders each body itself."""
+        if self._config.template_id:
+            return None
+        return compile_substitution(template)
 
     async def send(self, messages: Sequence[Message]) -> list[Result]:
         # Content is per request: one group per distinct body (a template ignores bodies).

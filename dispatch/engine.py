@@ -22,13 +22,14 @@ import string
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 import orjson
 import redis.asyncio as aredis
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, wait_random_exponential
 
 from channels.base import Channel, Message, Permanent, Result, Retryable, Sent
+from channels.email import Substitution
 from channels.errors import PermanentProviderError, RetryableProviderError
 from dispatch import keys
 from dispatch.control import CONTROL_TTL_S
@@ -58,6 +59,7 @@ __all__ = [
     "SendContext",
     "SendStep",
     "Step",
+    "SubstitutingChannel",
     "SuppressionFilter",
     "build_chain",
     "chunk_size",
@@ -112,6 +114,15 @@ class SendContext:
     retries: int = 0
     long_wait: float = 0.0
     stopped: str | None = None  # "paused" / "cancelled" once seen mid-batch
+    #: The body as provider-side substitutions (batch channels that offer it): not rendered here.
+    substitution: Substitution | None = None
+
+
+@runtime_checkable
+class SubstitutingChannel(Protocol):
+    """A channel that personalizes one body per request itself (SendGrid substitutions)."""
+
+    def substitution_template(self, template: str) -> Substitution | None: ...
 
 
 Next = Callable[[SendContext, list[Item]], Awaitable[None]]
@@ -180,8 +191,27 @@ def idempotency_key(campaign_id: str, recipient_id: str, channel: str) -> str:
 
 
 async def render_step(ctx: SendContext, items: list[Item], nxt: Next) -> None:
-    """Render each recipient's message (string.Template: names only, no code, no attributes)."""
+    """Render each recipient's message (string.Template: names only, no code, no attributes).
+
+    With ``ctx.substitution`` the body stays one template and each message carries its values
+    instead: the provider renders, the same text for every recipient as ``safe_substitute``.
+    """
     subject = ctx.manifest.get("subject")
+    substitution = ctx.substitution
+    if substitution is not None:
+        body = substitution.body
+        channel = ctx.channel.name
+        for item in items:
+            item.message = Message(
+                ref=make_ref(ctx.campaign_id, ctx.batch, item.index),
+                address=item.address,
+                body=body,
+                subject=subject,
+                idempotency_key=idempotency_key(ctx.campaign_id, item.recipient_id, channel),
+                attributes=substitution.values(item.attrs),
+            )
+        await nxt(ctx, items)
+        return
     for item in items:
         body = ctx.template.safe_substitute(item.attrs) if item.attrs else ctx.template.template
         item.message = Message(
@@ -475,6 +505,8 @@ class Engine:
             manifest=manifest,
             template=string.Template(manifest["body"]),
         )
+        if grouped and isinstance(channel, SubstitutingChannel):
+            ctx.substitution = channel.substitution_template(manifest["body"])
         for batch_filter in self._filters:
             open_items = [item for item in items if item.outcome is None]
             if open_items:

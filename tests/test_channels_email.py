@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -10,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from channels.base import Message, Permanent, Retryable, Sent
-from channels.email import SendGridConfig, SendGridEmail
+from channels.email import SendGridConfig, SendGridEmail, compile_substitution
 from channels.errors import ChannelConfigError, PermanentProviderError
 from loadtest.mock_provider import FaultMix, MockConfig, MockProvider
 from loadtest.mock_recorder import Recorded, RecordingServer
@@ -212,3 +213,50 @@ async def test_413_splits_the_request(session: aiohttp.ClientSession) -> None:
 def test_config_requires_unsubscribe() -> None:
     with pytest.raises(ChannelConfigError, match="List-Unsubscribe"):
         SendGridConfig(base_url="http://x", api_key=KEY, from_email="a@example.test")
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "Hi $first_name, this is a test.",
+        "Hi ${first_name}! $first_name again, $city${first_name}x",
+        "No placeholders at all",
+        "Unknown $nobody stays",
+        "$a$b",
+    ],
+)
+@pytest.mark.parametrize("attributes", [None, {}, {"first_name": "Ada"}, {"first_name": "Ada", "city": "-a-"}])
+def test_substitution_gives_the_text_safe_substitute_gives(template: str, attributes: dict[str, str] | None) -> None:
+    compiled = compile_substitution(template)
+    assert compiled is not None
+    text = compiled.body
+    for tag, value in compiled.values(attributes).items():  # what SendGrid does with the tags
+        text = text.replace(tag, value)
+    expected = string.Template(template).safe_substitute(attributes) if attributes else template
+    assert text == expected
+
+
+@pytest.mark.parametrize("template", ["Price $$5", "A stray $ sign", "Literal -first_name- and $first_name"])
+def test_substitution_refuses_what_tags_cannot_express(template: str) -> None:
+    assert compile_substitution(template) is None
+
+
+async def test_substituted_batch_is_one_request(email: EmailFactory, mock: MockProvider) -> None:
+    channel = email()
+    compiled = channel.substitution_template("Hi $name")
+    assert compiled is not None
+    batch = [
+        Message(
+            ref=f"c9:b1:{i}",
+            address=f"user{i}@example.test",
+            body=compiled.body,
+            idempotency_key=f"k{i}",
+            attributes=compiled.values({"name": f"User {i}"}),
+        )
+        for i in range(30)
+    ]
+    results = await channel.send(batch)
+    assert all(isinstance(r, Sent) for r in results)
+    assert len({r.provider_id.split(":")[0] for r in results if isinstance(r, Sent)}) == 1  # one request
+    assert mock.ledger.accepted == 30
+    assert email(template_id="d-1").substitution_template("Hi $name") is None

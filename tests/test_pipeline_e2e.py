@@ -102,6 +102,48 @@ def test_sigkilled_worker_batch_is_finished_by_another_without_double_send(setti
     assert stats["duplicates"] == 0  # nothing sent twice
 
 
+def test_sigkilled_email_worker_group_is_reclaimed_and_counted_once(settings: Settings) -> None:
+    """A worker killed with batch requests out: its groups are reclaimed by the other worker.
+
+    The endpoint here is declared not to honour Idempotency-Key, so a reclaimed in-flight group
+    is dead-lettered (``inflight_unknown``) and never resent: every recipient ends sent or dead-
+    lettered, counted once, and nobody gets the email twice. (Resending with the same key where
+    it is honoured is tested in-process in test_tracking_groups.py: the SendGrid twin does not
+    keep its body-less 202 answers for replays.)
+    """
+    slow = replace(settings, send_concurrency=10, worker_threads=1, batch_size=50, email_honours_idempotency=False)
+    rows = [{"id": f"k{i}", "email": f"user{i}@example.com", "first_name": "Ada"} for i in range(3000)]
+    with LocalCluster(slow, workers=2, mock_args=["--faults", '{"latency_ms": 150}']) as cluster:
+        assert cluster.target is not None
+        client = redis.Redis.from_url(cluster.target.app_url)
+        broker = build_broker(slow, cluster.target.broker_url)
+        spec = CampaignSpec(id="e2e-kill-email", channel="email", body="Hello $first_name", subject="Hi")
+        plan = Planner(client, slow).plan(spec, rows)
+        control = CampaignControl(client, lambda cid, n, d: enqueue_batch(broker, cid, n, d))
+        control.start("e2e-kill-email")
+        deadline = time.monotonic() + 30
+        while control.status("e2e-kill-email").counters["sent"] < 300 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        victim = cluster.worker_processes[0]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        sent_at_kill = control.status("e2e-kill-email").counters["sent"]
+        assert 0 < sent_at_kill < plan.accepted, "the kill must land mid-campaign"
+        deadline = time.monotonic() + 90
+        while not control.status("e2e-kill-email").complete and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status = control.status("e2e-kill-email")
+        stats = cluster.mock_stats()
+        broker.close()
+        client.close()
+    counters = status.counters
+    assert status.complete, status.as_dict()
+    assert counters["sent"] + counters["dead_letters"] == plan.accepted  # nothing lost, each counted once
+    assert counters["failed"] == counters["dead_letters"]
+    assert counters["sent"] <= stats["accepted"] <= plan.accepted
+    assert stats["duplicates"] == 0  # a reclaimed in-flight group is never resent here
+
+
 def test_rate_limit_pause_and_resume_across_workers(settings: Settings) -> None:
     limited = replace(settings, sms_rate=300.0)
     with LocalCluster(limited, workers=2) as cluster:
