@@ -38,15 +38,18 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import heapq
 import os
+import pickle
+import struct
 import tempfile
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from itertools import chain, islice, repeat
+from itertools import chain, islice
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -71,6 +74,7 @@ from dispatch.checks import (
     require_fresh_source,
 )
 from dispatch.config import Settings
+from dispatch.dedup import DEDUP_MEMORY_BYTES, Candidates, Dedup, FingerprintSet
 from dispatch.errors import PlanError
 from dispatch.frequency import FrequencyCap, FrequencyStore
 from dispatch.planner_csv import CHUNK_ROWS, Chunk, RowScanner, ScanConfig, scan_csv_file
@@ -85,6 +89,10 @@ __all__ = ["FingerprintSet", "PlanReport", "Planner", "read_csv_rows"]
 PROVIDER_BATCH_LIMITS = {"email": 1000}
 #: Addresses per suppression / frequency-cap round trip.
 CHECK_CHUNK: Final = 1_000
+#: Rejections per piece of a rejection run (a merge of runs holds one piece of each in memory).
+_RUN_PIECE: Final = 512
+#: Manifest fields a plan report carries beside the counts.
+_REPORT_EXTRA: Final = ("schedule", "watermark", "policy", "expires_at", "config_hash", "dedup")
 #: Distinct rendered bodies whose SMS segment count is remembered.
 _SEGMENT_CACHE: Final = 65_536
 
@@ -136,93 +144,7 @@ def as_audience(rows: Iterable[AudienceRow | Mapping[str, Any]]) -> Iterator[Aud
         return
 
 
-class FingerprintSet:
-    """An exact set of 64-bit fingerprints in open-addressed ``array('Q')`` shards.
-
-    About 11-21 bytes per member (load factor 0.375-0.75), against ~70 for a Python ``set`` of
-    8-byte ``bytes``: 10 million distinct addresses fit in ~150 MiB. Shards grow one at a time,
-    so a resize never needs more than 1/64 of the memory on top. Two addresses share a
-    fingerprint with probability ~n^2/2^64 (a few in a million for 10 million): the cost of
-    such a collision is one recipient wrongly counted as a duplicate.
-    """
-
-    _SHARD_BITS: Final = 6
-
-    def __init__(self) -> None:
-        shards = 1 << self._SHARD_BITS
-        self._tables = [array("Q", [0]) * 1024 for _ in range(shards)]
-        self._counts = [0] * shards
-        self.size = 0
-
-    def add(self, fingerprint: int) -> bool:
-        """Add a 64-bit value; False when it was already there."""
-        fp = fingerprint | 1  # 0 marks an empty slot
-        shard = fp >> (64 - self._SHARD_BITS)
-        table = self._tables[shard]
-        mask = len(table) - 1
-        i = (fp >> 1) & mask
-        while True:
-            value = table[i]
-            if value == 0:
-                break
-            if value == fp:
-                return False
-            i = (i + 1) & mask
-        table[i] = fp
-        count = self._counts[shard] + 1
-        self._counts[shard] = count
-        self.size += 1
-        if count * 4 > len(table) * 3:
-            self._grow(shard)
-        return True
-
-    def add_all(self, values: Iterable[int]) -> bytearray:
-        """:meth:`add` for each value in order; a flag per value (1: new, 0: already there)."""
-        out = bytearray()
-        flag = out.append
-        tables, counts, bits = self._tables, self._counts, 64 - self._SHARD_BITS
-        added = 0
-        for value in values:
-            fp = value | 1
-            shard = fp >> bits
-            table = tables[shard]
-            mask = len(table) - 1
-            i = (fp >> 1) & mask
-            while True:
-                slot = table[i]
-                if slot == 0:
-                    break
-                if slot == fp:
-                    break
-                i = (i + 1) & mask
-            if slot == fp:
-                flag(0)
-                continue
-            table[i] = fp
-            flag(1)
-            added += 1
-            count = counts[shard] + 1
-            counts[shard] = count
-            if count * 4 > len(table) * 3:
-                self._grow(shard)
-        self.size += added
-        return out
-
-    def _grow(self, shard: int) -> None:
-        old = self._tables[shard]
-        table = array("Q", [0]) * (len(old) * 2)
-        mask = len(table) - 1
-        for fp in old:
-            if fp:
-                i = (fp >> 1) & mask
-                while table[i]:
-                    i = (i + 1) & mask
-                table[i] = fp
-        self._tables[shard] = table
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.itemsize * len(t) for t in self._tables)
+Rejection = tuple[int, str, str, str]  # (row, recipient id, field, reason)
 
 
 class _Rejects:
@@ -230,28 +152,67 @@ class _Rejects:
 
     def __init__(self, handle: IO[str]) -> None:
         self.counts: Counter[str] = Counter()
-        self._write = csv.writer(handle).writerow
+        writer = csv.writer(handle)
+        self._write, self._write_many = writer.writerow, writer.writerows
         self._write(["row", "recipient_id", "field", "reason"])
-
-        self._write_many = csv.writer(handle).writerows
 
     def add(self, row: int, rid: str, field_name: str, reason: str) -> None:
         self.counts[reason] += 1
         self._write([row, rid, field_name, reason])
 
-    def add_many(self, rows: list[tuple[int, str, str, str]]) -> None:
-        """Rejections as (row, recipient id, field, reason) tuples, written in the given order."""
+    def add_many(self, rows: list[Rejection]) -> None:
+        """Rejections written in the given order."""
         self.counts.update(row[3] for row in rows)
         self._write_many(rows)
+
+    def add_merged(self, runs: list[_RejectRun]) -> None:
+        """The rows of ``runs`` (each in row order) merged into one row order."""
+        for run in runs:
+            self.counts.update(run.counts)
+        merged: Iterator[Rejection] = heapq.merge(*(run.read() for run in runs), key=_row_of)
+        self._write_many(merged)
+
+
+def _row_of(rejection: Rejection) -> int:
+    return rejection[0]
+
+
+class _RejectRun:
+    """Rejections in row order kept in a temporary file until they are merged."""
+
+    def __init__(self, spill_dir: Path) -> None:
+        self.counts: Counter[str] = Counter()
+        self._file = tempfile.TemporaryFile(dir=spill_dir, prefix="plan-rejects-")  # noqa: SIM115
+
+    def add_many(self, rows: list[Rejection]) -> None:
+        self.counts.update(row[3] for row in rows)
+        for start in range(0, len(rows), _RUN_PIECE):  # a merge holds one piece per run
+            pickle.dump(rows[start : start + _RUN_PIECE], self._file, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def read(self) -> Iterator[Rejection]:
+        self._file.seek(0)
+        while True:
+            try:
+                rows: list[Rejection] = pickle.load(self._file)
+            except EOFError:
+                return
+            yield from rows
+
+    def close(self) -> None:
+        self._file.close()
 
 
 class _Schedule:
     """Accepted recipients grouped into batches by ``not_before``, written in time order.
 
-    Rows arrive encoded, without their closing bracket (see ``dispatch.planner_csv.Chunk``). Batches due at ``now`` (the
-    earliest possible instant) go to the snapshot as they fill; batches for later instants are
-    spilled to a temporary file and written after them.
+    Rows arrive encoded, without their closing bracket (see ``dispatch.planner_csv.Chunk``).
+    Batches due at ``now`` (the earliest possible instant) go to the snapshot as they fill;
+    batches for later instants are spilled to a temporary file (length and size header, then the
+    batch) and written after them. Memory: one partial batch per distinct instant and 8 bytes per
+    spilled batch; :attr:`runs` holds one entry per instant, whatever the audience size.
     """
+
+    _HEADER: Final = struct.Struct("<qq")  # (length, recipients)
 
     def __init__(self, writer: SnapshotWriter, now: float, size: int, spill_dir: Path) -> None:
         self._writer = writer
@@ -259,9 +220,10 @@ class _Schedule:
         self._size = size
         self._spill_dir = spill_dir
         self._spill: IO[bytes] | None = None
-        self._spilled: list[tuple[float, int, int, int]] = []  # (not_before, offset, length, n)
+        self._spilled: dict[float, array[int]] = {}  # not_before -> offsets of its batches
         self._pending: dict[float, list[bytes]] = {}
-        self.batches: list[tuple[float, int]] = []  # (not_before, n) in batch-number order
+        #: [not_before, recipients, batches] per run of batches at one instant, in batch-number order.
+        self.runs: list[list[float]] = []
 
     def add(self, not_before: float, row: Row) -> None:
         self.add_encoded(not_before, orjson.dumps(row)[:-1])
@@ -278,14 +240,26 @@ class _Schedule:
     def _emit(self, not_before: float, rows: list[bytes]) -> None:
         data = b"[" + b"],".join(rows) + b"]]"
         if not_before <= self._now:
-            self._writer.add_encoded(not_before, data)
-            self.batches.append((not_before, len(rows)))
+            self._write(not_before, data, len(rows))
             return
         if self._spill is None:
             self._spill = tempfile.TemporaryFile(dir=self._spill_dir, prefix="plan-spill-")  # noqa: SIM115
         offset = self._spill.seek(0, os.SEEK_END)
+        self._spill.write(self._HEADER.pack(len(data), len(rows)))
         self._spill.write(data)
-        self._spilled.append((not_before, offset, len(data), len(rows)))
+        offsets = self._spilled.get(not_before)
+        if offsets is None:
+            offsets = self._spilled[not_before] = array("q")
+        offsets.append(offset)
+
+    def _write(self, not_before: float, data: bytes, n: int) -> None:
+        self._writer.add_encoded(not_before, data)
+        runs = self.runs
+        if runs and runs[-1][0] == not_before:
+            runs[-1][1] += n
+            runs[-1][2] += 1
+        else:
+            runs.append([not_before, n, 1])
 
     def finish(self) -> None:
         for not_before in sorted(self._pending):
@@ -293,10 +267,12 @@ class _Schedule:
             self._emit(not_before, rows)
         spill = self._spill
         if spill is not None:
-            for not_before, offset, length, n in sorted(self._spilled, key=lambda s: (s[0], s[1])):
-                spill.seek(offset)
-                self._writer.add_encoded(not_before, spill.read(length))
-                self.batches.append((not_before, n))
+            header = self._HEADER
+            for not_before in sorted(self._spilled):
+                for offset in self._spilled.pop(not_before):
+                    spill.seek(offset)
+                    length, n = header.unpack(spill.read(header.size))
+                    self._write(not_before, spill.read(length), n)
             spill.close()
         self._writer.flush()
 
@@ -342,8 +318,10 @@ class Planner:
         suppression: SuppressionStore | None = None,
         frequency: FrequencyStore | None = None,
         clock: Callable[[], float] = time.time,
+        dedup_memory_bytes: int = DEDUP_MEMORY_BYTES,
     ) -> None:
         self._client = client
+        self._dedup_memory = dedup_memory_bytes
         self._settings = settings
         self._region = default_region
         self._validator = AddressValidator(default_region)
@@ -380,6 +358,7 @@ class Planner:
         frequency_cap: FrequencyCap | None = None,
         hasher: AddressHasher | None = None,
         default_region: str | None = None,
+        dedup_memory_bytes: int = DEDUP_MEMORY_BYTES,
     ) -> Planner:
         """A planner that checks the suppression lists (default key prefix) and, when given,
         the frequency cap at plan time."""
@@ -387,6 +366,7 @@ class Planner:
             client,
             settings,
             default_region=default_region,
+            dedup_memory_bytes=dedup_memory_bytes,
             frequency_cap=frequency_cap,
             hasher=hasher,
             suppression=SuppressionStore(client, hasher=hasher),
@@ -506,7 +486,9 @@ class Planner:
         try:
             with rejected_path.open("w", newline="", encoding="utf-8") as handle:
                 rejects = _Rejects(handle)
-                total, accepted, cost_units, unseen = self._merge(spec, source(config), rejects, schedule, started)
+                total, accepted, cost_units, unseen, deferred = self._merge(
+                    spec, source(config), rejects, schedule, started, spill_dir=plans_dir
+                )
                 if unseen:
                     raise PlanError(
                         f"campaign {spec.id}: the body uses ${', $'.join(sorted(unseen))} but no recipient row "
@@ -520,7 +502,7 @@ class Planner:
 
         deadline = spec.deadline.timestamp() if spec.deadline else None
         prediction = predict(
-            schedule=schedule.batches,
+            schedule=[(run[0], int(run[1])) for run in schedule.runs],
             cost_units=cost_units,
             capacity=self.capacity(spec),
             start=started,
@@ -552,7 +534,8 @@ class Planner:
                 "frequency_cap": {"limit": cap.limit, "window_s": cap.window.total_seconds()} if cap else None,
             },
             "config_hash": _config_hash(self._settings, size, cap, self._region),
-            "schedule": _schedule_summary(schedule.batches),
+            "schedule": _schedule_summary(schedule.runs),
+            "dedup": {"memory_bytes": self._dedup_memory, "spilled": deferred > 0, "deferred_rows": deferred},
             "expires_at": expires_at,
             "prediction": prediction.as_dict(),
             "rejected_file": str(rejected_path),
@@ -572,60 +555,53 @@ class Planner:
         rejects: _Rejects,
         schedule: _Schedule,
         started: float,
-    ) -> tuple[int, int, int, set[str]]:
+        *,
+        spill_dir: Path,
+    ) -> tuple[int, int, int, set[str], int]:
         """Steps 6-8 over scanned chunks in row order; returns (total, accepted, cost units,
-        template fields never seen). ``chunks`` yields (row offset, chunk)."""
-        channel = spec.channel
-        field_name = ADDRESS_FIELD[channel]
-        unseen = set(spec.template_fields)
-        seen = FingerprintSet()
-        duplicate, suppressed = str(Reason.DUPLICATE), str(Reason.SUPPRESSED)
-        frequency_capped = str(Reason.FREQUENCY_CAPPED)
-        total = accepted = cost_units = 0
-        add_encoded = schedule.add_encoded
-        for base, chunk in chunks:
-            total += chunk.total
-            rows, ids, encoded, hashes = chunk.rows, chunk.ids, chunk.encoded, chunk.hashes
-            refused = [(base + r[0], r[1], r[2], r[3]) for r in chunk.rejects] if base else chunk.rejects
-            fresh = seen.add_all(chunk.fingerprints)
-            keep = [i for i, new in enumerate(fresh) if new]
-            if len(keep) != len(fresh):
-                refused.extend(
-                    (base + rows[i], ids[i], field_name, duplicate) for i, new in enumerate(fresh) if not new
-                )
-            if unseen:
-                for i in keep:
-                    attrs = orjson.loads(encoded[i] + b"]")[2]
-                    unseen.difference_update([k for k in unseen if attrs.get(k)])
-                    if not unseen:
-                        break
-            not_before, cost = chunk.not_before, chunk.cost
-            for start in range(0, len(keep), CHECK_CHUNK):
-                window = keep[start : start + CHECK_CHUNK]
-                digests = [hashes[16 * i : 16 * i + 16] for i in window]
-                blocked = (
-                    self._suppression.contains_hashes(channel, digests)
-                    if self._suppression is not None
-                    else repeat(False)
-                )
-                capped = (
-                    self._frequency.capped_hashes(channel, digests, now=started)
-                    if self._frequency is not None
-                    else repeat(False)
-                )
-                for i, is_blocked, is_capped in zip(window, blocked, capped):  # noqa: B905 - repeat() is endless
-                    if is_blocked:
-                        refused.append((base + rows[i], ids[i], field_name, suppressed))
-                    elif is_capped:
-                        refused.append((base + rows[i], ids[i], field_name, frequency_capped))
-                    else:
-                        accepted += 1
-                        cost_units += cost[i]
-                        add_encoded(not_before[i], encoded[i])
-            if refused:
-                refused.sort()
-                rejects.add_many(refused)
-        return total, accepted, cost_units, unseen if seen.size else set()
+        template fields never seen, candidates deferred by the dedup's spill). ``chunks`` yields
+        (row offset, chunk).
+
+        Until the dedup spills (``dispatch.dedup``), each chunk is decided as it comes and its
+        rejections written in row order. After, each chunk's candidates get their suppression and
+        frequency-cap verdicts at once (while the scan goes on) and wait in the dedup's
+        partitions, to be decided partition by partition; rejections go to runs in row order,
+        merged into the rejected file at the end (which stays in row order)."""
+        admit = _Admission(self, spec, schedule, started)
+        dedup = Dedup(spill_dir, memory_bytes=self._dedup_memory)
+        total = 0
+        runs: list[_RejectRun] = []
+        try:
+            for base, chunk in chunks:
+                total += chunk.total
+                refused = [(base + r[0], r[1], r[2], r[3]) for r in chunk.rejects] if base else chunk.rejects
+                candidates = _candidates(chunk, base)
+                if dedup.spilled:
+                    runs[0].add_many(refused)
+                    dedup.defer(candidates, admit.verdicts(candidates.hashes, range(len(candidates.rows))))
+                    continue
+                admit(candidates, dedup.add_all(candidates.fingerprints), refused)
+                if refused:
+                    refused.sort()
+                    rejects.add_many(refused)
+                if dedup.check_budget():
+                    runs.append(_RejectRun(spill_dir))
+            for seen, blocks in dedup.partitions():
+                run = _RejectRun(spill_dir)
+                runs.append(run)
+                for block, verdicts in blocks:
+                    refused = []
+                    admit(block, seen.add_all(block.fingerprints), refused, verdicts)
+                    refused.sort()
+                    run.add_many(refused)
+            if runs:
+                rejects.add_merged(runs)
+        finally:
+            dedup.close()
+            for run in runs:
+                run.close()
+        unseen = admit.unseen if dedup.size else set()
+        return total, admit.accepted, admit.cost_units, unseen, dedup.deferred
 
     def _cost(self, body: str) -> int:
         cached = self._segments.get(body)
@@ -646,18 +622,97 @@ class Planner:
             prediction=manifest["prediction"],
             rejected_file=manifest.get("rejected_file"),
             existing=existing,
-            extra={k: manifest.get(k) for k in ("schedule", "watermark", "policy", "expires_at", "config_hash")},
+            extra={k: manifest.get(k) for k in _REPORT_EXTRA},
         )
 
     def manifest(self, campaign_id: str) -> dict[str, Any]:
         return load_manifest(self._client, campaign_id)
 
 
-def _schedule_summary(batches: list[tuple[float, int]]) -> list[dict[str, float | int]]:
+def _candidates(chunk: Chunk, base: int) -> Candidates:
+    rows = [base + r for r in chunk.rows] if base else chunk.rows
+    return Candidates(rows, chunk.ids, chunk.encoded, chunk.hashes, chunk.fingerprints, chunk.not_before, chunk.cost)
+
+
+class _Admission:
+    """Steps 6-8 for candidates whose dedup flags are known: duplicates, then suppression and
+    the frequency cap (:meth:`verdicts`, in :data:`CHECK_CHUNK` round trips); accepted rows go to
+    the schedule."""
+
+    CLEAR, SUPPRESSED, CAPPED = 0, 1, 2
+
+    def __init__(self, planner: Planner, spec: CampaignSpec, schedule: _Schedule, started: float) -> None:
+        self._channel = spec.channel
+        self._field = ADDRESS_FIELD[spec.channel]
+        self._suppression = planner._suppression
+        self._frequency = planner._frequency
+        self._add = schedule.add_encoded
+        self._started = started
+        self.unseen = set(spec.template_fields)
+        self.accepted = 0
+        self.cost_units = 0
+
+    def verdicts(self, hashes: bytes, indices: Sequence[int]) -> bytearray:
+        """Per candidate (indexed like ``hashes``; only ``indices`` are looked up, the others
+        stay :attr:`CLEAR`): :attr:`SUPPRESSED`, :attr:`CAPPED` or :attr:`CLEAR`."""
+        out = bytearray(len(hashes) // 16)
+        if self._suppression is None and self._frequency is None:
+            return out
+        channel = self._channel
+        for start in range(0, len(indices), CHECK_CHUNK):
+            window = indices[start : start + CHECK_CHUNK]
+            digests = [hashes[16 * i : 16 * i + 16] for i in window]
+            if self._frequency is not None:
+                capped = self._frequency.capped_hashes(channel, digests, now=self._started)
+                for i, is_capped in zip(window, capped, strict=True):
+                    if is_capped:
+                        out[i] = self.CAPPED
+            if self._suppression is not None:
+                blocked = self._suppression.contains_hashes(channel, digests)
+                for i, is_blocked in zip(window, blocked, strict=True):
+                    if is_blocked:
+                        out[i] = self.SUPPRESSED
+        return out
+
+    def __call__(
+        self, c: Candidates, fresh: bytearray, refused: list[Rejection], verdicts: bytes | bytearray | None = None
+    ) -> None:
+        """Decide candidates: duplicates (``fresh`` flag 0) and suppressed or capped ones
+        (``verdicts``, looked up here when not given) are refused, the rest scheduled."""
+        rows, ids, encoded, field_name = c.rows, c.ids, c.encoded, self._field
+        keep = [i for i, new in enumerate(fresh) if new]
+        if len(keep) != len(fresh):
+            duplicate = str(Reason.DUPLICATE)
+            refused.extend((rows[i], ids[i], field_name, duplicate) for i, new in enumerate(fresh) if not new)
+        unseen = self.unseen
+        if unseen:
+            for i in keep:
+                attrs = orjson.loads(encoded[i] + b"]")[2]
+                unseen.difference_update([k for k in unseen if attrs.get(k)])
+                if not unseen:
+                    break
+        if verdicts is None:
+            verdicts = self.verdicts(c.hashes, keep)
+        reasons = {self.SUPPRESSED: str(Reason.SUPPRESSED), self.CAPPED: str(Reason.FREQUENCY_CAPPED)}
+        not_before, cost, add = c.not_before, c.cost, self._add
+        accepted = cost_units = 0
+        for i in keep:
+            verdict = verdicts[i]
+            if verdict:
+                refused.append((rows[i], ids[i], field_name, reasons[verdict]))
+            else:
+                accepted += 1
+                cost_units += cost[i]
+                add(not_before[i], encoded[i])
+        self.accepted += accepted
+        self.cost_units += cost_units
+
+
+def _schedule_summary(runs: list[list[float]]) -> list[dict[str, float | int]]:
     """Recipients and batches per distinct not-before instant, in time order."""
     groups: dict[float, list[int]] = {}
-    for not_before, n in batches:
+    for not_before, n, count in runs:
         group = groups.setdefault(not_before, [0, 0])
-        group[0] += n
-        group[1] += 1
+        group[0] += int(n)
+        group[1] += int(count)
     return [{"not_before": nb, "recipients": g[0], "batches": g[1]} for nb, g in sorted(groups.items())]
