@@ -7,7 +7,8 @@ The tree::
     ├── RedisSetupError        the Redis/Valkey server cannot be used as configured
     │   └── EvictionPolicyError  the server may evict keys (maxmemory-policy is not noeviction)
     ├── AudienceError          the audience source cannot be read at all (per-row problems are
-    │                          rejections, never exceptions)
+    │   │                      rejections, never exceptions)
+    │   └── SourceUnavailable  (dispatch.sources) a configured source's database cannot be reached
     ├── PlanError              a campaign cannot be planned (stale source, bad template, ...)
     ├── CampaignNotFound       no campaign with that id
     ├── CampaignStateError     the operation does not fit the campaign's state

@@ -6,6 +6,7 @@ Scale out by starting more of these, on any machine that reaches the same Redis.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -71,6 +72,9 @@ def declare_actor(broker: RedisBroker, runtime: WorkerRuntime) -> dramatiq.Actor
 
 def run_worker(settings: Settings, *, threads: int | None = None, metrics_port: int | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
+    if settings.worker_nice > os.getpriority(os.PRIO_PROCESS, 0):
+        # throughput-bound: leave the CPU to latency-bound neighbours (the API) when they need it
+        os.setpriority(os.PRIO_PROCESS, 0, settings.worker_nice)
     target = resolve_redis(settings)
     broker = build_broker(settings, target.broker_url)
     runtime = WorkerRuntime(

@@ -12,8 +12,8 @@ as its own process, then measures, each phase at ``--rate`` requests/s for ``--s
 Open loop: request *i* is due at ``start + i / rate`` whatever happened before, and its latency is
 measured from that due time, so a stalled server shows up as latency instead of as fewer requests
 (no coordinated omission). ``--worker-nice 10`` runs the workers at a lower CPU priority than the
-API (the deployment choice for a latency-bound API sharing cores with throughput-bound workers).
-Each phase also prints the server process's CPU per request (from
+API (the ``worker_nice`` setting: the deployment choice for a latency-bound API sharing cores with
+throughput-bound workers). Each phase also prints the server process's CPU per request (from
 /proc). ``--profile DIR`` samples the server with py-spy (``--gil``) during the idle phase and prints
 its hot spots. At the end the bench waits for the workers to hand every queued triggered message to
 the mock (a check that micro-batches are sealed, enqueued and sent once) and prints the load
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "--worker-nice",
         type=int,
         default=0,
-        help="renice the worker processes (e.g. 10: the API, latency-bound, wins the CPU over campaign sending)",
+        help="DISPATCH_WORKER_NICE of the workers (e.g. 10: the API, latency-bound, wins the CPU over sending)",
     )
     parser.add_argument(
         "--mock-nice",
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain", type=float, default=60.0, help="seconds to wait for the mock to get every message")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-api-") as home:
-        settings: Settings = load_settings({"DISPATCH_HOME": home})
+        settings: Settings = load_settings({"DISPATCH_HOME": home, "DISPATCH_WORKER_NICE": str(args.worker_nice)})
         audience: Path | None = None
         if args.campaign:
             audience = Path(home) / "audience.csv"
@@ -307,9 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.workers:
                 print("no workers: messages are accepted and enqueued, not sent", flush=True)
             if args.worker_nice:
-                for proc in cluster.worker_processes:
-                    os.setpriority(os.PRIO_PROCESS, proc.pid, args.worker_nice)
-                print(f"workers run at nice {args.worker_nice}", flush=True)
+                print(f"workers run at nice {args.worker_nice} (worker_nice setting)", flush=True)
             if args.mock_nice:
                 for pid in children_running("loadtest.mock_provider"):
                     os.setpriority(os.PRIO_PROCESS, pid, args.mock_nice)
