@@ -147,6 +147,14 @@ class SendGridEmail(Channel):
         self._url = f"{config.base_url.rstrip('/')}/v3/mail/send"
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_s)
         self.supports_idempotency = config.honours_idempotency
+        self._attributes_key = "dynamic_template_data" if config.template_id else "substitutions"
+        targets = []
+        if config.unsubscribe_mailto:
+            targets.append(f"<mailto:{config.unsubscribe_mailto}>")
+        if config.unsubscribe_url:
+            targets.append(f"<{config.unsubscribe_url}>")
+        #: ``List-Unsubscribe`` split at each ``{ref}``: a message's header is ``ref.join(parts)``.
+        self._unsubscribe_parts = ", ".join(targets).split("{ref}")
 
     @property
     def config(self) -> SendGridConfig:
@@ -185,29 +193,23 @@ class SendGridEmail(Channel):
     # -- one request ----------------------------------------------------------------------------
 
     def _personalization(self, message: Message) -> dict[str, Any]:
-        config = self._config
+        ref = message.ref
         personalization: dict[str, Any] = {
             "to": [{"email": message.address}],
-            "custom_args": {"ref": message.ref},
-            "headers": self._unsubscribe_headers(message.ref),
+            "custom_args": {"ref": ref},
+            "headers": self._unsubscribe_headers(ref),
         }
-        subject = message.subject or config.default_subject
+        subject = message.subject or self._config.default_subject
         if subject is not None:
             personalization["subject"] = subject
         if message.attributes:
-            key = "dynamic_template_data" if config.template_id else "substitutions"
-            personalization[key] = dict(message.attributes)
+            personalization[self._attributes_key] = dict(message.attributes)
         return personalization
 
     def _unsubscribe_headers(self, ref: str) -> dict[str, str]:
-        config = self._config
-        targets = []
-        if config.unsubscribe_mailto:
-            targets.append(f"<mailto:{config.unsubscribe_mailto.replace('{ref}', ref)}>")
-        if config.unsubscribe_url:
-            targets.append(f"<{config.unsubscribe_url.replace('{ref}', ref)}>")
-        headers = {"List-Unsubscribe": ", ".join(targets)}
-        if config.unsubscribe_url:  # one-click needs an HTTPS target to POST to
+        # the header's parts around each {ref} are joined once in __init__ (one per message here)
+        headers = {"List-Unsubscribe": ref.join(self._unsubscribe_parts)}
+        if self._config.unsubscribe_url:  # one-click needs an HTTPS target to POST to
             headers["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
         return headers
 

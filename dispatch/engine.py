@@ -39,6 +39,7 @@ from dispatch.suppression import AsyncSuppressionStore
 from dispatch.tracking import (
     CLAIM_BUSY,
     CLAIM_DONE,
+    CLAIM_FRESH,
     CLAIM_RECLAIMED,
     GROUP_STATES,
     GroupOutcome,
@@ -625,6 +626,15 @@ class Engine:
                 items.append(Item(index, rid, address, attrs, attempts, grouped=grouped))
 
         others = claim.others
+        if not others and claim.code == CLAIM_FRESH and (claim.first, claim.last) == (0, len(rows) - 1):
+            # the usual run: every message is a member of a group claimed just now
+            attempts = claim.attempts
+            return (
+                [Item(i, row[0], row[1], row[2], attempts, grouped=True) for i, row in enumerate(rows)],
+                lost,
+                busy,
+                dedup_hits,
+            )
         for index in range(len(rows)):
             other = others.get(index)
             if other is not None:

@@ -80,9 +80,10 @@ def _script(name: str) -> str:
     return resources.files("dispatch").joinpath(name).read_text(encoding="utf-8")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outcome:
-    """What happened to one claimed message, for the ``finish`` script."""
+    """What happened to one claimed message, for the ``finish`` script (one per message on the
+    send path: not frozen, whose ``__init__`` costs several times more)."""
 
     index: int
     state: str  # sent | failed | suppressed | skipped | retry | dead
