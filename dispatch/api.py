@@ -81,7 +81,7 @@ from dispatch.receipts import ReceiptApplier
 from dispatch.snapshot import load_manifest
 from dispatch.sources import SourceUnavailable, plan_from_source
 from dispatch.suppression import GLOBAL, AddressHasher, AsyncSuppressionStore, hasher_for
-from dispatch.tracking import Tracker, make_ref, parse_ref
+from dispatch.tracking import GROUP_FIELD, Tracker, make_ref, parse_ref, record_value
 from dispatch.validation import AddressValidator
 from monitoring.exposition import metrics_handler
 from monitoring.metrics import Metrics
@@ -508,7 +508,8 @@ def _messages_page(deps: _Deps, cid: str, only: int | None, start: tuple[int, in
         for i in range(index, len(rows)):
             if len(items) >= limit:
                 return {"items": items, "next_cursor": f"{batch}.{i}"}
-            items.append(_record(cid, batch, i, rows[i][0], records.get(str(i).encode()), triggered=triggered))
+            record = record_value(records, cid, batch, i)
+            items.append(_record(cid, batch, i, rows[i][0], record, triggered=triggered))
         batch, index = batch + 1, 0
     return {"items": items, "next_cursor": None}
 
@@ -587,10 +588,12 @@ async def get_message(request: web.Request) -> web.StreamResponse:
     triggered = cid.startswith(TRIGGERED_PREFIX)
     pipe = deps.client.pipeline(transaction=False)
     pipe.get(keys.batch(cid, batch))
-    pipe.hget(keys.records(cid, batch), str(index))
+    pipe.hmget(keys.records(cid, batch), [str(index), GROUP_FIELD])
     if triggered:
         pipe.lindex(open_key(cid, batch), index)
-    raw_batch, raw_record, *open_row = await pipe.execute()
+    raw_batch, (own, group), *open_row = await pipe.execute()
+    found = {name.encode(): value for name, value in ((str(index), own), (GROUP_FIELD, group)) if value is not None}
+    raw_record = record_value(found, cid, batch, index)
     if raw_batch:
         rows = orjson.loads(raw_batch)[1]
         row = rows[index] if index < len(rows) else None

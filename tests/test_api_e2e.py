@@ -119,3 +119,48 @@ async def test_campaign_and_triggered_message_through_the_api_only(settings: Set
     assert {item["state"] for item in items} == {"sent"}
     assert len({item["provider_id"] for item in items}) == plan["accepted"]
     assert delivered["counters"]["delivered"] == 5
+
+
+async def test_email_recipients_show_their_outcome_through_the_api(settings: Settings, tmp_path: Path) -> None:
+    """Email recipients are tracked by one group record per request: the API still answers a
+    state per recipient (paged and one by one)."""
+    assert settings.redis_url is not None
+    app_client = aredis.Redis.from_url(settings.redis_url)
+    sync_client = redis.Redis.from_url(settings.redis_url)
+    broker = build_broker(settings, with_db(settings.redis_url, settings.broker_db))
+    audience = tmp_path / "audience.csv"
+    with audience.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["id", "email", "first_name"])
+        writer.writeheader()
+        writer.writerows({"id": f"e{i}", "email": f"user{i}@example.com", "first_name": "Ann"} for i in range(1500))
+    try:
+        async with running_api(
+            settings, app_client, sync_client, enqueue=lambda c, n, d: enqueue_batch(broker, c, n, d)
+        ) as api:
+            with LocalCluster(settings, workers=1):
+                form = aiohttp.FormData()
+                spec = '{"id": "e2e-email", "channel": "email", "subject": "Hi", "body": "Hi $first_name"}'
+                form.add_field("spec", spec)
+                form.add_field("audience", audience.open("rb"), content_type="text/csv", filename="audience.csv")
+                plan = (await api.call("POST", "/v1/campaigns", data=form)).json
+                assert plan["accepted"] == 1500
+                await api.call("POST", "/v1/campaigns/e2e-email/start")
+                status = await _wait(api, "/v1/campaigns/e2e-email", lambda s: s["state"] == "completed")
+            items: list[dict[str, Any]] = []
+            cursor = ""
+            while True:
+                path = f"/v1/campaigns/e2e-email/messages?limit=400{cursor}"
+                page = (await api.call("GET", path, token="read")).json
+                items += page["items"]
+                if page["next_cursor"] is None:
+                    break
+                cursor = f"&cursor={page['next_cursor']}"
+            one = (await api.call("GET", f"/v1/messages/{items[-1]['message_id']}", token="read")).json
+    finally:
+        broker.close()
+        sync_client.close()
+        await app_client.aclose()
+    assert status["state"] == "completed" and status["counters"]["sent"] == 1500
+    assert len(items) == 1500
+    assert {item["state"] for item in items} == {"sent"}
+    assert one["state"] == "sent" and one["message_id"] == items[-1]["message_id"]
