@@ -198,7 +198,12 @@ class Settings:
         0, "CPU niceness of worker processes (10: an API sharing their cores keeps its latency)", low=0, high=19
     )
     send_concurrency: int = _setting(256, "provider requests in flight per worker process", low=1, high=10_000)
-    batch_size: int = _setting(500, "recipients per batch (one broker message)", low=1, high=10_000)
+    batch_size: int = _setting(
+        500,
+        "recipients per batch (one broker message) of per-message APIs; batch APIs: their limit",
+        low=1,
+        high=10_000,
+    )
     max_attempts: int = _setting(5, "provider attempts per message before dead-lettering", low=1, high=50)
     sms_base_url: str = _setting("http://127.0.0.1:8099", "Twilio API base URL (or the mock provider's)")
     sms_account_sid: str = _setting("AC00000000000000000000000000000000", "Twilio account SID")
@@ -234,7 +239,7 @@ class Settings:
     callback_base_url: str | None = _setting(None, "public base URL providers post receipts to")
     provider_latency_ms: float = _setting(20.0, "expected provider latency for predictions", low=0)
     cpu_per_message_us: float = _setting(
-        440.0, "CPU microseconds one message costs over all local processes, for predictions (dispatch loadtest)", low=1
+        345.0, "CPU microseconds one message costs over all local processes, for predictions (dispatch loadtest)", low=1
     )
     metrics_port: int = _setting(0, "port of a worker's /metrics endpoint (0 = none)", low=0, high=65535)
     retention_s: int = _setting(7 * 86400, "seconds campaign data is kept after it ends", low=60)

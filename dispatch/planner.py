@@ -383,11 +383,15 @@ class Planner:
             campaign_rate=spec.rate,
             cpu_per_message_s=machine_cpu,
             worker_cpu_per_message_s=worker_cpu,
+            batch_messages_in_flight=s.workers * s.worker_threads * self.batch_size(spec),
         )
 
     def batch_size(self, spec: CampaignSpec) -> int:
-        size = spec.batch_size or self._settings.batch_size
-        return min(size, PROVIDER_BATCH_LIMITS.get(spec.channel, size))
+        """Recipients per batch: the campaign's own size, else the provider's batch API limit
+        (one request per batch), else the ``batch_size`` setting; never above the API limit."""
+        limit = PROVIDER_BATCH_LIMITS.get(spec.channel)
+        size = spec.batch_size or limit or self._settings.batch_size
+        return min(size, limit or size)
 
     def plan_file(
         self,

@@ -8,7 +8,10 @@ The send rate is the smallest of three ceilings:
   (Little's law);
 * the CPU ceiling of the pipeline itself: ``cores / CPU seconds per message`` over everything that
   runs on the machine (workers, Redis, and the mock provider when it is local), and at most
-  ``processes / worker CPU seconds per message`` since one worker process uses one core.
+  ``processes / worker CPU seconds per message`` since one worker process uses one core; less
+  the batch tails (each running batch idles its slot for one provider latency at its end).
+  The CPU costs are *effective* costs: cores divided by the throughput measured when CPU-bound
+  (``dispatch bench --prediction``), so they include the time no process could use.
 
 Batches held back by quiet hours start no earlier than their ``not_before``; the prediction walks
 the batches in time order, so gaps in the schedule show up in the finish time.
@@ -23,15 +26,17 @@ from typing import Any, Literal
 
 __all__ = ["Capacity", "Prediction", "cpu_costs", "predict"]
 
-#: CPU cost of one message through the full send path (seconds) over every process of the
-#: machine (workers, Redis, the local mock provider), measured by ``dispatch loadtest`` on a
-#: 2-core machine (see BENCHMARKS.md).
-DEFAULT_CPU_PER_MESSAGE_S = 440e-6
-#: The worker process's share of it (aiohttp client, claims, confirmations).
-DEFAULT_WORKER_CPU_PER_MESSAGE_S = 240e-6
-#: Batch APIs carry many recipients per request, so a recipient costs far less CPU: (all local
-#: processes, worker share) in seconds per recipient, measured by ``dispatch loadtest --channel``.
-BATCH_CHANNEL_CPU_S: dict[str, tuple[float, float]] = {"email": (44e-6, 22e-6)}
+#: Effective CPU cost of one SMS through the full send path (seconds) over every process of the
+#: machine (workers, Redis, the local mock provider): cores / CPU-bound throughput measured by
+#: ``dispatch bench --prediction`` on a 2-core machine (5,696 and 5,984 msg/s with 2 workers in
+#: two runs; the processes reported 327 us, the rest is time no process could use).
+DEFAULT_CPU_PER_MESSAGE_S = 345e-6
+#: The same for one worker process alone (5,124 and 5,355 msg/s with 1 worker; 160 us reported).
+DEFAULT_WORKER_CPU_PER_MESSAGE_S = 190e-6
+#: Batch APIs carry many recipients per request (SendGrid: 1,000), so a recipient costs far less:
+#: (all local processes, one worker) in seconds per recipient, measured the same way (email:
+#: 77-87k recipients/s with 2 workers; workers reported 14 us, all processes 21 us).
+BATCH_CHANNEL_CPU_S: dict[str, tuple[float, float]] = {"email": (23.5e-6, 14e-6)}
 
 
 def cpu_costs(channel: str, cpu_per_message_s: float) -> tuple[float, float]:
@@ -42,8 +47,8 @@ def cpu_costs(channel: str, cpu_per_message_s: float) -> tuple[float, float]:
     return cpu_per_message_s, cpu_per_message_s * share
 
 
-#: Fixed start-up cost: workers fetching the first batches, connections opening.
-STARTUP_S = 0.5
+#: Fixed start-up cost: workers fetching the first batches, connections opening (warm workers).
+STARTUP_S = 0.2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +61,8 @@ class Capacity:
     cpu_per_message_s: float = DEFAULT_CPU_PER_MESSAGE_S
     worker_cpu_per_message_s: float = DEFAULT_WORKER_CPU_PER_MESSAGE_S
     cores: int = 0  # 0 = this machine's
+    #: Messages of all the batches running at once (processes x threads x batch size); 0 = unknown.
+    batch_messages_in_flight: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,13 +87,23 @@ def _ceilings(capacity: Capacity, avg_cost: float) -> dict[str, float]:
     cores = capacity.cores or os.cpu_count() or 1
     ceilings = {
         "worker_capacity": capacity.processes * capacity.inflight_per_process / max(capacity.latency_s, 1e-4),
-        "cpu": min(cores / capacity.cpu_per_message_s, capacity.processes / capacity.worker_cpu_per_message_s),
+        "cpu": _with_batch_tails(
+            min(cores / capacity.cpu_per_message_s, capacity.processes / capacity.worker_cpu_per_message_s), capacity
+        ),
     }
     if capacity.provider_rate:
         ceilings["provider_rate"] = capacity.provider_rate / max(avg_cost, 1.0)
     if capacity.campaign_rate:
         ceilings["campaign_rate"] = capacity.campaign_rate
     return ceilings
+
+
+def _with_batch_tails(rate: float, capacity: Capacity) -> float:
+    """A CPU-bound rate less the batch tails: a batch's last responses keep its worker slot idle
+    for about one provider latency, once per batch of each slot."""
+    if capacity.batch_messages_in_flight <= 0 or capacity.latency_s <= 0:
+        return rate
+    return 1.0 / (1.0 / rate + capacity.latency_s / capacity.batch_messages_in_flight)
 
 
 def predict(

@@ -133,29 +133,34 @@ def raw_ceiling(
     }
 
 
-#: (recipients, workers, provider latency ms, rate limit/s or 0): sizes, rates and latencies that
-#: make each of the prediction's ceilings the bottleneck at least once.
-PREDICTION_CASES: tuple[tuple[int, int, float, float], ...] = (
-    (5_000, 1, 0.0, 0.0),
-    (30_000, 2, 0.0, 0.0),
-    (20_000, 2, 20.0, 1000.0),
-    (10_000, 2, 0.0, 500.0),
-    (15_000, 1, 200.0, 0.0),
-    (8_000, 2, 500.0, 0.0),
+#: (recipients, workers, provider latency ms, rate limit/s or 0, channel): sizes, rates, latencies
+#: and channels that make each of the prediction's ceilings the bottleneck at least once.
+PREDICTION_CASES: tuple[tuple[int, int, float, float, str], ...] = (
+    (20_000, 1, 0.0, 0.0, "sms"),
+    (100_000, 2, 0.0, 0.0, "sms"),
+    (300_000, 2, 20.0, 0.0, "sms"),
+    (30_000, 2, 20.0, 1000.0, "sms"),
+    (40_000, 2, 0.0, 3000.0, "sms"),
+    (30_000, 1, 200.0, 0.0, "sms"),
+    (30_000, 2, 500.0, 0.0, "sms"),
+    (300_000, 2, 0.0, 0.0, "email"),
+    (1_000_000, 2, 0.0, 0.0, "email"),
+    (200_000, 2, 0.0, 20_000.0, "email"),
 )
 
 
 def prediction_matrix(
-    settings: Settings, cases: tuple[tuple[int, int, float, float], ...] = PREDICTION_CASES, *, quiet: bool = False
+    settings: Settings, cases: tuple[tuple[int, int, float, float, str], ...] = PREDICTION_CASES, *, quiet: bool = False
 ) -> list[dict[str, Any]]:
     """Predicted vs actual duration of one load test per case (each on its own deployment)."""
     rows = []
-    for recipients, workers, latency, rate in cases:
+    for recipients, workers, latency, rate, channel in cases:
         report = run_loadtest(
             replace(settings, workers=workers),
             LoadtestOptions(
                 recipients=recipients,
                 workers=workers,
+                channel=channel,
                 provider_latency_ms=latency,
                 rate_limit=rate or None,
                 progress=False,
@@ -164,6 +169,7 @@ def prediction_matrix(
         pred = report["prediction"]
         row = {
             "recipients": recipients,
+            "channel": channel,
             "accepted": report["accepted"],
             "workers": workers,
             "latency_ms": latency,
@@ -180,7 +186,7 @@ def prediction_matrix(
         }
         rows.append(row)
         if not quiet:
-            print(f"  {recipients:>7,} rcpt {workers} w {latency:>5g} ms limit {rate or '-':>5} | "
+            print(f"  {channel:<5} {recipients:>9,} rcpt {workers} w {latency:>5g} ms limit {rate or '-':>5} | "
                   f"{row['bottleneck']:<15} predicted {row['predicted_s']:7.2f} s actual {row['actual_s']:7.2f} s "
                   f"error {row['error_pct']:+6.1f}% | {row['mean_rate']:>7,.0f} msg/s peak {row['peak_1s']:,} "
                   f"lost {row['lost']} dup {row['duplicates']}", flush=True)  # fmt: skip

@@ -338,6 +338,7 @@ def run_loadtest(
         body=BODY,
         subject="dispatch load test" if options.channel == "email" else None,
         rate=options.rate_limit if options.channel != "sms" else None,
+        batch_size=options.batch_size,
     )
     ports = [free_port() for _ in range(options.workers)]
     if cluster is None:

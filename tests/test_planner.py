@@ -63,9 +63,9 @@ def test_prediction_says_whether_it_fits(redis_client: redis.Redis, tmp_path: Pa
 
 
 def test_batch_channels_are_predicted_with_their_per_recipient_cost() -> None:
-    from dispatch.prediction import Capacity, cpu_costs, predict
+    from dispatch.prediction import BATCH_CHANNEL_CPU_S, STARTUP_S, Capacity, cpu_costs, predict
 
-    email, sms = cpu_costs("email", 440e-6), cpu_costs("sms", 440e-6)
+    email, sms = cpu_costs("email", 350e-6), cpu_costs("sms", 350e-6)
     assert email[0] < sms[0] / 5 and email[1] < sms[1] / 5
     capacity = Capacity(
         processes=2,
@@ -79,4 +79,4 @@ def test_batch_channels_are_predicted_with_their_per_recipient_cost() -> None:
     )
     prediction = predict(schedule=[(0.0, 1_000_000)], cost_units=1_000_000, capacity=capacity, start=0.0, deadline=None)
     assert prediction.bottleneck == "cpu"
-    assert prediction.duration_s == pytest.approx(0.5 + 1_000_000 * 44e-6 / 2, rel=0.01)
+    assert prediction.duration_s == pytest.approx(STARTUP_S + 1_000_000 * BATCH_CHANNEL_CPU_S["email"][0] / 2, rel=0.01)
