@@ -32,6 +32,11 @@ __all__ = [
     "ReceiptConfig",
 ]
 
+#: An answer kept for replays: status, body (None: none), content type, headers worth repeating.
+_Answer = tuple[int, bytes | None, str, tuple[tuple[str, str], ...]]
+#: Response headers a replay repeats (SendGrid's message id travels in one).
+_REPLAYED_HEADERS: tuple[str, ...] = ("X-Message-Id",)
+
 #: Credentials the mock accepts unless configured otherwise.
 DEFAULT_ACCOUNT_SID: Final = "AC" + "0" * 32
 DEFAULT_AUTH_TOKEN: Final = "mock-auth-token"
@@ -192,7 +197,7 @@ class MockState:
         self.ledger = Ledger()
         self.rng = random.Random(config.seed)
         #: (channel, idempotency key) -> (status, body, content type) of the original answer.
-        self.idempotent: OrderedDict[tuple[str, str], tuple[int, bytes, str]] = OrderedDict()
+        self.idempotent: OrderedDict[tuple[str, str], _Answer] = OrderedDict()
         self.closing = asyncio.Event()
         self.in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -277,16 +282,19 @@ class MockState:
         if stored is None:
             return None
         self.ledger.replays += 1
-        status, body, content_type = stored
-        return web.Response(status=status, body=body, content_type=content_type)
+        status, body, content_type, headers = stored
+        if body is None:  # SendGrid: 202, no body, the message id in a header
+            return web.Response(status=status, headers=dict(headers))
+        return web.Response(status=status, body=body, content_type=content_type, headers=dict(headers))
 
     def remember(self, channel: str, request: web.Request, response: web.Response) -> None:
         key = request.headers.get("Idempotency-Key")
-        if key and isinstance(response.body, bytes):
+        if key and (response.body is None or isinstance(response.body, bytes)):
             content_type = response.content_type or "application/json"
             # an exact-size copy: orjson's output keeps its whole (8 KiB) buffer allocated
-            body = bytes(memoryview(response.body))
-            self.idempotent[(channel, key)] = (response.status, body, content_type)
+            body = bytes(memoryview(response.body)) if response.body is not None else None
+            headers = tuple((name, response.headers[name]) for name in _REPLAYED_HEADERS if name in response.headers)
+            self.idempotent[(channel, key)] = (response.status, body, content_type, headers)
             # Providers keep keys for a window, not forever: bound memory on multi-million runs
             # (a resend after a crash arrives within seconds, far inside this window).
             # OrderedDict: dropping the oldest is O(1) (a plain dict's next(iter()) rescans the

@@ -260,3 +260,20 @@ async def test_substituted_batch_is_one_request(email: EmailFactory, mock: MockP
     assert len({r.provider_id.split(":")[0] for r in results if isinstance(r, Sent)}) == 1  # one request
     assert mock.ledger.accepted == 30
     assert email(template_id="d-1").substitution_template("Hi $name") is None
+
+
+async def test_mock_replays_a_resend_with_the_same_key(mock: MockProvider, session: aiohttp.ClientSession) -> None:
+    """SendGrid's 202 has no body: the replay repeats the status and the X-Message-Id header."""
+    payload = {
+        "personalizations": [{"to": [{"email": f"u{i}@example.test"}]} for i in range(3)],
+        "from": {"email": "a@example.test"},
+        "content": [{"type": "text/plain", "value": "x"}],
+    }
+    headers = {"Authorization": f"Bearer {KEY}", "Idempotency-Key": "run-1"}
+    ids = []
+    for _ in range(2):
+        async with session.post(f"{mock.url}/v3/mail/send", json=payload, headers=headers) as response:
+            assert response.status == 202
+            ids.append(response.headers["X-Message-Id"])
+    assert ids[0] == ids[1]
+    assert (mock.ledger.accepted, mock.ledger.replays, mock.ledger.duplicates) == (3, 1, 0)
