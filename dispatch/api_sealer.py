@@ -3,7 +3,7 @@
 ``dispatch.api_triggered`` appends each accepted message to its campaign's open batch. This task
 (one per API process) closes open batches and hands them to the broker:
 
-* **linger**: after a request opens or extends a batch, the task waits ``linger_s`` (10-20 ms),
+* **linger**: after a request opens or extends a batch, the task waits ``linger_s`` (50 ms),
   collecting more messages, then runs ``triggered_seal.lua`` for each campaign it touched; a batch
   the accept script sealed at :data:`~dispatch.api_triggered.SEAL_SIZE` rows (or a held message's
   own batch) is enqueued at once, without lingering.
@@ -66,7 +66,7 @@ class TriggeredSealer:
         enqueue: AsyncEnqueue,
         *,
         ttl_s: int,
-        linger_s: float = 0.015,
+        linger_s: float = 0.05,
         sweep_every_s: float = 1.0,
         stale_after_s: float = 5.0,
         clock: Callable[[], float] = time.time,

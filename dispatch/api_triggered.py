@@ -4,7 +4,7 @@ Design: each channel has one *triggered campaign* per UTC hour (``triggered-sms-
 created on first use with a fixed manifest whose body template is ``$body``. An accepted message
 is one row ``[rid, address, {"body": text}]`` appended to the campaign's *open batch* (a Redis list,
 :func:`open_key`) by ``triggered_accept.lua``; :class:`dispatch.api_sealer.TriggeredSealer` seals
-open batches every few milliseconds (or the script does, inline, when one reaches
+open batches every 50 ms (or the script does, inline, when one reaches
 :data:`SEAL_SIZE` rows) into the engine's snapshot format and enqueues each sealed batch once, so
 the worker claims, rate-limits, sends, retries and records triggered messages exactly like campaign
 messages, one broker message per batch instead of per recipient.

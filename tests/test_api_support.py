@@ -67,7 +67,7 @@ class Api:
     app: web.Application | None = None
 
     async def flush(self) -> None:
-        """Seal and enqueue the triggered messages accepted so far (the sealer lingers ~15 ms)."""
+        """Seal and enqueue the triggered messages accepted so far (the sealer lingers ~50 ms)."""
         assert self.app is not None
         await self.app[SEALER].flush()
 
