@@ -11,7 +11,8 @@ The send rate is the smallest of three ceilings:
   ``processes / worker CPU seconds per message`` since one worker process uses one core; less
   the batch tails (each running batch idles its slot for one provider latency at its end).
   The CPU costs are *effective* costs: cores divided by the throughput measured when CPU-bound
-  (``dispatch bench --prediction``), so they include the time no process could use.
+  (``dispatch bench --prediction``), so they include the time no process could use; they grow
+  slowly with the campaign's size (:func:`size_factor`: +9% per tenfold beyond 100k messages).
 
 Batches held back by quiet hours start no earlier than their ``not_before``; the prediction walks
 the batches in time order, so gaps in the schedule show up in the finish time.
@@ -19,12 +20,13 @@ the batches in time order, so gaps in the schedule show up in the finish time.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-__all__ = ["Capacity", "Prediction", "cpu_costs", "predict"]
+__all__ = ["Capacity", "Prediction", "cpu_costs", "predict", "size_factor"]
 
 #: Effective CPU cost of one SMS through the full send path (seconds) over every process of the
 #: machine (workers, Redis, the local mock provider): cores / CPU-bound throughput measured by
@@ -34,9 +36,13 @@ DEFAULT_CPU_PER_MESSAGE_S = 345e-6
 #: The same for one worker process alone (5,124 and 5,355 msg/s with 1 worker; 160 us reported).
 DEFAULT_WORKER_CPU_PER_MESSAGE_S = 190e-6
 #: Batch APIs carry many recipients per request (SendGrid: 1,000), so a recipient costs far less:
-#: (all local processes, one worker) in seconds per recipient, measured the same way (email:
-#: 77-87k recipients/s with 2 workers; workers reported 14 us, all processes 21 us).
-BATCH_CHANNEL_CPU_S: dict[str, tuple[float, float]] = {"email": (23.5e-6, 14e-6)}
+#: (all local processes, one worker) in seconds per recipient, measured the same way (email with
+#: 2 workers: 84-87k recipients/s at 300k, 77-80k at 1M; workers reported 14 us, all 21 us).
+BATCH_CHANNEL_CPU_S: dict[str, tuple[float, float]] = {"email": (22.3e-6, 13.3e-6)}
+#: Campaign size the CPU costs above were measured at, and the growth of the cost per tenfold
+#: size beyond it (from the SMS runs at 100k and 3M messages; see :func:`size_factor`).
+SIZE_REFERENCE = 100_000
+SIZE_SLOPE = 0.09
 
 
 def cpu_costs(channel: str, cpu_per_message_s: float) -> tuple[float, float]:
@@ -83,13 +89,25 @@ class Prediction:
         return asdict(self)
 
 
-def _ceilings(capacity: Capacity, avg_cost: float) -> dict[str, float]:
+def size_factor(messages: int) -> float:
+    """How much more CPU a message costs in a campaign of ``messages`` than in the calibration
+    runs (:data:`SIZE_REFERENCE`): Redis, the workers and the provider keep more state as a
+    campaign grows (measured: SMS 5,696-5,984 msg/s at 100k, 5,107-5,193 msg/s at 3M)."""
+    if messages <= SIZE_REFERENCE:
+        return 1.0
+    return 1.0 + SIZE_SLOPE * math.log10(messages / SIZE_REFERENCE)
+
+
+def _ceilings(capacity: Capacity, avg_cost: float, messages: int) -> dict[str, float]:
     cores = capacity.cores or os.cpu_count() or 1
+    scale = size_factor(messages)
+    cpu = min(
+        cores / (capacity.cpu_per_message_s * scale),
+        capacity.processes / (capacity.worker_cpu_per_message_s * scale),
+    )
     ceilings = {
         "worker_capacity": capacity.processes * capacity.inflight_per_process / max(capacity.latency_s, 1e-4),
-        "cpu": _with_batch_tails(
-            min(cores / capacity.cpu_per_message_s, capacity.processes / capacity.worker_cpu_per_message_s), capacity
-        ),
+        "cpu": _with_batch_tails(cpu, capacity),
     }
     if capacity.provider_rate:
         ceilings["provider_rate"] = capacity.provider_rate / max(avg_cost, 1.0)
@@ -121,7 +139,7 @@ def predict(
     """
     messages = sum(n for _, n in schedule)
     avg_cost = cost_units / messages if messages else 1.0
-    ceilings = _ceilings(capacity, avg_cost)
+    ceilings = _ceilings(capacity, avg_cost, messages)
     bottleneck = min(ceilings, key=lambda k: ceilings[k])
     rate = ceilings[bottleneck]
     clock = start + STARTUP_S

@@ -63,7 +63,7 @@ def test_prediction_says_whether_it_fits(redis_client: redis.Redis, tmp_path: Pa
 
 
 def test_batch_channels_are_predicted_with_their_per_recipient_cost() -> None:
-    from dispatch.prediction import BATCH_CHANNEL_CPU_S, STARTUP_S, Capacity, cpu_costs, predict
+    from dispatch.prediction import BATCH_CHANNEL_CPU_S, STARTUP_S, Capacity, cpu_costs, predict, size_factor
 
     email, sms = cpu_costs("email", 350e-6), cpu_costs("sms", 350e-6)
     assert email[0] < sms[0] / 5 and email[1] < sms[1] / 5
@@ -79,4 +79,13 @@ def test_batch_channels_are_predicted_with_their_per_recipient_cost() -> None:
     )
     prediction = predict(schedule=[(0.0, 1_000_000)], cost_units=1_000_000, capacity=capacity, start=0.0, deadline=None)
     assert prediction.bottleneck == "cpu"
-    assert prediction.duration_s == pytest.approx(STARTUP_S + 1_000_000 * BATCH_CHANNEL_CPU_S["email"][0] / 2, rel=0.01)
+    per_recipient = BATCH_CHANNEL_CPU_S["email"][0] * size_factor(1_000_000)
+    assert prediction.duration_s == pytest.approx(STARTUP_S + 1_000_000 * per_recipient / 2, rel=0.01)
+
+
+def test_cost_per_message_grows_slowly_with_the_campaign_size() -> None:
+    from dispatch.prediction import SIZE_REFERENCE, SIZE_SLOPE, size_factor
+
+    assert size_factor(1) == size_factor(SIZE_REFERENCE) == 1.0
+    assert size_factor(SIZE_REFERENCE * 10) == pytest.approx(1 + SIZE_SLOPE)
+    assert size_factor(SIZE_REFERENCE * 100) == pytest.approx(1 + 2 * SIZE_SLOPE)
