@@ -195,7 +195,10 @@ class Settings:
     workers: int = _setting(2, "worker processes started by demo and loadtest", low=1, high=256)
     worker_threads: int = _setting(2, "batches one worker process runs at once", low=1, high=64)
     worker_nice: int = _setting(
-        0, "CPU niceness of worker processes (10: an API sharing their cores keeps its latency)", low=0, high=19
+        0,
+        "CPU niceness of worker processes; above 0 also SCHED_BATCH (10: an API sharing their cores keeps its latency)",
+        low=0,
+        high=19,
     )
     send_concurrency: int = _setting(256, "provider requests in flight per worker process", low=1, high=10_000)
     batch_size: int = _setting(

@@ -70,11 +70,25 @@ def declare_actor(broker: RedisBroker, runtime: WorkerRuntime) -> dramatiq.Actor
     return actor
 
 
+def _yield_cpu(nice: int) -> None:
+    """Throughput-bound: leave the CPU to latency-bound neighbours (the API) when they need it.
+
+    Before any thread starts (Linux applies both per thread; new threads inherit them): the
+    niceness, and SCHED_BATCH, under which a waking worker never preempts a running process.
+    """
+    if nice > os.getpriority(os.PRIO_PROCESS, 0):
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    if hasattr(os, "SCHED_BATCH"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        except OSError as exc:  # a container may refuse it; the niceness still applies
+            log.warning("could not switch the worker to SCHED_BATCH: %s", exc)
+
+
 def run_worker(settings: Settings, *, threads: int | None = None, metrics_port: int | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
-    if settings.worker_nice > os.getpriority(os.PRIO_PROCESS, 0):
-        # throughput-bound: leave the CPU to latency-bound neighbours (the API) when they need it
-        os.setpriority(os.PRIO_PROCESS, 0, settings.worker_nice)
+    if settings.worker_nice > 0:
+        _yield_cpu(settings.worker_nice)
     target = resolve_redis(settings)
     broker = build_broker(settings, target.broker_url)
     runtime = WorkerRuntime(
