@@ -242,7 +242,7 @@ class Settings:
     callback_base_url: str | None = _setting(None, "public base URL providers post receipts to")
     provider_latency_ms: float = _setting(20.0, "expected provider latency for predictions", low=0)
     cpu_per_message_us: float = _setting(
-        345.0, "CPU microseconds one message costs over all local processes, for predictions (dispatch loadtest)", low=1
+        352.0, "CPU microseconds one message costs over all local processes, for predictions (dispatch loadtest)", low=1
     )
     metrics_port: int = _setting(0, "port of a worker's /metrics endpoint (0 = none)", low=0, high=65535)
     retention_s: int = _setting(7 * 86400, "seconds campaign data is kept after it ends", low=60)

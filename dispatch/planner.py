@@ -384,6 +384,7 @@ class Planner:
             cpu_per_message_s=machine_cpu,
             worker_cpu_per_message_s=worker_cpu,
             batch_messages_in_flight=s.workers * s.worker_threads * self.batch_size(spec),
+            channel=spec.channel,
         )
 
     def batch_size(self, spec: CampaignSpec) -> int:

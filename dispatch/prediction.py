@@ -12,7 +12,7 @@ The send rate is the smallest of three ceilings:
   the batch tails (each running batch idles its slot for one provider latency at its end).
   The CPU costs are *effective* costs: cores divided by the throughput measured when CPU-bound
   (``dispatch bench --prediction``), so they include the time no process could use; they grow
-  slowly with the campaign's size (:func:`size_factor`: +9% per tenfold beyond 100k messages).
+  slowly with the campaign's size (:func:`size_factor`: SMS +9% per tenfold beyond 100k).
 
 Batches held back by quiet hours start no earlier than their ``not_before``; the prediction walks
 the batches in time order, so gaps in the schedule show up in the finish time.
@@ -30,19 +30,23 @@ __all__ = ["Capacity", "Prediction", "cpu_costs", "predict", "size_factor"]
 
 #: Effective CPU cost of one SMS through the full send path (seconds) over every process of the
 #: machine (workers, Redis, the local mock provider): cores / CPU-bound throughput measured by
-#: ``dispatch bench --prediction`` on a 2-core machine (5,696 and 5,984 msg/s with 2 workers in
-#: two runs; the processes reported 327 us, the rest is time no process could use).
-DEFAULT_CPU_PER_MESSAGE_S = 345e-6
+#: ``dispatch bench --prediction`` on a 2-core machine (5,330-5,984 msg/s with 2 workers in four
+#: runs; the processes reported 327 us, the rest is time no process could use).
+DEFAULT_CPU_PER_MESSAGE_S = 352e-6
 #: The same for one worker process alone (5,124 and 5,355 msg/s with 1 worker; 160 us reported).
 DEFAULT_WORKER_CPU_PER_MESSAGE_S = 190e-6
 #: Batch APIs carry many recipients per request (SendGrid: 1,000), so a recipient costs far less:
 #: (all local processes, one worker) in seconds per recipient, measured the same way (email with
 #: 2 workers: 84-87k recipients/s at 300k, 77-80k at 1M; workers reported 14 us, all 21 us).
-BATCH_CHANNEL_CPU_S: dict[str, tuple[float, float]] = {"email": (22.3e-6, 13.3e-6)}
-#: Campaign size the CPU costs above were measured at, and the growth of the cost per tenfold
-#: size beyond it (from the SMS runs at 100k and 3M messages; see :func:`size_factor`).
+BATCH_CHANNEL_CPU_S: dict[str, tuple[float, float]] = {"email": (20.5e-6, 12.0e-6)}
+#: Campaign size the CPU costs above stand for, and the growth of the cost per tenfold size
+#: beyond it (see :func:`size_factor`): SMS from the runs at 100k and 3M messages, email from
+#: those at 300k and 1M recipients (the mock's and Redis's per-recipient state weighs more there).
 SIZE_REFERENCE = 100_000
-SIZE_SLOPE = 0.09
+SIZE_SLOPE: dict[str, float] = {"sms": 0.09, "email": 0.24}
+#: Share of the in-flight slots busy when latency-bound (a slot idles between a response and the
+#: next chunk's request): 0.91-0.95 measured at 200 and 500 ms.
+INFLIGHT_EFFICIENCY = 0.93
 
 
 def cpu_costs(channel: str, cpu_per_message_s: float) -> tuple[float, float]:
@@ -69,6 +73,8 @@ class Capacity:
     cores: int = 0  # 0 = this machine's
     #: Messages of all the batches running at once (processes x threads x batch size); 0 = unknown.
     batch_messages_in_flight: int = 0
+    #: The channel (its CPU cost's growth with the campaign size, :data:`SIZE_SLOPE`).
+    channel: str = "sms"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,24 +95,27 @@ class Prediction:
         return asdict(self)
 
 
-def size_factor(messages: int) -> float:
-    """How much more CPU a message costs in a campaign of ``messages`` than in the calibration
-    runs (:data:`SIZE_REFERENCE`): Redis, the workers and the provider keep more state as a
-    campaign grows (measured: SMS 5,696-5,984 msg/s at 100k, 5,107-5,193 msg/s at 3M)."""
+def size_factor(messages: int, channel: str = "sms") -> float:
+    """How much more CPU a message costs in a campaign of ``messages`` than at
+    :data:`SIZE_REFERENCE`: Redis, the workers and the provider keep more state as a campaign
+    grows (measured: SMS 5,330-5,984 msg/s at 100k, 5,107-5,193 msg/s at 3M)."""
     if messages <= SIZE_REFERENCE:
         return 1.0
-    return 1.0 + SIZE_SLOPE * math.log10(messages / SIZE_REFERENCE)
+    return 1.0 + SIZE_SLOPE.get(channel, SIZE_SLOPE["sms"]) * math.log10(messages / SIZE_REFERENCE)
 
 
 def _ceilings(capacity: Capacity, avg_cost: float, messages: int) -> dict[str, float]:
     cores = capacity.cores or os.cpu_count() or 1
-    scale = size_factor(messages)
+    scale = size_factor(messages, capacity.channel)
     cpu = min(
         cores / (capacity.cpu_per_message_s * scale),
         capacity.processes / (capacity.worker_cpu_per_message_s * scale),
     )
     ceilings = {
-        "worker_capacity": capacity.processes * capacity.inflight_per_process / max(capacity.latency_s, 1e-4),
+        "worker_capacity": INFLIGHT_EFFICIENCY
+        * capacity.processes
+        * capacity.inflight_per_process
+        / max(capacity.latency_s, 1e-4),
         "cpu": _with_batch_tails(cpu, capacity),
     }
     if capacity.provider_rate:

@@ -76,10 +76,11 @@ def test_batch_channels_are_predicted_with_their_per_recipient_cost() -> None:
         cpu_per_message_s=email[0],
         worker_cpu_per_message_s=email[1],
         cores=2,
+        channel="email",
     )
     prediction = predict(schedule=[(0.0, 1_000_000)], cost_units=1_000_000, capacity=capacity, start=0.0, deadline=None)
     assert prediction.bottleneck == "cpu"
-    per_recipient = BATCH_CHANNEL_CPU_S["email"][0] * size_factor(1_000_000)
+    per_recipient = BATCH_CHANNEL_CPU_S["email"][0] * size_factor(1_000_000, "email")
     assert prediction.duration_s == pytest.approx(STARTUP_S + 1_000_000 * per_recipient / 2, rel=0.01)
 
 
@@ -87,5 +88,5 @@ def test_cost_per_message_grows_slowly_with_the_campaign_size() -> None:
     from dispatch.prediction import SIZE_REFERENCE, SIZE_SLOPE, size_factor
 
     assert size_factor(1) == size_factor(SIZE_REFERENCE) == 1.0
-    assert size_factor(SIZE_REFERENCE * 10) == pytest.approx(1 + SIZE_SLOPE)
-    assert size_factor(SIZE_REFERENCE * 100) == pytest.approx(1 + 2 * SIZE_SLOPE)
+    assert size_factor(SIZE_REFERENCE * 10) == pytest.approx(1 + SIZE_SLOPE["sms"])
+    assert size_factor(SIZE_REFERENCE * 100, "email") == pytest.approx(1 + 2 * SIZE_SLOPE["email"])
