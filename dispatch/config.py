@@ -196,7 +196,7 @@ class Settings:
     worker_threads: int = _setting(2, "batches one worker process runs at once", low=1, high=64)
     worker_nice: int = _setting(
         0,
-        "CPU niceness of worker processes; above 0 also SCHED_BATCH (10: an API sharing their cores keeps its latency)",
+        "CPU niceness of worker processes (10: an API sharing their cores keeps its latency)",
         low=0,
         high=19,
     )

@@ -19,7 +19,6 @@ def test_workers_run_at_the_configured_niceness(cluster_settings: Settings) -> N
                 break
             time.sleep(0.1)
         assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids] == [7, 7]
-        assert [os.sched_getscheduler(pid) for pid in pids] == [os.SCHED_BATCH, os.SCHED_BATCH]
 
 
 def test_workers_keep_the_normal_policy_by_default(cluster_settings: Settings) -> None:
