@@ -592,8 +592,7 @@ async def get_message(request: web.Request) -> web.StreamResponse:
     if triggered:
         pipe.lindex(open_key(cid, batch), index)
     raw_batch, (own, group), *open_row = await pipe.execute()
-    found = {name.encode(): value for name, value in ((str(index), own), (GROUP_FIELD, group)) if value is not None}
-    raw_record = record_value(found, cid, batch, index)
+    raw_record = record_value({str(index).encode(): own, GROUP_FIELD.encode(): group}, cid, batch, index)
     if raw_batch:
         rows = orjson.loads(raw_batch)[1]
         row = rows[index] if index < len(rows) else None

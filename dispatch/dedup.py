@@ -144,7 +144,6 @@ class Dedup:
         self._set: FingerprintSet | None = FingerprintSet()
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._files: list[IO[bytes]] = []
-        self.size = 0  # distinct fingerprints kept in memory so far (before the spill)
         self.deferred = 0
 
     @property
@@ -155,9 +154,7 @@ class Dedup:
         """Flags (1: first occurrence) for the fingerprints, in order; only before the spill."""
         if self._set is None:
             raise RuntimeError("the dedup has spilled: defer() the candidates instead")
-        flags = self._set.add_all(fingerprints)
-        self.size = self._set.size
-        return flags
+        return self._set.add_all(fingerprints)
 
     def check_budget(self) -> bool:
         """Spill when the in-memory set has outgrown the budget; True once spilled."""

@@ -587,20 +587,10 @@ class Engine:
         claims = await self._tracker.claim(campaign_id, batch, self._owner, list(range(len(rows))))
         if claims is None:
             return None
-        items: list[Item] = []
-        busy = dedup_hits = 0
-        lost: list[Outcome] = []
+        claimed = _Claimed(channel.supports_idempotency, rows)
         for index, (code, attempts) in enumerate(claims):
-            if code == CLAIM_DONE:
-                dedup_hits += 1
-            elif code == CLAIM_BUSY:
-                busy += 1
-            elif code == CLAIM_RECLAIMED and not channel.supports_idempotency:
-                lost.append(Outcome(index, "dead", attempts, "", "inflight_unknown"))
-            else:
-                rid, address, attrs = rows[index]
-                items.append(Item(index, rid, address, attrs, attempts))
-        return items, lost, busy, dedup_hits
+            claimed.take(index, code, attempts, grouped=False)
+        return claimed.result()
 
     async def _claim_group(
         self, campaign_id: str, batch: int, channel: Channel, rows: list[Any]
@@ -609,39 +599,47 @@ class Engine:
         claim = await self._tracker.claim_group(campaign_id, batch, self._owner, len(rows))
         if claim is None:
             return None
-        items: list[Item] = []
-        busy = dedup_hits = 0
-        lost: list[Outcome] = []
-
-        def take(index: int, code: int, attempts: int, grouped: bool) -> None:
-            nonlocal busy, dedup_hits
-            if code == CLAIM_DONE:
-                dedup_hits += 1
-            elif code == CLAIM_BUSY:
-                busy += 1
-            elif code == CLAIM_RECLAIMED and not channel.supports_idempotency:
-                lost.append(Outcome(index, "dead", attempts, "", "inflight_unknown"))
-            else:
-                rid, address, attrs = rows[index]
-                items.append(Item(index, rid, address, attrs, attempts, grouped=grouped))
-
         others = claim.others
         if not others and claim.code == CLAIM_FRESH and (claim.first, claim.last) == (0, len(rows) - 1):
             # the usual run: every message is a member of a group claimed just now
             attempts = claim.attempts
-            return (
-                [Item(i, row[0], row[1], row[2], attempts, grouped=True) for i, row in enumerate(rows)],
-                lost,
-                busy,
-                dedup_hits,
-            )
+            return [Item(i, row[0], row[1], row[2], attempts, grouped=True) for i, row in enumerate(rows)], [], 0, 0
+        claimed = _Claimed(channel.supports_idempotency, rows)
         for index in range(len(rows)):
             other = others.get(index)
             if other is not None:
-                take(index, other[0], other[1], False)
+                claimed.take(index, other[0], other[1], grouped=False)
             elif claim.first <= index <= claim.last:
-                take(index, claim.code, claim.attempts, True)
-        return items, lost, busy, dedup_hits
+                claimed.take(index, claim.code, claim.attempts, grouped=True)
+        return claimed.result()
+
+
+class _Claimed:
+    """What a claim gave: messages to send, messages lost in flight (a dead worker's claims on a
+    channel without idempotency keys), and counts of busy and already-done ones."""
+
+    __slots__ = ("busy", "dedup_hits", "items", "lost", "rows", "supports_idempotency")
+
+    def __init__(self, supports_idempotency: bool, rows: list[Any]) -> None:
+        self.supports_idempotency = supports_idempotency
+        self.rows = rows
+        self.items: list[Item] = []
+        self.lost: list[Outcome] = []
+        self.busy = self.dedup_hits = 0
+
+    def take(self, index: int, code: int, attempts: int, *, grouped: bool) -> None:
+        if code == CLAIM_DONE:
+            self.dedup_hits += 1
+        elif code == CLAIM_BUSY:
+            self.busy += 1
+        elif code == CLAIM_RECLAIMED and not self.supports_idempotency:
+            self.lost.append(Outcome(index, "dead", attempts, "", "inflight_unknown"))
+        else:
+            rid, address, attrs = self.rows[index]
+            self.items.append(Item(index, rid, address, attrs, attempts, grouped=grouped))
+
+    def result(self) -> tuple[list[Item], list[Outcome], int, int]:
+        return self.items, self.lost, self.busy, self.dedup_hits
 
 
 def group_outcome(ctx: SendContext, items: Sequence[Item]) -> tuple[GroupOutcome | None, list[Outcome]]:

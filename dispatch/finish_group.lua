@@ -1,11 +1,13 @@
--- Record outcomes of one batch-channel run and count them, atomically (track step).
+-- Record outcomes of claimed messages and count them, atomically (track step): a per-message
+-- channel's outcomes (no group: ARGV[5] = ''), or one batch-channel run.
 -- KEYS[1] records hash, KEYS[2] campaign counters hash, KEYS[3] dead-letter set
 -- ARGV[1] owner, ARGV[2] now, ARGV[3] batch number, ARGV[4] retries made (counter delta),
 -- ARGV[5] group state ('' = the group keeps its claim), ARGV[6] group attempts,
 -- ARGV[7] group provider id prefix (a member's id is prefix .. its ref; '' = none),
 -- ARGV[8] group code, ARGV[9] ref prefix ('<campaign>.<batch>.': a member's ref is it .. index),
 -- then groups of 5 for messages with an outcome of their own: index, state, attempts,
--- provider_id, code (states as finish.lua).
+-- provider_id, code. A state is one of sent, failed, suppressed, skipped, retry (claimable
+-- again), dead (failed and dead-lettered).
 -- Own outcomes go first: a group member that gets one leaves the group (members - 1). Then the
 -- group's state covers its remaining members and its counter moves by their number. Only claims
 -- still held by this owner change, so a run taken over by another worker is never counted twice.

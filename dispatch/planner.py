@@ -74,7 +74,7 @@ from dispatch.checks import (
     require_fresh_source,
 )
 from dispatch.config import Settings
-from dispatch.dedup import DEDUP_MEMORY_BYTES, Candidates, Dedup, FingerprintSet
+from dispatch.dedup import DEDUP_MEMORY_BYTES, Candidates, Dedup
 from dispatch.errors import PlanError
 from dispatch.frequency import FrequencyCap, FrequencyStore
 from dispatch.planner_csv import CHUNK_ROWS, Chunk, RowScanner, ScanConfig, scan_csv_file
@@ -83,7 +83,7 @@ from dispatch.snapshot import Row, SnapshotWriter, discard_batches, expire_snaps
 from dispatch.suppression import AddressHasher, SuppressionStore
 from dispatch.validation import ADDRESS_FIELD, AddressValidator
 
-__all__ = ["FingerprintSet", "PlanReport", "Planner", "read_csv_rows"]
+__all__ = ["PlanReport", "Planner", "read_csv_rows"]
 
 #: Most recipients per request of each channel's provider API (per-message APIs use the setting).
 PROVIDER_BATCH_LIMITS = {"email": 1000}
@@ -605,7 +605,7 @@ class Planner:
             dedup.close()
             for run in runs:
                 run.close()
-        unseen = admit.unseen if dedup.size else set()
+        unseen = admit.unseen if admit.kept else set()
         return total, admit.accepted, admit.cost_units, unseen, dedup.deferred
 
     def _cost(self, body: str) -> int:
@@ -654,6 +654,8 @@ class _Admission:
         self._add = schedule.add_encoded
         self._started = started
         self.unseen = set(spec.template_fields)
+        #: First occurrences seen (the template check needs at least one).
+        self.kept = 0
         self.accepted = 0
         self.cost_units = 0
 
@@ -686,6 +688,7 @@ class _Admission:
         (``verdicts``, looked up here when not given) are refused, the rest scheduled."""
         rows, ids, encoded, field_name = c.rows, c.ids, c.encoded, self._field
         keep = [i for i, new in enumerate(fresh) if new]
+        self.kept += len(keep)
         if len(keep) != len(fresh):
             duplicate = str(Reason.DUPLICATE)
             refused.extend((rows[i], ids[i], field_name, duplicate) for i, new in enumerate(fresh) if not new)

@@ -82,7 +82,7 @@ def _script(name: str) -> str:
 
 @dataclass(slots=True)
 class Outcome:
-    """What happened to one claimed message, for the ``finish`` script (one per message on the
+    """What happened to one claimed message, for the ``finish_group.lua`` script (one per message on the
     send path: not frozen, whose ``__init__`` costs several times more)."""
 
     index: int
@@ -154,7 +154,6 @@ class Tracker:
         self._client = client
         self._ttl = ttl_s
         self._claim = client.register_script(_script("claim.lua"))
-        self._finish = client.register_script(_script("finish.lua"))
         self._receipt = client.register_script(_script("receipt.lua"))
         self._claim_group = client.register_script(_script("claim_group.lua"))
         self._finish_group = client.register_script(_script("finish_group.lua"))
@@ -174,14 +173,8 @@ class Tracker:
     async def finish(
         self, campaign_id: str, batch: int, owner: str, outcomes: Sequence[Outcome], *, retries: int = 0
     ) -> int:
-        args: list[Any] = [owner, f"{time.time():.3f}", batch, retries]
-        for o in outcomes:
-            args.extend((o.index, o.state, o.attempts, o.provider_id, o.code))
-        applied = await self._finish(
-            keys=[keys.records(campaign_id, batch), keys.counters(campaign_id), keys.dead_letters(campaign_id)],
-            args=args,
-        )
-        return int(applied)
+        """Record outcomes of messages claimed one by one (per-message channels)."""
+        return await self.finish_group(campaign_id, batch, owner, outcomes, None, retries=retries)
 
     async def claim_group(self, campaign_id: str, batch: int, owner: str, count: int) -> GroupClaim | None:
         """Claim a batch of ``count`` messages for a batch channel: one group record for every
@@ -268,7 +261,7 @@ def iter_records(client: redis.Redis, campaign_id: str, batches: int) -> Iterato
         yield from _batch_records(client, campaign_id, batch)
 
 
-def record_value(records: Mapping[bytes, bytes], campaign_id: str, batch: int, index: int) -> bytes | None:
+def record_value(records: Mapping[bytes, bytes | None], campaign_id: str, batch: int, index: int) -> bytes | None:
     """One message's record in the per-message format (``state|attempts|owner|provider_id|code|
     ts``) from a batch's raw records hash (``HGETALL``, or ``HMGET`` of ``str(index)`` and
     ``"g"`` as a mapping): its own record, else its group's; ``None`` when it has neither."""

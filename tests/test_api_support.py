@@ -13,10 +13,10 @@ from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 import redis
 import redis.asyncio as aredis
 from aiohttp import web
+from postgres_support import connect_test_postgres
 
 from dispatch.api import SEALER, ApiLimits, build_app, make_runner
 from dispatch.api_auth import SCOPES, ApiKeyStore
@@ -159,16 +159,7 @@ def postgres_table(rows: Sequence[Mapping[str, str]]) -> Iterator[tuple[str, str
     """(DSN with a password, table name) of a real table holding ``rows`` (columns from the first
     row, all text) on the PostgreSQL at 127.0.0.1:5432, database ``test``, as tests/test_audience.py
     reaches it; the test is skipped when none answers. The table is dropped afterwards."""
-    psycopg = pytest.importorskip("psycopg", reason="psycopg (extra 'postgres') is not installed")
-    last: Exception | None = None
-    for user in ("postgres", "root"):
-        try:
-            conn = psycopg.connect(host="127.0.0.1", port=5432, dbname="test", user=user, connect_timeout=3)
-            break
-        except psycopg.OperationalError as exc:
-            last = exc
-    else:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 (database 'test', trust auth): {last}")
+    conn, user = connect_test_postgres()
     table = f"dispatch_audience_{secrets.token_hex(4)}"
     columns = list(rows[0])
     try:

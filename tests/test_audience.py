@@ -14,6 +14,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from postgres_support import connect_test_postgres
 
 from dispatch.audience import (
     ColumnMap,
@@ -232,16 +233,7 @@ def test_broken_quotes_and_encodings_lose_no_line(data: bytes) -> None:
 
 @pytest.fixture
 def pg() -> Iterator[Any]:
-    psycopg = pytest.importorskip("psycopg", reason="psycopg (extra 'postgres') is not installed")
-    last: Exception | None = None
-    for user in ("postgres", "root"):
-        try:
-            conn = psycopg.connect(host="127.0.0.1", port=5432, dbname="test", user=user, connect_timeout=3)
-            break
-        except psycopg.OperationalError as exc:
-            last = exc
-    else:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 (database 'test', trust auth): {last}")
+    conn, _ = connect_test_postgres()
     try:
         yield conn
     finally:

@@ -16,9 +16,10 @@ from dispatch import keys
 from dispatch.campaign import CampaignSpec
 from dispatch.checks import QuietHours
 from dispatch.config import Settings, load_settings
+from dispatch.dedup import FingerprintSet
 from dispatch.errors import PlanError
 from dispatch.frequency import AsyncFrequencyStore, FrequencyCap
-from dispatch.planner import FingerprintSet, Planner
+from dispatch.planner import Planner
 from dispatch.snapshot import extend_retention, iter_batches, load_manifest, verify_snapshot
 from dispatch.suppression import GLOBAL, SuppressionStore
 
