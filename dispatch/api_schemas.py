@@ -127,6 +127,10 @@ SCHEMAS: Final[dict[str, dict[str, Any]]] = {
             "verdict": _s("string", enum=["fits", "does_not_fit", "no_deadline"]),
             "required_rate": _NUM_OR_NULL,
             "advice": _s("string"),
+            "speed_factor": _s(
+                "number",
+                description="machine-speed factor the CPU ceiling was scaled by (1: not measured, >1: slower)",
+            ),
         },
         [
             "messages",

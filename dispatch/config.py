@@ -244,6 +244,9 @@ class Settings:
     cpu_per_message_us: float = _setting(
         352.0, "CPU microseconds one message costs over all local processes, for predictions (dispatch loadtest)", low=1
     )
+    cpu_speed_probe: bool = _setting(
+        True, "scale predicted CPU costs by the measured speed of the workers (or this machine); off: fixed costs"
+    )
     metrics_port: int = _setting(0, "port of a worker's /metrics endpoint (0 = none)", low=0, high=65535)
     retention_s: int = _setting(7 * 86400, "seconds campaign data is kept after it ends", low=60)
     sources: AudienceSources = _setting(

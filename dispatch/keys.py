@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "CAMPAIGNS",
+    "WORKER_SPEED",
     "batch",
     "control",
     "counters",
@@ -20,6 +21,8 @@ __all__ = [
 PREFIX = "dp"
 #: Sorted set of campaign ids by creation time.
 CAMPAIGNS = f"{PREFIX}:campaigns"
+#: Hash of the workers' machine-speed probes: worker id -> probe microseconds (dispatch.calibration).
+WORKER_SPEED = f"{PREFIX}:workers:speed"
 
 
 def manifest(cid: str) -> str:

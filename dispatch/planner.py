@@ -37,6 +37,7 @@ different spec under the same id. Snapshot lifetime: see ``dispatch.snapshot``.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import heapq
 import os
@@ -47,7 +48,7 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from itertools import chain, islice
 from pathlib import Path
@@ -67,6 +68,7 @@ from dispatch.audience import (
     read_audience,
     read_header,
 )
+from dispatch.calibration import FACTOR_RANGE, SPEED_MATTERS_S, Speed, measure_speed
 from dispatch.campaign import CampaignSpec
 from dispatch.checks import (
     FreshnessPolicy,
@@ -78,7 +80,7 @@ from dispatch.dedup import DEDUP_MEMORY_BYTES, Candidates, Dedup
 from dispatch.errors import PlanError
 from dispatch.frequency import FrequencyCap, FrequencyStore
 from dispatch.planner_csv import CHUNK_ROWS, Chunk, RowScanner, ScanConfig, scan_csv_file
-from dispatch.prediction import Capacity, cpu_costs, predict
+from dispatch.prediction import Capacity, cpu_costs, predict, speed_shift
 from dispatch.snapshot import Row, SnapshotWriter, discard_batches, expire_snapshot, load_manifest
 from dispatch.suppression import AddressHasher, SuppressionStore
 from dispatch.validation import ADDRESS_FIELD, AddressValidator
@@ -319,8 +321,10 @@ class Planner:
         frequency: FrequencyStore | None = None,
         clock: Callable[[], float] = time.time,
         dedup_memory_bytes: int = DEDUP_MEMORY_BYTES,
+        speed: Callable[[], Speed] | None = None,
     ) -> None:
         self._client = client
+        self._speed = speed or (functools.partial(measure_speed, client) if settings.cpu_speed_probe else Speed.off)
         self._dedup_memory = dedup_memory_bytes
         self._settings = settings
         self._region = default_region
@@ -372,7 +376,9 @@ class Planner:
             suppression=SuppressionStore(client, hasher=hasher),
         )
 
-    def capacity(self, spec: CampaignSpec) -> Capacity:
+    def capacity(self, spec: CampaignSpec, speed_factor: float = 1.0) -> Capacity:
+        """What the workers can do for ``spec``, their CPU costs scaled by ``speed_factor``
+        (:mod:`dispatch.calibration`)."""
         s = self._settings
         machine_cpu, worker_cpu = cpu_costs(spec.channel, s.cpu_per_message_us / 1e6)
         return Capacity(
@@ -385,6 +391,7 @@ class Planner:
             worker_cpu_per_message_s=worker_cpu,
             batch_messages_in_flight=s.workers * s.worker_threads * self.batch_size(spec),
             channel=spec.channel,
+            speed_factor=speed_factor,
         )
 
     def batch_size(self, spec: CampaignSpec) -> int:
@@ -506,13 +513,13 @@ class Planner:
             raise
 
         deadline = spec.deadline.timestamp() if spec.deadline else None
-        prediction = predict(
-            schedule=[(run[0], int(run[1])) for run in schedule.runs],
-            cost_units=cost_units,
-            capacity=self.capacity(spec),
-            start=started,
-            deadline=deadline,
-        )
+        runs = [(run[0], int(run[1])) for run in schedule.runs]
+        capacity = self.capacity(spec)
+        if speed_shift(schedule=runs, cost_units=cost_units, capacity=capacity, slower=FACTOR_RANGE[1]) >= (
+            SPEED_MATTERS_S
+        ):
+            capacity = replace(capacity, speed_factor=self._speed().factor)
+        prediction = predict(schedule=runs, cost_units=cost_units, capacity=capacity, start=started, deadline=deadline)
         retention = self._settings.retention_s
         expires_at = max(prediction.finish, deadline or 0.0) + retention
         cap = self._frequency.cap if self._frequency else None

@@ -4,15 +4,17 @@ The send rate is the smallest of three ceilings:
 
 * the rate limits: the provider account's limit in cost units per second (SMS: segments)
   divided by the average cost of one message, and the campaign's own cap;
-* the workers' in-flight capacity: ``processes x in-flight per process / provider latency``
-  (Little's law);
+* the workers' in-flight capacity: ``processes x in-flight per process / time a slot is held``
+  (Little's law), a slot being held for the provider latency plus the time its process takes to
+  handle the answers that arrive with its own (:data:`SLOT_CPU_SHARE`);
 * the CPU ceiling of the pipeline itself: ``cores / CPU seconds per message`` over everything that
   runs on the machine (workers, Redis, and the mock provider when it is local), and at most
   ``processes / worker CPU seconds per message`` since one worker process uses one core; less
   the batch tails (each running batch idles its slot for one provider latency at its end).
   The CPU costs are *effective* costs: cores divided by the throughput measured when CPU-bound
   (``dispatch bench --prediction``), so they include the time no process could use; they grow
-  slowly with the campaign's size (:func:`size_factor`: SMS +9% per tenfold beyond 100k).
+  slowly with the campaign's size (:func:`size_factor`: SMS +9% per tenfold beyond 100k), and
+  they follow the machine's measured speed (``Capacity.speed_factor``, :mod:`dispatch.calibration`).
 
 Batches held back by quiet hours start no earlier than their ``not_before``; the prediction walks
 the batches in time order, so gaps in the schedule show up in the finish time.
@@ -23,10 +25,10 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-__all__ = ["Capacity", "Prediction", "cpu_costs", "predict", "size_factor"]
+__all__ = ["Capacity", "Prediction", "cpu_costs", "predict", "size_factor", "speed_shift"]
 
 #: Effective CPU cost of one SMS through the full send path (seconds) over every process of the
 #: machine (workers, Redis, the local mock provider): cores / CPU-bound throughput measured by
@@ -44,9 +46,11 @@ BATCH_CHANNEL_CPU_S: dict[str, tuple[float, float]] = {"email": (20.5e-6, 12.0e-
 #: those at 300k and 1M recipients (the mock's and Redis's per-recipient state weighs more there).
 SIZE_REFERENCE = 100_000
 SIZE_SLOPE: dict[str, float] = {"sms": 0.09, "email": 0.24}
-#: Share of the in-flight slots busy when latency-bound (a slot idles between a response and the
-#: next chunk's request): 0.91-0.95 measured at 200 and 500 ms.
-INFLIGHT_EFFICIENCY = 0.93
+#: When latency-bound, a slot is held for the provider latency plus its wait while the process
+#: handles the other answers that came back with its own: this share of all its slots' messages'
+#: CPU time (machine-wide cost x processes per core). 0.4 fits 1 worker at 200 ms and 2 at 500 ms
+#: within 2% both on a normal day and on one 2.7x slower (a constant share of 0.93 did not).
+SLOT_CPU_SHARE = 0.4
 
 
 def cpu_costs(channel: str, cpu_per_message_s: float) -> tuple[float, float]:
@@ -75,6 +79,9 @@ class Capacity:
     batch_messages_in_flight: int = 0
     #: The channel (its CPU cost's growth with the campaign size, :data:`SIZE_SLOPE`).
     channel: str = "sms"
+    #: CPU time the work takes now over the time it took when the costs were measured
+    #: (:mod:`dispatch.calibration`): both CPU costs are multiplied by it.
+    speed_factor: float = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +97,8 @@ class Prediction:
     verdict: Literal["fits", "does_not_fit", "no_deadline"]
     required_rate: float | None
     advice: str
+    #: The machine-speed factor the CPU ceiling was scaled by (1.0: not measured).
+    speed_factor: float = 1.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,16 +115,14 @@ def size_factor(messages: int, channel: str = "sms") -> float:
 
 def _ceilings(capacity: Capacity, avg_cost: float, messages: int) -> dict[str, float]:
     cores = capacity.cores or os.cpu_count() or 1
-    scale = size_factor(messages, capacity.channel)
-    cpu = min(
-        cores / (capacity.cpu_per_message_s * scale),
-        capacity.processes / (capacity.worker_cpu_per_message_s * scale),
-    )
+    scale = size_factor(messages, capacity.channel) * capacity.speed_factor
+    machine_cpu = capacity.cpu_per_message_s * scale
+    cpu = min(cores / machine_cpu, capacity.processes / (capacity.worker_cpu_per_message_s * scale))
+    slots = capacity.inflight_per_process
+    # Little's law over every slot: each holds a message for the latency plus its wait (above)
+    slot_s = capacity.latency_s + SLOT_CPU_SHARE * slots * machine_cpu * capacity.processes / cores
     ceilings = {
-        "worker_capacity": INFLIGHT_EFFICIENCY
-        * capacity.processes
-        * capacity.inflight_per_process
-        / max(capacity.latency_s, 1e-4),
+        "worker_capacity": capacity.processes * slots / max(slot_s, 1e-6),
         "cpu": _with_batch_tails(cpu, capacity),
     }
     if capacity.provider_rate:
@@ -131,6 +138,27 @@ def _with_batch_tails(rate: float, capacity: Capacity) -> float:
     if capacity.batch_messages_in_flight <= 0 or capacity.latency_s <= 0:
         return rate
     return 1.0 / (1.0 / rate + capacity.latency_s / capacity.batch_messages_in_flight)
+
+
+def _finish(schedule: Sequence[tuple[float, int]], start: float, rate: float) -> float:
+    clock = start + STARTUP_S
+    for not_before, n in sorted(schedule):
+        clock = max(clock, not_before) + n / rate
+    return clock
+
+
+def speed_shift(*, schedule: Sequence[tuple[float, int]], cost_units: int, capacity: Capacity, slower: float) -> float:
+    """Seconds later the campaign would finish on a machine ``slower`` times slower than
+    ``capacity`` assumes (0 when rate limits bind either way): whether measuring the speed matters."""
+    messages = sum(n for _, n in schedule)
+    if not messages:
+        return 0.0
+    avg_cost = cost_units / messages
+    rates = [
+        min(_ceilings(replace(capacity, speed_factor=capacity.speed_factor * k), avg_cost, messages).values())
+        for k in (1.0, slower)
+    ]
+    return _finish(schedule, 0.0, rates[1]) - _finish(schedule, 0.0, rates[0])
 
 
 def predict(
@@ -151,10 +179,7 @@ def predict(
     ceilings = _ceilings(capacity, avg_cost, messages)
     bottleneck = min(ceilings, key=lambda k: ceilings[k])
     rate = ceilings[bottleneck]
-    clock = start + STARTUP_S
-    for not_before, n in sorted(schedule):
-        clock = max(clock, not_before) + n / rate
-    finish = clock if messages else start
+    finish = _finish(schedule, start, rate) if messages else start
     duration = finish - start
     required: float | None = None
     if deadline is None:
@@ -186,4 +211,5 @@ def predict(
         verdict=verdict,
         required_rate=required,
         advice=advice,
+        speed_factor=round(capacity.speed_factor, 3),
     )

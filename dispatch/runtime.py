@@ -32,6 +32,7 @@ from channels.sms import TwilioConfig, TwilioSms
 from channels.webhook import SignedWebhook, WebhookConfig
 from dispatch import keys
 from dispatch.broker import BROKER_NAMESPACE, QUEUE
+from dispatch.calibration import EWMA_WEIGHT, REPROBE_EVERY_S, FleetSpeed, probe_us
 from dispatch.config import Settings
 from dispatch.control import CampaignControl
 from dispatch.engine import (
@@ -139,6 +140,8 @@ class WorkerRuntime:
         self._broker_client: aredis.Redis | None = None
         self._limiter: RedisRateLimiter | None = None
         self._limiter_keys: list[str] = []
+        self._fleet = FleetSpeed(self._sync)
+        self._prober = threading.Thread(target=self._probe_speed, name="dispatch-speed-probe", daemon=True)
 
     @property
     def engine(self) -> Engine:
@@ -154,6 +157,8 @@ class WorkerRuntime:
         self._thread.start()
         self.run(self._open())
         self._heartbeat.start()
+        if self.settings.cpu_speed_probe:
+            self._prober.start()
 
     async def _open(self) -> None:
         s = self.settings
@@ -230,6 +235,19 @@ class WorkerRuntime:
         self._sync.set(keys.worker_alive(self.owner), b"1", px=ttl_ms)
         self._broker.do_qsize(QUEUE)  # any broker command refreshes dramatiq's heartbeat
 
+    def _probe_speed(self) -> None:
+        """Probe the machine's speed (about a second, ~2% of it CPU) every REPROBE_EVERY_S and
+        publish the running average (its own thread: the heartbeat must never wait for it)."""
+        average: float | None = None
+        while not self._stop.is_set():
+            try:
+                probe = probe_us()
+                average = probe if average is None else average + EWMA_WEIGHT * (probe - average)
+                self._fleet.publish(self.owner, average)
+            except (redis.RedisError, OSError) as exc:  # Redis restarting: next time
+                log.warning("speed probe failed: %s", exc)
+            self._stop.wait(REPROBE_EVERY_S)
+
     def _beat(self) -> None:
         last_gauges = 0.0
         while not self._stop.wait(HEARTBEAT_EVERY_S):
@@ -283,6 +301,8 @@ class WorkerRuntime:
         self._stop.set()
         if self._heartbeat.is_alive():
             self._heartbeat.join(timeout=2)
+        if self._prober.is_alive():
+            self._prober.join(timeout=5)
         if self._thread.is_alive():
             with contextlib.suppress(Exception):
                 self.run(self._close())
@@ -290,6 +310,7 @@ class WorkerRuntime:
             self._thread.join(timeout=5)
         with contextlib.suppress(redis.RedisError):
             self._sync.delete(keys.worker_alive(self.owner))
+            self._fleet.withdraw(self.owner)
         self._sync.close()
         if self.metrics_server is not None:
             self.metrics_server.close()

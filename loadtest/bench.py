@@ -183,13 +183,16 @@ def prediction_matrix(
             "lost": report["lost"],
             "duplicates": report["duplicates"],
             "cpu_us_per_message": report["cpu"]["us_per_message"],
+            "speed_factor": pred["speed_factor"],
+            "speed_factor_after": pred["speed_factor_after"],
         }
         rows.append(row)
         if not quiet:
             print(f"  {channel:<5} {recipients:>9,} rcpt {workers} w {latency:>5g} ms limit {rate or '-':>5} | "
                   f"{row['bottleneck']:<15} predicted {row['predicted_s']:7.2f} s actual {row['actual_s']:7.2f} s "
                   f"error {row['error_pct']:+6.1f}% | {row['mean_rate']:>7,.0f} msg/s peak {row['peak_1s']:,} "
-                  f"lost {row['lost']} dup {row['duplicates']}", flush=True)  # fmt: skip
+                  f"lost {row['lost']} dup {row['duplicates']} | speed {row['speed_factor']:.2f}/"
+                  f"{row['speed_factor_after']:.2f}", flush=True)  # fmt: skip
     return rows
 
 

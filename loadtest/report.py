@@ -218,7 +218,9 @@ def format_report(report: Mapping[str, Any]) -> str:
         f"throughput  mean {thr['mean']:,.0f} msg/s, sustained (median 1-s) {thr['sustained']:,.0f} msg/s",
         f"latency     p50 {ms(lat['p50'])} ms  p95 {ms(lat['p95'])} ms  p99 {ms(lat['p99'])} ms",
         f"duration    predicted {pred['predicted_s']:.2f} s ({pred['bottleneck']}), "
-        f"actual {pred['actual_s']:.2f} s, error {pred['error_pct']:+.1f}%",
+        f"actual {pred['actual_s']:.2f} s, error {pred['error_pct']:+.1f}% "
+        f"(machine speed factor {pred.get('speed_factor', 1.0):.2f} at plan, "
+        f"{pred.get('speed_factor_after', 1.0):.2f} after)",
         f"peak 1-s    {prov['peak_1s']:,} msg/s at the provider ({limit_text})",
     ]
     cpu = report.get("cpu")

@@ -39,6 +39,7 @@ import orjson
 import redis
 
 from dispatch.broker import build_broker, enqueue_batch
+from dispatch.calibration import probe_us, speed_factor
 from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings
 from dispatch.control import CampaignControl, CampaignStatus
@@ -405,6 +406,7 @@ def _with_workers(
             baseline=baseline,
         )
         cpu = meter.stop()
+        speed_after = probe_us()
         time.sleep(0.2)  # answers in flight when the counters completed reach the ledger
         stats = cluster.mock_stats()
         profile = profiler.finish(options.profile_s + 15) if profiler is not None else None
@@ -424,6 +426,7 @@ def _with_workers(
         stats=stats,
         latency=diff_buckets(final_buckets, baseline),
     )
+    report["prediction"]["speed_factor_after"] = round(speed_factor(speed_after), 3)  # probed after the send
     sent = max(1, report["sent"])
     report["cpu"] = {
         "seconds": cpu,
@@ -563,6 +566,7 @@ def _build_report(
             "bottleneck": plan["prediction"]["bottleneck"],
             "predicted_rate": round(float(plan["prediction"]["rate"]), 1),
             "plan_s": round(plan_s, 3),
+            "speed_factor": plan["prediction"].get("speed_factor", 1.0),  # the plan's (dispatch.calibration)
         },
         "provider": {
             "accepted": int(stats["accepted"]),
