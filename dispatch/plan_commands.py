@@ -118,7 +118,9 @@ def format_report(report: PlanReport) -> str:
         lines.append(f"  due {when}  {group['recipients']:>10,} recipients in {group['batches']:,} batches")
     start = datetime.fromtimestamp(p["start"], UTC).isoformat(timespec="seconds")
     finish = datetime.fromtimestamp(p["finish"], UTC).isoformat(timespec="seconds")
-    lines.append(f"  prediction   {p['rate']:,.1f} msg/s ({p['bottleneck']}), {p['duration_s']:,.0f} s")
+    speed = p.get("speed_factor", 1.0)
+    measured = f", machine {speed:.2f}x the reference's CPU time" if speed != 1.0 else ""
+    lines.append(f"  prediction   {p['rate']:,.1f} msg/s ({p['bottleneck']}{measured}), {p['duration_s']:,.0f} s")
     lines.append(f"               start {start}, finish {finish}")
     lines.append(f"  verdict      {p['verdict']}: {p['advice']}")
     if report.rejected_file:
