@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import socket
 import statistics
 import time
@@ -48,8 +49,11 @@ __all__ = [
     "speed_factor",
 ]
 
-#: Probe CPU microseconds per unit on the machine and at the moment the prediction's CPU costs
-#: were fitted (see BENCHMARKS.md, prediction matrix).
+log = logging.getLogger("dispatch.calibration")
+
+#: Probe CPU microseconds per request on the machine and at the moment the prediction's CPU costs
+#: were fitted (2026-11-25); bridged through the raw ceiling's CPU per message measured beside the
+#: probe the next day (BENCHMARKS.md, prediction matrix).
 REFERENCE_PROBE_US = 160.0
 #: Seconds between a worker's probes; its published figure is a running average (weight of the
 #: newest probe: :data:`EWMA_WEIGHT`).
@@ -61,6 +65,8 @@ FACTOR_RANGE = (0.25, 4.0)
 _ROUND_REQUESTS = 20
 _ROUNDS = 40
 _GAP_S = 0.02
+#: A probe that has not finished by then raises TimeoutError (a stalled machine is no forecast).
+PROBE_TIMEOUT_S = 30.0
 #: A planner measures the speed only when a machine :data:`FACTOR_RANGE`'s top times slower
 #: would move the campaign's finish by at least this much (rate-bound and small campaigns: never).
 SPEED_MATTERS_S = 1.0
@@ -114,7 +120,7 @@ def probe_us(rounds: int = _ROUNDS, gap_s: float = _GAP_S) -> float:
     if rounds < 1:
         raise ValueError("rounds must be at least 1")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_probe(rounds, gap_s))
+        return runner.run(asyncio.wait_for(_probe(rounds, gap_s), PROBE_TIMEOUT_S))
 
 
 def speed_factor(probe: float) -> float:
@@ -167,10 +173,15 @@ class FleetSpeed:
 
 
 def measure_speed(client: redis.Redis) -> Speed:
-    """The live workers' median speed factor, else this machine's (probed now)."""
+    """The live workers' median speed factor, else this machine's (probed now; factor 1 if the
+    probe fails)."""
     figures = list(FleetSpeed(client).live().values())
     if figures:
         probe = statistics.median(figures)
         return Speed(speed_factor(probe), probe, "workers", len(figures))
-    probe = probe_us()
+    try:
+        probe = probe_us()
+    except (OSError, aiohttp.ClientError) as exc:  # no loopback socket, a stall: predict unscaled
+        log.warning("speed probe failed, predicting with the reference machine's speed: %s", exc)
+        return Speed.off()
     return Speed(speed_factor(probe), probe, "local", 1)

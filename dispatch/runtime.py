@@ -244,7 +244,7 @@ class WorkerRuntime:
                 probe = probe_us()
                 average = probe if average is None else average + EWMA_WEIGHT * (probe - average)
                 self._fleet.publish(self.owner, average)
-            except (redis.RedisError, OSError) as exc:  # Redis restarting: next time
+            except (redis.RedisError, OSError, aiohttp.ClientError) as exc:  # Redis restarting, a stall: next time
                 log.warning("speed probe failed: %s", exc)
             self._stop.wait(REPROBE_EVERY_S)
 

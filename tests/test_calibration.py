@@ -63,6 +63,19 @@ def test_without_workers_the_planner_probes_its_own_machine(redis_client: redis.
     assert speed.factor == speed_factor(speed.probe_us)
 
 
+def test_a_failing_probe_leaves_the_costs_unscaled(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import dispatch.calibration
+
+    def stalled(rounds: int = 1, gap_s: float = 0.0) -> float:
+        raise TimeoutError("probe stalled")
+
+    monkeypatch.setattr(dispatch.calibration, "probe_us", stalled)
+    assert measure_speed(redis_client) == Speed.off()
+    assert "speed probe failed" in caplog.text
+
+
 def test_cpu_costs_scale_with_the_speed_factor() -> None:
     def duration(factor: float) -> float:
         capacity = Capacity(
