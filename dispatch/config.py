@@ -242,7 +242,9 @@ class Settings:
     callback_base_url: str | None = _setting(None, "public base URL providers post receipts to")
     provider_latency_ms: float = _setting(20.0, "expected provider latency for predictions", low=0)
     cpu_per_message_us: float = _setting(
-        352.0, "CPU microseconds one message costs over all local processes, for predictions (dispatch loadtest)", low=1
+        352.0,
+        "CPU microseconds one message costs over all local processes at the reference speed, for predictions",
+        low=1,
     )
     cpu_speed_probe: bool = _setting(
         True, "scale predicted CPU costs by the measured speed of the workers (or this machine); off: fixed costs"
