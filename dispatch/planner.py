@@ -306,7 +306,10 @@ class Planner:
     ``suppression``: the opt-out store to consult (None: no plan-time suppression check; the send
     path re-checks anyway); ``frequency_cap`` (or a ready ``frequency`` store): the cross-campaign
     cap (None: none). Both must hash addresses the same way (``hasher``, default: the
-    suppression store's). :meth:`with_redis_checks` builds a planner with both on.
+    suppression store's). :meth:`with_redis_checks` builds a planner with both on. ``speed``: how
+    much slower than the reference the machines run now, asked only where it moves the predicted
+    finish (default: :func:`dispatch.calibration.measure_speed`, or factor 1 when the
+    ``cpu_speed_probe`` setting is off).
     """
 
     def __init__(
