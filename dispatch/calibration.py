@@ -44,6 +44,7 @@ __all__ = [
     "SPEED_MATTERS_S",
     "FleetSpeed",
     "Speed",
+    "local_speed",
     "measure_speed",
     "probe_us",
     "speed_factor",
@@ -166,22 +167,36 @@ class FleetSpeed:
             for owner in owners:
                 pipe.exists(keys.worker_alive(owner))
             alive = pipe.execute()
-        dead = [owner for owner, exists in zip(owners, alive, strict=True) if not exists]
-        if dead:
-            self._client.hdel(keys.WORKER_SPEED, *dead)
-        return {owner: published[owner] for owner, exists in zip(owners, alive, strict=True) if exists}
+        live = {owner: published[owner] for owner, exists in zip(owners, alive, strict=True) if exists}
+        if len(live) < len(published):
+            self._client.hdel(keys.WORKER_SPEED, *(set(published) - set(live)))
+        return live
 
 
-def measure_speed(client: redis.Redis) -> Speed:
-    """The live workers' median speed factor, else this machine's (probed now; factor 1 if the
-    probe fails)."""
-    figures = list(FleetSpeed(client).live().values())
-    if figures:
-        probe = statistics.median(figures)
-        return Speed(speed_factor(probe), probe, "workers", len(figures))
+def local_speed() -> Speed:
+    """This machine's speed, probed now (factor 1 and a warning if the probe fails)."""
     try:
         probe = probe_us()
     except (OSError, aiohttp.ClientError) as exc:  # no loopback socket, a stall: predict unscaled
         log.warning("speed probe failed, predicting with the reference machine's speed: %s", exc)
         return Speed.off()
     return Speed(speed_factor(probe), probe, "local", 1)
+
+
+def measure_speed(client: redis.Redis) -> Speed:
+    """The live workers' median speed factor, else this machine's (:func:`local_speed`)."""
+    figures = list(FleetSpeed(client).live().values())
+    if figures:
+        probe = statistics.median(figures)
+        speed = Speed(speed_factor(probe), probe, "workers", len(figures))
+    else:
+        speed = local_speed()
+    if speed.probe_us is not None:
+        log.info(
+            "CPU costs scaled by speed factor %.2f (probe %.0f us, %s, %d figure(s))",
+            speed.factor,
+            speed.probe_us,
+            speed.source,
+            speed.samples,
+        )
+    return speed

@@ -132,6 +132,13 @@ def _ceilings(capacity: Capacity, avg_cost: float, messages: int) -> dict[str, f
     return ceilings
 
 
+def _bottleneck(capacity: Capacity, avg_cost: float, messages: int) -> tuple[str, float]:
+    """The lowest ceiling: its name and rate (messages/s)."""
+    ceilings = _ceilings(capacity, avg_cost, messages)
+    name = min(ceilings, key=lambda k: ceilings[k])
+    return name, ceilings[name]
+
+
 def _with_batch_tails(rate: float, capacity: Capacity) -> float:
     """A CPU-bound rate less the batch tails: a batch's last responses keep its worker slot idle
     for about one provider latency, once per batch of each slot."""
@@ -154,11 +161,11 @@ def speed_shift(*, schedule: Sequence[tuple[float, int]], cost_units: int, capac
     if not messages:
         return 0.0
     avg_cost = cost_units / messages
-    rates = [
-        min(_ceilings(replace(capacity, speed_factor=capacity.speed_factor * k), avg_cost, messages).values())
+    now, slow = (
+        _bottleneck(replace(capacity, speed_factor=capacity.speed_factor * k), avg_cost, messages)[1]
         for k in (1.0, slower)
-    ]
-    return _finish(schedule, 0.0, rates[1]) - _finish(schedule, 0.0, rates[0])
+    )
+    return _finish(schedule, 0.0, slow) - _finish(schedule, 0.0, now)
 
 
 def predict(
@@ -176,9 +183,7 @@ def predict(
     """
     messages = sum(n for _, n in schedule)
     avg_cost = cost_units / messages if messages else 1.0
-    ceilings = _ceilings(capacity, avg_cost, messages)
-    bottleneck = min(ceilings, key=lambda k: ceilings[k])
-    rate = ceilings[bottleneck]
+    bottleneck, rate = _bottleneck(capacity, avg_cost, messages)
     finish = _finish(schedule, start, rate) if messages else start
     duration = finish - start
     required: float | None = None

@@ -39,7 +39,7 @@ import orjson
 import redis
 
 from dispatch.broker import build_broker, enqueue_batch
-from dispatch.calibration import probe_us, speed_factor
+from dispatch.calibration import local_speed
 from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings
 from dispatch.control import CampaignControl, CampaignStatus
@@ -406,7 +406,7 @@ def _with_workers(
             baseline=baseline,
         )
         cpu = meter.stop()
-        speed_after = probe_us()
+        speed_after = local_speed().factor
         time.sleep(0.2)  # answers in flight when the counters completed reach the ledger
         stats = cluster.mock_stats()
         profile = profiler.finish(options.profile_s + 15) if profiler is not None else None
@@ -426,7 +426,7 @@ def _with_workers(
         stats=stats,
         latency=diff_buckets(final_buckets, baseline),
     )
-    report["prediction"]["speed_factor_after"] = round(speed_factor(speed_after), 3)  # probed after the send
+    report["prediction"]["speed_factor_after"] = round(speed_after, 3)  # probed after the send
     sent = max(1, report["sent"])
     report["cpu"] = {
         "seconds": cpu,

@@ -23,7 +23,7 @@ from dispatch.calibration import (
 from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings, load_settings
 from dispatch.planner import Planner
-from dispatch.prediction import Capacity, predict
+from dispatch.prediction import STARTUP_S, Capacity, Prediction, predict
 from loadtest.cluster import LocalCluster
 
 
@@ -76,32 +76,26 @@ def test_a_failing_probe_leaves_the_costs_unscaled(
     assert "speed probe failed" in caplog.text
 
 
+#: Two unlimited workers on two cores with no provider latency: CPU-bound.
+TWO_WORKERS = Capacity(
+    processes=2, inflight_per_process=256, latency_s=0.0, provider_rate=None, campaign_rate=None, cores=2
+)
+
+
+def _predict(capacity: Capacity, messages: int) -> Prediction:
+    return predict(schedule=[(0.0, messages)], cost_units=messages, capacity=capacity, start=0.0, deadline=None)
+
+
 def test_cpu_costs_scale_with_the_speed_factor() -> None:
     def duration(factor: float) -> float:
-        capacity = Capacity(
-            processes=2,
-            inflight_per_process=256,
-            latency_s=0.0,
-            provider_rate=None,
-            campaign_rate=None,
-            cores=2,
-            speed_factor=factor,
-        )
-        prediction = predict(schedule=[(0.0, 100_000)], cost_units=100_000, capacity=capacity, start=0.0, deadline=None)
+        prediction = _predict(replace(TWO_WORKERS, speed_factor=factor), 100_000)
         assert prediction.bottleneck == "cpu" and prediction.speed_factor == factor
-        return prediction.duration_s - 0.2  # less the start-up
+        return prediction.duration_s - STARTUP_S
 
     assert duration(2.0) == pytest.approx(2 * duration(1.0))
     # a rate-bound campaign does not care how fast the machine is
-    limited = Capacity(processes=2, inflight_per_process=256, latency_s=0.0, provider_rate=100.0, campaign_rate=None)
     for factor in (1.0, 3.0):
-        prediction = predict(
-            schedule=[(0.0, 1000)],
-            cost_units=1000,
-            capacity=replace(limited, speed_factor=factor),
-            start=0.0,
-            deadline=None,
-        )
+        prediction = _predict(replace(TWO_WORKERS, provider_rate=100.0, speed_factor=factor), 1000)
         assert prediction.bottleneck == "provider_rate" and prediction.duration_s == pytest.approx(10.2)
 
 
