@@ -27,14 +27,15 @@ import asyncio
 import contextlib
 import csv
 import dataclasses
+import gc
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,9 @@ from dispatch.api_auth import ApiKeyStore
 from dispatch.config import Settings, load_settings
 from loadtest.audience import generate_rows
 from loadtest.cluster import LocalCluster
+from loadtest.http_lite import LiteHttp, LiteHttpError
 from loadtest.report import summarize_profile
-from loadtest.runner import children_running, cpu_seconds
+from loadtest.runner import children_running, cpu_seconds, free_port
 
 __all__ = ["Phase", "main", "run_phase"]
 
@@ -66,6 +68,9 @@ class Phase:
     campaign_accepted: int = 0
     #: CPU seconds of each part of the deployment during the phase
     parts_cpu_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: (seconds from the phase's start to the request's due time, latency ms, ms the bench itself was
+    #: late to send it), in completion order
+    timeline: list[tuple[float, float, float]] = dataclasses.field(default_factory=list)
 
     def line(self) -> str:
         lat = sorted(self.latencies_ms)
@@ -88,62 +93,92 @@ class Phase:
         )
 
 
+#: (method, path, headers, body) of request i
+MakeRequest = Callable[[int], tuple[str, str, dict[str, str], bytes]]
+#: sends one request: (status, body)
+Send = Callable[[str, str, dict[str, str], bytes], Awaitable[tuple[int, bytes]]]
+
+
+def aiohttp_sender(session: aiohttp.ClientSession, base: str) -> Send:
+    async def send(method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+        async with session.request(method, base + path, headers=headers, data=body or None) as response:
+            return response.status, await response.read()
+
+    return send
+
+
 async def run_phase(
     name: str,
-    session: aiohttp.ClientSession,
-    make_request: Any,
+    send: Send,
+    make_request: MakeRequest,
     *,
     rate: float,
     seconds: float,
     server_pid: int | None = None,
     parts: dict[str, list[int]] | None = None,
 ) -> Phase:
-    """Fire ``make_request(i)`` (-> (method, url, kwargs)) open-loop at ``rate`` for ``seconds``."""
+    """Fire ``make_request(i)`` open-loop at ``rate`` for ``seconds``. The bench's own garbage
+    collector is off meanwhile (as ``timeit`` does): a full collection over thousands of tasks
+    stalls the bench's loop for tens of ms, which an open-loop measurement charges to the server."""
     total = int(rate * seconds)
     latencies: list[float] = []
+    timeline: list[tuple[float, float, float]] = []
     errors = queued = 0
     cpu_before = cpu_seconds(server_pid) if server_pid else None
     parts_before = _parts_cpu(parts or {})
     clock = time.perf_counter  # uvloop's loop.time() has millisecond resolution
+    requests = [make_request(i) for i in range(total)]
+    collecting = gc.isenabled()
+    gc.disable()
     start = clock() + 0.05
 
     async def one(i: int, due: float) -> None:
         nonlocal errors, queued
-        method, url, kwargs = make_request(i)
+        lag = clock() - due
         try:
-            async with session.request(method, url, **kwargs) as response:
-                body = await response.read()
-                ok = response.status < 400
-                queued += response.status == 202 and b'"state":"queued"' in body
-        except aiohttp.ClientError:
+            status, body = await send(*requests[i])
+            ok = status < 400
+            queued += status == 202 and b'"state":"queued"' in body
+        except (aiohttp.ClientError, LiteHttpError, OSError):
             ok = False
         latencies.append((clock() - due) * 1000)
+        timeline.append((due - start, latencies[-1], lag * 1000))
         if not ok:
             errors += 1
 
     tasks: list[asyncio.Task[None]] = []
-    for i in range(total):
-        due = start + i / rate
-        delay = due - clock()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(i, due)))
-    await asyncio.gather(*tasks)
+    try:
+        for i in range(total):
+            due = start + i / rate
+            delay = due - clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, due)))
+        await asyncio.gather(*tasks)
+    finally:
+        if collecting:
+            gc.enable()
     cpu_after = cpu_seconds(server_pid) if server_pid else None
     used = cpu_after - cpu_before if cpu_after is not None and cpu_before is not None else None
     parts_used = {name: after - parts_before.get(name, 0.0) for name, after in _parts_cpu(parts or {}).items()}
-    return Phase(name, total, errors, latencies, max(seconds, clock() - start), used, queued, 0, parts_used)
+    return Phase(name, total, errors, latencies, max(seconds, clock() - start), used, queued, 0, parts_used, timeline)
 
 
 def _parts_cpu(parts: dict[str, list[int]]) -> dict[str, float]:
     return {name: sum(cpu_seconds(pid) or 0.0 for pid in pids) for name, pids in parts.items()}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+def _write_timeline(path: Path, phases: list[Phase]) -> None:
+    """One row per request: phase, seconds from the phase's start to its due time, latency (ms), and
+    how late the bench's own event loop was to send it (ms; a slow bench, not a slow server)."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["phase", "due_s", "latency_ms", "bench_lag_ms"])
+        for phase in phases:
+            writer.writerows(
+                (phase.name, f"{due:.6f}", f"{ms:.3f}", f"{lag:.3f}") for due, ms, lag in sorted(phase.timeline)
+            )
+    print(f"timeline: {path}", flush=True)
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
@@ -199,27 +234,29 @@ async def _bench(
     run_id = os.urandom(4).hex()
     phases: list[Phase] = []
     connector = aiohttp.TCPConnector(limit=512)
+    lite = LiteHttp(*_host_port(base))
     async with aiohttp.ClientSession(connector=connector) as session:
+        send: Send = lite.request if args.client == "lite" else aiohttp_sender(session, base)
 
-        def health(i: int) -> tuple[str, str, dict[str, Any]]:
-            return "GET", f"{base}/healthz", {}
+        def health(i: int) -> tuple[str, str, dict[str, str], bytes]:
+            return "GET", "/healthz", {}, b""
 
-        def message(prefix: str) -> Any:
-            def make(i: int) -> tuple[str, str, dict[str, Any]]:
+        def message(prefix: str) -> MakeRequest:
+            def make(i: int) -> tuple[str, str, dict[str, str], bytes]:
                 body: dict[str, Any] = {"channel": "sms", "to": f"+4474009{i % 100_000:05d}"}
                 body["body"] = "Your code is $code"
                 body["attributes"] = {"code": f"{prefix}-{i:06d}"}
                 headers = {**auth, "Idempotency-Key": f"{run_id}-{prefix}-{i}", "Content-Type": "application/json"}
-                return "POST", f"{base}/v1/messages", {"data": orjson.dumps(body), "headers": headers}
+                return "POST", "/v1/messages", headers, orjson.dumps(body)
 
             return make
 
         # warm connections and the triggered campaign
-        phases.append(await run_phase("warm-up", session, message("warm"), rate=200, seconds=1))
+        phases.append(await run_phase("warm-up", send, message("warm"), rate=200, seconds=1))
         phases.append(
             await run_phase(
                 "baseline GET /healthz",
-                session,
+                send,
                 health,
                 rate=args.rate,
                 seconds=args.seconds,
@@ -231,7 +268,7 @@ async def _bench(
         phases.append(
             await run_phase(
                 "POST /v1/messages idle",
-                session,
+                send,
                 message("idle"),
                 rate=args.rate,
                 seconds=args.seconds,
@@ -255,7 +292,7 @@ async def _bench(
             await asyncio.sleep(1.0)  # let the workers reach full speed
             busy = await run_phase(
                 "POST /v1/messages + campaign",
-                session,
+                send,
                 message("busy"),
                 rate=args.rate,
                 seconds=args.seconds,
@@ -270,7 +307,13 @@ async def _bench(
                 f"({status['current_rate']:.0f} msg/s)",
                 flush=True,
             )
+    lite.close()
     return phases
+
+
+def _host_port(base: str) -> tuple[str, int]:
+    host, _, port = base.removeprefix("http://").partition(":")
+    return host, int(port)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,6 +334,15 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="renice the mock provider (it stands for a remote provider, not for a process of the deployment)",
+    )
+    parser.add_argument(
+        "--client",
+        choices=("lite", "aiohttp"),
+        default="lite",
+        help="the load generator: a minimal keep-alive HTTP/1.1 client (few us per request) or aiohttp's",
+    )
+    parser.add_argument(
+        "--timeline", default="", metavar="CSV", help="write every request's phase, due time and latency"
     )
     parser.add_argument("--drain", type=float, default=60.0, help="seconds to wait for the mock to get every message")
     args = parser.parse_args(argv)
@@ -313,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                     os.setpriority(os.PRIO_PROCESS, pid, args.mock_nice)
                 print(f"the mock provider runs at nice {args.mock_nice}", flush=True)
             assert cluster.target is not None
-            port = _free_port()
+            port = free_port()
             base = f"http://127.0.0.1:{port}"
             server = subprocess.Popen(
                 [sys.executable, "-m", "dispatch.cli", "serve", "--port", str(port)],
@@ -326,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                 _wait_ready(base, server)
                 client = redis.Redis.from_url(cluster.target.app_url)
                 token, _ = ApiKeyStore(client).create("write", "bench")
+                redis_pid = int(client.info("server")["process_id"])
                 client.close()
                 print(f"API at {base}; {args.rate:.0f} req/s for {args.seconds:.0f} s per phase, open loop", flush=True)
                 print(f"before: {_load()}", flush=True)
@@ -334,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                     "workers": [proc.pid for proc in cluster.worker_processes],
                     "mock": children_running("loadtest.mock_provider"),
                     "bench": [os.getpid()],
+                    "redis": [redis_pid],  # a local server; cpu_seconds gives None for one elsewhere
                 }
                 phases = uvloop.run(_bench(base, token, args, audience, server_pid=server.pid, parts=parts))
                 print(f"after:  {_load()}", flush=True)
@@ -351,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                     server.wait()
             for phase in phases:
                 print(phase.line())
+            if args.timeline:
+                _write_timeline(Path(args.timeline), phases)
             stats = cluster.mock_stats()
             print(
                 f"mock provider: {stats['accepted']} messages accepted of {expected} queued "
