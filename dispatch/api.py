@@ -75,7 +75,6 @@ from dispatch.campaign import CampaignSpec
 from dispatch.checks import Reason
 from dispatch.config import Settings
 from dispatch.control import CampaignControl, EnqueueFn
-from dispatch.cpu import request_slice
 from dispatch.errors import AudienceError, CampaignNotFound, CampaignStateError, DispatchError, PlanError
 from dispatch.planner import Planner, PlanReport
 from dispatch.receipts import ReceiptApplier
@@ -875,8 +874,6 @@ async def serve(
     # collection so a full one stays short under load
     gc.collect()
     gc.freeze()
-    if settings.api_cpu_slice_us:
-        request_slice(settings.api_cpu_slice_us)  # the event loop's thread and the pools' threads after it
     done = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -200,12 +200,6 @@ class Settings:
         low=0,
         high=19,
     )
-    api_cpu_slice_us: int = _setting(
-        100,
-        "CPU time slice (us) the API asks of Linux 6.12+ (0: the kernel's): a request preempts workers at once",
-        low=0,
-        high=100_000,
-    )
     send_concurrency: int = _setting(256, "provider requests in flight per worker process", low=1, high=10_000)
     batch_size: int = _setting(
         500,

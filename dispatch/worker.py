@@ -6,6 +6,7 @@ Scale out by starting more of these, on any machine that reaches the same Redis.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -19,7 +20,6 @@ from dramatiq.brokers.redis import RedisBroker
 
 from dispatch.broker import ACTOR_NAME, QUEUE, build_broker, enqueue_batch
 from dispatch.config import Settings
-from dispatch.cpu import yield_cpu
 from dispatch.redisdb import resolve_redis
 from dispatch.runtime import WorkerRuntime
 from ratelimit import BackendUnavailable
@@ -70,10 +70,21 @@ def declare_actor(broker: RedisBroker, runtime: WorkerRuntime) -> dramatiq.Actor
     return actor
 
 
+def _yield_cpu(nice: int) -> None:
+    """Throughput-bound: leave the CPU to latency-bound neighbours (the API) when they need it.
+
+    Set before any thread starts: Linux applies niceness per thread and new threads inherit it.
+    (SCHED_BATCH as well was measured worse: API p99 beside a campaign 22-37 ms against 11-12 ms
+    with the niceness alone.)
+    """
+    if nice > os.getpriority(os.PRIO_PROCESS, 0):
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+
 def run_worker(settings: Settings, *, threads: int | None = None, metrics_port: int | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
     if settings.worker_nice > 0:
-        yield_cpu(settings.worker_nice)
+        _yield_cpu(settings.worker_nice)
     target = resolve_redis(settings)
     broker = build_broker(settings, target.broker_url)
     runtime = WorkerRuntime(

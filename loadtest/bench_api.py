@@ -347,7 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain", type=float, default=60.0, help="seconds to wait for the mock to get every message")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-api-") as home:
-        settings: Settings = load_settings({"DISPATCH_HOME": home, "DISPATCH_WORKER_NICE": str(args.worker_nice)})
+        settings: Settings = load_settings(
+            {
+                "DISPATCH_HOME": home,
+                "DISPATCH_WORKER_NICE": str(args.worker_nice),
+            }
+        )
         audience: Path | None = None
         if args.campaign:
             audience = Path(home) / "audience.csv"
