@@ -11,7 +11,8 @@ the costs were measured (:data:`REFERENCE_PROBE_US`).
 The probe samples the machine 40 times, a few milliseconds each, spread over a second, and
 averages (a quarter-second probe varied by 11-16% between runs, this one by 5-6%): throughput
 follows the mean speed, not the best moment. Workers probe when they start and again every
-:data:`REPROBE_EVERY_S`, and publish a running average under their id (:class:`FleetSpeed`); a
+:data:`REPROBE_EVERY_S`, only while their machine is quiet (:data:`QUIET_SHARE`), and publish a
+running average under their id (:class:`FleetSpeed`); a
 planner uses the median of the live workers' figures, or probes its own machine when no worker
 runs (a one-machine deployment, or the load test, which plans first), and only for a campaign
 whose finish the machine's speed could move (:data:`SPEED_MATTERS_S`).
@@ -22,10 +23,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+import resource
 import socket
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlencode
 
@@ -36,17 +42,22 @@ import uvloop
 from aiohttp import web
 
 from dispatch import keys
+from dispatch.errors import DispatchError
 
 __all__ = [
     "EWMA_WEIGHT",
+    "QUIET_RETRY_S",
     "REFERENCE_PROBE_US",
     "REPROBE_EVERY_S",
     "SPEED_MATTERS_S",
     "FleetSpeed",
     "Speed",
+    "SpeedProbeError",
     "local_speed",
     "measure_speed",
+    "probe_process",
     "probe_us",
+    "quiet_probe",
     "speed_factor",
 ]
 
@@ -68,6 +79,20 @@ _ROUNDS = 40
 _GAP_S = 0.02
 #: A probe that has not finished by then raises TimeoutError (a stalled machine is no forecast).
 PROBE_TIMEOUT_S = 30.0
+#: A worker publishes a probe only from a quiet machine: the rest of the machine used at most this
+#: share of all its CPUs over :data:`QUIET_CHECK_S` before the probe and while it ran. A busy
+#: machine swells the probe's CPU time (two workers probing beside an audience being generated
+#: published factors of 1.23 and 1.42 where the planner's probe on the quiet machine gave 0.96-1.0),
+#: and a probe inside a sending worker takes the GIL from its sends (email 300k with 2 workers:
+#: 67-69k recipients/s with those probes, 74-75k without; 2026-11-26). A busy worker retries
+#: every :data:`QUIET_RETRY_S` and keeps its last figure meanwhile.
+QUIET_SHARE = 0.25
+QUIET_CHECK_S = 0.5
+QUIET_RETRY_S = 5.0
+#: A planner probing its own machine waits this many checks at most for a quiet moment (the
+#: load test's plan came right after the snapshot's writes, while Redis was still persisting it:
+#: factors of 1.16-1.30 where the same machine, quiet, gave 0.93-1.0).
+LOCAL_QUIET_TRIES = 4
 #: A planner measures the speed only when a machine :data:`FACTOR_RANGE`'s top times slower
 #: would move the campaign's finish by at least this much (rate-bound and small campaigns: never).
 SPEED_MATTERS_S = 1.0
@@ -124,6 +149,74 @@ def probe_us(rounds: int = _ROUNDS, gap_s: float = _GAP_S) -> float:
         return runner.run(asyncio.wait_for(_probe(rounds, gap_s), PROBE_TIMEOUT_S))
 
 
+class SpeedProbeError(DispatchError):
+    """The probe process failed, hung past :data:`PROBE_TIMEOUT_S` or printed no figure."""
+
+
+def probe_process(timeout_s: float = PROBE_TIMEOUT_S, *, rounds: int = _ROUNDS) -> tuple[float, float]:
+    """(:func:`probe_us`, CPU seconds the probe's process used) from a fresh Python process.
+
+    Not in the caller's process: in the planner's, right after a scan, the same probe read
+    150-234 us while fresh processes around it read 157-165 (the heap and allocator state a scan
+    leaves behind), and in a worker's it takes the GIL from the sends.
+    """
+    root = str(Path(__file__).resolve().parents[1])
+    code = f"import sys; sys.path.insert(0, {root!r}); from dispatch.calibration import probe_us; "
+    code += f"print(probe_us({rounds}))"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        done = subprocess.run(  # our own interpreter and module
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SpeedProbeError(f"speed probe process: {exc}") from exc
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        figure = float(done.stdout.strip())
+    except ValueError:
+        tail = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+        raise SpeedProbeError(f"speed probe process printed no figure: {tail[0]}") from None
+    used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return figure, used
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all the machine's CPUs since boot (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat", "rb") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 8:
+        return None
+    total = sum(fields)  # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return total - fields[3] - fields[4], total
+
+
+def _busy_share(before: tuple[int, int], after: tuple[int, int], own_ticks: float = 0.0) -> float:
+    busy, total = after[0] - before[0] - own_ticks, after[1] - before[1]
+    return max(0.0, busy) / total if total > 0 else 0.0
+
+
+def quiet_probe(check_s: float = QUIET_CHECK_S, *, rounds: int = _ROUNDS) -> float | None:
+    """:func:`probe_process`'s figure if the rest of the machine stays under :data:`QUIET_SHARE` of its CPUs for
+    ``check_s`` before the probe and while it runs; None (having spent at most ``check_s`` of sleep
+    if already busy) otherwise. Where the load cannot be read, it probes."""
+    first = _cpu_ticks()
+    if first is None:
+        return probe_process(rounds=rounds)[0]
+    time.sleep(check_s)
+    before = _cpu_ticks()
+    if before is None or _busy_share(first, before) > QUIET_SHARE:
+        return None
+    figure, own_s = probe_process(rounds=rounds)
+    own_ticks = own_s * os.sysconf("SC_CLK_TCK")
+    after = _cpu_ticks()
+    if after is None or _busy_share(before, after, own_ticks) > QUIET_SHARE:
+        return None
+    return figure
+
+
 def speed_factor(probe: float) -> float:
     """How much more CPU time the work takes now than when the costs were measured (> 1: slower)."""
     low, high = FACTOR_RANGE
@@ -173,11 +266,18 @@ class FleetSpeed:
         return live
 
 
-def local_speed() -> Speed:
-    """This machine's speed, probed now (factor 1 and a warning if the probe fails)."""
+def local_speed(quiet_tries: int = LOCAL_QUIET_TRIES) -> Speed:
+    """This machine's speed, probed now: at a quiet moment if one comes within ``quiet_tries``
+    checks (:func:`quiet_probe`), else as busy as it is (factor 1 and a warning if it fails)."""
     try:
-        probe = probe_us()
-    except (OSError, aiohttp.ClientError) as exc:  # no loopback socket, a stall: predict unscaled
+        probe = None
+        for _ in range(quiet_tries):
+            if (probe := quiet_probe()) is not None:
+                break
+        if probe is None:
+            log.info("machine busy through %d load checks: probing anyway (the factor may overstate)", quiet_tries)
+            probe = probe_process()[0]
+    except SpeedProbeError as exc:  # no loopback socket, a stall: predict unscaled
         log.warning("speed probe failed, predicting with the reference machine's speed: %s", exc)
         return Speed.off()
     return Speed(speed_factor(probe), probe, "local", 1)

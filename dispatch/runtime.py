@@ -32,7 +32,7 @@ from channels.sms import TwilioConfig, TwilioSms
 from channels.webhook import SignedWebhook, WebhookConfig
 from dispatch import keys
 from dispatch.broker import BROKER_NAMESPACE, QUEUE
-from dispatch.calibration import EWMA_WEIGHT, REPROBE_EVERY_S, FleetSpeed, probe_us
+from dispatch.calibration import EWMA_WEIGHT, QUIET_RETRY_S, REPROBE_EVERY_S, FleetSpeed, SpeedProbeError, quiet_probe
 from dispatch.config import Settings
 from dispatch.control import CampaignControl
 from dispatch.engine import (
@@ -236,15 +236,20 @@ class WorkerRuntime:
         self._broker.do_qsize(QUEUE)  # any broker command refreshes dramatiq's heartbeat
 
     def _probe_speed(self) -> None:
-        """Probe the machine's speed (about a second, ~2% of it CPU) every REPROBE_EVERY_S and
-        publish the running average (its own thread: the heartbeat must never wait for it)."""
+        """Probe the machine's speed (about a second, ~15% of it CPU) every REPROBE_EVERY_S while the
+        machine is quiet (QUIET_RETRY_S later when it is not: a probe beside sends measures the
+        contention and slows the sends) and publish the running average (its own thread: the
+        heartbeat must never wait for it)."""
         average: float | None = None
         while not self._stop.is_set():
             try:
-                probe = probe_us()
+                probe = quiet_probe()
+                if probe is None:
+                    self._stop.wait(QUIET_RETRY_S)
+                    continue
                 average = probe if average is None else average + EWMA_WEIGHT * (probe - average)
                 self._fleet.publish(self.owner, average)
-            except (redis.RedisError, OSError, aiohttp.ClientError) as exc:  # Redis restarting, a stall: next time
+            except (redis.RedisError, SpeedProbeError) as exc:  # Redis restarting, a stalled probe: next time
                 log.warning("speed probe failed: %s", exc)
             self._stop.wait(REPROBE_EVERY_S)
 

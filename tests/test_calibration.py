@@ -3,6 +3,9 @@ with them (the factor's fit to real throughput is a benchmark: BENCHMARKS.md, pr
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,8 +19,11 @@ from dispatch.calibration import (
     REFERENCE_PROBE_US,
     FleetSpeed,
     Speed,
+    SpeedProbeError,
     measure_speed,
+    probe_process,
     probe_us,
+    quiet_probe,
     speed_factor,
 )
 from dispatch.campaign import CampaignSpec
@@ -32,6 +38,22 @@ def test_the_probe_measures_cpu_time_per_request() -> None:
     assert 5.0 < figure < 100_000.0  # microseconds of CPU for one loopback HTTP request, both sides
     with pytest.raises(ValueError, match="rounds"):
         probe_us(rounds=0)
+
+
+def test_a_worker_probe_on_a_busy_machine_is_discarded_without_running() -> None:
+    spinners = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])  # one busy process per CPU
+        for _ in range(os.cpu_count() or 1)
+    ]
+    try:
+        time.sleep(0.3)
+        started = time.thread_time()
+        assert quiet_probe(check_s=0.5) is None
+        assert time.thread_time() - started < 0.05, "the probe ran although the machine was busy"
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
 
 
 def test_the_factor_is_the_probe_over_the_reference_and_clipped() -> None:
@@ -66,14 +88,17 @@ def test_without_workers_the_planner_probes_its_own_machine(redis_client: redis.
 def test_a_failing_probe_leaves_the_costs_unscaled(
     redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import dispatch.calibration
-
-    def stalled(rounds: int = 1, gap_s: float = 0.0) -> float:
-        raise TimeoutError("probe stalled")
-
-    monkeypatch.setattr(dispatch.calibration, "probe_us", stalled)
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python3")  # the probe process cannot start
     assert measure_speed(redis_client) == Speed.off()
     assert "speed probe failed" in caplog.text
+
+
+def test_the_probe_runs_in_its_own_process_and_a_hung_one_is_an_error() -> None:
+    figure, child_cpu_s = probe_process(rounds=3)
+    assert 5.0 < figure < 100_000.0
+    assert child_cpu_s > 0.05  # the interpreter's start and the probe ran in the child, not here
+    with pytest.raises(SpeedProbeError, match="speed probe process"):
+        probe_process(timeout_s=0.05)
 
 
 #: Two unlimited workers on two cores with no provider latency: CPU-bound.
