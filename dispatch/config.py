@@ -200,6 +200,10 @@ class Settings:
         low=0,
         high=19,
     )
+    worker_sched_idle: bool = _setting(
+        False,
+        "workers run under SCHED_IDLE: the API and Redis preempt them at once (they only get idle CPU)",
+    )
     send_concurrency: int = _setting(256, "provider requests in flight per worker process", low=1, high=10_000)
     batch_size: int = _setting(
         500,

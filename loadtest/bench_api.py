@@ -168,6 +168,41 @@ def _parts_cpu(parts: dict[str, list[int]]) -> dict[str, float]:
     return {name: sum(cpu_seconds(pid) or 0.0 for pid in pids) for name, pids in parts.items()}
 
 
+#: Redis latency events (LATENCY LATEST) at least this long are printed after the run.
+REDIS_LATENCY_THRESHOLD_MS = 5
+
+
+def _print_redis_latency(url: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        events = client.execute_command("LATENCY", "LATEST")  # type: ignore[no-untyped-call]
+        slow = client.slowlog_get(10)
+        scripts = {sha: name for name, sha in _our_scripts().items()}
+    finally:
+        client.close()
+    for entry in sorted(slow, key=lambda e: -int(e["duration"])):
+        words = bytes(entry["command"]).split()
+        name = words[0].decode(errors="replace").upper() if words else "?"
+        if name == "EVALSHA" and len(words) > 1:  # which of our scripts; never its arguments (addresses)
+            name += " " + scripts.get(words[1].decode(errors="replace"), words[1][:8].decode(errors="replace"))
+        print(f"Redis slow command: {int(entry['duration']) / 1000:.1f} ms {name} ({len(words)} words)", flush=True)
+    if not events:
+        print(f"Redis: no stall of {REDIS_LATENCY_THRESHOLD_MS} ms or more", flush=True)
+    for name, _at, latest, worst, *_ in events:
+        label = name.decode() if isinstance(name, bytes) else name
+        print(f"Redis stall {label}: latest {latest} ms, worst {worst} ms", flush=True)
+
+
+def _our_scripts() -> dict[str, str]:
+    """Name -> SHA1 of the Lua scripts shipped in ``dispatch/`` (to name them in the slow log)."""
+    import hashlib
+
+    import dispatch
+
+    root = Path(dispatch.__file__).parent
+    return {path.stem: hashlib.sha1(path.read_bytes()).hexdigest() for path in root.glob("*.lua")}
+
+
 def _write_timeline(path: Path, phases: list[Phase]) -> None:
     """One row per request: phase, seconds from the phase's start to its due time, latency (ms), and
     how late the bench's own event loop was to send it (ms; a slow bench, not a slow server)."""
@@ -330,6 +365,16 @@ def main(argv: list[str] | None = None) -> int:
         help="DISPATCH_WORKER_NICE of the workers (e.g. 10: the API, latency-bound, wins the CPU over sending)",
     )
     parser.add_argument(
+        "--worker-sched-idle",
+        action="store_true",
+        help="DISPATCH_WORKER_SCHED_IDLE: the workers only get CPU time nothing else wants",
+    )
+    parser.add_argument(
+        "--mock-sched-idle",
+        action="store_true",
+        help="run the mock provider under SCHED_IDLE (it stands for a remote provider)",
+    )
+    parser.add_argument(
         "--mock-nice",
         type=int,
         default=0,
@@ -351,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "DISPATCH_HOME": home,
                 "DISPATCH_WORKER_NICE": str(args.worker_nice),
+                "DISPATCH_WORKER_SCHED_IDLE": "true" if args.worker_sched_idle else "false",
             }
         )
         audience: Path | None = None
@@ -365,10 +411,17 @@ def main(argv: list[str] | None = None) -> int:
                 print("no workers: messages are accepted and enqueued, not sent", flush=True)
             if args.worker_nice:
                 print(f"workers run at nice {args.worker_nice} (worker_nice setting)", flush=True)
-            if args.mock_nice:
+            if args.worker_sched_idle:
+                print("workers run under SCHED_IDLE (worker_sched_idle setting)", flush=True)
+            if args.mock_nice or args.mock_sched_idle:
                 for pid in children_running("loadtest.mock_provider"):
                     os.setpriority(os.PRIO_PROCESS, pid, args.mock_nice)
+                    if args.mock_sched_idle:
+                        for tid in os.listdir(f"/proc/{pid}/task"):
+                            os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0))
                 print(f"the mock provider runs at nice {args.mock_nice}", flush=True)
+            if args.mock_sched_idle:
+                print("the mock provider runs under SCHED_IDLE", flush=True)
             assert cluster.target is not None
             port = free_port()
             base = f"http://127.0.0.1:{port}"
@@ -384,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
                 client = redis.Redis.from_url(cluster.target.app_url)
                 token, _ = ApiKeyStore(client).create("write", "bench")
                 redis_pid = int(client.info("server")["process_id"])
+                # Redis's own record of its stalls (fork, AOF writes, slow commands) over the run
+                client.config_set("latency-monitor-threshold", REDIS_LATENCY_THRESHOLD_MS)
+                client.config_set("slowlog-log-slower-than", REDIS_LATENCY_THRESHOLD_MS * 1000)
+                client.slowlog_reset()
                 client.close()
                 print(f"API at {base}; {args.rate:.0f} req/s for {args.seconds:.0f} s per phase, open loop", flush=True)
                 print(f"before: {_load()}", flush=True)
@@ -410,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                     server.wait()
             for phase in phases:
                 print(phase.line())
+            _print_redis_latency(cluster.target.app_url)
             if args.timeline:
                 _write_timeline(Path(args.timeline), phases)
             stats = cluster.mock_stats()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,9 +33,22 @@ def test_workers_run_at_the_configured_niceness(cluster_settings: Settings) -> N
     assert {nice for nices in per_worker for nice in nices} == {7}
 
 
+def test_workers_run_under_sched_idle_when_asked(cluster_settings: Settings) -> None:
+    settings = replace(cluster_settings, worker_sched_idle=True)
+    with LocalCluster(settings, workers=1) as cluster:
+        pid = cluster.worker_processes[0].pid
+        nices = _thread_nices_once_started(pid)
+        policies = {os.sched_getscheduler(int(task.name)) for task in Path(f"/proc/{pid}/task").iterdir()}
+    assert len(nices) >= 4
+    assert policies == {os.SCHED_IDLE}  # every thread, the ones dramatiq started included
+
+
 def test_workers_keep_the_default_priority(cluster_settings: Settings) -> None:
     assert cluster_settings.worker_nice == 0
     with LocalCluster(cluster_settings, workers=1) as cluster:
-        nices = _thread_nices_once_started(cluster.worker_processes[0].pid)
+        pid = cluster.worker_processes[0].pid
+        nices = _thread_nices_once_started(pid)
+        policies = {os.sched_getscheduler(int(task.name)) for task in Path(f"/proc/{pid}/task").iterdir()}
     assert len(nices) >= 4
     assert set(nices) == {0}
+    assert policies == {os.SCHED_OTHER}
