@@ -11,11 +11,15 @@ as its own process, then measures, each phase at ``--rate`` requests/s for ``--s
 
 Open loop: request *i* is due at ``start + i / rate`` whatever happened before, and its latency is
 measured from that due time, so a stalled server shows up as latency instead of as fewer requests
-(no coordinated omission). ``--worker-nice 10`` runs the workers at a lower CPU priority than the
-API (the ``worker_nice`` setting: the deployment choice for a latency-bound API sharing cores with
-throughput-bound workers). Each phase also prints the server process's CPU per request (from
-/proc). ``--profile DIR`` samples the server with py-spy (``--gil``) during the idle phase and prints
-its hot spots. At the end the bench waits for the workers to hand every queued triggered message to
+(no coordinated omission). The load generator is ``loadtest.http_lite`` (``--client aiohttp`` for
+aiohttp's, which costs the shared cores ~170 us per request), with its garbage collector off during
+a phase. ``--worker-nice 10`` and ``--worker-sched-idle`` run the workers at a lower CPU priority
+than the API (the ``worker_nice`` and ``worker_sched_idle`` settings: the deployment choice for a
+latency-bound API sharing cores with throughput-bound workers). Each phase also prints the CPU
+each part used (from /proc). ``--timeline CSV`` writes every request's latency and how late the
+bench itself was to send it; after the run, Redis's latency events and slow log are printed.
+``--profile DIR`` samples the server with py-spy (``--gil``) during the idle phase and prints its
+hot spots. At the end the bench waits for the workers to hand every queued triggered message to
 the mock (a check that micro-batches are sealed, enqueued and sent once) and prints the load
 average before and after (the machine is shared: read latencies next to it). Asserts nothing.
 """
