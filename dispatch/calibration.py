@@ -199,9 +199,9 @@ def _busy_share(before: tuple[int, int], after: tuple[int, int], own_ticks: floa
 
 
 def quiet_probe(check_s: float = QUIET_CHECK_S, *, rounds: int = _ROUNDS) -> float | None:
-    """:func:`probe_process`'s figure if the rest of the machine stays under :data:`QUIET_SHARE` of its CPUs for
-    ``check_s`` before the probe and while it runs; None (having spent at most ``check_s`` of sleep
-    if already busy) otherwise. Where the load cannot be read, it probes."""
+    """:func:`probe_process`'s figure if the rest of the machine stays under :data:`QUIET_SHARE` of
+    its CPUs for ``check_s`` before the probe and while it runs; None (having spent at most
+    ``check_s`` of sleep if already busy) otherwise. Where the load cannot be read, it probes."""
     first = _cpu_ticks()
     if first is None:
         return probe_process(rounds=rounds)[0]
