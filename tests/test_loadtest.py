@@ -77,6 +77,22 @@ def test_loadtest_command_reports_consistent_figures(
     assert "lost        0   duplicates 0" in format_report(report)
 
 
+def test_bench_measures_the_raw_ceiling_on_both_sides_of_the_pipeline(
+    env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "--messages", "400", "--workers", "1", "--raw-seconds", "1", "--planner-rows", "0"]
+    assert dispatch_main([*argv, "--json", "--out", str(tmp_path / "out")]) == 0
+    summary = orjson.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    before, after, pipeline = summary["raw"], summary["raw_after"], summary["pipeline"]
+    assert before["rate"] > 0 and after["rate"] > 0 and before["errors"] == after["errors"] == 0
+    assert summary["raw_baseline_rate"] == pytest.approx((before["rate"] + after["rate"]) / 2, abs=0.1)
+    baseline = summary["raw_baseline_rate"]
+    assert summary["ratio_mean"] == pytest.approx(pipeline["throughput"]["mean"] / baseline, abs=0.001)
+    assert pipeline["lost"] == 0 and pipeline["duplicates"] == 0 and pipeline["ok"]
+    # the pipeline's mock ledger started empty although the raw clients had posted to it first
+    assert pipeline["provider"]["accepted"] == pipeline["accepted"]
+
+
 def test_loadtest_sends_email_through_the_batch_api(env: dict[str, str], tmp_path: Path) -> None:
     settings = load_settings()
     if "email" not in wired_channels(settings):
