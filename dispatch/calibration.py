@@ -10,10 +10,10 @@ the costs were measured (:data:`REFERENCE_PROBE_US`).
 
 The probe samples the machine 40 times, a few milliseconds each, spread over a second, and
 averages (a quarter-second probe varied by 11-16% between runs, this one by 5-6%): throughput
-follows the mean speed, not the best moment. Workers probe when they start and again every
-:data:`REPROBE_EVERY_S`, only while their machine is quiet (:data:`QUIET_SHARE`), and publish a
-running average under their id (:class:`FleetSpeed`); a
-planner uses the median of the live workers' figures, or probes its own machine when no worker
+follows the mean speed, not the best moment. It runs in a fresh process (:func:`probe_process`)
+and only while the machine is quiet (:data:`QUIET_SHARE`). Workers probe when they start and again
+every :data:`REPROBE_EVERY_S` and publish a running average under their id (:class:`FleetSpeed`);
+a planner uses the median of the live workers' figures, or probes its own machine when no worker
 runs (a one-machine deployment, or the load test, which plans first), and only for a campaign
 whose finish the machine's speed could move (:data:`SPEED_MATTERS_S`).
 """
@@ -141,7 +141,7 @@ def probe_us(rounds: int = _ROUNDS, gap_s: float = _GAP_S) -> float:
     The send path is that kind of work (aiohttp, the kernel's TCP, JSON, forms), and so is the
     local mock provider's; a VM's slow hours slow it more than pure Python arithmetic. Thread CPU
     time leaves out the time other threads and processes held the core. Must not be called from a
-    thread running an event loop.
+    thread running an event loop; the planner and workers call it through :func:`probe_process`.
     """
     if rounds < 1:
         raise ValueError("rounds must be at least 1")

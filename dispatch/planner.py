@@ -48,7 +48,7 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import chain, islice
 from pathlib import Path
@@ -521,7 +521,7 @@ class Planner:
         if speed_shift(schedule=runs, cost_units=cost_units, capacity=capacity, slower=FACTOR_RANGE[1]) >= (
             SPEED_MATTERS_S
         ):
-            capacity = replace(capacity, speed_factor=self._speed().factor)
+            capacity = self.capacity(spec, self._speed().factor)
         prediction = predict(schedule=runs, cost_units=cost_units, capacity=capacity, start=started, deadline=deadline)
         retention = self._settings.retention_s
         expires_at = max(prediction.finish, deadline or 0.0) + retention

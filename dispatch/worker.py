@@ -76,9 +76,9 @@ def _yield_cpu(nice: int, *, idle_policy: bool) -> None:
     Set before any thread starts: Linux applies niceness and policy per thread and new threads
     inherit them. A nice worker still runs out its time slice when the API wakes; under SCHED_IDLE
     any other process preempts it at once. Measured beside a full-speed campaign (API bench,
-    2026-11-26, 1,000 requests/s): API p99 23.6-33.4 ms with nice 10, 15.9-18.2 ms with
-    SCHED_IDLE, and the campaign sent faster (4,835-5,247 msg/s against 4,225-4,934). SCHED_BATCH
-    was worse than nice alone (p99 22-37 ms against 11-12 ms, 2026-11-25).
+    2026-11-26, 1,000 requests/s; BENCHMARKS.md): API p99 22.7-33.4 ms with nice 10, 14.8-18.2 ms
+    with SCHED_IDLE as well, and the campaign sent no slower (4,662-5,301 msg/s against
+    4,202-4,934). SCHED_BATCH was worse than nice alone (p99 22-37 ms against 11-12 ms, 2026-11-25).
     """
     if nice > os.getpriority(os.PRIO_PROCESS, 0):
         os.setpriority(os.PRIO_PROCESS, 0, nice)

@@ -65,16 +65,19 @@ class Phase:
     name: str
     sent: int
     errors: int
-    latencies_ms: list[float]
+    #: (seconds from the phase's start to the request's due time, latency ms, ms the bench itself was
+    #: late to send it), in completion order
+    timeline: list[tuple[float, float, float]]
     seconds: float
     server_cpu_s: float | None = None
     queued: int = 0
     campaign_accepted: int = 0
     #: CPU seconds of each part of the deployment during the phase
     parts_cpu_s: dict[str, float] = dataclasses.field(default_factory=dict)
-    #: (seconds from the phase's start to the request's due time, latency ms, ms the bench itself was
-    #: late to send it), in completion order
-    timeline: list[tuple[float, float, float]] = dataclasses.field(default_factory=list)
+
+    @property
+    def latencies_ms(self) -> list[float]:
+        return [ms for _, ms, _ in self.timeline]
 
     def line(self) -> str:
         lat = sorted(self.latencies_ms)
@@ -125,7 +128,6 @@ async def run_phase(
     collector is off meanwhile (as ``timeit`` does): a full collection over thousands of tasks
     stalls the bench's loop for tens of ms, which an open-loop measurement charges to the server."""
     total = int(rate * seconds)
-    latencies: list[float] = []
     timeline: list[tuple[float, float, float]] = []
     errors = queued = 0
     cpu_before = cpu_seconds(server_pid) if server_pid else None
@@ -145,8 +147,7 @@ async def run_phase(
             queued += status == 202 and b'"state":"queued"' in body
         except (aiohttp.ClientError, LiteHttpError, OSError):
             ok = False
-        latencies.append((clock() - due) * 1000)
-        timeline.append((due - start, latencies[-1], lag * 1000))
+        timeline.append((due - start, (clock() - due) * 1000, lag * 1000))
         if not ok:
             errors += 1
 
@@ -165,7 +166,7 @@ async def run_phase(
     cpu_after = cpu_seconds(server_pid) if server_pid else None
     used = cpu_after - cpu_before if cpu_after is not None and cpu_before is not None else None
     parts_used = {name: after - parts_before.get(name, 0.0) for name, after in _parts_cpu(parts or {}).items()}
-    return Phase(name, total, errors, latencies, max(seconds, clock() - start), used, queued, 0, parts_used, timeline)
+    return Phase(name, total, errors, timeline, max(seconds, clock() - start), used, queued, 0, parts_used)
 
 
 def _parts_cpu(parts: dict[str, list[int]]) -> dict[str, float]:
@@ -391,7 +392,10 @@ def main(argv: list[str] | None = None) -> int:
         help="the load generator: a minimal keep-alive HTTP/1.1 client (few us per request) or aiohttp's",
     )
     parser.add_argument(
-        "--timeline", default="", metavar="CSV", help="write every request's phase, due time and latency"
+        "--timeline",
+        default="",
+        metavar="CSV",
+        help="write each request's due time, latency and the bench's own send lag",
     )
     parser.add_argument("--drain", type=float, default=60.0, help="seconds to wait for the mock to get every message")
     args = parser.parse_args(argv)
