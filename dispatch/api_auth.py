@@ -128,10 +128,18 @@ class HashReader(Protocol):
 class AsyncApiKeyLookup:
     """Token -> key for the request path (one ``HGET``, or none while a valid key is cached)."""
 
-    def __init__(self, client: aredis.Redis | HashReader, *, pepper: bytes = b"", cache_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        client: aredis.Redis | HashReader,
+        *,
+        pepper: bytes = b"",
+        cache_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._client = client
         self._pepper = pepper
         self._cache_s = cache_s
+        self._clock = clock
         #: token digest -> (valid until, monotonic; key)
         self._cache: dict[str, tuple[float, ApiKey]] = {}
 
@@ -141,7 +149,7 @@ class AsyncApiKeyLookup:
         digest = hash_token(token, self._pepper)
         if self._cache_s > 0:
             cached = self._cache.get(digest)
-            if cached is not None and cached[0] > time.monotonic():
+            if cached is not None and cached[0] > self._clock():
                 return cached[1]
         raw = cast(bytes | None, await self._client.hget(KEYS_HASH, digest))
         if raw is None:
@@ -154,7 +162,7 @@ class AsyncApiKeyLookup:
         if self._cache_s > 0:
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()
-            self._cache[digest] = (time.monotonic() + self._cache_s, key)
+            self._cache[digest] = (self._clock() + self._cache_s, key)
         return key
 
 

@@ -198,21 +198,24 @@ def _busy_share(before: tuple[int, int], after: tuple[int, int], own_ticks: floa
     return max(0.0, busy) / total if total > 0 else 0.0
 
 
-def quiet_probe(check_s: float = QUIET_CHECK_S, *, rounds: int = _ROUNDS) -> float | None:
-    """:func:`probe_process`'s figure if the rest of the machine stays under :data:`QUIET_SHARE` of
+def quiet_probe(
+    check_s: float = QUIET_CHECK_S, *, rounds: int = _ROUNDS, quiet_share: float = QUIET_SHARE
+) -> float | None:
+    """:func:`probe_process`'s figure if the rest of the machine stays under ``quiet_share`` of
     its CPUs for ``check_s`` before the probe and while it runs; None (having spent at most
-    ``check_s`` of sleep if already busy) otherwise. Where the load cannot be read, it probes."""
+    ``check_s`` of sleep if already busy) otherwise. Where the load cannot be read, it probes.
+    ``quiet_share`` is the worker's ``speed_probe_quiet_share`` setting (1: any load is quiet)."""
     first = _cpu_ticks()
     if first is None:
         return probe_process(rounds=rounds)[0]
     time.sleep(check_s)
     before = _cpu_ticks()
-    if before is None or _busy_share(first, before) > QUIET_SHARE:
+    if before is None or _busy_share(first, before) > quiet_share:
         return None
     figure, own_s = probe_process(rounds=rounds)
     own_ticks = own_s * os.sysconf("SC_CLK_TCK")
     after = _cpu_ticks()
-    if after is None or _busy_share(before, after, own_ticks) > QUIET_SHARE:
+    if after is None or _busy_share(before, after, own_ticks) > quiet_share:
         return None
     return figure
 

@@ -253,6 +253,13 @@ class Settings:
     cpu_speed_probe: bool = _setting(
         True, "scale predicted CPU costs by the measured speed of the workers (or this machine); off: fixed costs"
     )
+    speed_probe_quiet_share: float = _setting(
+        0.25,
+        "workers probe the machine's speed only while the rest of it uses at most this share of its CPUs "
+        "(1 = probe however busy it is)",
+        low=0,
+        high=1,
+    )
     metrics_port: int = _setting(0, "port of a worker's /metrics endpoint (0 = none)", low=0, high=65535)
     retention_s: int = _setting(7 * 86400, "seconds campaign data is kept after it ends", low=60)
     sources: AudienceSources = _setting(

@@ -559,7 +559,7 @@ class Planner:
         if not self._client.set(keys.manifest(spec.id), orjson.dumps(manifest), nx=True, px=ttl_ms):
             discard_batches(self._client, spec.id, writer.batches)
             raise PlanError(f"campaign {spec.id!r} was planned concurrently by another process")
-        expire_snapshot(self._client, spec.id, writer.batches, expires_at)
+        expire_snapshot(self._client, spec.id, writer.batches, ttl_ms)
         self._client.zadd(keys.CAMPAIGNS, {spec.id: started})
         return self._report(manifest, existing=False)
 

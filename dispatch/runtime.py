@@ -243,7 +243,7 @@ class WorkerRuntime:
         average: float | None = None
         while not self._stop.is_set():
             try:
-                probe = quiet_probe()
+                probe = quiet_probe(quiet_share=self.settings.speed_probe_quiet_share)
                 if probe is None:
                     self._stop.wait(QUIET_RETRY_S)
                     continue

@@ -145,13 +145,16 @@ def discard_batches(client: redis.Redis, campaign_id: str, count: int) -> None:
         client.delete(*[keys.batch(campaign_id, n) for n in range(start, min(count, start + WRITE_CHUNK))])
 
 
-def expire_snapshot(client: redis.Redis, campaign_id: str, count: int, expires_at: float) -> None:
-    """Make the manifest and batches 0..count-1 expire at ``expires_at`` (epoch seconds)."""
-    when = int(expires_at * 1000)
+def expire_snapshot(client: redis.Redis, campaign_id: str, count: int, ttl_ms: int) -> None:
+    """Make the manifest and batches 0..count-1 expire ``ttl_ms`` from now.
+
+    Relative, never absolute: the instant is the caller's clock (injected in the planner) while
+    Redis expires keys by its own; a relative TTL means the same thing on both."""
+    ttl_ms = max(1000, ttl_ms)
     pipe = client.pipeline(transaction=False)
-    pipe.pexpireat(keys.manifest(campaign_id), when)
+    pipe.pexpire(keys.manifest(campaign_id), ttl_ms)
     for n in range(count):
-        pipe.pexpireat(keys.batch(campaign_id, n), when)
+        pipe.pexpire(keys.batch(campaign_id, n), ttl_ms)
         if len(pipe) >= 1_000:
             pipe.execute()
     pipe.execute()
@@ -168,5 +171,5 @@ def extend_retention(client: redis.Redis, campaign_id: str, seconds: float) -> f
         return current
     manifest["expires_at"] = target
     client.set(keys.manifest(campaign_id), orjson.dumps(manifest), xx=True, keepttl=True)
-    expire_snapshot(client, campaign_id, int(manifest["batches"]), target)
+    expire_snapshot(client, campaign_id, int(manifest["batches"]), int(seconds * 1000))
     return target

@@ -20,6 +20,7 @@ from typing import Any, Self
 import aiohttp
 import orjson
 
+from dispatch.broker import QUEUE, build_broker
 from dispatch.config import Settings
 from dispatch.embedded import stop_embedded
 from dispatch.redisdb import RedisTarget, resolve_redis
@@ -132,6 +133,17 @@ class LocalCluster:
 
     def mock_stats(self) -> dict[str, Any]:
         return fetch_mock_stats(self.mock_url)
+
+    def wait_drained(self, timeout_s: float = 60.0) -> None:
+        """Return once the broker holds no message: none queued, delayed or held by a worker
+        (dramatiq's qsize counts unacked messages). The event a test waits for before asserting
+        that something did *not* happen (a duplicate send): no fixed sleep guesses it."""
+        assert self.target is not None
+        broker = build_broker(self.settings, self.target.broker_url)
+        try:
+            broker.join(QUEUE, interval=50, timeout=int(timeout_s * 1000))
+        finally:
+            broker.close()
 
     async def set_faults(self, faults: dict[str, Any]) -> None:
         async with aiohttp.ClientSession() as session, session.post(f"{self.mock_url}/_mock/faults", json=faults) as r:

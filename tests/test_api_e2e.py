@@ -121,7 +121,7 @@ async def test_campaign_and_triggered_message_through_the_api_only(settings: Set
             assert record["state"] == "sent" and record["provider_id"]
             again = await api.call("POST", "/v1/messages", json=message, headers={"Idempotency-Key": "signup-42"})
             assert again.status == 200 and again.json["message_id"] == message_id
-            await asyncio.sleep(1.0)  # a duplicate send would have reached the mock by now
+            await asyncio.to_thread(cluster.wait_drained)  # any duplicate would have been sent by then
             stats = await _mock_stats(cluster.mock_url)
 
         items = await _all_messages(api, "e2e-api", 1000)

@@ -71,13 +71,15 @@ async def test_the_auth_cache_keeps_valid_keys_briefly_and_never_unknown_ones(
 ) -> None:
     store = ApiKeyStore(redis_client)
     hot = PipelinedRedis(redis_url)
-    lookup = AsyncApiKeyLookup(hot, cache_s=0.3)
+    now = [1000.0]
+    lookup = AsyncApiKeyLookup(hot, cache_s=0.3, clock=lambda: now[0])
     try:
         token, key = store.create("write")
         assert await lookup.lookup(token) == key
         assert store.revoke(key.id)
+        now[0] += 0.29
         assert await lookup.lookup(token) == key  # trusted for cache_s after a lookup
-        await asyncio.sleep(0.35)
+        now[0] += 0.02
         assert await lookup.lookup(token) is None
         late = "dsp_" + "B" * 43
         assert await lookup.lookup(late) is None

@@ -16,7 +16,7 @@ import orjson
 import redis
 import redis.asyncio as aredis
 from aiohttp import web
-from postgres_support import connect_test_postgres
+from postgres_support import own_postgres_database
 
 from dispatch.api import SEALER, ApiLimits, build_app, make_runner
 from dispatch.api_auth import SCOPES, ApiKeyStore
@@ -157,20 +157,14 @@ async def running_api(
 @contextmanager
 def postgres_table(rows: Sequence[Mapping[str, str]]) -> Iterator[tuple[str, str]]:
     """(DSN with a password, table name) of a real table holding ``rows`` (columns from the first
-    row, all text) on the PostgreSQL at 127.0.0.1:5432, database ``test``, as tests/test_audience.py
-    reaches it; the test is skipped when none answers. The table is dropped afterwards."""
-    conn, user = connect_test_postgres()
-    table = f"dispatch_audience_{secrets.token_hex(4)}"
-    columns = list(rows[0])
-    try:
+    row, all text) in a database of the test's own on the PostgreSQL at 127.0.0.1:5432 (see
+    postgres_support); the test is skipped when none answers. The database is dropped afterwards."""
+    with own_postgres_database() as (conn, user, dbname):
+        table = f"dispatch_audience_{secrets.token_hex(4)}"
+        columns = list(rows[0])
         with conn.cursor() as cur:
             cur.execute(f"CREATE TABLE {table} ({', '.join(f'{c} text' for c in columns)})")
             marks = ", ".join(["%s"] * len(columns))
             cur.executemany(f"INSERT INTO {table} VALUES ({marks})", [[row[c] for c in columns] for row in rows])
         conn.commit()
-        yield f"postgresql://{user}:{PG_PASSWORD}@127.0.0.1:5432/test", table
-    finally:
-        conn.rollback()
-        conn.execute(f"DROP TABLE IF EXISTS {table}")
-        conn.commit()
-        conn.close()
+        yield f"postgresql://{user}:{PG_PASSWORD}@127.0.0.1:5432/{dbname}", table

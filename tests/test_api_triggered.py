@@ -378,10 +378,11 @@ async def test_workers_deliver_micro_batched_messages_exactly_once(
                     enqueue_batch(broker, cid, n, 0)
                 await sent(300)
                 # everything accepted so far is sent: the workers must not finalize the campaign
-                await asyncio.sleep(3.0)
+                # (wait until they have worked through every batch message, duplicates included)
+                await asyncio.to_thread(cluster.wait_drained)
                 ids += await asyncio.gather(*(send(i) for i in range(300, 320)))
                 status = await sent(320)
-                await asyncio.sleep(0.5)  # a duplicate send would have reached the mock by now
+                await asyncio.to_thread(cluster.wait_drained)  # any duplicate would have been sent by then
                 stats = cluster.mock_stats()
                 record = (await api.call("GET", f"/v1/messages/{ids[123]}", token="read")).json
     finally:

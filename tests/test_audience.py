@@ -14,7 +14,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from postgres_support import connect_test_postgres
+from postgres_support import own_postgres_database
 
 from dispatch.audience import (
     ColumnMap,
@@ -233,11 +233,8 @@ def test_broken_quotes_and_encodings_lose_no_line(data: bytes) -> None:
 
 @pytest.fixture
 def pg() -> Iterator[Any]:
-    conn, _ = connect_test_postgres()
-    try:
+    with own_postgres_database() as (conn, _, _):
         yield conn
-    finally:
-        conn.close()
 
 
 def test_postgres_server_side_cursor(pg: Any) -> None:

@@ -41,6 +41,18 @@ def test_the_probe_measures_cpu_time_per_request() -> None:
         probe_us(rounds=0)
 
 
+def test_any_load_is_quiet_at_a_quiet_share_of_one() -> None:
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.3)
+        figure = quiet_probe(check_s=0.2, rounds=2, quiet_share=1.0)
+        assert figure is not None and 5.0 < figure < 100_000.0
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
 def test_a_worker_probe_on_a_busy_machine_is_discarded_without_running() -> None:
     spinners = [
         subprocess.Popen([sys.executable, "-c", "while True: pass"])  # one busy process per CPU
@@ -161,7 +173,10 @@ def test_the_planner_measures_the_speed_only_where_it_moves_the_finish(
 
 
 def test_a_worker_publishes_its_probe_and_withdraws_it_on_stop(cluster_settings: Settings) -> None:
-    with LocalCluster(cluster_settings, workers=1) as cluster:
+    # the load reading is an input: with a quiet share of 1 every reading is quiet, so the test
+    # does not depend on how busy this machine is (the busy case is the test above)
+    settings = replace(cluster_settings, speed_probe_quiet_share=1.0)
+    with LocalCluster(settings, workers=1) as cluster:
         assert cluster.target is not None
         client = redis.Redis.from_url(cluster.target.app_url)
         deadline = time.monotonic() + 30

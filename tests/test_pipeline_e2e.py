@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def test_replanning_returns_the_same_plan_and_starting_twice_sends_once(settings
         deadline = time.monotonic() + 60
         while not control.status("e2e-twice").complete and time.monotonic() < deadline:
             time.sleep(0.1)
-        time.sleep(1.0)  # let the duplicate batch messages drain
+        cluster.wait_drained()  # the duplicate batch messages are done, not just given a second
         stats = cluster.mock_stats()
         broker.close()
         client.close()
@@ -144,6 +145,25 @@ def test_sigkilled_email_worker_group_is_reclaimed_and_counted_once(settings: Se
     assert stats["duplicates"] == 0  # a reclaimed in-flight group is never resent here
 
 
+def _wait_for(condition: Callable[[], bool], within_s: float, what: str) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {within_s} s"
+        time.sleep(0.05)
+
+
+def _settled(read: Callable[[], int], *, quiet_s: float, within_s: float) -> int:
+    """The value once it has not changed for ``quiet_s`` (fails if it keeps moving ``within_s``)."""
+    deadline = time.monotonic() + within_s
+    value, since = read(), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() < deadline, f"still moving after {within_s} s (now {value})"
+        time.sleep(0.1)
+        if (now := read()) != value:
+            value, since = now, time.monotonic()
+    return value
+
+
 def test_rate_limit_pause_and_resume_across_workers(settings: Settings) -> None:
     limited = replace(settings, sms_rate=300.0)
     with LocalCluster(limited, workers=2) as cluster:
@@ -153,11 +173,11 @@ def test_rate_limit_pause_and_resume_across_workers(settings: Settings) -> None:
         plan = Planner(client, limited).plan(_spec("e2e-pause"), list(generate_rows(1500, seed=8)))
         control = CampaignControl(client, lambda cid, n, d: enqueue_batch(broker, cid, n, d))
         control.start("e2e-pause")
-        time.sleep(1.5)
+        # conditions, not fixed sleeps: on a loaded machine the workers may take seconds to start
+        _wait_for(lambda: control.status("e2e-pause").counters["sent"] > 0, 60, "no message sent")
         control.pause("e2e-pause")
-        time.sleep(2.0)  # takes effect across all workers within 2 s
-        paused_at = control.status("e2e-pause").counters["sent"]
-        time.sleep(1.5)
+        paused_at = _settled(lambda: control.status("e2e-pause").counters["sent"], quiet_s=1.5, within_s=30)
+        time.sleep(1.5)  # and it stays paused
         still = control.status("e2e-pause").counters["sent"]
         assert 0 < paused_at == still < plan.accepted, (paused_at, still)
         control.resume("e2e-pause")
