@@ -9,6 +9,10 @@ through hiredis' reader (installed with ``redis[hiredis]``) and does only what t
 :meth:`PipelinedRedis.hget` and :meth:`PipelinedRedis.evalsha` (with ``SCRIPT LOAD`` on
 ``NOSCRIPT``). Everything else keeps using redis-py.
 
+It connects the way redis-py reads the URL (``redis.asyncio.connection.parse_url``): ``redis://``
+over TCP, ``rediss://`` over TLS with redis-py's ``ssl_*`` query options and defaults (certificate
+and host name checked), ``unix://`` to a socket path (database in ``?db=``).
+
 Failures: a lost connection fails every waiting command with ``redis.ConnectionError`` (the same
 error redis-py raises, so callers need nothing new) and the next command reconnects; a command
 waits at most ``timeout_s`` for its reply, after which the connection is dropped (a reply that
@@ -22,11 +26,12 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import ssl
 from typing import Any, Final
-from urllib.parse import urlparse
 
 import hiredis
 import redis
+from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 
 __all__ = ["PipelinedRedis"]
 
@@ -51,14 +56,17 @@ class PipelinedRedis:
     """One shared, pipelined connection (see the module docstring). Use from one event loop."""
 
     def __init__(self, url: str, *, timeout_s: float = 10.0) -> None:
-        parsed = urlparse(url)
-        if parsed.scheme != "redis":
-            raise ValueError(f"PipelinedRedis speaks plain redis:// only, not {parsed.scheme}://")
-        self._host = parsed.hostname or "127.0.0.1"
-        self._port = parsed.port or 6379
-        self._db = int(parsed.path.lstrip("/") or 0)
-        self._password = parsed.password
-        self._username = parsed.username
+        options = parse_url(url)  # ValueError for a scheme redis-py does not know
+        kind = options.pop("connection_class", None)
+        self._path: str | None = options.get("path") if kind is UnixDomainSocketConnection else None
+        self._ssl: ssl.SSLContext | None = None
+        if kind is SSLConnection:
+            self._ssl = SSLConnection(**options).ssl_context.get()  # redis-py's options and defaults
+        self._host = options.get("host") or "127.0.0.1"
+        self._port = int(options.get("port") or 6379)
+        self._db = int(options.get("db") or 0)
+        self._password: str | None = options.get("password")
+        self._username: str | None = options.get("username")
         self._timeout = timeout_s
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -75,7 +83,10 @@ class PipelinedRedis:
             if self._writer is not None:
                 return self._writer
             try:
-                stream, writer = await asyncio.open_connection(self._host, self._port)
+                if self._path is not None:
+                    stream, writer = await asyncio.open_unix_connection(self._path)
+                else:
+                    stream, writer = await asyncio.open_connection(self._host, self._port, ssl=self._ssl)
             except OSError as exc:
                 raise redis.ConnectionError(f"cannot connect to Redis: {exc}") from exc
             self._writer = writer

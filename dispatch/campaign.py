@@ -18,6 +18,7 @@ another). In a campaign file::
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import string
 import tomllib
@@ -77,6 +78,7 @@ class CampaignSpec:
                 raise ValueError("a '$' is not followed by a field name (write $$ for a dollar sign)")
         except ValueError as exc:
             raise PlanError(f"campaign {self.id}: body template: {exc}") from None
+        _check_types(self)
         if self.rate is not None and self.rate <= 0:
             raise PlanError(f"campaign {self.id}: rate must be positive, got {self.rate}")
         if self.deadline is not None and self.deadline.tzinfo is None:
@@ -148,15 +150,15 @@ class CampaignSpec:
                 raise PlanError(f"campaign spec: missing required field {required!r}")
         deadline = _instant(data.get("deadline"), "deadline")
         if "deadline_in_s" in data:
-            deadline = datetime.now(UTC) + timedelta(seconds=float(data["deadline_in_s"]))
+            deadline = datetime.now(UTC) + timedelta(seconds=_number(data["deadline_in_s"], "deadline_in_s"))
         return cls(
             id=str(data["id"]),
             channel=str(data["channel"]),
             body=str(data["body"]),
             subject=data.get("subject"),
             deadline=deadline,
-            rate=float(data["rate"]) if data.get("rate") is not None else None,
-            batch_size=int(data["batch_size"]) if data.get("batch_size") is not None else None,
+            rate=_number(data["rate"], "rate") if data.get("rate") is not None else None,
+            batch_size=_whole(data["batch_size"], "batch_size") if data.get("batch_size") is not None else None,
             max_staleness=parse_duration(data["max_staleness"]) if data.get("max_staleness") is not None else None,
             as_of=_instant(data.get("as_of"), "as_of"),
             require_consent=_flag(data.get("require_consent", False), "require_consent"),
@@ -184,6 +186,32 @@ def parse_duration(value: Any) -> timedelta:
     if seconds <= 0:
         raise PlanError(f"campaign spec: duration {value!r} must be positive")
     return timedelta(seconds=seconds)
+
+
+def _number(value: Any, name: str) -> float:
+    """A finite number (a JSON/TOML number, not a string or a boolean)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    raise PlanError(f"campaign spec: {name} must be a finite number, got {value!r}")
+
+
+def _whole(value: Any, name: str) -> int:
+    """A whole number (``100`` or ``100.0``; not ``1.5``, a string or a boolean)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise PlanError(f"campaign spec: {name} must be a whole number, got {value!r}")
+
+
+def _check_types(spec: CampaignSpec) -> None:
+    """Fields built in code (not through ``from_mapping``) get the same type checks."""
+    if spec.rate is not None:
+        _number(spec.rate, "rate")
+    if spec.batch_size is not None and (not isinstance(spec.batch_size, int) or isinstance(spec.batch_size, bool)):
+        raise PlanError(f"campaign spec: batch_size must be a whole number, got {spec.batch_size!r}")
+    if spec.subject is not None and not isinstance(spec.subject, str):
+        raise PlanError(f"campaign spec: subject must be a string, got {spec.subject!r}")
 
 
 def _instant(value: Any, name: str) -> datetime | None:

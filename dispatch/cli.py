@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from dispatch import keys
 from dispatch.broker import build_broker, enqueue_batch
 from dispatch.client import DispatchClient
 from dispatch.config import Settings, load_settings
-from dispatch.control import CampaignControl
+from dispatch.control import CampaignControl, parse_rate
 from dispatch.embedded import find_embedded, stop_embedded
 from dispatch.errors import ConfigError, DispatchError
 from dispatch.redisdb import resolve_redis
@@ -114,17 +115,17 @@ def cmd_retry_failed(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_rate(args: argparse.Namespace, settings: Settings) -> int:
+    rate = parse_rate(args.rate)
     api = _api(settings)
     if api is not None:
-        api.set_rate(args.campaign, None if args.rate <= 0 else args.rate)
-        print(f"{args.campaign}: rate set to {args.rate if args.rate > 0 else 'unlimited'}")
-        return 0
-    control, close = _control(settings)
-    try:
-        control.set_rate(args.campaign, None if args.rate <= 0 else args.rate)
-    finally:
-        close()
-    print(f"{args.campaign}: rate set to {args.rate if args.rate > 0 else 'unlimited'}")
+        api.set_rate(args.campaign, rate)
+    else:
+        control, close = _control(settings)
+        try:
+            control.set_rate(args.campaign, rate)
+        finally:
+            close()
+    print(f"{args.campaign}: rate set to {'unlimited' if rate is None else rate}")
     return 0
 
 
@@ -256,9 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("campaign")
     p.set_defaults(handler=cmd_retry_failed)
 
-    p = sub.add_parser("rate", help="change the rate cap of a running campaign (0 = no cap)")
+    p = sub.add_parser("rate", help="change the rate cap of a running campaign ('unlimited' or 0 = no cap)")
     p.add_argument("campaign")
-    p.add_argument("rate", type=float)
+    p.add_argument("rate", help="messages per second (above 0), or 'unlimited' (or 0) to remove the cap")
     p.set_defaults(handler=cmd_rate)
 
     p = sub.add_parser("status", help="progress, rate and ETA of a campaign")
@@ -303,6 +304,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Root errors of the packages the CLI uses, by module; a module not imported raised nothing.
+_ERROR_ROOTS = (
+    ("channels.errors", "ChannelError"),
+    ("ratelimit.errors", "RateLimitError"),
+    ("monitoring.errors", "MonitoringError"),
+)
+
+
+def _expected(exc: Exception) -> bool:
+    """An error that bad input or an unreachable server causes: a message, not a traceback."""
+    if isinstance(exc, DispatchError | redis.RedisError | OSError):
+        return True
+    roots = [getattr(sys.modules[name], root) for name, root in _ERROR_ROOTS if name in sys.modules]
+    return any(isinstance(exc, root) for root in roots)
+
+
+def _describe(exc: Exception) -> str:
+    """One line; library errors (Redis, files, sockets) say where they came from."""
+    if isinstance(exc, redis.RedisError):
+        text = f"Redis: {exc}"
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror + (f": {exc.filename}" if exc.filename is not None else "")
+    else:
+        text = str(exc) or exc.__class__.__name__
+    return " ".join(text.split())
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``dispatch export ... | head``): stop quietly, as Unix
+    tools do. Exit 1, not 0: the output is incomplete, and a pipeline under ``set -o pipefail``
+    (or a FIFO whose reader died) must not take it for a finished export. Python's recipe:
+    point stdout at /dev/null so the flush at exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file descriptor (e.g. captured in a test)
+        pass
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -310,11 +351,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(config_file=args.config, overrides=overrides)
         handler: Handler = args.handler
         return handler(args, settings)
-    except DispatchError as exc:
-        print(f"dispatch: error: {exc}", file=sys.stderr)
-        return 2
+    except BrokenPipeError:
+        return _stdout_closed()
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if not _expected(exc):
+            raise
+        print(f"dispatch: error: {_describe(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

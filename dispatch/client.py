@@ -9,24 +9,27 @@
         ...
 
 Audience files are streamed from disk (multipart, with a Content-Length computed up front), never
-read into memory. Every error answer raises :class:`ApiError` carrying the RFC 9457 problem.
+read into memory. Every error answer raises :class:`ApiError` carrying the RFC 9457 problem; a
+server that cannot be reached (or answers something that is not the API) raises
+:class:`ApiUnreachable`, whose message names the URL without credentials, query or token.
 """
 
 from __future__ import annotations
 
+import http.client
 import secrets
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import orjson
 
 from dispatch.errors import DispatchError
 
-__all__ = ["ApiError", "DispatchClient"]
+__all__ = ["ApiError", "ApiUnreachable", "DispatchClient", "safe_url"]
 
 #: Bytes per read when streaming an audience file.
 _CHUNK: Final = 256 * 1024
@@ -42,6 +45,24 @@ class ApiError(DispatchError):
         detail = problem.get("detail") or problem.get("title") or "error"
         fields = "; ".join(f"{e.get('field')}: {e.get('reason')}" for e in self.errors)
         super().__init__(f"HTTP {status}: {detail}" + (f" ({fields})" if fields else ""))
+
+
+class ApiUnreachable(DispatchError):
+    """The API could not be reached, or what answered is not the dispatch API."""
+
+
+def safe_url(url: str) -> str:
+    """``url`` as it may appear in a message: scheme, host, port and path (no user, password,
+    query or fragment, where a token could hide)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        return "(an invalid URL)"
+    if ":" in host:
+        host = f"[{host}]"
+    return urlunsplit((parts.scheme, host + port, parts.path, "", ""))
 
 
 def _audience_type(path: Path) -> str:
@@ -73,7 +94,11 @@ class DispatchClient:
             data = orjson.dumps(body)
             all_headers["Content-Type"] = "application/json"
         all_headers.update(headers or {})
-        request = urllib.request.Request(self._base + path, data=data, method=method, headers=all_headers)
+        where = safe_url(self._base)
+        try:
+            request = urllib.request.Request(self._base + path, data=data, method=method, headers=all_headers)
+        except ValueError as exc:  # no scheme, unknown scheme
+            raise ApiUnreachable(f"the API URL {where} is not valid: {exc}") from None
         try:
             with urllib.request.urlopen(request, timeout=self._timeout) as response:
                 raw = response.read()
@@ -84,7 +109,15 @@ class DispatchClient:
             except orjson.JSONDecodeError:
                 problem = {"title": exc.reason, "detail": raw.decode("utf-8", "replace")[:200]}
             raise ApiError(exc.code, problem if isinstance(problem, dict) else {"detail": str(problem)}) from None
-        return orjson.loads(raw) if raw else None
+        except urllib.error.URLError as exc:
+            reason = exc.reason.strerror if isinstance(exc.reason, OSError) and exc.reason.strerror else exc.reason
+            raise ApiUnreachable(f"cannot reach the API at {where}: {reason}") from None
+        except (OSError, http.client.HTTPException) as exc:  # reset, timeout, garbled answer
+            raise ApiUnreachable(f"cannot reach the API at {where}: {exc.__class__.__name__} {exc}") from None
+        try:
+            return orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            raise ApiUnreachable(f"the server at {where} did not answer JSON: is it the dispatch API?") from None
 
     # campaigns
 

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Final
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from dispatch.errors import ConfigError
 
@@ -287,8 +287,12 @@ class Settings:
     def app_db(self) -> int:
         if self.redis_url is None:
             return 0
-        path = urlsplit(self.redis_url).path.strip("/")
-        return int(path) if path.isdigit() else 0
+        parts = urlsplit(self.redis_url)
+        query_db = parse_qs(parts.query).get("db", [""])[-1]
+        if query_db.isdigit():  # redis-py's order: ?db= first, then the path (a unix:// path is the socket)
+            return int(query_db)
+        path = parts.path.strip("/")
+        return int(path) if path.isdigit() and parts.scheme != "unix" else 0
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

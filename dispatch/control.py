@@ -8,6 +8,8 @@ within about a second.
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,11 +19,11 @@ from typing import Any, cast
 import redis
 
 from dispatch import keys
-from dispatch.errors import CampaignStateError
+from dispatch.errors import CampaignStateError, ConfigError
 from dispatch.snapshot import extend_retention, load_manifest
 from dispatch.tracking import campaign_counters
 
-__all__ = ["CONTROL_TTL_S", "CampaignControl", "CampaignStatus", "EnqueueFn"]
+__all__ = ["CONTROL_TTL_S", "NO_RATE_CAP", "CampaignControl", "CampaignStatus", "EnqueueFn", "parse_rate"]
 
 #: Default seconds a campaign's data outlives its end (``Settings.retention_s``).
 DEFAULT_RETENTION_S = 7 * 86400.0
@@ -32,6 +34,30 @@ CONTROL_TTL_S = 0.5
 EnqueueFn = Callable[[str, int, int], None]
 
 TERMINAL = ("sent", "failed", "suppressed", "skipped")
+
+#: The words ``dispatch rate`` takes for "no campaign cap" (0 is documented too).
+NO_RATE_CAP = ("unlimited", "none")
+_ZERO = re.compile(r"\+?(0+(\.0*)?|\.0+)")
+
+
+def parse_rate(text: str) -> float | None:
+    """A rate as typed by an operator: messages per second > 0, or no cap (None) for one of
+    :data:`NO_RATE_CAP` or ``0``. Anything else (negative, not a number, not finite) is refused,
+    so a typo never silently removes the cap."""
+    word = text.strip().lower()
+    if word in NO_RATE_CAP or _ZERO.fullmatch(word):
+        return None
+    try:
+        rate = float(word)
+    except ValueError:
+        rate = math.nan
+    if not math.isfinite(rate) or rate <= 0:  # 1e-400 is 0.0 as a float, but not a typed 0
+        raise ConfigError(
+            "rate",
+            f"{text!r} is not a rate",
+            "give messages per second (a number above 0), or 'unlimited' (or 0) to remove the cap",
+        )
+    return rate
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,8 +185,8 @@ class CampaignControl:
 
     def set_rate(self, campaign_id: str, rate: float | None) -> None:
         load_manifest(self._client, campaign_id)
-        if rate is not None and rate <= 0:
-            raise CampaignStateError(f"rate must be positive, got {rate}")
+        if rate is not None and not (math.isfinite(rate) and rate > 0):
+            raise CampaignStateError(f"rate must be a positive number, got {rate}")
         self._client.hset(keys.control(campaign_id), "rate", "" if rate is None else str(rate))
 
     def _transition(self, campaign_id: str, allowed: set[str], target: str) -> None:

@@ -13,7 +13,8 @@ The tree::
     ├── CampaignNotFound       no campaign with that id
     ├── CampaignStateError     the operation does not fit the campaign's state
     ├── ApiProblem             (dispatch.api_problems) an API request is refused: RFC 9457 problem
-    └── ApiError               (dispatch.client) the API answered a problem to the Python client
+    ├── ApiError               (dispatch.client) the API answered a problem to the Python client
+    └── ApiUnreachable         (dispatch.client) the API cannot be reached, or is not the API
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ keys: dedup claims and snapshots silently vanishing would double-send or lose me
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 
@@ -29,9 +29,15 @@ class RedisTarget:
 
 
 def with_db(url: str, db: int) -> str:
-    """The same server URL with another logical database."""
+    """The same server URL with another logical database: the path of a ``redis://`` or
+    ``rediss://`` URL, the ``db`` query option of a ``unix://`` URL (whose path is the socket);
+    a ``db`` query option is dropped from the others, as redis-py would let it win over the path."""
     parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "db"]
+    if parts.scheme == "unix":
+        # built by hand: urlunsplit writes "unix:/path" for an empty host
+        return f"unix://{parts.netloc}{parts.path}?{urlencode([*query, ('db', db)])}"
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", urlencode(query), parts.fragment))
 
 
 def check_server(client: redis.Redis) -> None:
