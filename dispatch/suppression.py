@@ -98,18 +98,20 @@ class _Keys:
 
 
 class SuppressionStore:
-    """Sync suppression store (plan time, CLI). ``channel`` is a channel name or :data:`GLOBAL`."""
+    """Sync suppression store (plan time, CLI). ``channel`` is a channel name or :data:`GLOBAL`.
+    ``hasher`` has no default: a deployment's stores use :func:`hasher_for` (another key would
+    silently see none of the list)."""
 
     def __init__(
         self,
         client: redis.Redis,
         *,
+        hasher: AddressHasher,
         prefix: str = "dispatch:suppress",
-        hasher: AddressHasher | None = None,
         chunk: int = DEFAULT_CHUNK,
     ) -> None:
         self._client = client
-        self._k = _Keys(prefix, hasher or AddressHasher(), chunk)
+        self._k = _Keys(prefix, hasher, chunk)
 
     def add(self, channel: str, addresses: Iterable[str]) -> int:
         """Suppress ``addresses`` (normalized); returns how many were new."""
@@ -194,12 +196,12 @@ class AsyncSuppressionStore:
         self,
         client: aredis.Redis,
         *,
+        hasher: AddressHasher,
         prefix: str = "dispatch:suppress",
-        hasher: AddressHasher | None = None,
         chunk: int = DEFAULT_CHUNK,
     ) -> None:
         self._client = client
-        self._k = _Keys(prefix, hasher or AddressHasher(), chunk)
+        self._k = _Keys(prefix, hasher, chunk)
 
     async def add(self, channel: str, addresses: Iterable[str]) -> int:
         hashes = [self._k.hasher(a) for a in addresses]
