@@ -156,6 +156,8 @@ def find_embedded(home: Path) -> EmbeddedServer | None:
     if recorded is None:
         return None
     server = EmbeddedServer(pid=recorded[0], port=recorded[1], home=home, password=server_password(home))
+    if _answers(server.port, None):  # no password needed (an older version started it): not ours to use
+        return None
     return server if _answers(server.port, server.password) else None
 
 
