@@ -6,6 +6,11 @@ Sources, later ones winning: the defaults below, an optional TOML file (``DISPAT
 Every invalid value raises ``ConfigError`` naming the setting and the fix. Nothing here runs at
 import time.
 
+Secret settings (provider tokens and keys, the API-key pepper, the suppression key, the receipt
+webhook secret, ``api_token``) are :class:`Secret` values: ``repr``, ``str`` and formatting show
+``'**********'`` (so does ``repr(Settings)``, which also masks the Redis URL's password); code that
+hands one to a library calls ``.reveal()``.
+
 Named audience sources (setting ``sources``; planned by name with ``dispatch plan --audience
 source:NAME`` or the API's ``{"audience": {"source": NAME}}``, see ``dispatch.sources``) are one
 TOML table each::
