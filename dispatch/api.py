@@ -745,7 +745,7 @@ def build_app(
     shared connection (auth lookups and triggered messages); without it they use ``app_client``.
     ``auth_cache_s``: how long a valid API key is trusted without a lookup (0: every request)."""
     lim = limits or ApiLimits(json_bytes=settings.api_max_json_bytes, audience_bytes=settings.api_max_audience_bytes)
-    pepper = key_pepper if key_pepper is not None else settings.api_key_pepper.encode()
+    pepper = key_pepper if key_pepper is not None else settings.api_key_pepper.reveal().encode()
     hasher = suppression_hasher or hasher_for(settings)
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry)
@@ -816,7 +816,7 @@ def build_app(
     app.add_routes(
         receipt_routes(
             applier,
-            twilio_auth_token=settings.sms_auth_token,
+            twilio_auth_token=settings.sms_auth_token.reveal(),
             sendgrid_public_key=None,
             webhook_secret=None,
             replay_guard=RedisReplayGuard(app_client),
@@ -907,7 +907,7 @@ def cmd_apikey(args: argparse.Namespace, settings: Settings) -> int:
     from dispatch.redisdb import resolve_redis
 
     client = redis.Redis.from_url(resolve_redis(settings).app_url)
-    store = ApiKeyStore(client, pepper=settings.api_key_pepper.encode())
+    store = ApiKeyStore(client, pepper=settings.api_key_pepper.reveal().encode())
     try:
         if args.action == "create":
             token, key = store.create(args.scope, args.name or "")

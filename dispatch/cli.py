@@ -19,6 +19,7 @@ from dispatch.broker import build_broker, enqueue_batch
 from dispatch.client import DispatchClient
 from dispatch.config import Settings, load_settings
 from dispatch.control import CampaignControl, parse_rate
+from dispatch.credentials import redact_url
 from dispatch.embedded import find_embedded, stop_embedded
 from dispatch.errors import ConfigError, DispatchError
 from dispatch.redisdb import resolve_redis
@@ -79,7 +80,7 @@ def _api(settings: Settings) -> DispatchClient | None:
         return None
     if not settings.api_token:
         raise ConfigError("DISPATCH_API_TOKEN", "--api needs a token", "pass --token or set DISPATCH_API_TOKEN")
-    return DispatchClient(settings.api_url, settings.api_token)
+    return DispatchClient(settings.api_url, settings.api_token.reveal())
 
 
 def _simple(action: str) -> Handler:
@@ -186,10 +187,10 @@ def cmd_redis(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.action == "status":
         server = find_embedded(settings.home.resolve())
-        print(f"running pid {server.pid} at {server.url}" if server else "not running")
+        print(f"running pid {server.pid} at {server.shown_url}" if server else "not running")
         return 0 if server else 1
     target = resolve_redis(settings)
-    print(target.app_url)
+    print(redact_url(target.app_url))  # the password stays in $DISPATCH_HOME/valkey.password
     return 0
 
 
@@ -197,7 +198,7 @@ def cmd_mock_provider(args: argparse.Namespace, settings: Settings) -> int:
     from loadtest.mock_provider import main as mock_main
 
     argv = ["--host", args.host, "--port", str(args.port)]
-    argv += ["--account-sid", settings.sms_account_sid, "--auth-token", settings.sms_auth_token]
+    argv += ["--account-sid", settings.sms_account_sid, "--auth-token", settings.sms_auth_token.reveal()]
     return mock_main(argv + (["--faults", args.faults] if args.faults else []))
 
 

@@ -6,6 +6,11 @@ Sources, later ones winning: the defaults below, an optional TOML file (``DISPAT
 Every invalid value raises ``ConfigError`` naming the setting and the fix. Nothing here runs at
 import time.
 
+Secret settings (provider tokens and keys, the API-key pepper, the suppression key, the receipt
+webhook secret, ``api_token``) are :class:`Secret` values: ``repr``, ``str`` and formatting show
+``'**********'`` (so does ``repr(Settings)``, which also masks the Redis URL's password); code that
+hands one to a library calls ``.reveal()``.
+
 Named audience sources (setting ``sources``; planned by name with ``dispatch plan --audience
 source:NAME`` or the API's ``{"audience": {"source": NAME}}``, see ``dispatch.sources``) are one
 TOML table each::
@@ -38,6 +43,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final
 from urllib.parse import parse_qs, urlsplit
 
+from dispatch.credentials import Secret, redact_url
 from dispatch.errors import ConfigError
 
 __all__ = [
@@ -46,6 +52,7 @@ __all__ = [
     "AudienceSources",
     "FileSource",
     "PostgresSource",
+    "Secret",
     "Settings",
     "describe_settings",
     "load_settings",
@@ -179,6 +186,16 @@ def _setting(default: Any, help: str, *, low: float | None = None, high: float |
     return field(default=default, metadata={"help": help, "low": low, "high": high})
 
 
+def _secret(default: str | None, help: str) -> Any:
+    """A secret setting: a :class:`Secret` (never printed; ``.reveal()`` gives the value)."""
+    value = None if default is None else Secret(default)
+    return field(default=value, metadata={"help": help, "low": None, "high": None, "secret": True})
+
+
+#: Longest suppression key: BLAKE2b takes keys of at most 64 bytes.
+_MAX_SUPPRESSION_KEY_BYTES: Final = 64
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Every setting of a deployment. Build with :func:`load_settings`."""
@@ -214,14 +231,14 @@ class Settings:
     max_attempts: int = _setting(5, "provider attempts per message before dead-lettering", low=1, high=50)
     sms_base_url: str = _setting("http://127.0.0.1:8099", "Twilio API base URL (or the mock provider's)")
     sms_account_sid: str = _setting("AC00000000000000000000000000000000", "Twilio account SID")
-    sms_auth_token: str = _setting("dispatch-demo-token", "Twilio auth token")
+    sms_auth_token: Secret = _secret("dispatch-demo-token", "Twilio auth token")
     sms_from: str = _setting("+15005550006", "sender number (E.164)")
     sms_rate: float = _setting(0.0, "SMS segments per second for the account; 0 = unlimited", low=0)
     sms_honours_idempotency: bool = _setting(
         True, "the SMS endpoint honours Idempotency-Key (the mock does; real Twilio does not)"
     )
     email_base_url: str = _setting("http://127.0.0.1:8099", "SendGrid API base URL (or the mock provider's)")
-    email_api_key: str = _setting("SG.mock-api-key", "SendGrid API key")
+    email_api_key: Secret = _secret("SG.mock-api-key", "SendGrid API key")
     email_from: str = _setting("campaigns@example.com", "sender address")
     email_unsubscribe_url: str = _setting(
         "https://example.com/unsubscribe/{ref}", "one-click unsubscribe URL; {ref} is the message reference"
@@ -229,20 +246,24 @@ class Settings:
     email_honours_idempotency: bool = _setting(True, "the email endpoint honours Idempotency-Key (the mock does)")
     push_base_url: str = _setting("http://127.0.0.1:8099", "FCM HTTP v1 base URL (or the mock provider's)")
     push_project: str = _setting("dispatch-demo", "FCM project id")
-    push_access_token: str = _setting("mock-fcm-access-token", "FCM OAuth access token")
+    push_access_token: Secret = _secret("mock-fcm-access-token", "FCM OAuth access token")
     webhook_url: str = _setting("http://127.0.0.1:8099/webhook", "URL signed webhook messages are posted to")
-    webhook_secret: str = _setting("mock-webhook-secret", "HMAC secret of the webhook channel (>= 16 chars)")
+    webhook_secret: Secret = _secret("mock-webhook-secret", "HMAC secret of the webhook channel (>= 16 chars)")
     webhook_honours_idempotency: bool = _setting(True, "the webhook receiver honours Idempotency-Key")
     frequency_limit: int = _setting(0, "messages per recipient per channel in the window (0 = no cap)", low=0)
     frequency_window_s: int = _setting(86_400, "rolling frequency-cap window in seconds", low=1)
     api_url: str | None = _setting(None, "with it, CLI commands go through this dispatch API instead of Redis")
-    api_token: str | None = _setting(None, "bearer token for api_url (dispatch apikey create)")
-    api_key_pepper: str = _setting("", "secret mixed into stored API-key hashes (a dump alone cannot test tokens)")
-    suppression_key: str = _setting("", "secret key of the suppression-list address hashes (same on every process)")
+    api_token: Secret | None = _secret(None, "bearer token for api_url (dispatch apikey create)")
+    api_key_pepper: Secret = _secret("", "secret mixed into stored API-key hashes (a dump alone cannot test tokens)")
+    suppression_key: Secret = _secret(
+        "",
+        "secret key of the suppression-list address hashes, the same on every process; "
+        "unset: the key generated in $DISPATCH_HOME/suppression.key",
+    )
     api_max_json_bytes: int = _setting(1024 * 1024, "largest JSON request body of the API", low=1024)
     api_max_audience_bytes: int = _setting(2 * 1024**3, "largest audience upload of the API", low=1024)
     sendgrid_public_key: str | None = _setting(None, "SendGrid event-webhook verification key (base64 DER or PEM)")
-    receipt_webhook_secret: str | None = _setting(None, "HMAC secret of signed webhook delivery receipts")
+    receipt_webhook_secret: Secret | None = _secret(None, "HMAC secret of signed webhook delivery receipts")
     callback_base_url: str | None = _setting(None, "public base URL providers post receipts to")
     provider_latency_ms: float = _setting(20.0, "expected provider latency for predictions", low=0)
     cpu_per_message_us: float = _setting(
@@ -268,6 +289,16 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        for name in _SECRET_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, str):  # Settings(sms_auth_token="...") or replace(): wrap it
+                object.__setattr__(self, name, Secret(value))
+        if len(self.suppression_key.reveal().encode()) > _MAX_SUPPRESSION_KEY_BYTES:
+            raise ConfigError(
+                "DISPATCH_SUPPRESSION_KEY",
+                f"longer than {_MAX_SUPPRESSION_KEY_BYTES} bytes",
+                "use at most 64 bytes (e.g. the 64 hex digits of $DISPATCH_HOME/suppression.key)",
+            )
         if self.redis_url is not None:
             parts = urlsplit(self.redis_url)
             if parts.scheme not in {"redis", "rediss", "unix"}:
@@ -283,6 +314,15 @@ class Settings:
                     "pick another database number for DISPATCH_BROKER_DB (dramatiq's maintenance runs KEYS)",
                 )
 
+    def __repr__(self) -> str:
+        # Secrets print as masks by themselves; the Redis URL keeps its host but not its password.
+        shown = []
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            text = repr(redact_url(value)) if item.name == "redis_url" and value is not None else repr(value)
+            shown.append(f"{item.name}={text}")
+        return f"Settings({', '.join(shown)})"
+
     @property
     def app_db(self) -> int:
         if self.redis_url is None:
@@ -296,6 +336,7 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_SECRET_FIELDS: Final = tuple(name for name, f in _FIELDS.items() if f.metadata.get("secret"))
 
 
 def _convert(name: str, raw: Any) -> Any:
@@ -303,6 +344,12 @@ def _convert(name: str, raw: Any) -> Any:
     env = ENV_PREFIX + name.upper()
     if name == "sources":
         return AudienceSources.parse(raw, env)
+    if spec.metadata.get("secret"):
+        if raw is None or isinstance(raw, Secret):
+            return raw
+        if not isinstance(raw, str):
+            raise ConfigError(env, f"expected text, got {type(raw).__name__}", f"set {env} to text")
+        return None if raw == "" and spec.default is None else Secret(raw)
     kind: type[Any] = type(spec.default) if spec.default is not None else str
     if raw is None or (isinstance(raw, str) and raw == "" and spec.default is None):
         return None
@@ -387,6 +434,8 @@ def describe_settings() -> list[tuple[str, str, str]]:
             return "unset"
         if isinstance(value, bool):
             return "true" if value else "false"
+        if isinstance(value, Secret):  # the defaults are demo values, not secrets
+            return value.reveal()
         return str(value)
 
     return [

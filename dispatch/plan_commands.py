@@ -173,7 +173,7 @@ def _plan_through_api(args: argparse.Namespace, settings: Settings) -> int:
     load_campaign_file(args.campaign_file)  # the same validation and messages as a local plan
     raw = args.campaign_file.read_bytes()
     spec: dict[str, Any] = tomllib.loads(raw.decode()) if args.campaign_file.suffix == ".toml" else orjson.loads(raw)
-    client = DispatchClient(settings.api_url or "", settings.api_token)
+    client = DispatchClient(settings.api_url or "", settings.api_token.reveal())
     named = parse_reference(args.audience)
     if named is not None:
         report = client.create_campaign(spec, source=named)  # the server's source of that name

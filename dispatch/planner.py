@@ -368,7 +368,10 @@ class Planner:
         dedup_memory_bytes: int = DEDUP_MEMORY_BYTES,
     ) -> Planner:
         """A planner that checks the suppression lists (default key prefix) and, when given,
-        the frequency cap at plan time."""
+        the frequency cap at plan time; ``hasher`` defaults to the deployment's."""
+        from dispatch.suppression import hasher_for
+
+        hasher = hasher or hasher_for(settings)
         return cls(
             client,
             settings,

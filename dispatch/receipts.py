@@ -15,7 +15,7 @@ import redis.asyncio as aredis
 from aiohttp import web
 
 from channels.receipts import Receipt, RedisReplayGuard, ReplayGuard, receipt_routes
-from dispatch.config import Settings
+from dispatch.config import Secret, Settings
 from dispatch.tracking import Tracker, parse_ref
 from monitoring.metrics import Metrics
 
@@ -59,6 +59,10 @@ class ReceiptApplier:
                 self.unknown += 1
 
 
+def _revealed(secret: Secret | None) -> str | None:
+    return secret.reveal() if secret is not None else None
+
+
 def build_receipt_app(
     settings: Settings,
     client: aredis.Redis,
@@ -75,9 +79,9 @@ def build_receipt_app(
     app.add_routes(
         receipt_routes(
             applier,
-            twilio_auth_token=settings.sms_auth_token,
+            twilio_auth_token=settings.sms_auth_token.reveal(),
             sendgrid_public_key=sendgrid_public_key or settings.sendgrid_public_key,
-            webhook_secret=webhook_secret or settings.receipt_webhook_secret,
+            webhook_secret=webhook_secret or _revealed(settings.receipt_webhook_secret),
             replay_guard=replay_guard or RedisReplayGuard(client),
             public_base_url=public_base_url,
         )

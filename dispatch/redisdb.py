@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis
 
 from dispatch.config import Settings
+from dispatch.credentials import redact_url
 from dispatch.embedded import ensure_embedded
 from dispatch.errors import EvictionPolicyError, RedisSetupError
 
@@ -22,10 +23,19 @@ __all__ = ["RedisTarget", "check_server", "resolve_redis", "with_db"]
 
 @dataclass(frozen=True, kw_only=True)
 class RedisTarget:
+    """The deployment's Redis URLs. They may hold a password (always, for the embedded server):
+    ``repr`` masks it; show a URL with :func:`dispatch.credentials.redact_url`."""
+
     app_url: str
     broker_url: str
     #: True when this call started the embedded server (the caller then owns stopping it).
     started_embedded: bool
+
+    def __repr__(self) -> str:
+        return (
+            f"RedisTarget(app_url={redact_url(self.app_url)!r}, broker_url={redact_url(self.broker_url)!r}, "
+            f"started_embedded={self.started_embedded!r})"
+        )
 
 
 def with_db(url: str, db: int) -> str:

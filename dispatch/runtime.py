@@ -78,7 +78,7 @@ def build_channels(settings: Settings, session: aiohttp.ClientSession) -> dict[s
             TwilioConfig(
                 base_url=s.sms_base_url,
                 account_sid=s.sms_account_sid,
-                auth_token=s.sms_auth_token,
+                auth_token=s.sms_auth_token.reveal(),
                 from_number=s.sms_from,
                 status_callback_url=callback,
                 honours_idempotency=s.sms_honours_idempotency,
@@ -88,19 +88,20 @@ def build_channels(settings: Settings, session: aiohttp.ClientSession) -> dict[s
             session,
             SendGridConfig(
                 base_url=s.email_base_url,
-                api_key=s.email_api_key,
+                api_key=s.email_api_key.reveal(),
                 from_email=s.email_from,
                 unsubscribe_url=s.email_unsubscribe_url,
                 honours_idempotency=s.email_honours_idempotency,
             ),
         ),
         FcmPush(
-            session, FcmConfig(base_url=s.push_base_url, project_id=s.push_project, access_token=s.push_access_token)
+            session,
+            FcmConfig(base_url=s.push_base_url, project_id=s.push_project, access_token=s.push_access_token.reveal()),
         ),
         SignedWebhook(
             session,
             WebhookConfig(
-                url=s.webhook_url, secret=s.webhook_secret, honours_idempotency=s.webhook_honours_idempotency
+                url=s.webhook_url, secret=s.webhook_secret.reveal(), honours_idempotency=s.webhook_honours_idempotency
             ),
         ),
     ]

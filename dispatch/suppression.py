@@ -2,12 +2,15 @@
 
 Only a hash of the normalized address is stored (GDPR Art. 17: suppression has to outlive the
 erased profile, so it must not keep the address itself). The hash is BLAKE2b-128 of the UTF-8
-address, keyed with ``AddressHasher(key=...)`` when a secret is configured (a keyed hash stops
-anyone with read access from testing guessed phone numbers against the list; losing the key makes
-the list unusable, so keep it with the Redis credentials). Members are the 16 raw digest bytes;
-:meth:`SuppressionStore.export` yields them as hex. **Export gives hashes, never addresses**: an
-exported list can be imported into another deployment with the same key (``import_hashes``) but
-cannot be turned back into a contact list.
+address, keyed with the deployment's secret key (:func:`suppression_key`:
+``DISPATCH_SUPPRESSION_KEY``, or else a key generated on first use in
+``$DISPATCH_HOME/suppression.key``). The key stops anyone with read access from testing guessed
+phone numbers against the list (unkeyed, every number of a country is tried in seconds); losing
+it makes the list unusable, and a process hashing with another key does not see the list, so
+every process of a deployment must use the same key and it is backed up with the Redis data.
+Members are the 16 raw digest bytes; :meth:`SuppressionStore.export` yields them as hex.
+**Export gives hashes, never addresses**: an exported list can be imported into another
+deployment with the same key (``import_hashes``) but cannot be turned back into a contact list.
 
 Addresses must be normalized the way the planner normalizes them (``dispatch.validation``: E.164
 phones, lowercased email domains), otherwise the same person hashes differently.
@@ -28,14 +31,17 @@ import redis
 import redis.asyncio as aredis
 
 from dispatch.config import Settings
+from dispatch.credentials import Secret, home_secret
 
 __all__ = [
     "GLOBAL",
+    "SUPPRESSION_KEY_FILE",
     "AddressHasher",
     "AsyncSuppressionStore",
     "ImportResult",
     "SuppressionStore",
     "hasher_for",
+    "suppression_key",
 ]
 
 #: Pseudo-channel of the global blocklist (checked for every channel).
@@ -43,6 +49,8 @@ GLOBAL: Final = "global"
 #: Addresses per SMISMEMBER / SADD command.
 DEFAULT_CHUNK: Final = 1_000
 _DIGEST_SIZE: Final = 16
+#: The generated key's file in the deployment's home (back it up with the Redis data).
+SUPPRESSION_KEY_FILE: Final = "suppression.key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +63,19 @@ class AddressHasher:
         return hashlib.blake2b(address.encode("utf-8"), digest_size=_DIGEST_SIZE, key=self.key).digest()
 
 
+def suppression_key(settings: Settings) -> Secret:
+    """The deployment's suppression key: ``DISPATCH_SUPPRESSION_KEY`` when set, otherwise the
+    key generated on first use in ``$DISPATCH_HOME/suppression.key`` (64 hex digits, mode 0600;
+    processes starting at once agree on one). Never empty: an unkeyed hash of a phone number is
+    reversed by trying every number."""
+    if settings.suppression_key:
+        return settings.suppression_key
+    return home_secret(settings.home.resolve() / SUPPRESSION_KEY_FILE)
+
+
 def hasher_for(settings: Settings) -> AddressHasher:
     """The deployment's address hasher: every process must hash with the same key."""
-    return AddressHasher(key=settings.suppression_key.encode())
+    return AddressHasher(key=suppression_key(settings).reveal().encode())
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,18 +98,20 @@ class _Keys:
 
 
 class SuppressionStore:
-    """Sync suppression store (plan time, CLI). ``channel`` is a channel name or :data:`GLOBAL`."""
+    """Sync suppression store (plan time, CLI). ``channel`` is a channel name or :data:`GLOBAL`.
+    ``hasher`` has no default: a deployment's stores use :func:`hasher_for` (another key would
+    silently see none of the list)."""
 
     def __init__(
         self,
         client: redis.Redis,
         *,
+        hasher: AddressHasher,
         prefix: str = "dispatch:suppress",
-        hasher: AddressHasher | None = None,
         chunk: int = DEFAULT_CHUNK,
     ) -> None:
         self._client = client
-        self._k = _Keys(prefix, hasher or AddressHasher(), chunk)
+        self._k = _Keys(prefix, hasher, chunk)
 
     def add(self, channel: str, addresses: Iterable[str]) -> int:
         """Suppress ``addresses`` (normalized); returns how many were new."""
@@ -176,12 +196,12 @@ class AsyncSuppressionStore:
         self,
         client: aredis.Redis,
         *,
+        hasher: AddressHasher,
         prefix: str = "dispatch:suppress",
-        hasher: AddressHasher | None = None,
         chunk: int = DEFAULT_CHUNK,
     ) -> None:
         self._client = client
-        self._k = _Keys(prefix, hasher or AddressHasher(), chunk)
+        self._k = _Keys(prefix, hasher, chunk)
 
     async def add(self, channel: str, addresses: Iterable[str]) -> int:
         hashes = [self._k.hasher(a) for a in addresses]

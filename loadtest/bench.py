@@ -232,7 +232,7 @@ def run_bench(
             raw = raw_ceiling(
                 cluster.mock_url,
                 account_sid=settings.sms_account_sid,
-                token=settings.sms_auth_token,
+                token=settings.sms_auth_token.reveal(),
                 processes=workers,
                 concurrency=settings.send_concurrency,
                 seconds=raw_seconds,

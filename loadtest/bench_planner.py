@@ -197,11 +197,12 @@ def _full(  # noqa: PLR0917
     from dispatch.dedup import DEDUP_MEMORY_BYTES
     from dispatch.frequency import FrequencyCap
     from dispatch.planner import Planner
-    from dispatch.suppression import SuppressionStore
+    from dispatch.suppression import SuppressionStore, hasher_for
     from dispatch.validation import AddressValidator
 
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
+    settings = load_settings({"DISPATCH_HOME": home, "DISPATCH_REDIS_URL": redis_url})
     cap = FrequencyCap(limit=1, window=timedelta(days=1))
     # 1% of the numbers suppressed and 1% already messaged: sampled from the file itself
     validator = AddressValidator(region)
@@ -215,7 +216,7 @@ def _full(  # noqa: PLR0917
                 reason, e164 = validator.check("sms", row["phone"])
                 if reason is None:
                     (suppressed if n % 100 == 1 else messaged).append(e164)
-    store = SuppressionStore(client)
+    store = SuppressionStore(client, hasher=hasher_for(settings))
     store.add("sms", suppressed)
     now_ms = int(time.time() * 1000)
     pipe = client.pipeline(transaction=False)
@@ -223,7 +224,6 @@ def _full(  # noqa: PLR0917
         pipe.zadd(b"dispatch:freq:sms:" + store.hasher(e164), {b"earlier": now_ms - 60_000})
     pipe.execute()
     before = int(client.info("memory")["used_memory"])
-    settings = load_settings({"DISPATCH_HOME": home, "DISPATCH_REDIS_URL": redis_url})
     budget = dedup_mib * 2**20 if dedup_mib is not None else DEDUP_MEMORY_BYTES
     planner = Planner.with_redis_checks(
         client, settings, frequency_cap=cap, default_region=region, dedup_memory_bytes=budget

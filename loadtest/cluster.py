@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 
 from dispatch.broker import QUEUE, build_broker
-from dispatch.config import Settings
+from dispatch.config import Secret, Settings
 from dispatch.embedded import stop_embedded
 from dispatch.redisdb import RedisTarget, resolve_redis
 
@@ -46,7 +46,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
         value = getattr(settings, item.name)
         if value is None:
             continue
-        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, Secret):
+            text = value.reveal()  # the child needs the secret itself, not its mask
+        else:
+            text = str(value)
         env[f"DISPATCH_{item.name.upper()}"] = text
     return env
 
@@ -86,7 +91,7 @@ class LocalCluster:
         self._mock = subprocess.Popen(
             [
                 sys.executable, "-m", "loadtest.mock_provider", "--port", "0", "--ready-file", str(ready),
-                "--account-sid", self.settings.sms_account_sid, "--auth-token", self.settings.sms_auth_token,
+                "--account-sid", self.settings.sms_account_sid, "--auth-token", self.settings.sms_auth_token.reveal(),
                 *self.mock_args,
             ],
             stdout=subprocess.DEVNULL,

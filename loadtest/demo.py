@@ -19,6 +19,7 @@ from dispatch.broker import build_broker, enqueue_batch
 from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings
 from dispatch.control import CampaignControl, CampaignStatus
+from dispatch.credentials import redact_url
 from dispatch.planner import Planner, read_csv_rows
 from loadtest.audience import generate_csv
 from loadtest.cluster import LocalCluster
@@ -84,7 +85,7 @@ def run_demo(settings: Settings, *, recipients: int, workers: int | None, as_jso
     say = (lambda *_: None) if as_json else print
     say(f"dispatch demo: {recipients:,} recipients, {settings.workers} worker processes")
     with LocalCluster(settings, workers=settings.workers) as cluster:
-        say(f"  redis   {cluster.target.app_url if cluster.target else '?'}")
+        say(f"  redis   {redact_url(cluster.target.app_url) if cluster.target else '?'}")
         say(f"  mock    {cluster.mock_url}")
         plan, status, elapsed = run_campaign(cluster, spec, read_csv_rows(audience), progress=not as_json)
         stats = cluster.mock_stats()

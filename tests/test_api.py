@@ -27,7 +27,8 @@ from dispatch.api_auth import KEYS_HASH, ApiKeyStore
 from dispatch.api_openapi import OPERATIONS, response_errors
 from dispatch.api_schemas import SCHEMAS, validate
 from dispatch.checks import QuietHours, next_allowed, resolve_timezone
-from dispatch.suppression import SuppressionStore
+from dispatch.config import load_settings
+from dispatch.suppression import SuppressionStore, hasher_for
 from loadtest.audience import generate_rows
 
 SPEC = {"id": "spring", "channel": "sms", "body": "Hi $first_name"}
@@ -59,10 +60,17 @@ async def api(
         yield running
 
 
+def _store(client: redis.Redis, home: Path) -> SuppressionStore:
+    """The suppression list as the API (whose home is the test's ``tmp_path``) sees it."""
+    return SuppressionStore(client, hasher=hasher_for(load_settings({"DISPATCH_HOME": str(home)})))
+
+
 # --- auth --------------------------------------------------------------------------------------
 
 
-async def test_without_a_valid_key_every_change_is_refused_with_401(api: Api, redis_client: redis.Redis) -> None:
+async def test_without_a_valid_key_every_change_is_refused_with_401(
+    api: Api, redis_client: redis.Redis, tmp_path: Path
+) -> None:
     revoked_token, revoked = ApiKeyStore(redis_client).create("admin")
     assert ApiKeyStore(redis_client).revoke(revoked.id)
     attempts: list[dict[str, str] | None] = [
@@ -101,11 +109,11 @@ async def test_without_a_valid_key_every_change_is_refused_with_401(api: Api, re
         assert send.status == 401
     assert redis_client.exists(keys.manifest("spring")) == 0
     assert redis_client.zcard(keys.CAMPAIGNS) == 0
-    assert SuppressionStore(redis_client).count("sms") == 0
+    assert _store(redis_client, tmp_path).count("sms") == 0
     assert api.enqueued == []
 
 
-async def test_scopes_are_ordered_read_write_admin(api: Api, redis_client: redis.Redis) -> None:
+async def test_scopes_are_ordered_read_write_admin(api: Api, redis_client: redis.Redis, tmp_path: Path) -> None:
     denied = await api.call("POST", "/v1/campaigns", token="read", json={"spec": SPEC, "recipients": ROWS})
     assert denied.status == 403 and "needs 'write'" in denied.json["detail"]
     assert redis_client.exists(keys.manifest("spring")) == 0
@@ -116,10 +124,10 @@ async def test_scopes_are_ordered_read_write_admin(api: Api, redis_client: redis
     await api.call("POST", "/v1/suppressions", json={"channel": "sms", "addresses": ["+447400123456"]})
     lift = await api.call("DELETE", "/v1/suppressions/sms/%2B447400123456", token="write")
     assert lift.status == 403
-    assert SuppressionStore(redis_client).count("sms") == 1
+    assert _store(redis_client, tmp_path).count("sms") == 1
     lift = await api.call("DELETE", "/v1/suppressions/sms/%2B447400123456", token="admin")
     assert lift.status == 200 and lift.json == {"channel": "sms", "removed": 1}
-    assert SuppressionStore(redis_client).count("sms") == 0
+    assert _store(redis_client, tmp_path).count("sms") == 0
 
 
 async def test_keys_are_stored_hashed_and_tokens_never_logged(
@@ -408,10 +416,12 @@ async def test_create_from_a_configured_postgres_source_never_shows_its_dsn(
 # --- suppressions ------------------------------------------------------------------------------
 
 
-async def test_suppressions_are_normalized_validated_and_all_or_nothing(api: Api, redis_client: redis.Redis) -> None:
+async def test_suppressions_are_normalized_validated_and_all_or_nothing(
+    api: Api, redis_client: redis.Redis, tmp_path: Path
+) -> None:
     added = await api.call("POST", "/v1/suppressions", json={"channel": "sms", "addresses": ["+44 7400 123456"]})
     assert added.json == {"channel": "sms", "added": 1}
-    store = SuppressionStore(redis_client)
+    store = _store(redis_client, tmp_path)
     assert store.contains_many("sms", ["+447400123456"]) == [True]
     again = await api.call("POST", "/v1/suppressions", json={"channel": "sms", "addresses": ["+447400123456"]})
     assert again.json["added"] == 0

@@ -53,7 +53,7 @@ async def _mock_stats(url: str) -> dict[str, Any]:
 async def _receipt(api: Api, settings: Settings, item: dict[str, Any], status: str, *, forge: bool = False) -> int:
     url = f"{api.base}/callbacks/twilio?ref={item['message_id']}"
     params = {"MessageSid": item["provider_id"], "MessageStatus": status, "AccountSid": settings.sms_account_sid}
-    signature = twilio_signature(url, params, "not-the-token" if forge else settings.sms_auth_token)
+    signature = twilio_signature(url, params, "not-the-token" if forge else settings.sms_auth_token.reveal())
     headers = {"X-Twilio-Signature": signature, "I-Twilio-Idempotency-Token": f"{item['provider_id']}-{status}"}
     async with api.session.post(url, data=params, headers=headers) as response:
         return response.status

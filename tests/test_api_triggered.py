@@ -133,7 +133,7 @@ async def test_suppression_uses_the_configured_hash_key(
     settings = api_settings(redis_url, tmp_path, DISPATCH_SUPPRESSION_KEY="s3cret")
     parts = Parts(settings, aredis_client)
     SuppressionStore(redis_client, hasher=AddressHasher(key=b"s3cret")).add("sms", ["+447400100001"])
-    SuppressionStore(redis_client).add("global", ["+447400100002"])  # unkeyed hash: another deployment
+    SuppressionStore(redis_client, hasher=AddressHasher(key=b"other")).add("global", ["+447400100002"])  # another key
     _, blocked = await parts.sender.submit("k", "a", _message(1))
     _, passed = await parts.sender.submit("k", "b", _message(2))
     assert blocked["state"] == "suppressed" and passed["state"] == "queued"

@@ -19,9 +19,12 @@ from dispatch.config import load_settings
 from dispatch.dedup import DEDUP_MEMORY_BYTES, PARTITIONS, Candidates, Dedup
 from dispatch.planner import Planner
 from dispatch.snapshot import iter_batches, verify_snapshot
-from dispatch.suppression import SuppressionStore
+from dispatch.suppression import AddressHasher, SuppressionStore
 
 _ids = itertools.count()
+
+#: The suppression key of this test's stores (a deployment's come from ``hasher_for(settings)``).
+TEST_HASHER = AddressHasher(key=b"test-suppression-key")
 
 
 def _candidates(fps: list[int], first_row: int) -> Candidates:
@@ -84,7 +87,7 @@ PHONES = [f"+447400{i:06d}" for i in range(60)] + ["12345", ""]
 def _plan(
     client: redis.Redis, tmp: Path, rows: list[dict[str, Any]], suppressed: set[str], *, memory: int | None
 ) -> tuple[Any, list[str], Counter[tuple[str, str, float]]]:
-    store = SuppressionStore(client, prefix=f"t:dsup:{next(_ids)}")
+    store = SuppressionStore(client, hasher=TEST_HASHER, prefix=f"t:dsup:{next(_ids)}")
     store.add("sms", suppressed)
     home = tmp / f"h{next(_ids)}"
     planner = Planner(

@@ -19,12 +19,15 @@ from dispatch.control import CampaignControl
 from dispatch.engine import BatchOutcome, Engine, FrequencyFilter, SendStep, SuppressionFilter, render_step
 from dispatch.frequency import AsyncFrequencyStore, FrequencyCap
 from dispatch.planner import Planner
-from dispatch.suppression import AsyncSuppressionStore, SuppressionStore
+from dispatch.suppression import AddressHasher, AsyncSuppressionStore, SuppressionStore
 from dispatch.tracking import Tracker, campaign_counters, iter_records
 from loadtest.mock_core import FaultMix, MockConfig
 from loadtest.mock_provider import MockProvider
 
 SID, TOKEN = "AC" + "2" * 32, "engine-test-token"
+
+#: The suppression key of this test's stores (a deployment's come from ``hasher_for(settings)``).
+TEST_HASHER = AddressHasher(key=b"test-suppression-key")
 
 
 @dataclass
@@ -66,7 +69,7 @@ async def rig(redis_client: redis.Redis, aredis_client: aredis.Redis, tmp_path: 
                 honours_idempotency=True,
             ),
         )
-        suppression = SuppressionFilter(AsyncSuppressionStore(aredis_client))
+        suppression = SuppressionFilter(AsyncSuppressionStore(aredis_client, hasher=TEST_HASHER))
         cap = FrequencyCap(limit=1, window=timedelta(hours=1))
         engine = Engine(
             client=aredis_client,
@@ -75,7 +78,7 @@ async def rig(redis_client: redis.Redis, aredis_client: aredis.Redis, tmp_path: 
             steps=[render_step, SendStep(max_attempts=6, backoff_max_s=0.05)],
             owner="engine-test",
             concurrency=16,
-            filters=[suppression, FrequencyFilter(AsyncFrequencyStore(aredis_client, cap))],
+            filters=[suppression, FrequencyFilter(AsyncFrequencyStore(aredis_client, cap, hasher=TEST_HASHER))],
             suppression=suppression,
         )
         control = CampaignControl(redis_client, lambda cid, n, delay: None)
@@ -109,7 +112,7 @@ async def test_permanent_rejection_fails_without_retry_and_feeds_suppression(rig
     records = {r.index: r for r in iter_records(rig.sync, "perm-1", 1)}
     assert records[0].state == "failed" and records[0].code == "21610" and records[0].attempts == 1
     assert campaign_counters(rig.sync, "perm-1")["failed"] == 1
-    assert SuppressionStore(rig.sync).contains_many("sms", ["+447400999999"]) == [True]
+    assert SuppressionStore(rig.sync, hasher=TEST_HASHER).contains_many("sms", ["+447400999999"]) == [True]
     # the other campaign drops the opted-out number at send time, before any provider call
     before = rig.mock.ledger.rejected
     await rig.send("perm-2")

@@ -246,7 +246,7 @@ def test_redis_restart_mid_campaign_completes_without_loss(tmp_path: Path) -> No
 
 
 def test_rerate_and_mid_campaign_opt_outs_take_effect_within_seconds(settings: Settings) -> None:
-    from dispatch.suppression import SuppressionStore
+    from dispatch.suppression import SuppressionStore, hasher_for
 
     with LocalCluster(settings, workers=2) as cluster:
         assert cluster.target is not None
@@ -263,7 +263,7 @@ def test_rerate_and_mid_campaign_opt_outs_take_effect_within_seconds(settings: S
         time.sleep(2.5)
         # opt-outs arriving mid-campaign: the last 100 audience rows (not yet sent at 100/s)
         late = [r["phone"] for r in rows[-100:] if r["phone"]]
-        SuppressionStore(client).add("sms", late)
+        SuppressionStore(client, hasher=hasher_for(settings)).add("sms", late)
         rerated_at = time.time()
         control.set_rate("e2e-rerate", 400.0)
         deadline = time.monotonic() + 60

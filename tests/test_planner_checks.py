@@ -21,7 +21,10 @@ from dispatch.errors import PlanError
 from dispatch.frequency import AsyncFrequencyStore, FrequencyCap
 from dispatch.planner import Planner
 from dispatch.snapshot import extend_retention, iter_batches, load_manifest, verify_snapshot
-from dispatch.suppression import GLOBAL, SuppressionStore
+from dispatch.suppression import GLOBAL, AddressHasher, SuppressionStore
+
+#: The suppression key of this test's stores (a deployment's come from ``hasher_for(settings)``).
+TEST_HASHER = AddressHasher(key=b"test-suppression-key")
 
 
 def _noon_utc() -> float:
@@ -40,7 +43,13 @@ def _settings(tmp_path: Path, **extra: str) -> Settings:
 
 
 def _planner(client: redis.Redis, settings: Settings, cap: FrequencyCap | None = CAP) -> Planner:
-    return Planner(client, settings, frequency_cap=cap, suppression=SuppressionStore(client), clock=lambda: NOON)
+    return Planner(
+        client,
+        settings,
+        frequency_cap=cap,
+        suppression=SuppressionStore(client, hasher=TEST_HASHER),
+        clock=lambda: NOON,
+    )
 
 
 def _row(i: int, **fields: Any) -> dict[str, Any]:
@@ -59,11 +68,13 @@ def _row(i: int, **fields: Any) -> dict[str, Any]:
 async def test_every_check_has_its_reason(
     redis_client: redis.Redis, aredis_client: aredis.Redis, tmp_path: Path
 ) -> None:
-    store = SuppressionStore(redis_client)
+    store = SuppressionStore(redis_client, hasher=TEST_HASHER)
     store.add("sms", ["+447400000005"])
     store.add(GLOBAL, ["+447400000006"])
     store.add("email", ["+447400000007"])  # another channel's opt-out does not apply
-    await AsyncFrequencyStore(aredis_client, CAP).reserve("sms", "+447400000008", "earlier", now=NOON - 60)
+    await AsyncFrequencyStore(aredis_client, CAP, hasher=TEST_HASHER).reserve(
+        "sms", "+447400000008", "earlier", now=NOON - 60
+    )
     rows = [
         _row(0),
         _row(1, consent_sms="no"),

@@ -21,11 +21,14 @@ from dispatch.frequency import FrequencyCap
 from dispatch.planner import Planner, read_csv_rows
 from dispatch.planner_csv import Chunk, RowScanner, ScanConfig, find_cuts, scan_csv_file
 from dispatch.snapshot import iter_batches, load_manifest
-from dispatch.suppression import SuppressionStore
+from dispatch.suppression import AddressHasher, SuppressionStore
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 HEADER = b"id,phone,timezone,consent_sms,consent_email,updated_at,first_name\n"
 _ids = itertools.count()
+
+#: The suppression key of this test's stores (a deployment's come from ``hasher_for(settings)``).
+TEST_HASHER = AddressHasher(key=b"test-suppression-key")
 
 
 def _config(limits: ReadLimits | None = None, **extra: Any) -> ScanConfig:
@@ -184,7 +187,7 @@ def test_plan_file_equals_planning_the_parsed_rows(redis_client: redis.Redis, tm
     path = tmp_path / "a.csv"
     path.write_bytes(HEADER + b"".join(lines))
     settings_ = load_settings({"DISPATCH_HOME": str(tmp_path), "DISPATCH_BATCH_SIZE": "7"})
-    store = SuppressionStore(redis_client, prefix=f"t:sup:{next(_ids)}")
+    store = SuppressionStore(redis_client, hasher=TEST_HASHER, prefix=f"t:sup:{next(_ids)}")
     store.add("sms", ["+447400000003", "+447400000010"])
     planner = Planner(
         redis_client,

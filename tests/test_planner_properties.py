@@ -17,7 +17,7 @@ from dispatch.config import load_settings
 from dispatch.frequency import FrequencyCap, FrequencyStore
 from dispatch.planner import Planner
 from dispatch.snapshot import iter_batches, verify_snapshot
-from dispatch.suppression import GLOBAL, SuppressionStore
+from dispatch.suppression import GLOBAL, AddressHasher, SuppressionStore
 
 NOW = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0).timestamp()
 PHONES = [f"+447400{i:06d}" for i in range(12)] + ["+44 7400 000001", "12345", "", "+4930123456"]
@@ -39,6 +39,9 @@ rows_strategy = st.lists(
     ),
     max_size=40,
 )
+
+#: The suppression key of this test's stores (a deployment's come from ``hasher_for(settings)``).
+TEST_HASHER = AddressHasher(key=b"test-suppression-key")
 
 
 def _audience(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -68,7 +71,7 @@ def test_counts_add_up_with_every_check_active(  # noqa: PLR0917
     capped: set[str],
     batch_size: int,
 ) -> None:
-    store = SuppressionStore(redis_client, prefix=f"t:sup:{next(_ids)}")
+    store = SuppressionStore(redis_client, hasher=TEST_HASHER, prefix=f"t:sup:{next(_ids)}")
     store.add("sms", suppressed)
     store.add(GLOBAL, blocked)
     cap = FrequencyCap(limit=1, window=timedelta(hours=1))
@@ -80,7 +83,7 @@ def test_counts_add_up_with_every_check_active(  # noqa: PLR0917
         redis_client,
         settings_,
         suppression=store,
-        frequency=FrequencyStore(redis_client, cap, prefix=prefix),
+        frequency=FrequencyStore(redis_client, cap, hasher=TEST_HASHER, prefix=prefix),
         clock=lambda: NOW,
     )
     cid = f"prop-{next(_ids)}"

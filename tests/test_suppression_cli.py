@@ -9,7 +9,8 @@ import pytest
 import redis
 
 from dispatch.cli import main
-from dispatch.suppression import SuppressionStore
+from dispatch.config import load_settings
+from dispatch.suppression import SuppressionStore, hasher_for
 
 
 @pytest.fixture
@@ -20,15 +21,20 @@ def env(redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path
     return tmp_path
 
 
+def _deployment_store(client: redis.Redis) -> SuppressionStore:
+    """The store as the CLI sees it: the deployment's key (DISPATCH_HOME is the test's)."""
+    return SuppressionStore(client, hasher=hasher_for(load_settings()))
+
+
 def test_add_remove_count_normalize(env: Path, redis_client: redis.Redis, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["suppress", "add", "sms", "+44 7400 123456", "+4915123456789"]) == 0
     assert main(["suppress", "add", "sms", "+447400123456"]) == 0  # same number, other spelling
     assert "sms: 0 added" in capsys.readouterr().out
-    assert SuppressionStore(redis_client).contains_many("sms", ["+447400123456", "+4915123456789"]) == [True, True]
+    assert _deployment_store(redis_client).contains_many("sms", ["+447400123456", "+4915123456789"]) == [True, True]
     assert main(["suppress", "add", "sms", "not-a-number"]) == 2
     assert "not valid sms addresses" in capsys.readouterr().err
     assert main(["suppress", "add", "global", "Ann@Example.COM"]) == 0
-    assert SuppressionStore(redis_client).contains_many("email", ["Ann@example.com"]) == [True]
+    assert _deployment_store(redis_client).contains_many("email", ["Ann@example.com"]) == [True]
     assert main(["suppress", "remove", "sms", "+49 151 23456789"]) == 0
     capsys.readouterr()
     assert main(["suppress", "count", "sms"]) == 0
@@ -46,13 +52,13 @@ def test_import_export_round_trip(env: Path, redis_client: redis.Redis, capsys: 
     assert len(hashes) == 2 and all(len(h) == 32 for h in hashes)
     assert "7400" not in exported.read_text()  # hashes, never addresses
     assert main(["suppress", "import", "email", str(exported), "--hashes"]) == 0
-    assert SuppressionStore(redis_client).count("email") == 2
+    assert _deployment_store(redis_client).count("email") == 2
 
 
 def test_plan_command_reports_reasons_schedule_and_verdict(
     env: Path, redis_client: redis.Redis, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    SuppressionStore(redis_client).add("sms", ["+447400000002"])
+    _deployment_store(redis_client).add("sms", ["+447400000002"])
     campaign = env / "c.toml"
     campaign.write_text('id = "cli-plan"\nchannel = "sms"\nbody = "Hi $first_name"\nquiet_hours = false\n')
     audience = env / "a.csv"

@@ -28,7 +28,7 @@ from dispatch.config import load_settings
 from dispatch.control import CampaignControl
 from dispatch.engine import BatchOutcome, Engine, SendStep, SuppressionFilter, render_step
 from dispatch.planner import Planner
-from dispatch.suppression import AsyncSuppressionStore
+from dispatch.suppression import AddressHasher, AsyncSuppressionStore
 from dispatch.tracking import (
     CLAIM_BUSY,
     CLAIM_DONE,
@@ -48,6 +48,9 @@ from loadtest.mock_provider import MockProvider
 from loadtest.mock_recorder import Recorded, RecordingServer
 
 KEY = "SG.group-test-key"
+
+#: The suppression key of this test's stores (a deployment's come from ``hasher_for(settings)``).
+TEST_HASHER = AddressHasher(key=b"test-suppression-key")
 
 
 @dataclass
@@ -72,7 +75,7 @@ class Rig:
                 honours_idempotency=idempotent,
             ),
         )
-        suppression = SuppressionFilter(AsyncSuppressionStore(self.client))
+        suppression = SuppressionFilter(AsyncSuppressionStore(self.client, hasher=TEST_HASHER))
         return Engine(
             client=self.client,
             tracker=self.tracker,
