@@ -73,15 +73,18 @@ async def _tls_proxy(redis_url: str, cert: Path, key: Path) -> AsyncIterator[int
 async def test_pipelined_connection_over_tls(redis_url: str, redis_client: redis.Redis, tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
     redis_client.hset("tls-probe", "field", "over-tls")
-    db = urlsplit(redis_url).path or "/0"
+    parts = urlsplit(redis_url)
+    db = parts.path or "/0"
+    auth = parts.netloc.rpartition("@")[0]  # the embedded server's password
+    auth = f"{auth}@" if auth else ""
     async with _tls_proxy(redis_url, cert, key) as port:
-        trusted = PipelinedRedis(f"rediss://localhost:{port}{db}?ssl_ca_certs={cert}")
+        trusted = PipelinedRedis(f"rediss://{auth}localhost:{port}{db}?ssl_ca_certs={cert}")
         try:
             assert await trusted.hget("tls-probe", "field") == b"over-tls"
         finally:
             await trusted.aclose()
         # redis-py's default: the certificate is checked, so an unknown one is refused
-        untrusted = PipelinedRedis(f"rediss://localhost:{port}{db}")
+        untrusted = PipelinedRedis(f"rediss://{auth}localhost:{port}{db}")
         try:
             with pytest.raises((redis.ConnectionError, ssl.SSLError)):
                 await untrusted.hget("tls-probe", "field")
