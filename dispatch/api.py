@@ -80,7 +80,7 @@ from dispatch.planner import Planner, PlanReport
 from dispatch.receipts import ReceiptApplier
 from dispatch.snapshot import load_manifest
 from dispatch.sources import SourceUnavailable, plan_from_source
-from dispatch.suppression import GLOBAL, AddressHasher, AsyncSuppressionStore, hasher_for
+from dispatch.suppression import GLOBAL, AddressHasher, AsyncSuppressionStore, check_suppression_key, hasher_for
 from dispatch.tracking import GROUP_FIELD, Tracker, make_ref, parse_ref, record_value
 from dispatch.validation import AddressValidator
 from monitoring.exposition import metrics_handler
@@ -747,6 +747,7 @@ def build_app(
     lim = limits or ApiLimits(json_bytes=settings.api_max_json_bytes, audience_bytes=settings.api_max_audience_bytes)
     pepper = key_pepper if key_pepper is not None else settings.api_key_pepper.reveal().encode()
     hasher = suppression_hasher or hasher_for(settings)
+    check_suppression_key(sync_client, hasher)
     registry = registry if registry is not None else CollectorRegistry()
     metrics = Metrics(registry)
     io_pool = ThreadPoolExecutor(io_threads, thread_name_prefix="dispatch-api-io")

@@ -40,7 +40,7 @@ from dispatch.errors import ConfigError, PlanError
 from dispatch.planner import Planner, PlanReport
 from dispatch.redisdb import resolve_redis
 from dispatch.sources import find_source, parse_reference, plan_from_source, plan_postgres
-from dispatch.suppression import GLOBAL, SuppressionStore, hasher_for
+from dispatch.suppression import GLOBAL, SuppressionStore, check_suppression_key, hasher_for
 from dispatch.validation import AddressValidator
 
 __all__ = ["add_commands", "format_report", "normalizer"]
@@ -69,7 +69,9 @@ def _client(settings: Settings) -> redis.Redis:
 def cmd_suppress(args: argparse.Namespace, settings: Settings) -> int:
     client = _client(settings)
     try:
-        store = SuppressionStore(client, hasher=hasher_for(settings))
+        hasher = hasher_for(settings)
+        check_suppression_key(client, hasher)
+        store = SuppressionStore(client, hasher=hasher)
         normalize = normalizer(args.channel, args.region)
         if args.action in ("add", "remove"):
             addresses = [normalize(a) for a in args.addresses]

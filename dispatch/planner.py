@@ -347,14 +347,14 @@ class Planner:
     def for_settings(cls, client: redis.Redis, settings: Settings, *, default_region: str | None = None) -> Planner:
         """The deployment's planner: suppression lists, and the frequency cap when configured,
         checked with the deployment's address hasher (the same one the workers use)."""
-        from dispatch.suppression import hasher_for
+        from dispatch.suppression import check_suppression_key, hasher_for
 
         cap = None
         if settings.frequency_limit > 0:
             cap = FrequencyCap(limit=settings.frequency_limit, window=timedelta(seconds=settings.frequency_window_s))
-        return cls.with_redis_checks(
-            client, settings, frequency_cap=cap, hasher=hasher_for(settings), default_region=default_region
-        )
+        hasher = hasher_for(settings)
+        check_suppression_key(client, hasher)
+        return cls.with_redis_checks(client, settings, frequency_cap=cap, hasher=hasher, default_region=default_region)
 
     @classmethod
     def with_redis_checks(

@@ -49,7 +49,7 @@ from dispatch.engine import (
 )
 from dispatch.errors import DispatchError
 from dispatch.frequency import AsyncFrequencyStore, FrequencyCap
-from dispatch.suppression import AsyncSuppressionStore, hasher_for
+from dispatch.suppression import AsyncSuppressionStore, check_suppression_key, hasher_for
 from dispatch.tracking import Tracker
 from monitoring.exposition import MetricsServer, start_metrics_server
 from monitoring.metrics import Metrics, RetryCause, collect_queue_depths
@@ -191,6 +191,7 @@ class WorkerRuntime:
         self._limiter_keys = [key for name, key in account_keys.items() if name == "sms" and s.sms_rate > 0]
         steps: list[Step] = [render_step, rate_step, send_step]
         hasher = hasher_for(s)
+        check_suppression_key(self._sync, hasher)
         suppression = SuppressionFilter(AsyncSuppressionStore(self._client, hasher=hasher))
         filters: list[BatchFilter] = [suppression]
         if s.frequency_limit:

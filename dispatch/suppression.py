@@ -22,6 +22,7 @@ send path re-checks with :class:`AsyncSuppressionStore`.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ import redis.asyncio as aredis
 
 from dispatch.config import Settings
 from dispatch.credentials import Secret, home_secret
+from dispatch.errors import ConfigError
 
 __all__ = [
     "GLOBAL",
@@ -39,7 +41,9 @@ __all__ = [
     "AddressHasher",
     "AsyncSuppressionStore",
     "ImportResult",
+    "SuppressionKeyMismatch",
     "SuppressionStore",
+    "check_suppression_key",
     "hasher_for",
     "suppression_key",
 ]
@@ -78,6 +82,52 @@ def hasher_for(settings: Settings) -> AddressHasher:
     return AddressHasher(key=suppression_key(settings).reveal().encode())
 
 
+log = logging.getLogger(__name__)
+
+#: Default key prefix of the lists (``{prefix}:{channel}``).
+DEFAULT_PREFIX: Final = "dispatch:suppress"
+#: What the key id is a hash of: it names the key without revealing it.
+_KEY_ID_INPUT: Final = "\x00dispatch suppression key id"
+
+
+class SuppressionKeyMismatch(ConfigError):
+    """This process hashes addresses with another key than the one the list was written with:
+    it would see none of the opt-outs, so it must not plan or send."""
+
+
+def check_suppression_key(client: redis.Redis, hasher: AddressHasher, prefix: str = DEFAULT_PREFIX) -> None:
+    """Refuse to work with a key other than the list's (:class:`SuppressionKeyMismatch`).
+
+    The first process of a deployment records the key's id (a keyed hash of a constant) beside
+    the lists; every later one compares. A process on another host given another key, or a lost
+    ``suppression.key``, is refused with a message saying what to do, instead of silently
+    messaging people who opted out. A list written before key ids existed has nothing to compare with: the first process
+    records its key and logs a warning. Called once at start-up by the planner, the API, every
+    worker and the suppress command."""
+    key_id_key = f"{prefix}:key-id"
+    own = hasher(_KEY_ID_INPUT).hex()
+    recorded = client.get(key_id_key)
+    if recorded is None:
+        lists = [k for k in client.scan_iter(match=f"{prefix}:*", count=1000) if k != key_id_key.encode()]
+        if lists:  # written before key ids existed: nothing to compare with, say so once
+            log.warning(
+                "the suppression list (%d list(s) under %r) has no recorded key: recording this process's; "
+                "if the list was written with another key, set DISPATCH_SUPPRESSION_KEY to it",
+                len(lists),
+                prefix,
+            )
+        client.set(key_id_key, own, nx=True)
+        recorded = client.get(key_id_key)
+    if recorded != own.encode():
+        raise SuppressionKeyMismatch(
+            "DISPATCH_SUPPRESSION_KEY",
+            "this process's suppression key differs from the one the suppression list was written with, "
+            "so it would not see the opt-outs",
+            "give every process of the deployment the same DISPATCH_SUPPRESSION_KEY (or the same "
+            "$DISPATCH_HOME/suppression.key)",
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class ImportResult:
     added: int  # new members (already present ones are not counted)
@@ -107,7 +157,7 @@ class SuppressionStore:
         client: redis.Redis,
         *,
         hasher: AddressHasher,
-        prefix: str = "dispatch:suppress",
+        prefix: str = DEFAULT_PREFIX,
         chunk: int = DEFAULT_CHUNK,
     ) -> None:
         self._client = client
@@ -197,7 +247,7 @@ class AsyncSuppressionStore:
         client: aredis.Redis,
         *,
         hasher: AddressHasher,
-        prefix: str = "dispatch:suppress",
+        prefix: str = DEFAULT_PREFIX,
         chunk: int = DEFAULT_CHUNK,
     ) -> None:
         self._client = client

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import redis
 import redis.asyncio as aredis
 
@@ -68,3 +69,29 @@ async def test_async_store(aredis_client: aredis.Redis, redis_client: redis.Redi
     assert SuppressionStore(redis_client, hasher=TEST_HASHER).contains_many("push", ["tok2"]) == [True]
     assert await astore.remove("push", ["tok1"]) == 1
     assert await astore.contains_many("push", ["tok1"]) == [False]
+
+
+def test_a_process_with_another_key_is_refused_instead_of_missing_the_opt_outs(
+    redis_client: redis.Redis, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dispatch.config import load_settings
+    from dispatch.planner import Planner
+    from dispatch.suppression import SuppressionKeyMismatch, check_suppression_key, hasher_for
+
+    ours, theirs = AddressHasher(key=b"deployment-key"), AddressHasher(key=b"another-host-key")
+    check_suppression_key(redis_client, ours)  # the first process records the key's id
+    SuppressionStore(redis_client, hasher=ours).add("sms", ["+447400000001"])
+    check_suppression_key(redis_client, ours)  # the same key: fine, again and again
+    with pytest.raises(SuppressionKeyMismatch, match="differs"):
+        check_suppression_key(redis_client, theirs)
+    assert b"deployment-key" not in (redis_client.get("dispatch:suppress:key-id") or b"")  # an id, not the key
+    # a deployment planner with a freshly generated key (another home) is refused the same way
+    with pytest.raises(SuppressionKeyMismatch):
+        Planner.for_settings(redis_client, load_settings({"DISPATCH_HOME": str(tmp_path)}))
+    # a list written before key ids existed: the first process records its key, and says so
+    redis_client.flushdb()
+    SuppressionStore(redis_client, hasher=theirs).add("sms", ["+447400000001"])
+    check_suppression_key(redis_client, hasher_for(load_settings({"DISPATCH_HOME": str(tmp_path)})))
+    assert "has no recorded key" in caplog.text
+    with pytest.raises(SuppressionKeyMismatch):
+        check_suppression_key(redis_client, theirs)
