@@ -444,7 +444,7 @@ async def test_triggered_message_is_idempotent_and_checked(api: Api, redis_clien
     first = await api.call("POST", "/v1/messages", json=message, headers={"Idempotency-Key": "cart-1"})
     assert first.status == 202 and first.json["state"] == "queued" and first.json["replayed"] is False
     cid = first.json["campaign_id"]
-    assert cid.startswith("triggered-sms-") and first.json["message_id"] == f"{cid}.0.0"
+    assert cid.startswith("triggered:sms-") and first.json["message_id"] == f"{cid}.0.0"
     await api.flush()
     assert api.enqueued == [(cid, 0, 0)]
     batch = orjson.loads(redis_client.get(keys.batch(cid, 0)))
