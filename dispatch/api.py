@@ -57,6 +57,7 @@ from dispatch.api_auth import (
     Scope,
     auth_middleware,
 )
+from dispatch.api_connections import ConnectionLimits, GuardedAppRunner, connection_cap
 from dispatch.api_openapi import OPERATIONS, openapi_document
 from dispatch.api_problems import ApiProblem, FieldError, problem_middleware
 from dispatch.api_redis import PipelinedRedis
@@ -839,8 +840,16 @@ def build_app(
 
 
 def make_runner(app: web.Application) -> web.AppRunner:
-    """A runner whose access log carries no headers and no query string (tokens never logged)."""
-    return web.AppRunner(app, access_log_class=PathOnlyAccessLogger)
+    """A runner whose access log carries no headers, no query string and no address (tokens and
+    addresses never logged), and whose server applies the settings' header timeout, idle timeout
+    and connection cap (``dispatch.api_connections``)."""
+    settings = app[DEPS].settings
+    limits = ConnectionLimits(
+        header_timeout_s=settings.api_header_timeout_s,
+        keepalive_timeout_s=settings.api_keepalive_timeout_s,
+        max_connections=connection_cap(settings.api_max_connections),
+    )
+    return GuardedAppRunner(app, limits=limits, access_log_class=PathOnlyAccessLogger)
 
 
 async def serve(
