@@ -29,7 +29,7 @@ import logging
 import resource
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -81,14 +81,13 @@ class _Connection(asyncio.Protocol):
     # --- asyncio.Protocol ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
         if not self._guard.admit(self):
-            transport.write(_BUSY)
-            transport.close()
+            self.transport.write(_BUSY)
+            self.transport.close()
             return
         self._made = True
-        self.handler.connection_made(transport)
+        self.handler.connection_made(self.transport)
         self._arm()
 
     def data_received(self, data: bytes) -> None:

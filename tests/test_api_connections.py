@@ -11,10 +11,15 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import aiohttp
 import redis
 import redis.asyncio as aredis
+import uvloop
+from aiohttp import web
 from test_api_support import Api, api_settings, running_api
 from yarl import URL
+
+from dispatch.api_connections import ConnectionLimits, GuardedAppRunner
 
 #: Trickling clients at once: enough to show the effect, modest for a 2-core machine.
 SLOW_CLIENTS = 300
@@ -125,3 +130,39 @@ async def test_over_the_cap_the_longest_waiting_connections_make_room(
         closed = [t for t in slow if t.closed_after is not None]
     assert SLOW_CLIENTS - cap <= len(closed) <= SLOW_CLIENTS
     assert max(t.closed_after for t in closed if t.closed_after is not None) < 60
+
+
+def test_the_guard_runs_on_uvloop_as_dispatch_serve_does() -> None:
+    """uvloop's transports are not asyncio.Transport subclasses: the same limits hold there."""
+
+    async def scenario() -> tuple[int, int]:
+        app = web.Application()
+
+        async def ok(request: web.Request) -> web.Response:
+            return web.json_response({"status": "ok"})
+
+        app.router.add_get("/healthz", ok)
+        runner = GuardedAppRunner(app, limits=ConnectionLimits(header_timeout_s=1.0, max_connections=20))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = runner.addresses[0][1]
+        try:
+            slow = []
+            for _ in range(40):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: api\r\n")
+                slow.append((reader, writer))
+            async with aiohttp.ClientSession() as session:
+                for _ in range(3):
+                    async with asyncio.timeout(5), session.get(f"http://127.0.0.1:{port}/healthz") as reply:
+                        assert reply.status == 200
+            async with asyncio.timeout(30):
+                ends = await asyncio.gather(*(reader.read() for reader, _ in slow))
+            for _, writer in slow:
+                writer.close()
+            return sum(end == b"" for end in ends), len(slow)
+        finally:
+            await runner.cleanup()
+
+    closed, opened = uvloop.run(scenario())
+    assert closed == opened
