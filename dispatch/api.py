@@ -57,13 +57,13 @@ from dispatch.api_auth import (
     Scope,
     auth_middleware,
 )
+from dispatch.api_connections import ConnectionLimits, GuardedAppRunner, connection_cap
 from dispatch.api_openapi import OPERATIONS, openapi_document
 from dispatch.api_problems import ApiProblem, FieldError, problem_middleware
 from dispatch.api_redis import PipelinedRedis
-from dispatch.api_schemas import SCHEMAS, validate
+from dispatch.api_schemas import CAMPAIGN_PATH_ID_PATTERN, SCHEMAS, validate
 from dispatch.api_sealer import TriggeredSealer
 from dispatch.api_triggered import (
-    TRIGGERED_PREFIX,
     TriggeredSender,
     open_key,
     split_recipient,
@@ -186,7 +186,7 @@ def _checked(data: Any, schema: str, prefix: str = "") -> dict[str, Any]:
 
 def _campaign_id(request: web.Request) -> str:
     cid = request.match_info["id"]
-    if validate({"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,128}$"}, cid):
+    if validate({"type": "string", "pattern": CAMPAIGN_PATH_ID_PATTERN}, cid):
         raise ApiProblem(404, "no such campaign")
     return cid
 
@@ -585,7 +585,7 @@ async def get_message(request: web.Request) -> web.StreamResponse:
         cid, batch, index = parse_ref(request.match_info["message_id"])
     except ValueError:
         raise ApiProblem(404, "no such message") from None
-    triggered = cid.startswith(TRIGGERED_PREFIX)
+    triggered = keys.is_triggered(cid)
     pipe = deps.client.pipeline(transaction=False)
     pipe.get(keys.batch(cid, batch))
     pipe.hmget(keys.records(cid, batch), [str(index), GROUP_FIELD])
@@ -841,8 +841,16 @@ def build_app(
 
 
 def make_runner(app: web.Application) -> web.AppRunner:
-    """A runner whose access log carries no headers and no query string (tokens never logged)."""
-    return web.AppRunner(app, access_log_class=PathOnlyAccessLogger)
+    """A runner whose access log carries no headers, no query string and no address (tokens and
+    addresses never logged), and whose server applies the settings' header timeout, idle timeout
+    and connection cap (``dispatch.api_connections``)."""
+    settings = app[DEPS].settings
+    limits = ConnectionLimits(
+        header_timeout_s=settings.api_header_timeout_s,
+        keepalive_timeout_s=settings.api_keepalive_timeout_s,
+        max_connections=connection_cap(settings.api_max_connections),
+    )
+    return GuardedAppRunner(app, limits=limits, access_log_class=PathOnlyAccessLogger)
 
 
 async def serve(

@@ -12,7 +12,8 @@ names a key for ``list`` and ``revoke``. Revocation takes effect at once, or wit
 ``cache_s`` when the lookup caches valid keys (``dispatch serve`` caches them for
 :data:`SERVE_AUTH_CACHE_S`: one Redis round trip less per request; unknown tokens are never
 cached, so a new key works at once). Tokens never reach a log line: requests are logged by
-:class:`PathOnlyAccessLogger` (no headers, no query string), and problems never echo the ``Authorization`` header.
+:class:`PathOnlyAccessLogger` (no headers, no query string, no addresses), and problems never
+echo the ``Authorization`` header.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import redis.asyncio as aredis
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from dispatch.api_problems import ApiProblem
+from dispatch.api_problems import ApiProblem, redacted_path
 
 __all__ = [
     "API_KEY",
@@ -167,11 +168,12 @@ class AsyncApiKeyLookup:
 
 
 class PathOnlyAccessLogger(AbstractAccessLogger):
-    """Access log lines with method, path (no query string), status and time; never a header."""
+    """Access log lines with method, path (no query string, addresses redacted: the problems'
+    ``instance``, :func:`~dispatch.api_problems.redacted_path`), status and time; never a header."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info(
-            "%s %s %s %d %.1fms", request.remote, request.method, request.path, response.status, time * 1000
+            "%s %s %s %d %.1fms", request.remote, request.method, redacted_path(request), response.status, time * 1000
         )
 
 

@@ -16,7 +16,7 @@ import orjson
 
 from dispatch.api_auth import Scope
 from dispatch.api_problems import PROBLEM_JSON
-from dispatch.api_schemas import CAMPAIGN_ID_PATTERN, SCHEMAS, validate
+from dispatch.api_schemas import CAMPAIGN_PATH_ID_PATTERN, SCHEMAS, validate
 
 __all__ = ["OPERATIONS", "Operation", "find_operation", "openapi_document", "response_errors"]
 
@@ -46,7 +46,7 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
-_CID = _path_param("id", {"type": "string", "pattern": CAMPAIGN_ID_PATTERN}, "campaign id")
+_CID = _path_param("id", {"type": "string", "pattern": CAMPAIGN_PATH_ID_PATTERN}, "campaign id")
 _STATUS = (JSON, "CampaignStatus")
 
 _CREATE_DESCRIPTION = """\

@@ -4,7 +4,8 @@ Handlers raise :class:`ApiProblem`; :func:`problem_middleware` turns it, aiohttp
 (unknown route, wrong method, body over ``client_max_size``) and unexpected exceptions into an
 ``application/problem+json`` response with ``type``, ``title``, ``status``, ``detail``,
 ``instance`` and, for validation failures, ``errors: [{field, reason}]``. A problem never echoes a
-request header, a token or an address back.
+request header, a token or an address back: ``instance`` is :func:`redacted_path`, the form the
+access log prints too.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
@@ -20,12 +22,14 @@ from aiohttp import web
 from dispatch.errors import DispatchError
 
 __all__ = [
+    "ADDRESS_PARAMS",
     "PROBLEM_BASE",
     "PROBLEM_JSON",
     "ApiProblem",
     "FieldError",
     "problem_middleware",
     "problem_response",
+    "redacted_path",
 ]
 
 log = logging.getLogger("dispatch.api")
@@ -34,6 +38,13 @@ log = logging.getLogger("dispatch.api")
 PROBLEM_JSON: Final = "application/problem+json"
 #: ``type`` URIs are this base plus a short slug (documented in the OpenAPI description).
 PROBLEM_BASE: Final = "https://dispatch.invalid/problems/"
+
+#: Route parameters that hold a recipient's address (phone number, email, push token, openid).
+ADDRESS_PARAMS: Final = frozenset({"address"})
+#: Shown instead of a path segment that holds an address.
+REDACTED: Final = "{redacted}"
+#: Characters of a phone number as written in a path (digits and the usual separators).
+_PHONE_CHARS: Final = frozenset("0123456789+ ().-")
 
 _TITLES: Final = {
     400: "Bad request",
@@ -61,6 +72,33 @@ _SLUGS: Final = {
     500: "internal",
     503: "unavailable",
 }
+
+
+def _looks_like_address(segment: str) -> bool:
+    """An email, or a phone number: 7+ digits and nothing but phone characters (E.164 or national)."""
+    if "@" in segment:
+        return True
+    return sum(c.isdigit() for c in segment) >= 7 and all(c in _PHONE_CHARS for c in segment)
+
+
+def redacted_path(request: web.BaseRequest) -> str:
+    """The request's path as logs and problems show it: no query string, and ``{redacted}`` for
+    every segment that holds an address: the route's :data:`ADDRESS_PARAMS` segments whatever
+    they hold (push tokens look like nothing in particular), and any segment that looks like an
+    email or a phone number (a mistyped or unmatched path may carry one too)."""
+    segments = request.raw_path.split("?", 1)[0].split("/")
+    names: list[str | None] = [None] * len(segments)
+    match_info = getattr(request, "match_info", None)  # absent on a request aiohttp could not parse
+    resource = match_info.route.resource if match_info is not None else None
+    if resource is not None:
+        template = resource.canonical.split("/")
+        if len(template) == len(segments):
+            names = [part[1:-1] if part.startswith("{") and part.endswith("}") else None for part in template]
+    shown: list[str] = []
+    for segment, name in zip(segments, names, strict=True):
+        text = unquote(segment)
+        shown.append(REDACTED if name in ADDRESS_PARAMS or _looks_like_address(text) else text)
+    return "/".join(shown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +155,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    instance = request.path
+    instance = redacted_path(request)
     try:
         return await handler(request)
     except ApiProblem as exc:
@@ -131,7 +169,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         if exc.status < 400:
             raise
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        detail = exc.reason if exc.status != 404 else f"no resource at {request.path}"
+        detail = exc.reason if exc.status != 404 else f"no resource at {instance}"
         return problem_response(exc.status, detail, instance=instance, headers=headers)
     except Exception:
         # The traceback names code, never the request's headers or body.

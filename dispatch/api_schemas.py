@@ -65,8 +65,11 @@ _NUM = _s("number")
 _INT = _s("integer", minimum=0)
 _NUM_OR_NULL = _s(["number", "null"])
 
-#: Campaign ids: what ``CampaignSpec`` accepts.
-CAMPAIGN_ID_PATTERN: Final = r"^[A-Za-z0-9._-]{1,128}$"
+#: Campaign ids a client may choose: what ``CampaignSpec`` accepts (``triggered-`` is reserved).
+CAMPAIGN_ID_PATTERN: Final = r"^(?!triggered-)[A-Za-z0-9._-]{1,128}$"
+#: Campaign ids in a path: a client's, a triggered campaign's (``triggered:sms-2026112512``) or
+#: one of the former triggered ids (``triggered-sms-2026112512``).
+CAMPAIGN_PATH_ID_PATTERN: Final = r"^(?:[A-Za-z0-9._-]{1,128}|triggered:[a-z]+-[0-9]{10})$"
 
 SCHEMAS: Final[dict[str, dict[str, Any]]] = {
     "CampaignSpec": _obj(

@@ -1,7 +1,10 @@
 """Triggered messages (``POST /v1/messages``): accepted in one Redis round trip, sent in micro-batches.
 
-Design: each channel has one *triggered campaign* per UTC hour (``triggered-sms-2026112512``),
-created on first use with a fixed manifest whose body template is ``$body``. An accepted message
+Design: each channel has one *triggered campaign* per UTC hour (``triggered:sms-2026112512``),
+created on first use with a fixed manifest whose body template is ``$body``. Its id holds a ``:``,
+which no client-chosen campaign id may hold, so no campaign a client creates shares its keys (its
+manifest, batches or records); client ids starting with the former prefix ``triggered-`` are
+refused too (``dispatch.keys``). An accepted message
 is one row ``[rid, address, {"body": text}]`` appended to the campaign's *open batch* (a Redis list,
 :func:`open_key`) by ``triggered_accept.lua``; :class:`dispatch.api_sealer.TriggeredSealer` seals
 open batches every 50 ms (or the script does, inline, when one reaches
@@ -87,8 +90,8 @@ __all__ = [
     "triggered_counts",
 ]
 
-#: Campaign ids of triggered campaigns start with this.
-TRIGGERED_PREFIX: Final = "triggered-"
+#: Campaign ids of triggered campaigns start with this (outside the client id alphabet).
+TRIGGERED_PREFIX: Final = keys.TRIGGERED_PREFIX
 #: How long an Idempotency-Key is remembered.
 IDEMPOTENCY_TTL_S: Final = 24 * 3600
 #: An open batch is sealed at once when it reaches this many rows.

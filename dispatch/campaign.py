@@ -30,6 +30,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
+from dispatch import keys
 from dispatch.checks import QuietHours
 from dispatch.errors import PlanError
 
@@ -68,6 +69,11 @@ class CampaignSpec:
     def __post_init__(self) -> None:
         if not self.id or len(self.id) > 128 or not all(c.isalnum() or c in "-_." for c in self.id):
             raise PlanError(f"campaign id {self.id!r}: use 1-128 letters, digits, '-', '_' or '.'")
+        if self.id.startswith(keys.RESERVED_ID_PREFIX):
+            raise PlanError(
+                f"campaign id {self.id!r}: ids starting with {keys.RESERVED_ID_PREFIX!r} are reserved for "
+                "triggered messages; choose another id"
+            )
         if self.channel not in CHANNELS:
             raise PlanError(f"campaign {self.id}: channel {self.channel!r} is not one of {', '.join(CHANNELS)}")
         if not self.body:

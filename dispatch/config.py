@@ -262,6 +262,15 @@ class Settings:
     )
     api_max_json_bytes: int = _setting(1024 * 1024, "largest JSON request body of the API", low=1024)
     api_max_audience_bytes: int = _setting(2 * 1024**3, "largest audience upload of the API", low=1024)
+    api_header_timeout_s: float = _setting(
+        10.0, "seconds a client of the API may take to send a request's line and headers", low=0.1
+    )
+    api_keepalive_timeout_s: float = _setting(
+        75.0, "seconds an idle keep-alive connection to the API stays open", low=0.1
+    )
+    api_max_connections: int = _setting(
+        1000, "connections the API keeps open at most (over it, the longest idle one is closed)", low=1
+    )
     sendgrid_public_key: str | None = _setting(None, "SendGrid event-webhook verification key (base64 DER or PEM)")
     receipt_webhook_secret: Secret | None = _secret(None, "HMAC secret of signed webhook delivery receipts")
     callback_base_url: str | None = _setting(None, "public base URL providers post receipts to")

@@ -1,18 +1,24 @@
 """Redis key names of the application database, in one place.
 
 Every key of a campaign carries the campaign id in a hash tag (``{cid}``) so a cluster keeps a
-campaign's keys on one slot and the Lua scripts may touch several of them.
+campaign's keys on one slot and the Lua scripts may touch several of them. A campaign's keys are
+therefore only as separate as its id: the ids of triggered campaigns (:data:`TRIGGERED_PREFIX`)
+hold a ``:``, which no client-chosen id may hold (``dispatch.campaign.CampaignSpec``), so no
+campaign a client creates can reach their keys.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "CAMPAIGNS",
+    "RESERVED_ID_PREFIX",
+    "TRIGGERED_PREFIX",
     "WORKER_SPEED",
     "batch",
     "control",
     "counters",
     "dead_letters",
+    "is_triggered",
     "manifest",
     "records",
     "worker_alive",
@@ -23,6 +29,17 @@ PREFIX = "dp"
 CAMPAIGNS = f"{PREFIX}:campaigns"
 #: Hash of the workers' machine-speed probes: worker id -> probe microseconds (dispatch.calibration).
 WORKER_SPEED = f"{PREFIX}:workers:speed"
+#: Ids of triggered campaigns start with this (``triggered:sms-2026112512``); ':' is outside the
+#: alphabet of client-chosen campaign ids.
+TRIGGERED_PREFIX = "triggered:"
+#: Client-chosen campaign ids may not start with this: triggered campaigns' ids did until their
+#: prefix became :data:`TRIGGERED_PREFIX` (such campaigns may still be in Redis).
+RESERVED_ID_PREFIX = "triggered-"
+
+
+def is_triggered(cid: str) -> bool:
+    """Whether ``cid`` names a triggered campaign (either prefix)."""
+    return cid.startswith((TRIGGERED_PREFIX, RESERVED_ID_PREFIX))
 
 
 def manifest(cid: str) -> str:

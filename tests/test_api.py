@@ -150,6 +150,61 @@ async def test_keys_are_stored_hashed_and_tokens_never_logged(
 # --- problems, limits, content types ---------------------------------------------------------
 
 
+async def _logged(caplog: pytest.LogCaptureFixture, lines: int) -> list[str]:
+    """The access log's lines once ``lines`` of them are in (aiohttp logs a request after its answer)."""
+    deadline = time.monotonic() + 10
+    while True:
+        access = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+        if len(access) >= lines or time.monotonic() > deadline:
+            return access
+        await asyncio.sleep(0.02)
+
+
+async def test_addresses_in_paths_never_reach_the_access_log_or_a_problem(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    phone, email, token = "+14158230003", "ada.lovelace@example.com", "f" * 40 + ":APA91b" + "x" * 60
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    await api.call("POST", "/v1/suppressions", json={"channel": "sms", "addresses": [phone]})
+    calls = [
+        ("DELETE", "/v1/suppressions/sms/%2B14158230003", "admin", 200, None),
+        ("DELETE", "/v1/suppressions/sms/+1%20415%20823%200003", "write", 403, "/v1/suppressions/sms/{redacted}"),
+        ("DELETE", "/v1/suppressions/email/ada.lovelace%40example.com", "admin", 200, None),
+        ("DELETE", f"/v1/suppressions/push/{token}", "admin", 200, None),
+        ("DELETE", "/v1/suppressions/email/ada.lovelace@example", "admin", 422, "/v1/suppressions/email/{redacted}"),
+        ("GET", "/v1/suppressions/sms/+14158230003", "admin", 405, "/v1/suppressions/sms/{redacted}"),
+        ("GET", "/v1/messages/14158230003", "read", 404, "/v1/messages/{redacted}"),
+        ("GET", f"/v1/campaigns/{email}", "read", 404, "/v1/campaigns/{redacted}"),
+        ("GET", "/v1/no-such-route/%2B14158230003/x", "read", 404, "/v1/no-such-route/{redacted}/x"),
+    ]
+    bodies: list[bytes] = []
+    for method, path, scope, status, instance in calls:
+        reply = await api.call(method, path, token=scope, check=False)
+        assert reply.status == status, (path, reply.body)
+        bodies.append(reply.body)
+        if instance is not None:
+            assert reply.json["instance"] == instance, reply.json
+    access = await _logged(caplog, len(calls) + 1)
+    assert len(access) == len(calls) + 1, access  # the access log did run, once per request
+    assert [line.split()[2] for line in access[1:]] == [
+        "/v1/suppressions/sms/{redacted}",
+        "/v1/suppressions/sms/{redacted}",
+        "/v1/suppressions/email/{redacted}",
+        "/v1/suppressions/push/{redacted}",
+        "/v1/suppressions/email/{redacted}",
+        "/v1/suppressions/sms/{redacted}",
+        "/v1/messages/{redacted}",
+        "/v1/campaigns/{redacted}",
+        "/v1/no-such-route/{redacted}/x",
+    ]
+    for secret in ("4158230003", "415%20823", "ada.lovelace", "APA91b"):
+        assert secret not in caplog.text
+        assert all(secret.encode() not in body for body in bodies)
+    # what is not an address stays readable
+    await api.call("GET", "/v1/campaigns/spring-2026", token="read", check=False)
+    assert (await _logged(caplog, len(calls) + 2))[-1].split()[2] == "/v1/campaigns/spring-2026"
+
+
 async def test_malformed_oversized_and_wrongly_typed_bodies(api: Api, redis_client: redis.Redis) -> None:
     bad_json = await api.call("POST", "/v1/campaigns", data=b'{"spec": {', headers={"Content-Type": "application/json"})
     assert bad_json.status == 400 and bad_json.json["type"].endswith("/malformed-json")
@@ -454,7 +509,7 @@ async def test_triggered_message_is_idempotent_and_checked(api: Api, redis_clien
     first = await api.call("POST", "/v1/messages", json=message, headers={"Idempotency-Key": "cart-1"})
     assert first.status == 202 and first.json["state"] == "queued" and first.json["replayed"] is False
     cid = first.json["campaign_id"]
-    assert cid.startswith("triggered-sms-") and first.json["message_id"] == f"{cid}.0.0"
+    assert cid.startswith("triggered:sms-") and first.json["message_id"] == f"{cid}.0.0"
     await api.flush()
     assert api.enqueued == [(cid, 0, 0)]
     batch = orjson.loads(redis_client.get(keys.batch(cid, 0)))

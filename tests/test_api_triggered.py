@@ -6,30 +6,44 @@ workers delivering micro-batched messages exactly once to the mock provider."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 import pytest
 import redis
 import redis.asyncio as aredis
+from aiohttp import web
 from test_api_support import api_settings, running_api
 
 from dispatch import keys
 from dispatch.api_problems import ApiProblem
 from dispatch.api_sealer import TriggeredSealer
-from dispatch.api_triggered import REGISTRY, TO_ENQUEUE, TriggeredSender, closes_at, open_key, state_key
+from dispatch.api_triggered import (
+    REGISTRY,
+    TO_ENQUEUE,
+    TRIGGERED_PREFIX,
+    TriggeredSender,
+    closes_at,
+    open_key,
+    state_key,
+)
 from dispatch.broker import build_broker, enqueue_batch
+from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings
+from dispatch.errors import PlanError
 from dispatch.frequency import AsyncFrequencyStore, FrequencyCap, frequency_key
 from dispatch.redisdb import with_db
 from dispatch.snapshot import load_manifest
 from dispatch.suppression import AddressHasher, SuppressionStore, hasher_for
 from dispatch.tracking import iter_records, parse_ref
 from loadtest.cluster import LocalCluster
+from loadtest.mock_recorder import Recorded, RecordingServer
 
 
 class Clock:
@@ -434,3 +448,75 @@ async def test_a_send_by_the_workers_caps_the_next_triggered_message_at_accept(
     assert other.status == 202 and other.json["state"] == "queued"
     assert replay.status == 200 and replay.json == {**again.json, "replayed": True}
     assert missing.status == 404  # like a suppressed message: no record
+
+
+async def test_a_client_campaign_cannot_take_over_the_triggered_campaign(
+    e2e_settings: Settings, clients: tuple[aredis.Redis, redis.Redis]
+) -> None:
+    """The attack: a write key creates ``triggered-sms-<this hour>`` (the triggered campaigns' former
+    id) with its own body template, so other keys' triggered messages would go out under its
+    manifest (its text in front) and into its batches and records. The create is refused, and even
+    a campaign left at that id from before (copied here from a real plan) shares no key with the
+    triggered campaign: the message goes out once, with its own body, and records its own sid."""
+    assert e2e_settings.redis_url is not None
+    app_client, sync_client = clients
+    hour = f"{datetime.now(UTC):%Y%m%d%H}"
+    with pytest.raises(PlanError, match="reserved"):
+        CampaignSpec(id=f"triggered-sms-{hour}", channel="sms", body="x")
+    for channel in ("sms", "email", "push", "webhook"):  # today's triggered ids: outside the client alphabet
+        with pytest.raises(PlanError):
+            CampaignSpec(id=f"{TRIGGERED_PREFIX}{channel}-{hour}", channel="sms", body="x")
+    sids: list[str] = []
+
+    async def twilio(recorded: Recorded) -> web.StreamResponse:
+        sids.append(f"SM{secrets.token_hex(16)}")
+        return web.json_response({"sid": sids[-1], "status": "queued"}, status=201)
+
+    broker = build_broker(e2e_settings, with_db(e2e_settings.redis_url, e2e_settings.broker_db))
+    attack = {"id": f"triggered-sms-{hour}", "channel": "sms", "body": "Call +1 900 555 0100 now! $body"}
+    recipients = [{"id": "a1", "phone": "+447400100001", "body": "x"}, {"id": "a2", "phone": "+447400100002"}]
+    try:
+        async with (
+            RecordingServer(twilio) as provider,
+            running_api(
+                e2e_settings, app_client, sync_client, enqueue=lambda c, n, d: enqueue_batch(broker, c, n, d)
+            ) as api,
+        ):
+            refused = await api.call("POST", "/v1/campaigns", token="write", json={"spec": attack, "recipients": []})
+            # a campaign planned at the former id before this fix: a real plan's keys, renamed
+            legacy = await api.call(
+                "POST",
+                "/v1/campaigns",
+                token="write",
+                json={"spec": {**attack, "id": "legacy-attack"}, "recipients": recipients},
+            )
+            assert legacy.status == 201, legacy.body
+            for key in sync_client.scan_iter(match="dp:{legacy-attack}:*"):
+                sync_client.copy(key, key.replace(b"{legacy-attack}", f"{{triggered-sms-{hour}}}".encode()))
+            with LocalCluster(e2e_settings, workers=1, worker_env={"DISPATCH_SMS_BASE_URL": provider.url}) as cluster:
+                login = {"channel": "sms", "to": "+447400123456", "body": "Your login code is $code"}
+                sent = await api.call(
+                    "POST",
+                    "/v1/messages",
+                    token="admin",
+                    json={**login, "attributes": {"code": "493817"}},
+                    headers={"Idempotency-Key": "login-1"},
+                )
+                assert sent.status == 202, sent.body
+                await api.flush()
+                deadline = time.monotonic() + 45
+                while time.monotonic() < deadline:
+                    record = (await api.call("GET", f"/v1/messages/{sent.json['message_id']}", token="read")).json
+                    if record["state"] != "pending":
+                        break
+                    await asyncio.sleep(0.2)
+                await asyncio.to_thread(cluster.wait_drained)  # anything else would have been sent by then
+    finally:
+        broker.close()
+    assert refused.status == 422, refused.body
+    assert sync_client.exists(keys.manifest(f"triggered-sms-{hour}")) == 1  # only the copied one
+    assert sent.json["campaign_id"] == f"{TRIGGERED_PREFIX}sms-{hour}"
+    messages = [r for r in provider.requests if r.path.endswith("/Messages.json")]
+    forms = [parse_qs(r.body.decode()) for r in messages]
+    assert [(form["To"], form["Body"]) for form in forms] == [(["+447400123456"], ["Your login code is 493817"])]
+    assert record["state"] == "sent" and record["provider_id"] == sids[0], record
