@@ -30,9 +30,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
-from dispatch import keys
-from dispatch.checks import QuietHours
 from dispatch.errors import PlanError
+from dispatch.rules.checks import QuietHours
+from dispatch.store import keys
 
 __all__ = ["CampaignSpec", "load_campaign_file", "parse_duration"]
 

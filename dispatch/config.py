@@ -12,7 +12,7 @@ webhook secret, ``api_token``) are :class:`Secret` values: ``repr``, ``str`` and
 hands one to a library calls ``.reveal()``.
 
 Named audience sources (setting ``sources``; planned by name with ``dispatch plan --audience
-source:NAME`` or the API's ``{"audience": {"source": NAME}}``, see ``dispatch.sources``) are one
+source:NAME`` or the API's ``{"audience": {"source": NAME}}``, see ``dispatch.plan.sources``) are one
 TOML table each::
 
     [sources.crm]
@@ -67,7 +67,7 @@ _FILE_SUFFIXES: Final = (".csv", ".jsonl", ".ndjson")
 
 @dataclass(frozen=True, kw_only=True)
 class PostgresSource:
-    """A query read through a server-side cursor (``dispatch.audience.from_postgres``). ``dsn``
+    """A query read through a server-side cursor (``dispatch.plan.audience.from_postgres``). ``dsn``
     is a secret (it may hold a password): it is left out of ``repr`` and of every message."""
 
     kind: ClassVar[str] = "postgres"

@@ -8,13 +8,13 @@ The tree::
     │   └── EvictionPolicyError  the server may evict keys (maxmemory-policy is not noeviction)
     ├── AudienceError          the audience source cannot be read at all (per-row problems are
     │   │                      rejections, never exceptions)
-    │   └── SourceUnavailable  (dispatch.sources) a configured source's database cannot be reached
+    │   └── SourceUnavailable  (dispatch.plan.sources) a configured source's database cannot be reached
     ├── PlanError              a campaign cannot be planned (stale source, bad template, ...)
     ├── CampaignNotFound       no campaign with that id
     ├── CampaignStateError     the operation does not fit the campaign's state
-    ├── ApiProblem             (dispatch.api_problems) an API request is refused: RFC 9457 problem
-    ├── ApiError               (dispatch.client) the API answered a problem to the Python client
-    └── ApiUnreachable         (dispatch.client) the API cannot be reached, or is not the API
+    ├── ApiProblem             (dispatch.api.problems) an API request is refused: RFC 9457 problem
+    ├── ApiError               (dispatch.api.client) the API answered a problem to the Python client
+    └── ApiUnreachable         (dispatch.api.client) the API cannot be reached, or is not the API
 """
 
 from __future__ import annotations

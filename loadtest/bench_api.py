@@ -49,7 +49,7 @@ import orjson
 import redis
 import uvloop
 
-from dispatch.api_auth import ApiKeyStore
+from dispatch.api.auth import ApiKeyStore
 from dispatch.config import Settings, load_settings
 from loadtest.audience import generate_rows
 from loadtest.cluster import LocalCluster

@@ -8,10 +8,10 @@ in separate processes (so peak RSS is each one's own):
 
 (a) naive: ``csv.DictReader`` + ``phonenumbers.parse`` + ``is_valid_number`` + ``number_type``
     per row (on ``--naive-rows`` rows, it is slow);
-(b) fast: ``dispatch.audience.read_audience`` + ``dispatch.validation.AddressValidator`` (the
+(b) fast: ``dispatch.plan.audience.read_audience`` + ``dispatch.rules.validation.AddressValidator`` (the
     fast, same-answer phone path) + dedup of the normalized number (a set of 8-byte hashes).
 
-(c) the full :class:`dispatch.planner.Planner` on the same file with every check on
+(c) the full :class:`dispatch.plan.planner.Planner` on the same file with every check on
     (validation, consent, freshness with ``max_staleness``, quiet hours, dedup, suppression of
     1% of the numbers, frequency cap with 1% of the numbers already messaged), writing the
     snapshot to an embedded Valkey: rows/s, peak RSS of the planning process, and Redis memory
@@ -104,7 +104,7 @@ def _peak_rss_mib() -> float:
 def _naive(path: str, limit: int, region: str) -> dict[str, Any]:
     import phonenumbers
 
-    from dispatch.phones import SMS_CAPABLE_TYPES
+    from dispatch.rules.phones import SMS_CAPABLE_TYPES
 
     counts: Counter[str] = Counter()
     seen: set[str] = set()
@@ -141,8 +141,8 @@ def _naive(path: str, limit: int, region: str) -> dict[str, Any]:
 
 
 def _fast(path: str, limit: int, region: str, profile: bool) -> dict[str, Any]:
-    from dispatch.audience import Recipient, read_audience
-    from dispatch.validation import AddressValidator
+    from dispatch.plan.audience import Recipient, read_audience
+    from dispatch.rules.validation import AddressValidator
 
     validator = AddressValidator(region)
     counts: Counter[str] = Counter()
@@ -194,11 +194,11 @@ def _full(  # noqa: PLR0917
 
     from dispatch.campaign import CampaignSpec
     from dispatch.config import load_settings
-    from dispatch.dedup import DEDUP_MEMORY_BYTES
-    from dispatch.frequency import FrequencyCap
-    from dispatch.planner import Planner
-    from dispatch.suppression import SuppressionStore, hasher_for
-    from dispatch.validation import AddressValidator
+    from dispatch.plan.dedup import DEDUP_MEMORY_BYTES
+    from dispatch.plan.planner import Planner
+    from dispatch.rules.frequency import FrequencyCap
+    from dispatch.rules.suppression import SuppressionStore, hasher_for
+    from dispatch.rules.validation import AddressValidator
 
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         fast = _in_child(_fast, str(path), min(args.rows, args.fast_rows), args.region, args.profile)
         full = None
         if not args.skip_full:
-            from dispatch.embedded import ensure_embedded, stop_embedded
+            from dispatch.store.embedded import ensure_embedded, stop_embedded
 
             home = Path(tmp) / "home"
             home.mkdir()

@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env_url = os.environ.get("DISPATCH_REDIS_URL")
     if env_url:
         return 0 if asyncio.run(_bench(args, env_url)) else 1
-    from dispatch.embedded import ensure_embedded, stop_embedded
+    from dispatch.store.embedded import ensure_embedded, stop_embedded
 
     with tempfile.TemporaryDirectory(prefix="bench-ratelimit-") as tmp:
         home = Path(tmp)

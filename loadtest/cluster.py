@@ -20,10 +20,10 @@ from typing import Any, Self
 import aiohttp
 import orjson
 
-from dispatch.broker import QUEUE, build_broker
 from dispatch.config import Secret, Settings
-from dispatch.embedded import stop_embedded
-from dispatch.redisdb import RedisTarget, resolve_redis
+from dispatch.send.broker import QUEUE, build_broker
+from dispatch.store.connect import RedisTarget, resolve_redis
+from dispatch.store.embedded import stop_embedded
 
 __all__ = ["LocalCluster", "fetch_mock_stats", "settings_env"]
 

@@ -1,7 +1,9 @@
-"""Subcommands of the load-test kit: ``dispatch loadtest`` and ``dispatch bench``.
+"""Subcommands of the load-test kit: ``dispatch demo``, ``dispatch mock-provider``,
+``dispatch loadtest`` and ``dispatch bench``.
 
-``dispatch.cli`` calls :func:`add_commands` (see its ``COMMAND_MODULES``); the heavy modules are
-imported only when a command runs.
+Registered as a plugin of the ``dispatch`` command line (entry-point group ``dispatch.commands``
+in pyproject.toml): ``dispatch.cli`` never imports ``loadtest``. The heavy modules are imported
+only when a command runs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,21 @@ import orjson
 
 from dispatch.config import Settings
 
-__all__ = ["add_commands", "cmd_bench", "cmd_loadtest"]
+__all__ = ["add_commands", "cmd_bench", "cmd_demo", "cmd_loadtest", "cmd_mock_provider"]
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest.demo import run_demo
+
+    return run_demo(settings, recipients=args.recipients, workers=args.workers, as_json=args.json)
+
+
+def cmd_mock_provider(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest.mock_provider import main as mock_main
+
+    argv = ["--host", args.host, "--port", str(args.port)]
+    argv += ["--account-sid", settings.sms_account_sid, "--auth-token", settings.sms_auth_token.reveal()]
+    return mock_main(argv + (["--faults", args.faults] if args.faults else []))
 
 
 def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
@@ -62,7 +78,20 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    """Register ``loadtest`` and ``bench`` on the ``dispatch`` parser's subparsers."""
+    """Register ``demo``, ``mock-provider``, ``loadtest`` and ``bench`` on the ``dispatch`` parser's
+    subparsers."""
+    p = sub.add_parser("demo", help="run a complete demo campaign on embedded defaults")
+    p.add_argument("--recipients", type=int, default=20_000)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object (last line)")
+    p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("mock-provider", help="serve the mock providers (Twilio, SendGrid, FCM, webhook)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8099)
+    p.add_argument("--faults", default=None, help="fault mix as JSON")
+    p.set_defaults(handler=cmd_mock_provider)
+
     p = sub.add_parser("loadtest", help="send a synthetic campaign through real workers against the mock provider")
     p.add_argument("--recipients", type=int, required=True, help="audience rows to generate")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: the workers setting)")

@@ -15,12 +15,12 @@ from typing import Any
 import orjson
 import redis
 
-from dispatch.broker import build_broker, enqueue_batch
 from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings
-from dispatch.control import CampaignControl, CampaignStatus
 from dispatch.credentials import redact_url
-from dispatch.planner import Planner, read_csv_rows
+from dispatch.plan.planner import Planner, read_csv_rows
+from dispatch.send.broker import build_broker, enqueue_batch
+from dispatch.send.control import CampaignControl, CampaignStatus
 from loadtest.audience import generate_csv
 from loadtest.cluster import LocalCluster
 

@@ -38,14 +38,14 @@ import aiohttp
 import orjson
 import redis
 
-from dispatch.broker import build_broker, enqueue_batch
-from dispatch.calibration import local_speed
 from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings
-from dispatch.control import CampaignControl, CampaignStatus
 from dispatch.errors import DispatchError
-from dispatch.planner import Planner
-from dispatch.runtime import build_channels
+from dispatch.plan.calibration import local_speed
+from dispatch.plan.planner import Planner
+from dispatch.send.broker import build_broker, enqueue_batch
+from dispatch.send.control import CampaignControl, CampaignStatus
+from dispatch.send.runtime import build_channels
 from loadtest.audience import generate_rows
 from loadtest.chart import Panel, Series, render_chart
 from loadtest.cluster import LocalCluster
@@ -119,7 +119,7 @@ def free_port() -> int:
 
 
 def wired_channels(settings: Settings) -> set[str]:
-    """Channels the worker runtime builds (``dispatch.runtime.build_channels``)."""
+    """Channels the worker runtime builds (``dispatch.send.runtime.build_channels``)."""
 
     async def names() -> set[str]:
         async with aiohttp.ClientSession() as session:
@@ -329,7 +329,7 @@ def run_loadtest(
     if options.channel not in wired_channels(settings):
         raise LoadtestError(
             f"the {options.channel} channel is not wired into the worker runtime yet "
-            "(dispatch.runtime.build_channels); only these are: " + ", ".join(sorted(wired_channels(settings)))
+            "(dispatch.send.runtime.build_channels); only these are: " + ", ".join(sorted(wired_channels(settings)))
         )
     cid = options.campaign_id or f"loadtest-{int(time.time() * 1000)}"
     out_dir = _out_dir(settings, options)
@@ -566,7 +566,7 @@ def _build_report(
             "bottleneck": plan["prediction"]["bottleneck"],
             "predicted_rate": round(float(plan["prediction"]["rate"]), 1),
             "plan_s": round(plan_s, 3),
-            "speed_factor": plan["prediction"].get("speed_factor", 1.0),  # the plan's (dispatch.calibration)
+            "speed_factor": plan["prediction"].get("speed_factor", 1.0),  # the plan's (dispatch.plan.calibration)
         },
         "provider": {
             "accepted": int(stats["accepted"]),

@@ -16,8 +16,8 @@ import redis
 import redis.asyncio as aredis
 
 from dispatch.config import Settings, load_settings
-from dispatch.embedded import ensure_embedded, stop_embedded
-from dispatch.redisdb import with_db
+from dispatch.store.connect import with_db
+from dispatch.store.embedded import ensure_embedded, stop_embedded
 
 
 @pytest.fixture(scope="session")

@@ -21,14 +21,14 @@ import redis
 import redis.asyncio as aredis
 from test_api_support import PG_PASSWORD, Api, api_settings, postgres_table, running_api
 
-from dispatch import keys
-from dispatch.api import ApiLimits, origin_key
-from dispatch.api_auth import KEYS_HASH, ApiKeyStore
-from dispatch.api_openapi import OPERATIONS, response_errors
-from dispatch.api_schemas import SCHEMAS, validate
-from dispatch.checks import QuietHours, next_allowed, resolve_timezone
+from dispatch.api.app import ApiLimits, origin_key
+from dispatch.api.auth import KEYS_HASH, ApiKeyStore
+from dispatch.api.openapi import OPERATIONS, response_errors
+from dispatch.api.schemas import SCHEMAS, validate
 from dispatch.config import load_settings
-from dispatch.suppression import SuppressionStore, hasher_for
+from dispatch.rules.checks import QuietHours, next_allowed, resolve_timezone
+from dispatch.rules.suppression import SuppressionStore, hasher_for
+from dispatch.store import keys
 from loadtest.audience import generate_rows
 
 SPEC = {"id": "spring", "channel": "sms", "body": "Hi $first_name"}
@@ -576,7 +576,7 @@ async def test_health_readiness_metrics_and_document(api: Api) -> None:
 
 
 def test_the_response_checker_catches_departures_from_the_document() -> None:
-    from dispatch.api_openapi import openapi_document
+    from dispatch.api.openapi import openapi_document
 
     doc = openapi_document()
     ok = b'{"status": "ok"}'

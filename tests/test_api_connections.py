@@ -19,7 +19,7 @@ from aiohttp import web
 from test_api_support import Api, api_settings, running_api
 from yarl import URL
 
-from dispatch.api_connections import ConnectionLimits, GuardedAppRunner
+from dispatch.api.connections import ConnectionLimits, GuardedAppRunner
 
 #: Trickling clients at once: enough to show the effect, modest for a 2-core machine.
 SLOW_CLIENTS = 300

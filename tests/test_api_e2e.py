@@ -19,9 +19,9 @@ import redis.asyncio as aredis
 from test_api_support import Api, api_settings, running_api
 
 from channels.receipts import twilio_signature
-from dispatch.broker import build_broker, enqueue_batch
 from dispatch.config import Settings
-from dispatch.redisdb import with_db
+from dispatch.send.broker import build_broker, enqueue_batch
+from dispatch.store.connect import with_db
 from loadtest.audience import generate_rows
 from loadtest.cluster import LocalCluster
 

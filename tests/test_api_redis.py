@@ -9,9 +9,9 @@ import asyncio
 import pytest
 import redis
 
-from dispatch.api_auth import KEYS_HASH, ApiKeyStore, AsyncApiKeyLookup, hash_token
-from dispatch.api_redis import PipelinedRedis
-from dispatch.redisdb import with_db
+from dispatch.api.auth import KEYS_HASH, ApiKeyStore, AsyncApiKeyLookup, hash_token
+from dispatch.api.pipelined import PipelinedRedis
+from dispatch.store.connect import with_db
 
 SCRIPT = "return {KEYS[1], ARGV[1], redis.call('INCR', KEYS[1])}"
 

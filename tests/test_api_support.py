@@ -18,13 +18,13 @@ import redis.asyncio as aredis
 from aiohttp import web
 from postgres_support import own_postgres_database
 
-from dispatch.api import SEALER, ApiLimits, build_app, make_runner
-from dispatch.api_auth import SCOPES, ApiKeyStore
-from dispatch.api_openapi import openapi_document, response_errors
-from dispatch.api_redis import PipelinedRedis
+from dispatch.api.app import SEALER, ApiLimits, build_app, make_runner
+from dispatch.api.auth import SCOPES, ApiKeyStore
+from dispatch.api.openapi import openapi_document, response_errors
+from dispatch.api.pipelined import PipelinedRedis
 from dispatch.config import Settings, load_settings
-from dispatch.control import EnqueueFn
-from dispatch.redisdb import with_db
+from dispatch.send.control import EnqueueFn
+from dispatch.store.connect import with_db
 
 __all__ = ["PG_PASSWORD", "Api", "Reply", "api_settings", "postgres_table", "running_api"]
 

@@ -21,10 +21,18 @@ import redis.asyncio as aredis
 from aiohttp import web
 from test_api_support import api_settings, running_api
 
-from dispatch import keys
-from dispatch.api_problems import ApiProblem
-from dispatch.api_sealer import TriggeredSealer
-from dispatch.api_triggered import (
+from dispatch.api.problems import ApiProblem
+from dispatch.campaign import CampaignSpec
+from dispatch.config import Settings
+from dispatch.errors import PlanError
+from dispatch.plan.snapshot import load_manifest
+from dispatch.rules.frequency import AsyncFrequencyStore, FrequencyCap, frequency_key
+from dispatch.rules.suppression import AddressHasher, SuppressionStore, hasher_for
+from dispatch.send.broker import build_broker, enqueue_batch
+from dispatch.send.tracking import iter_records, parse_ref
+from dispatch.store import keys
+from dispatch.store.connect import with_db
+from dispatch.triggered.accept import (
     REGISTRY,
     TO_ENQUEUE,
     TRIGGERED_PREFIX,
@@ -33,15 +41,7 @@ from dispatch.api_triggered import (
     open_key,
     state_key,
 )
-from dispatch.broker import build_broker, enqueue_batch
-from dispatch.campaign import CampaignSpec
-from dispatch.config import Settings
-from dispatch.errors import PlanError
-from dispatch.frequency import AsyncFrequencyStore, FrequencyCap, frequency_key
-from dispatch.redisdb import with_db
-from dispatch.snapshot import load_manifest
-from dispatch.suppression import AddressHasher, SuppressionStore, hasher_for
-from dispatch.tracking import iter_records, parse_ref
+from dispatch.triggered.sealer import TriggeredSealer
 from loadtest.cluster import LocalCluster
 from loadtest.mock_recorder import Recorded, RecordingServer
 

@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from postgres_support import own_postgres_database
 
-from dispatch.audience import (
+from dispatch.errors import AudienceError
+from dispatch.plan.audience import (
     ColumnMap,
     ReadLimits,
     Recipient,
@@ -26,8 +27,7 @@ from dispatch.audience import (
     read_audience,
     recipients_only,
 )
-from dispatch.checks import Reason
-from dispatch.errors import AudienceError
+from dispatch.rules.checks import Reason
 
 HEADER = ["id", "phone", "email", "timezone", "consent_sms", "updated_at", "first_name"]
 

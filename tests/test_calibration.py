@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from dispatch import keys
-from dispatch.calibration import (
+from dispatch.campaign import CampaignSpec
+from dispatch.config import Settings, load_settings
+from dispatch.plan.calibration import (
     FACTOR_RANGE,
     REFERENCE_PROBE_US,
     FleetSpeed,
@@ -27,10 +28,9 @@ from dispatch.calibration import (
     quiet_probe,
     speed_factor,
 )
-from dispatch.campaign import CampaignSpec
-from dispatch.config import Settings, load_settings
-from dispatch.planner import Planner
-from dispatch.prediction import STARTUP_S, Capacity, Prediction, predict
+from dispatch.plan.planner import Planner
+from dispatch.plan.prediction import STARTUP_S, Capacity, Prediction, predict
+from dispatch.store import keys
 from loadtest.cluster import LocalCluster
 
 

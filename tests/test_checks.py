@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatch.checks import (
+from dispatch.errors import PlanError
+from dispatch.rules.checks import (
     ConsentPolicy,
     FreshnessPolicy,
     QuietHours,
@@ -20,7 +21,6 @@ from dispatch.checks import (
     next_allowed,
     require_fresh_source,
 )
-from dispatch.errors import PlanError
 
 AS_OF = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 POLICY = FreshnessPolicy(max_staleness=timedelta(days=30), future_skew=timedelta(minutes=5))

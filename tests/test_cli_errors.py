@@ -20,11 +20,11 @@ import orjson
 import pytest
 import redis
 
-from dispatch import keys
 from dispatch.campaign import CampaignSpec
 from dispatch.cli import main as cli_main
-from dispatch.embedded import valkey_binary
 from dispatch.errors import PlanError
+from dispatch.store import keys
+from dispatch.store.embedded import valkey_binary
 from loadtest.audience import generate_rows
 
 #: Generous: the machine is shared and slow; every wait below ends as soon as its condition holds.

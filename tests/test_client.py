@@ -1,4 +1,4 @@
-"""dispatch.client against a live API (real Redis, recorded enqueues) and the apikey commands."""
+"""dispatch.api.client against a live API (real Redis, recorded enqueues) and the apikey commands."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import redis
 import redis.asyncio as aredis
 from test_api_support import api_settings, running_api
 
-from dispatch.api_auth import ApiKeyStore
+from dispatch.api.auth import ApiKeyStore
+from dispatch.api.client import ApiError, DispatchClient
 from dispatch.cli import main as cli_main
-from dispatch.client import ApiError, DispatchClient
 from loadtest.audience import generate_rows
 
 

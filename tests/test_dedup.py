@@ -13,13 +13,13 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import dispatch.planner as planner_module
+import dispatch.plan.planner as planner_module
 from dispatch.campaign import CampaignSpec
 from dispatch.config import load_settings
-from dispatch.dedup import DEDUP_MEMORY_BYTES, PARTITIONS, Candidates, Dedup
-from dispatch.planner import Planner
-from dispatch.snapshot import iter_batches, verify_snapshot
-from dispatch.suppression import AddressHasher, SuppressionStore
+from dispatch.plan.dedup import DEDUP_MEMORY_BYTES, PARTITIONS, Candidates, Dedup
+from dispatch.plan.planner import Planner
+from dispatch.plan.snapshot import iter_batches, verify_snapshot
+from dispatch.rules.suppression import AddressHasher, SuppressionStore
 
 _ids = itertools.count()
 

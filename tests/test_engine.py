@@ -15,12 +15,12 @@ import redis.asyncio as aredis
 from channels.sms import TwilioConfig, TwilioSms
 from dispatch.campaign import CampaignSpec
 from dispatch.config import load_settings
-from dispatch.control import CampaignControl
-from dispatch.engine import BatchOutcome, Engine, FrequencyFilter, SendStep, SuppressionFilter, render_step
-from dispatch.frequency import AsyncFrequencyStore, FrequencyCap
-from dispatch.planner import Planner
-from dispatch.suppression import AddressHasher, AsyncSuppressionStore, SuppressionStore
-from dispatch.tracking import Tracker, campaign_counters, iter_records
+from dispatch.plan.planner import Planner
+from dispatch.rules.frequency import AsyncFrequencyStore, FrequencyCap
+from dispatch.rules.suppression import AddressHasher, AsyncSuppressionStore, SuppressionStore
+from dispatch.send.control import CampaignControl
+from dispatch.send.engine import BatchOutcome, Engine, FrequencyFilter, SendStep, SuppressionFilter, render_step
+from dispatch.send.tracking import Tracker, campaign_counters, iter_records
 from loadtest.mock_core import FaultMix, MockConfig
 from loadtest.mock_provider import MockProvider
 
@@ -172,7 +172,7 @@ async def test_cancelled_and_paused_campaigns_send_nothing(rig: Rig) -> None:
 
 
 async def test_finished_campaign_is_finalized_and_its_keys_expire(rig: Rig) -> None:
-    from dispatch import keys
+    from dispatch.store import keys
 
     rig.plan("final-1", phones(4, 500))
     assert not rig.control.finalize("final-1", 600)  # not finished yet

@@ -8,7 +8,7 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
-from dispatch.frequency import AsyncFrequencyStore, FrequencyCap, FrequencyStore
+from dispatch.rules.frequency import AsyncFrequencyStore, FrequencyCap, FrequencyStore
 
 CAP = FrequencyCap(limit=2, window=timedelta(hours=1))
 T0 = 1_800_000_000.0

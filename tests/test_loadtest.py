@@ -14,7 +14,7 @@ import redis
 
 from dispatch.cli import main as dispatch_main
 from dispatch.config import Settings, load_settings
-from dispatch.redisdb import with_db
+from dispatch.store.connect import with_db
 from loadtest.chart import PNG_SIGNATURE, Canvas, Panel, Series, nice_ticks, render_chart
 from loadtest.report import (
     bucket_percentile,

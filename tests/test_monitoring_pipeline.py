@@ -45,9 +45,9 @@ from test_monitoring_promql import (
     wait_http,
 )
 
-from dispatch.api_auth import ApiKeyStore
+from dispatch.api.auth import ApiKeyStore
+from dispatch.api.client import DispatchClient
 from dispatch.campaign import CampaignSpec
-from dispatch.client import DispatchClient
 from dispatch.config import Settings
 from loadtest.audience import generate_rows
 from loadtest.cluster import LocalCluster

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatch.phones import PhoneCheck, PhoneValidator, _Dfa, _predicates_for, check_phone_naive
+from dispatch.rules.phones import PhoneCheck, PhoneValidator, _Dfa, _predicates_for, check_phone_naive
 
 REGIONS = ["US", "DE", "GB", "BR", "AR", "IT", "MX", "CN", "JP", "IN", "CA", "FR", None]
 CCS = ["1", "44", "49", "33", "91", "55", "52", "54", "86", "39", "81", "234", "7", "61", "800", "998"]

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from dispatch.broker import build_broker, enqueue_batch
 from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings, load_settings
-from dispatch.control import CampaignControl
-from dispatch.engine import limiter_burst
-from dispatch.planner import Planner
+from dispatch.plan.planner import Planner
+from dispatch.send.broker import build_broker, enqueue_batch
+from dispatch.send.control import CampaignControl
+from dispatch.send.engine import limiter_burst
 from loadtest.audience import generate_rows
 from loadtest.cluster import LocalCluster
 from loadtest.demo import run_campaign
@@ -195,7 +195,7 @@ def test_rate_limit_pause_and_resume_across_workers(settings: Settings) -> None:
 
 
 def test_redis_restart_mid_campaign_completes_without_loss(tmp_path: Path) -> None:
-    from dispatch.embedded import ensure_embedded, stop_embedded
+    from dispatch.store.embedded import ensure_embedded, stop_embedded
 
     redis_home = tmp_path / "own-redis"
     server, _ = ensure_embedded(redis_home)
@@ -246,7 +246,7 @@ def test_redis_restart_mid_campaign_completes_without_loss(tmp_path: Path) -> No
 
 
 def test_rerate_and_mid_campaign_opt_outs_take_effect_within_seconds(settings: Settings) -> None:
-    from dispatch.suppression import SuppressionStore, hasher_for
+    from dispatch.rules.suppression import SuppressionStore, hasher_for
 
     with LocalCluster(settings, workers=2) as cluster:
         assert cluster.target is not None

@@ -8,8 +8,8 @@ import redis
 from dispatch.campaign import CampaignSpec
 from dispatch.config import load_settings
 from dispatch.errors import PlanError
-from dispatch.planner import Planner, read_csv_rows
-from dispatch.snapshot import iter_batches, verify_snapshot
+from dispatch.plan.planner import Planner, read_csv_rows
+from dispatch.plan.snapshot import iter_batches, verify_snapshot
 
 
 def test_every_row_is_accepted_or_rejected_with_a_reason(redis_client: redis.Redis, tmp_path: Path) -> None:
@@ -63,7 +63,7 @@ def test_prediction_says_whether_it_fits(redis_client: redis.Redis, tmp_path: Pa
 
 
 def test_batch_channels_are_predicted_with_their_per_recipient_cost() -> None:
-    from dispatch.prediction import BATCH_CHANNEL_CPU_S, STARTUP_S, Capacity, cpu_costs, predict, size_factor
+    from dispatch.plan.prediction import BATCH_CHANNEL_CPU_S, STARTUP_S, Capacity, cpu_costs, predict, size_factor
 
     email, sms = cpu_costs("email", 350e-6), cpu_costs("sms", 350e-6)
     assert email[0] < sms[0] / 5 and email[1] < sms[1] / 5
@@ -85,7 +85,7 @@ def test_batch_channels_are_predicted_with_their_per_recipient_cost() -> None:
 
 
 def test_cost_per_message_grows_slowly_with_the_campaign_size() -> None:
-    from dispatch.prediction import SIZE_REFERENCE, SIZE_SLOPE, size_factor
+    from dispatch.plan.prediction import SIZE_REFERENCE, SIZE_SLOPE, size_factor
 
     assert size_factor(1) == size_factor(SIZE_REFERENCE) == 1.0
     assert size_factor(SIZE_REFERENCE * 10) == pytest.approx(1 + SIZE_SLOPE["sms"])

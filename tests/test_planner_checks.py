@@ -12,16 +12,16 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
-from dispatch import keys
 from dispatch.campaign import CampaignSpec
-from dispatch.checks import QuietHours
 from dispatch.config import Settings, load_settings
-from dispatch.dedup import FingerprintSet
 from dispatch.errors import PlanError
-from dispatch.frequency import AsyncFrequencyStore, FrequencyCap
-from dispatch.planner import Planner
-from dispatch.snapshot import extend_retention, iter_batches, load_manifest, verify_snapshot
-from dispatch.suppression import GLOBAL, AddressHasher, SuppressionStore
+from dispatch.plan.dedup import FingerprintSet
+from dispatch.plan.planner import Planner
+from dispatch.plan.snapshot import extend_retention, iter_batches, load_manifest, verify_snapshot
+from dispatch.rules.checks import QuietHours
+from dispatch.rules.frequency import AsyncFrequencyStore, FrequencyCap
+from dispatch.rules.suppression import GLOBAL, AddressHasher, SuppressionStore
+from dispatch.store import keys
 
 #: The suppression key of this test's stores (a deployment's come from ``hasher_for(settings)``).
 TEST_HASHER = AddressHasher(key=b"test-suppression-key")

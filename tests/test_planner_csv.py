@@ -13,15 +13,15 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatch.audience import ColumnMap, ReadLimits, read_audience
 from dispatch.campaign import CampaignSpec
-from dispatch.checks import FreshnessPolicy, QuietHours
 from dispatch.config import load_settings
-from dispatch.frequency import FrequencyCap
-from dispatch.planner import Planner, read_csv_rows
-from dispatch.planner_csv import Chunk, RowScanner, ScanConfig, find_cuts, scan_csv_file
-from dispatch.snapshot import iter_batches, load_manifest
-from dispatch.suppression import AddressHasher, SuppressionStore
+from dispatch.plan.audience import ColumnMap, ReadLimits, read_audience
+from dispatch.plan.csv_scan import Chunk, RowScanner, ScanConfig, find_cuts, scan_csv_file
+from dispatch.plan.planner import Planner, read_csv_rows
+from dispatch.plan.snapshot import iter_batches, load_manifest
+from dispatch.rules.checks import FreshnessPolicy, QuietHours
+from dispatch.rules.frequency import FrequencyCap
+from dispatch.rules.suppression import AddressHasher, SuppressionStore
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 HEADER = b"id,phone,timezone,consent_sms,consent_email,updated_at,first_name\n"

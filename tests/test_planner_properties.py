@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from dispatch.campaign import CampaignSpec
 from dispatch.config import load_settings
-from dispatch.frequency import FrequencyCap, FrequencyStore
-from dispatch.planner import Planner
-from dispatch.snapshot import iter_batches, verify_snapshot
-from dispatch.suppression import GLOBAL, AddressHasher, SuppressionStore
+from dispatch.plan.planner import Planner
+from dispatch.plan.snapshot import iter_batches, verify_snapshot
+from dispatch.rules.frequency import FrequencyCap, FrequencyStore
+from dispatch.rules.suppression import GLOBAL, AddressHasher, SuppressionStore
 
 NOW = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0).timestamp()
 PHONES = [f"+447400{i:06d}" for i in range(12)] + ["+44 7400 000001", "12345", "", "+4930123456"]

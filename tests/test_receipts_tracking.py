@@ -11,11 +11,11 @@ import redis.asyncio as aredis
 from aiohttp import web
 
 from channels.sms import TwilioConfig, TwilioSms
-from dispatch import keys
 from dispatch.config import load_settings
-from dispatch.engine import Engine, SendStep, render_step
-from dispatch.receipts import build_receipt_app
-from dispatch.tracking import Tracker, campaign_counters
+from dispatch.send.engine import Engine, SendStep, render_step
+from dispatch.send.receipts import build_receipt_app
+from dispatch.send.tracking import Tracker, campaign_counters
+from dispatch.store import keys
 from loadtest.mock_core import MockConfig, ReceiptConfig
 from loadtest.mock_provider import MockProvider
 

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 
-from dispatch.api_redis import PipelinedRedis
+from dispatch.api.pipelined import PipelinedRedis
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:

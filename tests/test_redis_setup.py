@@ -7,9 +7,9 @@ import pytest
 import redis
 
 from dispatch.config import load_settings
-from dispatch.embedded import ensure_embedded, find_embedded, stop_embedded
 from dispatch.errors import EvictionPolicyError
-from dispatch.redisdb import check_server, resolve_redis
+from dispatch.store.connect import check_server, resolve_redis
+from dispatch.store.embedded import ensure_embedded, find_embedded, stop_embedded
 
 
 def test_embedded_server_is_shared_and_configured_safely(tmp_path: Path) -> None:

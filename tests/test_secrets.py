@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 import redis
 
-from dispatch.broker import build_broker, enqueue_batch
 from dispatch.campaign import CampaignSpec
 from dispatch.config import Secret, Settings, load_settings
-from dispatch.control import CampaignControl
 from dispatch.credentials import MASK, home_secret, redact_url
-from dispatch.embedded import PASSWORD_FILE, ensure_embedded, find_embedded, stop_embedded
 from dispatch.errors import ConfigError
-from dispatch.planner import Planner
-from dispatch.redisdb import resolve_redis
-from dispatch.suppression import SUPPRESSION_KEY_FILE, SuppressionStore, hasher_for
+from dispatch.plan.planner import Planner
+from dispatch.rules.suppression import SUPPRESSION_KEY_FILE, SuppressionStore, hasher_for
+from dispatch.send.broker import build_broker, enqueue_batch
+from dispatch.send.control import CampaignControl
+from dispatch.store.connect import resolve_redis
+from dispatch.store.embedded import PASSWORD_FILE, ensure_embedded, find_embedded, stop_embedded
 from loadtest.cluster import LocalCluster, settings_env
 
 

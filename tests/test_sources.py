@@ -13,9 +13,9 @@ import redis
 import redis.asyncio as aredis
 from test_api_support import PG_PASSWORD, api_settings, postgres_table, running_api
 
-from dispatch import keys
 from dispatch.cli import main as cli_main
-from dispatch.sources import _scrub, parse_reference
+from dispatch.plan.sources import _scrub, parse_reference
+from dispatch.store import keys
 from loadtest.audience import generate_rows
 
 ROWS = list(generate_rows(150, seed=9))

@@ -8,7 +8,7 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
-from dispatch.suppression import GLOBAL, AddressHasher, AsyncSuppressionStore, SuppressionStore
+from dispatch.rules.suppression import GLOBAL, AddressHasher, AsyncSuppressionStore, SuppressionStore
 
 #: The key of stores tested on their own (a deployment's stores use ``hasher_for(settings)``).
 TEST_HASHER = AddressHasher(key=b"test-suppression-key")
@@ -75,8 +75,8 @@ def test_a_process_with_another_key_is_refused_instead_of_missing_the_opt_outs(
     redis_client: redis.Redis, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from dispatch.config import load_settings
-    from dispatch.planner import Planner
-    from dispatch.suppression import SuppressionKeyMismatch, check_suppression_key, hasher_for
+    from dispatch.plan.planner import Planner
+    from dispatch.rules.suppression import SuppressionKeyMismatch, check_suppression_key, hasher_for
 
     ours, theirs = AddressHasher(key=b"deployment-key"), AddressHasher(key=b"another-host-key")
     check_suppression_key(redis_client, ours)  # the first process records the key's id

@@ -10,7 +10,7 @@ import redis
 
 from dispatch.cli import main
 from dispatch.config import load_settings
-from dispatch.suppression import SuppressionStore, hasher_for
+from dispatch.rules.suppression import SuppressionStore, hasher_for
 
 
 @pytest.fixture

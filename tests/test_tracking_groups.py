@@ -22,14 +22,13 @@ import redis.asyncio as aredis
 from aiohttp import web
 
 from channels.email import SendGridConfig, SendGridEmail
-from dispatch import keys
 from dispatch.campaign import CampaignSpec
 from dispatch.config import load_settings
-from dispatch.control import CampaignControl
-from dispatch.engine import BatchOutcome, Engine, SendStep, SuppressionFilter, render_step
-from dispatch.planner import Planner
-from dispatch.suppression import AddressHasher, AsyncSuppressionStore
-from dispatch.tracking import (
+from dispatch.plan.planner import Planner
+from dispatch.rules.suppression import AddressHasher, AsyncSuppressionStore
+from dispatch.send.control import CampaignControl
+from dispatch.send.engine import BatchOutcome, Engine, SendStep, SuppressionFilter, render_step
+from dispatch.send.tracking import (
     CLAIM_BUSY,
     CLAIM_DONE,
     CLAIM_FRESH,
@@ -43,6 +42,7 @@ from dispatch.tracking import (
     make_ref,
     record_value,
 )
+from dispatch.store import keys
 from loadtest.mock_core import FaultMix, MockConfig
 from loadtest.mock_provider import MockProvider
 from loadtest.mock_recorder import Recorded, RecordingServer

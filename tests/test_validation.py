@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dispatch.checks import Reason
-from dispatch.validation import AddressValidator, check_email, check_openid, check_push_token, check_webhook_url
+from dispatch.rules.checks import Reason
+from dispatch.rules.validation import AddressValidator, check_email, check_openid, check_push_token, check_webhook_url
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,342 @@
+"""The ``dispatch`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+import redis
+
+from dispatch.api.client import DispatchClient
+from dispatch.config import Settings, load_settings
+from dispatch.credentials import redact_url
+from dispatch.errors import ConfigError, DispatchError
+from dispatch.plan.snapshot import load_manifest
+from dispatch.send.broker import build_broker, enqueue_batch
+from dispatch.send.control import CampaignControl, parse_rate
+from dispatch.send.tracking import iter_outcomes
+from dispatch.store import keys
+from dispatch.store.connect import resolve_redis
+from dispatch.store.embedded import find_embedded, stop_embedded
+
+__all__ = ["main"]
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+#: Modules that register their own subcommands (see ``build_parser``).
+COMMAND_MODULES = ("dispatch.api.app", "dispatch.cli.plan")
+#: Entry-point group of installed packages that add subcommands (``add_commands(sub)``).
+COMMAND_PLUGINS = "dispatch.commands"
+
+
+def _print(data: Any, as_json: bool) -> None:
+    if as_json:
+        print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            print(f"{key:>16}: {orjson.dumps(value).decode() if isinstance(value, dict | list) else value}")
+    else:
+        print(data)
+
+
+def _client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(resolve_redis(settings).app_url)
+
+
+def _control(settings: Settings) -> tuple[CampaignControl, Callable[[], None]]:
+    target = resolve_redis(settings)
+    client = redis.Redis.from_url(target.app_url)
+    broker = build_broker(settings, target.broker_url)
+
+    def close() -> None:
+        broker.close()
+        client.close()
+
+    enqueue = lambda cid, n, delay: enqueue_batch(broker, cid, n, delay)  # noqa: E731
+    return CampaignControl(client, enqueue, retention_s=settings.retention_s), close
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from dispatch.send.worker import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_worker(settings, threads=args.threads, metrics_port=args.metrics_port)
+
+
+def _api(settings: Settings) -> DispatchClient | None:
+    """The API client when ``--api``/``DISPATCH_API_URL`` is set: commands then go over HTTP."""
+    if settings.api_url is None:
+        return None
+    if not settings.api_token:
+        raise ConfigError("DISPATCH_API_TOKEN", "--api needs a token", "pass --token or set DISPATCH_API_TOKEN")
+    return DispatchClient(settings.api_url, settings.api_token.reveal())
+
+
+def _simple(action: str) -> Handler:
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        api = _api(settings)
+        if api is not None:
+            result = getattr(api, action)(args.campaign)
+            print(f"{args.campaign}: {result.get('state', action)}")
+            return 0
+        control, close = _control(settings)
+        try:
+            if action == "start":
+                started = control.start(args.campaign)
+                print(f"{args.campaign}: {'started' if started else 'already started'}")
+            else:
+                getattr(control, action)(args.campaign)
+                print(f"{args.campaign}: {action} requested")
+        finally:
+            close()
+        return 0
+
+    return run
+
+
+def cmd_retry_failed(args: argparse.Namespace, settings: Settings) -> int:
+    control, close = _control(settings)
+    try:
+        messages, batches = control.retry_failed(args.campaign)
+    finally:
+        close()
+    print(f"{args.campaign}: {messages} dead-lettered messages queued again in {batches} batches")
+    return 0
+
+
+def cmd_rate(args: argparse.Namespace, settings: Settings) -> int:
+    rate = parse_rate(args.rate)
+    api = _api(settings)
+    if api is not None:
+        api.set_rate(args.campaign, rate)
+    else:
+        control, close = _control(settings)
+        try:
+            control.set_rate(args.campaign, rate)
+        finally:
+            close()
+    print(f"{args.campaign}: rate set to {'unlimited' if rate is None else rate}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    api = _api(settings)
+    if api is not None:
+        _print(api.campaign(args.campaign), args.json)
+        return 0
+    control, close = _control(settings)
+    try:
+        _print(control.status(args.campaign).as_dict(), args.json)
+    finally:
+        close()
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    api = _api(settings)
+    out: TextIO = args.output.open("w", newline="", encoding="utf-8") if args.output else sys.stdout
+    if api is not None:
+        try:
+            items = list(api.messages(args.campaign))
+            if args.format == "csv":
+                dict_writer = csv.DictWriter(out, fieldnames=sorted({k for item in items for k in item}))
+                dict_writer.writeheader()
+                dict_writer.writerows(items)
+            else:
+                for item in items:
+                    out.write(orjson.dumps(item).decode() + "\n")
+        finally:
+            if args.output:
+                out.close()
+        return 0
+    client = _client(settings)
+    try:
+        manifest = load_manifest(client, args.campaign)
+        cancelled = client.hget(keys.control(args.campaign), "state") == b"cancelled"
+        fields = ["batch", "index", "recipient_id", "state", "attempts", "provider_id", "code", "ts"]
+        writer = csv.writer(out) if args.format == "csv" else None
+        if writer is not None:
+            writer.writerow(fields)
+        for r in iter_outcomes(client, args.campaign, int(manifest["batches"]), cancelled=cancelled):
+            row = [r.batch, r.index, r.recipient_id, r.state, r.attempts, r.provider_id, r.code, r.ts]
+            if writer is not None:
+                writer.writerow(row)
+            else:
+                out.write(orjson.dumps(dict(zip(fields, row, strict=True))).decode() + "\n")
+    finally:
+        if args.output:
+            out.close()
+        client.close()
+    return 0
+
+
+def cmd_redis(args: argparse.Namespace, settings: Settings) -> int:
+    if args.action == "stop":
+        print("stopped" if stop_embedded(settings.home) else "no embedded server was running")
+        return 0
+    if args.action == "status":
+        server = find_embedded(settings.home.resolve())
+        print(f"running pid {server.pid} at {server.shown_url}" if server else "not running")
+        return 0 if server else 1
+    target = resolve_redis(settings)
+    print(redact_url(target.app_url))  # the password stays in $DISPATCH_HOME/valkey.password
+    return 0
+
+
+def cmd_callbacks(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    import redis.asyncio as aredis
+    import uvloop
+    from aiohttp import web
+
+    from dispatch.send.receipts import build_receipt_app
+
+    target = resolve_redis(settings)
+    public = args.public_url or settings.callback_base_url or f"http://{args.host}:{args.port}"
+
+    async def serve() -> None:
+        client = aredis.Redis.from_url(target.app_url)
+        app, _ = build_receipt_app(settings, client, public_base_url=public)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, args.host, args.port).start()
+        print(f"receipt endpoint listening on {args.host}:{args.port}, public URL {public}/callbacks/...", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+            await client.aclose()
+
+    uvloop.run(serve())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dispatch", description="Plan, send and show message campaigns.")
+    parser.add_argument("--config", type=Path, default=None, help="TOML settings file (else DISPATCH_CONFIG)")
+    parser.add_argument("--api", default=None, help="go through this dispatch API (else DISPATCH_API_URL)")
+    parser.add_argument("--token", default=None, help="API bearer token (else DISPATCH_API_TOKEN)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("worker", help="run one worker process")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port")
+    p.set_defaults(handler=cmd_worker)
+
+    for action in ("start", "pause", "resume", "cancel"):
+        p = sub.add_parser(action, help=f"{action} a campaign")
+        p.add_argument("campaign")
+        p.set_defaults(handler=_simple(action))
+
+    p = sub.add_parser("retry-failed", help="send a campaign's dead-lettered messages again (only those)")
+    p.add_argument("campaign")
+    p.set_defaults(handler=cmd_retry_failed)
+
+    p = sub.add_parser("rate", help="change the rate cap of a running campaign ('unlimited' or 0 = no cap)")
+    p.add_argument("campaign")
+    p.add_argument("rate", help="messages per second (above 0), or 'unlimited' (or 0) to remove the cap")
+    p.set_defaults(handler=cmd_rate)
+
+    p = sub.add_parser("status", help="progress, rate and ETA of a campaign")
+    p.add_argument("campaign")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("export", help="per-message outcomes as JSONL or CSV")
+    p.add_argument("campaign")
+    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    p.add_argument("--output", type=Path, default=None)
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("redis", help="the embedded Redis: start (prints URL), stop, status")
+    p.add_argument("action", choices=("start", "stop", "status"))
+    p.set_defaults(handler=cmd_redis)
+
+    p = sub.add_parser("callbacks", help="serve the provider delivery-receipt endpoints")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8098)
+    p.add_argument("--public-url", default=None, help="URL providers call (signatures cover it)")
+    p.set_defaults(handler=cmd_callbacks)
+
+    # Rooms that own their commands add them here, then installed plugins (the entry-point group
+    # ``dispatch.commands``: the load-test kit registers ``demo``, ``mock-provider``, ``loadtest``
+    # and ``bench`` that way, so dispatch never imports loadtest). Each is
+    # ``add_commands(sub) -> None`` registering parsers whose handler is ``(args, settings) -> int``.
+    import importlib
+    from importlib.metadata import entry_points
+
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_commands(sub)
+    for plugin in sorted(entry_points(group=COMMAND_PLUGINS), key=lambda ep: ep.name):
+        plugin.load()(sub)
+    return parser
+
+
+#: Root errors of the packages the CLI uses, by module; a module not imported raised nothing.
+_ERROR_ROOTS = (
+    ("channels.errors", "ChannelError"),
+    ("ratelimit.errors", "RateLimitError"),
+    ("monitoring.errors", "MonitoringError"),
+)
+
+
+def _expected(exc: Exception) -> bool:
+    """An error that bad input or an unreachable server causes: a message, not a traceback."""
+    if isinstance(exc, DispatchError | redis.RedisError | OSError):
+        return True
+    roots = [getattr(sys.modules[name], root) for name, root in _ERROR_ROOTS if name in sys.modules]
+    return any(isinstance(exc, root) for root in roots)
+
+
+def _describe(exc: Exception) -> str:
+    """One line; library errors (Redis, files, sockets) say where they came from."""
+    if isinstance(exc, redis.RedisError):
+        text = f"Redis: {exc}"
+    elif isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror + (f": {exc.filename}" if exc.filename is not None else "")
+    else:
+        text = str(exc) or exc.__class__.__name__
+    return " ".join(text.split())
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``dispatch export ... | head``): stop quietly, as Unix
+    tools do. Exit 1, not 0: the output is incomplete, and a pipeline under ``set -o pipefail``
+    (or a FIFO whose reader died) must not take it for a finished export. Python's recipe:
+    point stdout at /dev/null so the flush at exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file descriptor (e.g. captured in a test)
+        pass
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        overrides = {k: v for k, v in (("api_url", args.api), ("api_token", args.token)) if v is not None}
+        settings = load_settings(config_file=args.config, overrides=overrides)
+        handler: Handler = args.handler
+        return handler(args, settings)
+    except BrokenPipeError:
+        return _stdout_closed()
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if not _expected(exc):
+            raise
+        print(f"dispatch: error: {_describe(exc)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

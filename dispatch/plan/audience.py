@@ -1,0 +1,668 @@
+"""Audience input: CSV / JSONL files (optionally gzip), Python iterables and PostgreSQL queries,
+streamed in bounded memory into :class:`Recipient` objects.
+
+Every source row becomes exactly one :class:`Recipient` or one :class:`RowRejected`: malformed
+lines, undecodable bytes (invalid UTF-8), missing columns, wrong field counts and oversized fields
+are per-row rejections, never exceptions and never silently lost. Only a source that cannot be
+read at all (missing file, unknown format, unusable CSV header, failing SQL) raises
+:class:`dispatch.errors.AudienceError`.
+
+Conventions, documented once here:
+
+- ``row`` is the 1-based number of the data row (CSV records after the header, JSONL lines,
+  iterable items, SQL rows). Blank lines are not rows.
+- CSV: RFC 4180 (``,`` and ``"`` by default), UTF-8 (a BOM is ignored); a quoted field may span
+  lines. A record whose quote is never closed within ``max_record_lines`` lines /
+  ``max_line_bytes`` is rejected as its first line alone (``malformed_row``) and the following
+  lines are read again as rows of their own, so one stray quote costs one row, not the file.
+- Memory is bounded by ``max_line_bytes`` (default 1 MiB; a longer line is skipped without being
+  held in memory and rejected as ``field_too_large``) times ``max_record_lines``.
+- ``updated_at``: ISO 8601 (``Z`` allowed) or, in JSONL/SQL, epoch seconds; a value without an
+  offset is taken as UTC. Consent values: ``1/0``, ``true/false``, ``yes/no``, ``y/n``, ``t/f``
+  (any case) or JSON booleans; an empty value means "not stated".
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import IO, TYPE_CHECKING, Any, Final, Literal, NamedTuple
+
+import orjson
+
+from dispatch.errors import AudienceError
+from dispatch.rules.checks import Reason
+
+if TYPE_CHECKING:
+    import psycopg
+
+__all__ = [
+    "AudienceFormat",
+    "ColumnMap",
+    "ReadLimits",
+    "Recipient",
+    "RowRejected",
+    "from_postgres",
+    "from_records",
+    "read_audience",
+    "read_header",
+    "recipients_only",
+]
+
+AudienceFormat = Literal["csv", "jsonl"]
+
+_EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
+_TRUE: Final = frozenset({"1", "true", "yes", "y", "t"})
+_FALSE: Final = frozenset({"0", "false", "no", "n", "f"})
+_GZIP_MAGIC: Final = b"\x1f\x8b"
+#: Exact spellings looked up before the general (lowercasing) parse.
+_CONSENT_WORDS: Final = {w: True for w in _TRUE} | {w: False for w in _FALSE}
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    """One audience member. Addresses are raw (validation normalizes them)."""
+
+    row: int
+    id: str
+    phone: str | None = None
+    email: str | None = None
+    push_token: str | None = None
+    webhook_url: str | None = None
+    openid: str | None = None
+    timezone: str | None = None
+    locale: str | None = None
+    consent: Mapping[str, bool] = field(default_factory=lambda: _EMPTY)
+    updated_at: datetime | None = None
+    attributes: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+    def address(self, field_name: str) -> str | None:
+        """The raw address in ``field_name`` (see ``dispatch.rules.validation.ADDRESS_FIELD``)."""
+        value: str | None = getattr(self, field_name)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class RowRejected:
+    """A source row that could not become a recipient. ``detail`` never holds address values."""
+
+    row: int
+    reason: Reason
+    field: str | None
+    detail: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ColumnMap:
+    """Which source column feeds which recipient field (None: the source has no such column).
+
+    ``consent`` maps a channel name to its consent column. ``attributes``: the columns kept as
+    templating fields; None keeps every column not mapped to a field above.
+    """
+
+    id: str = "id"
+    phone: str | None = "phone"
+    email: str | None = "email"
+    push_token: str | None = "push_token"
+    webhook_url: str | None = "webhook_url"
+    openid: str | None = "openid"
+    timezone: str | None = "timezone"
+    locale: str | None = "locale"
+    updated_at: str | None = "updated_at"
+    consent: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "sms": "consent_sms",
+            "email": "consent_email",
+            "push": "consent_push",
+            "webhook": "consent_webhook",
+            "wechat": "consent_wechat",
+        }
+    )
+    attributes: tuple[str, ...] | None = None
+
+    def mapped(self) -> dict[str, str]:
+        """Recipient field -> source column, for the plain string fields (not consent)."""
+        names = ("phone", "email", "push_token", "webhook_url", "openid", "timezone", "locale")
+        out = {"id": self.id}
+        for name in names:
+            column = getattr(self, name)
+            if column is not None:
+                out[name] = column
+        return out
+
+    def attribute_columns(self, available: Iterable[str]) -> tuple[str, ...]:
+        if self.attributes is not None:
+            return self.attributes
+        taken = set(self.mapped().values()) | set(self.consent.values())
+        if self.updated_at is not None:
+            taken.add(self.updated_at)
+        return tuple(c for c in available if c not in taken)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReadLimits:
+    """Per-row size limits (bytes) that keep memory bounded whatever the input."""
+
+    max_field_bytes: int = 64 * 1024
+    max_line_bytes: int = 1024 * 1024
+    max_record_lines: int = 64
+
+
+# --- value parsing -----------------------------------------------------------------------------
+
+
+class _BadValue(Exception):
+    def __init__(self, field_name: str, detail: str) -> None:
+        super().__init__(detail)
+        self.field_name = field_name
+        self.detail = detail
+
+
+def _parse_time(value: Any, column: str) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        parsed = value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return datetime.fromtimestamp(value, UTC)
+        except (OverflowError, OSError, ValueError):
+            raise _BadValue(column, "epoch seconds out of range") from None
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise _BadValue(column, "not an ISO 8601 timestamp") from None
+    else:
+        raise _BadValue(column, f"timestamp of type {type(value).__name__}")
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+
+
+def _parse_consent(value: Any, column: str) -> bool | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise _BadValue(column, "consent is not yes/no")
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, (dict, list)):
+        return orjson.dumps(value).decode()
+    return str(value)
+
+
+def _too_large(value: str, limit: int) -> bool:
+    return len(value) > limit or (len(value) * 4 > limit and len(value.encode("utf-8", "replace")) > limit)
+
+
+class _Builder:
+    """Turns one mapping-like row into a Recipient or a RowRejected (shared by every source)."""
+
+    def __init__(self, columns: ColumnMap, limits: ReadLimits) -> None:
+        self.columns = columns
+        self.limit = limits.max_field_bytes
+        self.mapped = tuple(columns.mapped().items())
+        self.consent = tuple(columns.consent.items())
+
+    def build(
+        self, row_no: int, get: Callable[[str], Any], attr_items: Iterable[tuple[str, Any]]
+    ) -> Recipient | RowRejected:
+        c = self.columns
+        try:
+            values: dict[str, Any] = {}
+            for name, column in self.mapped:
+                raw = get(column)
+                value = _text(raw)
+                if value is not None and _too_large(value, self.limit):
+                    return RowRejected(row_no, Reason.FIELD_TOO_LARGE, column, f"over {self.limit} bytes")
+                values[name] = value
+            rid = values.pop("id")
+            if rid is None or not rid.strip():
+                return RowRejected(row_no, Reason.MISSING_COLUMN, c.id, "no recipient id")
+            consent: dict[str, bool] = {}
+            for channel, column in self.consent:
+                given = _parse_consent(get(column), column)
+                if given is not None:
+                    consent[channel] = given
+            updated = _parse_time(get(c.updated_at), c.updated_at) if c.updated_at else None
+            attributes: dict[str, str] = {}
+            for key, raw in attr_items:
+                value = _text(raw)
+                if value is None:
+                    continue
+                if _too_large(value, self.limit):
+                    return RowRejected(row_no, Reason.FIELD_TOO_LARGE, key, f"over {self.limit} bytes")
+                attributes[key] = value
+        except _BadValue as exc:
+            return RowRejected(row_no, Reason.MALFORMED_ROW, exc.field_name, exc.detail)
+        return Recipient(
+            row_no,
+            rid,
+            consent=consent or _EMPTY,
+            updated_at=updated,
+            attributes=attributes or _EMPTY,
+            **values,
+        )
+
+
+# --- opening -----------------------------------------------------------------------------------
+
+
+def _detect_format(name: str) -> AudienceFormat:
+    lowered = name.lower().removesuffix(".gz")
+    if lowered.endswith(".csv"):
+        return "csv"
+    if lowered.endswith((".jsonl", ".ndjson")):
+        return "jsonl"
+    raise AudienceError(f"cannot tell the audience format of {Path(name).name!r}: pass format='csv' or 'jsonl'")
+
+
+def _maybe_gunzip(handle: IO[bytes]) -> IO[bytes]:
+    buffered = handle if isinstance(handle, io.BufferedReader) else io.BufferedReader(handle)  # type: ignore[type-var]
+    if buffered.peek(2)[:2] == _GZIP_MAGIC:
+        return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
+    return buffered
+
+
+class _Lines:
+    """Physical lines as bytes, each at most ``limit`` bytes; longer ones yield None (skipped)."""
+
+    def __init__(self, handle: IO[bytes], limit: int) -> None:
+        self.handle, self.limit = handle, limit
+
+    def __iter__(self) -> Iterator[bytes | None]:
+        readline, limit = self.handle.readline, self.limit
+        while True:
+            try:
+                line = readline(limit)
+            except (OSError, EOFError, gzip.BadGzipFile) as exc:
+                raise AudienceError(f"audience stream cannot be read: {exc}") from None
+            if not line:
+                return
+            if len(line) >= limit and not line.endswith(b"\n"):
+                while True:  # drop the rest of this line without holding it
+                    try:
+                        rest = readline(limit)
+                    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+                        raise AudienceError(f"audience stream cannot be read: {exc}") from None
+                    if not rest or rest.endswith(b"\n"):
+                        break
+                yield None
+                continue
+            yield line
+
+
+# --- CSV ---------------------------------------------------------------------------------------
+
+
+def _decode(line: bytes) -> str | None:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _csv_records(
+    lines: Iterator[bytes | None], limits: ReadLimits, delimiter: str, quote: str
+) -> Iterator[tuple[list[str] | None, Reason | None, str]]:
+    """Parsed records, or (None, reason, detail) for a record that is rejected whole."""
+    qb = quote.encode()
+    pending: list[bytes] = []
+    quotes = 0
+    size = 0
+    replay: list[bytes] = []  # lines to read again, last first
+    while True:
+        line = replay.pop() if replay else next(lines, b"")
+        if line == b"":
+            if not pending:
+                return
+            # unterminated quote at end of input: reject the first line, re-read the others
+            yield None, Reason.MALFORMED_ROW, "unterminated quoted field"
+            replay.extend(reversed(pending[1:]))
+            pending, quotes, size = [], 0, 0
+            continue
+        if line is None:
+            pending, quotes, size = [], 0, 0
+            yield None, Reason.FIELD_TOO_LARGE, f"line over {limits.max_line_bytes} bytes"
+            continue
+        if not pending and not line.strip(b"\r\n"):
+            continue  # blank line: not a row
+        pending.append(line)
+        quotes += line.count(qb)
+        size += len(line)
+        if quotes % 2 == 0:
+            record = pending[0] if len(pending) == 1 else b"".join(pending)
+            text = _decode(record)
+            if text is None:
+                pending, quotes, size = [], 0, 0
+                yield None, Reason.BAD_ENCODING, "not valid UTF-8"
+                continue
+            fields = _split_csv(text, delimiter, quote)
+            if fields is None and len(pending) > 1:
+                # a stray quote glued lines together: reject the first line, re-read the others
+                replay.extend(reversed(pending[1:]))
+                pending, quotes, size = [], 0, 0
+                yield None, Reason.MALFORMED_ROW, "not valid CSV"
+                continue
+            pending, quotes, size = [], 0, 0
+            if fields is None:
+                yield None, Reason.MALFORMED_ROW, "not valid CSV"
+            else:
+                yield fields, None, ""
+        elif len(pending) >= limits.max_record_lines or size > limits.max_line_bytes:
+            yield None, Reason.MALFORMED_ROW, "unterminated quoted field"
+            replay.extend(reversed(pending[1:]))
+            pending, quotes, size = [], 0, 0
+
+
+def _split_csv(text: str, delimiter: str, quote: str) -> list[str] | None:
+    body = text.rstrip("\r\n")
+    if quote not in body and "\r" not in body and "\n" not in body and "\x00" not in body:
+        return body.split(delimiter)
+    try:
+        return next(csv.reader((body,), delimiter=delimiter, quotechar=quote, strict=True), [])
+    except csv.Error:
+        return None
+
+
+def _read_csv(
+    lines: Iterator[bytes | None], columns: ColumnMap, limits: ReadLimits, delimiter: str, quote: str
+) -> Iterator[Recipient | RowRejected]:
+    records = _csv_records(lines, limits, delimiter, quote)
+    header: list[str] | None = None
+    for fields, _reason, detail in records:
+        if fields is None:
+            raise AudienceError(f"the CSV header cannot be read ({detail})")
+        header = fields
+        break
+    if header is None:
+        return
+    header = [h.strip() for h in header]
+    header[0] = header[0].removeprefix("\ufeff")
+    if len(set(header)) != len(header):
+        raise AudienceError("the CSV header names a column twice")
+    width = len(header)
+    build = _CsvBuilder(columns, limits, header).build
+    for row_no, (fields, reason, detail) in enumerate(records, start=1):
+        if fields is None:
+            yield RowRejected(row_no, reason or Reason.MALFORMED_ROW, None, detail)
+        elif len(fields) != width:
+            yield RowRejected(row_no, Reason.MALFORMED_ROW, None, f"{len(fields)} fields, header has {width}")
+        else:
+            yield build(row_no, fields)
+
+
+class _CsvBuilder:
+    """The CSV twin of :class:`_Builder`, by column index (the hot path of a 10M-row plan)."""
+
+    def __init__(self, columns: ColumnMap, limits: ReadLimits, header: list[str]) -> None:
+        index = {name: i for i, name in enumerate(header)}
+        self.header = header
+        self.id_col = columns.id
+        self.id_i = index.get(columns.id)
+        names = ("phone", "email", "push_token", "webhook_url", "openid", "timezone", "locale")
+        self.addr_i = tuple(index.get(c) if (c := getattr(columns, n)) is not None else None for n in names)
+        self.consent_i = tuple((ch, index[col], col) for ch, col in columns.consent.items() if col in index)
+        self.updated_col = columns.updated_at
+        self.updated_i = index.get(columns.updated_at) if columns.updated_at is not None else None
+        self.attr_i = tuple((n, index[n]) for n in columns.attribute_columns(header) if n in index)
+        self.limit = limits.max_field_bytes
+        self._last_time: tuple[str, datetime | None] = ("", None)
+
+    def build(self, row_no: int, fields: list[str]) -> Recipient | RowRejected:
+        limit = self.limit
+        if max(map(len, fields)) * 4 > limit:
+            for i, value in enumerate(fields):
+                if _too_large(value, limit):
+                    return RowRejected(row_no, Reason.FIELD_TOO_LARGE, self.header[i], f"over {limit} bytes")
+        if self.id_i is None:
+            return RowRejected(row_no, Reason.MISSING_COLUMN, self.id_col, "no such column")
+        rid = fields[self.id_i]
+        if not rid.strip():
+            return RowRejected(row_no, Reason.MISSING_COLUMN, self.id_col, "no recipient id")
+        pi, ei, ti, ui, oi, zi, li = self.addr_i
+        phone = (fields[pi] or None) if pi is not None else None
+        email = (fields[ei] or None) if ei is not None else None
+        push = (fields[ti] or None) if ti is not None else None
+        url = (fields[ui] or None) if ui is not None else None
+        openid = (fields[oi] or None) if oi is not None else None
+        tz = (fields[zi] or None) if zi is not None else None
+        locale = (fields[li] or None) if li is not None else None
+        consent: dict[str, bool] = {}
+        updated: datetime | None = None
+        try:
+            for channel, i, column in self.consent_i:
+                value = fields[i]
+                if value:
+                    given = _CONSENT_WORDS.get(value)
+                    if given is None:
+                        given = _parse_consent(value, column)
+                    if given is not None:
+                        consent[channel] = given
+            if self.updated_i is not None:
+                text = fields[self.updated_i]
+                last_text, last_value = self._last_time
+                if text == last_text and text:
+                    updated = last_value
+                else:
+                    updated = _parse_time(text, self.updated_col or "")
+                    self._last_time = (text, updated)
+        except _BadValue as exc:
+            return RowRejected(row_no, Reason.MALFORMED_ROW, exc.field_name, exc.detail)
+        attributes = {name: fields[i] for name, i in self.attr_i if fields[i]}
+        return Recipient(
+            row_no,
+            rid,
+            phone,
+            email,
+            push,
+            url,
+            openid,
+            tz,
+            locale,
+            consent or _EMPTY,
+            updated,
+            attributes or _EMPTY,
+        )
+
+
+# --- JSONL and iterables -----------------------------------------------------------------------
+
+
+def _read_jsonl(
+    lines: Iterator[bytes | None], columns: ColumnMap, limits: ReadLimits
+) -> Iterator[Recipient | RowRejected]:
+    builder = _Builder(columns, limits)
+    row_no = 0
+    for line in lines:
+        if line is not None and not line.strip():
+            continue
+        row_no += 1
+        if line is None:
+            yield RowRejected(row_no, Reason.FIELD_TOO_LARGE, None, f"line over {limits.max_line_bytes} bytes")
+            continue
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            bad = _decode(line) is None
+            reason = Reason.BAD_ENCODING if bad else Reason.MALFORMED_ROW
+            yield RowRejected(row_no, reason, None, "not valid UTF-8" if bad else "not valid JSON")
+            continue
+        yield _from_mapping(builder, row_no, obj, columns)
+
+
+def _from_mapping(builder: _Builder, row_no: int, obj: Any, columns: ColumnMap) -> Recipient | RowRejected:
+    if not isinstance(obj, Mapping):
+        return RowRejected(row_no, Reason.MALFORMED_ROW, None, "row is not an object")
+    if columns.id not in obj:
+        return RowRejected(row_no, Reason.MISSING_COLUMN, columns.id, "no such column")
+    attrs = columns.attribute_columns(obj.keys())
+    return builder.build(row_no, obj.get, ((k, obj.get(k)) for k in attrs))
+
+
+def from_records(
+    records: Iterable[Mapping[str, Any]],
+    *,
+    columns: ColumnMap | None = None,
+    limits: ReadLimits | None = None,
+) -> Iterator[Recipient | RowRejected]:
+    """Recipients from an iterable of mappings (e.g. ``csv.DictReader`` rows or API objects)."""
+    cols = columns or ColumnMap()
+    builder = _Builder(cols, limits or ReadLimits())
+    for row_no, obj in enumerate(records, start=1):
+        yield _from_mapping(builder, row_no, obj, cols)
+
+
+# --- files -------------------------------------------------------------------------------------
+
+
+def read_audience(
+    source: str | os.PathLike[str] | IO[bytes],
+    *,
+    format: AudienceFormat | None = None,
+    columns: ColumnMap | None = None,
+    limits: ReadLimits | None = None,
+    delimiter: str = ",",
+    quotechar: str = '"',
+) -> Iterator[Recipient | RowRejected]:
+    """Stream a CSV or JSONL audience (gzip detected by its magic bytes) from a path or a binary
+    file object. A path is opened when iteration starts and closed when it ends; a file object
+    is left open. Raises AudienceError only when the source as a whole cannot be read."""
+    cols = columns or ColumnMap()
+    lim = limits or ReadLimits()
+    if isinstance(source, (str, os.PathLike)):
+        fmt = format or _detect_format(os.fspath(source))
+        path = Path(source)
+        try:
+            path.stat()
+        except OSError as exc:
+            raise AudienceError(f"cannot open audience {path.name!r}: {exc.strerror}") from None
+        return _read_path(path, fmt, _Opts(cols, lim, delimiter, quotechar))
+    if format is None:
+        name = getattr(source, "name", None)
+        if not isinstance(name, str):
+            raise AudienceError("cannot tell the format of a file object: pass format='csv' or 'jsonl'")
+        format = _detect_format(name)
+    return _read_handle(source, format, _Opts(cols, lim, delimiter, quotechar))
+
+
+def read_header(
+    path: str | os.PathLike[str],
+    *,
+    format: AudienceFormat | None = None,
+    delimiter: str = ",",
+    quotechar: str = '"',
+    limits: ReadLimits | None = None,
+) -> list[str] | None:
+    """The column names of a CSV file (None for JSONL or an empty file), as the reader sees
+    them. Raises AudienceError when the file or its header cannot be read."""
+    fmt = format or _detect_format(os.fspath(path))
+    if fmt != "csv":
+        return None
+    lim = limits or ReadLimits()
+    try:
+        handle = Path(path).open("rb")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        raise AudienceError(f"cannot open audience {Path(path).name!r}: {exc.strerror}") from None
+    with handle:
+        try:
+            stream = _maybe_gunzip(handle)
+        except (OSError, ValueError) as exc:
+            raise AudienceError(f"audience stream cannot be read: {exc}") from None
+        records = _csv_records(iter(_Lines(stream, lim.max_line_bytes)), lim, delimiter, quotechar)
+        for fields, _reason, detail in records:
+            if fields is None:
+                raise AudienceError(f"the CSV header cannot be read ({detail})")
+            header = [h.strip() for h in fields]
+            header[0] = header[0].removeprefix("\ufeff")
+            return header
+    return None
+
+
+class _Opts(NamedTuple):
+    columns: ColumnMap
+    limits: ReadLimits
+    delimiter: str
+    quote: str
+
+
+def _read_path(path: Path, fmt: AudienceFormat, opts: _Opts) -> Iterator[Recipient | RowRejected]:
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise AudienceError(f"cannot open audience {path.name!r}: {exc.strerror}") from None
+    with handle:
+        yield from _read_handle(handle, fmt, opts)
+
+
+def _read_handle(handle: IO[bytes], fmt: AudienceFormat, opts: _Opts) -> Iterator[Recipient | RowRejected]:
+    try:
+        stream = _maybe_gunzip(handle)
+    except (OSError, ValueError) as exc:
+        raise AudienceError(f"audience stream cannot be read: {exc}") from None
+    lines = iter(_Lines(stream, opts.limits.max_line_bytes))
+    if fmt == "csv":
+        yield from _read_csv(lines, opts.columns, opts.limits, opts.delimiter, opts.quote)
+    else:
+        yield from _read_jsonl(lines, opts.columns, opts.limits)
+
+
+def recipients_only(
+    rows: Iterable[Recipient | RowRejected], on_reject: Callable[[RowRejected], None]
+) -> Iterator[Recipient]:
+    """Split a row stream: recipients are yielded, rejections go to ``on_reject``."""
+    for item in rows:
+        if isinstance(item, Recipient):
+            yield item
+        else:
+            on_reject(item)
+
+
+# --- PostgreSQL --------------------------------------------------------------------------------
+
+
+def from_postgres(
+    conn: psycopg.Connection[Any],
+    query: Any,
+    params: Mapping[str, Any] | tuple[Any, ...] | None = None,
+    *,
+    columns: ColumnMap | None = None,
+    limits: ReadLimits | None = None,
+    itersize: int = 2_000,
+    cursor_name: str = "dispatch_audience",
+) -> Iterator[Recipient | RowRejected]:
+    """Stream a query's rows through a server-side (named) cursor, ``itersize`` rows per fetch.
+
+    Runs inside a transaction on ``conn`` (named cursors need one); the caller owns the
+    connection. A failing query or a connection lost mid-stream raises AudienceError.
+    """
+    import psycopg
+    from psycopg.rows import dict_row
+
+    cols = columns or ColumnMap()
+    builder = _Builder(cols, limits or ReadLimits())
+    try:
+        with conn.transaction(), conn.cursor(name=cursor_name, row_factory=dict_row) as cur:
+            cur.itersize = itersize
+            cur.execute(query, params)
+            for row_no, row in enumerate(cur, start=1):
+                yield _from_mapping(builder, row_no, row, cols)
+    except psycopg.Error as exc:
+        raise AudienceError(f"audience query failed: {type(exc).__name__}: {exc}".strip()) from None

@@ -1,0 +1,175 @@
+"""The frozen audience of a campaign: a manifest plus compact batches, written once.
+
+A batch is one Redis string holding ``orjson([not_before, [[recipient_id, address, attrs], ...]])``
+where ``attrs`` keeps only the template fields the message uses. The manifest records counts,
+policy, a checksum over every batch in order, and when it was made. Writes are ``SET NX`` so a
+snapshot, once written, is never changed; a replan of the same campaign id returns it as it is.
+
+Lifetime: batches are written with a provisional TTL (``retention_s``); once the plan is complete,
+the manifest and every batch get one expiry instant, ``expires_at = max(predicted finish,
+deadline) + retention_s`` (recorded in the manifest). A campaign that runs longer than
+predicted, or is started late, should have its snapshot kept: the engine calls
+:func:`extend_retention` when a campaign ends (``retention_s`` from then on), and may call it
+when a campaign starts. A planned campaign that is never started expires on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import orjson
+import redis
+
+from dispatch.errors import CampaignNotFound, PlanError
+from dispatch.store import keys
+
+__all__ = [
+    "Batch",
+    "SnapshotWriter",
+    "decode_batch",
+    "discard_batches",
+    "expire_snapshot",
+    "extend_retention",
+    "iter_batches",
+    "load_batch",
+    "load_manifest",
+    "verify_snapshot",
+]
+
+#: Batches written per pipeline round trip.
+WRITE_CHUNK = 64
+
+Row = tuple[str, str, dict[str, str] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    campaign_id: str
+    number: int
+    not_before: float
+    rows: list[list[Any]]
+
+
+class SnapshotWriter:
+    """Accumulates encoded batches and writes them in pipelined chunks."""
+
+    def __init__(self, client: redis.Redis, campaign_id: str, *, ttl_s: int) -> None:
+        self._client = client
+        self._cid = campaign_id
+        self._ttl = ttl_s
+        self._pending: list[tuple[int, bytes]] = []
+        self._digest = hashlib.sha256()
+        self.batches = 0
+        self.bytes = 0
+
+    def add(self, not_before: float, rows: Sequence[Row]) -> int:
+        return self.add_encoded(not_before, orjson.dumps(rows))
+
+    def add_encoded(self, not_before: float, rows: bytes) -> int:
+        """:meth:`add` with the rows already encoded (``orjson.dumps(rows)``, or the same bytes
+        joined from each row's encoding): the stored batch is the same byte for byte."""
+        data = b"[" + orjson.dumps(not_before) + b"," + rows + b"]"
+        number = self.batches
+        self._digest.update(data)
+        self._pending.append((number, data))
+        self.batches += 1
+        self.bytes += len(data)
+        if len(self._pending) >= WRITE_CHUNK:
+            self.flush()
+        return number
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for number, data in self._pending:
+            pipe.set(keys.batch(self._cid, number), data, nx=True, ex=self._ttl)
+        written = pipe.execute()
+        if not all(written):
+            raise PlanError(f"campaign {self._cid!r}: a snapshot batch already exists; refusing to overwrite it")
+        self._pending.clear()
+
+    @property
+    def checksum(self) -> str:
+        return self._digest.hexdigest()
+
+
+def load_manifest(client: redis.Redis, campaign_id: str) -> dict[str, Any]:
+    raw = client.get(keys.manifest(campaign_id))
+    if raw is None:
+        raise CampaignNotFound(f"no campaign {campaign_id!r}")
+    manifest: dict[str, Any] = orjson.loads(raw)
+    return manifest
+
+
+def decode_batch(campaign_id: str, number: int, raw: bytes | None) -> Batch:
+    if raw is None:
+        raise CampaignNotFound(f"campaign {campaign_id!r} has no batch {number} (expired or never planned)")
+    not_before, rows = orjson.loads(raw)
+    return Batch(campaign_id=campaign_id, number=number, not_before=float(not_before), rows=rows)
+
+
+def load_batch(client: redis.Redis, campaign_id: str, number: int) -> Batch:
+    return decode_batch(campaign_id, number, cast(bytes | None, client.get(keys.batch(campaign_id, number))))
+
+
+def iter_batches(client: redis.Redis, campaign_id: str, count: int) -> Iterator[Batch]:
+    for start in range(0, count, WRITE_CHUNK):
+        numbers = range(start, min(count, start + WRITE_CHUNK))
+        raws = cast(list[bytes | None], client.mget([keys.batch(campaign_id, n) for n in numbers]))
+        for n, raw in zip(numbers, raws, strict=True):
+            yield decode_batch(campaign_id, n, raw)
+
+
+def verify_snapshot(client: redis.Redis, campaign_id: str) -> bool:
+    """Recompute the checksum over every batch and compare it with the manifest's."""
+    manifest = load_manifest(client, campaign_id)
+    digest = hashlib.sha256()
+    count = int(manifest["batches"])
+    for start in range(0, count, WRITE_CHUNK):
+        numbers = range(start, min(count, start + WRITE_CHUNK))
+        for raw in cast(list[bytes | None], client.mget([keys.batch(campaign_id, n) for n in numbers])):
+            if raw is None:
+                return False
+            digest.update(raw)
+    return bool(digest.hexdigest() == manifest["checksum"])
+
+
+def discard_batches(client: redis.Redis, campaign_id: str, count: int) -> None:
+    """Delete batches 0..count-1 of a plan that failed before its manifest was written."""
+    for start in range(0, count, WRITE_CHUNK):
+        client.delete(*[keys.batch(campaign_id, n) for n in range(start, min(count, start + WRITE_CHUNK))])
+
+
+def expire_snapshot(client: redis.Redis, campaign_id: str, count: int, ttl_ms: int) -> None:
+    """Make the manifest and batches 0..count-1 expire ``ttl_ms`` from now.
+
+    Relative, never absolute: the instant is the caller's clock (injected in the planner) while
+    Redis expires keys by its own; a relative TTL means the same thing on both."""
+    ttl_ms = max(1000, ttl_ms)
+    pipe = client.pipeline(transaction=False)
+    pipe.pexpire(keys.manifest(campaign_id), ttl_ms)
+    for n in range(count):
+        pipe.pexpire(keys.batch(campaign_id, n), ttl_ms)
+        if len(pipe) >= 1_000:
+            pipe.execute()
+    pipe.execute()
+
+
+def extend_retention(client: redis.Redis, campaign_id: str, seconds: float) -> float:
+    """Keep a campaign's snapshot until ``seconds`` from now (never shortens it); returns the
+    new expiry (epoch seconds). The engine calls this when a campaign ends, with
+    ``settings.retention_s``. Raises CampaignNotFound when the snapshot is already gone."""
+    manifest = load_manifest(client, campaign_id)
+    target = time.time() + seconds
+    current = float(manifest.get("expires_at") or 0.0)
+    if target <= current:
+        return current
+    manifest["expires_at"] = target
+    client.set(keys.manifest(campaign_id), orjson.dumps(manifest), xx=True, keepttl=True)
+    expire_snapshot(client, campaign_id, int(manifest["batches"]), int(seconds * 1000))
+    return target

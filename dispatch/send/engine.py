@@ -1,0 +1,696 @@
+"""The send path: one batch in, every message claimed, sent once, and recorded.
+
+A batch runs as: claim (dedup) -> for each chunk of the channel's request size, through the
+steps ``render -> rate limit -> send with retries`` -> track (buffered confirmations). Rendering
+comes before the rate limit because an SMS's cost (its segments) depends on the rendered body.
+A step is ``async def step(ctx, items, next)``: it may set a result on
+items (they stop there) and passes the others on, so a test can build the chain with stubs.
+
+Short waits (5xx, timeouts, a 429 with a short Retry-After) are retried in-process with tenacity
+(exponential backoff with jitter, Retry-After honoured). A wait longer than ``LONG_WAIT_S`` puts
+the message back to ``retry`` and the batch goes back to the broker with a delay, so no worker slot
+sleeps through it. After ``max_attempts`` the message is dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import string
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, cast, runtime_checkable
+
+import orjson
+import redis.asyncio as aredis
+from tenacity import AsyncRetrying, RetryCallState, retry_if_result, wait_random_exponential
+
+from channels.base import Channel, Message, Permanent, Result, Retryable, Sent
+from channels.email import Substitution
+from channels.errors import PermanentProviderError, RetryableProviderError
+from dispatch.plan.snapshot import decode_batch
+from dispatch.rules.frequency import AsyncFrequencyStore
+from dispatch.rules.suppression import AsyncSuppressionStore
+from dispatch.send.control import CONTROL_TTL_S
+from dispatch.send.tracking import (
+    CLAIM_BUSY,
+    CLAIM_DONE,
+    CLAIM_FRESH,
+    CLAIM_RECLAIMED,
+    GROUP_STATES,
+    GroupOutcome,
+    Outcome,
+    Tracker,
+    make_ref,
+)
+from dispatch.store import keys
+from monitoring.metrics import Metrics
+from ratelimit import Limit, RateLimiter
+
+__all__ = [
+    "BatchFilter",
+    "BatchOutcome",
+    "Engine",
+    "FrequencyFilter",
+    "Item",
+    "RateLimitStep",
+    "SendContext",
+    "SendStep",
+    "Step",
+    "SubstitutingChannel",
+    "SuppressionFilter",
+    "build_chain",
+    "chunk_size",
+    "group_outcome",
+    "limiter_burst",
+]
+
+log = logging.getLogger(__name__)
+
+#: Waits longer than this go back to the broker instead of holding a worker slot.
+LONG_WAIT_S = 5.0
+#: Confirmations are written in groups of this many (one Lua call each).
+TRACK_FLUSH = 64
+#: Messages handed to a per-message channel per call (it sends them concurrently): one pass
+#: through the chain, one rate-limit acquisition and one semaphore permit for all of them.
+PER_MESSAGE_CHUNK = 8
+
+
+def chunk_size(channel: Channel) -> int:
+    return channel.messages_per_request if channel.messages_per_request > 1 else PER_MESSAGE_CHUNK
+
+
+def limiter_burst(rate: float) -> int:
+    """Burst for a limit key: ~50 ms of traffic, and at least a few chunks of long messages."""
+    return max(64, int(rate / 20))
+
+
+@dataclass(slots=True)
+class Item:
+    """One message of a batch on its way through the chain."""
+
+    index: int
+    recipient_id: str
+    address: str
+    attrs: dict[str, str] | None
+    attempts: int
+    message: Message | None = None
+    outcome: Outcome | None = None
+    #: The provider said the address is bad or opted out: add it to the suppression list.
+    suppress: bool = False
+    #: A member of the batch's group record (batch channels): confirmed with the group.
+    grouped: bool = False
+
+
+@dataclass(slots=True)
+class SendContext:
+    campaign_id: str
+    batch: int
+    channel: Channel
+    manifest: dict[str, Any]
+    template: string.Template
+    retries: int = 0
+    long_wait: float = 0.0
+    stopped: str | None = None  # "paused" / "cancelled" once seen mid-batch
+    #: The body as provider-side substitutions (batch channels that offer it): not rendered here.
+    substitution: Substitution | None = None
+
+
+@runtime_checkable
+class SubstitutingChannel(Protocol):
+    """A channel that personalizes one body per request itself (SendGrid substitutions)."""
+
+    def substitution_template(self, template: str) -> Substitution | None: ...
+
+
+Next = Callable[[SendContext, list[Item]], Awaitable[None]]
+Step = Callable[[SendContext, list[Item], Next], Awaitable[None]]
+#: A batch-level step (one Redis round trip per batch, not per message): sets outcomes on the
+#: items it stops.
+BatchFilter = Callable[[SendContext, list[Item]], Awaitable[None]]
+
+
+class SuppressionFilter:
+    """Re-check opt-outs at send time: an opt-out that arrived after planning is honoured."""
+
+    def __init__(self, store: AsyncSuppressionStore) -> None:
+        self._store = store
+
+    async def __call__(self, ctx: SendContext, items: list[Item]) -> None:
+        flags = await self._store.contains_many(ctx.channel.name, [item.address for item in items])
+        for item, suppressed in zip(items, flags, strict=True):
+            if suppressed:
+                item.outcome = Outcome(item.index, "suppressed", item.attempts, "", "suppressed")
+
+    async def feed(self, channel: str, addresses: list[str]) -> None:
+        """Hard bounces and permanent rejections the provider flagged join the list."""
+        if addresses:
+            await self._store.add(channel, addresses)
+
+
+class FrequencyFilter:
+    """Enforce the cross-campaign frequency cap at send time (reservations keyed by message)."""
+
+    def __init__(self, store: AsyncFrequencyStore) -> None:
+        self._store = store
+
+    async def __call__(self, ctx: SendContext, items: list[Item]) -> None:
+        pairs = [
+            (item.address, idempotency_key(ctx.campaign_id, item.recipient_id, ctx.channel.name)) for item in items
+        ]
+        allowed = await self._store.reserve_many(ctx.channel.name, pairs)
+        for item, ok in zip(items, allowed, strict=True):
+            if not ok:
+                item.outcome = Outcome(item.index, "skipped", item.attempts, "", "frequency_capped")
+
+
+def build_chain(steps: Sequence[Step]) -> Next:
+    """Compose steps into one callable; the last step's ``next`` does nothing."""
+
+    async def end(ctx: SendContext, items: list[Item]) -> None:
+        return None
+
+    chain: Next = end
+    for step in reversed(steps):
+
+        def bind(step: Step, nxt: Next) -> Next:
+            async def run(ctx: SendContext, items: list[Item]) -> None:
+                await step(ctx, items, nxt)
+
+            return run
+
+        chain = bind(step, chain)
+    return chain
+
+
+def idempotency_key(campaign_id: str, recipient_id: str, channel: str) -> str:
+    digest = hashlib.blake2b(f"{campaign_id}\0{recipient_id}\0{channel}".encode(), digest_size=16)
+    return digest.hexdigest()
+
+
+async def render_step(ctx: SendContext, items: list[Item], nxt: Next) -> None:
+    """Render each recipient's message (string.Template: names only, no code, no attributes).
+
+    With ``ctx.substitution`` the body stays one template and each message carries its values
+    instead: the provider renders, the same text for every recipient as ``safe_substitute``.
+    """
+    subject = ctx.manifest.get("subject")
+    substitution = ctx.substitution
+    if substitution is not None:
+        body = substitution.body
+        channel = ctx.channel.name
+        for item in items:
+            item.message = Message(
+                ref=make_ref(ctx.campaign_id, ctx.batch, item.index),
+                address=item.address,
+                body=body,
+                subject=subject,
+                idempotency_key=idempotency_key(ctx.campaign_id, item.recipient_id, channel),
+                attributes=substitution.values(item.attrs),
+            )
+        await nxt(ctx, items)
+        return
+    for item in items:
+        body = ctx.template.safe_substitute(item.attrs) if item.attrs else ctx.template.template
+        item.message = Message(
+            ref=make_ref(ctx.campaign_id, ctx.batch, item.index),
+            address=item.address,
+            body=body,
+            subject=subject,
+            idempotency_key=idempotency_key(ctx.campaign_id, item.recipient_id, ctx.channel.name),
+        )
+    await nxt(ctx, items)
+
+
+class RateLimitStep:
+    """Acquire the chunk's cost from the provider account's limit and the campaign's cap.
+
+    The campaign cap is read from the campaign's control hash (``dispatch rate``) and pushed to
+    the shared limiter when it changes, so a re-rate reaches every worker within a second.
+    """
+
+    def __init__(self, limiter: RateLimiter, account_keys: dict[str, str], *, metrics: Metrics | None = None) -> None:
+        self._limiter = limiter
+        self._account_keys = account_keys
+        self._metrics = metrics
+        self._campaign_rates: dict[str, float | None] = {}
+
+    def campaign_key(self, campaign_id: str) -> str:
+        return f"campaign:{campaign_id}"
+
+    async def set_campaign_rate(self, campaign_id: str, rate: float | None) -> None:
+        if self._campaign_rates.get(campaign_id, -1.0) == rate:
+            return
+        key = self.campaign_key(campaign_id)
+        if rate is None:
+            await self._limiter.remove(key)
+        else:
+            await self._limiter.configure(Limit(key=key, rate=rate, burst=limiter_burst(rate)))
+        self._campaign_rates[campaign_id] = rate
+
+    async def penalize(self, ctx: SendContext, retry_after: float | None) -> None:
+        key = self._account_keys.get(ctx.channel.name)
+        if key is not None:
+            await self._limiter.penalize(key, retry_after)
+
+    async def __call__(self, ctx: SendContext, items: list[Item], nxt: Next) -> None:
+        cost = sum(ctx.channel.cost(item.message) for item in items if item.message is not None)
+        limit_keys = [self.campaign_key(ctx.campaign_id)]
+        account = self._account_keys.get(ctx.channel.name)
+        if account is not None:
+            limit_keys.append(account)
+        started = time.perf_counter()
+        await self._limiter.acquire(limit_keys, max(1, cost))
+        if self._metrics is not None:
+            self._metrics.observe_ratelimit_wait(ctx.channel.provider, time.perf_counter() - started)
+        await nxt(ctx, items)
+
+
+@dataclass(slots=True)
+class _Round:
+    """Messages still retryable after one send round, and the longest wait they asked for."""
+
+    pending: list[Item]
+    retry_after: float = 0.0
+    causes: list[str] = field(default_factory=list)
+
+
+class SendStep:
+    """Send with tenacity retries; sets each item's outcome."""
+
+    def __init__(
+        self,
+        *,
+        max_attempts: int,
+        on_result: Callable[[SendContext, Item, Result, float], None] | None = None,
+        on_rate_limited: Callable[[SendContext, float | None], Awaitable[None]] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        backoff_max_s: float = 2.0,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._metrics = metrics
+        self._max_attempts = max_attempts
+        self._on_result = on_result
+        self._on_rate_limited = on_rate_limited
+        self._sleep = sleep
+        self._backoff = wait_random_exponential(multiplier=0.05, max=backoff_max_s)
+        self._backoff_max = backoff_max_s
+
+    def _backoff_first(self) -> float:
+        """Jittered wait before the first retry (what the exponential policy gives attempt 1)."""
+        return random.uniform(0.0, min(self._backoff_max, 0.1))
+
+    def _wait(self, state: RetryCallState) -> float:
+        last: _Round = state.outcome.result() if state.outcome else _Round([])
+        return max(last.retry_after, self._backoff(state))
+
+    def _stop(self, state: RetryCallState) -> bool:
+        return self._done(state.outcome.result() if state.outcome else _Round([]))
+
+    def _done(self, last: _Round) -> bool:
+        if not last.pending:
+            return True
+        if any(item.attempts >= self._max_attempts for item in last.pending):
+            return True
+        return last.retry_after > LONG_WAIT_S
+
+    async def __call__(self, ctx: SendContext, items: list[Item], nxt: Next) -> None:
+        pending = [item for item in items if item.outcome is None]
+        if not pending:
+            await nxt(ctx, items)
+            return
+        first = True
+
+        async def one_round() -> _Round:
+            nonlocal first
+            current = list(pending)
+            if not first:
+                ctx.retries += len(current)
+            first = False
+            round_ = _Round([])
+            messages = [item.message for item in current if item.message is not None]
+            started = time.perf_counter()
+            try:
+                if self._metrics is not None:
+                    with self._metrics.inflight(ctx.channel.provider, len(messages)):
+                        results: Sequence[Result] = await ctx.channel.send(messages)
+                else:
+                    results = await ctx.channel.send(messages)
+            except RetryableProviderError as exc:
+                results = [Retryable(m.ref, str(exc), exc.status, exc.retry_after) for m in messages]
+            except PermanentProviderError as exc:
+                code = exc.code or f"http_{exc.status}"
+                results = [Permanent(m.ref, code, str(exc), exc.status) for m in messages]
+            elapsed = time.perf_counter() - started
+            rate_limited = False
+            for item, result in zip(current, results, strict=True):
+                item.attempts += 1
+                if self._on_result is not None:
+                    self._on_result(ctx, item, result, elapsed)
+                if isinstance(result, Sent):
+                    item.outcome = Outcome(item.index, "sent", item.attempts, result.provider_id)
+                elif isinstance(result, Permanent):
+                    item.outcome = Outcome(item.index, "failed", item.attempts, "", result.code)
+                    item.suppress = result.suppress
+                else:
+                    round_.pending.append(item)
+                    round_.retry_after = max(round_.retry_after, result.retry_after or 0.0)
+                    rate_limited = rate_limited or result.status == 429
+                    item.outcome = Outcome(item.index, "retry", item.attempts, "", f"http_{result.status or 0}")
+            if rate_limited and self._on_rate_limited is not None:
+                await self._on_rate_limited(ctx, round_.retry_after or None)
+            pending[:] = round_.pending
+            return round_
+
+        # The first round runs bare: most sends succeed, and a tenacity loop costs more CPU than
+        # the request itself. Only messages that need a retry enter the policy.
+        last: _Round | None = await one_round()
+        if last is not None and not self._done(last):
+            await self._sleep(max(last.retry_after, self._backoff_first()))
+            retrying = AsyncRetrying(
+                retry=retry_if_result(lambda r: bool(r.pending)),
+                stop=self._stop,
+                wait=self._wait,
+                sleep=self._sleep,
+                retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
+            )
+            last = await retrying(one_round)
+        if last is not None and last.pending:
+            for item in last.pending:
+                if item.attempts >= self._max_attempts:
+                    code = item.outcome.code if item.outcome else "retry_exhausted"
+                    item.outcome = Outcome(item.index, "dead", item.attempts, "", code)
+            ctx.long_wait = max(ctx.long_wait, last.retry_after)
+        await nxt(ctx, items)
+
+
+class Engine:
+    """Runs batches for one worker process. All collaborators are passed in."""
+
+    def __init__(
+        self,
+        *,
+        client: aredis.Redis,
+        tracker: Tracker,
+        channels: dict[str, Channel],
+        steps: Sequence[Step],
+        owner: str,
+        concurrency: int,
+        metrics: Metrics | None = None,
+        rate_step: RateLimitStep | None = None,
+        filters: Sequence[BatchFilter] = (),
+        suppression: SuppressionFilter | None = None,
+    ) -> None:
+        self._filters = list(filters)
+        self._suppression = suppression
+        self._metrics = metrics
+        self._rate_step = rate_step
+        #: Campaigns this process worked on recently (for progress gauges): id -> last seen.
+        self.seen: dict[str, float] = {}
+        self._client = client
+        self._tracker = tracker
+        self._channels = channels
+        self._chain = build_chain(steps)
+        self._owner = owner
+        # one permit per chunk: at most ``concurrency`` provider requests in flight
+        self._sem = asyncio.Semaphore(max(1, concurrency // PER_MESSAGE_CHUNK))
+        self._manifests: dict[str, dict[str, Any]] = {}
+        self._control: dict[str, tuple[float, str]] = {}
+        #: Batches running in this process: a second run of one waits (see claim.lua).
+        self._active: set[tuple[str, int]] = set()
+
+    async def _manifest(self, campaign_id: str) -> dict[str, Any]:
+        manifest = self._manifests.get(campaign_id)
+        if manifest is None:
+            raw = await self._client.get(keys.manifest(campaign_id))
+            if raw is None:
+                raise LookupError(f"campaign {campaign_id!r} has no manifest")
+            manifest = orjson.loads(raw)
+            if len(self._manifests) > 256:
+                self._manifests.clear()
+            self._manifests[campaign_id] = manifest
+        return manifest
+
+    async def campaign_state(self, campaign_id: str) -> str:
+        cached = self._control.get(campaign_id)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < CONTROL_TTL_S:
+            return cached[1]
+        if cached is not None:
+            # while one coroutine refreshes, the others keep the last known state; with nothing
+            # known yet, each reads for itself (never assume "running")
+            self._control[campaign_id] = (now, cached[1])
+        try:
+            raw, rate = cast(list[bytes | None], await self._client.hmget(keys.control(campaign_id), ["state", "rate"]))
+            if self._rate_step is not None:
+                manifest_rate = self._manifests.get(campaign_id, {}).get("rate")
+                await self._rate_step.set_campaign_rate(campaign_id, float(rate) if rate else manifest_rate)
+        except BaseException:
+            self._control.pop(campaign_id, None)
+            raise
+        state = raw.decode() if raw else "planned"
+        self._control[campaign_id] = (now, state)
+        return state
+
+    async def send_batch(self, campaign_id: str, batch: int) -> BatchOutcome:
+        run = (campaign_id, batch)
+        if run in self._active:
+            return BatchOutcome(state="busy", requeue_after=1.0)
+        self._active.add(run)
+        self.seen[campaign_id] = time.time()
+        if self._metrics is not None:
+            self._metrics.record_batch("started")
+        try:
+            outcome = await self._send_batch(campaign_id, batch)
+        except BaseException:
+            if self._metrics is not None:
+                self._metrics.record_batch("failed")
+            raise
+        finally:
+            self._active.discard(run)
+        if self._metrics is not None:
+            self._metrics.record_batch("retried" if outcome.requeue_after is not None else "completed")
+        return outcome
+
+    async def _send_batch(self, campaign_id: str, batch: int) -> BatchOutcome:
+        manifest = await self._manifest(campaign_id)
+        state = await self.campaign_state(campaign_id)
+        if state != "running":
+            return BatchOutcome(state=state, requeue_after=1.0 if state in {"paused", "planned"} else None)
+        channel = self._channels[manifest["channel"]]
+        raw_batch = cast(bytes | None, await self._client.get(keys.batch(campaign_id, batch)))
+        snapshot = decode_batch(campaign_id, batch, raw_batch)
+        if snapshot.not_before > time.time():
+            return BatchOutcome(state="waiting", requeue_after=snapshot.not_before - time.time())
+        grouped = channel.messages_per_request > 1
+        if grouped:
+            claimed = await self._claim_group(campaign_id, batch, channel, snapshot.rows)
+        else:
+            claimed = await self._claim_each(campaign_id, batch, channel, snapshot.rows)
+        if claimed is None:
+            self._control.pop(campaign_id, None)
+            state = await self.campaign_state(campaign_id)
+            return BatchOutcome(state=state, requeue_after=1.0 if state == "paused" else None)
+        items, lost, busy, dedup_hits = claimed
+        if dedup_hits and self._metrics is not None:
+            self._metrics.record_dedup_hit(channel.name, dedup_hits)
+        if lost and not grouped:
+            await self._tracker.finish(campaign_id, batch, self._owner, lost)
+        ctx = SendContext(
+            campaign_id=campaign_id,
+            batch=batch,
+            channel=channel,
+            manifest=manifest,
+            template=string.Template(manifest["body"]),
+        )
+        if grouped and isinstance(channel, SubstitutingChannel):
+            ctx.substitution = channel.substitution_template(manifest["body"])
+        for batch_filter in self._filters:
+            open_items = [item for item in items if item.outcome is None]
+            if open_items:
+                await batch_filter(ctx, open_items)
+        buffer: list[Outcome] = [item.outcome for item in items if item.outcome is not None]
+        self._count_sends(channel, buffer)
+        pending_items = [item for item in items if item.outcome is None]
+        size = chunk_size(channel)
+        chunks = [pending_items[i : i + size] for i in range(0, len(pending_items), size)]
+
+        async def flush() -> None:
+            if buffer:
+                taken = buffer[:]
+                buffer.clear()
+                await self._tracker.finish(campaign_id, batch, self._owner, taken)
+
+        async def run_chunk(chunk: list[Item]) -> None:
+            async with self._sem:
+                if ctx.stopped is None:
+                    state = await self.campaign_state(campaign_id)
+                    if state != "running":
+                        ctx.stopped = state
+                if ctx.stopped is not None:
+                    # pause: hand the message back untouched; cancel: it is not sent
+                    back = "skipped" if ctx.stopped == "cancelled" else "retry"
+                    for item in chunk:
+                        item.outcome = Outcome(item.index, back, item.attempts)
+                else:
+                    await self._chain(ctx, chunk)
+            done: list[Outcome] = []
+            for item in chunk:
+                if item.outcome is None:  # a step dropped it without a verdict: try again later
+                    item.outcome = Outcome(item.index, "retry", item.attempts)
+                done.append(item.outcome)
+            self._count_sends(channel, done)
+            if not grouped:
+                buffer.extend(done)
+                if len(buffer) >= TRACK_FLUSH:
+                    await flush()
+
+        await asyncio.gather(*(run_chunk(chunk) for chunk in chunks))
+        if grouped:
+            # one confirmation for the whole run: the group's outcome, and the exceptions
+            group, singles = group_outcome(ctx, items)
+            singles.extend(lost)
+            if group is not None or singles or ctx.retries:
+                await self._tracker.finish_group(campaign_id, batch, self._owner, singles, group, retries=ctx.retries)
+        else:
+            await flush()
+            if ctx.retries:
+                await self._tracker.finish(campaign_id, batch, self._owner, [], retries=ctx.retries)
+        if self._suppression is not None:
+            await self._suppression.feed(channel.name, [item.address for item in items if item.suppress])
+        retry_left = any(item.outcome is not None and item.outcome.state == "retry" for item in items)
+        if ctx.stopped == "paused" or busy:
+            return BatchOutcome(state=ctx.stopped or "busy", requeue_after=1.0)
+        if retry_left:
+            return BatchOutcome(state="retry", requeue_after=max(ctx.long_wait, 1.0))
+        return BatchOutcome(state="done", requeue_after=None)
+
+    def _count_sends(self, channel: Channel, outcomes: Sequence[Outcome]) -> None:
+        """Final outcomes on the messages counter, one increment per outcome kind."""
+        if self._metrics is None or not outcomes:
+            return
+        counts: dict[str, int] = {}
+        for outcome in outcomes:
+            counts[outcome.state] = counts.get(outcome.state, 0) + 1
+        for state, n in counts.items():
+            final = _FINAL_OUTCOMES.get(state)
+            if final is not None:
+                self._metrics.record_send(channel.name, channel.provider, final, n)
+
+    async def _claim_each(
+        self, campaign_id: str, batch: int, channel: Channel, rows: list[Any]
+    ) -> tuple[list[Item], list[Outcome], int, int] | None:
+        """Per-message channels: one record per message, claimed before the send."""
+        claims = await self._tracker.claim(campaign_id, batch, self._owner, list(range(len(rows))))
+        if claims is None:
+            return None
+        claimed = _Claimed(channel.supports_idempotency, rows)
+        for index, (code, attempts) in enumerate(claims):
+            claimed.take(index, code, attempts, grouped=False)
+        return claimed.result()
+
+    async def _claim_group(
+        self, campaign_id: str, batch: int, channel: Channel, rows: list[Any]
+    ) -> tuple[list[Item], list[Outcome], int, int] | None:
+        """Batch channels: one group record for the messages without a record of their own."""
+        claim = await self._tracker.claim_group(campaign_id, batch, self._owner, len(rows))
+        if claim is None:
+            return None
+        others = claim.others
+        if not others and claim.code == CLAIM_FRESH and (claim.first, claim.last) == (0, len(rows) - 1):
+            # the usual run: every message is a member of a group claimed just now
+            attempts = claim.attempts
+            return [Item(i, row[0], row[1], row[2], attempts, grouped=True) for i, row in enumerate(rows)], [], 0, 0
+        claimed = _Claimed(channel.supports_idempotency, rows)
+        for index in range(len(rows)):
+            other = others.get(index)
+            if other is not None:
+                claimed.take(index, other[0], other[1], grouped=False)
+            elif claim.first <= index <= claim.last:
+                claimed.take(index, claim.code, claim.attempts, grouped=True)
+        return claimed.result()
+
+
+class _Claimed:
+    """What a claim gave: messages to send, messages lost in flight (a dead worker's claims on a
+    channel without idempotency keys), and counts of busy and already-done ones."""
+
+    __slots__ = ("busy", "dedup_hits", "items", "lost", "rows", "supports_idempotency")
+
+    def __init__(self, supports_idempotency: bool, rows: list[Any]) -> None:
+        self.supports_idempotency = supports_idempotency
+        self.rows = rows
+        self.items: list[Item] = []
+        self.lost: list[Outcome] = []
+        self.busy = self.dedup_hits = 0
+
+    def take(self, index: int, code: int, attempts: int, *, grouped: bool) -> None:
+        if code == CLAIM_DONE:
+            self.dedup_hits += 1
+        elif code == CLAIM_BUSY:
+            self.busy += 1
+        elif code == CLAIM_RECLAIMED and not self.supports_idempotency:
+            self.lost.append(Outcome(index, "dead", attempts, "", "inflight_unknown"))
+        else:
+            rid, address, attrs = self.rows[index]
+            self.items.append(Item(index, rid, address, attrs, attempts, grouped=grouped))
+
+    def result(self) -> tuple[list[Item], list[Outcome], int, int]:
+        return self.items, self.lost, self.busy, self.dedup_hits
+
+
+def group_outcome(ctx: SendContext, items: Sequence[Item]) -> tuple[GroupOutcome | None, list[Outcome]]:
+    """Split a run's outcomes into the one most group members share and everyone else's.
+
+    A member joins the group's outcome when its state can be a group state and its provider id is
+    empty or the group's prefix followed by its ref; any other outcome is written as a record of
+    its own (and a message that is not a group member always is).
+    """
+    singles: list[Outcome] = []
+    keyed: list[tuple[tuple[str, int, str, str], Outcome]] = []
+    counts: dict[tuple[str, int, str, str], int] = {}
+    for item in items:
+        outcome = item.outcome
+        if outcome is None:
+            continue
+        if not item.grouped or outcome.state not in GROUP_STATES:
+            singles.append(outcome)
+            continue
+        pid = outcome.provider_id
+        if pid:
+            ref = item.message.ref if item.message is not None else make_ref(ctx.campaign_id, ctx.batch, item.index)
+            if len(pid) <= len(ref) or not pid.endswith(ref) or "|" in pid:
+                singles.append(outcome)
+                continue
+            prefix = pid[: -len(ref)]
+        else:
+            prefix = ""
+        key = (outcome.state, outcome.attempts, prefix, outcome.code)
+        counts[key] = counts.get(key, 0) + 1
+        keyed.append((key, outcome))
+    if not counts:
+        return None, singles
+    best = max(counts, key=lambda k: counts[k])
+    singles.extend(outcome for key, outcome in keyed if key != best)
+    return GroupOutcome(best[0], best[1], best[2], best[3]), singles
+
+
+#: Record states that end a message's send, and their metric outcome ("sent" is counted here).
+_FINAL_OUTCOMES: dict[str, Any] = {
+    "sent": "sent",
+    "failed": "failed",
+    "dead": "dead_lettered",
+    "suppressed": "suppressed",
+    "skipped": "skipped",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    """What the actor does next: nothing, or send the batch again after ``requeue_after`` s."""
+
+    state: str
+    requeue_after: float | None

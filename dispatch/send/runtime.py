@@ -1,0 +1,330 @@
+"""Per-worker-process resources, built once at worker start-up.
+
+One event loop (uvloop) runs in a dedicated thread; dramatiq's worker threads hand it batches with
+``run``. The loop owns the process's one aiohttp session, async Redis client, channels and engine.
+A heartbeat thread keeps this process's liveness key (used to reclaim in-flight messages of dead
+workers) and its dramatiq heartbeat fresh even while every worker thread is busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import aiohttp
+import redis
+import redis.asyncio as aredis
+import uvloop
+from dramatiq.brokers.redis import RedisBroker
+from prometheus_client import CollectorRegistry
+
+from channels.base import Channel, Result, Retryable
+from channels.email import SendGridConfig, SendGridEmail
+from channels.push import FcmConfig, FcmPush
+from channels.sms import TwilioConfig, TwilioSms
+from channels.webhook import SignedWebhook, WebhookConfig
+from dispatch.config import Settings
+from dispatch.errors import DispatchError
+from dispatch.plan.calibration import (
+    EWMA_WEIGHT,
+    QUIET_RETRY_S,
+    REPROBE_EVERY_S,
+    FleetSpeed,
+    SpeedProbeError,
+    quiet_probe,
+)
+from dispatch.rules.frequency import AsyncFrequencyStore, FrequencyCap
+from dispatch.rules.suppression import AsyncSuppressionStore, check_suppression_key, hasher_for
+from dispatch.send.broker import BROKER_NAMESPACE, QUEUE
+from dispatch.send.control import CampaignControl
+from dispatch.send.engine import (
+    BatchFilter,
+    Engine,
+    FrequencyFilter,
+    Item,
+    RateLimitStep,
+    SendContext,
+    SendStep,
+    Step,
+    SuppressionFilter,
+    render_step,
+)
+from dispatch.send.tracking import Tracker
+from dispatch.store import keys
+from monitoring.exposition import MetricsServer, start_metrics_server
+from monitoring.metrics import Metrics, RetryCause, collect_queue_depths
+from ratelimit import Limit, RedisRateLimiter
+
+__all__ = ["WorkerRuntime", "build_channels"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Seconds between heartbeats of a worker process.
+HEARTBEAT_EVERY_S = 0.5
+#: Seconds between refreshes of the campaign progress and queue depth gauges.
+GAUGES_EVERY_S = 2.0
+#: A campaign not worked on for this long is no longer reported by this process.
+CAMPAIGN_IDLE_S = 60.0
+
+
+def build_channels(settings: Settings, session: aiohttp.ClientSession) -> dict[str, Channel]:
+    """One adapter per channel, configured from settings; they share the process's session."""
+    s = settings
+    callback = s.callback_base_url.rstrip("/") + "/callbacks/twilio" if s.callback_base_url else None
+    channels: list[Channel] = [
+        TwilioSms(
+            session,
+            TwilioConfig(
+                base_url=s.sms_base_url,
+                account_sid=s.sms_account_sid,
+                auth_token=s.sms_auth_token.reveal(),
+                from_number=s.sms_from,
+                status_callback_url=callback,
+                honours_idempotency=s.sms_honours_idempotency,
+            ),
+        ),
+        SendGridEmail(
+            session,
+            SendGridConfig(
+                base_url=s.email_base_url,
+                api_key=s.email_api_key.reveal(),
+                from_email=s.email_from,
+                unsubscribe_url=s.email_unsubscribe_url,
+                honours_idempotency=s.email_honours_idempotency,
+            ),
+        ),
+        FcmPush(
+            session,
+            FcmConfig(base_url=s.push_base_url, project_id=s.push_project, access_token=s.push_access_token.reveal()),
+        ),
+        SignedWebhook(
+            session,
+            WebhookConfig(
+                url=s.webhook_url, secret=s.webhook_secret.reveal(), honours_idempotency=s.webhook_honours_idempotency
+            ),
+        ),
+    ]
+    return {channel.name: channel for channel in channels}
+
+
+def retry_cause(result: Retryable) -> RetryCause:
+    status = result.status or 0
+    if status == 429:
+        return "http_429"
+    if status >= 500:
+        return "http_5xx"
+    return "timeout" if "timeout" in result.reason.lower() else "connection"
+
+
+class WorkerRuntime:
+    """Event loop thread + the async collaborators of the send path, for one process."""
+
+    def __init__(self, settings: Settings, *, app_url: str, broker_url: str, broker: RedisBroker, owner: str) -> None:
+        self._broker_url = broker_url
+        self.settings = settings
+        self.owner = owner
+        self._app_url = app_url
+        self._broker = broker
+        self._loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="dispatch-loop", daemon=True)
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name="dispatch-heartbeat", daemon=True)
+        self._sync = redis.Redis.from_url(app_url, socket_timeout=5.0)
+        self._session: aiohttp.ClientSession | None = None
+        self._client: aredis.Redis | None = None
+        self._channels: dict[str, Channel] = {}
+        self._engine: Engine | None = None
+        self.metrics = Metrics(CollectorRegistry())
+        self.metrics_server: MetricsServer | None = None
+        self._control = CampaignControl(self._sync)
+        self._broker_client: aredis.Redis | None = None
+        self._limiter: RedisRateLimiter | None = None
+        self._limiter_keys: list[str] = []
+        self._fleet = FleetSpeed(self._sync)
+        self._prober = threading.Thread(target=self._probe_speed, name="dispatch-speed-probe", daemon=True)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("WorkerRuntime.start() was not called")
+        return self._engine
+
+    def start(self, *, metrics_port: int | None = None) -> None:
+        port = self.settings.metrics_port if metrics_port is None else metrics_port
+        if port:
+            self.metrics_server = start_metrics_server(port, self.metrics.registry)
+        self._beat_once()
+        self._thread.start()
+        self.run(self._open())
+        self._heartbeat.start()
+        if self.settings.cpu_speed_probe:
+            self._prober.start()
+
+    async def _open(self) -> None:
+        s = self.settings
+        connector = aiohttp.TCPConnector(limit=s.send_concurrency, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(connector=connector)
+        pool = aredis.BlockingConnectionPool.from_url(self._app_url, max_connections=64, timeout=30)
+        self._client = aredis.Redis(connection_pool=pool)
+        self._broker_client = aredis.Redis.from_url(self._broker_url)
+        self._channels = build_channels(s, self._session)
+        for channel in self._channels.values():
+            self.metrics.register_provider(channel.name, channel.provider)
+        self.metrics.register_queue(QUEUE)
+        tracker = Tracker(self._client, ttl_s=s.retention_s)
+        limiter = RedisRateLimiter(self._client)
+        account_keys = {"sms": f"sms:{s.sms_account_sid}"}
+        if s.sms_rate > 0:
+            # burst: about 20 ms of traffic, and at least one long SMS (10 segments)
+            await limiter.configure(
+                Limit(key=account_keys["sms"], rate=s.sms_rate, burst=max(10, int(s.sms_rate / 50)))
+            )
+        rate_step = RateLimitStep(limiter, account_keys, metrics=self.metrics)
+        send_step = SendStep(
+            max_attempts=s.max_attempts,
+            on_result=self._observe,
+            on_rate_limited=rate_step.penalize,
+            metrics=self.metrics,
+        )
+        self._limiter = limiter
+        self._limiter_keys = [key for name, key in account_keys.items() if name == "sms" and s.sms_rate > 0]
+        steps: list[Step] = [render_step, rate_step, send_step]
+        hasher = hasher_for(s)
+        check_suppression_key(self._sync, hasher)
+        suppression = SuppressionFilter(AsyncSuppressionStore(self._client, hasher=hasher))
+        filters: list[BatchFilter] = [suppression]
+        if s.frequency_limit:
+            cap = FrequencyCap(limit=s.frequency_limit, window=timedelta(seconds=s.frequency_window_s))
+            filters.append(FrequencyFilter(AsyncFrequencyStore(self._client, cap, hasher=hasher)))
+        self._engine = Engine(
+            client=self._client,
+            tracker=tracker,
+            channels=self._channels,
+            steps=steps,
+            owner=self.owner,
+            concurrency=s.send_concurrency,
+            metrics=self.metrics,
+            rate_step=rate_step,
+            filters=filters,
+            suppression=suppression,
+        )
+
+    def _observe(self, ctx: SendContext, item: Item, result: Result, elapsed: float) -> None:
+        """Per-message metrics of one provider answer (no address ever reaches a label)."""
+        provider = ctx.channel.provider
+        self.metrics.observe_latency(provider, elapsed)
+        if isinstance(result, Retryable):
+            self.metrics.record_send(ctx.channel.name, provider, "retried")
+            self.metrics.record_retry(provider, retry_cause(result))
+
+    async def _close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        if self._session is not None:
+            await self._session.close()
+        if self._client is not None:
+            await self._client.aclose()
+        if self._broker_client is not None:
+            await self._broker_client.aclose()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result()
+
+    def _beat_once(self) -> None:
+        ttl_ms = max(1000, self.settings.heartbeat_timeout_ms // 2)
+        self._sync.set(keys.worker_alive(self.owner), b"1", px=ttl_ms)
+        self._broker.do_qsize(QUEUE)  # any broker command refreshes dramatiq's heartbeat
+
+    def _probe_speed(self) -> None:
+        """Probe the machine's speed (about a second, ~15% of it CPU) every REPROBE_EVERY_S while the
+        machine is quiet (QUIET_RETRY_S later when it is not: a probe beside sends measures the
+        contention and slows the sends) and publish the running average (its own thread: the
+        heartbeat must never wait for it)."""
+        average: float | None = None
+        while not self._stop.is_set():
+            try:
+                probe = quiet_probe(quiet_share=self.settings.speed_probe_quiet_share)
+                if probe is None:
+                    self._stop.wait(QUIET_RETRY_S)
+                    continue
+                average = probe if average is None else average + EWMA_WEIGHT * (probe - average)
+                self._fleet.publish(self.owner, average)
+            except (redis.RedisError, SpeedProbeError) as exc:  # Redis restarting, a stalled probe: next time
+                log.warning("speed probe failed: %s", exc)
+            self._stop.wait(REPROBE_EVERY_S)
+
+    def _beat(self) -> None:
+        last_gauges = 0.0
+        while not self._stop.wait(HEARTBEAT_EVERY_S):
+            try:
+                self._beat_once()
+                self.metrics.heartbeat()
+                if time.monotonic() - last_gauges >= GAUGES_EVERY_S:
+                    last_gauges = time.monotonic()
+                    self._refresh_gauges()
+            except (redis.RedisError, DispatchError) as exc:  # Redis restarting: keep trying
+                log.warning("heartbeat failed: %s", exc)
+
+    async def _limiter_rates(self) -> None:
+        if self._limiter is None:
+            return
+        for key in self._limiter_keys:
+            limit = await self._limiter.get_limit(key)
+            if limit is not None:
+                current = await self._limiter.effective_rate(key)
+                self.metrics.set_ratelimit_rate(key, current, limit.rate)
+
+    def _refresh_gauges(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._limiter_rates(), self._loop).result(timeout=5)
+        if self._broker_client is not None:
+            future = asyncio.run_coroutine_threadsafe(
+                collect_queue_depths(self.metrics, self._broker_client, [QUEUE], namespace=BROKER_NAMESPACE),
+                self._loop,
+            )
+            future.result(timeout=5)
+        now = time.time()
+        for campaign_id, seen in list(self.engine.seen.items()):
+            status = self._control.status(campaign_id)
+            if status.complete or status.state == "cancelled" or now - seen > CAMPAIGN_IDLE_S:
+                if status.complete or status.state == "cancelled":
+                    self._control.finalize(campaign_id, self.settings.retention_s)
+                self.metrics.end_campaign(campaign_id)
+                self.engine.seen.pop(campaign_id, None)
+                continue
+            started = status.started_at or now
+            self.metrics.set_campaign_progress(
+                campaign_id,
+                sent=status.done,
+                total=status.accepted,
+                predicted_finish_ts=started + status.predicted_s,
+                estimated_finish_ts=now + status.eta_s if status.eta_s is not None else None,
+                deadline_ts=status.deadline,
+                paused=status.state == "paused",
+            )
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._heartbeat.is_alive():
+            self._heartbeat.join(timeout=2)
+        if self._prober.is_alive():
+            self._prober.join(timeout=5)
+        if self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                self.run(self._close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+        with contextlib.suppress(redis.RedisError):
+            self._sync.delete(keys.worker_alive(self.owner))
+            self._fleet.withdraw(self.owner)
+        self._sync.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()

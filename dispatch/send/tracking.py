@@ -1,0 +1,328 @@
+"""Per-message records and per-campaign counters in Redis (dedup and track steps).
+
+A batch's records live in one hash (``keys.records``), field = message index, value =
+``state|attempts|owner|provider_id|code|ts``. The same record is the idempotency claim: a message
+is *claimed* (state ``sending`` with the worker's id) before the provider call and *confirmed*
+after (``sent``, ``failed``, ...). Both transitions are Lua scripts, so counters move exactly once
+per message whatever the number of workers, redeliveries or duplicate enqueues.
+
+Batch channels (one provider request carries many messages) use a *group record* instead of one
+record per message: field ``g`` of the same hash, ``state|attempts|owner|provider_id_prefix|code|
+ts|first|last|members``, stands for every index ``first..last`` that has no record of its own. It
+is claimed (``claim_group.lua``) and confirmed (``finish_group.lua``) in one step per run, and the
+counters move by ``members``. Messages whose fate differs from the request's (a rejected
+recipient, a retry, a dead letter, a delivery receipt) get a record of their own, which wins over
+the group's: a message's state is *its own record, else its group's*. A member's provider id is the
+group's prefix followed by the message's ref (``<X-Message-Id>:<ref>`` for SendGrid).
+:func:`record_value` resolves one message that way for readers of the raw hash.
+
+In-flight policy after a crash: a record left ``sending`` by a worker whose liveness key has
+expired is *reclaimed*. If the channel honours idempotency keys the message is sent again with
+the same key (the provider answers with the original message); otherwise it is marked failed with
+code ``inflight_unknown`` and dead-lettered, because it may or may not have gone out: an operator
+decides with ``dispatch retry-failed``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis
+import redis.asyncio as aredis
+
+from dispatch.store import keys
+
+__all__ = [
+    "CLAIM_BUSY",
+    "CLAIM_DONE",
+    "CLAIM_FRESH",
+    "CLAIM_RECLAIMED",
+    "COUNTERS",
+    "GROUP_STATES",
+    "GroupClaim",
+    "GroupOutcome",
+    "Outcome",
+    "Record",
+    "Tracker",
+    "campaign_counters",
+    "iter_outcomes",
+    "iter_records",
+    "parse_ref",
+    "record_value",
+]
+
+CLAIM_DONE, CLAIM_FRESH, CLAIM_RECLAIMED, CLAIM_BUSY = 0, 1, 2, 3
+#: Counter names of a campaign (a hash; absent = 0).
+COUNTERS = (
+    "sent",
+    "delivered",
+    "undelivered",
+    "bounced",
+    "failed",
+    "dead_letters",
+    "suppressed",
+    "skipped",
+    "retries",
+)
+
+
+#: States a whole group record can take (a dead letter is always a record of its own).
+GROUP_STATES = frozenset({"sent", "retry", "failed", "suppressed", "skipped"})
+#: Field of a batch's records hash holding its group record.
+GROUP_FIELD = "g"
+
+
+def _script(name: str) -> str:
+    return resources.files("dispatch.send").joinpath(name).read_text(encoding="utf-8")
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one claimed message, for the ``finish_group.lua`` script (one per message on the
+    send path: not frozen, whose ``__init__`` costs several times more)."""
+
+    index: int
+    state: str  # sent | failed | suppressed | skipped | retry | dead
+    attempts: int
+    provider_id: str = ""
+    code: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupOutcome:
+    """One outcome for every remaining member of a batch's group record (``finish_group``).
+
+    A member's provider id is ``provider_prefix`` followed by its ref (none when the prefix is
+    empty).
+    """
+
+    state: str  # one of GROUP_STATES
+    attempts: int
+    provider_prefix: str = ""
+    code: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GroupClaim:
+    """What ``claim_group`` answered: the group's claim code, and the codes of the other messages.
+
+    Members are the indices ``first..last`` absent from ``others``; ``members`` counts them.
+    """
+
+    code: int
+    attempts: int
+    first: int
+    last: int
+    members: int
+    #: index -> (claim code, attempts) of every message that is not a group member.
+    others: dict[int, tuple[int, int]]
+
+    def is_member(self, index: int) -> bool:
+        return self.first <= index <= self.last and index not in self.others
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    batch: int
+    index: int
+    state: str
+    attempts: int
+    provider_id: str
+    code: str
+    ts: float | None
+    recipient_id: str = ""
+
+
+def make_ref(campaign_id: str, batch: int, index: int) -> str:
+    """Opaque message reference carried by providers back to us (no address in it)."""
+    return f"{campaign_id}.{batch}.{index}"
+
+
+def parse_ref(ref: str) -> tuple[str, int, int]:
+    campaign_id, batch, index = ref.rsplit(".", 2)
+    return campaign_id, int(batch), int(index)
+
+
+class Tracker:
+    """Async access to records and counters for the send path and receipts."""
+
+    def __init__(self, client: aredis.Redis, *, ttl_s: int) -> None:
+        self._client = client
+        self._ttl = ttl_s
+        self._claim = client.register_script(_script("claim.lua"))
+        self._receipt = client.register_script(_script("receipt.lua"))
+        self._claim_group = client.register_script(_script("claim_group.lua"))
+        self._finish_group = client.register_script(_script("finish_group.lua"))
+
+    async def claim(
+        self, campaign_id: str, batch: int, owner: str, indices: Sequence[int]
+    ) -> list[tuple[int, int]] | None:
+        """Claim messages; ``None`` when the campaign is not running, else (code, attempts) each."""
+        raw = await self._claim(
+            keys=[keys.records(campaign_id, batch), keys.control(campaign_id)],
+            args=[owner, f"{time.time():.3f}", keys.worker_alive(""), self._ttl, *indices],
+        )
+        if raw and raw[0] == -1:
+            return None
+        return [(int(raw[i]), int(raw[i + 1])) for i in range(0, len(raw), 2)]
+
+    async def finish(
+        self, campaign_id: str, batch: int, owner: str, outcomes: Sequence[Outcome], *, retries: int = 0
+    ) -> int:
+        """Record outcomes of messages claimed one by one (per-message channels)."""
+        return await self.finish_group(campaign_id, batch, owner, outcomes, None, retries=retries)
+
+    async def claim_group(self, campaign_id: str, batch: int, owner: str, count: int) -> GroupClaim | None:
+        """Claim a batch of ``count`` messages for a batch channel: one group record for every
+        message without a record of its own; ``None`` when the campaign is not running."""
+        raw = await self._claim_group(
+            keys=[keys.records(campaign_id, batch), keys.control(campaign_id)],
+            args=[owner, f"{time.time():.3f}", keys.worker_alive(""), self._ttl, count],
+        )
+        if raw and raw[0] == -1:
+            return None
+        others = {int(raw[i]): (int(raw[i + 1]), int(raw[i + 2])) for i in range(5, len(raw), 3)}
+        return GroupClaim(int(raw[0]), int(raw[1]), int(raw[2]), int(raw[3]), int(raw[4]), others)
+
+    async def finish_group(
+        self,
+        campaign_id: str,
+        batch: int,
+        owner: str,
+        outcomes: Sequence[Outcome],
+        group: GroupOutcome | None,
+        *,
+        retries: int = 0,
+    ) -> int:
+        """Record a batch-channel run: ``outcomes`` of single messages first (a group member
+        among them leaves the group), then ``group`` for the group's remaining members (``None``:
+        the group keeps its claim). Returns the number of messages whose outcome was applied."""
+        if group is not None and group.state not in GROUP_STATES:
+            raise ValueError(f"a group record cannot be {group.state!r}")
+        args: list[Any] = [owner, f"{time.time():.3f}", batch, retries]
+        if group is None:
+            args.extend(("", 0, "", ""))
+        else:
+            args.extend((group.state, group.attempts, group.provider_prefix, group.code))
+        args.append(make_ref(campaign_id, batch, 0)[:-1])
+        for o in outcomes:
+            args.extend((o.index, o.state, o.attempts, o.provider_id, o.code))
+        applied = await self._finish_group(
+            keys=[keys.records(campaign_id, batch), keys.counters(campaign_id), keys.dead_letters(campaign_id)],
+            args=args,
+        )
+        return int(applied)
+
+    async def apply_receipt(self, ref: str, state: str, code: str | None) -> int:
+        """Move a sent message to delivered/failed/bounced; see receipt.lua for return codes."""
+        campaign_id, batch, index = parse_ref(ref)
+        result = await self._receipt(
+            keys=[keys.records(campaign_id, batch), keys.counters(campaign_id)],
+            args=[index, state, code or "", f"{time.time():.3f}", ref],
+        )
+        return int(result)
+
+
+def campaign_counters(client: redis.Redis, campaign_id: str) -> dict[str, int]:
+    raw: dict[bytes, bytes] = client.hgetall(keys.counters(campaign_id))  # type: ignore[assignment]
+    counts = dict.fromkeys(COUNTERS, 0)
+    for name, value in raw.items():
+        counts[name.decode()] = int(value)
+    return counts
+
+
+def iter_outcomes(client: redis.Redis, campaign_id: str, batches: int, *, cancelled: bool = False) -> Iterator[Record]:
+    """Every message of the snapshot with its outcome, in snapshot order (for exports).
+
+    A message never claimed is ``queued`` (``skipped`` once the campaign is cancelled); the
+    recipient id comes from the snapshot, the address is never included.
+    """
+    from dispatch.plan.snapshot import iter_batches
+
+    unclaimed = "skipped" if cancelled else "queued"
+    for snapshot in iter_batches(client, campaign_id, batches):
+        found = {record.index: record for record in _batch_records(client, campaign_id, snapshot.number)}
+        for index, row in enumerate(snapshot.rows):
+            record = found.get(index)
+            if record is None:
+                record = Record(snapshot.number, index, unclaimed, 0, "", "", None)
+            yield Record(
+                record.batch, index, record.state, record.attempts, record.provider_id, record.code, record.ts, row[0]
+            )
+
+
+def iter_records(client: redis.Redis, campaign_id: str, batches: int) -> Iterator[Record]:
+    """Every message's record, batch by batch; messages never claimed are absent."""
+    for batch in range(batches):
+        yield from _batch_records(client, campaign_id, batch)
+
+
+def record_value(records: Mapping[bytes, bytes | None], campaign_id: str, batch: int, index: int) -> bytes | None:
+    """One message's record in the per-message format (``state|attempts|owner|provider_id|code|
+    ts``) from a batch's raw records hash (``HGETALL``, or ``HMGET`` of ``str(index)`` and
+    ``"g"`` as a mapping): its own record, else its group's; ``None`` when it has neither."""
+    own = records.get(str(index).encode())
+    if own is not None:
+        return own
+    group = records.get(GROUP_FIELD.encode())
+    if group is None:
+        return None
+    resolved = _GroupRecord.parse(group)
+    if not resolved.first <= index <= resolved.last:
+        return None
+    return resolved.member_value(make_ref(campaign_id, batch, index)).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class _GroupRecord:
+    state: str
+    attempts: str
+    owner: str
+    prefix: str
+    code: str
+    ts: str
+    first: int
+    last: int
+
+    @classmethod
+    def parse(cls, raw: bytes) -> _GroupRecord:
+        state, attempts, owner, prefix, code, ts, first, last, _members = raw.decode().split("|")
+        return cls(state, attempts, owner, prefix, code, ts, int(first), int(last))
+
+    def provider_id(self, ref: str) -> str:
+        return self.prefix + ref if self.prefix else ""
+
+    def member_value(self, ref: str) -> str:
+        return f"{self.state}|{self.attempts}|{self.owner}|{self.provider_id(ref)}|{self.code}|{self.ts}"
+
+
+def _batch_records(client: redis.Redis, campaign_id: str, batch: int) -> Iterator[Record]:
+    raw: dict[bytes, bytes] = client.hgetall(keys.records(campaign_id, batch))  # type: ignore[assignment]
+    records: dict[int, Record] = {}
+    for field, value in raw.items():
+        if not field.isdigit():
+            continue
+        state, attempts, _owner, provider_id, code, ts = value.decode().split("|", 5)
+        records[int(field)] = Record(
+            batch=batch,
+            index=int(field),
+            state=state,
+            attempts=int(attempts or 0),
+            provider_id=provider_id,
+            code=code,
+            ts=float(ts) if ts else None,
+        )
+    group_raw = raw.get(GROUP_FIELD.encode())
+    if group_raw is not None:
+        group = _GroupRecord.parse(group_raw)
+        group_attempts, group_ts = int(group.attempts or 0), float(group.ts) if group.ts else None
+        for index in range(group.first, group.last + 1):
+            if index not in records:
+                pid = group.provider_id(make_ref(campaign_id, batch, index))
+                records[index] = Record(batch, index, group.state, group_attempts, pid, group.code, group_ts)
+    for index in sorted(records):
+        yield records[index]
