@@ -18,6 +18,7 @@ from dispatch.broker import build_broker, enqueue_batch
 from dispatch.client import DispatchClient
 from dispatch.config import Settings, load_settings
 from dispatch.control import CampaignControl
+from dispatch.csvsafe import safe_cell, safe_row
 from dispatch.embedded import find_embedded, stop_embedded
 from dispatch.errors import ConfigError, DispatchError
 from dispatch.redisdb import resolve_redis
@@ -150,7 +151,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
             if args.format == "csv":
                 dict_writer = csv.DictWriter(out, fieldnames=sorted({k for item in items for k in item}))
                 dict_writer.writeheader()
-                dict_writer.writerows(items)
+                dict_writer.writerows({k: safe_cell(v) for k, v in item.items()} for item in items)
             else:
                 for item in items:
                     out.write(orjson.dumps(item).decode() + "\n")
@@ -169,7 +170,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         for r in iter_outcomes(client, args.campaign, int(manifest["batches"]), cancelled=cancelled):
             row = [r.batch, r.index, r.recipient_id, r.state, r.attempts, r.provider_id, r.code, r.ts]
             if writer is not None:
-                writer.writerow(row)
+                writer.writerow(safe_row(row))
             else:
                 out.write(orjson.dumps(dict(zip(fields, row, strict=True))).decode() + "\n")
     finally:
