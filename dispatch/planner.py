@@ -547,8 +547,8 @@ class Planner:
         if spec.channel not in ADDRESS_FIELD:
             raise PlanError(f"campaign {spec.id}: channel {spec.channel!r} has no address field")
 
-        started = self._clock()
-        now = datetime.fromtimestamp(started, UTC)
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        started = now.timestamp()  # rounded as the scanner's not-before instants are: due-now batches stream
         as_of = spec.as_of or now
         freshness = FreshnessPolicy(max_staleness=spec.max_staleness) if spec.max_staleness else None
         config = ScanConfig(

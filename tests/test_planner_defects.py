@@ -247,6 +247,7 @@ _KILLED_PLANNER = textwrap.dedent(
     def rows():
         for i in range(60_000):
             if i == 55_000:  # the first chunk (50,000 rows) is staged in 500 batches: die, no clean-up
+                print("dying", file=sys.stderr, flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
             yield {"id": f"r{i}", "phone": f"+4474{i:08d}"}
     settings = load_settings({"DISPATCH_HOME": home, "DISPATCH_BATCH_SIZE": "100", "DISPATCH_CPU_SPEED_PROBE": "0"})
@@ -257,13 +258,12 @@ _KILLED_PLANNER = textwrap.dedent(
 
 def test_a_killed_planner_leaves_the_id_free(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> None:
     cid = _cid("killed")
+    script = tmp_path / "plan_then_die.py"  # a file, not -c: the command line stays short
+    script.write_text(_KILLED_PLANNER, encoding="utf-8")
     done = subprocess.run(
-        [sys.executable, "-c", _KILLED_PLANNER, redis_url, str(tmp_path), cid],
-        capture_output=True,
-        timeout=120,
-        check=False,
+        [sys.executable, str(script), redis_url, str(tmp_path), cid], capture_output=True, timeout=120, check=False
     )
-    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    assert done.returncode == -signal.SIGKILL and done.stderr == b"dying\n", done.stderr.decode()
     left = _campaign_keys(redis_client, cid)
     assert left and redis_client.get(keys.manifest(cid)) is None  # it died mid-plan
     assert all(b":stage:" in key for key in left)  # nothing under a reader's key names
