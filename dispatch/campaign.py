@@ -37,6 +37,8 @@ from dispatch.store import keys
 __all__ = ["CampaignSpec", "load_campaign_file", "parse_duration"]
 
 CHANNELS = ("sms", "email", "push", "webhook")
+#: Slowest campaign rate accepted (messages per second): one message a day.
+MIN_RATE = 1 / 86400
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +89,11 @@ class CampaignSpec:
         _check_types(self)
         if self.rate is not None and self.rate <= 0:
             raise PlanError(f"campaign {self.id}: rate must be positive, got {self.rate}")
+        if self.rate is not None and not (MIN_RATE <= self.rate < math.inf):
+            raise PlanError(
+                f"campaign {self.id}: rate {self.rate} is out of range: give at least {MIN_RATE:.3g} messages "
+                "per second (one a day) and a finite number"
+            )
         if self.deadline is not None and self.deadline.tzinfo is None:
             raise PlanError(f"campaign {self.id}: deadline needs a timezone (e.g. 2026-11-25T12:00:00Z)")
         if self.as_of is not None and self.as_of.tzinfo is None:

@@ -271,6 +271,22 @@ class Settings:
     api_max_connections: int = _setting(
         1000, "connections the API keeps open at most (over it, the longest idle one is closed)", low=1
     )
+    plan_max_rows: int = _setting(
+        100_000_000, "most audience rows one plan reads; a larger audience fails the plan", low=1
+    )
+    plan_max_decompressed_bytes: int = _setting(
+        32 * 1024**3, "most bytes a gzip audience may expand to; more fails the plan", low=1024
+    )
+    plan_max_gzip_ratio: int = _setting(
+        100,
+        "most bytes a gzip audience may expand to per compressed byte (plus 1 MiB); more fails the plan",
+        low=1,
+    )
+    plan_max_rejected_file_bytes: int = _setting(
+        256 * 1024**2,
+        "largest rejected-rows file of a plan; rejects past it are counted in the report, not listed",
+        low=4096,
+    )
     sendgrid_public_key: str | None = _setting(None, "SendGrid event-webhook verification key (base64 DER or PEM)")
     receipt_webhook_secret: Secret | None = _secret(None, "HMAC secret of signed webhook delivery receipts")
     callback_base_url: str | None = _setting(None, "public base URL providers post receipts to")

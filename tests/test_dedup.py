@@ -108,16 +108,17 @@ def _plan(
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    picks=st.lists(st.sampled_from(PHONES), max_size=120),
+    picks=st.lists(st.sampled_from(PHONES), min_size=1, max_size=120),
     suppressed=st.sets(st.sampled_from(PHONES[:60]), max_size=6),
     chunk=st.integers(1, 30),
+    distinct_ids=st.integers(1, 200),
 )
-def test_a_spilling_plan_equals_the_in_memory_plan(
-    redis_client: redis.Redis, tmp_path: Path, picks: list[str], suppressed: set[str], chunk: int
+def test_a_spilling_plan_equals_the_in_memory_plan(  # noqa: PLR0917 - hypothesis arguments
+    redis_client: redis.Redis, tmp_path: Path, picks: list[str], suppressed: set[str], chunk: int, distinct_ids: int
 ) -> None:
     """Same counts, same rejected file line for line (row order), same accepted recipients, when
-    the dedup spills after the first chunk of ``chunk`` rows."""
-    rows = [{"id": f"r{i}", "phone": p, "first_name": "Ann"} for i, p in enumerate(picks)]
+    the dedups (of addresses and of repeated ids) spill after the first chunk of ``chunk`` rows."""
+    rows = [{"id": f"r{i % distinct_ids}", "phone": p, "first_name": "Ann"} for i, p in enumerate(picks)]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(planner_module, "CHUNK_ROWS", chunk)
         kept, kept_lines, kept_rows = _plan(redis_client, tmp_path, rows, suppressed, memory=None)
@@ -128,9 +129,14 @@ def test_a_spilling_plan_equals_the_in_memory_plan(
     assert spilled.total == spilled.accepted + sum(spilled.rejected.values())
     assert spilled_lines == kept_lines
     assert spilled_rows == kept_rows
-    # the first occurrence of each valid, unsuppressed number is the one accepted
+    # the first row of each id is kept; of those, the first occurrence of each valid,
+    # unsuppressed number is the one accepted
     first: dict[str, str] = {}
+    seen_ids: set[str] = set()
     for row in rows:
+        if not row["phone"].startswith("+") or row["id"] in seen_ids:
+            continue
+        seen_ids.add(row["id"])
         first.setdefault(row["phone"], row["id"])
     expected = {(rid, phone) for phone, rid in first.items() if phone.startswith("+") and phone not in suppressed}
     assert {(rid, phone) for rid, phone, _ in spilled_rows} == expected

@@ -8,16 +8,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dispatch.campaign import CampaignSpec
 from dispatch.config import load_settings
+from dispatch.errors import PlanError
 from dispatch.plan.planner import Planner
 from dispatch.plan.snapshot import iter_batches, verify_snapshot
 from dispatch.rules.frequency import FrequencyCap, FrequencyStore
 from dispatch.rules.suppression import GLOBAL, AddressHasher, SuppressionStore
+from dispatch.store import keys
 
 NOW = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0).timestamp()
 PHONES = [f"+447400{i:06d}" for i in range(12)] + ["+44 7400 000001", "12345", "", "+4930123456"]
@@ -89,6 +92,11 @@ def test_counts_add_up_with_every_check_active(  # noqa: PLR0917
     cid = f"prop-{next(_ids)}"
     spec = CampaignSpec(id=cid, channel="sms", body="Hi $first_name", max_staleness=timedelta(days=30))
     rows = _audience(raw)
+    if not rows:  # an empty audience fails the plan and freezes nothing
+        with pytest.raises(PlanError, match="no rows"):
+            planner.plan(spec, rows)
+        assert redis_client.get(keys.manifest(cid)) is None
+        return
     report = planner.plan(spec, rows)
     assert report.total == len(rows)
     assert report.total == report.accepted + sum(report.rejected.values())
@@ -130,6 +138,12 @@ def test_malformed_files_never_crash_the_planner(
         redis_client, settings_, frequency_cap=FrequencyCap(limit=2, window=timedelta(days=1))
     )
     cid = f"mal-{next(_ids)}"
-    report = planner.plan_file(CampaignSpec(id=cid, channel="sms", body="Hi"), path)
+    try:
+        report = planner.plan_file(CampaignSpec(id=cid, channel="sms", body="Hi"), path)
+    except PlanError as exc:  # no data row at all: refused, nothing frozen
+        assert "no rows" in str(exc)
+        assert redis_client.get(keys.manifest(cid)) is None
+        return
+    assert report.total > 0
     assert report.total == report.accepted + sum(report.rejected.values())
     assert sum(len(b.rows) for b in iter_batches(redis_client, cid, report.batches)) == report.accepted

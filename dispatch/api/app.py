@@ -241,7 +241,7 @@ def _existing_plan(deps: _Deps, spec: CampaignSpec, source: str | None = None) -
             "use a new id",
             slug="conflict",
         )
-    return Planner.for_settings(deps.sync, deps.settings).plan(spec, [])  # answers the stored plan, reads nothing
+    return Planner.for_settings(deps.sync, deps.settings).stored_plan(spec)  # the stored plan, reads nothing
 
 
 def _plan(deps: _Deps, spec: CampaignSpec, rows: Any) -> PlanReport:

@@ -32,7 +32,7 @@ __all__ = [
     "redacted_path",
 ]
 
-log = logging.getLogger("dispatch.api")
+log = logging.getLogger("dispatch.api.app")
 
 #: Media type of every error response.
 PROBLEM_JSON: Final = "application/problem+json"

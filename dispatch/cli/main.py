@@ -17,6 +17,7 @@ import redis
 from dispatch.api.client import DispatchClient
 from dispatch.config import Settings, load_settings
 from dispatch.credentials import redact_url
+from dispatch.csvsafe import safe_cell, safe_row
 from dispatch.errors import ConfigError, DispatchError
 from dispatch.plan.snapshot import load_manifest
 from dispatch.send.broker import build_broker, enqueue_batch
@@ -148,7 +149,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
             if args.format == "csv":
                 dict_writer = csv.DictWriter(out, fieldnames=sorted({k for item in items for k in item}))
                 dict_writer.writeheader()
-                dict_writer.writerows(items)
+                dict_writer.writerows({k: safe_cell(v) for k, v in item.items()} for item in items)
             else:
                 for item in items:
                     out.write(orjson.dumps(item).decode() + "\n")
@@ -167,7 +168,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         for r in iter_outcomes(client, args.campaign, int(manifest["batches"]), cancelled=cancelled):
             row = [r.batch, r.index, r.recipient_id, r.state, r.attempts, r.provider_id, r.code, r.ts]
             if writer is not None:
-                writer.writerow(row)
+                writer.writerow(safe_row(row))
             else:
                 out.write(orjson.dumps(dict(zip(fields, row, strict=True))).decode() + "\n")
     finally:

@@ -126,7 +126,9 @@ def format_report(report: PlanReport) -> str:
     lines.append(f"               start {start}, finish {finish}")
     lines.append(f"  verdict      {p['verdict']}: {p['advice']}")
     if report.rejected_file:
-        lines.append(f"  rejected rows: {report.rejected_file}")
+        unlisted = report.extra.get("rejected_unlisted") or 0
+        more = f" ({unlisted:,} more rejected rows counted but not listed: file size cap)" if unlisted else ""
+        lines.append(f"  rejected rows: {report.rejected_file}{more}")
     return "\n".join(lines)
 
 

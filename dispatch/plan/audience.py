@@ -12,11 +12,20 @@ Conventions, documented once here:
 - ``row`` is the 1-based number of the data row (CSV records after the header, JSONL lines,
   iterable items, SQL rows). Blank lines are not rows.
 - CSV: RFC 4180 (``,`` and ``"`` by default), UTF-8 (a BOM is ignored); a quoted field may span
-  lines. A record whose quote is never closed within ``max_record_lines`` lines /
-  ``max_line_bytes`` is rejected as its first line alone (``malformed_row``) and the following
-  lines are read again as rows of their own, so one stray quote costs one row, not the file.
+  lines, and a file has exactly the records Python's ``csv`` module reads in it. A record still
+  open after ``max_record_lines`` lines or ``max_line_bytes`` bytes that opens a quoted field
+  (the text so far is valid CSV up to an open quoted field) is rejected whole
+  (``field_too_large``): the reader skips, without holding them, to the line where that quoted
+  field really ends, so nothing inside a field is ever read as a row. Otherwise (a stray quote
+  in an unquoted field, or a quote still open at the end of the input) the record is rejected as
+  its first line alone (``malformed_row``) and the following lines are read again as rows of
+  their own, so one stray quote costs one row, not the file; a quoted field still open at the end
+  of the input after the limit is one ``malformed_row``.
 - Memory is bounded by ``max_line_bytes`` (default 1 MiB; a longer line is skipped without being
-  held in memory and rejected as ``field_too_large``) times ``max_record_lines``.
+  held in memory and rejected as ``field_too_large``, with the rest of its quoted field if it
+  leaves one open) times ``max_record_lines``.
+- A gzip stream may expand to ``max_decompressed_bytes`` and to ``max_gzip_ratio`` times its
+  compressed size (plus 1 MiB); past either the read fails with AudienceError.
 - ``updated_at``: ISO 8601 (``Z`` allowed) or, in JSONL/SQL, epoch seconds; a value without an
   offset is taken as UTC. Consent values: ``1/0``, ``true/false``, ``yes/no``, ``y/n``, ``t/f``
   (any case) or JSON booleans; an empty value means "not stated".
@@ -46,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AudienceFormat",
     "ColumnMap",
+    "CsvRecords",
     "ReadLimits",
     "Recipient",
     "RowRejected",
@@ -153,6 +163,10 @@ class ReadLimits:
     max_field_bytes: int = 64 * 1024
     max_line_bytes: int = 1024 * 1024
     max_record_lines: int = 64
+    #: Most bytes a gzip stream may expand to (the ``plan_max_decompressed_bytes`` setting).
+    max_decompressed_bytes: int = 32 * 1024**3
+    #: Most bytes a gzip stream may expand to per compressed byte, plus 1 MiB (``plan_max_gzip_ratio``).
+    max_gzip_ratio: int = 100
 
 
 # --- value parsing -----------------------------------------------------------------------------
@@ -274,21 +288,77 @@ def _detect_format(name: str) -> AudienceFormat:
     raise AudienceError(f"cannot tell the audience format of {Path(name).name!r}: pass format='csv' or 'jsonl'")
 
 
-def _maybe_gunzip(handle: IO[bytes]) -> IO[bytes]:
+class CappedGzip(gzip.GzipFile):
+    """A gzip stream that refuses to expand past ``cap`` bytes (AudienceError)."""
+
+    def __init__(self, fileobj: IO[bytes], cap: int) -> None:
+        super().__init__(fileobj=fileobj, mode="rb")
+        self._cap = cap
+        self._expanded = 0
+
+    def _count(self, data: bytes) -> bytes:
+        self._expanded += len(data)
+        if self._expanded > self._cap:
+            raise AudienceError(
+                f"the gzip audience expands to more than {self._cap:,} bytes (settings plan_max_decompressed_bytes "
+                "and plan_max_gzip_ratio): refused"
+            )
+        return data
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._count(super().read(size))
+
+    def read1(self, size: int = -1) -> bytes:
+        return self._count(super().read1(size))
+
+    def readline(self, size: int | None = -1) -> bytes:
+        return self._count(super().readline(size))
+
+
+def _maybe_gunzip(handle: IO[bytes], limits: ReadLimits | None = None) -> IO[bytes]:
     buffered = handle if isinstance(handle, io.BufferedReader) else io.BufferedReader(handle)  # type: ignore[type-var]
     if buffered.peek(2)[:2] == _GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
+        lim = limits or ReadLimits()
+        cap = lim.max_decompressed_bytes
+        try:
+            compressed = os.fstat(buffered.fileno()).st_size
+        except (OSError, AttributeError, io.UnsupportedOperation):
+            compressed = None
+        if compressed is not None:
+            cap = min(cap, compressed * lim.max_gzip_ratio + 2**20)
+        return CappedGzip(buffered, cap)  # type: ignore[return-value]
     return buffered
 
 
 class _Lines:
-    """Physical lines as bytes, each at most ``limit`` bytes; longer ones yield None (skipped)."""
+    """Physical lines as bytes, each at most ``limit`` bytes; longer ones yield None (skipped).
 
-    def __init__(self, handle: IO[bytes], limit: int) -> None:
-        self.handle, self.limit = handle, limit
+    ``consumed``: bytes read so far (skipped lines included); ``dropped_quotes``: how many
+    ``quote`` bytes the last skipped line held (a CSV reader needs it to know whether that line
+    closed or opened a quoted field)."""
+
+    def __init__(self, handle: IO[bytes], limit: int, quote: bytes = b"") -> None:
+        self.handle, self.limit, self.quote = handle, limit, quote
+        self.consumed = 0
+        self.dropped_quotes = 0
+        try:
+            self.origin: int | None = handle.tell() if handle.seekable() else None
+        except (OSError, ValueError, AttributeError):
+            self.origin = None
+
+    def rewind(self, consumed: int) -> bool:
+        """Go back to ``consumed`` bytes after the start (False: the stream cannot seek)."""
+        if self.origin is None:
+            return False
+        try:
+            self.handle.seek(self.origin + consumed)
+        except (OSError, ValueError) as exc:
+            raise AudienceError(f"audience stream cannot be read: {exc}") from None
+        self.consumed = consumed
+        return True
 
     def __iter__(self) -> Iterator[bytes | None]:
-        readline, limit = self.handle.readline, self.limit
+        readline, limit, quote = self.handle.readline, self.limit, self.quote
         while True:
             try:
                 line = readline(limit)
@@ -296,14 +366,20 @@ class _Lines:
                 raise AudienceError(f"audience stream cannot be read: {exc}") from None
             if not line:
                 return
+            self.consumed += len(line)
             if len(line) >= limit and not line.endswith(b"\n"):
+                quotes = line.count(quote) if quote else 0
                 while True:  # drop the rest of this line without holding it
                     try:
                         rest = readline(limit)
                     except (OSError, EOFError, gzip.BadGzipFile) as exc:
                         raise AudienceError(f"audience stream cannot be read: {exc}") from None
+                    self.consumed += len(rest)
+                    if quote:
+                        quotes += rest.count(quote)
                     if not rest or rest.endswith(b"\n"):
                         break
+                self.dropped_quotes = quotes
                 yield None
                 continue
             yield line
@@ -319,57 +395,129 @@ def _decode(line: bytes) -> str | None:
         return None
 
 
-def _csv_records(
-    lines: Iterator[bytes | None], limits: ReadLimits, delimiter: str, quote: str
-) -> Iterator[tuple[list[str] | None, Reason | None, str]]:
-    """Parsed records, or (None, reason, detail) for a record that is rejected whole."""
-    qb = quote.encode()
-    pending: list[bytes] = []
-    quotes = 0
-    size = 0
-    replay: list[bytes] = []  # lines to read again, last first
-    while True:
-        line = replay.pop() if replay else next(lines, b"")
-        if line == b"":
-            if not pending:
-                return
-            # unterminated quote at end of input: reject the first line, re-read the others
-            yield None, Reason.MALFORMED_ROW, "unterminated quoted field"
-            replay.extend(reversed(pending[1:]))
-            pending, quotes, size = [], 0, 0
-            continue
-        if line is None:
-            pending, quotes, size = [], 0, 0
-            yield None, Reason.FIELD_TOO_LARGE, f"line over {limits.max_line_bytes} bytes"
-            continue
-        if not pending and not line.strip(b"\r\n"):
-            continue  # blank line: not a row
-        pending.append(line)
-        quotes += line.count(qb)
-        size += len(line)
-        if quotes % 2 == 0:
-            record = pending[0] if len(pending) == 1 else b"".join(pending)
-            text = _decode(record)
-            if text is None:
-                pending, quotes, size = [], 0, 0
-                yield None, Reason.BAD_ENCODING, "not valid UTF-8"
+CsvRecord = tuple[list[str] | None, Reason | None, str]
+
+
+class CsvRecords:
+    """The records of CSV lines: parsed fields, or (None, reason, detail) for a record rejected
+    whole (the rules in the module docstring). :attr:`idle` is True between records (nothing
+    pending, nothing to read again, not inside a skipped field): a reader started fresh at
+    ``lines.consumed`` would then read exactly what this one reads next
+    (``dispatch.plan.csv_scan.find_cuts`` relies on it)."""
+
+    def __init__(self, lines: _Lines, limits: ReadLimits, delimiter: str, quote: str) -> None:
+        self.lines, self.limits, self.delimiter, self.quote = lines, limits, delimiter, quote
+        self._pending: list[bytes] = []
+        self._replay: list[bytes] = []  # lines to read again, last first
+        self._skipping = False
+        self._first_end: int | None = None  # bytes consumed at the end of the pending record's first line
+        self._resume: int | None = None
+
+    @property
+    def idle(self) -> bool:
+        return not (self._pending or self._replay or self._skipping)
+
+    def __iter__(self) -> Iterator[CsvRecord]:
+        limits, delimiter, quote = self.limits, self.delimiter, self.quote
+        qb = quote.encode()
+        source = iter(self.lines)
+        pending, replay = self._pending, self._replay
+        quotes = 0
+        size = 0
+        too_large = f"a quoted field runs over {limits.max_record_lines} lines or {limits.max_line_bytes} bytes"
+        while True:
+            from_replay = bool(replay)
+            line = replay.pop() if from_replay else next(source, b"")
+            if self._skipping:  # inside an over-long quoted field: find where it really ends
+                if line == b"":
+                    # never closed: not a field but a stray quote; read again after its first line
+                    self._skipping, quotes = False, 0
+                    resume, self._resume = self._resume, None
+                    if resume is None or not self.lines.rewind(resume):
+                        yield None, Reason.MALFORMED_ROW, "unterminated quoted field (over the size limits)"
+                        return
+                    source = iter(self.lines)
+                    yield None, Reason.MALFORMED_ROW, "unterminated quoted field"
+                    continue
+                quotes += self.lines.dropped_quotes if line is None else line.count(qb)
+                if quotes % 2 == 0:
+                    self._skipping, quotes = False, 0
+                    yield None, Reason.FIELD_TOO_LARGE, too_large
                 continue
-            fields = _split_csv(text, delimiter, quote)
-            if fields is None and len(pending) > 1:
-                # a stray quote glued lines together: reject the first line, re-read the others
+            if line == b"":
+                if not pending:
+                    return
+                # unterminated quote at end of input: reject the first line, re-read the others
                 replay.extend(reversed(pending[1:]))
-                pending, quotes, size = [], 0, 0
-                yield None, Reason.MALFORMED_ROW, "not valid CSV"
+                pending.clear()
+                quotes, size = 0, 0
+                yield None, Reason.MALFORMED_ROW, "unterminated quoted field"
                 continue
-            pending, quotes, size = [], 0, 0
-            if fields is None:
-                yield None, Reason.MALFORMED_ROW, "not valid CSV"
-            else:
-                yield fields, None, ""
-        elif len(pending) >= limits.max_record_lines or size > limits.max_line_bytes:
-            yield None, Reason.MALFORMED_ROW, "unterminated quoted field"
-            replay.extend(reversed(pending[1:]))
-            pending, quotes, size = [], 0, 0
+            if line is None:
+                quotes += self.lines.dropped_quotes
+                pending.clear()
+                size = 0
+                if quotes % 2:  # the long line leaves a quoted field open: skip the rest of it
+                    self._skipping = True
+                    continue
+                quotes = 0
+                yield None, Reason.FIELD_TOO_LARGE, f"line over {limits.max_line_bytes} bytes"
+                continue
+            if not pending and not line.strip(b"\r\n"):
+                continue  # blank line: not a row
+            if not pending:  # where to read again if this record turns out to be a stray quote
+                self._first_end = None if from_replay else self.lines.consumed
+            pending.append(line)
+            quotes += line.count(qb)
+            size += len(line)
+            if quotes % 2 == 0:
+                record = pending[0] if len(pending) == 1 else b"".join(pending)
+                several = len(pending) > 1
+                quotes, size = 0, 0
+                text = _decode(record)
+                if text is None:
+                    pending.clear()
+                    yield None, Reason.BAD_ENCODING, "not valid UTF-8"
+                    continue
+                fields = _split_csv(text, delimiter, quote)
+                if fields is None and several:
+                    # a stray quote glued lines together: reject the first line, re-read the others
+                    replay.extend(reversed(pending[1:]))
+                    pending.clear()
+                    yield None, Reason.MALFORMED_ROW, "not valid CSV"
+                    continue
+                pending.clear()
+                if fields is None:
+                    yield None, Reason.MALFORMED_ROW, "not valid CSV"
+                else:
+                    yield fields, None, ""
+            elif len(pending) >= limits.max_record_lines or size > limits.max_line_bytes:
+                opens = _opens_quoted_field(b"".join(pending), delimiter, quote)
+                size = 0
+                if opens:  # a real quoted field, too long: skip to its end, reject it whole
+                    pending.clear()
+                    self._skipping = True
+                    self._resume = self._first_end
+                    continue
+                replay.extend(reversed(pending[1:]))
+                pending.clear()
+                quotes = 0
+                yield None, Reason.MALFORMED_ROW, "unterminated quoted field"
+
+
+def _opens_quoted_field(data: bytes, delimiter: str, quote: str) -> bool:
+    """True when ``data`` is valid CSV up to a quoted field still open at its end (closing that
+    field makes it exactly one strict record), as opposed to a stray quote."""
+    text = data.decode("utf-8", "surrogateescape") + quote
+    try:
+        return len(list(csv.reader((text,), delimiter=delimiter, quotechar=quote, strict=True))) == 1
+    except csv.Error:
+        return False
+
+
+def _csv_records(lines: _Lines, limits: ReadLimits, delimiter: str, quote: str) -> Iterator[CsvRecord]:
+    """Parsed records, or (None, reason, detail) for a record that is rejected whole."""
+    return iter(CsvRecords(lines, limits, delimiter, quote))
 
 
 def _split_csv(text: str, delimiter: str, quote: str) -> list[str] | None:
@@ -383,7 +531,7 @@ def _split_csv(text: str, delimiter: str, quote: str) -> list[str] | None:
 
 
 def _read_csv(
-    lines: Iterator[bytes | None], columns: ColumnMap, limits: ReadLimits, delimiter: str, quote: str
+    lines: _Lines, columns: ColumnMap, limits: ReadLimits, delimiter: str, quote: str
 ) -> Iterator[Recipient | RowRejected]:
     records = _csv_records(lines, limits, delimiter, quote)
     header: list[str] | None = None
@@ -583,10 +731,10 @@ def read_header(
         raise AudienceError(f"cannot open audience {Path(path).name!r}: {exc.strerror}") from None
     with handle:
         try:
-            stream = _maybe_gunzip(handle)
+            stream = _maybe_gunzip(handle, lim)
         except (OSError, ValueError) as exc:
             raise AudienceError(f"audience stream cannot be read: {exc}") from None
-        records = _csv_records(iter(_Lines(stream, lim.max_line_bytes)), lim, delimiter, quotechar)
+        records = _csv_records(_Lines(stream, lim.max_line_bytes, quotechar.encode()), lim, delimiter, quotechar)
         for fields, _reason, detail in records:
             if fields is None:
                 raise AudienceError(f"the CSV header cannot be read ({detail})")
@@ -614,14 +762,14 @@ def _read_path(path: Path, fmt: AudienceFormat, opts: _Opts) -> Iterator[Recipie
 
 def _read_handle(handle: IO[bytes], fmt: AudienceFormat, opts: _Opts) -> Iterator[Recipient | RowRejected]:
     try:
-        stream = _maybe_gunzip(handle)
+        stream = _maybe_gunzip(handle, opts.limits)
     except (OSError, ValueError) as exc:
         raise AudienceError(f"audience stream cannot be read: {exc}") from None
-    lines = iter(_Lines(stream, opts.limits.max_line_bytes))
     if fmt == "csv":
+        lines = _Lines(stream, opts.limits.max_line_bytes, opts.quote.encode())
         yield from _read_csv(lines, opts.columns, opts.limits, opts.delimiter, opts.quote)
     else:
-        yield from _read_jsonl(lines, opts.columns, opts.limits)
+        yield from _read_jsonl(iter(_Lines(stream, opts.limits.max_line_bytes)), opts.columns, opts.limits)
 
 
 def recipients_only(

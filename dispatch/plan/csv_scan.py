@@ -20,13 +20,14 @@ CSV files (not gzip) take a fast path:
   planner merges their chunks in row order, so counts, reasons, row numbers and the snapshot are
   those of a single sequential read.
 
-**Where a file may be cut** (the rule that keeps quoted newlines exact): only at the start of a
-line that follows ``max_record_lines`` lines without any quote character (or follows a cut or the
-header with no quote in between). The sequential reader is then provably between records: a
-record still open there would have started on a line with a quote, so it would span more than
-``max_record_lines`` lines and would already have been rejected and its lines re-read, all before
-that point. When no such point turns up within a few chunk lengths (quoted fields on most lines),
-the rest of the file is read in the planner process, exactly, without workers.
+**Where a file may be cut** (the rule that keeps quoted newlines exact): only at a line start
+where the sequential reader is between records. :func:`find_cuts` finds them from the header on:
+a run of lines without any quote character leaves the reader as it was (between records: each
+such line is a record of its own), so it jumps from quote to quote with ``bytes.find``; at a
+line holding a quote it runs the record reader itself (``dispatch.plan.audience.CsvRecords``) until
+that reader is between records again (an over-long quoted field is followed to its real end).
+When such exact reading would cover a good part of the file (quoted fields on most lines), the
+rest of the file is read in the planner process, exactly, without workers.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from dispatch.errors import AudienceError
 from dispatch.plan.audience import (
     _CONSENT_WORDS,
     ColumnMap,
+    CsvRecords,
     ReadLimits,
     Recipient,
     RowRejected,
@@ -65,6 +67,7 @@ from dispatch.plan.audience import (
     _maybe_gunzip,
     _parse_time,
 )
+from dispatch.plan.dedup import id_fingerprints
 from dispatch.rules.checks import (
     FreshnessPolicy,
     QuietHours,
@@ -125,8 +128,9 @@ class Chunk(NamedTuple):
     (rows that passed them), in row order: ``rows``, ``ids``, ``encoded`` (the snapshot row
     ``[id, address, attrs]`` as JSON without its closing bracket: the slice is an exact-size copy,
     where orjson's own result keeps a ~4 KiB allocation), ``hashes`` (16 bytes each, concatenated), ``fingerprints``
-    (the first 8 bytes of each hash as an integer), ``not_before`` and ``cost`` (SMS segments,
-    else 1).
+    (the first 8 bytes of each hash as an integer), ``not_before``, ``cost`` (SMS segments,
+    else 1) and ``id_fingerprints`` (``dispatch.plan.dedup.id_fingerprints`` of ``ids``: computed here,
+    in the worker processes, for the planner's dedup of repeated ids).
     """
 
     total: int
@@ -138,6 +142,7 @@ class Chunk(NamedTuple):
     fingerprints: array[int]
     not_before: array[float]
     cost: array[int]
+    id_fingerprints: array[int]
 
 
 class RowScanner:
@@ -233,7 +238,7 @@ class RowScanner:
         for item in items:
             count += 1
             self._add_item(out, item.row, item)
-        return out.chunk(count)
+        return out.chunk(count, self.hash_key)
 
     def _add_item(self, out: _ChunkBuilder, n: int, item: Recipient | RowRejected) -> None:
         if isinstance(item, RowRejected):
@@ -360,7 +365,7 @@ class RowScanner:
                 not_before,
                 static_cost if static_cost is not None else cost_of(attrs),
             )
-        return out.chunk(n)
+        return out.chunk(n, self.hash_key)
 
     def _build(self, n: int, fields: list[str]) -> Recipient | RowRejected:
         if len(fields) != self.width:
@@ -406,8 +411,8 @@ class RowScanner:
             longest = max(map(len, lines), default=0)
             records = map(str.split, filter(None, lines), repeat(c.delimiter))
             return self.scan_records(records, long_fields=longest * 4 > c.limits.max_field_bytes)
-        lines_iter = iter(_Lines(io.BytesIO(data), c.limits.max_line_bytes))
-        return self.scan_records(_exact(_csv_records(lines_iter, c.limits, c.delimiter, c.quote)))
+        source = _Lines(io.BytesIO(data), c.limits.max_line_bytes, c.quote.encode())
+        return self.scan_records(_exact(_csv_records(source, c.limits, c.delimiter, c.quote)))
 
 
 def _exact(
@@ -462,11 +467,21 @@ class _ChunkBuilder:
         self.not_before.append(not_before)
         self.cost.append(cost)
 
-    def chunk(self, count: int) -> Chunk:
+    def chunk(self, count: int, key: bytes) -> Chunk:
         hashes = b"".join(self.hashes)
         fingerprints = _fingerprints(hashes)
+        ids = self.ids
         return Chunk(
-            count, self.rejects, self.rows, self.ids, self.encoded, hashes, fingerprints, self.not_before, self.cost
+            count,
+            self.rejects,
+            self.rows,
+            ids,
+            self.encoded,
+            hashes,
+            fingerprints,
+            self.not_before,
+            self.cost,
+            id_fingerprints(ids, key),
         )
 
 
@@ -481,43 +496,73 @@ def _fingerprints(hashes: bytes) -> array[int]:
 # --- cutting a CSV file and scanning it in worker processes -------------------------------------
 
 
-def find_cuts(path: Path, start: int, limits: ReadLimits, quote: str, chunk: int = CHUNK_BYTES) -> Iterator[int]:
-    """Offsets after ``start`` where the file may be cut (see the module docstring), ending with
-    the file size, or with -1 when the rest must be read in one piece from the previous offset."""
+def find_cuts(
+    path: Path, start: int, limits: ReadLimits, quote: str, chunk: int = CHUNK_BYTES, *, delimiter: str = ","
+) -> Iterator[int]:
+    """Offsets after ``start`` (where the reader is between records) where the file may be cut
+    (see the module docstring), ending with the file size, or with -1 when the rest must be read
+    in one piece from the previous offset."""
     size = path.stat().st_size
     qb = quote.encode()
-    need = limits.max_record_lines
     with path.open("rb") as handle:
-        last = start
+        last = pos = start  # the last cut; a line start where the reader is between records
+        exact = 0  # bytes read with the record reader since the last cut
         while True:
-            target = last + chunk
-            for _attempt in range(32):
-                if target >= size:
-                    yield size
-                    return
-                handle.seek(target)
+            q = _next_quote(handle, pos, qb)
+            end = size if q < 0 else _line_start(handle, pos, q)
+            # the lines in [pos, end) hold no quote: every line start there is between records
+            while end - last > chunk:
+                handle.seek(max(last + chunk, pos))
                 handle.readline()
                 cut = handle.tell()
-                if cut >= size:
-                    yield size
-                    return
-                back = min(cut - last, 512 * 1024)
-                handle.seek(cut - back)
-                window = handle.read(back)
-                pos = len(window) - 1  # the newline that ends the line before the cut
-                for _ in range(need):
-                    pos = window.rfind(b"\n", 0, pos)
-                    if pos < 0:
-                        break
-                # whole lines without a quote, or every line since `last`
-                if (pos >= 0 or back == cut - last) and qb not in window[pos + 1 :]:
+                if cut <= last or cut > end or cut >= size:
                     break
-                target = cut + chunk // 8
-            else:
+                yield cut
+                last, exact = cut, 0
+            if q < 0:
+                yield size
+                return
+            handle.seek(end)  # read the quoted part exactly, up to the next point between records
+            lines = _Lines(handle, limits.max_line_bytes, qb)
+            records = CsvRecords(lines, limits, delimiter, quote)
+            for _record in records:
+                if records.idle:
+                    break
+            pos = end + lines.consumed
+            exact += pos - end
+            if exact > 4 * chunk:  # quoted fields on most lines: the rest is read in one piece
                 yield -1
                 return
-            yield cut
-            last = cut
+            if pos >= size:
+                yield size
+                return
+
+
+def _next_quote(handle: Any, pos: int, qb: bytes) -> int:
+    """Offset of the first quote byte at or after ``pos``, -1 when there is none."""
+    handle.seek(pos)
+    offset = pos
+    while True:
+        block = handle.read(CHUNK_BYTES)
+        if not block:
+            return -1
+        found = block.find(qb)
+        if found >= 0:
+            return int(offset + found)
+        offset += len(block)
+
+
+def _line_start(handle: Any, pos: int, q: int) -> int:
+    """Start of the line holding offset ``q``, not before ``pos`` (itself a line start)."""
+    end = q
+    while end > pos:
+        begin = max(pos, end - 64 * 1024)
+        handle.seek(begin)
+        found = handle.read(end - begin).rfind(b"\n")
+        if found >= 0:
+            return int(begin + found + 1)
+        end = begin
+    return pos
 
 
 _worker: RowScanner | None = None
@@ -539,7 +584,7 @@ def _scan_range(start: int, end: int) -> Chunk:
 
 
 def _header(handle: io.BufferedReader | Any, config: ScanConfig) -> list[str] | None:
-    lines = iter(_Lines(handle, config.limits.max_line_bytes))
+    lines = _Lines(handle, config.limits.max_line_bytes, config.quote.encode())
     records = _csv_records(lines, config.limits, config.delimiter, config.quote)
     for fields, _reason, detail in records:
         if fields is None:
@@ -581,7 +626,7 @@ def scan_csv_file(
         raise AudienceError(f"cannot open audience {path.name!r}: {exc.strerror}") from None
     with handle:
         try:
-            stream = _maybe_gunzip(handle)
+            stream = _maybe_gunzip(handle, config.limits)
         except (OSError, ValueError) as exc:
             raise AudienceError(f"audience stream cannot be read: {exc}") from None
         header = _header(stream, config)
@@ -597,9 +642,8 @@ def scan_csv_file(
             yield from _parallel(scanner, path, start, workers, chunk_bytes)
             return
         if not plain:
-            records = _csv_records(
-                iter(_Lines(stream, config.limits.max_line_bytes)), config.limits, config.delimiter, config.quote
-            )
+            lines = _Lines(stream, config.limits.max_line_bytes, config.quote.encode())
+            records = _csv_records(lines, config.limits, config.delimiter, config.quote)
             for part in _chunks_of(_exact(records), CHUNK_ROWS):
                 yield scanner.scan_records(part)
             return
@@ -611,13 +655,12 @@ def _sequential(scanner: RowScanner, path: Path, start: int, chunk_bytes: int) -
     """Scan from ``start`` to the end of the file in the planner process."""
     config = scanner.config
     last = start
-    for cut in find_cuts(path, start, config.limits, config.quote, chunk_bytes):
+    for cut in find_cuts(path, start, config.limits, config.quote, chunk_bytes, delimiter=config.delimiter):
         if cut < 0:
             with path.open("rb") as handle:
                 handle.seek(last)
-                records = _csv_records(
-                    iter(_Lines(handle, config.limits.max_line_bytes)), config.limits, config.delimiter, config.quote
-                )
+                lines = _Lines(handle, config.limits.max_line_bytes, config.quote.encode())
+                records = _csv_records(lines, config.limits, config.delimiter, config.quote)
                 for part in _chunks_of(_exact(records), CHUNK_ROWS):
                     yield scanner.scan_records(part)
             return
@@ -638,7 +681,7 @@ def _parallel(scanner: RowScanner, path: Path, start: int, workers: int, chunk_b
         pending: deque[Future[Chunk]] = deque()
         try:
             last = start
-            for cut in find_cuts(path, start, config.limits, config.quote, chunk_bytes):
+            for cut in find_cuts(path, start, config.limits, config.quote, chunk_bytes, delimiter=config.delimiter):
                 if cut < 0:
                     while pending:
                         yield pending.popleft().result()

@@ -11,12 +11,18 @@ rows in row order, so "first occurrence wins" still holds and memory is one part
 
 The cost of the spill is a write and a read of the deferred rows' encoded form (page cache, not
 process memory), and a second pass over them; an audience under the budget never spills.
+
+The same mechanism dedups any 64-bit key: the planner runs a second :class:`Dedup` over
+recipient-id fingerprints (:func:`id_fingerprints`), deferring only (row, fingerprint) pairs with
+:meth:`Dedup.defer_columns` and reading them back with :meth:`Dedup.partition_columns`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import operator
 import pickle
+import sys
 import tempfile
 from array import array
 from collections import Counter
@@ -24,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Final, NamedTuple
 
-__all__ = ["DEDUP_MEMORY_BYTES", "PARTITIONS", "Candidates", "Dedup", "FingerprintSet"]
+__all__ = ["DEDUP_MEMORY_BYTES", "PARTITIONS", "Candidates", "Dedup", "FingerprintSet", "id_fingerprints"]
 
 #: Default memory for fingerprints before the dedup spills to disk.
 DEDUP_MEMORY_BYTES: Final = 64 * 1024 * 1024
@@ -119,6 +125,22 @@ class FingerprintSet:
         return sum(t.itemsize * len(t) for t in self._tables)
 
 
+def id_fingerprints(ids: Iterable[str], key: bytes) -> array[int]:
+    """64-bit fingerprints of recipient ids (keyed, so ids cannot be crafted to collide), as the
+    dedup of repeated ids keys them; the same in every process for the same ``key``."""
+    keyed = hashlib.blake2b(digest_size=8, key=key, person=b"dispatch-rid")
+    copy = keyed.copy
+    out = bytearray()
+    for rid in ids:
+        hasher = copy()
+        hasher.update(rid.encode("utf-8", "surrogatepass"))
+        out += hasher.digest()
+    values = array("Q", bytes(out))
+    if sys.byteorder != "little":
+        values.byteswap()
+    return values
+
+
 class Candidates(NamedTuple):
     """Rows that passed the per-row checks, in row order (absolute row numbers): the part of a
     ``dispatch.plan.csv_scan.Chunk`` the dedup and the later steps need."""
@@ -175,11 +197,28 @@ class Dedup:
                 pickle.dump(part, self._files[shard * per_shard + k], protocol=pickle.HIGHEST_PROTOCOL)
         self._set = None
 
+    def spill(self) -> None:
+        """Spill now, whatever the memory (the planner spills its two dedups together)."""
+        if self._set is not None:
+            self._spill(self._set)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the in-memory set (0 once spilled)."""
+        return self._set.nbytes if self._set is not None else 0
+
     def defer(self, candidates: Candidates, tags: bytes | bytearray) -> None:
         """Append candidates (after the spill) to their partitions' files, in row order, each
         with its tag byte (opaque here: the planner's suppression and frequency-cap verdict).
         The hashes are not kept: deferred candidates come back with ``hashes == b""``."""
-        fps = candidates.fingerprints
+        c = candidates
+        self.defer_columns(c.fingerprints, (c.rows, c.ids, c.encoded, c.fingerprints, c.not_before, c.cost, tags))
+
+    def defer_columns(self, fingerprints: Sequence[int], columns: Sequence[Sequence[Any]]) -> None:
+        """Append rows (after the spill) to their fingerprints' partitions, in row order: row
+        ``i`` is ``column[i]`` of each column (one of them should be the fingerprints, which
+        :meth:`partition_columns` hands back for the partition's set)."""
+        fps = fingerprints
         n = len(fps)
         if not n:
             return
@@ -193,22 +232,18 @@ class Dedup:
             end = start + sizes[p]
             index = order[start:end]
             pick = operator.itemgetter(*index) if len(index) > 1 else _single(index[0])
-            block = (
-                pick(candidates.rows),
-                pick(candidates.ids),
-                pick(candidates.encoded),
-                pick(candidates.fingerprints),
-                pick(candidates.not_before),
-                pick(candidates.cost),
-                bytes(pick(tags)),
-            )
-            pickle.dump(block, self._files[p], protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(tuple(pick(column) for column in columns), self._files[p], protocol=pickle.HIGHEST_PROTOCOL)
             start = end
 
     def partitions(self) -> Iterator[tuple[FingerprintSet, Iterator[tuple[Candidates, bytes]]]]:
         """Per partition: a set of its fingerprints seen before the spill, and its deferred
         candidates with their tags, in row order, in blocks of about ``_READ_ROWS``. Consume each
         block iterator before asking for the next partition."""
+        for seen, blocks in self.partition_columns():
+            yield seen, (_as_candidates(block) for block in blocks)
+
+    def partition_columns(self) -> Iterator[tuple[FingerprintSet, Iterator[list[Sequence[Any]]]]]:
+        """:meth:`partitions` for rows deferred with :meth:`defer_columns`: blocks of columns."""
         for handle in self._files:
             handle.flush()
             handle.seek(0)
@@ -234,11 +269,8 @@ def _single(i: int) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
     return pick
 
 
-_Block = tuple[Sequence[int], Sequence[str], Sequence[bytes], Sequence[int], Sequence[float], Sequence[int], bytes]
-
-
-def _blocks(handle: IO[bytes]) -> Iterator[tuple[Candidates, bytes]]:
-    parts: list[_Block] = []
+def _blocks(handle: IO[bytes]) -> Iterator[list[Sequence[Any]]]:
+    parts: list[tuple[Sequence[Any], ...]] = []
     held = 0
     while True:
         try:
@@ -254,17 +286,12 @@ def _blocks(handle: IO[bytes]) -> Iterator[tuple[Candidates, bytes]]:
         yield _join(parts)
 
 
-def _join(parts: list[_Block]) -> tuple[Candidates, bytes]:
+def _join(parts: list[tuple[Sequence[Any], ...]]) -> list[Sequence[Any]]:
     if len(parts) == 1:
-        rows, ids, encoded, fps, not_before, cost, tags = parts[0]
-        return Candidates(rows, ids, encoded, b"", fps, not_before, cost), tags
-    candidates = Candidates(
-        [r for part in parts for r in part[0]],
-        [r for part in parts for r in part[1]],
-        [r for part in parts for r in part[2]],
-        b"",
-        [r for part in parts for r in part[3]],
-        [r for part in parts for r in part[4]],
-        [r for part in parts for r in part[5]],
-    )
-    return candidates, b"".join(part[6] for part in parts)
+        return list(parts[0])
+    return [[value for part in parts for value in part[k]] for k in range(len(parts[0]))]
+
+
+def _as_candidates(block: list[Sequence[Any]]) -> tuple[Candidates, bytes]:
+    rows, ids, encoded, fps, not_before, cost, tags = block
+    return Candidates(rows, ids, encoded, b"", fps, not_before, cost), bytes(tags)

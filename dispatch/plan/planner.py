@@ -11,14 +11,23 @@ address), so ``total == accepted + sum(rejected.values())`` always holds. The ch
 4. freshness (``stale``, ``stale_missing``, ``stale_future``) when the campaign sets
    ``max_staleness``; a source whose watermark is itself too old fails the plan (PlanError);
 5. the recipient's local time (``unknown_timezone``; see ``CampaignSpec.require_timezone``);
-6. dedup (``duplicate``): one message per normalized address per campaign;
-7. suppression (``suppressed``): the channel's opt-out list and the global blocklist;
-8. frequency cap (``frequency_capped``): sends already recorded inside the rolling window.
+6. repeated recipient ids (``duplicate_id``): the first row with an id is kept, a later row with
+   that id is refused (an id is the idempotency key of its message: two rows with one id would
+   share one send record);
+7. dedup (``duplicate``): one message per normalized address per campaign;
+8. suppression (``suppressed``): the channel's opt-out list and the global blocklist;
+9. frequency cap (``frequency_capped``): sends already recorded inside the rolling window.
 
 Steps 1-5 run per row in ``dispatch.plan.csv_scan.RowScanner`` (for a large CSV file, in worker
-processes over byte ranges); steps 6-8 run here over its chunks in row order: dedup in a compact
-fingerprint set, suppression and frequency cap as batched Redis lookups (``CHECK_CHUNK`` addresses
-per round trip). The rejected file lists rows in row order.
+processes over byte ranges); steps 6-9 run here over its chunks in row order: both dedups in
+compact fingerprint sets that spill to disk together (``dispatch.plan.dedup``), suppression and
+frequency cap as batched Redis lookups (``CHECK_CHUNK`` addresses per round trip). The rejected
+file lists rows in row order, each cell made safe for spreadsheets (``dispatch.csvsafe``), each
+text cell cut at ``REJECT_CELL_CHARS`` characters, and stops listing (still counting) past the
+``plan_max_rejected_file_bytes`` setting. A plan reads at most ``plan_max_rows`` rows.
+
+An audience without rows, or a CSV file without the channel's address column, fails the plan
+(PlanError) and freezes nothing.
 
 Quiet hours do not reject anyone: a recipient outside their allowed local window gets a later
 ``not_before``. Accepted recipients are grouped into batches by ``not_before`` (batches never mix
@@ -30,8 +39,16 @@ Template fields: every ``$field`` of the body must be a column of the source (ch
 CSV header before anything is read) and present in at least one row; otherwise the plan fails
 with PlanError and whatever was written is removed. A row without the field renders it empty.
 
-Planning a campaign id again returns the existing plan when the spec is the same, and refuses a
-different spec under the same id. Snapshot lifetime: see ``dispatch.plan.snapshot``.
+Batches are staged and the plan commits with its manifest (``dispatch.plan.snapshot``): a plan that
+fails, or a planner that dies, leaves nothing a reader sees and never blocks planning the id again.
+
+Planning a campaign id again returns the existing plan (``existing=True``) when the spec and the
+audience are the same, and refuses a different spec or a different audience under the same id
+(PlanError). "The same audience" is the manifest's ``audience_digest``: a hash of what steps 1-5
+make of every row (each rejection with its row number, each candidate's snapshot row), so it
+does not depend on the planning time, the source's format or how the file was cut; a re-plan
+therefore reads the audience again (without writing anything). A freshness policy without
+``as_of`` judges rows against the planning time, so such a re-plan may see a different audience.
 """
 
 from __future__ import annotations
@@ -60,6 +77,7 @@ import redis
 from channels.sms import segments
 from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings
+from dispatch.csvsafe import safe_cell
 from dispatch.errors import PlanError
 from dispatch.plan.audience import (
     ColumnMap,
@@ -74,7 +92,7 @@ from dispatch.plan.calibration import FACTOR_RANGE, SPEED_MATTERS_S, Speed, meas
 from dispatch.plan.csv_scan import CHUNK_ROWS, Chunk, RowScanner, ScanConfig, scan_csv_file
 from dispatch.plan.dedup import DEDUP_MEMORY_BYTES, Candidates, Dedup
 from dispatch.plan.prediction import Capacity, cpu_costs, predict, speed_shift
-from dispatch.plan.snapshot import Row, SnapshotWriter, discard_batches, expire_snapshot, load_manifest
+from dispatch.plan.snapshot import Row, SnapshotWriter, load_manifest
 from dispatch.rules.checks import (
     FreshnessPolicy,
     Reason,
@@ -94,7 +112,17 @@ CHECK_CHUNK: Final = 1_000
 #: Rejections per piece of a rejection run (a merge of runs holds one piece of each in memory).
 _RUN_PIECE: Final = 512
 #: Manifest fields a plan report carries beside the counts.
-_REPORT_EXTRA: Final = ("schedule", "watermark", "policy", "expires_at", "config_hash", "dedup")
+_REPORT_EXTRA: Final = (
+    "schedule",
+    "watermark",
+    "policy",
+    "expires_at",
+    "config_hash",
+    "dedup",
+    "rejected_unlisted",
+)
+#: Characters of a text cell written to the rejected file (an id or a column name).
+REJECT_CELL_CHARS: Final = 256
 #: Distinct rendered bodies whose SMS segment count is remembered.
 _SEGMENT_CACHE: Final = 65_536
 
@@ -150,29 +178,57 @@ Rejection = tuple[int, str, str, str]  # (row, recipient id, field, reason)
 
 
 class _Rejects:
-    """The rejected-rows file and the counts by reason."""
+    """The rejected-rows file and the counts by reason.
 
-    def __init__(self, handle: IO[str]) -> None:
+    Every rejection is counted; it is listed while the file is under ``max_bytes``, its text
+    cells made safe (:func:`_listed`). :attr:`unlisted` counts those past the cap."""
+
+    def __init__(self, handle: IO[str], max_bytes: int) -> None:
         self.counts: Counter[str] = Counter()
+        self.unlisted = 0
+        self._handle = handle
+        self._max = max_bytes
         writer = csv.writer(handle)
-        self._write, self._write_many = writer.writerow, writer.writerows
-        self._write(["row", "recipient_id", "field", "reason"])
+        self._write_many = writer.writerows
+        writer.writerow(["row", "recipient_id", "field", "reason"])
 
     def add(self, row: int, rid: str, field_name: str, reason: str) -> None:
-        self.counts[reason] += 1
-        self._write([row, rid, field_name, reason])
+        self.add_many([(row, rid, field_name, reason)])
 
     def add_many(self, rows: list[Rejection]) -> None:
         """Rejections written in the given order."""
         self.counts.update(row[3] for row in rows)
-        self._write_many(rows)
+        self._list(iter(rows))
 
     def add_merged(self, runs: list[_RejectRun]) -> None:
         """The rows of ``runs`` (each in row order) merged into one row order."""
         for run in runs:
             self.counts.update(run.counts)
-        merged: Iterator[Rejection] = heapq.merge(*(run.read() for run in runs), key=_row_of)
-        self._write_many(merged)
+        self._list(heapq.merge(*(run.read() for run in runs), key=_row_of))
+
+    def _list(self, rows: Iterator[Rejection]) -> None:
+        while True:
+            piece = list(islice(rows, _RUN_PIECE))
+            if not piece:
+                return
+            if self.unlisted or self._handle.tell() >= self._max:
+                self.unlisted += len(piece) + sum(1 for _ in rows)
+                return
+            self._write_many(_listed(piece))
+
+
+def _listed(rows: list[Rejection]) -> list[Rejection]:
+    """Rejections as written: text cells cut at :data:`REJECT_CELL_CHARS` and safe to open in a
+    spreadsheet (``dispatch.csvsafe``)."""
+    out = rows
+    for i, (row, rid, field_name, reason) in enumerate(rows):
+        safe_id = safe_cell(rid[:REJECT_CELL_CHARS])
+        safe_field = safe_cell(field_name[:REJECT_CELL_CHARS])
+        if safe_id is not rid or safe_field is not field_name:
+            if out is rows:
+                out = list(rows)
+            out[i] = (row, safe_id, safe_field, reason)
+    return out
 
 
 def _row_of(rejection: Rejection) -> int:
@@ -417,12 +473,12 @@ class Planner:
         processes: int | None = None,
     ) -> PlanReport:
         """Plan from a CSV or JSONL file (optionally gzip); a CSV header is checked against the
-        template before any row is read. A large plain CSV file is scanned by ``processes``
-        worker processes (default: one per CPU; see ``dispatch.plan.csv_scan``)."""
-        if self._client.exists(keys.manifest(spec.id)):
-            return self.plan(spec, [])
+        template and the channel's address column before any row is read. A large plain CSV
+        file is scanned by ``processes`` worker processes (default: one per CPU; see
+        ``dispatch.plan.csv_scan``)."""
         cols = columns or ColumnMap()
-        header = read_header(path, delimiter=delimiter)
+        limits = self._limits()
+        header = read_header(path, delimiter=delimiter, limits=limits)
         if header is not None:
             available = set(cols.attribute_columns(header)) & set(header)
             missing = [f for f in spec.template_fields if f not in available]
@@ -430,6 +486,12 @@ class Planner:
                 raise PlanError(
                     f"campaign {spec.id}: the body uses ${', $'.join(missing)} but the audience has no such "
                     f"column (it has: {', '.join(sorted(available)) or 'none'})"
+                )
+            address = getattr(cols, ADDRESS_FIELD.get(spec.channel, ""), None)
+            if address is None or address not in header:
+                raise PlanError(
+                    f"campaign {spec.id}: the audience has no {spec.channel} address column "
+                    f"({address or 'none mapped'!r}; it has: {', '.join(header)})"
                 )
 
             def csv_chunks(config: ScanConfig) -> Iterator[tuple[int, Chunk]]:
@@ -439,9 +501,11 @@ class Planner:
                     base += chunk.total
 
             return self._plan(spec, csv_chunks, cols, delimiter)
-        return self.plan(spec, read_audience(path, columns=cols, delimiter=delimiter))
+        return self.plan(spec, read_audience(path, columns=cols, delimiter=delimiter, limits=limits))
 
     def plan(self, spec: CampaignSpec, rows: Iterable[AudienceRow | Mapping[str, Any]]) -> PlanReport:
+        """Plan from parsed rows or plain mappings (see the module docstring)."""
+
         def item_chunks(config: ScanConfig) -> Iterator[tuple[int, Chunk]]:
             scanner = RowScanner(config, validator=self._validator)
             items = as_audience(rows)
@@ -453,6 +517,25 @@ class Planner:
 
         return self._plan(spec, item_chunks, ColumnMap(), ",")
 
+    def stored_plan(self, spec: CampaignSpec) -> PlanReport | None:
+        """The committed plan of ``spec.id`` (``existing=True``) without reading any audience;
+        None when there is none. Raises PlanError when it was planned with another spec."""
+        raw = self._client.get(keys.manifest(spec.id))
+        if raw is None:
+            return None
+        manifest = orjson.loads(raw)
+        self._same_spec(spec, manifest)
+        return self._report(manifest, existing=True)
+
+    @staticmethod
+    def _same_spec(spec: CampaignSpec, manifest: dict[str, Any]) -> None:
+        if manifest["fingerprint"] != spec.fingerprint():
+            raise PlanError(f"campaign {spec.id!r} was already planned with a different spec; use a new campaign id")
+
+    def _limits(self) -> ReadLimits:
+        s = self._settings
+        return ReadLimits(max_decompressed_bytes=s.plan_max_decompressed_bytes, max_gzip_ratio=s.plan_max_gzip_ratio)
+
     def _plan(
         self,
         spec: CampaignSpec,
@@ -460,23 +543,17 @@ class Planner:
         columns: ColumnMap,
         delimiter: str,
     ) -> PlanReport:
-        existing = self._client.get(keys.manifest(spec.id))
-        if existing is not None:
-            manifest = orjson.loads(existing)
-            if manifest["fingerprint"] != spec.fingerprint():
-                raise PlanError(
-                    f"campaign {spec.id!r} was already planned with a different spec; use a new campaign id"
-                )
-            return self._report(manifest, existing=True)
+        raw = self._client.get(keys.manifest(spec.id))
+        stored = orjson.loads(raw) if raw is not None else None
+        if stored is not None:
+            self._same_spec(spec, stored)
         if spec.channel not in ADDRESS_FIELD:
             raise PlanError(f"campaign {spec.id}: channel {spec.channel!r} has no address field")
 
-        started = self._clock()
-        now = datetime.fromtimestamp(started, UTC)
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        started = now.timestamp()  # rounded as the scanner's not-before instants are: due-now batches stream
         as_of = spec.as_of or now
         freshness = FreshnessPolicy(max_staleness=spec.max_staleness) if spec.max_staleness else None
-        if freshness is not None:
-            require_fresh_source(as_of, now, freshness)
         config = ScanConfig(
             channel=spec.channel,
             region=self._region,
@@ -491,80 +568,114 @@ class Planner:
             template_fields=tuple(spec.template_fields),
             body=spec.body,
             columns=columns,
-            limits=ReadLimits(),
+            limits=self._limits(),
             delimiter=delimiter,
         )
+        if stored is not None:
+            return self._replan(spec, stored, source(config))
+        if freshness is not None:
+            require_fresh_source(as_of, now, freshness)
 
         size = self.batch_size(spec)
-        writer = SnapshotWriter(self._client, spec.id, ttl_s=self._settings.retention_s)
+        writer = SnapshotWriter(self._client, spec.id)
         plans_dir = self._settings.home / "plans"
         plans_dir.mkdir(parents=True, exist_ok=True)
         rejected_path = plans_dir / f"{spec.id}.rejected.csv"
         schedule = _Schedule(writer, started, size, plans_dir)
+        digest = _AudienceDigest()
         try:
             with rejected_path.open("w", newline="", encoding="utf-8") as handle:
-                rejects = _Rejects(handle)
+                rejects = _Rejects(handle, self._settings.plan_max_rejected_file_bytes)
                 total, accepted, cost_units, unseen, deferred = self._merge(
-                    spec, source(config), rejects, schedule, started, spill_dir=plans_dir
+                    spec, source(config), rejects, schedule, started, spill_dir=plans_dir, digest=digest
                 )
+                if total == 0:
+                    raise PlanError(f"campaign {spec.id}: the audience has no rows; nothing was planned")
                 if unseen:
                     raise PlanError(
                         f"campaign {spec.id}: the body uses ${', $'.join(sorted(unseen))} but no recipient row "
                         "has a value for it"
                     )
                 schedule.finish()
+
+            deadline = spec.deadline.timestamp() if spec.deadline else None
+            runs = [(run[0], int(run[1])) for run in schedule.runs]
+            capacity = self.capacity(spec)
+            if speed_shift(schedule=runs, cost_units=cost_units, capacity=capacity, slower=FACTOR_RANGE[1]) >= (
+                SPEED_MATTERS_S
+            ):
+                capacity = self.capacity(spec, self._speed().factor)
+            prediction = predict(
+                schedule=runs, cost_units=cost_units, capacity=capacity, start=started, deadline=deadline
+            )
+            retention = self._settings.retention_s
+            expires_at = max(prediction.finish, deadline or 0.0) + retention
+            cap = self._frequency.cap if self._frequency else None
+            manifest = {
+                "campaign_id": spec.id,
+                "fingerprint": spec.fingerprint(),
+                "channel": spec.channel,
+                "body": spec.body,
+                "subject": spec.subject,
+                "rate": spec.rate,
+                "deadline": deadline,
+                "total": total,
+                "accepted": accepted,
+                "rejected": dict(rejects.counts),
+                "batches": writer.batches,
+                "batch_size": size,
+                "cost_units": cost_units,
+                "checksum": writer.checksum,
+                "audience_digest": digest.hexdigest(total),
+                "snapshot_bytes": writer.bytes,
+                "created_at": started,
+                "watermark": as_of.timestamp(),
+                "policy": {
+                    **spec.policy(),
+                    "frequency_cap": {"limit": cap.limit, "window_s": cap.window.total_seconds()} if cap else None,
+                },
+                "config_hash": _config_hash(self._settings, size, cap, self._region),
+                "schedule": _schedule_summary(schedule.runs),
+                "dedup": {"memory_bytes": self._dedup_memory, "spilled": deferred > 0, "deferred_rows": deferred},
+                "expires_at": expires_at,
+                "prediction": prediction.as_dict(),
+                "rejected_file": str(rejected_path),
+                "rejected_unlisted": rejects.unlisted,
+            }
+            ttl_ms = max(1000, int((expires_at - self._clock()) * 1000))
+            committed = writer.commit(orjson.dumps(manifest), ttl_ms)
         except BaseException:
             schedule.close()
-            discard_batches(self._client, spec.id, writer.batches)
+            writer.discard()
             raise
-
-        deadline = spec.deadline.timestamp() if spec.deadline else None
-        runs = [(run[0], int(run[1])) for run in schedule.runs]
-        capacity = self.capacity(spec)
-        if speed_shift(schedule=runs, cost_units=cost_units, capacity=capacity, slower=FACTOR_RANGE[1]) >= (
-            SPEED_MATTERS_S
-        ):
-            capacity = self.capacity(spec, self._speed().factor)
-        prediction = predict(schedule=runs, cost_units=cost_units, capacity=capacity, start=started, deadline=deadline)
-        retention = self._settings.retention_s
-        expires_at = max(prediction.finish, deadline or 0.0) + retention
-        cap = self._frequency.cap if self._frequency else None
-        manifest = {
-            "campaign_id": spec.id,
-            "fingerprint": spec.fingerprint(),
-            "channel": spec.channel,
-            "body": spec.body,
-            "subject": spec.subject,
-            "rate": spec.rate,
-            "deadline": deadline,
-            "total": total,
-            "accepted": accepted,
-            "rejected": dict(rejects.counts),
-            "batches": writer.batches,
-            "batch_size": size,
-            "cost_units": cost_units,
-            "checksum": writer.checksum,
-            "snapshot_bytes": writer.bytes,
-            "created_at": started,
-            "watermark": as_of.timestamp(),
-            "policy": {
-                **spec.policy(),
-                "frequency_cap": {"limit": cap.limit, "window_s": cap.window.total_seconds()} if cap else None,
-            },
-            "config_hash": _config_hash(self._settings, size, cap, self._region),
-            "schedule": _schedule_summary(schedule.runs),
-            "dedup": {"memory_bytes": self._dedup_memory, "spilled": deferred > 0, "deferred_rows": deferred},
-            "expires_at": expires_at,
-            "prediction": prediction.as_dict(),
-            "rejected_file": str(rejected_path),
-        }
-        ttl_ms = max(1000, int((expires_at - self._clock()) * 1000))
-        if not self._client.set(keys.manifest(spec.id), orjson.dumps(manifest), nx=True, px=ttl_ms):
-            discard_batches(self._client, spec.id, writer.batches)
+        if not committed:
             raise PlanError(f"campaign {spec.id!r} was planned concurrently by another process")
-        expire_snapshot(self._client, spec.id, writer.batches, ttl_ms)
         self._client.zadd(keys.CAMPAIGNS, {spec.id: started})
         return self._report(manifest, existing=False)
+
+    def _replan(self, spec: CampaignSpec, stored: dict[str, Any], chunks: Iterator[tuple[int, Chunk]]) -> PlanReport:
+        """The stored plan when ``chunks`` (the new audience, scanned) is the audience it was
+        planned from; PlanError otherwise. Writes nothing."""
+        digest = _AudienceDigest()
+        total = 0
+        for base, chunk in chunks:
+            total += chunk.total
+            self._check_rows(spec, total)
+            digest.add(_absolute(chunk.rejects, base), chunk.encoded)
+        known = stored.get("audience_digest")
+        if known is not None and known != digest.hexdigest(total):
+            raise PlanError(
+                f"campaign {spec.id!r} was already planned with a different audience ({stored['total']:,} rows "
+                f"then, {total:,} now, or other rows); the existing plan is unchanged: use a new campaign id"
+            )
+        return self._report(stored, existing=True)
+
+    def _check_rows(self, spec: CampaignSpec, total: int) -> None:
+        if total > self._settings.plan_max_rows:
+            raise PlanError(
+                f"campaign {spec.id}: the audience has more than {self._settings.plan_max_rows:,} rows "
+                "(setting plan_max_rows); nothing was planned"
+            )
 
     def _merge(
         self,
@@ -575,40 +686,66 @@ class Planner:
         started: float,
         *,
         spill_dir: Path,
+        digest: _AudienceDigest,
     ) -> tuple[int, int, int, set[str], int]:
-        """Steps 6-8 over scanned chunks in row order; returns (total, accepted, cost units,
+        """Steps 6-9 over scanned chunks in row order; returns (total, accepted, cost units,
         template fields never seen, candidates deferred by the dedup's spill). ``chunks`` yields
         (row offset, chunk).
 
-        Until the dedup spills (``dispatch.plan.dedup``), each chunk is decided as it comes and its
-        rejections written in row order. After, each chunk's candidates get their suppression and
-        frequency-cap verdicts at once (while the scan goes on) and wait in the dedup's
-        partitions, to be decided partition by partition; rejections go to runs in row order,
+        Until the dedups spill (``dispatch.plan.dedup``; the id and the address dedup spill together,
+        when their sets hold ``dedup_memory_bytes`` between them), each chunk is decided as it
+        comes and its rejections written in row order. After, each chunk's candidates are
+        deferred to both dedups' partitions (ids: row and fingerprint only) and get their
+        suppression and frequency-cap verdicts at once (while the scan goes on). When the scan
+        ends, the id partitions mark the rows whose id came earlier (a bitmap over row numbers),
+        then the address partitions are decided one by one; rejections go to runs in row order,
         merged into the rejected file at the end (which stays in row order)."""
         admit = _Admission(self, spec, schedule, started)
         dedup = Dedup(spill_dir, memory_bytes=self._dedup_memory)
+        ids = Dedup(spill_dir, memory_bytes=self._dedup_memory)
         total = 0
         runs: list[_RejectRun] = []
         try:
             for base, chunk in chunks:
                 total += chunk.total
-                refused = [(base + r[0], r[1], r[2], r[3]) for r in chunk.rejects] if base else chunk.rejects
+                self._check_rows(spec, total)
+                refused = _absolute(chunk.rejects, base)
+                digest.add(refused, chunk.encoded)
                 candidates = _candidates(chunk, base)
                 if dedup.spilled:
                     runs[0].add_many(refused)
+                    ids.defer_columns(chunk.id_fingerprints, (candidates.rows, chunk.id_fingerprints))
                     dedup.defer(candidates, admit.verdicts(candidates.hashes, range(len(candidates.rows))))
                     continue
+                fresh = ids.add_all(chunk.id_fingerprints)
+                if not all(fresh):
+                    candidates, _ = admit.repeated_ids(candidates, fresh, refused)
                 admit(candidates, dedup.add_all(candidates.fingerprints), refused)
                 if refused:
                     refused.sort()
                     rejects.add_many(refused)
-                if dedup.check_budget():
+                if dedup.nbytes + ids.nbytes > self._dedup_memory:
+                    dedup.spill()
+                    ids.spill()
                     runs.append(_RejectRun(spill_dir))
+            repeated = bytearray()
+            if ids.spilled:
+                repeated = bytearray(total // 8 + 1)  # rows whose id came earlier
+                for seen, id_blocks in ids.partition_columns():
+                    for rows, fps in id_blocks:
+                        for row, new in zip(rows, seen.add_all(fps), strict=True):
+                            if not new:
+                                repeated[row >> 3] |= 1 << (row & 7)
             for seen, blocks in dedup.partitions():
                 run = _RejectRun(spill_dir)
                 runs.append(run)
-                for block, verdicts in blocks:
+                for deferred, tags in blocks:
                     refused = []
+                    block, verdicts = deferred, tags
+                    flags = bytearray(0 if repeated[r >> 3] & (1 << (r & 7)) else 1 for r in deferred.rows)
+                    if not all(flags):
+                        block, keep = admit.repeated_ids(deferred, flags, refused)
+                        verdicts = bytes(tags[i] for i in keep)
                     admit(block, seen.add_all(block.fingerprints), refused, verdicts)
                     refused.sort()
                     run.add_many(refused)
@@ -616,6 +753,7 @@ class Planner:
                 rejects.add_merged(runs)
         finally:
             dedup.close()
+            ids.close()
             for run in runs:
                 run.close()
         unseen = admit.unseen if admit.kept else set()
@@ -647,6 +785,30 @@ class Planner:
         return load_manifest(self._client, campaign_id)
 
 
+def _absolute(rejects: list[Rejection], base: int) -> list[Rejection]:
+    return [(base + r[0], r[1], r[2], r[3]) for r in rejects] if base else rejects
+
+
+class _AudienceDigest:
+    """What steps 1-5 make of an audience, hashed: each rejection with its row number and each
+    candidate's snapshot row, in row order (the candidates' row numbers follow from the
+    rejections' and the total). Chunk boundaries do not change it."""
+
+    def __init__(self) -> None:
+        self._rejects = hashlib.blake2b(digest_size=32)
+        self._candidates = hashlib.blake2b(digest_size=32)
+
+    def add(self, rejects: list[Rejection], encoded: list[bytes]) -> None:
+        if rejects:
+            self._rejects.update(b"".join(orjson.dumps(r) + b"\n" for r in rejects))
+        if encoded:
+            self._candidates.update(b"\x00".join(encoded) + b"\x00")
+
+    def hexdigest(self, total: int) -> str:
+        whole = hashlib.sha256(b"%d:" % total + self._rejects.digest() + self._candidates.digest())
+        return whole.hexdigest()[:32]
+
+
 def _candidates(chunk: Chunk, base: int) -> Candidates:
     rows = [base + r for r in chunk.rows] if base else chunk.rows
     return Candidates(rows, chunk.ids, chunk.encoded, chunk.hashes, chunk.fingerprints, chunk.not_before, chunk.cost)
@@ -671,6 +833,24 @@ class _Admission:
         self.kept = 0
         self.accepted = 0
         self.cost_units = 0
+
+    def repeated_ids(self, c: Candidates, fresh: bytearray, refused: list[Rejection]) -> tuple[Candidates, list[int]]:
+        """Refuse the candidates whose flag in ``fresh`` is 0 (their id came earlier) as
+        ``duplicate_id``; the others, and their indices in ``c``."""
+        reason = str(Reason.DUPLICATE_ID)
+        keep = [i for i, new in enumerate(fresh) if new]
+        refused.extend((c.rows[i], c.ids[i], "id", reason) for i, new in enumerate(fresh) if not new)
+        hashes = b"".join(c.hashes[16 * i : 16 * i + 16] for i in keep) if c.hashes else b""
+        kept = Candidates(
+            [c.rows[i] for i in keep],
+            [c.ids[i] for i in keep],
+            [c.encoded[i] for i in keep],
+            hashes,
+            [c.fingerprints[i] for i in keep],
+            [c.not_before[i] for i in keep],
+            [c.cost[i] for i in keep],
+        )
+        return kept, keep
 
     def verdicts(self, hashes: bytes, indices: Sequence[int]) -> bytearray:
         """Per candidate (indexed like ``hashes``; only ``indices`` are looked up, the others

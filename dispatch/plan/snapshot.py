@@ -2,23 +2,33 @@
 
 A batch is one Redis string holding ``orjson([not_before, [[recipient_id, address, attrs], ...]])``
 where ``attrs`` keeps only the template fields the message uses. The manifest records counts,
-policy, a checksum over every batch in order, and when it was made. Writes are ``SET NX`` so a
-snapshot, once written, is never changed; a replan of the same campaign id returns it as it is.
+policy, a checksum over every batch in order, and when it was made. A snapshot, once committed,
+is never changed; a replan of the same campaign id returns it as it is.
 
-Lifetime: batches are written with a provisional TTL (``retention_s``); once the plan is complete,
-the manifest and every batch get one expiry instant, ``expires_at = max(predicted finish,
-deadline) + retention_s`` (recorded in the manifest). A campaign that runs longer than
-predicted, or is started late, should have its snapshot kept: the engine calls
+Commit: a plan writes its batches under staging keys of its own attempt
+(``keys.staged_batch(cid, token, n)``, a random token per :class:`SnapshotWriter`, TTL
+:data:`STAGING_TTL_S`), then :meth:`SnapshotWriter.commit` renames them to their final names and
+writes the manifest in one Lua script (``commit_snapshot.lua``; every key carries the campaign's
+hash tag, so it runs on Redis Cluster too). The manifest's presence is the commit point: a
+planner stopped mid-plan (SIGKILL, out of memory) leaves only staging keys, which no reader
+looks at, which expire on their own and which never block the next plan of that id.
+
+Lifetime: once the plan commits, the manifest and every batch get one expiry instant,
+``expires_at = max(predicted finish, deadline) + retention_s`` (recorded in the manifest). A
+campaign that runs longer than predicted, or is started late, should have its snapshot kept: the engine calls
 :func:`extend_retention` when a campaign ends (``retention_s`` from then on), and may call it
 when a campaign starts. A planned campaign that is never started expires on its own.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, cast
 
 import orjson
@@ -42,6 +52,8 @@ __all__ = [
 
 #: Batches written per pipeline round trip.
 WRITE_CHUNK = 64
+#: Lifetime of a staged batch: longer than any plan takes, short enough that an abandoned one goes.
+STAGING_TTL_S = 24 * 3600
 
 Row = tuple[str, str, dict[str, str] | None]
 
@@ -55,12 +67,14 @@ class Batch:
 
 
 class SnapshotWriter:
-    """Accumulates encoded batches and writes them in pipelined chunks."""
+    """Accumulates encoded batches and writes them in pipelined chunks under this attempt's
+    staging keys; :meth:`commit` publishes them with the manifest, :meth:`discard` drops them."""
 
-    def __init__(self, client: redis.Redis, campaign_id: str, *, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, campaign_id: str, *, ttl_s: int = STAGING_TTL_S) -> None:
         self._client = client
         self._cid = campaign_id
         self._ttl = ttl_s
+        self.token = secrets.token_hex(8)
         self._pending: list[tuple[int, bytes]] = []
         self._digest = hashlib.sha256()
         self.batches = 0
@@ -87,15 +101,41 @@ class SnapshotWriter:
             return
         pipe = self._client.pipeline(transaction=False)
         for number, data in self._pending:
-            pipe.set(keys.batch(self._cid, number), data, nx=True, ex=self._ttl)
-        written = pipe.execute()
-        if not all(written):
-            raise PlanError(f"campaign {self._cid!r}: a snapshot batch already exists; refusing to overwrite it")
+            pipe.set(keys.staged_batch(self._cid, self.token, number), data, ex=self._ttl)
+        pipe.execute()
         self._pending.clear()
+
+    def commit(self, manifest: bytes, ttl_ms: int) -> bool:
+        """Publish the staged batches and the manifest atomically, all expiring ``ttl_ms`` from
+        now; False (nothing changed) when the campaign already has a manifest. Raises PlanError
+        when a staged batch is gone (it outlived :data:`STAGING_TTL_S`)."""
+        self.flush()
+        n = self.batches
+        script = self._client.register_script(_commit_script())
+        staged = [keys.staged_batch(self._cid, self.token, i) for i in range(n)]
+        final = [keys.batch(self._cid, i) for i in range(n)]
+        done = int(script(keys=[keys.manifest(self._cid), *staged, *final], args=[manifest, max(1000, ttl_ms), n]))
+        if done < 0:
+            raise PlanError(f"campaign {self._cid!r}: staged batches expired before the plan committed; plan again")
+        if done == 0:
+            self.discard()
+        return done == 1
+
+    def discard(self) -> None:
+        """Delete what this attempt staged (its keys expire on their own anyway)."""
+        self._pending.clear()
+        for start in range(0, self.batches, WRITE_CHUNK):
+            end = min(self.batches, start + WRITE_CHUNK)
+            self._client.delete(*[keys.staged_batch(self._cid, self.token, n) for n in range(start, end)])
 
     @property
     def checksum(self) -> str:
         return self._digest.hexdigest()
+
+
+@functools.cache
+def _commit_script() -> str:
+    return resources.files("dispatch.plan").joinpath("commit_snapshot.lua").read_text(encoding="utf-8")
 
 
 def load_manifest(client: redis.Redis, campaign_id: str) -> dict[str, Any]:

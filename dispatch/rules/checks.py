@@ -64,6 +64,7 @@ class Reason(enum.StrEnum):
     STALE_FUTURE = "stale_future"
     UNKNOWN_TIMEZONE = "unknown_timezone"
     SUPPRESSED = "suppressed"
+    DUPLICATE_ID = "duplicate_id"
     DUPLICATE = "duplicate"
     FREQUENCY_CAPPED = "frequency_capped"
 

@@ -21,6 +21,7 @@ __all__ = [
     "is_triggered",
     "manifest",
     "records",
+    "staged_batch",
     "worker_alive",
 ]
 
@@ -48,6 +49,12 @@ def manifest(cid: str) -> str:
 
 def batch(cid: str, n: int) -> str:
     return f"{PREFIX}:{{{cid}}}:b:{n}"
+
+
+def staged_batch(cid: str, token: str, n: int) -> str:
+    """Batch ``n`` of a plan still being written (``token``: that planning attempt); renamed to
+    :func:`batch` when the plan commits (``dispatch.plan.snapshot``)."""
+    return f"{PREFIX}:{{{cid}}}:stage:{token}:b:{n}"
 
 
 def records(cid: str, n: int) -> str:
