@@ -102,7 +102,7 @@ def test_sources_from_toml_tables_beside_dispatch_and_from_env_json(tmp_path: Pa
     assert load_settings({"DISPATCH_SOURCES": str(settings.sources)}).sources == settings.sources
     assert load_settings({}).sources == AudienceSources() and str(Settings().sources) == "{}"
     nested = tmp_path / "nested.toml"
-    nested.write_text('[dispatch.plan.sources.n]\nkind = "file"\npath = "/n.csv"\n')
+    nested.write_text('[dispatch.sources.n]\nkind = "file"\npath = "/n.csv"\n')
     assert list(load_settings({}, config_file=nested).sources) == ["n"]
 
 

@@ -21,12 +21,12 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dispatch import planner as planner_module
 from dispatch.campaign import CampaignSpec
 from dispatch.cli import main as cli_main
 from dispatch.config import Settings, load_settings
 from dispatch.csvsafe import safe_cell
 from dispatch.errors import AudienceError, PlanError
+from dispatch.plan import planner as planner_module
 from dispatch.plan.audience import ColumnMap, ReadLimits, read_audience
 from dispatch.plan.csv_scan import RowScanner, ScanConfig, find_cuts, scan_csv_file
 from dispatch.plan.planner import REJECT_CELL_CHARS, Planner, read_csv_rows
