@@ -53,14 +53,21 @@ if TYPE_CHECKING:
     import psycopg
 
 __all__ = [
+    "CONSENT_WORDS",
     "AudienceFormat",
+    "BadValue",
     "ColumnMap",
+    "CsvBuilder",
     "CsvRecords",
+    "Lines",
     "ReadLimits",
     "Recipient",
     "RowRejected",
+    "csv_records",
     "from_postgres",
     "from_records",
+    "maybe_gunzip",
+    "parse_time",
     "read_audience",
     "read_header",
     "recipients_only",
@@ -73,7 +80,7 @@ _TRUE: Final = frozenset({"1", "true", "yes", "y", "t"})
 _FALSE: Final = frozenset({"0", "false", "no", "n", "f"})
 _GZIP_MAGIC: Final = b"\x1f\x8b"
 #: Exact spellings looked up before the general (lowercasing) parse.
-_CONSENT_WORDS: Final = {w: True for w in _TRUE} | {w: False for w in _FALSE}
+CONSENT_WORDS: Final = {w: True for w in _TRUE} | {w: False for w in _FALSE}
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,14 +179,14 @@ class ReadLimits:
 # --- value parsing -----------------------------------------------------------------------------
 
 
-class _BadValue(Exception):
+class BadValue(Exception):
     def __init__(self, field_name: str, detail: str) -> None:
         super().__init__(detail)
         self.field_name = field_name
         self.detail = detail
 
 
-def _parse_time(value: Any, column: str) -> datetime | None:
+def parse_time(value: Any, column: str) -> datetime | None:
     if value is None or value == "":
         return None
     if isinstance(value, datetime):
@@ -188,14 +195,14 @@ def _parse_time(value: Any, column: str) -> datetime | None:
         try:
             return datetime.fromtimestamp(value, UTC)
         except (OverflowError, OSError, ValueError):
-            raise _BadValue(column, "epoch seconds out of range") from None
+            raise BadValue(column, "epoch seconds out of range") from None
     elif isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.strip())
         except ValueError:
-            raise _BadValue(column, "not an ISO 8601 timestamp") from None
+            raise BadValue(column, "not an ISO 8601 timestamp") from None
     else:
-        raise _BadValue(column, f"timestamp of type {type(value).__name__}")
+        raise BadValue(column, f"timestamp of type {type(value).__name__}")
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
 
 
@@ -209,7 +216,7 @@ def _parse_consent(value: Any, column: str) -> bool | None:
         return True
     if text in _FALSE:
         return False
-    raise _BadValue(column, "consent is not yes/no")
+    raise BadValue(column, "consent is not yes/no")
 
 
 def _text(value: Any) -> str | None:
@@ -255,7 +262,7 @@ class _Builder:
                 given = _parse_consent(get(column), column)
                 if given is not None:
                     consent[channel] = given
-            updated = _parse_time(get(c.updated_at), c.updated_at) if c.updated_at else None
+            updated = parse_time(get(c.updated_at), c.updated_at) if c.updated_at else None
             attributes: dict[str, str] = {}
             for key, raw in attr_items:
                 value = _text(raw)
@@ -264,7 +271,7 @@ class _Builder:
                 if _too_large(value, self.limit):
                     return RowRejected(row_no, Reason.FIELD_TOO_LARGE, key, f"over {self.limit} bytes")
                 attributes[key] = value
-        except _BadValue as exc:
+        except BadValue as exc:
             return RowRejected(row_no, Reason.MALFORMED_ROW, exc.field_name, exc.detail)
         return Recipient(
             row_no,
@@ -315,7 +322,7 @@ class CappedGzip(gzip.GzipFile):
         return self._count(super().readline(size))
 
 
-def _maybe_gunzip(handle: IO[bytes], limits: ReadLimits | None = None) -> IO[bytes]:
+def maybe_gunzip(handle: IO[bytes], limits: ReadLimits | None = None) -> IO[bytes]:
     buffered = handle if isinstance(handle, io.BufferedReader) else io.BufferedReader(handle)  # type: ignore[type-var]
     if buffered.peek(2)[:2] == _GZIP_MAGIC:
         lim = limits or ReadLimits()
@@ -330,7 +337,7 @@ def _maybe_gunzip(handle: IO[bytes], limits: ReadLimits | None = None) -> IO[byt
     return buffered
 
 
-class _Lines:
+class Lines:
     """Physical lines as bytes, each at most ``limit`` bytes; longer ones yield None (skipped).
 
     ``consumed``: bytes read so far (skipped lines included); ``dropped_quotes``: how many
@@ -405,7 +412,7 @@ class CsvRecords:
     ``lines.consumed`` would then read exactly what this one reads next
     (``dispatch.plan.csv_scan.find_cuts`` relies on it)."""
 
-    def __init__(self, lines: _Lines, limits: ReadLimits, delimiter: str, quote: str) -> None:
+    def __init__(self, lines: Lines, limits: ReadLimits, delimiter: str, quote: str) -> None:
         self.lines, self.limits, self.delimiter, self.quote = lines, limits, delimiter, quote
         self._pending: list[bytes] = []
         self._replay: list[bytes] = []  # lines to read again, last first
@@ -515,7 +522,7 @@ def _opens_quoted_field(data: bytes, delimiter: str, quote: str) -> bool:
         return False
 
 
-def _csv_records(lines: _Lines, limits: ReadLimits, delimiter: str, quote: str) -> Iterator[CsvRecord]:
+def csv_records(lines: Lines, limits: ReadLimits, delimiter: str, quote: str) -> Iterator[CsvRecord]:
     """Parsed records, or (None, reason, detail) for a record that is rejected whole."""
     return iter(CsvRecords(lines, limits, delimiter, quote))
 
@@ -531,9 +538,9 @@ def _split_csv(text: str, delimiter: str, quote: str) -> list[str] | None:
 
 
 def _read_csv(
-    lines: _Lines, columns: ColumnMap, limits: ReadLimits, delimiter: str, quote: str
+    lines: Lines, columns: ColumnMap, limits: ReadLimits, delimiter: str, quote: str
 ) -> Iterator[Recipient | RowRejected]:
-    records = _csv_records(lines, limits, delimiter, quote)
+    records = csv_records(lines, limits, delimiter, quote)
     header: list[str] | None = None
     for fields, _reason, detail in records:
         if fields is None:
@@ -547,7 +554,7 @@ def _read_csv(
     if len(set(header)) != len(header):
         raise AudienceError("the CSV header names a column twice")
     width = len(header)
-    build = _CsvBuilder(columns, limits, header).build
+    build = CsvBuilder(columns, limits, header).build
     for row_no, (fields, reason, detail) in enumerate(records, start=1):
         if fields is None:
             yield RowRejected(row_no, reason or Reason.MALFORMED_ROW, None, detail)
@@ -557,7 +564,7 @@ def _read_csv(
             yield build(row_no, fields)
 
 
-class _CsvBuilder:
+class CsvBuilder:
     """The CSV twin of :class:`_Builder`, by column index (the hot path of a 10M-row plan)."""
 
     def __init__(self, columns: ColumnMap, limits: ReadLimits, header: list[str]) -> None:
@@ -599,7 +606,7 @@ class _CsvBuilder:
             for channel, i, column in self.consent_i:
                 value = fields[i]
                 if value:
-                    given = _CONSENT_WORDS.get(value)
+                    given = CONSENT_WORDS.get(value)
                     if given is None:
                         given = _parse_consent(value, column)
                     if given is not None:
@@ -610,9 +617,9 @@ class _CsvBuilder:
                 if text == last_text and text:
                     updated = last_value
                 else:
-                    updated = _parse_time(text, self.updated_col or "")
+                    updated = parse_time(text, self.updated_col or "")
                     self._last_time = (text, updated)
-        except _BadValue as exc:
+        except BadValue as exc:
             return RowRejected(row_no, Reason.MALFORMED_ROW, exc.field_name, exc.detail)
         attributes = {name: fields[i] for name, i in self.attr_i if fields[i]}
         return Recipient(
@@ -731,10 +738,10 @@ def read_header(
         raise AudienceError(f"cannot open audience {Path(path).name!r}: {exc.strerror}") from None
     with handle:
         try:
-            stream = _maybe_gunzip(handle, lim)
+            stream = maybe_gunzip(handle, lim)
         except (OSError, ValueError) as exc:
             raise AudienceError(f"audience stream cannot be read: {exc}") from None
-        records = _csv_records(_Lines(stream, lim.max_line_bytes, quotechar.encode()), lim, delimiter, quotechar)
+        records = csv_records(Lines(stream, lim.max_line_bytes, quotechar.encode()), lim, delimiter, quotechar)
         for fields, _reason, detail in records:
             if fields is None:
                 raise AudienceError(f"the CSV header cannot be read ({detail})")
@@ -762,14 +769,14 @@ def _read_path(path: Path, fmt: AudienceFormat, opts: _Opts) -> Iterator[Recipie
 
 def _read_handle(handle: IO[bytes], fmt: AudienceFormat, opts: _Opts) -> Iterator[Recipient | RowRejected]:
     try:
-        stream = _maybe_gunzip(handle, opts.limits)
+        stream = maybe_gunzip(handle, opts.limits)
     except (OSError, ValueError) as exc:
         raise AudienceError(f"audience stream cannot be read: {exc}") from None
     if fmt == "csv":
-        lines = _Lines(stream, opts.limits.max_line_bytes, opts.quote.encode())
+        lines = Lines(stream, opts.limits.max_line_bytes, opts.quote.encode())
         yield from _read_csv(lines, opts.columns, opts.limits, opts.delimiter, opts.quote)
     else:
-        yield from _read_jsonl(iter(_Lines(stream, opts.limits.max_line_bytes)), opts.columns, opts.limits)
+        yield from _read_jsonl(iter(Lines(stream, opts.limits.max_line_bytes)), opts.columns, opts.limits)
 
 
 def recipients_only(

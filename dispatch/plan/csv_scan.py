@@ -54,18 +54,18 @@ import orjson
 from channels.sms import segments
 from dispatch.errors import AudienceError
 from dispatch.plan.audience import (
-    _CONSENT_WORDS,
+    CONSENT_WORDS,
+    BadValue,
     ColumnMap,
+    CsvBuilder,
     CsvRecords,
+    Lines,
     ReadLimits,
     Recipient,
     RowRejected,
-    _BadValue,
-    _csv_records,
-    _CsvBuilder,
-    _Lines,
-    _maybe_gunzip,
-    _parse_time,
+    csv_records,
+    maybe_gunzip,
+    parse_time,
 )
 from dispatch.plan.dedup import id_fingerprints
 from dispatch.rules.checks import (
@@ -182,7 +182,7 @@ class RowScanner:
         c = self.config.columns
         index = {name: i for i, name in enumerate(header)}
         self.width = len(header)
-        self.builder = _CsvBuilder(c, self.config.limits, header)
+        self.builder = CsvBuilder(c, self.config.limits, header)
         self.id_i = index.get(c.id)
         column = getattr(c, self.field_name)
         self.addr_i = index.get(column) if column is not None else None
@@ -265,7 +265,7 @@ class RowScanner:
         width = self.width
         id_i, addr_i, zone_i, updated_i = self.id_i, self.addr_i, self.zone_i, self.updated_i
         consent_i, own_i, attr_i = self.consent_i, self.own_consent_i, self.attr_i
-        words = _CONSENT_WORDS
+        words = CONSENT_WORDS
         large = self.config.limits.max_field_bytes
         require_consent = self.config.require_consent
         channel, field_name = self.channel, self.field_name
@@ -380,8 +380,8 @@ class RowScanner:
     def _time(self, text: str) -> str | None:
         """The freshness verdict for an ``updated_at`` text (``malformed_row``: take the general path)."""
         try:
-            value = _parse_time(text, "updated_at")
-        except _BadValue:
+            value = parse_time(text, "updated_at")
+        except BadValue:
             verdict: str | None = _MALFORMED
         else:
             freshness = self.config.freshness
@@ -411,8 +411,8 @@ class RowScanner:
             longest = max(map(len, lines), default=0)
             records = map(str.split, filter(None, lines), repeat(c.delimiter))
             return self.scan_records(records, long_fields=longest * 4 > c.limits.max_field_bytes)
-        source = _Lines(io.BytesIO(data), c.limits.max_line_bytes, c.quote.encode())
-        return self.scan_records(_exact(_csv_records(source, c.limits, c.delimiter, c.quote)))
+        source = Lines(io.BytesIO(data), c.limits.max_line_bytes, c.quote.encode())
+        return self.scan_records(_exact(csv_records(source, c.limits, c.delimiter, c.quote)))
 
 
 def _exact(
@@ -523,7 +523,7 @@ def find_cuts(
                 yield size
                 return
             handle.seek(end)  # read the quoted part exactly, up to the next point between records
-            lines = _Lines(handle, limits.max_line_bytes, qb)
+            lines = Lines(handle, limits.max_line_bytes, qb)
             records = CsvRecords(lines, limits, delimiter, quote)
             for _record in records:
                 if records.idle:
@@ -584,8 +584,8 @@ def _scan_range(start: int, end: int) -> Chunk:
 
 
 def _header(handle: io.BufferedReader | Any, config: ScanConfig) -> list[str] | None:
-    lines = _Lines(handle, config.limits.max_line_bytes, config.quote.encode())
-    records = _csv_records(lines, config.limits, config.delimiter, config.quote)
+    lines = Lines(handle, config.limits.max_line_bytes, config.quote.encode())
+    records = csv_records(lines, config.limits, config.delimiter, config.quote)
     for fields, _reason, detail in records:
         if fields is None:
             raise AudienceError(f"the CSV header cannot be read ({detail})")
@@ -626,7 +626,7 @@ def scan_csv_file(
         raise AudienceError(f"cannot open audience {path.name!r}: {exc.strerror}") from None
     with handle:
         try:
-            stream = _maybe_gunzip(handle, config.limits)
+            stream = maybe_gunzip(handle, config.limits)
         except (OSError, ValueError) as exc:
             raise AudienceError(f"audience stream cannot be read: {exc}") from None
         header = _header(stream, config)
@@ -642,8 +642,8 @@ def scan_csv_file(
             yield from _parallel(scanner, path, start, workers, chunk_bytes)
             return
         if not plain:
-            lines = _Lines(stream, config.limits.max_line_bytes, config.quote.encode())
-            records = _csv_records(lines, config.limits, config.delimiter, config.quote)
+            lines = Lines(stream, config.limits.max_line_bytes, config.quote.encode())
+            records = csv_records(lines, config.limits, config.delimiter, config.quote)
             for part in _chunks_of(_exact(records), CHUNK_ROWS):
                 yield scanner.scan_records(part)
             return
@@ -659,8 +659,8 @@ def _sequential(scanner: RowScanner, path: Path, start: int, chunk_bytes: int) -
         if cut < 0:
             with path.open("rb") as handle:
                 handle.seek(last)
-                lines = _Lines(handle, config.limits.max_line_bytes, config.quote.encode())
-                records = _csv_records(lines, config.limits, config.delimiter, config.quote)
+                lines = Lines(handle, config.limits.max_line_bytes, config.quote.encode())
+                records = csv_records(lines, config.limits, config.delimiter, config.quote)
                 for part in _chunks_of(_exact(records), CHUNK_ROWS):
                     yield scanner.scan_records(part)
             return

@@ -74,7 +74,6 @@ from typing import IO, Any, Final
 import orjson
 import redis
 
-from channels.sms import segments
 from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings
 from dispatch.csvsafe import safe_cell
@@ -123,8 +122,6 @@ _REPORT_EXTRA: Final = (
 )
 #: Characters of a text cell written to the rejected file (an id or a column name).
 REJECT_CELL_CHARS: Final = 256
-#: Distinct rendered bodies whose SMS segment count is remembered.
-_SEGMENT_CACHE: Final = 65_536
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -397,7 +394,6 @@ class Planner:
             if store is not None and store.hasher != self._hasher:
                 raise ValueError("the suppression and frequency stores must hash addresses the same way")
         self._clock = clock
-        self._segments: dict[str, int] = {}
 
     @classmethod
     def for_settings(cls, client: redis.Redis, settings: Settings, *, default_region: str | None = None) -> Planner:
@@ -758,14 +754,6 @@ class Planner:
                 run.close()
         unseen = admit.unseen if admit.kept else set()
         return total, admit.accepted, admit.cost_units, unseen, dedup.deferred
-
-    def _cost(self, body: str) -> int:
-        cached = self._segments.get(body)
-        if cached is None:
-            cached = segments(body)
-            if len(self._segments) < _SEGMENT_CACHE:
-                self._segments[body] = cached
-        return cached
 
     def _report(self, manifest: dict[str, Any], *, existing: bool) -> PlanReport:
         return PlanReport(
