@@ -321,17 +321,25 @@ def _last_change(read: Callable[[], int], *, quiet_s: float, within_s: float) ->
     return value, moved
 
 
-@pytest.mark.parametrize("rate", [10.0, 60.0])
+@pytest.mark.parametrize(("channel", "rate"), [("sms", 10.0), ("sms", 60.0), ("email", 60.0)])
 def test_low_rate_campaign_holds_its_cap_every_second_and_stops_within_a_second(
-    settings: Settings, rate: float
+    settings: Settings, channel: str, rate: float
 ) -> None:
     """A slow campaign is released message by message, not in chunks committed up front: its cap
     holds in every second of the provider's ledger (from the first one on), and after ``pause``
     or ``cancel`` returns nothing more reaches the provider a second or so later, although every
-    worker has a hundred or more of its messages claimed and waiting for tokens."""
-    cid = f"e2e-slow-{int(rate)}"
-    rows = list(generate_rows(int(rate * 20), seed=14))  # ~20 s at the cap: cancelled long before
-    spec = CampaignSpec(id=cid, channel="sms", body="Hello $first_name", rate=rate)
+    worker has a hundred or more of its messages claimed and waiting for tokens. An email request
+    carries a slice of its batch (it used to ask for the whole batch's tokens at once: more than
+    the burst, so a capped email campaign could not send at all)."""
+    cid = f"e2e-slow-{channel}-{int(rate)}"
+    count = int(rate * 20)  # ~20 s at the cap: cancelled long before
+    if channel == "sms":
+        rows = list(generate_rows(count, seed=14))
+    else:
+        rows = [{"id": f"m{i}", "email": f"user{i}@example.com", "first_name": "Ada"} for i in range(count)]
+    spec = CampaignSpec(
+        id=cid, channel=channel, body="Hello $first_name", subject="Hi" if channel == "email" else None, rate=rate
+    )
     stop_within_s = 2.0  # ~1 s (the workers' cached state, a request) plus room for a loaded machine
     with LocalCluster(settings, workers=2) as cluster:
         assert cluster.target is not None
