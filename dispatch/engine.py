@@ -317,7 +317,7 @@ class RateLimitStep:
             limit = await self._account_limit(account)
             if limit is not None:
                 limits.append((limit.rate, limit.burst))
-        return min((max(1, min(burst, int(rate * ACQUIRE_SLICE_S))) for rate, burst in limits), default=math.inf)
+        return min((max(1, min(most, int(per_s * ACQUIRE_SLICE_S))) for per_s, most in limits), default=math.inf)
 
     async def _account_limit(self, key: str) -> Limit | None:
         now = self._clock()
