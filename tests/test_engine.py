@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import string
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
+from channels.base import Channel, Message, Result
 from channels.sms import TwilioConfig, TwilioSms
 from dispatch.campaign import CampaignSpec
 from dispatch.config import load_settings
@@ -19,10 +22,22 @@ from dispatch.plan.planner import Planner
 from dispatch.rules.frequency import AsyncFrequencyStore, FrequencyCap
 from dispatch.rules.suppression import AddressHasher, AsyncSuppressionStore, SuppressionStore
 from dispatch.send.control import CampaignControl
-from dispatch.send.engine import BatchOutcome, Engine, FrequencyFilter, SendStep, SuppressionFilter, render_step
+from dispatch.send.engine import (
+    BatchOutcome,
+    Engine,
+    FrequencyFilter,
+    Item,
+    RateLimitStep,
+    SendContext,
+    SendStep,
+    SuppressionFilter,
+    limiter_burst,
+    render_step,
+)
 from dispatch.send.tracking import Tracker, campaign_counters, iter_records
 from loadtest.mock_core import FaultMix, MockConfig
 from loadtest.mock_provider import MockProvider
+from ratelimit import StubRateLimiter
 
 SID, TOKEN = "AC" + "2" * 32, "engine-test-token"
 
@@ -184,3 +199,114 @@ async def test_finished_campaign_is_finalized_and_its_keys_expire(rig: Rig) -> N
     assert rig.sync.ttl(keys.batch("final-1", 0)) > 0  # the snapshot keeps its longer expiry
     # a completed campaign can still resend its dead letters (none here)
     assert rig.control.retry_failed("final-1") == (0, 0)
+
+
+def test_campaign_burst_is_a_tenth_of_the_rate_and_at_least_one() -> None:
+    assert [limiter_burst(r) for r in (0.5, 1.0, 10.0, 19.9, 60.0, 300.0, 5000.0)] == [1, 1, 1, 1, 6, 30, 500]
+    for rate in (0.1, 3.0, 10.0, 25.0, 99.0, 1234.5, 1e6):
+        assert 1 <= limiter_burst(rate) <= max(1.0, rate / 10)
+
+
+class _SegmentChannel(Channel):
+    """Costs as many tokens as the body has words; sends nothing (the step under test stops short)."""
+
+    name = "sms"
+    provider = "test"
+
+    def cost(self, message: Message) -> int:
+        return len(message.body.split())
+
+    async def send(self, messages: Sequence[Message]) -> list[Result]:
+        raise AssertionError("not called: these tests end the chain before any send")
+
+
+def _items(bodies: list[str]) -> list[Item]:
+    items = []
+    for i, body in enumerate(bodies):
+        item = Item(i, f"r{i}", f"+44740000{i:04d}", None, 0)
+        item.message = Message(ref=f"ref{i}", address=item.address, body=body, idempotency_key=f"k{i}")
+        items.append(item)
+    return items
+
+
+async def _step_for(rate: float | None) -> tuple[RateLimitStep, StubRateLimiter]:
+    limiter = StubRateLimiter()
+    step = RateLimitStep(limiter, {})
+    await step.set_campaign_rate("c", rate)
+    return step, limiter
+
+
+def _ctx() -> SendContext:
+    return SendContext("c", 0, _SegmentChannel(), {}, string.Template(""))
+
+
+async def test_slow_campaign_chunks_go_on_message_by_message_and_fast_ones_whole() -> None:
+    sent: list[list[int]] = []
+
+    async def record(ctx: SendContext, items: list[Item]) -> None:
+        sent.append([item.index for item in items])
+
+    step, _ = await _step_for(10.0)
+    await step(_ctx(), _items(["hi"] * 8), record)
+    assert sent == [[i] for i in range(8)]  # one token each, acquired just before its send
+    sent.clear()
+    step, limiter = await _step_for(5000.0)
+    await step(_ctx(), _items(["hi"] * 8), record)
+    assert sent == [list(range(8))] and limiter.script_calls == 1  # one acquisition per chunk
+    sent.clear()
+    step, _ = await _step_for(60.0)  # three tokens a slice; a three-word message fills one
+    await step(_ctx(), _items(["a", "b", "c d e", "f"]), record)
+    assert sent == [[0, 1], [2], [3]]
+
+
+async def test_message_costlier_than_the_campaign_burst_is_acquired_in_pieces() -> None:
+    sent: list[int] = []
+
+    async def record(ctx: SendContext, items: list[Item]) -> None:
+        sent.extend(item.index for item in items)
+
+    step, limiter = await _step_for(10.0)  # burst 1: three tokens never fit in one acquisition
+    await step(_ctx(), _items(["one two three"]), record)
+    assert sent == [0] and limiter.script_calls >= 3
+
+
+@pytest.mark.parametrize(("state", "back"), [("paused", "retry"), ("cancelled", "skipped")])
+async def test_stop_between_two_slices_hands_the_rest_back(state: str, back: str) -> None:
+    sent: list[int] = []
+
+    async def record(ctx: SendContext, items: list[Item]) -> None:
+        sent.extend(item.index for item in items)
+
+    async def read() -> str:
+        return "running" if len(sent) < 2 else state  # stopped once two messages went out
+
+    step, _ = await _step_for(10.0)
+    items = _items(["hi"] * 8)
+    ctx = _ctx()
+    ctx.read_state = read
+    await step(ctx, items, record)
+    assert sent == [0, 1] and ctx.stopped == state
+    assert [item.outcome.state if item.outcome else None for item in items[2:]] == [back] * 6
+    assert items[0].outcome is None  # sent ones keep what the send step gives them
+
+
+async def test_stop_while_waiting_for_tokens_leaves_the_queue_without_sending() -> None:
+    step, limiter = await _step_for(0.1)  # after the first message, the next token is 10 s away
+    states = ["running"]
+    sent: list[int] = []
+
+    async def record(ctx: SendContext, items: list[Item]) -> None:
+        sent.extend(item.index for item in items)
+        states[0] = "paused"  # paused while the next message waits for its token
+
+    async def read() -> str:
+        return states[0]
+
+    ctx = _ctx()
+    ctx.read_state = read
+    items = _items(["hi"] * 3)
+    await asyncio.wait_for(step(ctx, items, record), timeout=5.0)  # far less than the 10 s wait
+    assert sent == [0] and ctx.stopped == "paused"
+    assert [item.outcome.state if item.outcome else None for item in items[1:]] == ["retry", "retry"]
+    # the abandoned wait took no token: the next one is still the one due 10 s after the first
+    assert 0.0 < await limiter.try_acquire(["campaign:c"]) < 10.0

@@ -304,3 +304,71 @@ def test_every_channel_end_to_end(settings: Settings, channel: str, column: str,
     assert status.complete and status.counters["sent"] == 1200
     assert stats["by_channel"].get(channel) == 1200
     assert stats["duplicates"] == 0
+
+
+def _last_change(read: Callable[[], int], *, quiet_s: float, within_s: float) -> tuple[int, float]:
+    """Poll ``read`` until it has not changed for ``quiet_s``; the value and when it last moved
+    (``time.monotonic()`` of the first poll that saw it, so never earlier than the change)."""
+    deadline = time.monotonic() + within_s
+    value, since = read(), time.monotonic()
+    moved = since
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() < deadline, f"still moving after {within_s} s (now {value})"
+        time.sleep(0.05)
+        if (now := read()) != value:
+            value, since = now, time.monotonic()
+            moved = since
+    return value, moved
+
+
+@pytest.mark.parametrize(("channel", "rate"), [("sms", 10.0), ("sms", 60.0), ("email", 60.0)])
+def test_low_rate_campaign_holds_its_cap_every_second_and_stops_within_a_second(
+    settings: Settings, channel: str, rate: float
+) -> None:
+    """A slow campaign is released message by message, not in chunks committed up front: its cap
+    holds in every second of the provider's ledger (from the first one on), and after ``pause``
+    or ``cancel`` returns nothing more reaches the provider a second or so later, although every
+    worker has a hundred or more of its messages claimed and waiting for tokens. An email request
+    carries a slice of its batch (it used to ask for the whole batch's tokens at once: more than
+    the burst, so a capped email campaign could not send at all)."""
+    cid = f"e2e-slow-{channel}-{int(rate)}"
+    count = int(rate * 20)  # ~20 s at the cap: cancelled long before
+    if channel == "sms":
+        rows = list(generate_rows(count, seed=14))
+    else:
+        rows = [{"id": f"m{i}", "email": f"user{i}@example.com", "first_name": "Ada"} for i in range(count)]
+    spec = CampaignSpec(
+        id=cid, channel=channel, body="Hello $first_name", subject="Hi" if channel == "email" else None, rate=rate
+    )
+    stop_within_s = 2.0  # ~1 s (the workers' cached state, a request) plus room for a loaded machine
+    with LocalCluster(settings, workers=2) as cluster:
+        assert cluster.target is not None
+        client = redis.Redis.from_url(cluster.target.app_url)
+        broker = build_broker(settings, cluster.target.broker_url)
+        plan = Planner(client, settings).plan(spec, rows)
+        control = CampaignControl(client, lambda c, n, d: enqueue_batch(broker, c, n, d))
+
+        def received() -> int:
+            return int(cluster.mock_stats()["accepted"])
+
+        control.start(cid)
+        _wait_for(lambda: received() >= 2 * rate, 60, "two seconds of the campaign's traffic sent")
+        control.pause(cid)
+        paused = time.monotonic()
+        at_pause, last = _last_change(received, quiet_s=2.0, within_s=60)
+        assert last - paused <= stop_within_s, f"sends went on {last - paused:.2f} s after pause"
+        control.resume(cid)
+        _wait_for(lambda: received() >= at_pause + rate, 60, "one second of traffic after resume")
+        control.cancel(cid)
+        cancelled = time.monotonic()
+        at_cancel, last = _last_change(received, quiet_s=2.0, within_s=60)
+        assert last - cancelled <= stop_within_s, f"sends went on {last - cancelled:.2f} s after cancel"
+        stats = cluster.mock_stats()
+        broker.close()
+        client.close()
+    assert at_cancel == stats["accepted"] < plan.accepted
+    assert stats["duplicates"] == 0
+    per_second = sorted(stats["per_second"].items())
+    # every ledger second is a whole 1-s window, the first and last ones included; the bound is
+    # the wanted one (a burst of a tenth of the rate, at least one), not whatever limiter_burst says
+    assert max(n for _, n in per_second) <= rate * 1.02 + max(1, int(rate / 10)), per_second

@@ -2,8 +2,8 @@
 
 The control hash of a campaign is the single source of truth every worker reads: the claim
 script refuses to claim while a campaign is not ``running``, and workers re-read it at least
-every ``CONTROL_TTL_S`` between chunks, so a pause or cancel takes effect across all workers
-within about a second.
+every ``CONTROL_TTL_S`` between chunks, between two rate-limit acquisitions and while waiting for
+one, so a pause or cancel takes effect across all workers within about a second.
 """
 
 from __future__ import annotations

@@ -4,7 +4,14 @@ A batch runs as: claim (dedup) -> for each chunk of the channel's request size, 
 steps ``render -> rate limit -> send with retries`` -> track (buffered confirmations). Rendering
 comes before the rate limit because an SMS's cost (its segments) depends on the rendered body.
 A step is ``async def step(ctx, items, next)``: it may set a result on
-items (they stop there) and passes the others on, so a test can build the chain with stubs.
+items (they stop there) and passes the others on, in one call or in several smaller ones, so a
+test can build the chain with stubs.
+
+The rate-limit step releases a chunk in slices of about ``ACQUIRE_SLICE_S`` of the tightest
+limit's traffic (a whole chunk on a fast key, one message at 10/s), each acquired right before it
+is sent: a slow campaign is never sent in lumps, and the campaign's state is read again between
+two slices and while waiting for one, so a pause or cancel stops the sends within about
+``CONTROL_TTL_S``.
 
 Short waits (5xx, timeouts, a 429 with a short Retry-After) are retried in-process with tenacity
 (exponential backoff with jitter, Retry-After honoured). A wait longer than ``LONG_WAIT_S`` puts
@@ -17,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import random
 import string
 import time
@@ -77,6 +85,12 @@ TRACK_FLUSH = 64
 #: Messages handed to a per-message channel per call (it sends them concurrently): one pass
 #: through the chain, one rate-limit acquisition and one semaphore permit for all of them.
 PER_MESSAGE_CHUNK = 8
+#: Seconds of the tightest limit's traffic one rate-limit acquisition carries (at least one
+#: token): short enough that a slow campaign is released message by message and a pause stops it
+#: between two acquisitions, long enough that a fast key costs one acquisition per chunk.
+ACQUIRE_SLICE_S = 0.05
+#: How long a worker trusts its copy of an account limit's configuration.
+ACCOUNT_LIMIT_TTL_S = 5.0
 
 
 def chunk_size(channel: Channel) -> int:
@@ -84,8 +98,12 @@ def chunk_size(channel: Channel) -> int:
 
 
 def limiter_burst(rate: float) -> int:
-    """Burst for a limit key: ~50 ms of traffic, and at least a few chunks of long messages."""
-    return max(64, int(rate / 20))
+    """Burst of a campaign's cap: ~100 ms of traffic, at least one token.
+
+    Any 1-s window then holds at most ``rate + burst`` sends: the cap overshoots by a tenth at
+    most, and by one message at low rates. Costs above the burst are acquired in slices.
+    """
+    return max(1, int(rate / 10))
 
 
 @dataclass(slots=True)
@@ -117,6 +135,23 @@ class SendContext:
     stopped: str | None = None  # "paused" / "cancelled" once seen mid-batch
     #: The body as provider-side substitutions (batch channels that offer it): not rendered here.
     substitution: Substitution | None = None
+    #: Reads the campaign's state (the engine's cached view); None: the batch never stops early.
+    read_state: Callable[[], Awaitable[str]] | None = None
+
+    async def running(self) -> bool:
+        """False once the campaign is seen paused or cancelled (``stopped`` then names the state)."""
+        if self.stopped is None and self.read_state is not None:
+            state = await self.read_state()
+            if state != "running":
+                self.stopped = state
+        return self.stopped is None
+
+    def hand_back(self, items: Sequence[Item]) -> None:
+        """Items a stop keeps from the provider: back to ``retry`` on pause, ``skipped`` on cancel."""
+        back = "skipped" if self.stopped == "cancelled" else "retry"
+        for item in items:
+            if item.outcome is None:
+                item.outcome = Outcome(item.index, back, item.attempts)
 
 
 @runtime_checkable
@@ -230,13 +265,29 @@ class RateLimitStep:
 
     The campaign cap is read from the campaign's control hash (``dispatch rate``) and pushed to
     the shared limiter when it changes, so a re-rate reaches every worker within a second.
+
+    A chunk goes on in slices of at most ``ACQUIRE_SLICE_S`` of the tightest limit's rate (and
+    never more than its burst), each sent as soon as its tokens are granted; a message costing more
+    than a slice is acquired in several. Between two acquisitions, and every ``CONTROL_TTL_S``
+    while one waits, the campaign's state is read again: once it is paused or cancelled nothing
+    more is sent and the rest of the chunk is handed back (``SendContext.hand_back``).
     """
 
-    def __init__(self, limiter: RateLimiter, account_keys: dict[str, str], *, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        account_keys: dict[str, str],
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._limiter = limiter
         self._account_keys = account_keys
         self._metrics = metrics
+        self._clock = clock
         self._campaign_rates: dict[str, float | None] = {}
+        #: Account key -> (when read, its limit or None when unlimited).
+        self._account_limits: dict[str, tuple[float, Limit | None]] = {}
 
     def campaign_key(self, campaign_id: str) -> str:
         return f"campaign:{campaign_id}"
@@ -256,17 +307,96 @@ class RateLimitStep:
         if key is not None:
             await self._limiter.penalize(key, retry_after)
 
+    async def slice_tokens(self, campaign_id: str, account: str | None) -> float:
+        """Most tokens one acquisition takes: ``inf`` when no key of the chunk is limited."""
+        limits: list[tuple[float, int]] = []
+        rate = self._campaign_rates.get(campaign_id)
+        if rate is not None:
+            limits.append((rate, limiter_burst(rate)))
+        if account is not None:
+            limit = await self._account_limit(account)
+            if limit is not None:
+                limits.append((limit.rate, limit.burst))
+        return min((max(1, min(most, int(per_s * ACQUIRE_SLICE_S))) for per_s, most in limits), default=math.inf)
+
+    async def _account_limit(self, key: str) -> Limit | None:
+        now = self._clock()
+        cached = self._account_limits.get(key)
+        if cached is not None and now - cached[0] < ACCOUNT_LIMIT_TTL_S:
+            return cached[1]
+        if cached is not None:
+            # while one coroutine reads it again, the others keep the last known limit
+            self._account_limits[key] = (now, cached[1])
+        try:
+            limit = await self._limiter.get_limit(key)
+        except BaseException:
+            self._account_limits.pop(key, None)
+            raise
+        self._account_limits[key] = (now, limit)
+        return limit
+
     async def __call__(self, ctx: SendContext, items: list[Item], nxt: Next) -> None:
-        cost = sum(ctx.channel.cost(item.message) for item in items if item.message is not None)
+        pending = [item for item in items if item.outcome is None]
+        if not pending:
+            await nxt(ctx, items)
+            return
         limit_keys = [self.campaign_key(ctx.campaign_id)]
         account = self._account_keys.get(ctx.channel.name)
         if account is not None:
             limit_keys.append(account)
+        most = await self.slice_tokens(ctx.campaign_id, account)
+        costs = [ctx.channel.cost(item.message) if item.message is not None else 0 for item in pending]
+        for start, end, cost in _slices(costs, most):
+            for piece in _pieces(max(1, cost), most):
+                if not await self._acquire(ctx, limit_keys, piece):
+                    break
+            if not await ctx.running():
+                ctx.hand_back(pending[start:])
+                return
+            await nxt(ctx, pending[start:end])
+
+    async def _acquire(self, ctx: SendContext, limit_keys: list[str], cost: int) -> bool:
+        """Wait for ``cost`` tokens; False (the request leaves the queue) once the campaign stops."""
         started = time.perf_counter()
-        await self._limiter.acquire(limit_keys, max(1, cost))
+        acquired = True
+        if ctx.read_state is None:
+            await self._limiter.acquire(limit_keys, cost)
+        else:
+            waiter = asyncio.ensure_future(self._limiter.acquire(limit_keys, cost))
+            try:
+                while not waiter.done():
+                    await asyncio.wait((waiter,), timeout=CONTROL_TTL_S)
+                    if not waiter.done() and not await ctx.running():
+                        acquired = False
+                        break
+                if acquired:
+                    waiter.result()
+            finally:
+                waiter.cancel()
         if self._metrics is not None:
             self._metrics.observe_ratelimit_wait(ctx.channel.provider, time.perf_counter() - started)
-        await nxt(ctx, items)
+        return acquired
+
+
+def _slices(costs: Sequence[int], most: float) -> list[tuple[int, int, int]]:
+    """Consecutive runs ``(start, end, cost)`` of at most ``most`` tokens (a costlier message alone)."""
+    runs: list[tuple[int, int, int]] = []
+    start, total = 0, 0
+    for index, cost in enumerate(costs):
+        if index > start and total + cost > most:
+            runs.append((start, index, total))
+            start, total = index, 0
+        total += cost
+    runs.append((start, len(costs), total))
+    return runs
+
+
+def _pieces(cost: int, most: float) -> list[int]:
+    """``cost`` tokens as acquisitions of at most ``most`` each."""
+    if cost <= most:
+        return [cost]
+    step = int(most)
+    return [min(step, cost - taken) for taken in range(0, cost, step)]
 
 
 @dataclass(slots=True)
@@ -505,6 +635,7 @@ class Engine:
             channel=channel,
             manifest=manifest,
             template=string.Template(manifest["body"]),
+            read_state=lambda: self.campaign_state(campaign_id),
         )
         if grouped and isinstance(channel, SubstitutingChannel):
             ctx.substitution = channel.substitution_template(manifest["body"])
@@ -526,17 +657,11 @@ class Engine:
 
         async def run_chunk(chunk: list[Item]) -> None:
             async with self._sem:
-                if ctx.stopped is None:
-                    state = await self.campaign_state(campaign_id)
-                    if state != "running":
-                        ctx.stopped = state
-                if ctx.stopped is not None:
-                    # pause: hand the message back untouched; cancel: it is not sent
-                    back = "skipped" if ctx.stopped == "cancelled" else "retry"
-                    for item in chunk:
-                        item.outcome = Outcome(item.index, back, item.attempts)
-                else:
+                if await ctx.running():
                     await self._chain(ctx, chunk)
+                else:
+                    # pause: hand the message back untouched; cancel: it is not sent
+                    ctx.hand_back(chunk)
             done: list[Outcome] = []
             for item in chunk:
                 if item.outcome is None:  # a step dropped it without a verdict: try again later
