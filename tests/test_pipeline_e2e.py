@@ -372,3 +372,31 @@ def test_low_rate_campaign_holds_its_cap_every_second_and_stops_within_a_second(
     # every ledger second is a whole 1-s window, the first and last ones included; the bound is
     # the wanted one (a burst of a tenth of the rate, at least one), not whatever limiter_burst says
     assert max(n for _, n in per_second) <= rate * 1.02 + max(1, int(rate / 10)), per_second
+
+
+def test_account_limit_follows_the_setting_at_each_start(settings: Settings) -> None:
+    """A worker started with an account limit configures it with the campaign burst rule; one
+    started without removes a limit an earlier start left in Redis (it used to go on applying)."""
+    import asyncio
+
+    import redis.asyncio as aredis
+
+    from ratelimit.base import Limit
+    from ratelimit.redis_backend import RedisRateLimiter
+
+    assert settings.redis_url is not None
+    key = f"sms:{settings.sms_account_sid}"
+
+    async def limit() -> Limit | None:
+        client = aredis.Redis.from_url(settings.redis_url or "")
+        try:
+            return await RedisRateLimiter(client).get_limit(key)
+        finally:
+            await client.aclose()
+
+    with LocalCluster(replace(settings, sms_rate=10.0), workers=1):
+        _wait_for(lambda: asyncio.run(limit()) is not None, 60, "the worker configured no account limit")
+        configured = asyncio.run(limit())
+    assert configured is not None and (configured.rate, configured.burst) == (10.0, limiter_burst(10.0)) == (10.0, 1)
+    with LocalCluster(replace(settings, sms_rate=0.0), workers=1):
+        _wait_for(lambda: asyncio.run(limit()) is None, 60, "the stale account limit was not removed")

@@ -54,6 +54,7 @@ from dispatch.send.engine import (
     SendStep,
     Step,
     SuppressionFilter,
+    limiter_burst,
     render_step,
 )
 from dispatch.send.tracking import Tracker
@@ -183,10 +184,11 @@ class WorkerRuntime:
         limiter = RedisRateLimiter(self._client)
         account_keys = {"sms": f"sms:{s.sms_account_sid}"}
         if s.sms_rate > 0:
-            # burst: about 20 ms of traffic, and at least one long SMS (10 segments)
-            await limiter.configure(
-                Limit(key=account_keys["sms"], rate=s.sms_rate, burst=max(10, int(s.sms_rate / 50)))
-            )
+            # the same burst rule as a campaign cap: no second carries more than the rate and a
+            # tenth (a long SMS costing more than the burst is acquired in pieces)
+            await limiter.configure(Limit(key=account_keys["sms"], rate=s.sms_rate, burst=limiter_burst(s.sms_rate)))
+        else:  # no account limit now: one an earlier start configured must not go on applying
+            await limiter.remove(account_keys["sms"])
         rate_step = RateLimitStep(limiter, account_keys, metrics=self.metrics)
         send_step = SendStep(
             max_attempts=s.max_attempts,
