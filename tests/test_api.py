@@ -281,6 +281,11 @@ async def test_create_is_idempotent_and_a_different_spec_is_a_conflict(api: Api,
     assert as_json.status == 200 and as_json.json["existing"] is True
     other = await api.call("POST", "/v1/campaigns", data=_multipart({**SPEC, "body": "Bye $first_name"}, _csv(ROWS)))
     assert other.status == 409 and other.json["type"].endswith("/conflict")
+    # the same spec with another audience is never answered with the stored plan
+    fewer = await api.call("POST", "/v1/campaigns", data=_multipart(SPEC, _csv(ROWS[:-5])))
+    assert fewer.status == 409 and "different audience" in fewer.json["detail"], fewer.json
+    as_json_fewer = await api.call("POST", "/v1/campaigns", json={"spec": SPEC, "recipients": ROWS[:-5]})
+    assert as_json_fewer.status == 409 and "different audience" in as_json_fewer.json["detail"]
     assert redis_client.get(keys.manifest("spring")) == manifest
     # JSONL upload plans the same audience to the same counts
     jsonl = b"\n".join(orjson.dumps(r) for r in ROWS)

@@ -327,7 +327,7 @@ async def create_campaign(request: web.Request) -> web.StreamResponse:
                 errors=[FieldError("audience.source", f"no configured source named {name!r} (configured: {known})")],
             )
         existing = await deps.io(_existing_plan, deps, spec, name)
-        if existing is not None:
+        if existing is not None and name is not None:  # a source's plan stands; it is not read again
             return _json(_report_body(existing), 200, {"Location": f"/v1/campaigns/{spec.id}"})
         if name is not None:
             return await _run_plan(deps, _plan_source, deps, spec, name)
@@ -339,9 +339,9 @@ async def create_campaign(request: web.Request) -> web.StreamResponse:
     if not isinstance(part, BodyPartReader) or part.name != "spec":
         raise ApiProblem(422, "the first part must be 'spec'", errors=[FieldError("spec", "required")])
     spec = _spec(_parse_json(await _read_part(part, deps.limits.spec_bytes), "CampaignSpec", "spec"), "spec")
-    existing = await deps.io(_existing_plan, deps, spec)
-    if existing is not None:  # idempotent: the audience is not read again
-        return _json(_report_body(existing), 200, {"Location": f"/v1/campaigns/{spec.id}"})
+    # An id planned before with this spec: the upload is read again and compared with the stored
+    # plan (the planner answers the stored plan for the same audience, 409 for another one).
+    await deps.io(_existing_plan, deps, spec)
     part = await reader.next()
     if not isinstance(part, BodyPartReader) or part.name != "audience":
         raise ApiProblem(422, "the second part must be 'audience'", errors=[FieldError("audience", "required")])
