@@ -265,6 +265,11 @@ class Registry:
             return None
         return providers[0].messages_per_request
 
+    def batch_limits(self) -> dict[str, int]:
+        """:meth:`batch_limit` of every channel that has one."""
+        limits = {name: self.batch_limit(name) for name in self._channels}
+        return {name: limit for name, limit in limits.items() if limit is not None}
+
     def __contains__(self, name: object) -> bool:
         return name in self._channels
 
