@@ -89,7 +89,7 @@ async def send_each(requests: Iterable[Awaitable[Result]]) -> list[Result]:
 class Channel(ABC):
     """A provider adapter. Subclasses set the capability attributes and implement ``send``."""
 
-    #: Registry name: "sms", "email", "push", "webhook".
+    #: The channel it serves (a name in the registry, ``channels.registry``): "sms", "email", ...
     name: ClassVar[str]
     #: Provider label used in metrics (bounded cardinality).
     provider: ClassVar[str]

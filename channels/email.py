@@ -47,8 +47,16 @@ import orjson
 from channels._http import json_or_none, parse_retry_after, retryable_from, translate_errors
 from channels.base import Channel, Message, Permanent, Result, Retryable, Sent
 from channels.errors import ChannelConfigError, PermanentProviderError, RetryableProviderError
+from channels.registry import ProviderSettings, ProviderSpec
 
-__all__ = ["MAX_PERSONALIZATIONS", "SendGridConfig", "SendGridEmail", "Substitution", "compile_substitution"]
+__all__ = [
+    "MAX_PERSONALIZATIONS",
+    "PROVIDER",
+    "SendGridConfig",
+    "SendGridEmail",
+    "Substitution",
+    "compile_substitution",
+]
 
 #: SendGrid's per-request limit on personalizations (and on recipients in total).
 MAX_PERSONALIZATIONS: Final = 1000
@@ -339,3 +347,29 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     if reset and reset.strip().isdigit():
         return max(0.0, int(reset) - time.time())
     return None
+
+
+def from_settings(session: aiohttp.ClientSession, settings: ProviderSettings) -> SendGridEmail:
+    """The adapter from the ``email_*`` settings."""
+    return SendGridEmail(
+        session,
+        SendGridConfig(
+            base_url=settings.text("base_url"),
+            api_key=settings.text("api_key"),
+            from_email=settings.text("from"),
+            unsubscribe_url=settings.text("unsubscribe_url"),
+            honours_idempotency=settings.flag("honours_idempotency"),
+        ),
+    )
+
+
+#: SendGrid in the registry (``channels.standard.default_registry``). Its Email Activity API needs
+#: a paid add-on, so reconciliation does not count on a lookup.
+PROVIDER: Final = ProviderSpec(
+    adapter=SendGridEmail,
+    settings_section="email",
+    factory=from_settings,
+    idempotency_configurable=True,
+    receipts="event_webhook",
+    callback_path="/callbacks/sendgrid",
+)

@@ -5,7 +5,8 @@ The tree::
     ChannelError
     ├── ChannelConfigError      a channel was built with missing or invalid settings
     ├── DuplicateChannel        a registry already holds a channel of that name
-    ├── UnknownChannel          no channel of that name is registered
+    ├── DuplicateProvider       a registry already holds a provider of that name
+    ├── UnknownChannel          no channel (or provider) of that name is registered
     └── ProviderError           the provider call failed as a whole (not per message)
         ├── RetryableProviderError   worth retrying; carries ``retry_after`` when the provider said
         │   ├── ProviderTimeout
@@ -23,6 +24,7 @@ __all__ = [
     "ChannelConfigError",
     "ChannelError",
     "DuplicateChannel",
+    "DuplicateProvider",
     "PermanentProviderError",
     "ProviderConnectionError",
     "ProviderError",
@@ -43,6 +45,10 @@ class ChannelConfigError(ChannelError):
 
 class DuplicateChannel(ChannelError):
     """A channel with this name is already registered."""
+
+
+class DuplicateProvider(ChannelError):
+    """A provider with this name is already registered."""
 
 
 class UnknownChannel(ChannelError):

@@ -30,8 +30,9 @@ import orjson
 from channels._http import json_or_none, parse_retry_after, retryable_from, translate_errors
 from channels.base import Channel, Message, Permanent, Result, Retryable, Sent, send_each
 from channels.errors import ChannelConfigError, PermanentProviderError, RetryableProviderError
+from channels.registry import ProviderSettings, ProviderSpec
 
-__all__ = ["FCM_ERROR_TYPE", "FcmConfig", "FcmPush", "fcm_error_code"]
+__all__ = ["FCM_ERROR_TYPE", "PROVIDER", "FcmConfig", "FcmPush", "fcm_error_code"]
 
 #: ``@type`` of the detail that carries FCM's own error code.
 FCM_ERROR_TYPE: Final = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
@@ -158,3 +159,20 @@ class FcmPush(Channel):
                 f"fcm: {label} (check the access token and project id)", status=status, code=code
             )
         return Permanent(ref, label, reason, status)
+
+
+def from_settings(session: aiohttp.ClientSession, settings: ProviderSettings) -> FcmPush:
+    """The adapter from the ``push_*`` settings."""
+    return FcmPush(
+        session,
+        FcmConfig(
+            base_url=settings.text("base_url"),
+            project_id=settings.text("project"),
+            access_token=settings.text("access_token"),
+        ),
+    )
+
+
+#: FCM in the registry (``channels.standard.default_registry``): no idempotency key, no delivery
+#: receipts, no lookup of sent messages.
+PROVIDER: Final = ProviderSpec(adapter=FcmPush, settings_section="push", factory=from_settings)

@@ -33,9 +33,11 @@ from channels.errors import (
     PermanentProviderError,
     RetryableProviderError,
 )
+from channels.registry import ProviderSettings, ProviderSpec
 from channels.segments import encoding, segments
 
 __all__ = [
+    "PROVIDER",
     "SUPPRESS_CODES",
     "TWILIO_ERRORS",
     "TwilioConfig",
@@ -201,3 +203,30 @@ def _reason(code: int | None, status: int) -> str:
     if code is None:
         return f"twilio: HTTP {status}"
     return f"twilio {code}: {TWILIO_ERRORS.get(code, 'error')}"
+
+
+def from_settings(session: aiohttp.ClientSession, settings: ProviderSettings) -> TwilioSms:
+    """The adapter from the ``sms_*`` settings; receipts go to the provider's callback URL."""
+    return TwilioSms(
+        session,
+        TwilioConfig(
+            base_url=settings.text("base_url"),
+            account_sid=settings.text("account_sid"),
+            auth_token=settings.text("auth_token"),
+            from_number=settings.text("from"),
+            status_callback_url=settings.callback_url,
+            honours_idempotency=settings.flag("honours_idempotency"),
+        ),
+    )
+
+
+#: Twilio in the registry (``channels.standard.default_registry``).
+PROVIDER: Final = ProviderSpec(
+    adapter=TwilioSms,
+    settings_section="sms",
+    factory=from_settings,
+    idempotency_configurable=True,
+    receipts="status_callback",
+    callback_path="/callbacks/twilio",
+    lookup_api=True,
+)

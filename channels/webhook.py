@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import orjson
@@ -33,9 +33,10 @@ import orjson
 from channels._http import json_or_none, parse_retry_after, retryable_from, translate_errors
 from channels.base import Channel, Message, Permanent, Result, Retryable, Sent, send_each
 from channels.errors import ChannelConfigError, PermanentProviderError, RetryableProviderError
+from channels.registry import ProviderSettings, ProviderSpec
 from channels.signing import signed_headers
 
-__all__ = ["SignedWebhook", "WebhookConfig"]
+__all__ = ["PROVIDER", "SignedWebhook", "WebhookConfig"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -125,3 +126,26 @@ class SignedWebhook(Channel):
             status,
             suppress=payload.get("suppress") is True,
         )
+
+
+def from_settings(session: aiohttp.ClientSession, settings: ProviderSettings) -> SignedWebhook:
+    """The adapter from the ``webhook_*`` settings."""
+    return SignedWebhook(
+        session,
+        WebhookConfig(
+            url=settings.text("url"),
+            secret=settings.text("secret"),
+            honours_idempotency=settings.flag("honours_idempotency"),
+        ),
+    )
+
+
+#: Our signed webhooks in the registry (``channels.standard.default_registry``).
+PROVIDER: Final = ProviderSpec(
+    adapter=SignedWebhook,
+    settings_section="webhook",
+    factory=from_settings,
+    idempotency_configurable=True,
+    receipts="signed_webhook",
+    callback_path="/callbacks/webhook",
+)

@@ -25,18 +25,20 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
+from channels import default_registry
 from dispatch.errors import PlanError
 from dispatch.rules.checks import QuietHours
 from dispatch.store import keys
 
 __all__ = ["CampaignSpec", "load_campaign_file", "parse_duration"]
 
-CHANNELS = ("sms", "email", "push", "webhook")
+#: Channels a campaign can use: the registered ones that have a provider.
+CHANNELS: Final = default_registry().channel_names(sendable=True)
 #: Slowest campaign rate accepted (messages per second): one message a day.
 MIN_RATE = 1 / 86400
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from channels import default_registry
 from dispatch.config import Settings
 
 __all__ = ["add_commands", "cmd_bench", "cmd_demo", "cmd_loadtest", "cmd_mock_provider"]
@@ -95,7 +96,7 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("loadtest", help="send a synthetic campaign through real workers against the mock provider")
     p.add_argument("--recipients", type=int, required=True, help="audience rows to generate")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: the workers setting)")
-    p.add_argument("--channel", choices=("sms", "email", "push", "webhook"), default="sms")
+    p.add_argument("--channel", choices=default_registry().channel_names(sendable=True), default="sms")
     p.add_argument("--provider-latency", type=float, default=0.0, metavar="MS", help="mock latency per request")
     p.add_argument("--error-rate", type=float, default=0.0, metavar="P", help="share of requests answered 500/503")
     p.add_argument("--rate-limit", type=float, default=0.0, metavar="R", help="account limit per second (0 = none)")

@@ -38,6 +38,7 @@ import aiohttp
 import orjson
 import redis
 
+from channels import default_registry
 from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings
 from dispatch.errors import DispatchError
@@ -72,8 +73,8 @@ __all__ = [
     "wired_channels",
 ]
 
-#: Channels the command knows how to generate audiences for.
-CHANNELS = ("sms", "email", "push", "webhook")
+#: Channels a load test can use: those with a provider in the registry (the mock provider serves each).
+CHANNELS = default_registry().channel_names(sendable=True)
 #: Seconds a worker may take to serve its first /metrics answer.
 WORKER_START_TIMEOUT_S = 60.0
 #: How often the runner checks whether the campaign finished (the samples are 1 s apart).

@@ -60,7 +60,7 @@ from dispatch.api.connections import ConnectionLimits, GuardedAppRunner, connect
 from dispatch.api.openapi import OPERATIONS, openapi_document
 from dispatch.api.pipelined import PipelinedRedis
 from dispatch.api.problems import ApiProblem, FieldError, problem_middleware
-from dispatch.api.schemas import CAMPAIGN_PATH_ID_PATTERN, SCHEMAS, validate
+from dispatch.api.schemas import CAMPAIGN_PATH_ID_PATTERN, SCHEMAS, SUPPRESSION_LISTS, validate
 from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings
 from dispatch.errors import AudienceError, CampaignNotFound, CampaignStateError, DispatchError, PlanError
@@ -608,9 +608,7 @@ async def get_message(request: web.Request) -> web.StreamResponse:
 
 def _normalize(deps: _Deps, channel: str, address: str) -> tuple[str | None, str]:
     if channel == GLOBAL:
-        if "@" in address:
-            return deps.validator.check("email", address)
-        return deps.validator.check_phone(address, sms=False)
+        return deps.validator.check_any(address)
     return deps.validator.check(channel, address)
 
 
@@ -634,7 +632,7 @@ async def add_suppressions(request: web.Request) -> web.StreamResponse:
 async def remove_suppression(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
     channel = request.match_info["channel"]
-    if channel not in {"sms", "email", "push", "webhook", GLOBAL}:
+    if channel not in SUPPRESSION_LISTS:
         raise ApiProblem(404, "no such suppression list")
     reason, address = _normalize(deps, channel, unquote(request.match_info["address"]))
     if reason is not None:

@@ -16,7 +16,7 @@ import orjson
 
 from dispatch.api.auth import Scope
 from dispatch.api.problems import PROBLEM_JSON
-from dispatch.api.schemas import CAMPAIGN_PATH_ID_PATTERN, SCHEMAS, validate
+from dispatch.api.schemas import CAMPAIGN_PATH_ID_PATTERN, SCHEMAS, SUPPRESSION_LISTS, validate
 
 __all__ = ["OPERATIONS", "Operation", "find_operation", "openapi_document", "response_errors"]
 
@@ -197,7 +197,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         scope="admin",
         summary="Lift a suppression (admin: it makes an address reachable again)",
         parameters=[
-            _path_param("channel", {"type": "string", "enum": ["sms", "email", "push", "webhook", "global"]}),
+            _path_param("channel", {"type": "string", "enum": list(SUPPRESSION_LISTS)}),
             _path_param("address", {"type": "string"}, "percent-encoded address (`+` as %2B)"),
         ],
         responses={200: (JSON, "SuppressionResult")},

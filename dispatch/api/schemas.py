@@ -19,9 +19,11 @@ from functools import lru_cache
 from typing import Any, Final
 
 from dispatch.api.problems import FieldError
+from dispatch.campaign import CHANNELS
 from dispatch.config import SOURCE_NAME_PATTERN
+from dispatch.rules.suppression import GLOBAL
 
-__all__ = ["SCHEMAS", "validate"]
+__all__ = ["SCHEMAS", "SUPPRESSION_LISTS", "validate"]
 
 _SUPPORTED: Final = frozenset(
     {
@@ -71,11 +73,14 @@ CAMPAIGN_ID_PATTERN: Final = r"^(?!triggered-)[A-Za-z0-9._-]{1,128}$"
 #: one of the former triggered ids (``triggered-sms-2026112512``).
 CAMPAIGN_PATH_ID_PATTERN: Final = r"^(?:[A-Za-z0-9._-]{1,128}|triggered:[a-z]+-[0-9]{10})$"
 
+#: Suppression lists the API serves: one per channel a campaign can use, and the global one.
+SUPPRESSION_LISTS: Final = (*CHANNELS, GLOBAL)
+
 SCHEMAS: Final[dict[str, dict[str, Any]]] = {
     "CampaignSpec": _obj(
         {
             "id": _s("string", pattern=CAMPAIGN_ID_PATTERN, description="client-supplied campaign id"),
-            "channel": _s("string", enum=["sms", "email", "push", "webhook"]),
+            "channel": _s("string", enum=list(CHANNELS)),
             "body": _s("string", minLength=1, maxLength=10_000, description="string.Template ($field)"),
             "subject": _s(["string", "null"], maxLength=998),
             "deadline": _s(["string", "null"], format="date-time"),
@@ -233,7 +238,7 @@ SCHEMAS: Final[dict[str, dict[str, Any]]] = {
     ),
     "SuppressionAdd": _obj(
         {
-            "channel": _s("string", enum=["sms", "email", "push", "webhook", "global"]),
+            "channel": _s("string", enum=list(SUPPRESSION_LISTS)),
             "addresses": _s("array", minItems=1, maxItems=1_000, items=_s("string", minLength=1, maxLength=2_048)),
         },
         ["channel", "addresses"],

@@ -29,11 +29,12 @@ import tomllib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 import orjson
 import redis
 
+from channels import default_registry
 from dispatch.campaign import load_campaign_file
 from dispatch.config import Settings
 from dispatch.errors import ConfigError, PlanError
@@ -45,18 +46,24 @@ from dispatch.store.connect import resolve_redis
 
 __all__ = ["add_commands", "format_report", "normalizer"]
 
-CHANNELS = ("sms", "email", "push", "webhook", "wechat", GLOBAL)
+#: Suppression lists the command line serves: one per registered channel (also one without a
+#: provider yet, so its addresses can be suppressed ahead of time), and the global one.
+CHANNELS: Final = (*default_registry().channel_names(), GLOBAL)
 
 
 def normalizer(channel: str, region: str | None = None) -> Callable[[str], str | None]:
     """The planner's normalization for ``channel``'s addresses (None: not a valid address)."""
     validator = AddressValidator(region)
+    # any valid phone number can be suppressed, SMS-capable or not
+    any_phone = channel != GLOBAL and validator.registry.channel(channel).address_kind == "sms_number"
 
     def normalize(raw: str) -> str | None:
-        target = channel
         if channel == GLOBAL:
-            target = "email" if "@" in raw else "sms"
-        reason, address = validator.check_phone(raw, sms=False) if target == "sms" else validator.check(target, raw)
+            reason, address = validator.check_any(raw)
+        elif any_phone:
+            reason, address = validator.check_phone(raw, sms=False)
+        else:
+            reason, address = validator.check(channel, raw)
         return None if reason is not None else address
 
     return normalize

@@ -46,6 +46,7 @@ from typing import IO, TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 import orjson
 
+from channels import default_registry
 from dispatch.errors import AudienceError
 from dispatch.rules.checks import Reason
 
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     import psycopg
 
 __all__ = [
+    "ADDRESS_FIELDS",
     "CONSENT_WORDS",
     "AudienceFormat",
     "BadValue",
@@ -81,6 +83,10 @@ _FALSE: Final = frozenset({"0", "false", "no", "n", "f"})
 _GZIP_MAGIC: Final = b"\x1f\x8b"
 #: Exact spellings looked up before the general (lowercasing) parse.
 CONSENT_WORDS: Final = {w: True for w in _TRUE} | {w: False for w in _FALSE}
+#: Recipient fields that hold an address, one per registered channel (``ChannelSpec.address_field``;
+#: a test keeps the two equal), then the other plain string fields.
+ADDRESS_FIELDS: Final = ("phone", "email", "push_token", "webhook_url", "openid")
+_STRING_FIELDS: Final = (*ADDRESS_FIELDS, "timezone", "locale")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,21 +140,14 @@ class ColumnMap:
     locale: str | None = "locale"
     updated_at: str | None = "updated_at"
     consent: Mapping[str, str] = field(
-        default_factory=lambda: {
-            "sms": "consent_sms",
-            "email": "consent_email",
-            "push": "consent_push",
-            "webhook": "consent_webhook",
-            "wechat": "consent_wechat",
-        }
+        default_factory=lambda: {spec.name: spec.consent_column for spec in default_registry().channels()}
     )
     attributes: tuple[str, ...] | None = None
 
     def mapped(self) -> dict[str, str]:
         """Recipient field -> source column, for the plain string fields (not consent)."""
-        names = ("phone", "email", "push_token", "webhook_url", "openid", "timezone", "locale")
         out = {"id": self.id}
-        for name in names:
+        for name in _STRING_FIELDS:
             column = getattr(self, name)
             if column is not None:
                 out[name] = column
@@ -572,8 +571,7 @@ class CsvBuilder:
         self.header = header
         self.id_col = columns.id
         self.id_i = index.get(columns.id)
-        names = ("phone", "email", "push_token", "webhook_url", "openid", "timezone", "locale")
-        self.addr_i = tuple(index.get(c) if (c := getattr(columns, n)) is not None else None for n in names)
+        self.addr_i = tuple(index.get(c) if (c := getattr(columns, n)) is not None else None for n in _STRING_FIELDS)
         self.consent_i = tuple((ch, index[col], col) for ch, col in columns.consent.items() if col in index)
         self.updated_col = columns.updated_at
         self.updated_i = index.get(columns.updated_at) if columns.updated_at is not None else None

@@ -51,7 +51,6 @@ from typing import Any, Final, NamedTuple
 
 import orjson
 
-from channels.sms import segments
 from dispatch.errors import AudienceError
 from dispatch.plan.audience import (
     CONSENT_WORDS,
@@ -165,7 +164,13 @@ class RowScanner:
         )
         self.no_zone_ok = c.default_timezone is None and not c.require_timezone
         self.template = string.Template(c.body)
-        self.static_cost = (segments(c.body) if not c.template_fields else None) if c.channel == "sms" else 1
+        spec = self.validator.registry.channel(c.channel)
+        #: Rate-limit units of one message (SMS: segments); a body that depends on the recipient
+        #: (template fields) is costed per recipient.
+        self.cost_of_body = spec.cost
+        self.static_cost = (spec.cost(c.body) if not c.template_fields else None) if spec.cost_per_body else 1
+        #: Addresses are phone numbers that must receive SMS: the scan's fast path looks them up.
+        self.sms_numbers = spec.address_kind == "sms_number"
         self._costs: dict[Any, int] = {}
         self._zones: dict[str | None, float | None] = {}
         self._times: dict[str, str | None] = {}
@@ -225,7 +230,7 @@ class RowScanner:
         key = tuple(attrs.values()) if attrs else None
         found = self._costs.get(key)
         if found is None:
-            found = segments(self.template.safe_substitute(attrs) if attrs else self.config.body)
+            found = self.cost_of_body(self.template.safe_substitute(attrs) if attrs else self.config.body)
             if len(self._costs) >= _CACHE:
                 self._costs.clear()
             self._costs[key] = found
@@ -269,7 +274,7 @@ class RowScanner:
         large = self.config.limits.max_field_bytes
         require_consent = self.config.require_consent
         channel, field_name = self.channel, self.field_name
-        sms = channel == "sms"
+        sms = self.sms_numbers
         lookup = self.validator.phones.lookup
         check_address = self.validator.check
         times, check_time = self._times, self._time

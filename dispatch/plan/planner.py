@@ -74,6 +74,7 @@ from typing import IO, Any, Final
 import orjson
 import redis
 
+from channels import default_registry
 from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings
 from dispatch.csvsafe import safe_cell
@@ -104,8 +105,9 @@ from dispatch.store import keys
 
 __all__ = ["PlanReport", "Planner", "read_csv_rows"]
 
-#: Most recipients per request of each channel's provider API (per-message APIs use the setting).
-PROVIDER_BATCH_LIMITS = {"email": 1000}
+#: Most recipients per request of each channel's provider API (per-message APIs use the setting),
+#: from the registry (``Registry.batch_limit``).
+PROVIDER_BATCH_LIMITS: Final = default_registry().batch_limits()
 #: Addresses per suppression / frequency-cap round trip.
 CHECK_CHUNK: Final = 1_000
 #: Rejections per piece of a rejection run (a merge of runs holds one piece of each in memory).

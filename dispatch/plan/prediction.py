@@ -26,7 +26,9 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from typing import Any, Final, Literal
+
+from channels import default_registry
 
 __all__ = ["Capacity", "Prediction", "cpu_costs", "predict", "size_factor", "speed_shift"]
 
@@ -40,12 +42,22 @@ DEFAULT_WORKER_CPU_PER_MESSAGE_S = 190e-6
 #: Batch APIs carry many recipients per request (SendGrid: 1,000), so a recipient costs far less:
 #: (all local processes, one worker) in seconds per recipient, measured the same way (email with
 #: 2 workers: 84-87k recipients/s at 300k, 77-80k at 1M; workers reported 14 us, all 21 us).
-BATCH_CHANNEL_CPU_S: dict[str, tuple[float, float]] = {"email": (20.5e-6, 12.0e-6)}
+BATCH_API_CPU_S: Final = (20.5e-6, 12.0e-6)
 #: Campaign size the CPU costs above stand for, and the growth of the cost per tenfold size
-#: beyond it (see :func:`size_factor`): SMS from the runs at 100k and 3M messages, email from
-#: those at 300k and 1M recipients (the mock's and Redis's per-recipient state weighs more there).
+#: beyond it (see :func:`size_factor`): per-message APIs from the SMS runs at 100k and 3M
+#: messages, batch APIs from the email runs at 300k and 1M recipients (the mock's and Redis's
+#: per-recipient state weighs more there).
 SIZE_REFERENCE = 100_000
-SIZE_SLOPE: dict[str, float] = {"sms": 0.09, "email": 0.24}
+PER_MESSAGE_API_SLOPE: Final = 0.09
+BATCH_API_SLOPE: Final = 0.24
+#: The figures above per channel, by the request shape of its provider in the registry (a channel
+#: whose provider has a batch API: email).
+_BATCH_CHANNELS: Final = frozenset(default_registry().batch_limits())
+BATCH_CHANNEL_CPU_S: Final[dict[str, tuple[float, float]]] = dict.fromkeys(_BATCH_CHANNELS, BATCH_API_CPU_S)
+SIZE_SLOPE: Final[dict[str, float]] = {
+    name: BATCH_API_SLOPE if name in _BATCH_CHANNELS else PER_MESSAGE_API_SLOPE
+    for name in default_registry().channel_names(sendable=True)
+}
 #: When latency-bound, a slot is held for the provider latency plus its wait while the process
 #: handles the other answers that came back with its own: this share of all its slots' messages'
 #: CPU time (machine-wide cost x processes per core). 0.4 fits 1 worker at 200 ms and 2 at 500 ms
@@ -77,8 +89,9 @@ class Capacity:
     cores: int = 0  # 0 = this machine's
     #: Messages of all the batches running at once (processes x threads x batch size); 0 = unknown.
     batch_messages_in_flight: int = 0
-    #: The channel (its CPU cost's growth with the campaign size, :data:`SIZE_SLOPE`).
-    channel: str = "sms"
+    #: The channel (its CPU cost's growth with the campaign size, :data:`SIZE_SLOPE`); None: one
+    #: whose provider has a per-message API.
+    channel: str | None = None
     #: CPU time the work takes now over the time it took when the costs were measured
     #: (:mod:`dispatch.plan.calibration`): both CPU costs are multiplied by it.
     speed_factor: float = 1.0
@@ -104,13 +117,14 @@ class Prediction:
         return asdict(self)
 
 
-def size_factor(messages: int, channel: str = "sms") -> float:
+def size_factor(messages: int, channel: str | None = None) -> float:
     """How much more CPU a message costs in a campaign of ``messages`` than at
     :data:`SIZE_REFERENCE`: Redis, the workers and the provider keep more state as a campaign
     grows (measured: SMS 5,330-5,984 msg/s at 100k, 5,107-5,193 msg/s at 3M)."""
     if messages <= SIZE_REFERENCE:
         return 1.0
-    return 1.0 + SIZE_SLOPE.get(channel, SIZE_SLOPE["sms"]) * math.log10(messages / SIZE_REFERENCE)
+    slope = SIZE_SLOPE.get(channel, PER_MESSAGE_API_SLOPE) if channel is not None else PER_MESSAGE_API_SLOPE
+    return 1.0 + slope * math.log10(messages / SIZE_REFERENCE)
 
 
 def _ceilings(capacity: Capacity, avg_cost: float, messages: int) -> dict[str, float]:

@@ -1,5 +1,6 @@
 """Address validation per channel: phone (libphonenumber, see ``dispatch.rules.phones``), email syntax,
-push token, webhook URL and WeChat openid shape. No network, no DNS.
+push token, webhook URL and WeChat openid shape. No network, no DNS. Which check a channel's
+addresses get is its ``address_kind`` in the registry (``channels.registry.ChannelSpec``).
 
 Each check returns ``(None, normalized)`` or ``(reason, "")``; the normalized address is what dedup,
 suppression and frequency caps key on:
@@ -19,10 +20,14 @@ suppression and frequency caps key on:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Final
 from urllib.parse import urlsplit
 
+from channels import Registry, default_registry
+from channels.registry import AddressKind
 from dispatch.rules.checks import Reason
 from dispatch.rules.phones import PhoneValidator
 
@@ -35,14 +40,8 @@ __all__ = [
     "check_webhook_url",
 ]
 
-#: Which recipient address each channel sends to.
-ADDRESS_FIELD: Final = {
-    "sms": "phone",
-    "email": "email",
-    "push": "push_token",
-    "webhook": "webhook_url",
-    "wechat": "openid",
-}
+#: Which recipient address each channel sends to (from the standard registry).
+ADDRESS_FIELD: Final = MappingProxyType({spec.name: spec.address_field for spec in default_registry().channels()})
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _LOCAL: Final = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
@@ -111,10 +110,21 @@ class AddressValidator:
     """
 
     default_region: str | None = "US"
+    #: The channels whose addresses this validator knows (their ``address_kind`` picks the check).
+    registry: Registry = field(default_factory=default_registry, repr=False)
     phones: PhoneValidator = field(init=False)
+    _checks: dict[str, Callable[[str], Result]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.phones = PhoneValidator(self.default_region)
+        by_kind: dict[AddressKind, Callable[[str], Result]] = {
+            "sms_number": self.check_phone,
+            "email": check_email,
+            "push_token": check_push_token,
+            "url": check_webhook_url,
+            "openid": check_openid,
+        }
+        self._checks = {spec.name: by_kind[spec.address_kind] for spec in self.registry.channels()}
 
     def check_phone(self, raw: str, *, sms: bool = True) -> Result:
         result = self.phones.check(raw)
@@ -124,18 +134,16 @@ class AddressValidator:
             return Reason.NOT_SMS_CAPABLE, ""
         return None, result.e164
 
+    def check_any(self, raw: str) -> Result:
+        """An address of the global list: an email address if it holds an ``@``, else a phone
+        number (any phone, SMS-capable or not)."""
+        return check_email(raw) if "@" in raw else self.check_phone(raw, sms=False)
+
     def check(self, channel: str, raw: str | None) -> Result:
         """Validate and normalize the address for ``channel`` (``MISSING_ADDRESS`` when empty)."""
         if raw is None or not raw.strip():
             return Reason.MISSING_ADDRESS, ""
-        if channel == "sms":
-            return self.check_phone(raw)
-        if channel == "email":
-            return check_email(raw)
-        if channel == "push":
-            return check_push_token(raw)
-        if channel == "webhook":
-            return check_webhook_url(raw)
-        if channel == "wechat":
-            return check_openid(raw)
-        raise ValueError(f"unknown channel {channel!r}")
+        check = self._checks.get(channel)
+        if check is None:
+            raise ValueError(f"unknown channel {channel!r}")
+        return check(raw)

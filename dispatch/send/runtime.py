@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -25,11 +26,8 @@ import uvloop
 from dramatiq.brokers.redis import RedisBroker
 from prometheus_client import CollectorRegistry
 
+from channels import ProviderSettings, ProviderSpec, Registry, default_registry
 from channels.base import Channel, Result, Retryable
-from channels.email import SendGridConfig, SendGridEmail
-from channels.push import FcmConfig, FcmPush
-from channels.sms import TwilioConfig, TwilioSms
-from channels.webhook import SignedWebhook, WebhookConfig
 from dispatch.config import Settings
 from dispatch.errors import DispatchError
 from dispatch.plan.calibration import (
@@ -63,7 +61,7 @@ from monitoring.exposition import MetricsServer, start_metrics_server
 from monitoring.metrics import Metrics, RetryCause, collect_queue_depths
 from ratelimit import Limit, RedisRateLimiter
 
-__all__ = ["WorkerRuntime", "build_channels"]
+__all__ = ["WorkerRuntime", "build_channels", "provider_settings"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,44 +74,31 @@ GAUGES_EVERY_S = 2.0
 CAMPAIGN_IDLE_S = 60.0
 
 
-def build_channels(settings: Settings, session: aiohttp.ClientSession) -> dict[str, Channel]:
-    """One adapter per channel, configured from settings; they share the process's session."""
-    s = settings
-    callback = s.callback_base_url.rstrip("/") + "/callbacks/twilio" if s.callback_base_url else None
-    channels: list[Channel] = [
-        TwilioSms(
-            session,
-            TwilioConfig(
-                base_url=s.sms_base_url,
-                account_sid=s.sms_account_sid,
-                auth_token=s.sms_auth_token.reveal(),
-                from_number=s.sms_from,
-                status_callback_url=callback,
-                honours_idempotency=s.sms_honours_idempotency,
-            ),
-        ),
-        SendGridEmail(
-            session,
-            SendGridConfig(
-                base_url=s.email_base_url,
-                api_key=s.email_api_key.reveal(),
-                from_email=s.email_from,
-                unsubscribe_url=s.email_unsubscribe_url,
-                honours_idempotency=s.email_honours_idempotency,
-            ),
-        ),
-        FcmPush(
-            session,
-            FcmConfig(base_url=s.push_base_url, project_id=s.push_project, access_token=s.push_access_token.reveal()),
-        ),
-        SignedWebhook(
-            session,
-            WebhookConfig(
-                url=s.webhook_url, secret=s.webhook_secret.reveal(), honours_idempotency=s.webhook_honours_idempotency
-            ),
-        ),
-    ]
-    return {channel.name: channel for channel in channels}
+def provider_settings(settings: Settings, provider: ProviderSpec) -> ProviderSettings:
+    """The provider's settings section: the settings named ``<section>_*`` (secrets still wrapped)
+    and, when ``callback_base_url`` is set, the URL its receipts are posted to."""
+    prefix = provider.settings_section + "_"
+    values = {
+        f.name.removeprefix(prefix): getattr(settings, f.name)
+        for f in dataclasses.fields(settings)
+        if f.name.startswith(prefix)
+    }
+    base = settings.callback_base_url
+    callback = base.rstrip("/") + provider.callback_path if base and provider.callback_path else None
+    return ProviderSettings(section=provider.settings_section, values=values, callback_url=callback)
+
+
+def build_channels(
+    settings: Settings, session: aiohttp.ClientSession, registry: Registry | None = None
+) -> dict[str, Channel]:
+    """One adapter per channel that has a provider (its default provider in ``registry``, the
+    standard one unless given), configured from settings; they share the process's session."""
+    registry = registry if registry is not None else default_registry()
+    adapters: dict[str, Channel] = {}
+    for name in registry.channel_names(sendable=True):
+        provider = registry.provider_for(name)
+        adapters[name] = provider.build(session, provider_settings(settings, provider))
+    return adapters
 
 
 def retry_cause(result: Retryable) -> RetryCause:
