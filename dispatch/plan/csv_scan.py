@@ -95,6 +95,7 @@ _INVALID_PHONE: Final = str(Reason.INVALID_PHONE)
 _NOT_SMS: Final = str(Reason.NOT_SMS_CAPABLE)
 _NO_CONSENT: Final = str(Reason.NO_CONSENT)
 _NO_ZONE: Final = str(Reason.UNKNOWN_TIMEZONE)
+_TOO_LONG: Final = str(Reason.BODY_TOO_LONG)
 _MALFORMED: Final = str(Reason.MALFORMED_ROW)
 
 
@@ -168,7 +169,17 @@ class RowScanner:
         #: Rate-limit units of one message (SMS: segments); a body that depends on the recipient
         #: (template fields) is costed per recipient.
         self.cost_of_body = spec.cost
-        self.static_cost = (spec.cost(c.body) if not c.template_fields else None) if spec.cost_per_body else 1
+        #: The channel's body limits (SMS: 1,600 characters, Twilio's 21617; push: 4,096 bytes):
+        #: a personalized body over them is the row's ``body_too_long`` (cost -1 below); a body
+        #: without fields is checked once, before the plan starts (``check_body``).
+        self.max_chars = spec.limits.max_chars
+        self.max_bytes = spec.limits.max_bytes
+        limited = self.max_chars is not None or self.max_bytes is not None
+        self.static_cost: int | None = 1
+        if c.template_fields and (spec.cost_per_body or limited):
+            self.static_cost = None  # costed (and measured) per recipient
+        elif spec.cost_per_body:
+            self.static_cost = spec.cost(c.body)
         #: Addresses are phone numbers that must receive SMS: the scan's fast path looks them up.
         self.sms_numbers = spec.address_kind == "sms_number"
         self._costs: dict[Any, int] = {}
@@ -230,11 +241,17 @@ class RowScanner:
         key = tuple(attrs.values()) if attrs else None
         found = self._costs.get(key)
         if found is None:
-            found = self.cost_of_body(self.template.safe_substitute(attrs) if attrs else self.config.body)
+            body = self.template.safe_substitute(attrs) if attrs else self.config.body
+            found = -1 if self._too_long(body) else self.cost_of_body(body)
             if len(self._costs) >= _CACHE:
                 self._costs.clear()
             self._costs[key] = found
         return found
+
+    def _too_long(self, body: str) -> bool:
+        return (self.max_chars is not None and len(body) > self.max_chars) or (
+            self.max_bytes is not None and len(body.encode()) > self.max_bytes
+        )
 
     def scan_items(self, items: Iterable[Recipient | RowRejected]) -> Chunk:
         """A chunk from already-built rows (the iterable API); rows keep their own numbers."""
@@ -254,8 +271,12 @@ class RowScanner:
             out.rejects.append((n, item.id, found[0], found[1]))
             return
         address, not_before, attrs = found
+        cost = self.cost(attrs)
+        if cost < 0:
+            out.rejects.append((n, item.id, "body", _TOO_LONG))
+            return
         digest = hashlib.blake2b(address.encode(), digest_size=16, key=self.hash_key).digest()
-        out.add(n, item.id, orjson.dumps((item.id, address, attrs))[:-1], digest, not_before, self.cost(attrs))
+        out.add(n, item.id, orjson.dumps((item.id, address, attrs))[:-1], digest, not_before, cost)
 
     # --- CSV records ---------------------------------------------------------------------------
 
@@ -360,16 +381,13 @@ class RowScanner:
                 attrs = {f: fields[i] if i is not None else "" for f, i in zip(template_fields, attr_i, strict=True)}
             else:
                 attrs = None
+            cost = static_cost if static_cost is not None else cost_of(attrs)
+            if cost < 0:
+                rejects.append((n, rid, "body", _TOO_LONG))
+                continue
             hasher = copy()  # the keyed state copied: cheaper than keying a new one
             hasher.update(address.encode())
-            add(
-                n,
-                rid,
-                dumps((rid, address, attrs))[:-1],
-                hasher.digest(),
-                not_before,
-                static_cost if static_cost is not None else cost_of(attrs),
-            )
+            add(n, rid, dumps((rid, address, attrs))[:-1], hasher.digest(), not_before, cost)
         return out.chunk(n, self.hash_key)
 
     def _build(self, n: int, fields: list[str]) -> Recipient | RowRejected:

@@ -59,6 +59,7 @@ import hashlib
 import heapq
 import os
 import pickle
+import string
 import struct
 import tempfile
 import time
@@ -547,6 +548,7 @@ class Planner:
             self._same_spec(spec, stored)
         if spec.channel not in ADDRESS_FIELD:
             raise PlanError(f"campaign {spec.id}: channel {spec.channel!r} has no address field")
+        _check_channel_limits(spec)
 
         now = datetime.fromtimestamp(self._clock(), UTC)
         started = now.timestamp()  # rounded as the scanner's not-before instants are: due-now batches stream
@@ -907,3 +909,26 @@ def _schedule_summary(runs: list[list[float]]) -> list[dict[str, float | int]]:
         group[0] += int(n)
         group[1] += int(count)
     return [{"not_before": nb, "recipients": g[0], "batches": g[1]} for nb, g in sorted(groups.items())]
+
+
+def _check_channel_limits(spec: CampaignSpec) -> None:
+    """The channel's message limits, before any row is read (``channels`` declares them): a
+    subject where the provider requires one (SendGrid answers 400 without), and a body that no
+    recipient's fields can bring under the length limit (Twilio refuses over 1,600 characters:
+    21617). A personalized body over the limit for one recipient is that row's ``body_too_long``."""
+    limits = default_registry().channel(spec.channel).limits
+    if limits.subject_required and not (spec.subject or "").strip():
+        raise PlanError(
+            f"campaign {spec.id}: channel {spec.channel!r} needs a subject (the provider refuses mail without one)"
+        )
+    shortest = string.Template(spec.body).safe_substitute(dict.fromkeys(spec.template_fields, ""))
+    if limits.max_chars is not None and len(shortest) > limits.max_chars:
+        raise PlanError(
+            f"campaign {spec.id}: the body is {len(shortest):,} characters without its fields; "
+            f"channel {spec.channel!r} allows at most {limits.max_chars:,}"
+        )
+    if limits.max_bytes is not None and len(shortest.encode()) > limits.max_bytes:
+        raise PlanError(
+            f"campaign {spec.id}: the body is {len(shortest.encode()):,} bytes without its fields; "
+            f"channel {spec.channel!r} allows at most {limits.max_bytes:,}"
+        )

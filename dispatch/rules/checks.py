@@ -63,6 +63,7 @@ class Reason(enum.StrEnum):
     STALE_MISSING = "stale_missing"
     STALE_FUTURE = "stale_future"
     UNKNOWN_TIMEZONE = "unknown_timezone"
+    BODY_TOO_LONG = "body_too_long"
     SUPPRESSED = "suppressed"
     DUPLICATE_ID = "duplicate_id"
     DUPLICATE = "duplicate"
