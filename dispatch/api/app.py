@@ -65,6 +65,7 @@ from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings
 from dispatch.errors import AudienceError, CampaignNotFound, CampaignStateError, DispatchError, PlanError
 from dispatch.plan.audience import AudienceFormat, read_audience
+from dispatch.plan.manifest import Manifest
 from dispatch.plan.planner import Planner, PlanReport
 from dispatch.plan.snapshot import load_manifest
 from dispatch.plan.sources import SourceUnavailable, plan_from_source
@@ -230,10 +231,10 @@ def _existing_plan(deps: _Deps, spec: CampaignSpec, source: str | None = None) -
     raw, claimed = pipe.execute()
     if raw is None:
         return None
-    manifest = orjson.loads(cast(bytes, raw))
-    if manifest.get("fingerprint") != spec.fingerprint():
+    manifest = Manifest.decode(cast(bytes, raw), campaign_id=spec.id)
+    if manifest.fingerprint != spec.fingerprint():
         raise ApiProblem(409, f"campaign {spec.id!r} exists with a different spec; use a new id", slug="conflict")
-    planned_from = manifest.get(AUDIENCE_SOURCE) or (claimed.decode() if claimed else None)
+    planned_from = manifest.audience_source or (claimed.decode() if claimed else None)
     if planned_from != source:
         raise ApiProblem(
             409,
@@ -410,8 +411,8 @@ def _write_all(fd: int, data: bytes) -> None:
 def _status_body(deps: _Deps, campaign_id: str) -> dict[str, Any]:
     manifest = load_manifest(deps.sync, campaign_id)
     status = deps.control().status(campaign_id).as_dict()
-    triggered = manifest.get("kind") == "triggered"
-    batches = int(manifest["batches"])
+    triggered = manifest.triggered
+    batches = manifest.batches
     if triggered:
         accepted, batches = triggered_counts(cast(dict[bytes, bytes], deps.sync.hgetall(state_key(campaign_id))))
         status["accepted"] = accepted
@@ -419,12 +420,12 @@ def _status_body(deps: _Deps, campaign_id: str) -> dict[str, Any]:
     return {
         **status,
         "kind": "triggered" if triggered else "campaign",
-        "channel": manifest["channel"],
-        "total": status["accepted"] if triggered else manifest["total"],
-        "rejected": manifest["rejected"],
+        "channel": manifest.channel,
+        "total": status["accepted"] if triggered else manifest.total,
+        "rejected": manifest.rejected,
         "batches": batches,
-        "verdict": manifest["prediction"]["verdict"],
-        "prediction": manifest["prediction"],
+        "verdict": manifest.verdict,
+        "prediction": manifest.prediction,
     }
 
 
@@ -465,7 +466,7 @@ def _action(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             raise ApiProblem(503, "this API server has no broker to start campaigns with")
 
         def run() -> dict[str, Any]:
-            if load_manifest(deps.sync, cid).get("kind") == "triggered" and name in {"start", "resume"}:
+            if load_manifest(deps.sync, cid).triggered and name in {"start", "resume"}:
                 deps.control().resume(cid)
             else:
                 getattr(deps.control(), name)(cid)
@@ -487,11 +488,11 @@ def _int_param(request: web.Request, name: str, low: int, high: int, default: in
 
 def _messages_page(deps: _Deps, cid: str, only: int | None, start: tuple[int, int], limit: int) -> dict[str, Any]:
     manifest = load_manifest(deps.sync, cid)
-    triggered = manifest.get("kind") == "triggered"
+    triggered = manifest.triggered
     if triggered:
         batches = triggered_counts(cast(dict[bytes, bytes], deps.sync.hgetall(state_key(cid))))[1]
     else:
-        batches = int(manifest["batches"])
+        batches = manifest.batches
     last = min(batches, only + 1) if only is not None else batches
     batch, index = start
     if only is not None:
