@@ -14,7 +14,7 @@ from channels.sms import TwilioConfig, TwilioSms
 from dispatch.config import load_settings
 from dispatch.send.engine import Engine, SendStep, render_step
 from dispatch.send.receipts import build_receipt_app
-from dispatch.send.tracking import Tracker, campaign_counters
+from dispatch.send.tracking import MessageRecord, Tracker, campaign_counters
 from dispatch.store import keys
 from loadtest.mock_core import MockConfig, ReceiptConfig
 from loadtest.mock_provider import MockProvider
@@ -101,5 +101,5 @@ async def test_signed_receipts_update_records_and_forgeries_change_nothing(aredi
     assert counters["sent"] == 20
     assert counters["delivered"] + counters["undelivered"] + counters["bounced"] == 20
     assert counters["undelivered"] + counters["bounced"] > 0  # fail_ratio 0.25 over 20 messages, seeded
-    states = {v.decode().split("|", 1)[0] for k, v in before.items() if k.isdigit()}
+    states = {MessageRecord.decode(v).state for k, v in before.items() if k.isdigit()}
     assert states <= {"delivered", "failed", "bounced", "sent"}

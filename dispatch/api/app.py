@@ -67,14 +67,14 @@ from dispatch.errors import AudienceError, CampaignNotFound, CampaignStateError,
 from dispatch.plan.audience import AudienceFormat, read_audience
 from dispatch.plan.manifest import Manifest
 from dispatch.plan.planner import Planner, PlanReport
-from dispatch.plan.snapshot import load_manifest
+from dispatch.plan.snapshot import SnapshotRow, batch_row, decode_row, decode_rows, load_manifest
 from dispatch.plan.sources import SourceUnavailable, plan_from_source
 from dispatch.rules.checks import Reason
 from dispatch.rules.suppression import GLOBAL, AddressHasher, AsyncSuppressionStore, check_suppression_key, hasher_for
 from dispatch.rules.validation import AddressValidator
 from dispatch.send.control import CampaignControl, EnqueueFn
 from dispatch.send.receipts import ReceiptApplier
-from dispatch.send.tracking import GROUP_FIELD, Tracker, make_ref, parse_ref, record_value
+from dispatch.send.tracking import GROUP_FIELD, MessageRecord, Tracker, make_ref, parse_ref, record_value
 from dispatch.store import keys
 from dispatch.triggered.accept import (
     TriggeredSender,
@@ -510,35 +510,38 @@ def _messages_page(deps: _Deps, cid: str, only: int | None, start: tuple[int, in
             if len(items) >= limit:
                 return {"items": items, "next_cursor": f"{batch}.{i}"}
             record = record_value(records, cid, batch, i)
-            items.append(_record(cid, batch, i, rows[i][0], record, triggered=triggered))
+            items.append(_record(cid, batch, i, rows[i].recipient_id, record, triggered=triggered))
         batch, index = batch + 1, 0
     return {"items": items, "next_cursor": None}
 
 
-def _rows(raw_batch: bytes | None, open_rows: list[bytes] | None) -> list[Any]:
+def _rows(raw_batch: bytes | None, open_rows: list[bytes] | None) -> list[SnapshotRow]:
     """A batch's rows: the sealed snapshot batch, else a triggered batch still open (a list of
     encoded rows, sealed within milliseconds), else none."""
     if raw_batch:
-        rows: list[Any] = orjson.loads(raw_batch)[1]
-        return rows
-    return [orjson.loads(row) for row in open_rows or ()]
+        return decode_rows(raw_batch)
+    return [decode_row(row) for row in open_rows or ()]
 
 
-def _record(cid: str, batch: int, index: int, rid: str, raw: bytes | None, *, triggered: bool) -> dict[str, Any]:
-    state, attempts, provider_id, code, ts = "pending", "0", "", "", ""
-    if raw is not None:
-        state, attempts, _owner, provider_id, code, ts = raw.decode().split("|", 5)
+def _record(
+    cid: str, batch: int, index: int, rid: str, stored: MessageRecord | None, *, triggered: bool
+) -> dict[str, Any]:
+    record = stored or _PENDING
     return {
         "message_id": make_ref(cid, batch, index),
         "recipient_id": split_recipient(rid) if triggered else rid,
         "batch": batch,
         "index": index,
-        "state": state,
-        "attempts": int(attempts or 0),
-        "provider_id": provider_id,
-        "code": code,
-        "ts": float(ts) if ts else None,
+        "state": record.state,
+        "attempts": record.attempts,
+        "provider_id": record.provider_id,
+        "code": record.code,
+        "ts": record.ts,
     }
+
+
+#: What the API shows for a message not claimed yet.
+_PENDING: Final = MessageRecord("pending", 0, "", "", "", None)
 
 
 async def list_messages(request: web.Request) -> web.StreamResponse:
@@ -595,13 +598,14 @@ async def get_message(request: web.Request) -> web.StreamResponse:
     raw_batch, (own, group), *open_row = await pipe.execute()
     raw_record = record_value({str(index).encode(): own, GROUP_FIELD.encode(): group}, cid, batch, index)
     if raw_batch:
-        rows = orjson.loads(raw_batch)[1]
-        row = rows[index] if index < len(rows) else None
+        row = batch_row(raw_batch, index)
+    elif open_row and open_row[0]:
+        row = decode_row(open_row[0])
     else:
-        row = orjson.loads(open_row[0]) if open_row and open_row[0] else None
+        row = None
     if row is None:
         raise ApiProblem(404, "no such message")
-    return _json(_record(cid, batch, index, row[0], raw_record, triggered=triggered))
+    return _json(_record(cid, batch, index, row.recipient_id, raw_record, triggered=triggered))
 
 
 # --- suppressions ------------------------------------------------------------------------------

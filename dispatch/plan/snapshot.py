@@ -47,8 +47,11 @@ __all__ = [
     "Row",
     "SnapshotRow",
     "SnapshotWriter",
+    "batch_row",
     "decode_batch",
     "decode_open_row",
+    "decode_row",
+    "decode_rows",
     "discard_batches",
     "encode_open_row",
     "expire_snapshot",
@@ -85,8 +88,24 @@ def encode_open_row(row: Row) -> bytes:
 
 
 def decode_open_row(raw: bytes) -> SnapshotRow:
-    """A row from :meth:`SnapshotRow.encode_open`'s bytes."""
-    return SnapshotRow._make(orjson.loads(raw + b"]"))
+    """A row from :func:`encode_open_row`'s bytes."""
+    return decode_row(raw + b"]")
+
+
+def decode_row(raw: bytes) -> SnapshotRow:
+    """A row from its whole JSON array (a triggered batch still open keeps its rows so)."""
+    return SnapshotRow._make(orjson.loads(raw))
+
+
+def decode_rows(raw: bytes) -> list[SnapshotRow]:
+    """The rows of a stored batch (its ``not_before`` left out)."""
+    return list(map(SnapshotRow._make, orjson.loads(raw)[1]))
+
+
+def batch_row(raw: bytes, index: int) -> SnapshotRow | None:
+    """Row ``index`` of a stored batch, None beyond its end (only that row is made a SnapshotRow)."""
+    rows = orjson.loads(raw)[1]
+    return SnapshotRow._make(rows[index]) if 0 <= index < len(rows) else None
 
 
 @dataclass(frozen=True, slots=True)
