@@ -115,8 +115,8 @@ async def test_accept_appends_to_the_open_batch_and_seals_at_the_size_threshold(
             assert row == [f"user-{i}#{n}.{index}", f"+4474001{i:05d}", {"body": f"Code {i}"}]
     manifest = load_manifest(redis_client, cid)
     # "accepted" stays one above the real count while the campaign is open: workers never finalize it
-    assert (manifest["batches"], manifest["accepted"], manifest["total"]) == (3, 251, 250)
-    assert list(iter_records(redis_client, cid, manifest["batches"])) == []  # nothing claimed yet
+    assert (manifest.batches, manifest.accepted, manifest.total) == (3, 251, 250)
+    assert list(iter_records(redis_client, cid, manifest.batches)) == []  # nothing claimed yet
     await parts.sealer.flush()  # nothing open: nothing sealed, nothing enqueued again
     assert len(parts.enqueued) == 3
 
@@ -319,14 +319,14 @@ async def test_the_sweep_recovers_a_crash_between_seal_and_enqueue_and_orphaned_
     assert parts.enqueued == [(cid, 1, 0), (cid, 0, 0)]
     assert redis_client.zcard(TO_ENQUEUE) == 0
     assert [r[0] for r in _batch(redis_client, cid, 1)[1]] == ["#1.0"] and two["message_id"] == f"{cid}.1.0"
-    assert load_manifest(redis_client, cid)["accepted"] == 3
+    assert load_manifest(redis_client, cid).accepted == 3
     # its hour is over (and the grace for clock skew): closed, with exact counts, and forgotten
     parts.clock.now = closes_at(cid) + 299
     assert await survivor.sweep() == 0 and redis_client.zcard(REGISTRY) == 1
     parts.clock.now = closes_at(cid) + 301
     assert await survivor.sweep() == 0 and redis_client.zcard(REGISTRY) == 0
     manifest = load_manifest(redis_client, cid)
-    assert (manifest["accepted"], manifest["total"], manifest["batches"]) == (2, 2, 2)
+    assert (manifest.accepted, manifest.total, manifest.batches) == (2, 2, 2)
 
 
 # --- real workers ------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def test_email_without_a_subject_is_refused_before_anything_is_written(
 def test_an_sms_body_over_1600_characters_is_refused(redis_client: redis.Redis, tmp_path: Path) -> None:
     cid = f"longsms-{next(_ids)}"
     spec = CampaignSpec(id=cid, channel="sms", body="x" * 1601, quiet_hours=None)
-    with pytest.raises(PlanError, match="1,601 characters.*at most 1,600"):
+    with pytest.raises(PlanError, match=r"1,601 characters.*at most 1,600"):
         Planner(redis_client, _settings(tmp_path)).plan(spec, [{"id": "r1", "phone": "+447400000001"}])
     assert not redis_client.exists(keys.manifest(cid))
     # the fields do not count against the body: no field value could make it shorter

@@ -146,7 +146,7 @@ def test_quiet_hours_schedule_later_batches_in_time_order(redis_client: redis.Re
     assert {r[0] for b in batches[3:] for r in b.rows} == {"r0", "r4", "r5"}
     # the prediction waits for the last window: 3 due now at 1 msg/s, the Tokyo ones from 23:00
     assert report.prediction["finish"] == pytest.approx(NOON + 11 * 3600 + 3, abs=0.01)
-    schedule = load_manifest(redis_client, "quiet-1")["schedule"]
+    schedule = load_manifest(redis_client, "quiet-1").schedule
     assert [s["recipients"] for s in schedule] == [3, 1, 3]
     # without quiet hours (transactional) everyone is due now; a wrapped window works too
     off = CampaignSpec(id="quiet-2", channel="sms", body="Hi", quiet_hours=None)
@@ -198,11 +198,11 @@ def test_manifest_and_snapshot_lifetime(redis_client: redis.Redis, tmp_path: Pat
     spec = CampaignSpec(id="life-1", channel="sms", body="Hi", deadline=deadline, max_staleness=timedelta(days=2))
     report = _planner(redis_client, settings).plan(spec, [_row(i) for i in range(5)])
     manifest = load_manifest(redis_client, "life-1")
-    assert manifest["expires_at"] == deadline.timestamp() + 3600  # deadline later than the finish
-    assert manifest["watermark"] == NOON and manifest["created_at"] == NOON
-    assert manifest["policy"]["max_staleness_s"] == 172_800
-    assert manifest["policy"]["frequency_cap"] == {"limit": 1, "window_s": 3600.0}
-    assert len(manifest["config_hash"]) == 16 and verify_snapshot(redis_client, "life-1")
+    assert manifest.expires_at == deadline.timestamp() + 3600  # deadline later than the finish
+    assert manifest.watermark == NOON and manifest.created_at == NOON
+    assert manifest.policy["max_staleness_s"] == 172_800
+    assert manifest.policy["frequency_cap"] == {"limit": 1, "window_s": 3600.0}
+    assert len(manifest.config_hash) == 16 and verify_snapshot(redis_client, "life-1")
     for key in (keys.manifest("life-1"), keys.batch("life-1", report.batches - 1)):
         ttl = int(redis_client.ttl(key))  # type: ignore[arg-type]
         # relative to the planner's clock (the TTL means the same on Redis's clock, whatever the date)

@@ -206,7 +206,7 @@ def test_plan_file_equals_planning_the_parsed_rows(redis_client: redis.Redis, tm
         batches = [(b.not_before, b.rows) for b in iter_batches(redis_client, cid, report.batches)]
         rejected = Path(str(report.rejected_file)).read_text(encoding="utf-8")
         reports.append((report.total, report.accepted, report.rejected, report.cost_units, batches, rejected))
-        assert load_manifest(redis_client, cid)["checksum"]
+        assert load_manifest(redis_client, cid).checksum
     assert reports[0] == reports[1]
     total, accepted, rejected, _, batches, _ = reports[0]
     assert total == 1_000 and total == accepted + sum(rejected.values())

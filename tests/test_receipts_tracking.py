@@ -12,9 +12,10 @@ from aiohttp import web
 
 from channels.sms import TwilioConfig, TwilioSms
 from dispatch.config import load_settings
+from dispatch.plan.manifest import Manifest
 from dispatch.send.engine import Engine, SendStep, render_step
 from dispatch.send.receipts import build_receipt_app
-from dispatch.send.tracking import Tracker, campaign_counters
+from dispatch.send.tracking import MessageRecord, Tracker, campaign_counters
 from dispatch.store import keys
 from loadtest.mock_core import MockConfig, ReceiptConfig
 from loadtest.mock_provider import MockProvider
@@ -51,7 +52,7 @@ async def test_signed_receipts_update_records_and_forgeries_change_nothing(aredi
     import orjson
 
     sync.set(keys.batch(cid, 0), orjson.dumps([0, rows]))
-    sync.set(keys.manifest(cid), orjson.dumps({"channel": "sms", "body": "hi", "subject": None}))
+    sync.set(keys.manifest(cid), _manifest(cid, len(rows)).encode())
     sync.hset(keys.control(cid), "state", "running")
     sync.close()
 
@@ -101,5 +102,25 @@ async def test_signed_receipts_update_records_and_forgeries_change_nothing(aredi
     assert counters["sent"] == 20
     assert counters["delivered"] + counters["undelivered"] + counters["bounced"] == 20
     assert counters["undelivered"] + counters["bounced"] > 0  # fail_ratio 0.25 over 20 messages, seeded
-    states = {v.decode().split("|", 1)[0] for k, v in before.items() if k.isdigit()}
+    states = {MessageRecord.decode(v).state for k, v in before.items() if k.isdigit()}
     assert states <= {"delivered", "failed", "bounced", "sent"}
+
+
+def _manifest(cid: str, n: int) -> Manifest:
+    """The manifest of a hand-made one-batch campaign of ``n`` SMS saying "hi"."""
+    return Manifest(
+        campaign_id=cid,
+        fingerprint="test",
+        channel="sms",
+        body="hi",
+        total=n,
+        accepted=n,
+        rejected={},
+        batches=1,
+        batch_size=n,
+        cost_units=n,
+        checksum="",
+        snapshot_bytes=0,
+        created_at=0.0,
+        prediction={"duration_s": 0.0, "verdict": "no_deadline"},
+    )

@@ -65,15 +65,16 @@ from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings
 from dispatch.errors import AudienceError, CampaignNotFound, CampaignStateError, DispatchError, PlanError
 from dispatch.plan.audience import AudienceFormat, read_audience
+from dispatch.plan.manifest import Manifest
 from dispatch.plan.planner import Planner, PlanReport
-from dispatch.plan.snapshot import load_manifest
+from dispatch.plan.snapshot import SnapshotRow, batch_row, decode_row, decode_rows, load_manifest
 from dispatch.plan.sources import SourceUnavailable, plan_from_source
 from dispatch.rules.checks import Reason
 from dispatch.rules.suppression import GLOBAL, AddressHasher, AsyncSuppressionStore, check_suppression_key, hasher_for
 from dispatch.rules.validation import AddressValidator
 from dispatch.send.control import CampaignControl, EnqueueFn
 from dispatch.send.receipts import ReceiptApplier
-from dispatch.send.tracking import GROUP_FIELD, Tracker, make_ref, parse_ref, record_value
+from dispatch.send.tracking import GROUP_FIELD, MessageRecord, Tracker, make_ref, parse_ref, record_value
 from dispatch.store import keys
 from dispatch.triggered.accept import (
     TriggeredSender,
@@ -230,10 +231,10 @@ def _existing_plan(deps: _Deps, spec: CampaignSpec, source: str | None = None) -
     raw, claimed = pipe.execute()
     if raw is None:
         return None
-    manifest = orjson.loads(cast(bytes, raw))
-    if manifest.get("fingerprint") != spec.fingerprint():
+    manifest = Manifest.decode(cast(bytes, raw), campaign_id=spec.id)
+    if manifest.fingerprint != spec.fingerprint():
         raise ApiProblem(409, f"campaign {spec.id!r} exists with a different spec; use a new id", slug="conflict")
-    planned_from = manifest.get(AUDIENCE_SOURCE) or (claimed.decode() if claimed else None)
+    planned_from = manifest.audience_source or (claimed.decode() if claimed else None)
     if planned_from != source:
         raise ApiProblem(
             409,
@@ -410,8 +411,8 @@ def _write_all(fd: int, data: bytes) -> None:
 def _status_body(deps: _Deps, campaign_id: str) -> dict[str, Any]:
     manifest = load_manifest(deps.sync, campaign_id)
     status = deps.control().status(campaign_id).as_dict()
-    triggered = manifest.get("kind") == "triggered"
-    batches = int(manifest["batches"])
+    triggered = manifest.triggered
+    batches = manifest.batches
     if triggered:
         accepted, batches = triggered_counts(cast(dict[bytes, bytes], deps.sync.hgetall(state_key(campaign_id))))
         status["accepted"] = accepted
@@ -419,12 +420,12 @@ def _status_body(deps: _Deps, campaign_id: str) -> dict[str, Any]:
     return {
         **status,
         "kind": "triggered" if triggered else "campaign",
-        "channel": manifest["channel"],
-        "total": status["accepted"] if triggered else manifest["total"],
-        "rejected": manifest["rejected"],
+        "channel": manifest.channel,
+        "total": status["accepted"] if triggered else manifest.total,
+        "rejected": manifest.rejected,
         "batches": batches,
-        "verdict": manifest["prediction"]["verdict"],
-        "prediction": manifest["prediction"],
+        "verdict": manifest.verdict,
+        "prediction": manifest.prediction,
     }
 
 
@@ -465,7 +466,7 @@ def _action(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
             raise ApiProblem(503, "this API server has no broker to start campaigns with")
 
         def run() -> dict[str, Any]:
-            if load_manifest(deps.sync, cid).get("kind") == "triggered" and name in {"start", "resume"}:
+            if load_manifest(deps.sync, cid).triggered and name in {"start", "resume"}:
                 deps.control().resume(cid)
             else:
                 getattr(deps.control(), name)(cid)
@@ -487,11 +488,11 @@ def _int_param(request: web.Request, name: str, low: int, high: int, default: in
 
 def _messages_page(deps: _Deps, cid: str, only: int | None, start: tuple[int, int], limit: int) -> dict[str, Any]:
     manifest = load_manifest(deps.sync, cid)
-    triggered = manifest.get("kind") == "triggered"
+    triggered = manifest.triggered
     if triggered:
         batches = triggered_counts(cast(dict[bytes, bytes], deps.sync.hgetall(state_key(cid))))[1]
     else:
-        batches = int(manifest["batches"])
+        batches = manifest.batches
     last = min(batches, only + 1) if only is not None else batches
     batch, index = start
     if only is not None:
@@ -509,35 +510,38 @@ def _messages_page(deps: _Deps, cid: str, only: int | None, start: tuple[int, in
             if len(items) >= limit:
                 return {"items": items, "next_cursor": f"{batch}.{i}"}
             record = record_value(records, cid, batch, i)
-            items.append(_record(cid, batch, i, rows[i][0], record, triggered=triggered))
+            items.append(_record(cid, batch, i, rows[i].recipient_id, record, triggered=triggered))
         batch, index = batch + 1, 0
     return {"items": items, "next_cursor": None}
 
 
-def _rows(raw_batch: bytes | None, open_rows: list[bytes] | None) -> list[Any]:
+def _rows(raw_batch: bytes | None, open_rows: list[bytes] | None) -> list[SnapshotRow]:
     """A batch's rows: the sealed snapshot batch, else a triggered batch still open (a list of
     encoded rows, sealed within milliseconds), else none."""
     if raw_batch:
-        rows: list[Any] = orjson.loads(raw_batch)[1]
-        return rows
-    return [orjson.loads(row) for row in open_rows or ()]
+        return decode_rows(raw_batch)
+    return [decode_row(row) for row in open_rows or ()]
 
 
-def _record(cid: str, batch: int, index: int, rid: str, raw: bytes | None, *, triggered: bool) -> dict[str, Any]:
-    state, attempts, provider_id, code, ts = "pending", "0", "", "", ""
-    if raw is not None:
-        state, attempts, _owner, provider_id, code, ts = raw.decode().split("|", 5)
+def _record(
+    cid: str, batch: int, index: int, rid: str, stored: MessageRecord | None, *, triggered: bool
+) -> dict[str, Any]:
+    record = stored or _PENDING
     return {
         "message_id": make_ref(cid, batch, index),
         "recipient_id": split_recipient(rid) if triggered else rid,
         "batch": batch,
         "index": index,
-        "state": state,
-        "attempts": int(attempts or 0),
-        "provider_id": provider_id,
-        "code": code,
-        "ts": float(ts) if ts else None,
+        "state": record.state,
+        "attempts": record.attempts,
+        "provider_id": record.provider_id,
+        "code": record.code,
+        "ts": record.ts,
     }
+
+
+#: What the API shows for a message not claimed yet.
+_PENDING: Final = MessageRecord("pending", 0, "", "", "", None)
 
 
 async def list_messages(request: web.Request) -> web.StreamResponse:
@@ -594,13 +598,14 @@ async def get_message(request: web.Request) -> web.StreamResponse:
     raw_batch, (own, group), *open_row = await pipe.execute()
     raw_record = record_value({str(index).encode(): own, GROUP_FIELD.encode(): group}, cid, batch, index)
     if raw_batch:
-        rows = orjson.loads(raw_batch)[1]
-        row = rows[index] if index < len(rows) else None
+        row = batch_row(raw_batch, index)
+    elif open_row and open_row[0]:
+        row = decode_row(open_row[0])
     else:
-        row = orjson.loads(open_row[0]) if open_row and open_row[0] else None
+        row = None
     if row is None:
         raise ApiProblem(404, "no such message")
-    return _json(_record(cid, batch, index, row[0], raw_record, triggered=triggered))
+    return _json(_record(cid, batch, index, row.recipient_id, raw_record, triggered=triggered))
 
 
 # --- suppressions ------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         writer = csv.writer(out) if args.format == "csv" else None
         if writer is not None:
             writer.writerow(fields)
-        for r in iter_outcomes(client, args.campaign, int(manifest["batches"]), cancelled=cancelled):
+        for r in iter_outcomes(client, args.campaign, manifest.batches, cancelled=cancelled):
             row = [r.batch, r.index, r.recipient_id, r.state, r.attempts, r.provider_id, r.code, r.ts]
             if writer is not None:
                 writer.writerow(safe_row(row))

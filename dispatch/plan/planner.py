@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import chain, islice
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any, Final, cast
 
 import orjson
 import redis
@@ -92,8 +92,9 @@ from dispatch.plan.audience import (
 from dispatch.plan.calibration import FACTOR_RANGE, SPEED_MATTERS_S, Speed, measure_speed
 from dispatch.plan.csv_scan import CHUNK_ROWS, Chunk, RowScanner, ScanConfig, scan_csv_file
 from dispatch.plan.dedup import DEDUP_MEMORY_BYTES, Candidates, Dedup
+from dispatch.plan.manifest import Manifest
 from dispatch.plan.prediction import Capacity, cpu_costs, predict, speed_shift
-from dispatch.plan.snapshot import Row, SnapshotWriter, load_manifest
+from dispatch.plan.snapshot import Row, SnapshotWriter, decode_open_row, encode_open_row, load_manifest
 from dispatch.rules.checks import (
     FreshnessPolicy,
     Reason,
@@ -284,7 +285,7 @@ class _Schedule:
         self.runs: list[list[float]] = []
 
     def add(self, not_before: float, row: Row) -> None:
-        self.add_encoded(not_before, orjson.dumps(row)[:-1])
+        self.add_encoded(not_before, encode_open_row(row))
 
     def add_encoded(self, not_before: float, row: bytes) -> None:
         rows = self._pending.get(not_before)
@@ -522,13 +523,13 @@ class Planner:
         raw = self._client.get(keys.manifest(spec.id))
         if raw is None:
             return None
-        manifest = orjson.loads(raw)
+        manifest = Manifest.decode(cast(bytes, raw), campaign_id=spec.id)
         self._same_spec(spec, manifest)
         return self._report(manifest, existing=True)
 
     @staticmethod
-    def _same_spec(spec: CampaignSpec, manifest: dict[str, Any]) -> None:
-        if manifest["fingerprint"] != spec.fingerprint():
+    def _same_spec(spec: CampaignSpec, manifest: Manifest) -> None:
+        if manifest.fingerprint != spec.fingerprint():
             raise PlanError(f"campaign {spec.id!r} was already planned with a different spec; use a new campaign id")
 
     def _limits(self) -> ReadLimits:
@@ -543,7 +544,7 @@ class Planner:
         delimiter: str,
     ) -> PlanReport:
         raw = self._client.get(keys.manifest(spec.id))
-        stored = orjson.loads(raw) if raw is not None else None
+        stored = Manifest.decode(cast(bytes, raw), campaign_id=spec.id) if raw is not None else None
         if stored is not None:
             self._same_spec(spec, stored)
         if spec.channel not in ADDRESS_FIELD:
@@ -611,39 +612,39 @@ class Planner:
             retention = self._settings.retention_s
             expires_at = max(prediction.finish, deadline or 0.0) + retention
             cap = self._frequency.cap if self._frequency else None
-            manifest = {
-                "campaign_id": spec.id,
-                "fingerprint": spec.fingerprint(),
-                "channel": spec.channel,
-                "body": spec.body,
-                "subject": spec.subject,
-                "rate": spec.rate,
-                "deadline": deadline,
-                "total": total,
-                "accepted": accepted,
-                "rejected": dict(rejects.counts),
-                "batches": writer.batches,
-                "batch_size": size,
-                "cost_units": cost_units,
-                "checksum": writer.checksum,
-                "audience_digest": digest.hexdigest(total),
-                "snapshot_bytes": writer.bytes,
-                "created_at": started,
-                "watermark": as_of.timestamp(),
-                "policy": {
+            manifest = Manifest(
+                campaign_id=spec.id,
+                fingerprint=spec.fingerprint(),
+                channel=spec.channel,
+                body=spec.body,
+                subject=spec.subject,
+                rate=spec.rate,
+                deadline=deadline,
+                total=total,
+                accepted=accepted,
+                rejected=dict(rejects.counts),
+                batches=writer.batches,
+                batch_size=size,
+                cost_units=cost_units,
+                checksum=writer.checksum,
+                audience_digest=digest.hexdigest(total),
+                snapshot_bytes=writer.bytes,
+                created_at=started,
+                watermark=as_of.timestamp(),
+                policy={
                     **spec.policy(),
                     "frequency_cap": {"limit": cap.limit, "window_s": cap.window.total_seconds()} if cap else None,
                 },
-                "config_hash": _config_hash(self._settings, size, cap, self._region),
-                "schedule": _schedule_summary(schedule.runs),
-                "dedup": {"memory_bytes": self._dedup_memory, "spilled": deferred > 0, "deferred_rows": deferred},
-                "expires_at": expires_at,
-                "prediction": prediction.as_dict(),
-                "rejected_file": str(rejected_path),
-                "rejected_unlisted": rejects.unlisted,
-            }
+                config_hash=_config_hash(self._settings, size, cap, self._region),
+                schedule=_schedule_summary(schedule.runs),
+                dedup={"memory_bytes": self._dedup_memory, "spilled": deferred > 0, "deferred_rows": deferred},
+                expires_at=expires_at,
+                prediction=prediction.as_dict(),
+                rejected_file=str(rejected_path),
+                rejected_unlisted=rejects.unlisted,
+            )
             ttl_ms = max(1000, int((expires_at - self._clock()) * 1000))
-            committed = writer.commit(orjson.dumps(manifest), ttl_ms)
+            committed = writer.commit(manifest, ttl_ms)
         except BaseException:
             schedule.close()
             writer.discard()
@@ -653,7 +654,7 @@ class Planner:
         self._client.zadd(keys.CAMPAIGNS, {spec.id: started})
         return self._report(manifest, existing=False)
 
-    def _replan(self, spec: CampaignSpec, stored: dict[str, Any], chunks: Iterator[tuple[int, Chunk]]) -> PlanReport:
+    def _replan(self, spec: CampaignSpec, stored: Manifest, chunks: Iterator[tuple[int, Chunk]]) -> PlanReport:
         """The stored plan when ``chunks`` (the new audience, scanned) is the audience it was
         planned from; PlanError otherwise. Writes nothing."""
         digest = _AudienceDigest()
@@ -662,10 +663,10 @@ class Planner:
             total += chunk.total
             self._check_rows(spec, total)
             digest.add(_absolute(chunk.rejects, base), chunk.encoded)
-        known = stored.get("audience_digest")
+        known = stored.audience_digest
         if known is not None and known != digest.hexdigest(total):
             raise PlanError(
-                f"campaign {spec.id!r} was already planned with a different audience ({stored['total']:,} rows "
+                f"campaign {spec.id!r} was already planned with a different audience ({stored.total:,} rows "
                 f"then, {total:,} now, or other rows); the existing plan is unchanged: use a new campaign id"
             )
         return self._report(stored, existing=True)
@@ -759,21 +760,21 @@ class Planner:
         unseen = admit.unseen if admit.kept else set()
         return total, admit.accepted, admit.cost_units, unseen, dedup.deferred
 
-    def _report(self, manifest: dict[str, Any], *, existing: bool) -> PlanReport:
+    def _report(self, manifest: Manifest, *, existing: bool) -> PlanReport:
         return PlanReport(
-            campaign_id=manifest["campaign_id"],
-            total=manifest["total"],
-            accepted=manifest["accepted"],
-            rejected=manifest["rejected"],
-            batches=manifest["batches"],
-            cost_units=manifest["cost_units"],
-            prediction=manifest["prediction"],
-            rejected_file=manifest.get("rejected_file"),
+            campaign_id=manifest.campaign_id,
+            total=manifest.total,
+            accepted=manifest.accepted,
+            rejected=manifest.rejected,
+            batches=manifest.batches,
+            cost_units=manifest.cost_units,
+            prediction=manifest.prediction,
+            rejected_file=manifest.rejected_file,
             existing=existing,
-            extra={k: manifest.get(k) for k in _REPORT_EXTRA},
+            extra={k: getattr(manifest, k) for k in _REPORT_EXTRA},
         )
 
-    def manifest(self, campaign_id: str) -> dict[str, Any]:
+    def manifest(self, campaign_id: str) -> Manifest:
         return load_manifest(self._client, campaign_id)
 
 
@@ -880,7 +881,7 @@ class _Admission:
         unseen = self.unseen
         if unseen:
             for i in keep:
-                attrs = orjson.loads(encoded[i] + b"]")[2]
+                attrs = decode_open_row(encoded[i]).attrs or {}
                 unseen.difference_update([k for k in unseen if attrs.get(k)])
                 if not unseen:
                     break

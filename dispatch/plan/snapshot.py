@@ -1,7 +1,11 @@
 """The frozen audience of a campaign: a manifest plus compact batches, written once.
 
 A batch is one Redis string holding ``orjson([not_before, [[recipient_id, address, attrs], ...]])``
-where ``attrs`` keeps only the template fields the message uses. The manifest records counts,
+where ``attrs`` keeps only the template fields the message uses. One row is a :class:`SnapshotRow`;
+the planner and the triggered path build a batch from rows encoded one by one *without their
+closing bracket* (:func:`encode_open_row`, :func:`decode_open_row`), so that the row can be
+hashed and joined without copying it again. The manifest is a
+:class:`dispatch.plan.manifest.Manifest`, stored by its own codec. The manifest records counts,
 policy, a checksum over every batch in order, and when it was made. A snapshot, once committed,
 is never changed; a replan of the same campaign id returns it as it is.
 
@@ -29,19 +33,27 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, cast
+from typing import NamedTuple, cast
 
 import orjson
 import redis
 
 from dispatch.errors import CampaignNotFound, PlanError
+from dispatch.plan.manifest import Manifest
 from dispatch.store import keys
 
 __all__ = [
     "Batch",
+    "Row",
+    "SnapshotRow",
     "SnapshotWriter",
+    "batch_row",
     "decode_batch",
+    "decode_open_row",
+    "decode_row",
+    "decode_rows",
     "discard_batches",
+    "encode_open_row",
     "expire_snapshot",
     "extend_retention",
     "iter_batches",
@@ -55,7 +67,45 @@ WRITE_CHUNK = 64
 #: Lifetime of a staged batch: longer than any plan takes, short enough that an abandoned one goes.
 STAGING_TTL_S = 24 * 3600
 
+
+class SnapshotRow(NamedTuple):
+    """One recipient of a snapshot batch, stored as the JSON array ``[recipient_id, address, attrs]``."""
+
+    recipient_id: str
+    #: The address on the campaign's channel (phone number, email, token): never logged.
+    address: str
+    #: The template fields the body uses, None when it uses none.
+    attrs: dict[str, str] | None
+
+
+#: A row as writers hand it over: a :class:`SnapshotRow` or the same plain tuple.
 Row = tuple[str, str, dict[str, str] | None]
+
+
+def encode_open_row(row: Row) -> bytes:
+    """A row's JSON without its closing bracket (how batches are assembled and hashed)."""
+    return orjson.dumps(tuple(row))[:-1]  # tuple(): orjson refuses a NamedTuple
+
+
+def decode_open_row(raw: bytes) -> SnapshotRow:
+    """A row from :func:`encode_open_row`'s bytes."""
+    return decode_row(raw + b"]")
+
+
+def decode_row(raw: bytes) -> SnapshotRow:
+    """A row from its whole JSON array (a triggered batch still open keeps its rows so)."""
+    return SnapshotRow._make(orjson.loads(raw))
+
+
+def decode_rows(raw: bytes) -> list[SnapshotRow]:
+    """The rows of a stored batch (its ``not_before`` left out)."""
+    return list(map(SnapshotRow._make, orjson.loads(raw)[1]))
+
+
+def batch_row(raw: bytes, index: int) -> SnapshotRow | None:
+    """Row ``index`` of a stored batch, None beyond its end (only that row is made a SnapshotRow)."""
+    rows = orjson.loads(raw)[1]
+    return SnapshotRow._make(rows[index]) if 0 <= index < len(rows) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +113,7 @@ class Batch:
     campaign_id: str
     number: int
     not_before: float
-    rows: list[list[Any]]
+    rows: list[SnapshotRow]
 
 
 class SnapshotWriter:
@@ -81,7 +131,7 @@ class SnapshotWriter:
         self.bytes = 0
 
     def add(self, not_before: float, rows: Sequence[Row]) -> int:
-        return self.add_encoded(not_before, orjson.dumps(rows))
+        return self.add_encoded(not_before, orjson.dumps([tuple(row) for row in rows]))
 
     def add_encoded(self, not_before: float, rows: bytes) -> int:
         """:meth:`add` with the rows already encoded (``orjson.dumps(rows)``, or the same bytes
@@ -105,7 +155,7 @@ class SnapshotWriter:
         pipe.execute()
         self._pending.clear()
 
-    def commit(self, manifest: bytes, ttl_ms: int) -> bool:
+    def commit(self, manifest: Manifest, ttl_ms: int) -> bool:
         """Publish the staged batches and the manifest atomically, all expiring ``ttl_ms`` from
         now; False (nothing changed) when the campaign already has a manifest. Raises PlanError
         when a staged batch is gone (it outlived :data:`STAGING_TTL_S`)."""
@@ -114,7 +164,9 @@ class SnapshotWriter:
         script = self._client.register_script(_commit_script())
         staged = [keys.staged_batch(self._cid, self.token, i) for i in range(n)]
         final = [keys.batch(self._cid, i) for i in range(n)]
-        done = int(script(keys=[keys.manifest(self._cid), *staged, *final], args=[manifest, max(1000, ttl_ms), n]))
+        done = int(
+            script(keys=[keys.manifest(self._cid), *staged, *final], args=[manifest.encode(), max(1000, ttl_ms), n])
+        )
         if done < 0:
             raise PlanError(f"campaign {self._cid!r}: staged batches expired before the plan committed; plan again")
         if done == 0:
@@ -138,19 +190,20 @@ def _commit_script() -> str:
     return resources.files("dispatch.plan").joinpath("commit_snapshot.lua").read_text(encoding="utf-8")
 
 
-def load_manifest(client: redis.Redis, campaign_id: str) -> dict[str, Any]:
-    raw = client.get(keys.manifest(campaign_id))
+def load_manifest(client: redis.Redis, campaign_id: str) -> Manifest:
+    raw = cast(bytes | None, client.get(keys.manifest(campaign_id)))
     if raw is None:
         raise CampaignNotFound(f"no campaign {campaign_id!r}")
-    manifest: dict[str, Any] = orjson.loads(raw)
-    return manifest
+    return Manifest.decode(raw, campaign_id=campaign_id)
 
 
 def decode_batch(campaign_id: str, number: int, raw: bytes | None) -> Batch:
     if raw is None:
         raise CampaignNotFound(f"campaign {campaign_id!r} has no batch {number} (expired or never planned)")
     not_before, rows = orjson.loads(raw)
-    return Batch(campaign_id=campaign_id, number=number, not_before=float(not_before), rows=rows)
+    return Batch(
+        campaign_id=campaign_id, number=number, not_before=float(not_before), rows=list(map(SnapshotRow._make, rows))
+    )
 
 
 def load_batch(client: redis.Redis, campaign_id: str, number: int) -> Batch:
@@ -169,14 +222,14 @@ def verify_snapshot(client: redis.Redis, campaign_id: str) -> bool:
     """Recompute the checksum over every batch and compare it with the manifest's."""
     manifest = load_manifest(client, campaign_id)
     digest = hashlib.sha256()
-    count = int(manifest["batches"])
+    count = manifest.batches
     for start in range(0, count, WRITE_CHUNK):
         numbers = range(start, min(count, start + WRITE_CHUNK))
         for raw in cast(list[bytes | None], client.mget([keys.batch(campaign_id, n) for n in numbers])):
             if raw is None:
                 return False
             digest.update(raw)
-    return bool(digest.hexdigest() == manifest["checksum"])
+    return digest.hexdigest() == manifest.checksum
 
 
 def discard_batches(client: redis.Redis, campaign_id: str, count: int) -> None:
@@ -206,10 +259,9 @@ def extend_retention(client: redis.Redis, campaign_id: str, seconds: float) -> f
     ``settings.retention_s``. Raises CampaignNotFound when the snapshot is already gone."""
     manifest = load_manifest(client, campaign_id)
     target = time.time() + seconds
-    current = float(manifest.get("expires_at") or 0.0)
+    current = float(manifest.expires_at or 0.0)
     if target <= current:
         return current
-    manifest["expires_at"] = target
-    client.set(keys.manifest(campaign_id), orjson.dumps(manifest), xx=True, keepttl=True)
-    expire_snapshot(client, campaign_id, int(manifest["batches"]), int(seconds * 1000))
+    client.set(keys.manifest(campaign_id), manifest.replace(expires_at=target).encode(), xx=True, keepttl=True)
+    expire_snapshot(client, campaign_id, manifest.batches, int(seconds * 1000))
     return target

@@ -119,9 +119,9 @@ class CampaignControl:
             return False
         self._client.hset(keys.control(campaign_id), mapping={"state": "running"})
         # a campaign started long after planning must not outlive its snapshot
-        predicted = float(manifest.get("prediction", {}).get("duration_s") or 0.0)
+        predicted = manifest.predicted_duration_s
         extend_retention(self._client, campaign_id, predicted + self._retention_s)
-        for number in range(int(manifest["batches"])):
+        for number in range(manifest.batches):
             self._enqueue(campaign_id, number, 0)
         return True
 
@@ -153,7 +153,7 @@ class CampaignControl:
         pipe = self._client.pipeline(transaction=False)
         for key in (control, keys.counters(campaign_id), keys.dead_letters(campaign_id)):
             pipe.expire(key, ttl)
-        for number in range(int(manifest["batches"])):
+        for number in range(manifest.batches):
             pipe.expire(keys.records(campaign_id, number), ttl)
         pipe.execute()
         return True
@@ -202,7 +202,7 @@ class CampaignControl:
         manifest = load_manifest(self._client, campaign_id)
         control: dict[bytes, bytes] = self._client.hgetall(keys.control(campaign_id))  # type: ignore[assignment]
         counters = campaign_counters(self._client, campaign_id)
-        accepted = int(manifest["accepted"])
+        accepted = manifest.accepted
         done = sum(counters[name] for name in TERMINAL)
         state = control.get(b"state", b"planned").decode()
         if state == "running" and done >= accepted:
@@ -219,10 +219,10 @@ class CampaignControl:
             accepted=accepted,
             counters=counters,
             done=done,
-            rate=float(rate_raw) if rate_raw else manifest.get("rate"),
+            rate=float(rate_raw) if rate_raw else manifest.rate,
             current_rate=current_rate,
             eta_s=eta,
-            predicted_s=float(manifest["prediction"]["duration_s"]),
-            deadline=manifest.get("deadline"),
+            predicted_s=float(manifest.prediction["duration_s"]),
+            deadline=manifest.deadline,
             started_at=started,
         )

@@ -32,14 +32,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast, runtime_checkable
 
-import orjson
 import redis.asyncio as aredis
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, wait_random_exponential
 
 from channels.base import Channel, Message, Permanent, Result, Retryable, Sent
 from channels.email import Substitution
 from channels.errors import PermanentProviderError, RetryableProviderError
-from dispatch.plan.snapshot import decode_batch
+from dispatch.plan.manifest import Manifest
+from dispatch.plan.snapshot import SnapshotRow, decode_batch
 from dispatch.rules.frequency import AsyncFrequencyStore
 from dispatch.rules.suppression import AsyncSuppressionStore
 from dispatch.send.control import CONTROL_TTL_S
@@ -128,7 +128,7 @@ class SendContext:
     campaign_id: str
     batch: int
     channel: Channel
-    manifest: dict[str, Any]
+    manifest: Manifest
     template: string.Template
     retries: int = 0
     long_wait: float = 0.0
@@ -232,7 +232,7 @@ async def render_step(ctx: SendContext, items: list[Item], nxt: Next) -> None:
     With ``ctx.substitution`` the body stays one template and each message carries its values
     instead: the provider renders, the same text for every recipient as ``safe_substitute``.
     """
-    subject = ctx.manifest.get("subject")
+    subject = ctx.manifest.subject
     substitution = ctx.substitution
     if substitution is not None:
         body = substitution.body
@@ -547,18 +547,18 @@ class Engine:
         self._owner = owner
         # one permit per chunk: at most ``concurrency`` provider requests in flight
         self._sem = asyncio.Semaphore(max(1, concurrency // PER_MESSAGE_CHUNK))
-        self._manifests: dict[str, dict[str, Any]] = {}
+        self._manifests: dict[str, Manifest] = {}
         self._control: dict[str, tuple[float, str]] = {}
         #: Batches running in this process: a second run of one waits (see claim.lua).
         self._active: set[tuple[str, int]] = set()
 
-    async def _manifest(self, campaign_id: str) -> dict[str, Any]:
+    async def _manifest(self, campaign_id: str) -> Manifest:
         manifest = self._manifests.get(campaign_id)
         if manifest is None:
             raw = await self._client.get(keys.manifest(campaign_id))
             if raw is None:
                 raise LookupError(f"campaign {campaign_id!r} has no manifest")
-            manifest = orjson.loads(raw)
+            manifest = Manifest.decode(raw, campaign_id=campaign_id)
             if len(self._manifests) > 256:
                 self._manifests.clear()
             self._manifests[campaign_id] = manifest
@@ -576,7 +576,8 @@ class Engine:
         try:
             raw, rate = cast(list[bytes | None], await self._client.hmget(keys.control(campaign_id), ["state", "rate"]))
             if self._rate_step is not None:
-                manifest_rate = self._manifests.get(campaign_id, {}).get("rate")
+                cached_manifest = self._manifests.get(campaign_id)
+                manifest_rate = cached_manifest.rate if cached_manifest is not None else None
                 await self._rate_step.set_campaign_rate(campaign_id, float(rate) if rate else manifest_rate)
         except BaseException:
             self._control.pop(campaign_id, None)
@@ -610,7 +611,7 @@ class Engine:
         state = await self.campaign_state(campaign_id)
         if state != "running":
             return BatchOutcome(state=state, requeue_after=1.0 if state in {"paused", "planned"} else None)
-        channel = self._channels[manifest["channel"]]
+        channel = self._channels[manifest.channel]
         raw_batch = cast(bytes | None, await self._client.get(keys.batch(campaign_id, batch)))
         snapshot = decode_batch(campaign_id, batch, raw_batch)
         if snapshot.not_before > time.time():
@@ -634,11 +635,11 @@ class Engine:
             batch=batch,
             channel=channel,
             manifest=manifest,
-            template=string.Template(manifest["body"]),
+            template=string.Template(manifest.body),
             read_state=lambda: self.campaign_state(campaign_id),
         )
         if grouped and isinstance(channel, SubstitutingChannel):
-            ctx.substitution = channel.substitution_template(manifest["body"])
+            ctx.substitution = channel.substitution_template(manifest.body)
         for batch_filter in self._filters:
             open_items = [item for item in items if item.outcome is None]
             if open_items:
@@ -706,7 +707,7 @@ class Engine:
                 self._metrics.record_send(channel.name, channel.provider, final, n)
 
     async def _claim_each(
-        self, campaign_id: str, batch: int, channel: Channel, rows: list[Any]
+        self, campaign_id: str, batch: int, channel: Channel, rows: list[SnapshotRow]
     ) -> tuple[list[Item], list[Outcome], int, int] | None:
         """Per-message channels: one record per message, claimed before the send."""
         claims = await self._tracker.claim(campaign_id, batch, self._owner, list(range(len(rows))))
@@ -718,7 +719,7 @@ class Engine:
         return claimed.result()
 
     async def _claim_group(
-        self, campaign_id: str, batch: int, channel: Channel, rows: list[Any]
+        self, campaign_id: str, batch: int, channel: Channel, rows: list[SnapshotRow]
     ) -> tuple[list[Item], list[Outcome], int, int] | None:
         """Batch channels: one group record for the messages without a record of their own."""
         claim = await self._tracker.claim_group(campaign_id, batch, self._owner, len(rows))
@@ -728,7 +729,15 @@ class Engine:
         if not others and claim.code == CLAIM_FRESH and (claim.first, claim.last) == (0, len(rows) - 1):
             # the usual run: every message is a member of a group claimed just now
             attempts = claim.attempts
-            return [Item(i, row[0], row[1], row[2], attempts, grouped=True) for i, row in enumerate(rows)], [], 0, 0
+            return (
+                [
+                    Item(i, row.recipient_id, row.address, row.attrs, attempts, grouped=True)
+                    for i, row in enumerate(rows)
+                ],
+                [],
+                0,
+                0,
+            )
         claimed = _Claimed(channel.supports_idempotency, rows)
         for index in range(len(rows)):
             other = others.get(index)
@@ -745,7 +754,7 @@ class _Claimed:
 
     __slots__ = ("busy", "dedup_hits", "items", "lost", "rows", "supports_idempotency")
 
-    def __init__(self, supports_idempotency: bool, rows: list[Any]) -> None:
+    def __init__(self, supports_idempotency: bool, rows: list[SnapshotRow]) -> None:
         self.supports_idempotency = supports_idempotency
         self.rows = rows
         self.items: list[Item] = []
@@ -760,8 +769,8 @@ class _Claimed:
         elif code == CLAIM_RECLAIMED and not self.supports_idempotency:
             self.lost.append(Outcome(index, "dead", attempts, "", "inflight_unknown"))
         else:
-            rid, address, attrs = self.rows[index]
-            self.items.append(Item(index, rid, address, attrs, attempts, grouped=grouped))
+            row = self.rows[index]
+            self.items.append(Item(index, row.recipient_id, row.address, row.attrs, attempts, grouped=grouped))
 
     def result(self) -> tuple[list[Item], list[Outcome], int, int]:
         return self.items, self.lost, self.busy, self.dedup_hits

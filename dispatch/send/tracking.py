@@ -16,6 +16,12 @@ the group's: a message's state is *its own record, else its group's*. A member's
 group's prefix followed by the message's ref (``<X-Message-Id>:<ref>`` for SendGrid).
 :func:`record_value` resolves one message that way for readers of the raw hash.
 
+Python reads and writes both formats through one codec each, :class:`MessageRecord` and
+:class:`GroupRecord` (``encode``/``decode``); no other module splits a record. The Lua scripts
+beside this module (``claim.lua``, ``claim_group.lua``, ``finish_group.lua``, ``receipt.lua``,
+``requeue_dead.lua``) write and parse the same text; ``ts`` is epoch seconds with three decimals
+(``%.3f``), empty when unknown.
+
 In-flight policy after a crash: a record left ``sending`` by a worker whose liveness key has
 expired is *reclaimed*. If the channel honours idempotency keys the message is sent again with
 the same key (the provider answers with the original message); otherwise it is marked failed with
@@ -45,6 +51,8 @@ __all__ = [
     "GROUP_STATES",
     "GroupClaim",
     "GroupOutcome",
+    "GroupRecord",
+    "MessageRecord",
     "Outcome",
     "Record",
     "Tracker",
@@ -126,7 +134,78 @@ class GroupClaim:
 
 
 @dataclass(frozen=True, slots=True)
+class MessageRecord:
+    """One message's stored record, the hash value ``state|attempts|owner|provider_id|code|ts``."""
+
+    state: str
+    attempts: int
+    #: The worker that claimed it last (``sending``: the one sending it now).
+    owner: str
+    provider_id: str
+    code: str
+    ts: float | None
+
+    def encode(self) -> bytes:
+        ts = "" if self.ts is None else f"{self.ts:.3f}"
+        return f"{self.state}|{self.attempts}|{self.owner}|{self.provider_id}|{self.code}|{ts}".encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> MessageRecord:
+        state, attempts, owner, provider_id, code, ts = raw.decode().split("|", 5)
+        return cls(state, int(attempts or 0), owner, provider_id, code, float(ts) if ts else None)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRecord:
+    """A batch's group record, field ``g``: ``state|attempts|owner|provider_id_prefix|code|ts|first|
+    last|members``, standing for every index ``first..last`` without a record of its own."""
+
+    state: str
+    attempts: int
+    owner: str
+    #: A member's provider id is this followed by its ref; empty: members have none.
+    prefix: str
+    code: str
+    ts: float | None
+    first: int
+    last: int
+    #: How many of ``first..last`` the group still stands for (the counters moved by this).
+    members: int
+
+    def encode(self) -> bytes:
+        ts = "" if self.ts is None else f"{self.ts:.3f}"
+        return (
+            f"{self.state}|{self.attempts}|{self.owner}|{self.prefix}|{self.code}|{ts}|"
+            f"{self.first}|{self.last}|{self.members}"
+        ).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> GroupRecord:
+        state, attempts, owner, prefix, code, ts, first, last, members = raw.decode().split("|")
+        return cls(
+            state,
+            int(attempts or 0),
+            owner,
+            prefix,
+            code,
+            float(ts) if ts else None,
+            int(first),
+            int(last),
+            int(members or 0),
+        )
+
+    def provider_id(self, ref: str) -> str:
+        return self.prefix + ref if self.prefix else ""
+
+    def member(self, ref: str) -> MessageRecord:
+        """The record of the member whose ref is ``ref``, as if it had one of its own."""
+        return MessageRecord(self.state, self.attempts, self.owner, self.provider_id(ref), self.code, self.ts)
+
+
+@dataclass(frozen=True, slots=True)
 class Record:
+    """One message's outcome as exports show it (its stored record without the owner)."""
+
     batch: int
     index: int
     state: str
@@ -135,6 +214,12 @@ class Record:
     code: str
     ts: float | None
     recipient_id: str = ""
+
+    @classmethod
+    def of(cls, batch: int, index: int, stored: MessageRecord, recipient_id: str = "") -> Record:
+        return cls(
+            batch, index, stored.state, stored.attempts, stored.provider_id, stored.code, stored.ts, recipient_id
+        )
 
 
 def make_ref(campaign_id: str, batch: int, index: int) -> str:
@@ -251,7 +336,14 @@ def iter_outcomes(client: redis.Redis, campaign_id: str, batches: int, *, cancel
             if record is None:
                 record = Record(snapshot.number, index, unclaimed, 0, "", "", None)
             yield Record(
-                record.batch, index, record.state, record.attempts, record.provider_id, record.code, record.ts, row[0]
+                record.batch,
+                index,
+                record.state,
+                record.attempts,
+                record.provider_id,
+                record.code,
+                record.ts,
+                row.recipient_id,
             )
 
 
@@ -261,43 +353,22 @@ def iter_records(client: redis.Redis, campaign_id: str, batches: int) -> Iterato
         yield from _batch_records(client, campaign_id, batch)
 
 
-def record_value(records: Mapping[bytes, bytes | None], campaign_id: str, batch: int, index: int) -> bytes | None:
-    """One message's record in the per-message format (``state|attempts|owner|provider_id|code|
-    ts``) from a batch's raw records hash (``HGETALL``, or ``HMGET`` of ``str(index)`` and
-    ``"g"`` as a mapping): its own record, else its group's; ``None`` when it has neither."""
+def record_value(
+    records: Mapping[bytes, bytes | None], campaign_id: str, batch: int, index: int
+) -> MessageRecord | None:
+    """One message's record from a batch's raw records hash (``HGETALL``, or ``HMGET`` of
+    ``str(index)`` and ``"g"`` as a mapping): its own record, else its group's; ``None`` when it
+    has neither."""
     own = records.get(str(index).encode())
     if own is not None:
-        return own
+        return MessageRecord.decode(own)
     group = records.get(GROUP_FIELD.encode())
     if group is None:
         return None
-    resolved = _GroupRecord.parse(group)
+    resolved = GroupRecord.decode(group)
     if not resolved.first <= index <= resolved.last:
         return None
-    return resolved.member_value(make_ref(campaign_id, batch, index)).encode()
-
-
-@dataclass(frozen=True, slots=True)
-class _GroupRecord:
-    state: str
-    attempts: str
-    owner: str
-    prefix: str
-    code: str
-    ts: str
-    first: int
-    last: int
-
-    @classmethod
-    def parse(cls, raw: bytes) -> _GroupRecord:
-        state, attempts, owner, prefix, code, ts, first, last, _members = raw.decode().split("|")
-        return cls(state, attempts, owner, prefix, code, ts, int(first), int(last))
-
-    def provider_id(self, ref: str) -> str:
-        return self.prefix + ref if self.prefix else ""
-
-    def member_value(self, ref: str) -> str:
-        return f"{self.state}|{self.attempts}|{self.owner}|{self.provider_id(ref)}|{self.code}|{self.ts}"
+    return resolved.member(make_ref(campaign_id, batch, index))
 
 
 def _batch_records(client: redis.Redis, campaign_id: str, batch: int) -> Iterator[Record]:
@@ -306,23 +377,12 @@ def _batch_records(client: redis.Redis, campaign_id: str, batch: int) -> Iterato
     for field, value in raw.items():
         if not field.isdigit():
             continue
-        state, attempts, _owner, provider_id, code, ts = value.decode().split("|", 5)
-        records[int(field)] = Record(
-            batch=batch,
-            index=int(field),
-            state=state,
-            attempts=int(attempts or 0),
-            provider_id=provider_id,
-            code=code,
-            ts=float(ts) if ts else None,
-        )
+        records[int(field)] = Record.of(batch, int(field), MessageRecord.decode(value))
     group_raw = raw.get(GROUP_FIELD.encode())
     if group_raw is not None:
-        group = _GroupRecord.parse(group_raw)
-        group_attempts, group_ts = int(group.attempts or 0), float(group.ts) if group.ts else None
+        group = GroupRecord.decode(group_raw)
         for index in range(group.first, group.last + 1):
             if index not in records:
-                pid = group.provider_id(make_ref(campaign_id, batch, index))
-                records[index] = Record(batch, index, group.state, group_attempts, pid, group.code, group_ts)
+                records[index] = Record.of(batch, index, group.member(make_ref(campaign_id, batch, index)))
     for index in sorted(records):
         yield records[index]

@@ -65,6 +65,7 @@ import redis.asyncio as aredis
 from dispatch.api.pipelined import PipelinedRedis
 from dispatch.api.problems import ApiProblem, FieldError
 from dispatch.config import Settings
+from dispatch.plan.manifest import TRIGGERED, Manifest
 from dispatch.rules.checks import QuietHours, next_allowed, resolve_timezone
 from dispatch.rules.frequency import DEFAULT_PREFIX as FREQUENCY_PREFIX
 from dispatch.rules.frequency import frequency_key
@@ -165,26 +166,26 @@ def _idempotency_key(owner: str, key: str) -> str:
     return f"{keys.PREFIX}:idem:" + hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()[:32]
 
 
-def _manifest(campaign_id: str, channel: str, now: float) -> dict[str, Any]:
-    return {
-        "campaign_id": campaign_id,
-        "kind": "triggered",
-        "fingerprint": "triggered",
-        "channel": channel,
-        "body": "$body",
-        "subject": None,
-        "rate": None,
-        "deadline": None,
-        "total": 0,
-        "accepted": 1,  # one more than accepted until the campaign closes (see the module docstring)
-        "rejected": {},
-        "batches": 0,
-        "batch_size": SEAL_SIZE,
-        "cost_units": 0,
-        "checksum": "",
-        "snapshot_bytes": 0,
-        "created_at": now,
-        "prediction": {
+def _manifest(campaign_id: str, channel: str, now: float) -> Manifest:
+    return Manifest(
+        campaign_id=campaign_id,
+        kind=TRIGGERED,
+        fingerprint=TRIGGERED,
+        channel=channel,
+        body="$body",
+        subject=None,
+        rate=None,
+        deadline=None,
+        total=0,
+        accepted=1,  # one more than accepted until the campaign closes (see the module docstring)
+        rejected={},
+        batches=0,
+        batch_size=SEAL_SIZE,
+        cost_units=0,
+        checksum="",
+        snapshot_bytes=0,
+        created_at=now,
+        prediction={
             "messages": 0,
             "cost_units": 0,
             "rate": 0.0,
@@ -197,8 +198,8 @@ def _manifest(campaign_id: str, channel: str, now: float) -> dict[str, Any]:
             "required_rate": None,
             "advice": "triggered messages are sent as they arrive",
         },
-        "rejected_file": None,
-    }
+        rejected_file=None,
+    )
 
 
 def _answer(message_id: str, state: str, not_before: float, *, replayed: bool) -> dict[str, Any]:
@@ -255,7 +256,7 @@ class TriggeredSender:
             return ready
         campaign_id = f"{TRIGGERED_PREFIX}{channel}-{datetime.fromtimestamp(now, UTC):%Y%m%d%H}"
         pipe = self._client.pipeline(transaction=False)
-        manifest = orjson.dumps(_manifest(campaign_id, channel, now))
+        manifest = _manifest(campaign_id, channel, now).encode()
         pipe.set(keys.manifest(campaign_id), manifest, nx=True, ex=self._ttl)
         pipe.hsetnx(keys.control(campaign_id), "state", "running")
         pipe.hsetnx(keys.control(campaign_id), "started_at", f"{now:.3f}")
