@@ -45,7 +45,7 @@ import redis.asyncio as aredis
 from aiohttp import BodyPartReader, web
 from prometheus_client import CollectorRegistry, Histogram
 
-from channels.receipts import RedisReplayGuard, receipt_routes
+from channels.receipts import RedisReplayGuard
 from dispatch import keys
 from dispatch.api_auth import (
     API_KEY,
@@ -77,7 +77,7 @@ from dispatch.config import Settings
 from dispatch.control import CampaignControl, EnqueueFn
 from dispatch.errors import AudienceError, CampaignNotFound, CampaignStateError, DispatchError, PlanError
 from dispatch.planner import Planner, PlanReport
-from dispatch.receipts import ReceiptApplier
+from dispatch.receipts import ReceiptApplier, configured_receipt_routes
 from dispatch.snapshot import load_manifest
 from dispatch.sources import SourceUnavailable, plan_from_source
 from dispatch.suppression import GLOBAL, AddressHasher, AsyncSuppressionStore, hasher_for
@@ -813,15 +813,9 @@ def build_app(
     # Provider callbacks: authenticated by the providers' signatures, not by API keys.
     applier = ReceiptApplier(Tracker(app_client, ttl_s=settings.retention_s), metrics)
     base = public_base_url or settings.callback_base_url or "http://127.0.0.1:8080"
+    # mounted only for providers with a real secret (never the public demo token)
     app.add_routes(
-        receipt_routes(
-            applier,
-            twilio_auth_token=settings.sms_auth_token,
-            sendgrid_public_key=None,
-            webhook_secret=None,
-            replay_guard=RedisReplayGuard(app_client),
-            public_base_url=base,
-        )
+        configured_receipt_routes(settings, applier, replay_guard=RedisReplayGuard(app_client), public_base_url=base)
     )
 
     async def start_sealer(app: web.Application) -> None:
