@@ -220,7 +220,7 @@ async def test_webhook_signature_header_variants_do_not_replay(
 
 
 async def test_malleated_sendgrid_signature_does_not_replay(
-    redis_url: str, tmp_path: Path, redis_client: redis.Redis, aredis_client: aredis.Redis
+    redis_url: str, tmp_path: Path, aredis_client: aredis.Redis
 ) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     settings = api_settings(redis_url, tmp_path, DISPATCH_SENDGRID_PUBLIC_KEY=_public_key(key))
