@@ -5,7 +5,10 @@ Three endpoints (``receipt_routes``):
 - ``POST /callbacks/twilio``: Twilio ``StatusCallback`` (form-encoded). ``X-Twilio-Signature`` is
   base64(HMAC-SHA1(auth token, public URL + POST params sorted by name, name+value each)). The
   URL is ``public_base_url`` + the request's raw path and query (as Twilio called it, proxies
-  notwithstanding); our ``ref`` rides in that query (``?ref=``, see ``channels.sms``).
+  notwithstanding); our ``ref`` rides in that query (``?ref=``, see ``channels.sms``). Twilio signs
+  some callbacks over the URL with its scheme's default port written out (``:443``/``:80``) and
+  some without, so a signature over either form is accepted (its own validators do the same);
+  a URL with another port has only the one form.
 - ``POST /callbacks/sendgrid``: a batch of SendGrid events (JSON list). ECDSA P-256/SHA-256
   signature over timestamp + raw body in ``X-Twilio-Email-Event-Webhook-Signature`` (base64
   DER), time in ``X-Twilio-Email-Event-Webhook-Timestamp``; the verification key is the
@@ -15,9 +18,16 @@ Three endpoints (``receipt_routes``):
 
 Refusals change nothing (``on_receipts`` is not called): a body over the bound -> 413; a forged,
 altered or stale (timestamp outside tolerance) callback -> 401; a replay of a callback already
-processed (same signature, remembered by a ``ReplayGuard`` for ``replay_ttl_s``) -> 403. If
-``on_receipts`` fails the replay mark is released and the provider gets 500, so its retry is
-processed. Twilio callbacks carry no timestamp, so only the replay guard bounds their reuse.
+processed -> 403. The ``ReplayGuard`` remembers, for ``replay_ttl_s``, what the signature
+vouches for in canonical form, never the signature header's text (which a replayer can vary
+without the secret: ``v1=`` lists, an ECDSA ``(r, n - s)``, the other port form of a Twilio
+URL): the request path and parsed form for Twilio, the timestamp (as a number) and a hash of the
+raw body for SendGrid and our webhook receipts. If ``on_receipts`` fails the replay mark is
+released and the provider gets 500, so its retry is processed. Twilio callbacks carry no
+timestamp, so only the replay guard bounds their reuse.
+
+Each ``Receipt`` names the ``channel`` whose messages its provider sends: the consumer applies it
+only to a message of that channel (a Twilio callback never touches an email).
 
 Receipts can still arrive twice (providers deliver at least once, and a provider's own retry is
 re-signed) and out of order: ``Receipt.event_key`` identifies the event for the consumer's dedup,
@@ -34,7 +44,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 import redis.asyncio as aredis
@@ -43,14 +53,18 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from channels.email import SendGridEmail
 from channels.errors import ChannelConfigError
 from channels.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_webhook
+from channels.sms import TwilioSms
+from channels.webhook import SignedWebhook
 
 __all__ = [
     "SENDGRID_SIGNATURE_HEADER",
     "SENDGRID_TIMESTAMP_HEADER",
     "TWILIO_SIGNATURE_HEADER",
     "MemoryReplayGuard",
+    "OnReceipts",
     "Receipt",
     "ReceiptStatus",
     "RedisReplayGuard",
@@ -61,6 +75,7 @@ __all__ = [
     "parse_webhook_receipts",
     "receipt_routes",
     "twilio_signature",
+    "twilio_url_forms",
     "verify_sendgrid_signature",
     "verify_twilio_signature",
 ]
@@ -94,6 +109,8 @@ class Receipt:
 
     ref: str
     provider: str
+    #: The channel whose messages ``provider`` sends (a receipt applies to no other channel's).
+    channel: str
     provider_id: str | None
     status: ReceiptStatus
     code: str | None
@@ -116,10 +133,42 @@ def twilio_signature(url: str, params: Mapping[str, str], auth_token: str) -> st
     return base64.b64encode(digest).decode()
 
 
+#: Ports a URL may leave out (Twilio signs with and without them).
+_DEFAULT_PORTS: Final[Mapping[str, int]] = {"https": 443, "http": 80}
+
+
+def twilio_url_forms(url: str) -> list[str]:
+    """``url`` as given and, when its port is its scheme's default (stated or not), the other
+    spelling: ``https://h/p`` and ``https://h:443/p``. Any other port has only the one form."""
+    parts = urlsplit(url)
+    default = _DEFAULT_PORTS.get(parts.scheme.lower())
+    start = len(parts.scheme) + 3  # after "scheme://": the rest of the URL is kept byte for byte
+    if default is None or not parts.hostname or url[start : start + len(parts.netloc)] != parts.netloc:
+        return [url]
+    try:
+        port = parts.port
+    except ValueError:
+        return [url]
+    if port is None and not parts.netloc.endswith(":"):
+        other = f"{parts.netloc}:{default}"
+    elif port == default:
+        other = parts.netloc.rsplit(":", 1)[0]
+    else:
+        return [url]
+    return [url, url[:start] + other + url[start + len(parts.netloc) :]]
+
+
 def verify_twilio_signature(url: str, params: Mapping[str, str], signature: str | None, auth_token: str) -> bool:
+    """True when ``signature`` is Twilio's over ``url`` in one of its ``twilio_url_forms``."""
     if not signature:
         return False
-    return hmac.compare_digest(twilio_signature(url, params, auth_token), signature)
+    given = signature.encode()
+    # every form is compared (no early exit): timing says nothing about which one matched
+    matches = [
+        hmac.compare_digest(twilio_signature(form, params, auth_token).encode(), given)
+        for form in twilio_url_forms(url)
+    ]
+    return any(matches)
 
 
 def load_sendgrid_public_key(key: str) -> ec.EllipticCurvePublicKey:
@@ -222,7 +271,8 @@ def parse_twilio_callback(params: Mapping[str, str], ref: str | None, *, now: fl
     return [
         Receipt(
             ref=ref,
-            provider="twilio",
+            provider=TwilioSms.provider,
+            channel=TwilioSms.name,
             provider_id=sid,
             status=status,
             code=code,
@@ -255,7 +305,8 @@ def parse_sendgrid_events(events: Any) -> list[Receipt]:
         receipts.append(
             Receipt(
                 ref=ref,
-                provider="sendgrid",
+                provider=SendGridEmail.provider,
+                channel=SendGridEmail.name,
                 provider_id=message_id if isinstance(message_id, str) else None,
                 status=status,
                 code=None if code is None else str(code),
@@ -284,7 +335,8 @@ def parse_webhook_receipts(payload: Any) -> list[Receipt]:
         receipts.append(
             Receipt(
                 ref=ref,
-                provider="webhook",
+                provider=SignedWebhook.provider,
+                channel=SignedWebhook.name,
                 provider_id=provider_id if isinstance(provider_id, str) else None,
                 status=status,
                 code=code if isinstance(code, str) else None,
@@ -297,6 +349,7 @@ def parse_webhook_receipts(payload: Any) -> list[Receipt]:
 
 # -- routes -------------------------------------------------------------------------------------
 
+#: What the routes call with the receipts of one verified callback.
 OnReceipts = Callable[[list[Receipt]], Awaitable[None]]
 
 
@@ -334,9 +387,9 @@ def receipt_routes(
     tolerance_s: float = 300.0,
     replay_ttl_s: int = 7 * 24 * 3600,
 ) -> list[web.RouteDef]:
-    """Routes for each configured provider (a ``None`` credential leaves its route out)."""
+    """Routes for each configured provider (a ``None`` or empty credential leaves its route out)."""
     base = public_base_url.rstrip("/")
-    sendgrid_key = load_sendgrid_public_key(sendgrid_public_key) if sendgrid_public_key is not None else None
+    sendgrid_key = load_sendgrid_public_key(sendgrid_public_key) if sendgrid_public_key else None
 
     async def process(replay_key: str, receipts: Sequence[Receipt]) -> web.Response:
         if not await replay_guard.claim(replay_key, replay_ttl_s):
@@ -365,7 +418,7 @@ def receipt_routes(
             receipts = parse_twilio_callback(params, request.query.get("ref"))
         except ReceiptError as exc:
             return _refuse(400, str(exc))
-        return await process(f"twilio:{signature}", receipts)
+        return await process(_twilio_replay_key(request.raw_path, params), receipts)
 
     async def signed_json(
         request: web.Request,
@@ -381,14 +434,15 @@ def receipt_routes(
             raw = await _read_bounded(request, max_body_bytes)
         except _BodyTooLarge:
             return _refuse(413, "body too large")
-        signature = request.headers.get(signature_header)
-        if not verify(raw, signature, request.headers.get(timestamp_header)):
+        timestamp = request.headers.get(timestamp_header)
+        if not verify(raw, request.headers.get(signature_header), timestamp):
             return _refuse(401, "bad or stale signature")
+        assert timestamp is not None  # a verified signature has a (digit-only) timestamp
         try:
             receipts = parse(orjson.loads(raw))
         except (orjson.JSONDecodeError, ReceiptError) as exc:
             return _refuse(400, str(exc))
-        return await process(f"{kind}:{signature}", receipts)
+        return await process(_signed_body_replay_key(kind, timestamp, raw), receipts)
 
     def sendgrid_verify(raw: bytes, signature: str | None, timestamp: str | None) -> bool:
         assert sendgrid_key is not None
@@ -419,16 +473,26 @@ def receipt_routes(
         )
 
     routes = []
-    if twilio_auth_token is not None:
+    if twilio_auth_token:
         routes.append(web.post(f"{prefix}/twilio", twilio))
     if sendgrid_key is not None:
         routes.append(web.post(f"{prefix}/sendgrid", sendgrid))
-    if webhook_secret is not None:
+    if webhook_secret:
         routes.append(web.post(f"{prefix}/webhook", webhook))
     return routes
 
 
+def _twilio_replay_key(raw_path: str, params: Mapping[str, str]) -> str:
+    """What a Twilio signature vouches for, in one spelling whichever URL form was signed."""
+    return "twilio:" + orjson.dumps([raw_path, sorted(params.items())]).decode()
+
+
+def _signed_body_replay_key(kind: str, timestamp: str, raw: bytes) -> str:
+    """What a timestamp + body signature vouches for: the time as a number, the exact bytes."""
+    return f"{kind}:{int(timestamp)}:{hashlib.sha256(raw).hexdigest()}"
+
+
 def _fresh(timestamp: str | None, tolerance_s: float) -> bool:
-    if not timestamp or not timestamp.isdigit():
+    if not timestamp or not (timestamp.isascii() and timestamp.isdigit()):
         return False
     return abs(time.time() - int(timestamp)) <= tolerance_s

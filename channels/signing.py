@@ -57,7 +57,7 @@ def verify_webhook(
     now: float | None = None,
 ) -> bool:
     """True when ``signature`` is a valid ``v1`` signature of ``body`` made within tolerance."""
-    if not timestamp or not signature or not timestamp.isdigit():
+    if not timestamp or not signature or not (timestamp.isascii() and timestamp.isdigit()):
         return False
     current = time.time() if now is None else now
     if abs(current - int(timestamp)) > tolerance_s:

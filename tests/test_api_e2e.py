@@ -30,7 +30,10 @@ from loadtest.cluster import LocalCluster
 def settings(redis_url: str, tmp_path: Path) -> Iterator[Settings]:
     broker_db = redis.Redis.from_url(with_db(redis_url, 1))
     broker_db.flushdb()
-    yield api_settings(redis_url, tmp_path, DISPATCH_HEARTBEAT_TIMEOUT_MS="3000")
+    # receipt routes need a real secret: the public demo token mounts none
+    yield api_settings(
+        redis_url, tmp_path, DISPATCH_HEARTBEAT_TIMEOUT_MS="3000", DISPATCH_SMS_AUTH_TOKEN="e2e-twilio-auth-token"
+    )
     broker_db.flushdb()
     broker_db.close()
 

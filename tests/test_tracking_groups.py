@@ -260,14 +260,14 @@ async def test_receipts_before_and_after_the_group_confirmation(rig: Rig) -> Non
     claim = await rig.tracker.claim_group("g-rcpt", 0, "w", 6)
     assert claim is not None
     ref = [make_ref("g-rcpt", 0, i) for i in range(6)]
-    assert await rig.tracker.apply_receipt(ref[1], "delivered", None) == 2  # before confirmation
-    assert await rig.tracker.apply_receipt(ref[1], "delivered", None) == 2  # duplicate, still deferred
-    assert await rig.tracker.apply_receipt(ref[2], "bounced", "550") == 2
-    assert await rig.tracker.apply_receipt(make_ref("g-rcpt", 0, 9), "delivered", None) == -1
+    assert await rig.tracker.apply_receipt(ref[1], "delivered", None, channel="email") == 2  # before confirmation
+    assert await rig.tracker.apply_receipt(ref[1], "delivered", None, channel="email") == 2  # duplicate, still deferred
+    assert await rig.tracker.apply_receipt(ref[2], "bounced", "550", channel="email") == 2
+    assert await rig.tracker.apply_receipt(make_ref("g-rcpt", 0, 9), "delivered", None, channel="email") == -1
     await rig.tracker.finish_group("g-rcpt", 0, "w", [], GroupOutcome("sent", 1, "m1:"))
-    assert await rig.tracker.apply_receipt(ref[3], "failed", "x") == 1  # after: own record
-    assert await rig.tracker.apply_receipt(ref[3], "delivered", None) == 0  # already final
-    assert await rig.tracker.apply_receipt(ref[1], "delivered", None) == 0
+    assert await rig.tracker.apply_receipt(ref[3], "failed", "x", channel="email") == 1  # after: own record
+    assert await rig.tracker.apply_receipt(ref[3], "delivered", None, channel="email") == 0  # already final
+    assert await rig.tracker.apply_receipt(ref[1], "delivered", None, channel="email") == 0
     counters = campaign_counters(rig.sync, "g-rcpt")
     assert (counters["sent"], counters["delivered"], counters["bounced"], counters["undelivered"]) == (6, 1, 1, 1)
     records = rig.records("g-rcpt")

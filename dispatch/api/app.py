@@ -45,7 +45,7 @@ import redis.asyncio as aredis
 from aiohttp import BodyPartReader, web
 from prometheus_client import CollectorRegistry, Histogram
 
-from channels.receipts import RedisReplayGuard, receipt_routes
+from channels.receipts import RedisReplayGuard
 from dispatch.api.auth import (
     API_KEY,
     SCOPES,
@@ -73,7 +73,7 @@ from dispatch.rules.checks import Reason
 from dispatch.rules.suppression import GLOBAL, AddressHasher, AsyncSuppressionStore, check_suppression_key, hasher_for
 from dispatch.rules.validation import AddressValidator
 from dispatch.send.control import CampaignControl, EnqueueFn
-from dispatch.send.receipts import ReceiptApplier
+from dispatch.send.receipts import ReceiptApplier, configured_receipt_routes
 from dispatch.send.tracking import GROUP_FIELD, MessageRecord, Tracker, make_ref, parse_ref, record_value
 from dispatch.store import keys
 from dispatch.triggered.accept import (
@@ -87,7 +87,7 @@ from dispatch.triggered.sealer import TriggeredSealer
 from monitoring.exposition import metrics_handler
 from monitoring.metrics import Metrics
 
-__all__ = ["SEALER", "ApiLimits", "add_commands", "build_app", "make_runner", "origin_key", "serve"]
+__all__ = ["SEALER", "ApiLimits", "add_commands", "build_app", "guarded_runner", "make_runner", "origin_key", "serve"]
 
 T = TypeVar("T")
 
@@ -817,15 +817,9 @@ def build_app(
     # Provider callbacks: authenticated by the providers' signatures, not by API keys.
     applier = ReceiptApplier(Tracker(app_client, ttl_s=settings.retention_s), metrics)
     base = public_base_url or settings.callback_base_url or "http://127.0.0.1:8080"
+    # mounted only for providers with a real secret (never the public demo token)
     app.add_routes(
-        receipt_routes(
-            applier,
-            twilio_auth_token=settings.sms_auth_token.reveal(),
-            sendgrid_public_key=None,
-            webhook_secret=None,
-            replay_guard=RedisReplayGuard(app_client),
-            public_base_url=base,
-        )
+        configured_receipt_routes(settings, applier, replay_guard=RedisReplayGuard(app_client), public_base_url=base)
     )
 
     async def start_sealer(app: web.Application) -> None:
@@ -847,7 +841,12 @@ def make_runner(app: web.Application) -> web.AppRunner:
     """A runner whose access log carries no headers, no query string and no address (tokens and
     addresses never logged), and whose server applies the settings' header timeout, idle timeout
     and connection cap (``dispatch.api.connections``)."""
-    settings = app[DEPS].settings
+    return guarded_runner(app, app[DEPS].settings)
+
+
+def guarded_runner(app: web.Application, settings: Settings) -> web.AppRunner:
+    """:func:`make_runner` for any of our apps (the API, the receipt endpoints): path-only access
+    log, the settings' header timeout, idle timeout and connection cap."""
     limits = ConnectionLimits(
         header_timeout_s=settings.api_header_timeout_s,
         keepalive_timeout_s=settings.api_keepalive_timeout_s,

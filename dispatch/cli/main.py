@@ -198,18 +198,27 @@ def cmd_callbacks(args: argparse.Namespace, settings: Settings) -> int:
     import uvloop
     from aiohttp import web
 
-    from dispatch.send.receipts import build_receipt_app
+    from dispatch.api.app import guarded_runner
+    from dispatch.send.receipts import ReceiptSecrets, build_receipt_app
 
+    providers = ReceiptSecrets.from_settings(settings).providers
+    if not providers:
+        raise ConfigError(
+            "DISPATCH_SMS_AUTH_TOKEN, DISPATCH_SENDGRID_PUBLIC_KEY, DISPATCH_RECEIPT_WEBHOOK_SECRET",
+            "no provider has a secret to verify its receipts by (the SMS auth token is the public demo default)",
+            "set your Twilio auth token, SendGrid verification key or webhook receipt secret",
+        )
     target = resolve_redis(settings)
     public = args.public_url or settings.callback_base_url or f"http://{args.host}:{args.port}"
 
     async def serve() -> None:
         client = aredis.Redis.from_url(target.app_url)
         app, _ = build_receipt_app(settings, client, public_base_url=public)
-        runner = web.AppRunner(app)
+        runner = guarded_runner(app, settings)  # the API's header timeout and connection cap
         await runner.setup()
         await web.TCPSite(runner, args.host, args.port).start()
-        print(f"receipt endpoint listening on {args.host}:{args.port}, public URL {public}/callbacks/...", flush=True)
+        routes = ", ".join(f"/callbacks/{name}" for name in providers)
+        print(f"receipt endpoint listening on {args.host}:{args.port}, public URL {public}: {routes}", flush=True)
         try:
             await asyncio.Event().wait()
         finally:

@@ -14,7 +14,9 @@ counters move by ``members``. Messages whose fate differs from the request's (a 
 recipient, a retry, a dead letter, a delivery receipt) get a record of their own, which wins over
 the group's: a message's state is *its own record, else its group's*. A member's provider id is the
 group's prefix followed by the message's ref (``<X-Message-Id>:<ref>`` for SendGrid).
-:func:`record_value` resolves one message that way for readers of the raw hash.
+:func:`record_value` resolves one message that way for readers of the raw hash. A delivery receipt
+(``receipt.lua``) changes a message only when the receipt's channel is the campaign's (its
+manifest's ``channel``): one provider's callback never touches another channel's message.
 
 Python reads and writes both formats through one codec each, :class:`MessageRecord` and
 :class:`GroupRecord` (``encode``/``decode``); no other module splits a record. The Lua scripts
@@ -302,12 +304,13 @@ class Tracker:
         )
         return int(applied)
 
-    async def apply_receipt(self, ref: str, state: str, code: str | None) -> int:
-        """Move a sent message to delivered/failed/bounced; see receipt.lua for return codes."""
+    async def apply_receipt(self, ref: str, state: str, code: str | None, *, channel: str) -> int:
+        """Move a sent message of ``channel`` to delivered/failed/bounced; see receipt.lua for
+        return codes (-2: the message belongs to another channel and is left alone)."""
         campaign_id, batch, index = parse_ref(ref)
         result = await self._receipt(
-            keys=[keys.records(campaign_id, batch), keys.counters(campaign_id)],
-            args=[index, state, code or "", f"{time.time():.3f}", ref],
+            keys=[keys.records(campaign_id, batch), keys.counters(campaign_id), keys.manifest(campaign_id)],
+            args=[index, state, code or "", f"{time.time():.3f}", ref, channel],
         )
         return int(result)
 
