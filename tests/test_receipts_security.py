@@ -29,7 +29,7 @@ from twilio.request_validator import RequestValidator
 
 from channels.receipts import SENDGRID_SIGNATURE_HEADER, twilio_signature, twilio_url_forms
 from channels.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, signed_headers
-from dispatch.cli import cmd_callbacks
+from dispatch.cli.main import cmd_callbacks
 from dispatch.config import Settings
 from dispatch.errors import ConfigError
 from dispatch.send.receipts import DEMO_SMS_AUTH_TOKEN, ReceiptSecrets, build_receipt_app
@@ -108,7 +108,7 @@ async def test_demo_token_mounts_no_twilio_route_in_serve(
     redis_url: str, tmp_path: Path, redis_client: redis.Redis, aredis_client: aredis.Redis
 ) -> None:
     settings = api_settings(redis_url, tmp_path)
-    assert settings.sms_auth_token == DEMO_SMS_AUTH_TOKEN  # nothing configured: the public default
+    assert settings.sms_auth_token.reveal() == DEMO_SMS_AUTH_TOKEN  # nothing configured: the public default
     (ref,) = _seed_sent(redis_client, "demo-sms", "sms", 1)
     async with _serve(settings, redis_client, aredis_client) as api:
         params = _twilio_params("SMforged")
