@@ -51,6 +51,9 @@ from pydantic import (
     model_validator,
 )
 
+# The metaclass of every pydantic model, subclassed only to translate the constructor's error.
+from pydantic._internal._model_construction import ModelMetaclass
+
 from channels import default_registry
 from dispatch.errors import PlanError
 from dispatch.models import field_errors, problem
@@ -202,7 +205,9 @@ def _quiet_hours(value: Any) -> QuietHours | None:
         return value
     if isinstance(value, dict) and set(value) <= {"start", "end"}:
         default = QuietHours()
-        return QuietHours(_clock(value.get("start", default.start), "start"), _clock(value.get("end", default.end), "end"))
+        return QuietHours(
+            _clock(value.get("start", default.start), "start"), _clock(value.get("end", default.end), "end")
+        )
     raise problem("must be true, false or {start = 'HH:MM', end = 'HH:MM'}")
 
 
@@ -231,7 +236,18 @@ Instant = Annotated[datetime | None, PlainValidator(_instant), WithJsonSchema(_I
 Flag = Annotated[bool, PlainValidator(_flag), WithJsonSchema({"type": "boolean"})]
 
 
-class CampaignSpec(BaseModel):
+class _RaisesPlanError(ModelMetaclass):
+    """Building a spec in code (``CampaignSpec(id=...)``) raises :class:`PlanError`, like the file;
+    validation of a body that nests a spec (``model_validate``) keeps pydantic's field errors."""
+
+    def __call__(cls, *args: Any, **data: Any) -> Any:
+        try:
+            return super().__call__(*args, **data)
+        except ValidationError as exc:
+            raise PlanError(_plan_error_text(data, exc)) from None
+
+
+class CampaignSpec(BaseModel, metaclass=_RaisesPlanError):
     """One campaign: who (the audience is given separately), what, through which channel, by when."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", title="CampaignSpec")
@@ -251,10 +267,9 @@ class CampaignSpec(BaseModel):
     deadline: Instant = None
     #: Campaign-level cap in messages per second on top of the provider's limit (None = none).
     rate: Annotated[
-        float | None,
+        Annotated[float, Field(gt=0), AfterValidator(_rate)] | None,
         BeforeValidator(_number),
-        Field(gt=0, description="campaign cap, messages/s (at least one a day)"),
-        AfterValidator(lambda v: None if v is None else _rate(v)),
+        Field(description="campaign cap, messages/s (at least one a day)"),
     ] = None
     batch_size: Annotated[int | None, BeforeValidator(lambda v: None if v is None else _whole(v))] = Field(
         default=None, ge=1, le=MAX_BATCH_SIZE
@@ -312,12 +327,6 @@ class CampaignSpec(BaseModel):
         BeforeValidator(_number),
         Field(exclude=True, description="input only: sets deadline to now + this many seconds"),
     ] = None
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise PlanError(_plan_error_text(data, exc)) from None
 
     @model_validator(mode="after")
     def _resolve_deadline_in_s(self) -> CampaignSpec:

@@ -53,6 +53,10 @@ def _path(prefix: str, loc: tuple[int | str, ...]) -> str:
     return path or "(body)"
 
 
+def _n(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _reason(error: ErrorDetails) -> str:
     kind = error["type"]
     ctx: dict[str, Any] = dict(error.get("ctx") or {})
@@ -72,11 +76,11 @@ def _reason(error: ErrorDetails) -> str:
     if kind == "string_pattern_mismatch":
         return f"does not match {ctx['pattern']}"
     if kind == "greater_than":
-        return f"must be greater than {ctx['gt']}"
+        return f"must be greater than {_n(ctx['gt'])}"
     if kind == "greater_than_equal":
-        return f"less than {ctx['ge']}"
+        return f"less than {_n(ctx['ge'])}"
     if kind == "less_than_equal":
-        return f"greater than {ctx['le']}"
+        return f"greater than {_n(ctx['le'])}"
     if kind == "too_short":
         return f"fewer than {ctx['min_length']} {'fields' if ctx.get('field_type') == 'Dictionary' else 'items'}"
     if kind == "too_long":
