@@ -24,7 +24,7 @@ from test_api_support import PG_PASSWORD, Api, api_settings, postgres_table, run
 from dispatch.api.app import ApiLimits, origin_key
 from dispatch.api.auth import KEYS_HASH, ApiKeyStore
 from dispatch.api.openapi import OPERATIONS, response_errors
-from dispatch.api.schemas import SCHEMAS, validate
+from dispatch.api.schemas import CampaignPatch, MessageRecord, errors_of
 from dispatch.config import load_settings
 from dispatch.rules.checks import QuietHours, next_allowed, resolve_timezone
 from dispatch.rules.suppression import SuppressionStore, hasher_for
@@ -233,15 +233,15 @@ async def test_malformed_oversized_and_wrongly_typed_bodies(api: Api, redis_clie
     )
     assert invalid.status == 422
     fields = {e["field"]: e["reason"] for e in invalid.json["errors"]}
-    assert fields["spec.id"].startswith("does not match")
-    assert fields["spec.channel"].startswith("expected one of")
+    assert "use 1-128 letters" in fields["spec.id"]
+    assert fields["spec.channel"] == "'fax' is not one of sms, email, push, webhook"
     assert fields["spec.body"].startswith("shorter than")
     assert fields["spec.rate"] == "must be greater than 0"
     assert fields["spec.colour"] == "unknown field"
     assert fields["extra"] == "unknown field"
     assert fields["recipients[0].nested"].startswith("expected string")
     template = await api.call("POST", "/v1/campaigns", json={"spec": {**SPEC, "body": "costs 5$"}, "recipients": ROWS})
-    assert template.status == 422 and template.json["errors"][0]["field"] == "spec"
+    assert template.status == 422 and template.json["errors"][0]["field"] == "spec.body"
     missing = await api.call("GET", "/v1/nowhere", token="read", check=False)
     assert missing.status == 404 and missing.headers["Content-Type"].startswith("application/problem+json")
     assert redis_client.zcard(keys.CAMPAIGNS) == 0
@@ -595,10 +595,9 @@ def test_the_response_checker_catches_departures_from_the_document() -> None:
     assert any("items[0].recipient_id: required" in e for e in errors)
 
 
-def test_validator_reports_every_field_and_refuses_unknown_keywords() -> None:
-    errors = validate(SCHEMAS["CampaignPatch"], {"rate": "fast", "burst": 3})
-    assert [(e.field, e.reason) for e in errors] == [("rate", "expected number or null"), ("burst", "unknown field")]
-    assert validate(SCHEMAS["CampaignPatch"], {"rate": None}) == []
-    assert validate({"type": "integer"}, True)  # a bool is not an integer
-    with pytest.raises(ValueError, match="not supported"):
-        validate({"type": "string", "oneOf": []}, "x")
+def test_models_report_every_field_and_coerce_nothing() -> None:
+    errors = errors_of(CampaignPatch, {"rate": "fast", "burst": 3})
+    assert [(e.field, e.reason) for e in errors] == [("rate", "expected number"), ("burst", "unknown field")]
+    assert errors_of(CampaignPatch, {"rate": None}) == []
+    assert errors_of(CampaignPatch, {"rate": True})  # a bool is not a number
+    assert errors_of(MessageRecord, {"message_id": 1})[0].reason == "expected string"

@@ -1,74 +1,40 @@
-"""JSON Schemas of the HTTP API and the small validator that enforces them.
+"""The HTTP API's request and response bodies as pydantic models, and the schemas derived from them.
 
-The schemas below are the single source: request bodies are checked with :func:`validate` (every
-field, unknown fields rejected, one :class:`FieldError` per problem) and the OpenAPI document
-(``dispatch.api.openapi``) publishes the same dictionaries. The validator implements the subset of
-JSON Schema 2020-12 these schemas use: ``type`` (one or a list), ``properties``, ``required``,
-``additionalProperties`` (bool or schema), ``items``, ``enum``, ``minimum``, ``maximum``,
-``exclusiveMinimum``, ``minLength``, ``maxLength``, ``pattern``, ``minItems``, ``maxItems``,
-``minProperties``, ``maxProperties``, ``format: date-time`` and local ``$ref``. An unsupported keyword
-raises ``ValueError`` (so a schema cannot silently promise more than is checked).
+Each body is declared once, here (the campaign spec in ``dispatch.campaign``): requests are
+checked with :func:`parse` (every field, unknown fields refused, one :class:`FieldError` per
+problem), :data:`SCHEMAS` (the OpenAPI components published by ``dispatch.api.openapi``) is
+generated from the same models, and ``response_errors`` checks a live response with the model its
+component names. Models and components share their names.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
-from datetime import datetime
-from functools import lru_cache
-from typing import Any, Final
+from typing import Annotated, Any, Final, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, WithJsonSchema
+from pydantic.json_schema import models_json_schema
 
 from dispatch.api.problems import FieldError
-from dispatch.campaign import CHANNELS
+from dispatch.campaign import CAMPAIGN_ID_PATTERN, CHANNELS, CampaignSpec
 from dispatch.config import SOURCE_NAME_PATTERN
+from dispatch.models import field_errors, problem
 from dispatch.rules.suppression import GLOBAL
 
-__all__ = ["SCHEMAS", "SUPPRESSION_LISTS", "validate"]
+__all__ = [
+    "CAMPAIGN_ID_PATTERN",
+    "CAMPAIGN_PATH_ID_PATTERN",
+    "MODELS",
+    "SCHEMAS",
+    "SUPPRESSION_LISTS",
+    "CampaignCreateFromSource",
+    "CampaignCreateJson",
+    "CampaignPatch",
+    "SuppressionAdd",
+    "TriggeredMessage",
+    "errors_of",
+    "parse",
+]
 
-_SUPPORTED: Final = frozenset(
-    {
-        "type",
-        "properties",
-        "required",
-        "additionalProperties",
-        "items",
-        "enum",
-        "minimum",
-        "maximum",
-        "exclusiveMinimum",
-        "minLength",
-        "maxLength",
-        "pattern",
-        "minItems",
-        "maxItems",
-        "minProperties",
-        "maxProperties",
-        "format",
-        "$ref",
-        "description",
-        "title",
-        "examples",
-        "default",
-    }
-)
-
-_REF_PREFIX: Final = "#/components/schemas/"
-
-
-def _s(kind: str | list[str], **rest: Any) -> dict[str, Any]:
-    return {"type": kind, **rest}
-
-
-def _obj(properties: dict[str, Any], required: list[str], **rest: Any) -> dict[str, Any]:
-    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False, **rest}
-
-
-_NUM = _s("number")
-_INT = _s("integer", minimum=0)
-_NUM_OR_NULL = _s(["number", "null"])
-
-#: Campaign ids a client may choose: what ``CampaignSpec`` accepts (``triggered-`` is reserved).
-CAMPAIGN_ID_PATTERN: Final = r"^(?!triggered-)[A-Za-z0-9._-]{1,128}$"
 #: Campaign ids in a path: a client's, a triggered campaign's (``triggered:sms-2026112512``) or
 #: one of the former triggered ids (``triggered-sms-2026112512``).
 CAMPAIGN_PATH_ID_PATTERN: Final = r"^(?:[A-Za-z0-9._-]{1,128}|triggered:[a-z]+-[0-9]{10})$"
@@ -76,350 +42,229 @@ CAMPAIGN_PATH_ID_PATTERN: Final = r"^(?:[A-Za-z0-9._-]{1,128}|triggered:[a-z]+-[
 #: Suppression lists the API serves: one per channel a campaign can use, and the global one.
 SUPPRESSION_LISTS: Final = (*CHANNELS, GLOBAL)
 
-SCHEMAS: Final[dict[str, dict[str, Any]]] = {
-    "CampaignSpec": _obj(
-        {
-            "id": _s("string", pattern=CAMPAIGN_ID_PATTERN, description="client-supplied campaign id"),
-            "channel": _s("string", enum=list(CHANNELS)),
-            "body": _s("string", minLength=1, maxLength=10_000, description="string.Template ($field)"),
-            "subject": _s(["string", "null"], maxLength=998),
-            "deadline": _s(["string", "null"], format="date-time"),
-            "rate": _s(["number", "null"], exclusiveMinimum=0, description="campaign cap, messages/s"),
-            "batch_size": _s(["integer", "null"], minimum=1, maximum=10_000),
-        },
-        ["id", "channel", "body"],
-    ),
-    "CampaignCreateJson": _obj(
-        {
-            "spec": {"$ref": _REF_PREFIX + "CampaignSpec"},
-            "recipients": _s(
-                "array",
-                maxItems=10_000,
-                items=_s(
-                    "object",
-                    maxProperties=64,
-                    additionalProperties=_s(["string", "number", "boolean", "null"]),
-                    description="one audience row: id, phone, email, ..., template attributes",
-                ),
-            ),
-        },
-        ["spec", "recipients"],
-    ),
-    "CampaignCreateFromSource": _obj(
-        {
-            "spec": {"$ref": _REF_PREFIX + "CampaignSpec"},
-            "audience": {"$ref": _REF_PREFIX + "AudienceSourceRef"},
-        },
-        ["spec", "audience"],
-    ),
-    "AudienceSourceRef": _obj(
-        {
-            "source": _s(
-                "string",
-                pattern=SOURCE_NAME_PATTERN,
-                description="name of an audience source configured on the server ([sources.NAME] in its settings)",
-            )
-        },
-        ["source"],
-    ),
-    "Prediction": _obj(
-        {
-            "messages": _INT,
-            "cost_units": _INT,
-            "rate": _NUM,
-            "bottleneck": _s("string", enum=["provider_rate", "campaign_rate", "worker_capacity", "cpu"]),
-            "duration_s": _NUM,
-            "start": _NUM,
-            "finish": _NUM,
-            "deadline": _NUM_OR_NULL,
-            "verdict": _s("string", enum=["fits", "does_not_fit", "no_deadline"]),
-            "required_rate": _NUM_OR_NULL,
-            "advice": _s("string"),
-            "speed_factor": _s(
-                "number",
-                description="machine-speed factor the CPU ceiling was scaled by (1: not measured, >1: slower)",
-            ),
-        },
-        [
-            "messages",
-            "cost_units",
-            "rate",
-            "bottleneck",
-            "duration_s",
-            "start",
-            "finish",
-            "deadline",
-            "verdict",
-            "required_rate",
-            "advice",
-        ],
-    ),
-    "PlanReport": _obj(
-        {
-            "campaign_id": _s("string"),
-            "total": _INT,
-            "accepted": _INT,
-            "rejected": _s("object", additionalProperties=_INT, description="rows rejected, by reason"),
-            "batches": _INT,
-            "cost_units": _INT,
-            "prediction": {"$ref": _REF_PREFIX + "Prediction"},
-            "existing": _s("boolean", description="true when this id was already planned with this spec"),
-        },
-        ["campaign_id", "total", "accepted", "rejected", "batches", "cost_units", "prediction", "existing"],
-    ),
-    "CampaignStatus": _obj(
-        {
-            "campaign_id": _s("string"),
-            "kind": _s("string", enum=["campaign", "triggered"]),
-            "channel": _s("string"),
-            "state": _s("string", enum=["planned", "running", "paused", "cancelled", "completed"]),
-            "total": _INT,
-            "accepted": _INT,
-            "rejected": _s("object", additionalProperties=_INT),
-            "batches": _INT,
-            "done": _INT,
-            "not_sent": _s("integer"),
-            "counters": _s("object", additionalProperties=_INT),
-            "rate": _NUM_OR_NULL,
-            "current_rate": _NUM,
-            "eta_s": _NUM_OR_NULL,
-            "predicted_s": _NUM,
-            "deadline": _NUM_OR_NULL,
-            "started_at": _NUM_OR_NULL,
-            "verdict": _s("string", enum=["fits", "does_not_fit", "no_deadline"]),
-            "prediction": {"$ref": _REF_PREFIX + "Prediction"},
-        },
-        [
-            "campaign_id",
-            "kind",
-            "channel",
-            "state",
-            "total",
-            "accepted",
-            "rejected",
-            "batches",
-            "done",
-            "not_sent",
-            "counters",
-            "rate",
-            "current_rate",
-            "eta_s",
-            "predicted_s",
-            "deadline",
-            "started_at",
-            "verdict",
-            "prediction",
-        ],
-    ),
-    "CampaignPatch": _obj(
-        {"rate": _s(["number", "null"], exclusiveMinimum=0, description="messages/s; null removes the cap")},
-        ["rate"],
-    ),
-    "MessageRecord": _obj(
-        {
-            "message_id": _s("string"),
-            "recipient_id": _s("string"),
-            "batch": _INT,
-            "index": _INT,
-            "state": _s("string", description="pending (not claimed yet), sending, sent, delivered, failed, ..."),
-            "attempts": _INT,
-            "provider_id": _s("string"),
-            "code": _s("string"),
-            "ts": _NUM_OR_NULL,
-        },
-        ["message_id", "recipient_id", "batch", "index", "state", "attempts", "provider_id", "code", "ts"],
-    ),
-    "MessagePage": _obj(
-        {
-            "items": _s("array", items={"$ref": _REF_PREFIX + "MessageRecord"}),
-            "next_cursor": _s(["string", "null"], description="pass as ?cursor= for the next page"),
-        },
-        ["items", "next_cursor"],
-    ),
-    "SuppressionAdd": _obj(
-        {
-            "channel": _s("string", enum=list(SUPPRESSION_LISTS)),
-            "addresses": _s("array", minItems=1, maxItems=1_000, items=_s("string", minLength=1, maxLength=2_048)),
-        },
-        ["channel", "addresses"],
-    ),
-    "SuppressionResult": _obj(
-        {
-            "channel": _s("string"),
-            "added": _INT,
-            "removed": _INT,
-        },
-        ["channel"],
-    ),
-    "TriggeredMessage": _obj(
-        {
-            "channel": _s("string", enum=["sms"]),
-            "to": _s("string", minLength=1, maxLength=2_048, description="the recipient's address"),
-            "body": _s("string", minLength=1, maxLength=1_600, description="string.Template ($field)"),
-            "attributes": _s("object", maxProperties=64, additionalProperties=_s("string", maxLength=1_024)),
-            "recipient_id": _s("string", minLength=1, maxLength=128),
-            "timezone": _s(
-                ["string", "null"], maxLength=64, description="IANA zone: holds the message to 08:00-21:00 local"
-            ),
-        },
-        ["channel", "to", "body"],
-    ),
-    "TriggeredAccepted": _obj(
-        {
-            "message_id": _s("string"),
-            "campaign_id": _s("string"),
-            "state": _s(
-                "string",
-                enum=["queued", "suppressed", "frequency_capped"],
-                description="queued; or refused (no record): suppressed, frequency_capped",
-            ),
-            "not_before": _NUM,
-            "replayed": _s("boolean", description="true when this answers a repeated Idempotency-Key"),
-        },
-        ["message_id", "campaign_id", "state", "not_before", "replayed"],
-    ),
-    "Problem": {
-        "type": "object",
-        "properties": {
-            "type": _s("string"),
-            "title": _s("string"),
-            "status": _s("integer", minimum=400, maximum=599),
-            "detail": _s("string"),
-            "instance": _s("string"),
-            "errors": _s(
-                "array",
-                items=_obj({"field": _s("string"), "reason": _s("string")}, ["field", "reason"]),
-            ),
-        },
-        "required": ["type", "title", "status", "detail", "instance"],
-        "additionalProperties": False,
-    },
-    "Health": _obj(
-        {"status": _s("string", enum=["ok", "unavailable"]), "checks": _s("object", additionalProperties=_s("string"))},
-        ["status"],
-    ),
-}
+_REF_TEMPLATE: Final = "#/components/schemas/{model}"
 
-_TYPES: Final[dict[str, Any]] = {
-    "string": str,
-    "integer": int,
-    "number": (int, float),
-    "boolean": bool,
-    "object": dict,
-    "array": list,
-    "null": type(None),
+M = TypeVar("M", bound=BaseModel)
+
+
+class _Body(BaseModel):
+    """A request or response body: unknown fields are refused; numbers and strings are not coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _scalar(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    raise problem("expected string, number, boolean or null")
+
+
+#: One audience attribute value in a JSON create.
+Scalar = Annotated[
+    str | float | bool | None,
+    PlainValidator(_scalar),
+    WithJsonSchema({"type": ["string", "number", "boolean", "null"]}),
+]
+Count = Annotated[int, Field(ge=0)]
+Verdict = Literal["fits", "does_not_fit", "no_deadline"]
+
+
+class CampaignCreateJson(_Body):
+    spec: CampaignSpec
+    recipients: list[
+        Annotated[
+            dict[str, Scalar],
+            Field(max_length=64, description="one audience row: id, phone, email, ..., template attributes"),
+        ]
+    ] = Field(max_length=10_000)
+
+
+class AudienceSourceRef(_Body):
+    source: str = Field(
+        pattern=SOURCE_NAME_PATTERN,
+        description="name of an audience source configured on the server ([sources.NAME] in its settings)",
+    )
+
+
+class CampaignCreateFromSource(_Body):
+    spec: CampaignSpec
+    audience: AudienceSourceRef
+
+
+class CampaignPatch(_Body):
+    rate: float | None = Field(gt=0, description="messages/s; null removes the cap")
+
+
+class SuppressionAdd(_Body):
+    channel: Literal[SUPPRESSION_LISTS]  # type: ignore[valid-type]
+    addresses: list[Annotated[str, Field(min_length=1, max_length=2_048)]] = Field(min_length=1, max_length=1_000)
+
+
+class TriggeredMessage(_Body):
+    channel: Literal["sms"]
+    to: str = Field(min_length=1, max_length=2_048, description="the recipient's address")
+    body: str = Field(min_length=1, max_length=1_600, description="string.Template ($field)")
+    attributes: dict[str, Annotated[str, Field(max_length=1_024)]] = Field(default_factory=dict, max_length=64)
+    recipient_id: str = Field(default="", min_length=1, max_length=128)
+    timezone: str | None = Field(
+        default=None, max_length=64, description="IANA zone: holds the message to 08:00-21:00 local"
+    )
+
+
+# --- responses (checked against live answers by the tests) ------------------------------------
+
+
+class Prediction(_Body):
+    messages: Count
+    cost_units: Count
+    rate: float
+    bottleneck: Literal["provider_rate", "campaign_rate", "worker_capacity", "cpu"]
+    duration_s: float
+    start: float
+    finish: float
+    deadline: float | None
+    verdict: Verdict
+    required_rate: float | None
+    advice: str
+    speed_factor: float = Field(
+        default=1.0, description="machine-speed factor the CPU ceiling was scaled by (1: not measured, >1: slower)"
+    )
+
+
+class PlanReport(_Body):
+    campaign_id: str
+    total: Count
+    accepted: Count
+    rejected: dict[str, Count] = Field(description="rows rejected, by reason")
+    batches: Count
+    cost_units: Count
+    prediction: Prediction
+    existing: bool = Field(description="true when this id was already planned with this spec")
+
+
+class CampaignStatus(_Body):
+    campaign_id: str
+    kind: Literal["campaign", "triggered"]
+    channel: str
+    state: Literal["planned", "running", "paused", "cancelled", "completed"]
+    total: Count
+    accepted: Count
+    rejected: dict[str, Count]
+    batches: Count
+    done: Count
+    not_sent: int
+    counters: dict[str, Count]
+    rate: float | None
+    current_rate: float
+    eta_s: float | None
+    predicted_s: float
+    deadline: float | None
+    started_at: float | None
+    verdict: Verdict
+    prediction: Prediction
+
+
+class MessageRecord(_Body):
+    message_id: str
+    recipient_id: str
+    batch: Count
+    index: Count
+    state: str = Field(description="pending (not claimed yet), sending, sent, delivered, failed, ...")
+    attempts: Count
+    provider_id: str
+    code: str
+    ts: float | None
+
+
+class MessagePage(_Body):
+    items: list[MessageRecord]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page")
+
+
+class SuppressionResult(_Body):
+    channel: str
+    added: Count | None = None
+    removed: Count | None = None
+
+
+class TriggeredAccepted(_Body):
+    message_id: str
+    campaign_id: str
+    state: Literal["queued", "suppressed", "frequency_capped"] = Field(
+        description="queued; or refused (no record): suppressed, frequency_capped"
+    )
+    not_before: float
+    replayed: bool = Field(description="true when this answers a repeated Idempotency-Key")
+
+
+class ProblemFieldError(_Body):
+    field: str
+    reason: str
+
+
+class Problem(_Body):
+    type: str
+    title: str
+    status: int = Field(ge=400, le=599)
+    detail: str
+    instance: str
+    errors: list[ProblemFieldError] | None = None
+
+
+class Health(_Body):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] | None = None
+
+
+#: Every model the OpenAPI document publishes, by component name.
+MODELS: Final[dict[str, type[BaseModel]]] = {
+    model.__name__: model
+    for model in (
+        CampaignSpec,
+        CampaignCreateJson,
+        CampaignCreateFromSource,
+        AudienceSourceRef,
+        Prediction,
+        PlanReport,
+        CampaignStatus,
+        CampaignPatch,
+        MessageRecord,
+        MessagePage,
+        SuppressionAdd,
+        SuppressionResult,
+        TriggeredMessage,
+        TriggeredAccepted,
+        ProblemFieldError,
+        Problem,
+        Health,
+    )
 }
 
 
-@lru_cache(maxsize=256)
-def _regex(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
+def _components() -> dict[str, dict[str, Any]]:
+    _, top = models_json_schema([(model, "validation") for model in MODELS.values()], ref_template=_REF_TEMPLATE)
+    return dict(top.get("$defs", {}))
 
 
-def _is(value: Any, kind: str) -> bool:
-    if isinstance(value, bool) and kind in {"integer", "number"}:
-        return False
-    if kind == "integer" and isinstance(value, float):
-        return value.is_integer()
-    return isinstance(value, _TYPES[kind])
+#: The OpenAPI components: JSON Schema 2020-12 generated from :data:`MODELS`.
+SCHEMAS: Final[dict[str, dict[str, Any]]] = _components()
 
 
-def _join(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else key
+def parse(model: type[M], data: Any, prefix: str = "") -> M:
+    """``data`` as ``model``; else an :class:`ApiProblem` 422 naming every bad field."""
+    from dispatch.api.problems import ApiProblem
+
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = [FieldError(field, reason) for field, reason in field_errors(exc, prefix)]
+        raise ApiProblem(422, f"the {model.__name__} is invalid", errors=errors) from None
 
 
-def validate(
-    schema: Mapping[str, Any],
-    value: Any,
-    *,
-    schemas: Mapping[str, Mapping[str, Any]] = SCHEMAS,
-    path: str = "",
-    limit: int = 50,
-) -> list[FieldError]:
-    """Every way ``value`` breaks ``schema`` (at most ``limit``); empty when it conforms."""
-    errors: list[FieldError] = []
-    _check(schema, value, schemas, path, errors, limit=limit)
-    return errors
-
-
-def _check(
-    schema: Mapping[str, Any],
-    value: Any,
-    schemas: Mapping[str, Mapping[str, Any]],
-    path: str,
-    errors: list[FieldError],
-    *,
-    limit: int,
-) -> None:
-    if len(errors) >= limit:
-        return
-    unknown = set(schema) - _SUPPORTED
-    if unknown:
-        raise ValueError(f"schema keyword(s) not supported by the validator: {sorted(unknown)}")
-    where = path or "(body)"
-    if "$ref" in schema:
-        ref = str(schema["$ref"])
-        if not ref.startswith(_REF_PREFIX) or ref[len(_REF_PREFIX) :] not in schemas:
-            raise ValueError(f"unresolvable $ref {ref}")
-        _check(schemas[ref[len(_REF_PREFIX) :]], value, schemas, path, errors, limit=limit)
-        return
-    kinds = schema.get("type")
-    if kinds is not None:
-        allowed = [kinds] if isinstance(kinds, str) else list(kinds)
-        if not any(_is(value, k) for k in allowed):
-            errors.append(FieldError(where, f"expected {' or '.join(allowed)}"))
-            return
-    if "enum" in schema and value not in schema["enum"]:
-        errors.append(FieldError(where, f"expected one of {', '.join(map(str, schema['enum']))}"))
-        return
-    if isinstance(value, str):
-        if "minLength" in schema and len(value) < schema["minLength"]:
-            errors.append(FieldError(where, f"shorter than {schema['minLength']} characters"))
-        if "maxLength" in schema and len(value) > schema["maxLength"]:
-            errors.append(FieldError(where, f"longer than {schema['maxLength']} characters"))
-        if "pattern" in schema and not _regex(schema["pattern"]).search(value):
-            errors.append(FieldError(where, f"does not match {schema['pattern']}"))
-        if schema.get("format") == "date-time":
-            try:
-                parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-            except ValueError:
-                errors.append(FieldError(where, "not an RFC 3339 date-time"))
-            else:
-                if parsed.tzinfo is None:
-                    errors.append(FieldError(where, "date-time needs an offset (e.g. Z)"))
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        if "minimum" in schema and value < schema["minimum"]:
-            errors.append(FieldError(where, f"less than {schema['minimum']}"))
-        if "maximum" in schema and value > schema["maximum"]:
-            errors.append(FieldError(where, f"greater than {schema['maximum']}"))
-        if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
-            errors.append(FieldError(where, f"must be greater than {schema['exclusiveMinimum']}"))
-    if isinstance(value, list):
-        if "minItems" in schema and len(value) < schema["minItems"]:
-            errors.append(FieldError(where, f"fewer than {schema['minItems']} items"))
-        if "maxItems" in schema and len(value) > schema["maxItems"]:
-            errors.append(FieldError(where, f"more than {schema['maxItems']} items"))
-            return
-        if "items" in schema:
-            for i, item in enumerate(value):
-                _check(schema["items"], item, schemas, _join(path, i), errors, limit=limit)
-    if isinstance(value, dict):
-        if "minProperties" in schema and len(value) < schema["minProperties"]:
-            errors.append(FieldError(where, f"fewer than {schema['minProperties']} fields"))
-        if "maxProperties" in schema and len(value) > schema["maxProperties"]:
-            errors.append(FieldError(where, f"more than {schema['maxProperties']} fields"))
-            return
-        properties: Mapping[str, Any] = schema.get("properties", {})
-        for name in schema.get("required", ()):
-            if name not in value:
-                errors.append(FieldError(_join(path, name), "required"))
-        extra = schema.get("additionalProperties", True)
-        for key, item in value.items():
-            if key in properties:
-                _check(properties[key], item, schemas, _join(path, key), errors, limit=limit)
-            elif extra is False:
-                errors.append(FieldError(_join(path, key), "unknown field"))
-            elif isinstance(extra, Mapping):
-                _check(extra, item, schemas, _join(path, key), errors, limit=limit)
+def errors_of(model: type[BaseModel], data: Any, prefix: str = "") -> list[FieldError]:
+    """Every way ``data`` departs from ``model`` (empty when it conforms)."""
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        return [FieldError(field, reason) for field, reason in field_errors(exc, prefix)]
+    return []
