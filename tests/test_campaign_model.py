@@ -135,9 +135,9 @@ async def test_the_api_plans_every_campaign_file_field(api: Api, redis_client: r
     created = await api.call("POST", "/v1/campaigns", json={"spec": tomllib.loads(EVERY_FIELD), "recipients": rows})
     assert created.status == 201, created.body
     manifest = load_manifest(redis_client, spec.id)
-    assert manifest["fingerprint"] == spec.fingerprint()
+    assert manifest.fingerprint == spec.fingerprint()
     policy = spec.policy()
-    assert {k: manifest["policy"][k] for k in policy} == policy
+    assert {k: (manifest.policy or {})[k] for k in policy} == policy
     assert policy["require_consent"] is True and policy["quiet_hours"] == ["09:30", "20:00"]
     # the API's JSON form of the same spec is the same campaign: answered with the stored plan
     again = await api.call("POST", "/v1/campaigns", json={"spec": spec.as_json(), "recipients": rows})
