@@ -14,9 +14,10 @@ two slices and while waiting for one, so a pause or cancel stops the sends withi
 ``CONTROL_TTL_S``.
 
 Short waits (5xx, timeouts, a 429 with a short Retry-After) are retried in-process with tenacity
-(exponential backoff with jitter, Retry-After honoured). A wait longer than ``LONG_WAIT_S`` puts
-the message back to ``retry`` and the batch goes back to the broker with a delay, so no worker slot
-sleeps through it. After ``max_attempts`` the message is dead-lettered.
+(exponential backoff with jitter, Retry-After honoured). A wait longer than the policy's
+``long_wait_s`` puts the message back to ``retry`` and the batch goes back to the broker with a
+delay, so no worker slot sleeps through it. After ``max_attempts`` the message is dead-lettered.
+Every number comes from one :class:`~dispatch.send.retry.RetryPolicy`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import asyncio
 import hashlib
 import logging
 import math
-import random
 import string
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -34,7 +34,6 @@ from typing import Any, Protocol, cast, runtime_checkable
 
 import orjson
 import redis.asyncio as aredis
-from tenacity import AsyncRetrying, RetryCallState, retry_if_result, wait_random_exponential
 
 from channels.base import Channel, Message, Permanent, Result, Retryable, Sent
 from channels.email import Substitution
@@ -43,6 +42,7 @@ from dispatch.plan.snapshot import decode_batch
 from dispatch.rules.frequency import AsyncFrequencyStore
 from dispatch.rules.suppression import AsyncSuppressionStore
 from dispatch.send.control import CONTROL_TTL_S
+from dispatch.send.retry import RetryPolicy
 from dispatch.send.tracking import (
     CLAIM_BUSY,
     CLAIM_DONE,
@@ -78,8 +78,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Waits longer than this go back to the broker instead of holding a worker slot.
-LONG_WAIT_S = 5.0
 #: Confirmations are written in groups of this many (one Lua call each).
 TRACK_FLUSH = 64
 #: Messages handed to a per-message channel per call (it sends them concurrently): one pass
@@ -409,43 +407,22 @@ class _Round:
 
 
 class SendStep:
-    """Send with tenacity retries; sets each item's outcome."""
+    """Send with retries as ``retry`` (a :class:`RetryPolicy`) says; sets each item's outcome."""
 
     def __init__(
         self,
+        retry: RetryPolicy,
         *,
-        max_attempts: int,
         on_result: Callable[[SendContext, Item, Result, float], None] | None = None,
         on_rate_limited: Callable[[SendContext, float | None], Awaitable[None]] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        backoff_max_s: float = 2.0,
         metrics: Metrics | None = None,
     ) -> None:
         self._metrics = metrics
-        self._max_attempts = max_attempts
+        self._retry = retry
         self._on_result = on_result
         self._on_rate_limited = on_rate_limited
         self._sleep = sleep
-        self._backoff = wait_random_exponential(multiplier=0.05, max=backoff_max_s)
-        self._backoff_max = backoff_max_s
-
-    def _backoff_first(self) -> float:
-        """Jittered wait before the first retry (what the exponential policy gives attempt 1)."""
-        return random.uniform(0.0, min(self._backoff_max, 0.1))
-
-    def _wait(self, state: RetryCallState) -> float:
-        last: _Round = state.outcome.result() if state.outcome else _Round([])
-        return max(last.retry_after, self._backoff(state))
-
-    def _stop(self, state: RetryCallState) -> bool:
-        return self._done(state.outcome.result() if state.outcome else _Round([]))
-
-    def _done(self, last: _Round) -> bool:
-        if not last.pending:
-            return True
-        if any(item.attempts >= self._max_attempts for item in last.pending):
-            return True
-        return last.retry_after > LONG_WAIT_S
 
     async def __call__(self, ctx: SendContext, items: list[Item], nxt: Next) -> None:
         pending = [item for item in items if item.outcome is None]
@@ -497,20 +474,14 @@ class SendStep:
 
         # The first round runs bare: most sends succeed, and a tenacity loop costs more CPU than
         # the request itself. Only messages that need a retry enter the policy.
+        retry = self._retry
         last: _Round | None = await one_round()
-        if last is not None and not self._done(last):
-            await self._sleep(max(last.retry_after, self._backoff_first()))
-            retrying = AsyncRetrying(
-                retry=retry_if_result(lambda r: bool(r.pending)),
-                stop=self._stop,
-                wait=self._wait,
-                sleep=self._sleep,
-                retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
-            )
-            last = await retrying(one_round)
+        if last is not None and not retry.gives_up(last):
+            await self._sleep(retry.first_retry_wait(last.retry_after))
+            last = await retry.send_retrying(self._sleep)(one_round)
         if last is not None and last.pending:
             for item in last.pending:
-                if item.attempts >= self._max_attempts:
+                if item.attempts >= retry.max_attempts:
                     code = item.outcome.code if item.outcome else "retry_exhausted"
                     item.outcome = Outcome(item.index, "dead", item.attempts, "", code)
             ctx.long_wait = max(ctx.long_wait, last.retry_after)
