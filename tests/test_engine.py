@@ -34,6 +34,7 @@ from dispatch.send.engine import (
     limiter_burst,
     render_step,
 )
+from dispatch.send.retry import RetryPolicy
 from dispatch.send.tracking import Tracker, campaign_counters, iter_records
 from loadtest.mock_core import FaultMix, MockConfig
 from loadtest.mock_provider import MockProvider
@@ -90,7 +91,7 @@ async def rig(redis_client: redis.Redis, aredis_client: aredis.Redis, tmp_path: 
             client=aredis_client,
             tracker=Tracker(aredis_client, ttl_s=3600),
             channels={"sms": channel},
-            steps=[render_step, SendStep(max_attempts=6, backoff_max_s=0.05)],
+            steps=[render_step, SendStep(RetryPolicy(max_attempts=6, backoff_max_s=0.05))],
             owner="engine-test",
             concurrency=16,
             filters=[suppression, FrequencyFilter(AsyncFrequencyStore(aredis_client, cap, hasher=TEST_HASHER))],

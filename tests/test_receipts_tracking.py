@@ -15,6 +15,7 @@ from dispatch.config import load_settings
 from dispatch.plan.manifest import Manifest
 from dispatch.send.engine import Engine, SendStep, render_step
 from dispatch.send.receipts import build_receipt_app
+from dispatch.send.retry import RetryPolicy
 from dispatch.send.tracking import MessageRecord, Tracker, campaign_counters
 from dispatch.store import keys
 from loadtest.mock_core import MockConfig, ReceiptConfig
@@ -75,7 +76,7 @@ async def test_signed_receipts_update_records_and_forgeries_change_nothing(aredi
             client=aredis_client,
             tracker=Tracker(aredis_client, ttl_s=3600),
             channels={"sms": channel},
-            steps=[render_step, SendStep(max_attempts=3)],
+            steps=[render_step, SendStep(RetryPolicy(max_attempts=3))],
             owner="test-worker",
             concurrency=8,
         )

@@ -28,6 +28,7 @@ from dispatch.plan.planner import Planner
 from dispatch.rules.suppression import AddressHasher, AsyncSuppressionStore
 from dispatch.send.control import CampaignControl
 from dispatch.send.engine import BatchOutcome, Engine, SendStep, SuppressionFilter, render_step
+from dispatch.send.retry import RetryPolicy
 from dispatch.send.tracking import (
     CLAIM_BUSY,
     CLAIM_DONE,
@@ -80,7 +81,7 @@ class Rig:
             client=self.client,
             tracker=self.tracker,
             channels={"email": channel},
-            steps=[render_step, SendStep(max_attempts=3, backoff_max_s=0.05)],
+            steps=[render_step, SendStep(RetryPolicy(max_attempts=3, backoff_max_s=0.05))],
             owner=owner,
             concurrency=16,
             filters=[suppression],

@@ -13,6 +13,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import AgeLimit, Callbacks, Pipelines, Retries, ShutdownNotifications, TimeLimit
 
 from dispatch.config import Settings
+from dispatch.send.retry import RetryPolicy
 
 __all__ = ["ACTOR_NAME", "BROKER_NAMESPACE", "QUEUE", "build_broker", "enqueue_batch"]
 
@@ -26,6 +27,7 @@ BATCH_TIME_LIMIT_MS = 15 * 60 * 1000
 
 
 def build_broker(settings: Settings, broker_url: str) -> RedisBroker:
+    retries = RetryPolicy.from_settings(settings).broker_retries()
     middleware = [
         AgeLimit(),
         TimeLimit(time_limit=BATCH_TIME_LIMIT_MS),
@@ -34,7 +36,7 @@ def build_broker(settings: Settings, broker_url: str) -> RedisBroker:
         Pipelines(),
         # Unexpected errors (Redis restarting, a bug) retry the batch with backoff; the batch is
         # idempotent, so a retry re-sends nothing already confirmed.
-        Retries(max_retries=20, min_backoff=500, max_backoff=30_000),
+        Retries(max_retries=retries.max_retries, min_backoff=retries.min_backoff, max_backoff=retries.max_backoff),
     ]
     return RedisBroker(  # type: ignore[no-untyped-call]
         url=broker_url,

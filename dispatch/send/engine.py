@@ -14,9 +14,10 @@ two slices and while waiting for one, so a pause or cancel stops the sends withi
 ``CONTROL_TTL_S``.
 
 Short waits (5xx, timeouts, a 429 with a short Retry-After) are retried in-process with tenacity
-(exponential backoff with jitter, Retry-After honoured). A wait longer than ``LONG_WAIT_S`` puts
-the message back to ``retry`` and the batch goes back to the broker with a delay, so no worker slot
-sleeps through it. After ``max_attempts`` the message is dead-lettered.
+(exponential backoff with jitter, Retry-After honoured). A wait longer than the policy's
+``long_wait_s`` puts the message back to ``retry`` and the batch goes back to the broker with a
+delay, so no worker slot sleeps through it. After ``max_attempts`` the message is dead-lettered.
+Every number comes from one :class:`~dispatch.send.retry.RetryPolicy`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import asyncio
 import hashlib
 import logging
 import math
-import random
 import string
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, cast, runtime_checkable
 
 import redis.asyncio as aredis
-from tenacity import AsyncRetrying, RetryCallState, retry_if_result, wait_random_exponential
 
 from channels.base import Channel, Message, Permanent, Result, Retryable, Sent
 from channels.email import Substitution
@@ -43,6 +42,7 @@ from dispatch.plan.snapshot import SnapshotRow, decode_batch
 from dispatch.rules.frequency import AsyncFrequencyStore
 from dispatch.rules.suppression import AsyncSuppressionStore
 from dispatch.send.control import CONTROL_TTL_S
+from dispatch.send.retry import RetryPolicy
 from dispatch.send.tracking import (
     CLAIM_BUSY,
     CLAIM_DONE,
@@ -63,9 +63,12 @@ __all__ = [
     "BatchOutcome",
     "Engine",
     "FrequencyFilter",
+    "GroupedMode",
     "Item",
+    "PerMessageMode",
     "RateLimitStep",
     "SendContext",
+    "SendMode",
     "SendStep",
     "Step",
     "SubstitutingChannel",
@@ -78,8 +81,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Waits longer than this go back to the broker instead of holding a worker slot.
-LONG_WAIT_S = 5.0
 #: Confirmations are written in groups of this many (one Lua call each).
 TRACK_FLUSH = 64
 #: Messages handed to a per-message channel per call (it sends them concurrently): one pass
@@ -409,43 +410,22 @@ class _Round:
 
 
 class SendStep:
-    """Send with tenacity retries; sets each item's outcome."""
+    """Send with retries as ``retry`` (a :class:`RetryPolicy`) says; sets each item's outcome."""
 
     def __init__(
         self,
+        retry: RetryPolicy,
         *,
-        max_attempts: int,
         on_result: Callable[[SendContext, Item, Result, float], None] | None = None,
         on_rate_limited: Callable[[SendContext, float | None], Awaitable[None]] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        backoff_max_s: float = 2.0,
         metrics: Metrics | None = None,
     ) -> None:
         self._metrics = metrics
-        self._max_attempts = max_attempts
+        self._retry = retry
         self._on_result = on_result
         self._on_rate_limited = on_rate_limited
         self._sleep = sleep
-        self._backoff = wait_random_exponential(multiplier=0.05, max=backoff_max_s)
-        self._backoff_max = backoff_max_s
-
-    def _backoff_first(self) -> float:
-        """Jittered wait before the first retry (what the exponential policy gives attempt 1)."""
-        return random.uniform(0.0, min(self._backoff_max, 0.1))
-
-    def _wait(self, state: RetryCallState) -> float:
-        last: _Round = state.outcome.result() if state.outcome else _Round([])
-        return max(last.retry_after, self._backoff(state))
-
-    def _stop(self, state: RetryCallState) -> bool:
-        return self._done(state.outcome.result() if state.outcome else _Round([]))
-
-    def _done(self, last: _Round) -> bool:
-        if not last.pending:
-            return True
-        if any(item.attempts >= self._max_attempts for item in last.pending):
-            return True
-        return last.retry_after > LONG_WAIT_S
 
     async def __call__(self, ctx: SendContext, items: list[Item], nxt: Next) -> None:
         pending = [item for item in items if item.outcome is None]
@@ -497,20 +477,14 @@ class SendStep:
 
         # The first round runs bare: most sends succeed, and a tenacity loop costs more CPU than
         # the request itself. Only messages that need a retry enter the policy.
+        retry = self._retry
         last: _Round | None = await one_round()
-        if last is not None and not self._done(last):
-            await self._sleep(max(last.retry_after, self._backoff_first()))
-            retrying = AsyncRetrying(
-                retry=retry_if_result(lambda r: bool(r.pending)),
-                stop=self._stop,
-                wait=self._wait,
-                sleep=self._sleep,
-                retry_error_callback=lambda state: state.outcome.result() if state.outcome else None,
-            )
-            last = await retrying(one_round)
+        if last is not None and not retry.gives_up(last):
+            await self._sleep(retry.first_retry_wait(last.retry_after))
+            last = await retry.send_retrying(self._sleep)(one_round)
         if last is not None and last.pending:
             for item in last.pending:
-                if item.attempts >= self._max_attempts:
+                if item.attempts >= retry.max_attempts:
                     code = item.outcome.code if item.outcome else "retry_exhausted"
                     item.outcome = Outcome(item.index, "dead", item.attempts, "", code)
             ctx.long_wait = max(ctx.long_wait, last.retry_after)
@@ -536,7 +510,7 @@ class Engine:
     ) -> None:
         self._filters = list(filters)
         self._suppression = suppression
-        self._metrics = metrics
+        self._recorder: _Recorder = _MetricsRecorder(metrics) if metrics is not None else _NoMetrics()
         self._rate_step = rate_step
         #: Campaigns this process worked on recently (for progress gauges): id -> last seen.
         self.seen: dict[str, float] = {}
@@ -592,21 +566,23 @@ class Engine:
             return BatchOutcome(state="busy", requeue_after=1.0)
         self._active.add(run)
         self.seen[campaign_id] = time.time()
-        if self._metrics is not None:
-            self._metrics.record_batch("started")
+        self._recorder.batch("started")
         try:
             outcome = await self._send_batch(campaign_id, batch)
         except BaseException:
-            if self._metrics is not None:
-                self._metrics.record_batch("failed")
+            self._recorder.batch("failed")
             raise
         finally:
             self._active.discard(run)
-        if self._metrics is not None:
-            self._metrics.record_batch("retried" if outcome.requeue_after is not None else "completed")
+        self._recorder.batch("retried" if outcome.requeue_after is not None else "completed")
         return outcome
 
     async def _send_batch(self, campaign_id: str, batch: int) -> BatchOutcome:
+        """Claim the batch's messages, filter them, send them through the chain, confirm them.
+
+        How messages are claimed and confirmed depends on the channel (:class:`SendMode`): one
+        record per message, or one group record for a batch API's request.
+        """
         manifest = await self._manifest(campaign_id)
         state = await self.campaign_state(campaign_id)
         if state != "running":
@@ -616,20 +592,15 @@ class Engine:
         snapshot = decode_batch(campaign_id, batch, raw_batch)
         if snapshot.not_before > time.time():
             return BatchOutcome(state="waiting", requeue_after=snapshot.not_before - time.time())
-        grouped = channel.messages_per_request > 1
-        if grouped:
-            claimed = await self._claim_group(campaign_id, batch, channel, snapshot.rows)
-        else:
-            claimed = await self._claim_each(campaign_id, batch, channel, snapshot.rows)
+        mode_class = GroupedMode if channel.messages_per_request > 1 else PerMessageMode
+        mode: SendMode = mode_class(self._tracker, self._owner, campaign_id, batch, channel)
+        claimed = await mode.claim(snapshot.rows)
         if claimed is None:
             self._control.pop(campaign_id, None)
             state = await self.campaign_state(campaign_id)
             return BatchOutcome(state=state, requeue_after=1.0 if state == "paused" else None)
-        items, lost, busy, dedup_hits = claimed
-        if dedup_hits and self._metrics is not None:
-            self._metrics.record_dedup_hit(channel.name, dedup_hits)
-        if lost and not grouped:
-            await self._tracker.finish(campaign_id, batch, self._owner, lost)
+        self._recorder.dedup_hits(channel, claimed.dedup_hits)
+        await mode.lose(claimed.lost)
         ctx = SendContext(
             campaign_id=campaign_id,
             batch=batch,
@@ -638,23 +609,34 @@ class Engine:
             template=string.Template(manifest.body),
             read_state=lambda: self.campaign_state(campaign_id),
         )
-        if grouped and isinstance(channel, SubstitutingChannel):
-            ctx.substitution = channel.substitution_template(manifest.body)
+        mode.prepare(ctx)
+        items = claimed.items
+        filtered = await self._filter(ctx, items)
+        mode.hold(filtered)
+        self._recorder.sends(channel, filtered)
+        await self._send_chunks(ctx, mode, [item for item in items if item.outcome is None])
+        await mode.close(ctx, items)
+        if self._suppression is not None:
+            await self._suppression.feed(channel.name, [item.address for item in items if item.suppress])
+        if ctx.stopped == "paused" or claimed.busy:
+            return BatchOutcome(state=ctx.stopped or "busy", requeue_after=1.0)
+        if any(item.outcome is not None and item.outcome.state == "retry" for item in items):
+            return BatchOutcome(state="retry", requeue_after=max(ctx.long_wait, 1.0))
+        return BatchOutcome(state="done", requeue_after=None)
+
+    async def _filter(self, ctx: SendContext, items: list[Item]) -> list[Outcome]:
+        """Run the batch filters; the outcomes they set (a message stopped before any send)."""
         for batch_filter in self._filters:
             open_items = [item for item in items if item.outcome is None]
             if open_items:
                 await batch_filter(ctx, open_items)
-        buffer: list[Outcome] = [item.outcome for item in items if item.outcome is not None]
-        self._count_sends(channel, buffer)
-        pending_items = [item for item in items if item.outcome is None]
-        size = chunk_size(channel)
-        chunks = [pending_items[i : i + size] for i in range(0, len(pending_items), size)]
+        return [item.outcome for item in items if item.outcome is not None]
 
-        async def flush() -> None:
-            if buffer:
-                taken = buffer[:]
-                buffer.clear()
-                await self._tracker.finish(campaign_id, batch, self._owner, taken)
+    async def _send_chunks(self, ctx: SendContext, mode: SendMode, pending: list[Item]) -> None:
+        """Send ``pending`` in chunks of the channel's request size, at most the semaphore's at once."""
+        channel = ctx.channel
+        size = chunk_size(channel)
+        chunks = [pending[i : i + size] for i in range(0, len(pending), size)]
 
         async def run_chunk(chunk: list[Item]) -> None:
             async with self._sem:
@@ -668,35 +650,40 @@ class Engine:
                 if item.outcome is None:  # a step dropped it without a verdict: try again later
                     item.outcome = Outcome(item.index, "retry", item.attempts)
                 done.append(item.outcome)
-            self._count_sends(channel, done)
-            if not grouped:
-                buffer.extend(done)
-                if len(buffer) >= TRACK_FLUSH:
-                    await flush()
+            self._recorder.sends(channel, done)
+            await mode.confirm(done)
 
         await asyncio.gather(*(run_chunk(chunk) for chunk in chunks))
-        if grouped:
-            # one confirmation for the whole run: the group's outcome, and the exceptions
-            group, singles = group_outcome(ctx, items)
-            singles.extend(lost)
-            if group is not None or singles or ctx.retries:
-                await self._tracker.finish_group(campaign_id, batch, self._owner, singles, group, retries=ctx.retries)
-        else:
-            await flush()
-            if ctx.retries:
-                await self._tracker.finish(campaign_id, batch, self._owner, [], retries=ctx.retries)
-        if self._suppression is not None:
-            await self._suppression.feed(channel.name, [item.address for item in items if item.suppress])
-        retry_left = any(item.outcome is not None and item.outcome.state == "retry" for item in items)
-        if ctx.stopped == "paused" or busy:
-            return BatchOutcome(state=ctx.stopped or "busy", requeue_after=1.0)
-        if retry_left:
-            return BatchOutcome(state="retry", requeue_after=max(ctx.long_wait, 1.0))
-        return BatchOutcome(state="done", requeue_after=None)
 
-    def _count_sends(self, channel: Channel, outcomes: Sequence[Outcome]) -> None:
+
+class _Recorder(Protocol):
+    """What the engine reports about batches and sends."""
+
+    def batch(self, state: str) -> None: ...
+
+    def dedup_hits(self, channel: Channel, n: int) -> None: ...
+
+    def sends(self, channel: Channel, outcomes: Sequence[Outcome]) -> None: ...
+
+
+class _MetricsRecorder:
+    """Reports to a metrics registry."""
+
+    __slots__ = ("_metrics",)
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def batch(self, state: str) -> None:
+        self._metrics.record_batch(state)
+
+    def dedup_hits(self, channel: Channel, n: int) -> None:
+        if n:
+            self._metrics.record_dedup_hit(channel.name, n)
+
+    def sends(self, channel: Channel, outcomes: Sequence[Outcome]) -> None:
         """Final outcomes on the messages counter, one increment per outcome kind."""
-        if self._metrics is None or not outcomes:
+        if not outcomes:
             return
         counts: dict[str, int] = {}
         for outcome in outcomes:
@@ -706,46 +693,146 @@ class Engine:
             if final is not None:
                 self._metrics.record_send(channel.name, channel.provider, final, n)
 
-    async def _claim_each(
-        self, campaign_id: str, batch: int, channel: Channel, rows: list[SnapshotRow]
-    ) -> tuple[list[Item], list[Outcome], int, int] | None:
-        """Per-message channels: one record per message, claimed before the send."""
-        claims = await self._tracker.claim(campaign_id, batch, self._owner, list(range(len(rows))))
+
+class _NoMetrics:
+    """The recorder of an engine without a metrics registry: records nothing."""
+
+    __slots__ = ()
+
+    def batch(self, state: str) -> None:
+        pass
+
+    def dedup_hits(self, channel: Channel, n: int) -> None:
+        pass
+
+    def sends(self, channel: Channel, outcomes: Sequence[Outcome]) -> None:
+        pass
+
+
+class SendMode(Protocol):
+    """How one run of a batch claims and confirms its messages (one object per run).
+
+    The engine calls, in order: ``claim``; ``lose`` with the messages lost in flight; ``prepare``
+    with the run's context; ``hold`` with the outcomes the filters set; ``confirm`` once per sent
+    chunk; ``close`` once every chunk is done.
+    """
+
+    async def claim(self, rows: list[Any]) -> _Claimed | None:
+        """Claim the batch's messages; None when the batch is owned by a live run elsewhere."""
+        ...
+
+    async def lose(self, lost: list[Outcome]) -> None: ...
+
+    def prepare(self, ctx: SendContext) -> None: ...
+
+    def hold(self, outcomes: list[Outcome]) -> None: ...
+
+    async def confirm(self, outcomes: list[Outcome]) -> None: ...
+
+    async def close(self, ctx: SendContext, items: list[Item]) -> None: ...
+
+
+class PerMessageMode:
+    """Per-message channels: one record per message, claimed before the send; confirmations are
+    buffered and written ``TRACK_FLUSH`` at a time."""
+
+    def __init__(self, tracker: Tracker, owner: str, campaign_id: str, batch: int, channel: Channel) -> None:
+        self._tracker = tracker
+        self._owner = owner
+        self._campaign_id = campaign_id
+        self._batch = batch
+        self._channel = channel
+        self._buffer: list[Outcome] = []
+
+    async def claim(self, rows: list[Any]) -> _Claimed | None:
+        claims = await self._tracker.claim(self._campaign_id, self._batch, self._owner, list(range(len(rows))))
         if claims is None:
             return None
-        claimed = _Claimed(channel.supports_idempotency, rows)
+        claimed = _Claimed(self._channel.supports_idempotency, rows)
         for index, (code, attempts) in enumerate(claims):
             claimed.take(index, code, attempts, grouped=False)
-        return claimed.result()
+        return claimed
 
-    async def _claim_group(
-        self, campaign_id: str, batch: int, channel: Channel, rows: list[SnapshotRow]
-    ) -> tuple[list[Item], list[Outcome], int, int] | None:
-        """Batch channels: one group record for the messages without a record of their own."""
-        claim = await self._tracker.claim_group(campaign_id, batch, self._owner, len(rows))
+    async def lose(self, lost: list[Outcome]) -> None:
+        if lost:
+            await self._tracker.finish(self._campaign_id, self._batch, self._owner, lost)
+
+    def prepare(self, ctx: SendContext) -> None:
+        pass
+
+    def hold(self, outcomes: list[Outcome]) -> None:
+        self._buffer.extend(outcomes)
+
+    async def confirm(self, outcomes: list[Outcome]) -> None:
+        self._buffer.extend(outcomes)
+        if len(self._buffer) >= TRACK_FLUSH:
+            await self._flush()
+
+    async def close(self, ctx: SendContext, items: list[Item]) -> None:
+        await self._flush()
+        if ctx.retries:
+            await self._tracker.finish(self._campaign_id, self._batch, self._owner, [], retries=ctx.retries)
+
+    async def _flush(self) -> None:
+        if self._buffer:
+            taken = self._buffer[:]
+            self._buffer.clear()
+            await self._tracker.finish(self._campaign_id, self._batch, self._owner, taken)
+
+
+class GroupedMode:
+    """Batch channels: one group record for the messages without a record of their own, confirmed
+    once for the whole run (the group's outcome, and the exceptions)."""
+
+    def __init__(self, tracker: Tracker, owner: str, campaign_id: str, batch: int, channel: Channel) -> None:
+        self._tracker = tracker
+        self._owner = owner
+        self._campaign_id = campaign_id
+        self._batch = batch
+        self._channel = channel
+        self._lost: list[Outcome] = []
+
+    async def claim(self, rows: list[Any]) -> _Claimed | None:
+        claim = await self._tracker.claim_group(self._campaign_id, self._batch, self._owner, len(rows))
         if claim is None:
             return None
+        claimed = _Claimed(self._channel.supports_idempotency, rows)
         others = claim.others
         if not others and claim.code == CLAIM_FRESH and (claim.first, claim.last) == (0, len(rows) - 1):
             # the usual run: every message is a member of a group claimed just now
             attempts = claim.attempts
-            return (
-                [
-                    Item(i, row.recipient_id, row.address, row.attrs, attempts, grouped=True)
-                    for i, row in enumerate(rows)
-                ],
-                [],
-                0,
-                0,
-            )
-        claimed = _Claimed(channel.supports_idempotency, rows)
+            claimed.items = [
+                Item(i, row.recipient_id, row.address, row.attrs, attempts, grouped=True) for i, row in enumerate(rows)
+            ]
+            return claimed
         for index in range(len(rows)):
             other = others.get(index)
             if other is not None:
                 claimed.take(index, other[0], other[1], grouped=False)
             elif claim.first <= index <= claim.last:
                 claimed.take(index, claim.code, claim.attempts, grouped=True)
-        return claimed.result()
+        return claimed
+
+    async def lose(self, lost: list[Outcome]) -> None:
+        self._lost = lost  # written with the group's confirmation
+
+    def prepare(self, ctx: SendContext) -> None:
+        if isinstance(self._channel, SubstitutingChannel):
+            ctx.substitution = self._channel.substitution_template(ctx.manifest.body)
+
+    def hold(self, outcomes: list[Outcome]) -> None:
+        pass  # the items carry them: ``group_outcome`` reads them in ``close``
+
+    async def confirm(self, outcomes: list[Outcome]) -> None:
+        pass
+
+    async def close(self, ctx: SendContext, items: list[Item]) -> None:
+        group, singles = group_outcome(ctx, items)
+        singles.extend(self._lost)
+        if group is not None or singles or ctx.retries:
+            await self._tracker.finish_group(
+                self._campaign_id, self._batch, self._owner, singles, group, retries=ctx.retries
+            )
 
 
 class _Claimed:
@@ -771,9 +858,6 @@ class _Claimed:
         else:
             row = self.rows[index]
             self.items.append(Item(index, row.recipient_id, row.address, row.attrs, attempts, grouped=grouped))
-
-    def result(self) -> tuple[list[Item], list[Outcome], int, int]:
-        return self.items, self.lost, self.busy, self.dedup_hits
 
 
 def group_outcome(ctx: SendContext, items: Sequence[Item]) -> tuple[GroupOutcome | None, list[Outcome]]:

@@ -55,6 +55,7 @@ from dispatch.send.engine import (
     limiter_burst,
     render_step,
 )
+from dispatch.send.retry import RetryPolicy
 from dispatch.send.tracking import Tracker
 from dispatch.store import keys
 from monitoring.exposition import MetricsServer, start_metrics_server
@@ -116,6 +117,8 @@ class WorkerRuntime:
     def __init__(self, settings: Settings, *, app_url: str, broker_url: str, broker: RedisBroker, owner: str) -> None:
         self._broker_url = broker_url
         self.settings = settings
+        #: Every retry number of this worker (send rounds, broker hand-backs, Redis outages).
+        self.retry = RetryPolicy.from_settings(settings)
         self.owner = owner
         self._app_url = app_url
         self._broker = broker
@@ -176,7 +179,7 @@ class WorkerRuntime:
             await limiter.remove(account_keys["sms"])
         rate_step = RateLimitStep(limiter, account_keys, metrics=self.metrics)
         send_step = SendStep(
-            max_attempts=s.max_attempts,
+            self.retry,
             on_result=self._observe,
             on_rate_limited=rate_step.penalize,
             metrics=self.metrics,

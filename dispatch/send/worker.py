@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable
 from types import FrameType
 from typing import TypeVar
@@ -20,6 +19,7 @@ from dramatiq.brokers.redis import RedisBroker
 
 from dispatch.config import Settings
 from dispatch.send.broker import ACTOR_NAME, QUEUE, build_broker, enqueue_batch
+from dispatch.send.retry import RetryPolicy
 from dispatch.send.runtime import WorkerRuntime
 from dispatch.store.connect import resolve_redis
 from ratelimit import BackendUnavailable
@@ -30,42 +30,33 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-#: How long a batch keeps waiting for Redis to come back before it gives up (below the time limit).
-REDIS_OUTAGE_BUDGET_S = 600.0
-
 #: Errors that mean "Redis is unreachable right now", not "this batch is wrong".
 OUTAGE_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, BackendUnavailable)
 
 
-def _through_outages(action: Callable[[], T], what: str) -> T:
-    """Run ``action``, waiting out a Redis outage with capped backoff.
+def _through_outages(retry: RetryPolicy, action: Callable[[], T], what: str) -> T:
+    """Run ``action``, waiting out a Redis outage as ``retry.reconnecting`` says.
 
     While Redis is down nothing can progress, and handing the batch back to dramatiq would need
     Redis too (a retry enqueue that fails loses the batch), so the batch waits here instead.
     Every step it repeats is idempotent (claims and confirmations are Lua on the records).
     """
-    deadline = time.monotonic() + REDIS_OUTAGE_BUDGET_S
-    delay = 0.2
-    while True:
-        try:
-            return action()
-        except OUTAGE_ERRORS as exc:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("%s: Redis unavailable (%s); retrying in %.1fs", what, type(exc).__name__, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    return retry.reconnecting(OUTAGE_ERRORS, what)(action)
 
 
 def declare_actor(broker: RedisBroker, runtime: WorkerRuntime) -> dramatiq.Actor[[str, int], None]:
+    retry = runtime.retry
+
     def send_batch(campaign_id: str, batch: int) -> None:
         what = f"batch {campaign_id}/{batch}"
-        outcome = _through_outages(lambda: runtime.run(runtime.engine.send_batch(campaign_id, batch)), what)
+        outcome = _through_outages(retry, lambda: runtime.run(runtime.engine.send_batch(campaign_id, batch)), what)
         if outcome.requeue_after is not None:
+            # a long wait (or a pause) goes back to the broker: no worker slot sleeps through it
             delay_ms = int(outcome.requeue_after * 1000)
-            _through_outages(lambda: enqueue_batch(broker, campaign_id, batch, delay_ms), what)
+            _through_outages(retry, lambda: enqueue_batch(broker, campaign_id, batch, delay_ms), what)
 
-    decorate = dramatiq.actor(broker=broker, actor_name=ACTOR_NAME, queue_name=QUEUE, max_retries=20)
+    max_retries = retry.broker_retries().max_retries
+    decorate = dramatiq.actor(broker=broker, actor_name=ACTOR_NAME, queue_name=QUEUE, max_retries=max_retries)
     actor: dramatiq.Actor[[str, int], None] = decorate(send_batch)
     return actor
 
