@@ -545,7 +545,9 @@ async def test_triggered_message_is_idempotent_and_checked(api: Api, redis_clien
         json={**message, "timezone": "Pacific/Kiritimati"},
         headers={"Idempotency-Key": "cart-4"},
     )
-    expected = next_allowed(datetime.now(UTC), resolve_timezone("Pacific/Kiritimati"), QuietHours())  # type: ignore[arg-type]
+    expected = next_allowed(
+        datetime.fromtimestamp(api.clock(), UTC), resolve_timezone("Pacific/Kiritimati"), QuietHours()
+    )  # type: ignore[arg-type]
     assert abs(zone.json["not_before"] - expected.timestamp()) < 5
     await api.flush()
     # the replay enqueued nothing more; the suppressed one never was; a held message has its own

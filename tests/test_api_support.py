@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ class Api:
     #: (method, path, status) of every call, for the coverage check
     seen: list[tuple[str, str, int]] = field(default_factory=list)
     app: web.Application | None = None
+    #: The API's clock for triggered messages (their per-hour campaign, their not-before).
+    clock: Callable[[], float] = time.time
 
     async def flush(self) -> None:
         """Seal and enqueue the triggered messages accepted so far (the sealer lingers ~50 ms)."""
@@ -117,6 +120,7 @@ async def running_api(
     enqueue: EnqueueFn | Callable[..., None] | None = None,
     limits: ApiLimits | None = None,
     record_enqueues: bool = True,
+    clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[Api]:
     enqueued: list[tuple[str, int, int]] = []
 
@@ -138,6 +142,7 @@ async def running_api(
         enqueue=chosen,
         limits=limits,
         public_base_url=f"http://127.0.0.1:{port}",
+        clock=clock,
     )
     runner: web.AppRunner = make_runner(app)
     await runner.setup()
@@ -148,7 +153,7 @@ async def running_api(
     tokens = {scope: store.create(scope, f"test-{scope}")[0] for scope in SCOPES}
     try:
         async with aiohttp.ClientSession() as session:
-            yield Api(f"http://{host}:{port}", session, tokens, enqueued, app=app)
+            yield Api(f"http://{host}:{port}", session, tokens, enqueued, app=app, clock=clock)
     finally:
         await runner.cleanup()
         await pipelined.aclose()

@@ -364,7 +364,8 @@ async def test_workers_deliver_micro_batched_messages_exactly_once(
         enqueue_batch(broker, cid, n, delay)
 
     try:
-        async with running_api(e2e_settings, app_client, sync_client, enqueue=enqueue) as api:
+        now = time.time()  # one triggered campaign: its hour cannot roll over mid-test
+        async with running_api(e2e_settings, app_client, sync_client, enqueue=enqueue, clock=lambda: now) as api:
             with LocalCluster(e2e_settings, workers=1) as cluster:
                 gate = asyncio.Semaphore(16)
 
@@ -423,8 +424,13 @@ async def test_a_send_by_the_workers_caps_the_next_triggered_message_at_accept(
     app_client, sync_client = clients
     broker = build_broker(settings, with_db(settings.redis_url, settings.broker_db))
     try:
+        now = time.time()  # one triggered campaign: its hour cannot roll over mid-test
         async with running_api(
-            settings, app_client, sync_client, enqueue=lambda cid, n, delay: enqueue_batch(broker, cid, n, delay)
+            settings,
+            app_client,
+            sync_client,
+            enqueue=lambda cid, n, delay: enqueue_batch(broker, cid, n, delay),
+            clock=lambda: now,
         ) as api:
             with LocalCluster(settings, workers=1):
                 first = await api.call("POST", "/v1/messages", json=_message(1), headers={"Idempotency-Key": "1"})
@@ -460,7 +466,8 @@ async def test_a_client_campaign_cannot_take_over_the_triggered_campaign(
     triggered campaign: the message goes out once, with its own body, and records its own sid."""
     assert e2e_settings.redis_url is not None
     app_client, sync_client = clients
-    hour = f"{datetime.now(UTC):%Y%m%d%H}"
+    now = time.time()  # the API's clock for this test: the hour cannot roll over mid-test
+    hour = f"{datetime.fromtimestamp(now, UTC):%Y%m%d%H}"
     with pytest.raises(PlanError, match="reserved"):
         CampaignSpec(id=f"triggered-sms-{hour}", channel="sms", body="x")
     for channel in ("sms", "email", "push", "webhook"):  # today's triggered ids: outside the client alphabet
@@ -479,7 +486,11 @@ async def test_a_client_campaign_cannot_take_over_the_triggered_campaign(
         async with (
             RecordingServer(twilio) as provider,
             running_api(
-                e2e_settings, app_client, sync_client, enqueue=lambda c, n, d: enqueue_batch(broker, c, n, d)
+                e2e_settings,
+                app_client,
+                sync_client,
+                enqueue=lambda c, n, d: enqueue_batch(broker, c, n, d),
+                clock=lambda: now,
             ) as api,
         ):
             refused = await api.call("POST", "/v1/campaigns", token="write", json={"spec": attack, "recipients": []})

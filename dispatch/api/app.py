@@ -741,13 +741,15 @@ def build_app(
     plan_threads: int = 2,
     pipelined: PipelinedRedis | None = None,
     auth_cache_s: float = 0.0,
+    clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """The API application. ``enqueue`` hands batches to the broker (None: start and messages
     answer 503); ``public_base_url`` is the URL providers call (their signatures cover it).
     ``key_pepper``, ``suppression_hasher`` and ``limits`` default to what ``settings`` says
     (``api_key_pepper``, ``suppression_key``, ``api_max_*_bytes``). ``pipelined``: the hot path's
     shared connection (auth lookups and triggered messages); without it they use ``app_client``.
-    ``auth_cache_s``: how long a valid API key is trusted without a lookup (0: every request)."""
+    ``auth_cache_s``: how long a valid API key is trusted without a lookup (0: every request).
+    ``clock``: what triggered messages take as now (their per-hour campaign, their not-before)."""
     lim = limits or ApiLimits(json_bytes=settings.api_max_json_bytes, audience_bytes=settings.api_max_audience_bytes)
     pepper = key_pepper if key_pepper is not None else settings.api_key_pepper.reveal().encode()
     hasher = suppression_hasher or hasher_for(settings)
@@ -773,7 +775,9 @@ def build_app(
         io_pool=io_pool,
         plan_pool=plan_pool,
         suppression=suppression,
-        triggered=TriggeredSender(settings, app_client, sealer or _NoSealer(), hasher=hasher, pipelined=pipelined),
+        triggered=TriggeredSender(
+            settings, app_client, sealer or _NoSealer(), hasher=hasher, pipelined=pipelined, clock=clock
+        ),
         sealer=sealer,
         metrics=metrics,
     )
