@@ -1,7 +1,8 @@
 """The channel contract: one async call sends a batch and returns one typed result per message.
 
-A channel states its capabilities as class attributes (``max_batch``, ``body_maxlen``,
-``supports_idempotency``) so the planner can shard for it and the predictor can cost it. It
+A channel states its capabilities as class attributes (``max_batch``, ``messages_per_request``,
+``supports_idempotency``) so the planner can shard for it and the predictor can cost it; what a
+message may hold (body limits) is the channel spec's, in ``channels.registry``. It
 never returns a bare bool: each message's outcome is ``Sent`` (with the provider's id),
 ``Retryable`` (with ``retry_after`` when the provider gave one) or ``Permanent`` (with the
 provider's error code).
@@ -99,8 +100,6 @@ class Channel(ABC):
     #: Messages one provider *request* carries (1 for per-message APIs; SendGrid: 1,000). The
     #: engine bounds in-flight requests, so it hands a channel this many messages per call.
     messages_per_request: ClassVar[int] = 1
-    #: Longest body the provider accepts, in characters.
-    body_maxlen: ClassVar[int] = 100_000
     #: Whether the provider honours our idempotency key (so an in-flight message whose worker
     #: died may be resent safely with the same key). A plain attribute, not a ClassVar: an
     #: instance may set it from its configuration (Twilio honours the key only behind a proxy

@@ -147,7 +147,6 @@ class SendGridEmail(Channel):
     provider = "sendgrid"
     max_batch = MAX_PERSONALIZATIONS
     messages_per_request = MAX_PERSONALIZATIONS
-    body_maxlen = 1_000_000
 
     def __init__(self, session: aiohttp.ClientSession, config: SendGridConfig) -> None:
         self._session = session

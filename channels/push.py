@@ -95,7 +95,6 @@ class FcmPush(Channel):
     provider = "fcm"
     max_batch = 500
     #: FCM refuses payloads over 4 KB.
-    body_maxlen = 4000
 
     def __init__(self, session: aiohttp.ClientSession, config: FcmConfig) -> None:
         self._session = session

@@ -110,7 +110,6 @@ class TwilioSms(Channel):
     #: Messages one ``send`` call sends concurrently (one HTTP request each).
     max_batch = 100
     #: Twilio refuses bodies over 1,600 characters (error 21617).
-    body_maxlen = 1600
 
     def __init__(self, session: aiohttp.ClientSession, config: TwilioConfig) -> None:
         self._session = session

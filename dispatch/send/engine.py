@@ -29,7 +29,7 @@ import math
 import string
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, cast, runtime_checkable
 
 import redis.asyncio as aredis
@@ -406,7 +406,6 @@ class _Round:
 
     pending: list[Item]
     retry_after: float = 0.0
-    causes: list[str] = field(default_factory=list)
 
 
 class SendStep:

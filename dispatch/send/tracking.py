@@ -131,9 +131,6 @@ class GroupClaim:
     #: index -> (claim code, attempts) of every message that is not a group member.
     others: dict[int, tuple[int, int]]
 
-    def is_member(self, index: int) -> bool:
-        return self.first <= index <= self.last and index not in self.others
-
 
 @dataclass(frozen=True, slots=True)
 class MessageRecord:
