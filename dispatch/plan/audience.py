@@ -73,6 +73,7 @@ __all__ = [
     "read_audience",
     "read_header",
     "recipients_only",
+    "take_header",
 ]
 
 AudienceFormat = Literal["csv", "jsonl"]
@@ -536,22 +537,29 @@ def _split_csv(text: str, delimiter: str, quote: str) -> list[str] | None:
         return None
 
 
+def take_header(records: Iterator[tuple[list[str] | None, Any, str]]) -> list[str] | None:
+    """The header record of a CSV record stream (consumed from ``records``), as every reader sees
+    it: names stripped, a UTF-8 byte-order mark dropped; None for an empty stream. Raises
+    AudienceError when it cannot be read or names a column twice. The one place a header is read
+    (the general reader, :func:`read_header` and the fast scan all use it)."""
+    for fields, _reason, detail in records:
+        if fields is None:
+            raise AudienceError(f"the CSV header cannot be read ({detail})")
+        header = [h.strip() for h in fields]
+        header[0] = header[0].removeprefix("\ufeff")
+        if len(set(header)) != len(header):
+            raise AudienceError("the CSV header names a column twice")
+        return header
+    return None
+
+
 def _read_csv(
     lines: Lines, columns: ColumnMap, limits: ReadLimits, delimiter: str, quote: str
 ) -> Iterator[Recipient | RowRejected]:
     records = csv_records(lines, limits, delimiter, quote)
-    header: list[str] | None = None
-    for fields, _reason, detail in records:
-        if fields is None:
-            raise AudienceError(f"the CSV header cannot be read ({detail})")
-        header = fields
-        break
+    header = take_header(records)
     if header is None:
         return
-    header = [h.strip() for h in header]
-    header[0] = header[0].removeprefix("\ufeff")
-    if len(set(header)) != len(header):
-        raise AudienceError("the CSV header names a column twice")
     width = len(header)
     build = CsvBuilder(columns, limits, header).build
     for row_no, (fields, reason, detail) in enumerate(records, start=1):
@@ -739,14 +747,9 @@ def read_header(
             stream = maybe_gunzip(handle, lim)
         except (OSError, ValueError) as exc:
             raise AudienceError(f"audience stream cannot be read: {exc}") from None
-        records = csv_records(Lines(stream, lim.max_line_bytes, quotechar.encode()), lim, delimiter, quotechar)
-        for fields, _reason, detail in records:
-            if fields is None:
-                raise AudienceError(f"the CSV header cannot be read ({detail})")
-            header = [h.strip() for h in fields]
-            header[0] = header[0].removeprefix("\ufeff")
-            return header
-    return None
+        return take_header(
+            csv_records(Lines(stream, lim.max_line_bytes, quotechar.encode()), lim, delimiter, quotechar)
+        )
 
 
 class _Opts(NamedTuple):

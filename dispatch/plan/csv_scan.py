@@ -65,6 +65,7 @@ from dispatch.plan.audience import (
     csv_records,
     maybe_gunzip,
     parse_time,
+    take_header,
 )
 from dispatch.plan.dedup import id_fingerprints
 from dispatch.rules.checks import (
@@ -608,16 +609,7 @@ def _scan_range(start: int, end: int) -> Chunk:
 
 def _header(handle: io.BufferedReader | Any, config: ScanConfig) -> list[str] | None:
     lines = Lines(handle, config.limits.max_line_bytes, config.quote.encode())
-    records = csv_records(lines, config.limits, config.delimiter, config.quote)
-    for fields, _reason, detail in records:
-        if fields is None:
-            raise AudienceError(f"the CSV header cannot be read ({detail})")
-        header = [h.strip() for h in fields]
-        header[0] = header[0].removeprefix("\ufeff")
-        if len(set(header)) != len(header):
-            raise AudienceError("the CSV header names a column twice")
-        return header
-    return None
+    return take_header(csv_records(lines, config.limits, config.delimiter, config.quote))
 
 
 def _chunks_of(records: Iterator[Any], size: int) -> Iterator[list[Any]]:
