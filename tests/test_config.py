@@ -143,6 +143,7 @@ def test_invalid_sources_name_the_source_and_never_quote_a_dsn(sources: str, wor
         (lambda: replace(Settings(), batch_sise=5), "DISPATCH_BATCH_SISE", "unknown setting"),
         (lambda: replace(Settings(), redis_url="redis://h/1"), "DISPATCH_BROKER_DB", "another database"),
     ],
+    ids=["direct-bound", "replace-bound", "replace-float-bound", "replace-text", "replace-unknown", "replace-cross"],
 )
 def test_direct_and_replaced_settings_are_checked_like_loaded_ones(
     build: Callable[[], Settings], setting: str, words: str
