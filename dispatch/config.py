@@ -3,7 +3,10 @@
 Sources, later ones winning: the defaults below, an optional TOML file (``DISPATCH_CONFIG`` or
 ``--config``; keys are the setting names, e.g. ``batch_size = 500``, optionally under a
 ``[dispatch]`` table), then ``DISPATCH_*`` environment variables (``DISPATCH_BATCH_SIZE``).
-Every invalid value raises ``ConfigError`` naming the setting and the fix. Nothing here runs at
+:class:`Settings` is a frozen pydantic dataclass whose fields carry their default, description and
+bounds: the loader only collects raw values, the model parses and checks them (also on
+``Settings(...)`` and ``dataclasses.replace(settings, ...)``). Every invalid value raises
+``ConfigError`` naming the setting and the fix. Nothing here reads the environment or the disk at
 import time.
 
 Secret settings (provider tokens and keys, the API-key pepper, the suppression key, the receipt
@@ -32,7 +35,6 @@ included, for handing settings to child processes only.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -40,8 +42,21 @@ import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, cast, get_args
 from urllib.parse import parse_qs, urlsplit
+
+import annotated_types
+from pydantic import (
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic import dataclasses as pydantic_dataclasses
+from pydantic.fields import FieldInfo
 
 from dispatch.credentials import Secret, redact_url
 from dispatch.errors import ConfigError
@@ -182,142 +197,186 @@ def _parse_source(name: str, spec: Any, where: str) -> AudienceSource:
     return FileSource(name=name, path=path)
 
 
-def _setting(default: Any, help: str, *, low: float | None = None, high: float | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "low": low, "high": high})
-
-
-def _secret(default: str | None, help: str) -> Any:
-    """A secret setting: a :class:`Secret` (never printed; ``.reveal()`` gives the value)."""
-    value = None if default is None else Secret(default)
-    return field(default=value, metadata={"help": help, "low": None, "high": None, "secret": True})
-
-
 #: Longest suppression key: BLAKE2b takes keys of at most 64 bytes.
 _MAX_SUPPRESSION_KEY_BYTES: Final = 64
 
 
-@dataclass(frozen=True, kw_only=True)
+@pydantic_dataclasses.dataclass(
+    frozen=True, kw_only=True, config=ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+)
 class Settings:
-    """Every setting of a deployment. Build with :func:`load_settings`."""
+    """Every setting of a deployment. Build with :func:`load_settings`.
 
-    home: Path = _setting(Path(".dispatch"), "state directory (embedded Redis data, metrics files)")
-    redis_url: str | None = _setting(None, "Redis/Valkey URL for application keys; unset = embedded")
-    broker_db: int = _setting(1, "logical database of the dramatiq broker (apart from app keys)", low=0, high=15)
-    heartbeat_timeout_ms: int = _setting(
-        5000, "ms without a heartbeat before a worker's batches are redelivered", low=1000, high=600_000
+    A pydantic dataclass: each field carries its default, its description (the README's table) and
+    its bounds; building one (directly, through :func:`load_settings` or ``dataclasses.replace``)
+    parses text the way ``DISPATCH_*`` variables are written, checks bounds and the cross-field
+    rules, and raises :class:`ConfigError` naming the variable and the fix."""
+
+    home: Path = Field(default=Path(".dispatch"), description="state directory (embedded Redis data, metrics files)")
+    redis_url: str | None = Field(default=None, description="Redis/Valkey URL for application keys; unset = embedded")
+    broker_db: int = Field(
+        default=1, ge=0, le=15, description="logical database of the dramatiq broker (apart from app keys)"
     )
-    maintenance_chance: int = _setting(
-        100_000, "broker commands per million that run queue maintenance", low=1, high=1_000_000
+    heartbeat_timeout_ms: int = Field(
+        default=5000,
+        ge=1000,
+        le=600_000,
+        description="ms without a heartbeat before a worker's batches are redelivered",
     )
-    workers: int = _setting(2, "worker processes started by demo and loadtest", low=1, high=256)
-    worker_threads: int = _setting(2, "batches one worker process runs at once", low=1, high=64)
-    worker_nice: int = _setting(
-        0,
-        "CPU niceness of worker processes (10: an API sharing their cores keeps its latency)",
-        low=0,
-        high=19,
+    maintenance_chance: int = Field(
+        default=100_000, ge=1, le=1_000_000, description="broker commands per million that run queue maintenance"
     )
-    worker_sched_idle: bool = _setting(
-        False,
-        "workers run under SCHED_IDLE: the API and Redis preempt them at once (they only get idle CPU)",
+    workers: int = Field(default=2, ge=1, le=256, description="worker processes started by demo and loadtest")
+    worker_threads: int = Field(default=2, ge=1, le=64, description="batches one worker process runs at once")
+    worker_nice: int = Field(
+        default=0,
+        ge=0,
+        le=19,
+        description="CPU niceness of worker processes (10: an API sharing their cores keeps its latency)",
     )
-    send_concurrency: int = _setting(256, "provider requests in flight per worker process", low=1, high=10_000)
-    batch_size: int = _setting(
-        500,
-        "recipients per batch (one broker message) of per-message APIs; batch APIs: their limit",
-        low=1,
-        high=10_000,
+    worker_sched_idle: bool = Field(
+        default=False,
+        description="workers run under SCHED_IDLE: the API and Redis preempt them at once (they only get idle CPU)",
     )
-    max_attempts: int = _setting(5, "provider attempts per message before dead-lettering", low=1, high=50)
-    sms_base_url: str = _setting("http://127.0.0.1:8099", "Twilio API base URL (or the mock provider's)")
-    sms_account_sid: str = _setting("AC00000000000000000000000000000000", "Twilio account SID")
-    sms_auth_token: Secret = _secret("dispatch-demo-token", "Twilio auth token")
-    sms_from: str = _setting("+15005550006", "sender number (E.164)")
-    sms_rate: float = _setting(0.0, "SMS segments per second for the account; 0 = unlimited", low=0)
-    sms_honours_idempotency: bool = _setting(
-        True, "the SMS endpoint honours Idempotency-Key (the mock does; real Twilio does not)"
+    send_concurrency: int = Field(
+        default=256, ge=1, le=10_000, description="provider requests in flight per worker process"
     )
-    email_base_url: str = _setting("http://127.0.0.1:8099", "SendGrid API base URL (or the mock provider's)")
-    email_api_key: Secret = _secret("SG.mock-api-key", "SendGrid API key")
-    email_from: str = _setting("campaigns@example.com", "sender address")
-    email_unsubscribe_url: str = _setting(
-        "https://example.com/unsubscribe/{ref}", "one-click unsubscribe URL; {ref} is the message reference"
+    batch_size: int = Field(
+        default=500,
+        ge=1,
+        le=10_000,
+        description="recipients per batch (one broker message) of per-message APIs; batch APIs: their limit",
     )
-    email_honours_idempotency: bool = _setting(True, "the email endpoint honours Idempotency-Key (the mock does)")
-    push_base_url: str = _setting("http://127.0.0.1:8099", "FCM HTTP v1 base URL (or the mock provider's)")
-    push_project: str = _setting("dispatch-demo", "FCM project id")
-    push_access_token: Secret = _secret("mock-fcm-access-token", "FCM OAuth access token")
-    webhook_url: str = _setting("http://127.0.0.1:8099/webhook", "URL signed webhook messages are posted to")
-    webhook_secret: Secret = _secret("mock-webhook-secret", "HMAC secret of the webhook channel (>= 16 chars)")
-    webhook_honours_idempotency: bool = _setting(True, "the webhook receiver honours Idempotency-Key")
-    frequency_limit: int = _setting(0, "messages per recipient per channel in the window (0 = no cap)", low=0)
-    frequency_window_s: int = _setting(86_400, "rolling frequency-cap window in seconds", low=1)
-    api_url: str | None = _setting(None, "with it, CLI commands go through this dispatch API instead of Redis")
-    api_token: Secret | None = _secret(None, "bearer token for api_url (dispatch apikey create)")
-    api_key_pepper: Secret = _secret("", "secret mixed into stored API-key hashes (a dump alone cannot test tokens)")
-    suppression_key: Secret = _secret(
-        "",
-        "secret key of the suppression-list address hashes, the same on every process; "
+    max_attempts: int = Field(default=5, ge=1, le=50, description="provider attempts per message before dead-lettering")
+    sms_base_url: str = Field(
+        default="http://127.0.0.1:8099", description="Twilio API base URL (or the mock provider's)"
+    )
+    sms_account_sid: str = Field(default="AC00000000000000000000000000000000", description="Twilio account SID")
+    sms_auth_token: Secret = Field(default=Secret("dispatch-demo-token"), description="Twilio auth token")
+    sms_from: str = Field(default="+15005550006", description="sender number (E.164)")
+    sms_rate: float = Field(default=0.0, ge=0, description="SMS segments per second for the account; 0 = unlimited")
+    sms_honours_idempotency: bool = Field(
+        default=True, description="the SMS endpoint honours Idempotency-Key (the mock does; real Twilio does not)"
+    )
+    email_base_url: str = Field(
+        default="http://127.0.0.1:8099", description="SendGrid API base URL (or the mock provider's)"
+    )
+    email_api_key: Secret = Field(default=Secret("SG.mock-api-key"), description="SendGrid API key")
+    email_from: str = Field(default="campaigns@example.com", description="sender address")
+    email_unsubscribe_url: str = Field(
+        default="https://example.com/unsubscribe/{ref}",
+        description="one-click unsubscribe URL; {ref} is the message reference",
+    )
+    email_honours_idempotency: bool = Field(
+        default=True, description="the email endpoint honours Idempotency-Key (the mock does)"
+    )
+    push_base_url: str = Field(
+        default="http://127.0.0.1:8099", description="FCM HTTP v1 base URL (or the mock provider's)"
+    )
+    push_project: str = Field(default="dispatch-demo", description="FCM project id")
+    push_access_token: Secret = Field(default=Secret("mock-fcm-access-token"), description="FCM OAuth access token")
+    webhook_url: str = Field(
+        default="http://127.0.0.1:8099/webhook", description="URL signed webhook messages are posted to"
+    )
+    webhook_secret: Secret = Field(
+        default=Secret("mock-webhook-secret"), description="HMAC secret of the webhook channel (>= 16 chars)"
+    )
+    webhook_honours_idempotency: bool = Field(default=True, description="the webhook receiver honours Idempotency-Key")
+    frequency_limit: int = Field(
+        default=0, ge=0, description="messages per recipient per channel in the window (0 = no cap)"
+    )
+    frequency_window_s: int = Field(default=86_400, ge=1, description="rolling frequency-cap window in seconds")
+    api_url: str | None = Field(
+        default=None, description="with it, CLI commands go through this dispatch API instead of Redis"
+    )
+    api_token: Secret | None = Field(default=None, description="bearer token for api_url (dispatch apikey create)")
+    api_key_pepper: Secret = Field(
+        default=Secret(""), description="secret mixed into stored API-key hashes (a dump alone cannot test tokens)"
+    )
+    suppression_key: Secret = Field(
+        default=Secret(""),
+        description="secret key of the suppression-list address hashes, the same on every process; "
         "unset: the key generated in $DISPATCH_HOME/suppression.key",
     )
-    api_max_json_bytes: int = _setting(1024 * 1024, "largest JSON request body of the API", low=1024)
-    api_max_audience_bytes: int = _setting(2 * 1024**3, "largest audience upload of the API", low=1024)
-    api_header_timeout_s: float = _setting(
-        10.0, "seconds a client of the API may take to send a request's line and headers", low=0.1
+    api_max_json_bytes: int = Field(default=1024 * 1024, ge=1024, description="largest JSON request body of the API")
+    api_max_audience_bytes: int = Field(default=2 * 1024**3, ge=1024, description="largest audience upload of the API")
+    api_header_timeout_s: float = Field(
+        default=10.0, ge=0.1, description="seconds a client of the API may take to send a request's line and headers"
     )
-    api_keepalive_timeout_s: float = _setting(
-        75.0, "seconds an idle keep-alive connection to the API stays open", low=0.1
+    api_keepalive_timeout_s: float = Field(
+        default=75.0, ge=0.1, description="seconds an idle keep-alive connection to the API stays open"
     )
-    api_max_connections: int = _setting(
-        1000, "connections the API keeps open at most (over it, the longest idle one is closed)", low=1
+    api_max_connections: int = Field(
+        default=1000,
+        ge=1,
+        description="connections the API keeps open at most (over it, the longest idle one is closed)",
     )
-    plan_max_rows: int = _setting(
-        100_000_000, "most audience rows one plan reads; a larger audience fails the plan", low=1
+    plan_max_rows: int = Field(
+        default=100_000_000, ge=1, description="most audience rows one plan reads; a larger audience fails the plan"
     )
-    plan_max_decompressed_bytes: int = _setting(
-        32 * 1024**3, "most bytes a gzip audience may expand to; more fails the plan", low=1024
+    plan_max_decompressed_bytes: int = Field(
+        default=32 * 1024**3, ge=1024, description="most bytes a gzip audience may expand to; more fails the plan"
     )
-    plan_max_gzip_ratio: int = _setting(
-        100,
-        "most bytes a gzip audience may expand to per compressed byte (plus 1 MiB); more fails the plan",
-        low=1,
+    plan_max_gzip_ratio: int = Field(
+        default=100,
+        ge=1,
+        description="most bytes a gzip audience may expand to per compressed byte (plus 1 MiB); more fails the plan",
     )
-    plan_max_rejected_file_bytes: int = _setting(
-        256 * 1024**2,
-        "largest rejected-rows file of a plan; rejects past it are counted in the report, not listed",
-        low=4096,
+    plan_max_rejected_file_bytes: int = Field(
+        default=256 * 1024**2,
+        ge=4096,
+        description="largest rejected-rows file of a plan; rejects past it are counted in the report, not listed",
     )
-    sendgrid_public_key: str | None = _setting(None, "SendGrid event-webhook verification key (base64 DER or PEM)")
-    receipt_webhook_secret: Secret | None = _secret(None, "HMAC secret of signed webhook delivery receipts")
-    callback_base_url: str | None = _setting(None, "public base URL providers post receipts to")
-    provider_latency_ms: float = _setting(20.0, "expected provider latency for predictions", low=0)
-    cpu_per_message_us: float = _setting(
-        352.0,
-        "CPU microseconds one message costs over all local processes at the reference speed, for predictions",
-        low=1,
+    sendgrid_public_key: str | None = Field(
+        default=None, description="SendGrid event-webhook verification key (base64 DER or PEM)"
     )
-    cpu_speed_probe: bool = _setting(
-        True, "scale predicted CPU costs by the measured speed of the workers (or this machine); off: fixed costs"
+    receipt_webhook_secret: Secret | None = Field(
+        default=None, description="HMAC secret of signed webhook delivery receipts"
     )
-    speed_probe_quiet_share: float = _setting(
-        0.25,
-        "workers probe the machine's speed only while the rest of it uses at most this share of its CPUs "
-        "(1 = probe however busy it is)",
-        low=0,
-        high=1,
+    callback_base_url: str | None = Field(default=None, description="public base URL providers post receipts to")
+    provider_latency_ms: float = Field(default=20.0, ge=0, description="expected provider latency for predictions")
+    cpu_per_message_us: float = Field(
+        default=352.0,
+        ge=1,
+        description="CPU microseconds one message costs over all local processes at the reference speed, "
+        "for predictions",
     )
-    metrics_port: int = _setting(0, "port of a worker's /metrics endpoint (0 = none)", low=0, high=65535)
-    retention_s: int = _setting(7 * 86400, "seconds campaign data is kept after it ends", low=60)
-    sources: AudienceSources = _setting(
-        AudienceSources(),
-        "named audience sources, [sources.NAME] tables in the TOML file or JSON here (see Configuration)",
+    cpu_speed_probe: bool = Field(
+        default=True,
+        description="scale predicted CPU costs by the measured speed of the workers (or this machine); "
+        "off: fixed costs",
+    )
+    speed_probe_quiet_share: float = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="workers probe the machine's speed only while the rest of it uses at most this share of "
+        "its CPUs (1 = probe however busy it is)",
+    )
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="port of a worker's /metrics endpoint (0 = none)")
+    retention_s: int = Field(default=7 * 86400, ge=60, description="seconds campaign data is kept after it ends")
+    sources: AudienceSources = Field(
+        default=AudienceSources(),
+        description="named audience sources, [sources.NAME] tables in the TOML file or JSON here (see Configuration)",
     )
 
-    def __post_init__(self) -> None:
-        for name in _SECRET_FIELDS:
-            value = getattr(self, name)
-            if isinstance(value, str):  # Settings(sms_auth_token="...") or replace(): wrap it
-                object.__setattr__(self, name, Secret(value))
+    @field_validator("*", mode="before")
+    @classmethod
+    def _parse(cls, raw: Any, info: ValidationInfo) -> Any:
+        """Text as written in ``DISPATCH_*`` variables (or a TOML value) to the field's type."""
+        return _convert(str(info.field_name), raw)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _name_the_setting(cls, data: Any, handler: ModelWrapValidatorHandler[Settings]) -> Settings:
+        """A failed type or bounds check becomes a ConfigError naming the variable and the fix."""
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            raise _config_error(exc) from None
+
+    @model_validator(mode="after")
+    def _check_together(self) -> Settings:
         if len(self.suppression_key.reveal().encode()) > _MAX_SUPPRESSION_KEY_BYTES:
             raise ConfigError(
                 "DISPATCH_SUPPRESSION_KEY",
@@ -338,14 +397,15 @@ class Settings:
                     f"the broker shares database {self.broker_db} with the application keys",
                     "pick another database number for DISPATCH_BROKER_DB (dramatiq's maintenance runs KEYS)",
                 )
+        return self
 
     def __repr__(self) -> str:
         # Secrets print as masks by themselves; the Redis URL keeps its host but not its password.
         shown = []
-        for item in dataclasses.fields(self):
-            value = getattr(self, item.name)
-            text = repr(redact_url(value)) if item.name == "redis_url" and value is not None else repr(value)
-            shown.append(f"{item.name}={text}")
+        for name in _FIELDS:
+            value = getattr(self, name)
+            text = repr(redact_url(value)) if name == "redis_url" and value is not None else repr(value)
+            shown.append(f"{name}={text}")
         return f"Settings({', '.join(shown)})"
 
     @property
@@ -360,24 +420,43 @@ class Settings:
         return int(path) if path.isdigit() and parts.scheme != "unix" else 0
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
-_SECRET_FIELDS: Final = tuple(name for name, f in _FIELDS.items() if f.metadata.get("secret"))
+#: The model's fields (name -> pydantic FieldInfo: default, description, bounds), in declaration order.
+_FIELDS: Final[dict[str, FieldInfo]] = cast(Any, Settings).__pydantic_fields__
+
+
+def _kind(annotation: Any) -> type[Any]:
+    """The type a field holds, ``None`` aside (``str | None`` -> ``str``)."""
+    kinds = [k for k in (get_args(annotation) or (annotation,)) if k is not type(None)]
+    return cast(type[Any], kinds[0])
+
+
+#: name -> (the type it holds, whether it may be unset).
+_KINDS: Final = {
+    name: (_kind(info.annotation), type(None) in get_args(info.annotation)) for name, info in _FIELDS.items()
+}
+#: How an error names what a setting of each type expects.
+_EXPECTED: Final[dict[type[Any], str]] = {bool: "true or false", int: "a whole number", float: "a number"}
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
 
 
 def _convert(name: str, raw: Any) -> Any:
-    spec = _FIELDS[name]
-    env = ENV_PREFIX + name.upper()
-    if name == "sources":
+    """``raw`` (text from the environment, a TOML value, or an already typed value) as the type of
+    setting ``name``. Raises ConfigError on text that is not of that type; bounds are the model's."""
+    kind, optional = _KINDS[name]
+    env = _env_name(name)
+    if kind is AudienceSources:
         return AudienceSources.parse(raw, env)
-    if spec.metadata.get("secret"):
-        if raw is None or isinstance(raw, Secret):
+    if raw is None or (optional and isinstance(raw, str) and raw == ""):
+        return None
+    if kind is Secret:
+        if isinstance(raw, Secret):
             return raw
         if not isinstance(raw, str):
             raise ConfigError(env, f"expected text, got {type(raw).__name__}", f"set {env} to text")
-        return None if raw == "" and spec.default is None else Secret(raw)
-    kind: type[Any] = type(spec.default) if spec.default is not None else str
-    if raw is None or (isinstance(raw, str) and raw == "" and spec.default is None):
-        return None
+        return Secret(raw)
     try:
         value: Any
         if kind is bool:
@@ -397,18 +476,59 @@ def _convert(name: str, raw: Any) -> Any:
             if isinstance(raw, bool):
                 raise ValueError
             value = float(raw)
-        elif issubclass(kind, Path):
+        elif kind is Path:
             value = Path(str(raw))
         else:
             value = str(raw)
-    except ValueError:
-        expected = {bool: "true or false", int: "a whole number", float: "a number"}.get(kind, "text")
+    except (TypeError, ValueError):
+        expected = _EXPECTED.get(kind, "text")
         raise ConfigError(env, f"expected {expected}, got {raw!r}", f"set {env} to {expected}") from None
-    low, high = spec.metadata["low"], spec.metadata["high"]
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
-        raise ConfigError(env, f"{value!r} is out of range", f"set {env} to a value {bounds}")
     return value
+
+
+def _bounds(name: str) -> tuple[Any, Any]:
+    """(lowest, highest) value of setting ``name``; None where unbounded."""
+    metadata = _FIELDS[name].metadata
+    low = next((m.ge for m in metadata if isinstance(m, annotated_types.Ge)), None)
+    high = next((m.le for m in metadata if isinstance(m, annotated_types.Le)), None)
+    return low, high
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    """The model's first complaint as a ConfigError: which variable, what is wrong, the fix."""
+    error = exc.errors()[0]
+    name = str(error["loc"][0]) if error["loc"] else ""
+    env = _env_name(name)
+    if name not in _FIELDS:  # Settings(unknown=...) or replace(settings, unknown=...)
+        return ConfigError(env, "unknown setting", f"use one of: {', '.join(sorted(_FIELDS))}")
+    if error["type"] in {"greater_than_equal", "less_than_equal"}:
+        low, high = _bounds(name)
+        bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+        return ConfigError(env, f"{error['input']!r} is out of range", f"set {env} to a value {bounds}")
+    expected = _EXPECTED.get(_KINDS[name][0], "text")  # never quote the input: it may be a secret
+    return ConfigError(env, f"expected {expected}, got {type(error['input']).__name__}", f"set {env} to {expected}")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The settings table of the TOML file at ``path``: ``[dispatch]`` (or the top level), with
+    ``[sources.NAME]`` tables beside it parsed here so that their errors name the file."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError("DISPATCH_CONFIG", f"cannot read {path}: {exc.strerror}", "point it at a TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("DISPATCH_CONFIG", f"{path} is not valid TOML ({exc})", "fix the file's syntax") from None
+    table = data.get("dispatch", data)
+    if table is not data and "sources" in data:  # [sources.NAME] tables beside [dispatch]
+        if "sources" in table:
+            raise ConfigError(f"{path}: sources", "defined twice", "keep either [sources] or [dispatch.sources]")
+        table = {**table, "sources": data["sources"]}
+    for key in table:
+        if key not in _FIELDS:
+            raise ConfigError(f"{path}: {key}", "unknown setting", f"use one of: {', '.join(sorted(_FIELDS))}")
+    if "sources" in table:
+        table = {**table, "sources": AudienceSources.parse(table["sources"], f"{path}: sources")}
+    return dict(table)
 
 
 def load_settings(
@@ -417,37 +537,19 @@ def load_settings(
     config_file: Path | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Build settings from defaults, an optional TOML file, the environment and overrides."""
+    """Build settings from defaults, an optional TOML file, the environment and overrides: this
+    collects the raw values, later sources winning; the model parses and checks them."""
     environ = os.environ if env is None else env
-    values: dict[str, Any] = {}
     path = config_file or (Path(environ["DISPATCH_CONFIG"]) if environ.get("DISPATCH_CONFIG") else None)
-    if path is not None:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(
-                "DISPATCH_CONFIG", f"cannot read {path}: {exc.strerror}", "point it at a TOML file"
-            ) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("DISPATCH_CONFIG", f"{path} is not valid TOML ({exc})", "fix the file's syntax") from None
-        table = data.get("dispatch", data)
-        if table is not data and "sources" in data:  # [sources.NAME] tables beside [dispatch]
-            if "sources" in table:
-                raise ConfigError(f"{path}: sources", "defined twice", "keep either [sources] or [dispatch.sources]")
-            table = {**table, "sources": data["sources"]}
-        for key, raw in table.items():
-            if key not in _FIELDS:
-                raise ConfigError(f"{path}: {key}", "unknown setting", f"use one of: {', '.join(sorted(_FIELDS))}")
-            values[key] = AudienceSources.parse(raw, f"{path}: sources") if key == "sources" else _convert(key, raw)
+    values: dict[str, Any] = {} if path is None else _read_toml(path)
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX) or key == "DISPATCH_CONFIG" or key.startswith("DISPATCH_TEST_"):
             continue
         name = key[len(ENV_PREFIX) :].lower()
         if name not in _FIELDS:
             raise ConfigError(key, "unknown setting", f"remove it, or use one of: {', '.join(sorted(_FIELDS))}")
-        values[name] = _convert(name, raw)
-    for name, raw in (overrides or {}).items():
-        values[name] = _convert(name, raw)
+        values[name] = raw
+    values.update(overrides or {})
     return Settings(**values)
 
 
@@ -463,6 +565,4 @@ def describe_settings() -> list[tuple[str, str, str]]:
             return value.reveal()
         return str(value)
 
-    return [
-        (ENV_PREFIX + f.name.upper(), shown(f.default), str(f.metadata["help"])) for f in dataclasses.fields(Settings)
-    ]
+    return [(_env_name(name), shown(info.default), str(info.description)) for name, info in _FIELDS.items()]

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -126,3 +128,59 @@ def test_invalid_sources_name_the_source_and_never_quote_a_dsn(sources: str, wor
     assert info.value.setting.startswith("DISPATCH_SOURCES")
     assert words in str(info.value) and "Fix:" in str(info.value)
     assert SECRET not in str(info.value)
+
+
+# --- the model checks every way settings are built ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("build", "setting", "words"),
+    [
+        (lambda: Settings(batch_size=0), "DISPATCH_BATCH_SIZE", "from 1 to 10000"),
+        (lambda: replace(Settings(), workers=0), "DISPATCH_WORKERS", "from 1 to 256"),
+        (lambda: replace(Settings(), sms_rate=-1.0), "DISPATCH_SMS_RATE", "at least 0"),
+        (lambda: replace(Settings(), batch_size="lots"), "DISPATCH_BATCH_SIZE", "whole number"),
+        (lambda: replace(Settings(), batch_sise=5), "DISPATCH_BATCH_SISE", "unknown setting"),
+        (lambda: replace(Settings(), redis_url="redis://h/1"), "DISPATCH_BROKER_DB", "another database"),
+    ],
+    ids=["direct-bound", "replace-bound", "replace-float-bound", "replace-text", "replace-unknown", "replace-cross"],
+)
+def test_direct_and_replaced_settings_are_checked_like_loaded_ones(
+    build: Callable[[], Settings], setting: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        build()
+    assert info.value.setting == setting
+    assert words in str(info.value) and "Fix:" in str(info.value)
+
+
+def test_replace_parses_text_and_keeps_the_rest() -> None:
+    settings = load_settings({"DISPATCH_BATCH_SIZE": "250"})
+    changed = replace(settings, workers="4", sms_auth_token="t0ken-value")  # type: ignore[arg-type]
+    assert changed.workers == 4 and changed.batch_size == 250
+    assert changed.sms_auth_token.reveal() == "t0ken-value" and "t0ken-value" not in repr(changed)
+    assert replace(changed, workers=2, sms_auth_token=settings.sms_auth_token) == settings
+
+
+def test_toml_values_of_the_wrong_type_name_the_setting(tmp_path: Path) -> None:
+    path = tmp_path / "dispatch.toml"
+    for text, setting, words in [
+        ("batch_size = 5.5\n", "DISPATCH_BATCH_SIZE", "whole number"),
+        ("worker_sched_idle = 'maybe'\n", "DISPATCH_WORKER_SCHED_IDLE", "true or false"),
+        ("sms_auth_token = 5\n", "DISPATCH_SMS_AUTH_TOKEN", "expected text"),
+        ("[dispatch]\nmetrics_port = 70000\n", "DISPATCH_METRICS_PORT", "from 0 to 65535"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_settings({}, config_file=path)
+        assert info.value.setting == setting and words in str(info.value), text
+
+
+def test_describe_settings_comes_from_the_model_fields() -> None:
+    from dispatch.config import describe_settings
+
+    rows = {env: (default, text) for env, default, text in describe_settings()}
+    assert len(rows) == len(fields(Settings))
+    assert rows["DISPATCH_BATCH_SIZE"][0] == "500" and "recipients per batch" in rows["DISPATCH_BATCH_SIZE"][1]
+    assert rows["DISPATCH_REDIS_URL"][0] == "unset" and rows["DISPATCH_WORKER_SCHED_IDLE"][0] == "false"
+    assert rows["DISPATCH_SMS_AUTH_TOKEN"][0] == "dispatch-demo-token"  # demo defaults are shown
