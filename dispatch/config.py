@@ -243,7 +243,11 @@ class Settings:
     email_unsubscribe_url: str = _setting(
         "https://example.com/unsubscribe/{ref}", "one-click unsubscribe URL; {ref} is the message reference"
     )
-    email_honours_idempotency: bool = _setting(True, "the email endpoint honours Idempotency-Key (the mock does)")
+    email_honours_idempotency: bool = _setting(
+        False,
+        "the email endpoint honours Idempotency-Key (SendGrid does not: an email in flight when its worker "
+        "dies is dead-lettered as inflight_unknown, not resent; true only for an endpoint that deduplicates)",
+    )
     push_base_url: str = _setting("http://127.0.0.1:8099", "FCM HTTP v1 base URL (or the mock provider's)")
     push_project: str = _setting("dispatch-demo", "FCM project id")
     push_access_token: Secret = _secret("mock-fcm-access-token", "FCM OAuth access token")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from dispatch.plan.planner import Planner
 from dispatch.send.broker import build_broker, enqueue_batch
 from dispatch.send.control import CampaignControl
 from dispatch.send.engine import limiter_burst
+from dispatch.send.tracking import iter_records
 from loadtest.audience import generate_rows
 from loadtest.cluster import LocalCluster
 from loadtest.demo import run_campaign
@@ -106,13 +108,14 @@ def test_sigkilled_worker_batch_is_finished_by_another_without_double_send(setti
 def test_sigkilled_email_worker_group_is_reclaimed_and_counted_once(settings: Settings) -> None:
     """A worker killed with batch requests out: its groups are reclaimed by the other worker.
 
-    The endpoint here is declared not to honour Idempotency-Key, so a reclaimed in-flight group
-    is dead-lettered (``inflight_unknown``) and never resent: every recipient ends sent or dead-
-    lettered, counted once, and nobody gets the email twice. (Resending with the same key where
-    it is honoured is tested in-process in test_tracking_groups.py: the SendGrid twin does not
-    keep its body-less 202 answers for replays.)
+    With the default settings: SendGrid has no idempotency keys, so ``email_honours_idempotency``
+    is false by default and a reclaimed in-flight group is dead-lettered (``inflight_unknown``),
+    never resent: every recipient ends sent or dead-lettered, counted once, and nobody gets the
+    email twice. (Resending with the same key where it is honoured is tested in-process in
+    test_tracking_groups.py: the SendGrid twin does not keep its body-less 202 answers for replays.)
     """
-    slow = replace(settings, send_concurrency=10, worker_threads=1, batch_size=50, email_honours_idempotency=False)
+    assert settings.email_honours_idempotency is False  # the default, not set by this test
+    slow = replace(settings, send_concurrency=10, worker_threads=1, batch_size=50)
     rows = [{"id": f"k{i}", "email": f"user{i}@example.com", "first_name": "Ada"} for i in range(3000)]
     with LocalCluster(slow, workers=2, mock_args=["--faults", '{"latency_ms": 150}']) as cluster:
         assert cluster.target is not None
@@ -135,14 +138,19 @@ def test_sigkilled_email_worker_group_is_reclaimed_and_counted_once(settings: Se
             time.sleep(0.1)
         status = control.status("e2e-kill-email")
         stats = cluster.mock_stats()
+        records = list(iter_records(client, "e2e-kill-email", plan.batches))
         broker.close()
         client.close()
     counters = status.counters
     assert status.complete, status.as_dict()
     assert counters["sent"] + counters["dead_letters"] == plan.accepted  # nothing lost, each counted once
     assert counters["failed"] == counters["dead_letters"]
+    # the killed worker had requests out (150 ms each, ten at a time): those messages are in doubt,
+    # dead-lettered for an operator, not resent (with the old default they were resent)
+    assert counters["dead_letters"] > 0, counters
+    assert Counter(r.code for r in records if r.state != "sent") == {"inflight_unknown": counters["dead_letters"]}
     assert counters["sent"] <= stats["accepted"] <= plan.accepted
-    assert stats["duplicates"] == 0  # a reclaimed in-flight group is never resent here
+    assert stats["duplicates"] == 0  # a reclaimed in-flight group is never resent
 
 
 def _wait_for(condition: Callable[[], bool], within_s: float, what: str) -> None:
