@@ -22,6 +22,7 @@ from aiohttp import web
 from test_api_support import Api, api_settings, running_api
 
 from channels import default_registry
+from dispatch.api.client import DispatchClient
 from dispatch.config import Settings
 from dispatch.send.broker import build_broker, enqueue_batch
 from dispatch.send.tracking import parse_ref
@@ -119,7 +120,7 @@ async def _wait_sent(api: Api, message_ids: list[str], timeout_s: float = 60.0) 
     deadline = time.monotonic() + timeout_s
     while True:
         records = [(await api.call("GET", f"/v1/messages/{m}", token="read")).json for m in message_ids]
-        if all(r["state"] != "pending" for r in records) or time.monotonic() > deadline:
+        if all(r["state"] == "sent" for r in records) or time.monotonic() > deadline:
             return records
         await asyncio.sleep(0.2)
 
@@ -222,6 +223,12 @@ async def test_channel_limits_of_triggered_messages_are_422_with_field_errors(
             await api.call("POST", "/v1/messages", json=body, headers={"Idempotency-Key": f"fits-{n}"})
             for n, body in enumerate(fits)
         ]
+        client = DispatchClient(api.base, api.tokens["write"])
+        by_client = await asyncio.to_thread(
+            lambda: client.send_message(
+                channel="email", to="bo@example.com", subject="Hi", body="Hi Bo", idempotency_key="client-1"
+            )
+        )
     for case, (_, field) in refused.items():
         answer = answers[case]
         assert answer.status == 422, (case, answer.body)
@@ -232,6 +239,7 @@ async def test_channel_limits_of_triggered_messages_are_422_with_field_errors(
     assert "4096 bytes" in reasons["push over 4,096 bytes"]
     assert reasons["a channel without a provider"] == "expected one of sms, email, push, webhook"
     assert [reply.status for reply in accepted] == [202] * len(fits), [reply.body for reply in accepted]
+    assert by_client["state"] == "queued" and by_client["campaign_id"] == accepted[0].json["campaign_id"]
     # a refused message is counted nowhere: only the accepted ones are in their campaigns
-    for reply in accepted:
-        assert sync_client.hget(state_key(reply.json["campaign_id"]), "accepted") == b"1"
+    counts = [sync_client.hget(state_key(reply.json["campaign_id"]), "accepted") for reply in accepted]
+    assert counts == [b"2", b"1", b"1", b"1"]  # email: the one above and the client's
