@@ -268,7 +268,9 @@ class Settings:
         description="one-click unsubscribe URL; {ref} is the message reference",
     )
     email_honours_idempotency: bool = Field(
-        default=True, description="the email endpoint honours Idempotency-Key (the mock does)"
+        default=False,
+        description="the email endpoint honours Idempotency-Key (SendGrid does not: an email in flight when its worker "
+        "dies is dead-lettered as inflight_unknown, not resent; true only for an endpoint that deduplicates)",
     )
     push_base_url: str = Field(
         default="http://127.0.0.1:8099", description="FCM HTTP v1 base URL (or the mock provider's)"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +19,7 @@ from dispatch.plan.planner import Planner
 from dispatch.send.broker import build_broker, enqueue_batch
 from dispatch.send.control import CampaignControl
 from dispatch.send.engine import limiter_burst
+from dispatch.send.tracking import iter_records
 from loadtest.audience import generate_rows
 from loadtest.cluster import LocalCluster
 from loadtest.demo import run_campaign
@@ -104,45 +107,59 @@ def test_sigkilled_worker_batch_is_finished_by_another_without_double_send(setti
 
 
 def test_sigkilled_email_worker_group_is_reclaimed_and_counted_once(settings: Settings) -> None:
-    """A worker killed with batch requests out: its groups are reclaimed by the other worker.
+    """A worker killed with a SendGrid request out: its group is reclaimed by another worker.
 
-    The endpoint here is declared not to honour Idempotency-Key, so a reclaimed in-flight group
-    is dead-lettered (``inflight_unknown``) and never resent: every recipient ends sent or dead-
-    lettered, counted once, and nobody gets the email twice. (Resending with the same key where
-    it is honoured is tested in-process in test_tracking_groups.py: the SendGrid twin does not
-    keep its body-less 202 answers for replays.)
+    With the default settings: SendGrid has no idempotency keys, so ``email_honours_idempotency``
+    is false by default and the reclaimed in-flight group is dead-lettered (``inflight_unknown``)
+    for an operator, never resent: every recipient ends sent or dead-lettered, counted once, and
+    nobody gets the email twice. (Resending with the same key where it is honoured is tested
+    in-process in test_tracking_groups.py: the SendGrid twin does not keep its body-less 202
+    answers for replays.) The worker is killed while its request is held 2 s by the twin, so the
+    kill always lands with a request in flight.
     """
-    slow = replace(settings, send_concurrency=10, worker_threads=1, batch_size=50, email_honours_idempotency=False)
-    rows = [{"id": f"k{i}", "email": f"user{i}@example.com", "first_name": "Ada"} for i in range(3000)]
-    with LocalCluster(slow, workers=2, mock_args=["--faults", '{"latency_ms": 150}']) as cluster:
+    assert settings.email_honours_idempotency is False  # the default, not set by this test
+    slow = replace(settings, send_concurrency=10, worker_threads=1)
+    rows = [{"id": f"k{i}", "email": f"user{i}@example.com", "first_name": "Ada"} for i in range(1000)]
+    cid = "e2e-kill-email"
+    with LocalCluster(slow, workers=1, mock_args=["--faults", '{"latency_ms": 2000}']) as cluster:
         assert cluster.target is not None
         client = redis.Redis.from_url(cluster.target.app_url)
         broker = build_broker(slow, cluster.target.broker_url)
-        spec = CampaignSpec(id="e2e-kill-email", channel="email", body="Hello $first_name", subject="Hi")
+        spec = CampaignSpec(id=cid, channel="email", body="Hello $first_name", subject="Hi", batch_size=100)
         plan = Planner(client, slow).plan(spec, rows)
-        control = CampaignControl(client, lambda cid, n, d: enqueue_batch(broker, cid, n, d))
-        control.start("e2e-kill-email")
-        deadline = time.monotonic() + 30
-        while control.status("e2e-kill-email").counters["sent"] < 300 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        control = CampaignControl(client, lambda c, n, d: enqueue_batch(broker, c, n, d))
+        control.start(cid)
+
+        def sending() -> int:
+            return sum(1 for r in iter_records(client, cid, plan.batches) if r.state == "sending")
+
+        _wait_for(lambda: sending() > 0, 30, "a SendGrid request in flight")
+        in_doubt = sending()  # one worker thread: one group, held 2 s by the twin
         victim = cluster.worker_processes[0]
         victim.send_signal(signal.SIGKILL)
         victim.wait()
-        sent_at_kill = control.status("e2e-kill-email").counters["sent"]
-        assert 0 < sent_at_kill < plan.accepted, "the kill must land mid-campaign"
+        sent_at_kill = control.status(cid).counters["sent"]
+        assert in_doubt > 0 and sent_at_kill + in_doubt < plan.accepted, "the kill must land mid-campaign"
+        asyncio.run(cluster.set_faults({}))  # the rest at full speed
+        cluster.add_worker()
         deadline = time.monotonic() + 90
-        while not control.status("e2e-kill-email").complete and time.monotonic() < deadline:
+        while not control.status(cid).complete and time.monotonic() < deadline:
             time.sleep(0.1)
-        status = control.status("e2e-kill-email")
+        status = control.status(cid)
         stats = cluster.mock_stats()
+        records = list(iter_records(client, cid, plan.batches))
         broker.close()
         client.close()
     counters = status.counters
     assert status.complete, status.as_dict()
     assert counters["sent"] + counters["dead_letters"] == plan.accepted  # nothing lost, each counted once
     assert counters["failed"] == counters["dead_letters"]
+    # the messages of the request in flight are in doubt: dead-lettered, not resent (with the old
+    # default, true, they were resent)
+    assert counters["dead_letters"] == in_doubt, (counters, stats)
+    assert Counter(r.code for r in records if r.state != "sent") == {"inflight_unknown": in_doubt}
     assert counters["sent"] <= stats["accepted"] <= plan.accepted
-    assert stats["duplicates"] == 0  # a reclaimed in-flight group is never resent here
+    assert stats["duplicates"] == 0  # a reclaimed in-flight group is never resent
 
 
 def _wait_for(condition: Callable[[], bool], within_s: float, what: str) -> None:

@@ -216,11 +216,14 @@ class DispatchClient:
         to: str,
         body: str,
         idempotency_key: str,
+        subject: str | None = None,
         attributes: Mapping[str, str] | None = None,
         recipient_id: str | None = None,
         timezone: str | None = None,
     ) -> dict[str, Any]:
         message: dict[str, Any] = {"channel": channel, "to": to, "body": body}
+        if subject is not None:  # required for email
+            message["subject"] = subject
         if attributes:
             message["attributes"] = dict(attributes)
         if recipient_id is not None:

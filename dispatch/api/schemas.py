@@ -11,11 +11,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Final, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
 from pydantic.json_schema import models_json_schema
 
+from channels import default_registry
 from dispatch.api.problems import FieldError
-from dispatch.campaign import CAMPAIGN_ID_PATTERN, CHANNELS, CampaignSpec
+from dispatch.campaign import CAMPAIGN_ID_PATTERN, CHANNELS, MAX_BODY, MAX_SUBJECT, CampaignSpec
 from dispatch.config import SOURCE_NAME_PATTERN
 from dispatch.models import field_errors, problem
 from dispatch.rules.suppression import GLOBAL
@@ -43,6 +53,8 @@ CAMPAIGN_PATH_ID_PATTERN: Final = r"^(?:[A-Za-z0-9._-]{1,128}|triggered:[a-z]+-[
 SUPPRESSION_LISTS: Final = (*CHANNELS, GLOBAL)
 
 _REF_TEMPLATE: Final = "#/components/schemas/{model}"
+#: The channels' limits (subject required) that the triggered message model checks.
+_REGISTRY: Final = default_registry()
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -101,14 +113,38 @@ class SuppressionAdd(_Body):
 
 
 class TriggeredMessage(_Body):
-    channel: Literal["sms"]
+    """One triggered message, on any channel that has a provider (the registry's). The channel's
+    own limits (``channels.registry.BodyLimits``) apply on top of these: a subject where it needs
+    one (email) here, the rendered body's length at accept (``dispatch.triggered.accept``)."""
+
+    channel: Literal[CHANNELS]  # type: ignore[valid-type]
     to: str = Field(min_length=1, max_length=2_048, description="the recipient's address")
-    body: str = Field(min_length=1, max_length=1_600, description="string.Template ($field)")
+    body: str = Field(
+        min_length=1,
+        max_length=MAX_BODY,
+        description="string.Template ($field); rendered, it must also fit the channel's limit (SMS: 1,600 "
+        "characters, push: 4,096 bytes)",
+    )
+    subject: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_SUBJECT,
+        validate_default=True,
+        description="required where the channel needs one (email); the push title; the webhook's subject",
+    )
     attributes: dict[str, Annotated[str, Field(max_length=1_024)]] = Field(default_factory=dict, max_length=64)
     recipient_id: str = Field(default="", min_length=1, max_length=128)
     timezone: str | None = Field(
         default=None, max_length=64, description="IANA zone: holds the message to 08:00-21:00 local"
     )
+
+    @field_validator("subject")
+    @classmethod
+    def _subject_where_required(cls, subject: str | None, info: ValidationInfo) -> str | None:
+        channel = info.data.get("channel")  # absent when the channel itself was refused
+        if channel is not None and not (subject or "").strip() and _REGISTRY.channel(channel).limits.subject_required:
+            raise problem(f"required for channel {channel} (the provider refuses a message without one)")
+        return subject
 
 
 # --- responses (checked against live answers by the tests) ------------------------------------

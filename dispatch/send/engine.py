@@ -59,6 +59,7 @@ from monitoring.metrics import Metrics
 from ratelimit import Limit, RateLimiter
 
 __all__ = [
+    "SUBJECT_ATTRIBUTE",
     "BatchFilter",
     "BatchOutcome",
     "Engine",
@@ -83,6 +84,10 @@ log = logging.getLogger(__name__)
 
 #: Confirmations are written in groups of this many (one Lua call each).
 TRACK_FLUSH = 64
+#: The row attribute holding a triggered message's own subject (``dispatch.triggered``): one
+#: triggered campaign carries messages with different subjects, so its manifest has none. Only
+#: a triggered campaign's rows are read for it (an audience column of that name is not a subject).
+SUBJECT_ATTRIBUTE = "subject"
 #: Messages handed to a per-message channel per call (it sends them concurrently): one pass
 #: through the chain, one rate-limit acquisition and one semaphore permit for all of them.
 PER_MESSAGE_CHUNK = 8
@@ -234,6 +239,7 @@ async def render_step(ctx: SendContext, items: list[Item], nxt: Next) -> None:
     instead: the provider renders, the same text for every recipient as ``safe_substitute``.
     """
     subject = ctx.manifest.subject
+    own_subject = ctx.manifest.triggered  # each triggered message carries its own (SUBJECT_ATTRIBUTE)
     substitution = ctx.substitution
     if substitution is not None:
         body = substitution.body
@@ -243,7 +249,7 @@ async def render_step(ctx: SendContext, items: list[Item], nxt: Next) -> None:
                 ref=make_ref(ctx.campaign_id, ctx.batch, item.index),
                 address=item.address,
                 body=body,
-                subject=subject,
+                subject=(item.attrs or {}).get(SUBJECT_ATTRIBUTE) if own_subject else subject,
                 idempotency_key=idempotency_key(ctx.campaign_id, item.recipient_id, channel),
                 attributes=substitution.values(item.attrs),
             )
@@ -255,7 +261,7 @@ async def render_step(ctx: SendContext, items: list[Item], nxt: Next) -> None:
             ref=make_ref(ctx.campaign_id, ctx.batch, item.index),
             address=item.address,
             body=body,
-            subject=subject,
+            subject=(item.attrs or {}).get(SUBJECT_ATTRIBUTE) if own_subject else subject,
             idempotency_key=idempotency_key(ctx.campaign_id, item.recipient_id, ctx.channel.name),
         )
     await nxt(ctx, items)

@@ -1,11 +1,15 @@
 """Triggered messages (``POST /v1/messages``): accepted in one Redis round trip, sent in micro-batches.
 
-Design: each channel has one *triggered campaign* per UTC hour (``triggered:sms-2026112512``),
-created on first use with a fixed manifest whose body template is ``$body``. Its id holds a ``:``,
+Design: each channel that has a provider (the registry's sendable channels: sms, email, push,
+webhook) has one *triggered campaign* per UTC hour (``triggered:sms-2026112512``,
+``triggered:email-2026112512``), created on first use with a fixed manifest whose body template is
+``$body``. Its id holds a ``:``,
 which no client-chosen campaign id may hold, so no campaign a client creates shares its keys (its
 manifest, batches or records); client ids starting with the former prefix ``triggered-`` are
 refused too (``dispatch.store.keys``). An accepted message
-is one row ``[rid, address, {"body": text}]`` appended to the campaign's *open batch* (a Redis list,
+is one row ``[rid, address, {"body": text}]`` (plus ``"subject"`` when the message has one: the
+engine gives a triggered message its own subject, :data:`dispatch.send.engine.SUBJECT_ATTRIBUTE`)
+appended to the campaign's *open batch* (a Redis list,
 :func:`open_key`) by ``triggered/accept.lua``; :class:`dispatch.triggered.sealer.TriggeredSealer` seals
 open batches every 50 ms (or the script does, inline, when one reaches
 :data:`SEAL_SIZE` rows) into the engine's snapshot format and enqueues each sealed batch once, so
@@ -18,6 +22,12 @@ answered with an id ``<campaign>.s.<k>`` that has no record (``GET`` answers 404
 a message refused by the frequency cap likewise with ``<campaign>.f.<k>`` and state
 ``frequency_capped``. Both are counted in the campaign's state hash (``suppressed``,
 ``frequency_capped``).
+
+Before the script, the request is checked against its channel: the address with the planner's
+:class:`AddressValidator` (normalized as the planner normalizes it, so suppression and frequency
+keys match), and the rendered body against the channel's ``BodyLimits`` (SMS 1,600 characters,
+push 4,096 bytes: a longer one is a 422 on ``body``, as the planner rejects such a row with
+``body_too_long``); the subject an email needs is required by the request model.
 
 One round trip per request (after auth), all in the script: the ``Idempotency-Key`` (scoped to the
 calling API key, kept 24 h) is checked and recorded with the request's fingerprint (a repeat with
@@ -62,6 +72,8 @@ from typing import Any, Final, NoReturn, Protocol, cast
 import orjson
 import redis.asyncio as aredis
 
+from channels import default_registry
+from channels.registry import BodyLimits
 from dispatch.api.pipelined import PipelinedRedis
 from dispatch.api.problems import ApiProblem, FieldError
 from dispatch.config import Settings
@@ -71,6 +83,7 @@ from dispatch.rules.frequency import DEFAULT_PREFIX as FREQUENCY_PREFIX
 from dispatch.rules.frequency import frequency_key
 from dispatch.rules.suppression import GLOBAL, AddressHasher, hasher_for
 from dispatch.rules.validation import AddressValidator
+from dispatch.send.engine import SUBJECT_ATTRIBUTE
 from dispatch.store import keys
 
 __all__ = [
@@ -202,6 +215,15 @@ def _manifest(campaign_id: str, channel: str, now: float) -> Manifest:
     )
 
 
+def _over_limits(limits: BodyLimits, text: str) -> str | None:
+    """Why the rendered ``text`` does not fit the channel's limits, or None when it does."""
+    if limits.max_chars is not None and len(text) > limits.max_chars:
+        return f"longer than {limits.max_chars} characters once rendered (the channel's limit)"
+    if limits.max_bytes is not None and len(text.encode()) > limits.max_bytes:
+        return f"larger than {limits.max_bytes} bytes (UTF-8) once rendered (the channel's limit)"
+    return None
+
+
 def _answer(message_id: str, state: str, not_before: float, *, replayed: bool) -> dict[str, Any]:
     return {
         "message_id": message_id,
@@ -244,6 +266,8 @@ class TriggeredSender:
         self._ttl = settings.retention_s + 3600
         self._clock = clock
         self._validator = AddressValidator()
+        #: channel -> its message limits (the registry's)
+        self._limits = {spec.name: spec.limits for spec in default_registry().channels()}
         self._source = _script("accept.lua")
         self._accept = client.register_script(self._source)
         self._pipelined = pipelined
@@ -289,10 +313,16 @@ class TriggeredSender:
             not_before = next_allowed(datetime.fromtimestamp(now, UTC), zone, self._quiet).timestamp()
             held = not_before - now >= _HOLD_MIN_S
         text = template.safe_substitute(cast(dict[str, str], message.get("attributes") or {}))
+        too_long = _over_limits(self._limits[channel], text)
+        if too_long is not None:
+            await self._refuse(idem, fingerprint, "body", too_long, "the message body is over the channel's limit")
+        attrs = {"body": text}
+        if message.get("subject"):
+            attrs[SUBJECT_ATTRIBUTE] = str(message["subject"])
         recipient = str(message.get("recipient_id") or "")
         campaign_id = await self._campaign(channel, now)
         head = b"[" + orjson.dumps(recipient + _RID_SEP)[:-1]
-        tail = b'",' + orjson.dumps(address) + b"," + orjson.dumps({"body": text}) + b"]"
+        tail = b'",' + orjson.dumps(address) + b"," + orjson.dumps(attrs) + b"]"
         answered = round(not_before, 3)
         digest = self._hasher(address)
         limit, window_ms = self._frequency
