@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 import zlib
@@ -92,7 +93,7 @@ def _check_chart_data(report: dict[str, Any], chart_file: Path) -> None:
     curves = {s.name: list(s.points) for s in progress.series}
     sent = curves["SENT"]
     assert sent[0] == (0.0, 0.0) and sent[1:] == [(s["t"], float(s["sent"])) for s in report["samples"]]
-    assert all(b[1] >= a[1] for a, b in zip(sent, sent[1:], strict=False)), "cumulative never goes down"
+    assert all(b[1] >= a[1] for a, b in itertools.pairwise(sent)), "cumulative never goes down"
     assert sent[-1][1] == report["sent"]
     assert curves["PREDICTED"] == [(0.0, 0.0), (predicted_s, float(report["accepted"]))]
     assert progress.reference == report["accepted"] and [m.x for m in progress.markers] == [predicted_s]
