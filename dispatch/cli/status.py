@@ -109,7 +109,7 @@ def render(status: Mapping[str, Any], *, zone: tzinfo, width: int = 40) -> str:
     if counters.get("dead_letters"):
         extra.append(f"{counters['dead_letters']:,} dead letters")
     if extra:
-        lines.append(f"receipts  {', '.join(extra)}")
+        lines.append(f"also      {', '.join(extra)}")
     cap = status.get("rate")
     cap_text = f", cap {cap:,.1f} msg/s" if cap else ""
     live = status.get("live_rate")
