@@ -2,8 +2,9 @@
 
 No plotting library: a ``Canvas`` is an RGB pixel buffer with lines, rectangles and a 3x5 bitmap
 font, and ``Canvas.png()`` encodes it with ``zlib`` and ``struct`` (PNG colour type 2, 8 bits,
-filter 0 on every row). ``render_chart`` draws the load-test figure: throughput over time on top,
-latency percentiles below.
+filter 0 on every row). ``render_chart`` stacks panels on one time axis; ``loadtest_panels``
+composes the load-test figure from a report: throughput with the predicted rate, cumulative sent
+messages against the predicted progress (both ending at the predicted finish), latency percentiles.
 """
 
 from __future__ import annotations
@@ -12,11 +13,22 @@ import itertools
 import math
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["PNG_SIGNATURE", "Canvas", "Panel", "Series", "nice_ticks", "render_chart"]
+__all__ = [
+    "PNG_SIGNATURE",
+    "Canvas",
+    "Marker",
+    "Panel",
+    "Series",
+    "loadtest_panels",
+    "nice_ticks",
+    "render_chart",
+    "render_loadtest_chart",
+]
 
 #: The eight bytes every PNG file starts with.
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -156,12 +168,22 @@ class Series:
 
 
 @dataclass(frozen=True, slots=True)
+class Marker:
+    """A vertical line at time ``x`` (e.g. the predicted finish), drawn dashed."""
+
+    name: str
+    x: float
+    colour: Colour
+
+
+@dataclass(frozen=True, slots=True)
 class Panel:
     title: str
     series: Sequence[Series]
     #: A horizontal reference line (e.g. the rate limit), drawn dashed.
     reference: float | None = None
     reference_name: str = ""
+    markers: Sequence[Marker] = ()
 
 
 def _draw_panel(canvas: Canvas, panel: Panel, box: tuple[int, int, int, int], x_max: float) -> None:
@@ -197,6 +219,10 @@ def _draw_panel(canvas: Canvas, panel: Panel, box: tuple[int, int, int, int], x_
         y = sy(panel.reference)
         for x in range(left, right, 12):
             canvas.line(x, y, min(x + 6, right), y, (200, 0, 0), width=2)
+    for marker in panel.markers:
+        x = sx(marker.x)
+        for y in range(top, bottom, 12):
+            canvas.line(x, y, x, min(y + 6, bottom), marker.colour, width=2)
     for series in panel.series:
         points = [(sx(x), sy(y)) for x, y in series.points if math.isfinite(y)]
         if len(points) == 1:
@@ -208,6 +234,7 @@ def _draw_panel(canvas: Canvas, panel: Panel, box: tuple[int, int, int, int], x_
     names = [(s.name, s.colour) for s in panel.series]
     if panel.reference is not None:
         names.append((panel.reference_name, (200, 0, 0)))
+    names.extend((marker.name, marker.colour) for marker in panel.markers)
     for i, (name, colour) in enumerate(names):
         width = Canvas.text_width(name, 2)
         y = top + 6 + 16 * i
@@ -223,7 +250,9 @@ def render_chart(
     height = 50 + len(panels) * (panel_h + 60) + 20
     canvas = Canvas(width, height)
     canvas.text(20, 12, title, scale=2)
-    x_max = max((x for p in panels for s in p.series for x, _ in s.points), default=1.0)
+    xs = [x for p in panels for s in p.series for x, _ in s.points]
+    xs.extend(marker.x for p in panels for marker in p.markers)
+    x_max = max(xs, default=1.0)
     top = 60
     for panel in panels:
         _draw_panel(canvas, panel, (100, top + 20, width - 30, top + panel_h), x_max)
@@ -232,3 +261,62 @@ def render_chart(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(canvas.png())
     return path
+
+
+#: Colours of the load-test figure.
+BLUE: Colour = (31, 119, 180)
+ORANGE: Colour = (255, 127, 14)
+GREEN: Colour = (44, 160, 44)
+RED: Colour = (214, 39, 40)
+PURPLE: Colour = (148, 103, 189)
+
+
+def loadtest_panels(report: Mapping[str, Any]) -> list[Panel]:
+    """The load-test figure's panels, from a report of ``loadtest.runner`` (its JSON form).
+
+    The prediction is drawn where the figures are: the predicted rate as a flat line over the
+    predicted duration on the throughput panel, the predicted progress (0 to every accepted
+    message at the predicted finish) beside the cumulative sent curve, and the predicted finish
+    as a vertical line on both.
+    """
+    samples = report["samples"]
+    prediction = report["prediction"]
+    predicted_s = float(prediction["predicted_s"])
+    predicted_rate = float(prediction.get("predicted_rate") or 0.0)
+    accepted = float(report["accepted"])
+    finish = [Marker("PREDICTED FINISH", predicted_s, PURPLE)] if predicted_s > 0 else []
+    throughput = [
+        Series("PIPELINE MSG/S", [(s["t"], s["rate"]) for s in samples], BLUE),
+        Series("PROVIDER MSG/S", [(t, float(n)) for t, n in report["provider_per_second"] if t >= 0], ORANGE),
+    ]
+    if predicted_rate > 0 and predicted_s > 0:
+        throughput.append(Series("PREDICTED MSG/S", [(0.0, predicted_rate), (predicted_s, predicted_rate)], GREEN))
+    progress = [
+        Series("SENT", [(0.0, 0.0)] + [(s["t"], float(s.get("sent", s["done"]))) for s in samples], BLUE),
+    ]
+    if predicted_s > 0:
+        progress.append(Series("PREDICTED", [(0.0, 0.0), (predicted_s, accepted)], GREEN))
+    nan = float("nan")
+    latency = [
+        Series(
+            name.upper() + " MS",
+            [(s["t"], s[name + "_ms"] if s[name + "_ms"] is not None else nan) for s in samples],
+            c,
+        )
+        for name, c in (("p50", GREEN), ("p95", ORANGE), ("p99", RED))
+    ]
+    limit = report["provider"]["rate_limit"]
+    return [
+        Panel("THROUGHPUT (MSG/S)", throughput, reference=limit, reference_name="LIMIT", markers=finish),
+        Panel("MESSAGES SENT (CUMULATIVE)", progress, reference=accepted, reference_name="ACCEPTED", markers=finish),
+        Panel("SEND LATENCY (MS)", latency),
+    ]
+
+
+def render_loadtest_chart(report: Mapping[str, Any], path: Path) -> Path:
+    """Write the load-test figure of ``report`` as a PNG file at ``path``."""
+    title = (
+        f"DISPATCH LOADTEST {report['channel']} {report['accepted']:,} MSGS {report['workers']} WORKERS "
+        f"MEAN {report['throughput']['mean']:,.0f}/S PREDICTED {report['prediction']['predicted_s']:,.1f} S"
+    )
+    return render_chart(path, loadtest_panels(report), title=title)

@@ -171,6 +171,8 @@ class Sample:
     t: float
     #: Messages with a final outcome so far (the campaign counters).
     done: int
+    #: Messages sent so far (the campaign's ``sent`` counter): the cumulative curve of the chart.
+    sent: int
     #: Messages per second the pipeline finished in this interval.
     rate: float
     #: Messages the provider accepted in this wall-clock second (its own ledger).
@@ -188,6 +190,7 @@ class Sample:
         return {
             "t": round(self.t, 3),
             "done": self.done,
+            "sent": self.sent,
             "rate": round(self.rate, 1),
             "provider_rate": self.provider_rate,
             "p50_ms": ms(self.p50_ms),

@@ -48,7 +48,7 @@ from dispatch.send.broker import build_broker, enqueue_batch
 from dispatch.send.control import CampaignControl, CampaignStatus
 from dispatch.send.runtime import build_channels
 from loadtest.audience import generate_rows
-from loadtest.chart import Panel, Series, render_chart
+from loadtest.chart import render_loadtest_chart
 from loadtest.cluster import LocalCluster
 from loadtest.demo import progress_line
 from loadtest.report import (
@@ -472,6 +472,7 @@ def _sample(
             sample = Sample(
                 t=t,
                 done=done,
+                sent=status.counters["sent"],
                 rate=(done - previous_done) / max(t - previous_t, 1e-6),
                 provider_rate=0,  # filled from the provider's final ledger
                 p50_ms=p50,
@@ -604,30 +605,4 @@ def _build_report(
 
 
 def _chart(report: dict[str, Any], path: Path) -> Path:
-    samples = report["samples"]
-    throughput = [
-        Series("PIPELINE MSG/S", [(s["t"], s["rate"]) for s in samples], (31, 119, 180)),
-        Series("PROVIDER MSG/S", [(t, float(n)) for t, n in report["provider_per_second"] if t >= 0], (255, 127, 14)),
-    ]
-    nan = float("nan")
-    latency = [
-        Series(
-            name.upper() + " MS",
-            [(s["t"], s[name + "_ms"] if s[name + "_ms"] is not None else nan) for s in samples],
-            c,
-        )
-        for name, c in (("p50", (44, 160, 44)), ("p95", (255, 127, 14)), ("p99", (214, 39, 40)))
-    ]
-    limit = report["provider"]["rate_limit"]
-    title = (
-        f"DISPATCH LOADTEST {report['channel']} {report['accepted']:,} MSGS {report['workers']} WORKERS "
-        f"MEAN {report['throughput']['mean']:,.0f}/S"
-    )
-    return render_chart(
-        path,
-        [
-            Panel("THROUGHPUT (MSG/S)", throughput, reference=limit, reference_name="LIMIT"),
-            Panel("SEND LATENCY (MS)", latency),
-        ],
-        title=title,
-    )
+    return render_loadtest_chart(report, path)

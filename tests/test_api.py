@@ -563,7 +563,7 @@ async def test_triggered_message_is_idempotent_and_checked(api: Api, redis_clien
     assert record.json["state"] == "pending" and record.json["recipient_id"] == ""
     status = (await api.call("GET", f"/v1/campaigns/{cid}", token="read")).json
     assert status["kind"] == "triggered" and status["state"] == "running"
-    assert status["accepted"] == 2 and status["batches"] == 2 and status["not_sent"] == 2
+    assert status["accepted"] == 2 and status["batches"] == 2 and status["pending"] == 2 and status["not_sent"] == 0
 
 
 # --- health, metrics, the document -------------------------------------------------------------

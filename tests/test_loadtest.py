@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -15,7 +17,7 @@ import redis
 from dispatch.cli import main as dispatch_main
 from dispatch.config import Settings, load_settings
 from dispatch.store.connect import with_db
-from loadtest.chart import PNG_SIGNATURE, Canvas, Panel, Series, nice_ticks, render_chart
+from loadtest.chart import PNG_SIGNATURE, Canvas, Panel, Series, loadtest_panels, nice_ticks, render_chart
 from loadtest.report import (
     bucket_percentile,
     diff_buckets,
@@ -75,6 +77,29 @@ def test_loadtest_command_reports_consistent_figures(
     assert orjson.loads(json_file.read_bytes())["campaign_id"] == report["campaign_id"]
     assert chart_file.read_bytes().startswith(PNG_SIGNATURE)
     assert "lost        0   duplicates 0" in format_report(report)
+    _check_chart_data(report, chart_file)
+
+
+def _check_chart_data(report: dict[str, Any], chart_file: Path) -> None:
+    """The chart shows the prediction beside the run: the predicted rate and finish, and the
+    cumulative sent curve against the predicted progress (the data it is drawn from)."""
+    throughput, progress, latency = loadtest_panels(report)
+    predicted_s, predicted_rate = report["prediction"]["predicted_s"], report["prediction"]["predicted_rate"]
+    assert predicted_s > 0 and predicted_rate > 0
+    by_name = {s.name: list(s.points) for s in throughput.series}
+    assert by_name["PREDICTED MSG/S"] == [(0.0, predicted_rate), (predicted_s, predicted_rate)]
+    assert by_name["PIPELINE MSG/S"] == [(s["t"], s["rate"]) for s in report["samples"]]
+    assert [(m.name, m.x) for m in throughput.markers] == [("PREDICTED FINISH", predicted_s)]
+    curves = {s.name: list(s.points) for s in progress.series}
+    sent = curves["SENT"]
+    assert sent[0] == (0.0, 0.0) and sent[1:] == [(s["t"], float(s["sent"])) for s in report["samples"]]
+    assert all(b[1] >= a[1] for a, b in itertools.pairwise(sent)), "cumulative never goes down"
+    assert sent[-1][1] == report["sent"]
+    assert curves["PREDICTED"] == [(0.0, 0.0), (predicted_s, float(report["accepted"]))]
+    assert progress.reference == report["accepted"] and [m.x for m in progress.markers] == [predicted_s]
+    assert {s.name for s in latency.series} == {"P50 MS", "P95 MS", "P99 MS"}
+    width, height, _ = _decode_png(chart_file.read_bytes())
+    assert (width, height) == (1000, 50 + 3 * 360 + 20)  # the three panels were drawn
 
 
 def test_bench_measures_the_raw_ceiling_on_both_sides_of_the_pipeline(

@@ -409,13 +409,13 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def _status_body(deps: _Deps, campaign_id: str) -> dict[str, Any]:
     manifest = load_manifest(deps.sync, campaign_id)
-    status = deps.control().status(campaign_id).as_dict()
+    current = deps.control().status(campaign_id)
     triggered = manifest.triggered
     batches = manifest.batches
     if triggered:
         accepted, batches = triggered_counts(cast(dict[bytes, bytes], deps.sync.hgetall(state_key(campaign_id))))
-        status["accepted"] = accepted
-        status["not_sent"] = accepted - status["counters"]["sent"]
+        current = current.with_accepted(accepted)
+    status = current.as_dict()
     return {
         **status,
         "kind": "triggered" if triggered else "campaign",

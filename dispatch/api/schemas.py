@@ -187,15 +187,25 @@ class CampaignStatus(_Body):
     accepted: Count
     rejected: dict[str, Count]
     batches: Count
-    done: Count
-    not_sent: int
+    done: Count = Field(description="accepted - pending: messages whose outcome is settled")
+    not_sent: Count = Field(
+        description="messages that will not be sent: suppressed, skipped, and once cancelled every one neither "
+        "sent nor failed (accepted = counters.sent + counters.failed + not_sent + pending, in every state)"
+    )
+    pending: Count = Field(description="messages queued or in flight (0 once cancelled)")
     counters: dict[str, Count]
     rate: float | None
-    current_rate: float
+    current_rate: float = Field(description="live_rate when known, else mean_rate (messages per second)")
+    live_rate: float | None = Field(description="messages with an outcome per second over the last ~10 s")
+    mean_rate: float = Field(description="messages with an outcome per second since the start (to the end)")
     eta_s: float | None
+    eta_at: float | None = Field(description="when the campaign ends at current_rate (epoch seconds)")
     predicted_s: float
+    predicted_finish: float | None = Field(description="started_at + predicted_s (epoch seconds)")
     deadline: float | None
     started_at: float | None
+    ended_at: float | None = Field(description="when the campaign completed or was cancelled (epoch seconds)")
+    as_of: float = Field(description="when this status was read (epoch seconds)")
     verdict: Verdict
     prediction: Prediction
 

@@ -15,6 +15,7 @@ import orjson
 import redis
 
 from dispatch.api.client import DispatchClient
+from dispatch.cli.status import reader_zone, render, watch, watch_interval
 from dispatch.config import Settings, load_settings
 from dispatch.credentials import redact_url
 from dispatch.csvsafe import safe_cell, safe_row
@@ -35,16 +36,6 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 COMMAND_MODULES = ("dispatch.api.app", "dispatch.cli.plan")
 #: Entry-point group of installed packages that add subcommands (``add_commands(sub)``).
 COMMAND_PLUGINS = "dispatch.commands"
-
-
-def _print(data: Any, as_json: bool) -> None:
-    if as_json:
-        print(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
-    elif isinstance(data, dict):
-        for key, value in data.items():
-            print(f"{key:>16}: {orjson.dumps(value).decode() if isinstance(value, dict | list) else value}")
-    else:
-        print(data)
 
 
 def _client(settings: Settings) -> redis.Redis:
@@ -128,16 +119,33 @@ def cmd_rate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    zone = reader_zone(utc=args.utc)
+    tty = sys.stdout.isatty()
+
+    def show(status: Any) -> None:
+        if args.json:
+            # one object per redraw: indented once, one line each under --watch
+            option = orjson.OPT_INDENT_2 if args.watch is None else 0
+            print(orjson.dumps(status, option=option).decode(), flush=True)
+        else:
+            clear = "\x1b[H\x1b[J" if args.watch is not None and tty else ""
+            blank = "\n" if args.watch is not None and not tty else ""
+            print(clear + render(status, zone=zone) + blank, flush=True)
+
     api = _api(settings)
+    close: Callable[[], None] = lambda: None  # noqa: E731
     if api is not None:
-        _print(api.campaign(args.campaign), args.json)
-        return 0
-    control, close = _control(settings)
+        fetch: Callable[[], Any] = lambda: api.campaign(args.campaign)  # noqa: E731
+    else:
+        control, close = _control(settings)
+        fetch = lambda: control.status(args.campaign).as_dict()  # noqa: E731
     try:
-        _print(control.status(args.campaign).as_dict(), args.json)
+        if args.watch is None:
+            show(fetch())
+            return 0
+        return watch(fetch, show, interval=args.watch)
     finally:
         close()
-    return 0
 
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
@@ -257,7 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="progress, rate and ETA of a campaign")
     p.add_argument("campaign")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine output (epoch seconds)")
+    p.add_argument("--utc", action="store_true", help="show times in UTC (else TZ, else the local zone)")
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        type=watch_interval,
+        const=2.0,
+        default=None,
+        metavar="SECONDS",
+        help="redraw every SECONDS (2 if not given, at least 1) until the campaign ends or Ctrl-C",
+    )
     p.set_defaults(handler=cmd_status)
 
     p = sub.add_parser("export", help="per-message outcomes as JSONL or CSV")

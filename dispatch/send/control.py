@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, cast
@@ -23,12 +23,29 @@ from dispatch.plan.snapshot import extend_retention, load_manifest
 from dispatch.send.tracking import campaign_counters
 from dispatch.store import keys
 
-__all__ = ["CONTROL_TTL_S", "NO_RATE_CAP", "CampaignControl", "CampaignStatus", "EnqueueFn", "parse_rate"]
+__all__ = [
+    "CONTROL_TTL_S",
+    "LIVE_WINDOW_S",
+    "NO_RATE_CAP",
+    "CampaignControl",
+    "CampaignStatus",
+    "EnqueueFn",
+    "live_rate",
+    "parse_rate",
+]
 
 #: Default seconds a campaign's data outlives its end (``Settings.retention_s``).
 DEFAULT_RETENTION_S = 7 * 86400.0
 #: Longest a worker trusts its cached view of a campaign's state.
 CONTROL_TTL_S = 0.5
+
+#: Seconds of progress samples the live rate of ``status`` spans.
+LIVE_WINDOW_S = 10.0
+#: Shortest span the live rate is measured over.
+LIVE_MIN_SPAN_S = 1.0
+#: Least seconds between two progress samples, and the most kept (over a minute's worth).
+SAMPLE_EVERY_S = 1.0
+SAMPLES_KEPT = 64
 
 #: Enqueue one batch: (campaign id, batch number, delay in ms).
 EnqueueFn = Callable[[str, int, int], None]
@@ -62,48 +79,175 @@ def parse_rate(text: str) -> float | None:
 
 @dataclass(frozen=True, kw_only=True)
 class CampaignStatus:
+    """A campaign's progress at one moment (``as_of``).
+
+    Every accepted message is in exactly one of four parts, in every state::
+
+        accepted = sent + failed + not_sent + pending
+
+    ``not_sent``: messages that will not be sent (suppressed, skipped, and once the campaign is
+    cancelled every message it had not sent or failed); ``pending``: queued or in flight (0 once
+    cancelled: a message in flight at the cancel moves from ``not_sent`` to ``sent`` or ``failed``
+    when its provider answers). ``done`` is ``accepted - pending``.
+    """
+
     campaign_id: str
     state: str
     accepted: int
     counters: dict[str, int]
     done: int
+    not_sent: int
+    pending: int
     rate: float | None
+    #: The live rate when known, else the mean rate (messages with an outcome per second).
     current_rate: float
+    #: Messages with an outcome per second over the last :data:`LIVE_WINDOW_S` (None: no sample yet).
+    live_rate: float | None
+    #: Messages with an outcome per second since the start (until the end once ended).
+    mean_rate: float
     eta_s: float | None
     predicted_s: float
     deadline: float | None
     started_at: float | None
+    #: When the campaign completed or was cancelled (epoch seconds), None while it goes on.
+    ended_at: float | None = None
+    #: When this status was read (epoch seconds).
+    as_of: float = 0.0
 
     @property
     def complete(self) -> bool:
-        return self.done >= self.accepted
+        """Every message has its final outcome (a cancelled campaign is not complete)."""
+        return self.state != "cancelled" and self.pending == 0
+
+    @property
+    def predicted_finish(self) -> float | None:
+        """When the plan's prediction says the campaign ends (epoch seconds); None before the start."""
+        return None if self.started_at is None else self.started_at + self.predicted_s
+
+    @property
+    def eta_at(self) -> float | None:
+        """When the campaign ends at the current rate (epoch seconds); None when unknown."""
+        return None if self.eta_s is None else self.as_of + self.eta_s
+
+    def with_accepted(self, accepted: int) -> CampaignStatus:
+        """The same status for another accepted count (a triggered campaign counts its own)."""
+        return _compose(
+            campaign_id=self.campaign_id,
+            state=self.state,
+            accepted=accepted,
+            counters=self.counters,
+            live_rate=self.live_rate,
+            mean_rate=self.mean_rate,
+            rate=self.rate,
+            predicted_s=self.predicted_s,
+            deadline=self.deadline,
+            started_at=self.started_at,
+            ended_at=self.ended_at,
+            as_of=self.as_of,
+        )
 
     def as_dict(self) -> dict[str, Any]:
+        def rounded(value: float | None, digits: int) -> float | None:
+            return None if value is None else round(value, digits)
+
         return {
             "campaign_id": self.campaign_id,
             "state": self.state,
             "accepted": self.accepted,
             "done": self.done,
-            "not_sent": self.accepted - self.counters["sent"],
+            "not_sent": self.not_sent,
+            "pending": self.pending,
             "counters": self.counters,
             "rate": self.rate,
             "current_rate": round(self.current_rate, 1),
-            "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
+            "live_rate": rounded(self.live_rate, 1),
+            "mean_rate": round(self.mean_rate, 1),
+            "eta_s": rounded(self.eta_s, 1),
+            "eta_at": rounded(self.eta_at, 3),
             "predicted_s": round(self.predicted_s, 2),
+            "predicted_finish": rounded(self.predicted_finish, 3),
             "deadline": self.deadline,
             "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "as_of": round(self.as_of, 3),
         }
+
+
+def live_rate(samples: Sequence[tuple[float, int]], now: float, count: int) -> float | None:
+    """Messages per second over the last :data:`LIVE_WINDOW_S`: from the oldest sample in that
+    window (at least :data:`LIVE_MIN_SPAN_S` old) to ``count`` now; None without such a sample."""
+    inside = [(t, n) for t, n in samples if now - LIVE_WINDOW_S <= t <= now - LIVE_MIN_SPAN_S]
+    if not inside:
+        return None
+    t, n = min(inside)
+    return max(0, count - n) / (now - t)
+
+
+def _compose(
+    *,
+    campaign_id: str,
+    state: str,
+    accepted: int,
+    counters: dict[str, int],
+    live_rate: float | None,
+    mean_rate: float,
+    rate: float | None,
+    predicted_s: float,
+    deadline: float | None,
+    started_at: float | None,
+    ended_at: float | None,
+    as_of: float,
+) -> CampaignStatus:
+    """The four parts of ``accepted`` (see :class:`CampaignStatus`) and the ETA."""
+    sent, failed = counters["sent"], counters["failed"]
+    if state == "cancelled":
+        # nothing is queued any more: what was neither sent nor failed will not be sent (messages
+        # never claimed have no counter: the cancel stopped them before any record)
+        not_sent, pending = max(0, accepted - sent - failed), 0
+    else:
+        not_sent = counters["suppressed"] + counters["skipped"]
+        pending = max(0, accepted - sent - failed - not_sent)
+    speed = live_rate if live_rate is not None else mean_rate
+    eta = pending / speed if pending and speed > 0 and state == "running" else None
+    return CampaignStatus(
+        campaign_id=campaign_id,
+        state=state,
+        accepted=accepted,
+        counters=counters,
+        done=accepted - pending,
+        not_sent=not_sent,
+        pending=pending,
+        rate=rate,
+        current_rate=speed,
+        live_rate=live_rate,
+        mean_rate=mean_rate,
+        eta_s=eta,
+        predicted_s=predicted_s,
+        deadline=deadline,
+        started_at=started_at,
+        ended_at=ended_at,
+        as_of=as_of,
+    )
 
 
 class CampaignControl:
     """Changes campaign state; ``enqueue`` hands batches to the broker."""
 
     def __init__(
-        self, client: redis.Redis, enqueue: EnqueueFn | None = None, *, retention_s: float = DEFAULT_RETENTION_S
+        self,
+        client: redis.Redis,
+        enqueue: EnqueueFn | None = None,
+        *,
+        retention_s: float = DEFAULT_RETENTION_S,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._client = client
         self._enqueue = enqueue
         self._retention_s = retention_s
+        self._clock = clock
+        self._sample = client.register_script(
+            resources.files("dispatch.send").joinpath("progress.lua").read_text(encoding="utf-8")
+        )
 
     def _state(self, campaign_id: str) -> str:
         raw = self._client.hget(keys.control(campaign_id), "state")
@@ -114,7 +258,7 @@ class CampaignControl:
         manifest = load_manifest(self._client, campaign_id)
         if self._enqueue is None:
             raise CampaignStateError("this control has no broker to enqueue batches")
-        now = time.time()
+        now = self._clock()
         if not self._client.hsetnx(keys.control(campaign_id), "started_at", f"{now:.3f}"):
             return False
         self._client.hset(keys.control(campaign_id), mapping={"state": "running"})
@@ -132,7 +276,8 @@ class CampaignControl:
         self._transition(campaign_id, {"paused"}, "running")
 
     def cancel(self, campaign_id: str) -> None:
-        self._transition(campaign_id, {"running", "paused", "planned"}, "cancelled")
+        if self._transition(campaign_id, {"running", "paused", "planned"}, "cancelled"):
+            self._client.hset(keys.control(campaign_id), "cancelled_at", f"{self._clock():.3f}")
 
     def finalize(self, campaign_id: str, retention_s: float) -> bool:
         """Mark a finished campaign completed and let all its keys expire ``retention_s`` later.
@@ -146,12 +291,12 @@ class CampaignControl:
             return False
         control = keys.control(campaign_id)
         if self._client.hget(control, "state") == b"running":
-            self._client.hset(control, mapping={"state": "completed", "completed_at": f"{time.time():.3f}"})
+            self._client.hset(control, mapping={"state": "completed", "completed_at": f"{self._clock():.3f}"})
         manifest = load_manifest(self._client, campaign_id)
         extend_retention(self._client, campaign_id, retention_s)
         ttl = int(retention_s)
         pipe = self._client.pipeline(transaction=False)
-        for key in (control, keys.counters(campaign_id), keys.dead_letters(campaign_id)):
+        for key in (control, keys.counters(campaign_id), keys.dead_letters(campaign_id), keys.progress(campaign_id)):
             pipe.expire(key, ttl)
         for number in range(manifest.batches):
             pipe.expire(keys.records(campaign_id, number), ttl)
@@ -189,40 +334,68 @@ class CampaignControl:
             raise CampaignStateError(f"rate must be a positive number, got {rate}")
         self._client.hset(keys.control(campaign_id), "rate", "" if rate is None else str(rate))
 
-    def _transition(self, campaign_id: str, allowed: set[str], target: str) -> None:
+    def _transition(self, campaign_id: str, allowed: set[str], target: str) -> bool:
+        """Move to ``target``; False when the campaign already was there."""
         load_manifest(self._client, campaign_id)
         current = self._state(campaign_id)
         if current == target:
-            return
+            return False
         if current not in allowed:
             raise CampaignStateError(f"campaign {campaign_id!r} is {current}; cannot make it {target}")
         self._client.hset(keys.control(campaign_id), "state", target)
+        return True
 
     def status(self, campaign_id: str) -> CampaignStatus:
+        """The campaign's progress now. While it runs (or is paused) this also adds a sample to
+        its progress ring, at most one every :data:`SAMPLE_EVERY_S` whoever reads: the workers'
+        gauges (every few seconds each) and status readers keep the live rate fed."""
         manifest = load_manifest(self._client, campaign_id)
         control: dict[bytes, bytes] = self._client.hgetall(keys.control(campaign_id))  # type: ignore[assignment]
         counters = campaign_counters(self._client, campaign_id)
+        now = self._clock()
         accepted = manifest.accepted
-        done = sum(counters[name] for name in TERMINAL)
+        outcomes = sum(counters[name] for name in TERMINAL)
         state = control.get(b"state", b"planned").decode()
-        if state == "running" and done >= accepted:
+        if state == "running" and outcomes >= accepted:
             state = "completed"  # finished; a worker records it (finalize) within seconds
-        started_raw = control.get(b"started_at")
-        started = float(started_raw) if started_raw else None
-        elapsed = time.time() - started if started else 0.0
-        current_rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (accepted - done) / current_rate if current_rate > 0 and done < accepted else None
+
+        def stamp(name: bytes) -> float | None:
+            raw = control.get(name)
+            return float(raw) if raw else None
+
+        started = stamp(b"started_at")
+        ended = stamp(b"completed_at") if state == "completed" else stamp(b"cancelled_at")
+        if state == "completed" and ended is None:
+            ended = now
+        elapsed = (ended or now) - started if started is not None else 0.0
+        mean = outcomes / elapsed if elapsed > 0 else 0.0
+        live = None
+        if state in {"running", "paused"} and started is not None:
+            raw = cast(
+                list[bytes],
+                self._sample(
+                    keys=[keys.progress(campaign_id), keys.manifest(campaign_id)],
+                    args=[f"{now:.3f}", outcomes, SAMPLE_EVERY_S, SAMPLES_KEPT],
+                ),
+            )
+            live = live_rate([_parse_sample(item) for item in raw], now, outcomes)
         rate_raw = control.get(b"rate")
-        return CampaignStatus(
+        return _compose(
             campaign_id=campaign_id,
             state=state,
             accepted=accepted,
             counters=counters,
-            done=done,
+            live_rate=live,
+            mean_rate=mean,
             rate=float(rate_raw) if rate_raw else manifest.rate,
-            current_rate=current_rate,
-            eta_s=eta,
-            predicted_s=float(manifest.prediction["duration_s"]),
+            predicted_s=manifest.predicted_duration_s,
             deadline=manifest.deadline,
             started_at=started,
+            ended_at=ended,
+            as_of=now,
         )
+
+
+def _parse_sample(raw: bytes) -> tuple[float, int]:
+    t, _, count = raw.decode().partition(":")
+    return float(t), int(count)

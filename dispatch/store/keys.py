@@ -20,6 +20,7 @@ __all__ = [
     "dead_letters",
     "is_triggered",
     "manifest",
+    "progress",
     "records",
     "staged_batch",
     "worker_alive",
@@ -71,6 +72,11 @@ def control(cid: str) -> str:
 
 def dead_letters(cid: str) -> str:
     return f"{PREFIX}:{{{cid}}}:dlq"
+
+
+def progress(cid: str) -> str:
+    """Ring of recent ``time:count`` progress samples, newest first (``dispatch.send.control``)."""
+    return f"{PREFIX}:{{{cid}}}:progress"
 
 
 def worker_alive(worker_id: str) -> str:
