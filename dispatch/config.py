@@ -6,6 +6,11 @@ Sources, later ones winning: the defaults below, an optional TOML file (``DISPAT
 Every invalid value raises ``ConfigError`` naming the setting and the fix. Nothing here runs at
 import time.
 
+``home`` (``DISPATCH_HOME``), where a deployment keeps its embedded server, plans and secrets, is
+always absolute once loaded: unset, it is ``$XDG_DATA_HOME/dispatch`` or ``~/.local/share/dispatch``
+(the same for every process of the user, whatever its working directory); a relative value is
+taken relative to the working directory of the process that loads it.
+
 Secret settings (provider tokens and keys, the API-key pepper, the suppression key, the receipt
 webhook secret, ``api_token``) are :class:`Secret` values: ``repr``, ``str`` and formatting show
 ``'**********'`` (so does ``repr(Settings)``, which also masks the Redis URL's password); code that
@@ -47,6 +52,7 @@ from dispatch.credentials import Secret, redact_url
 from dispatch.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_HOME",
     "SOURCE_NAME_PATTERN",
     "AudienceSource",
     "AudienceSources",
@@ -54,6 +60,7 @@ __all__ = [
     "PostgresSource",
     "Secret",
     "Settings",
+    "default_home",
     "describe_settings",
     "load_settings",
 ]
@@ -192,6 +199,30 @@ def _secret(default: str | None, help: str) -> Any:
     return field(default=value, metadata={"help": help, "low": None, "high": None, "secret": True})
 
 
+#: ``DISPATCH_HOME`` when neither it nor ``XDG_DATA_HOME`` is set, expanded by :func:`load_settings`.
+#: An absolute per-user directory, so that every process of a deployment (CLI, workers, API),
+#: whatever its working directory, finds the same embedded server, plans and secrets.
+DEFAULT_HOME: Final = Path("~/.local/share/dispatch")
+
+
+def default_home(environ: Mapping[str, str]) -> Path:
+    """Where a deployment lives when ``DISPATCH_HOME`` is unset: ``$XDG_DATA_HOME/dispatch`` (the
+    XDG base directory spec; a relative value is ignored, as the spec says), else
+    ``~/.local/share/dispatch``. The user's directories come from ``environ``, then from the
+    process's own environment (they describe the user, not the deployment)."""
+    xdg = environ.get("XDG_DATA_HOME") or os.environ.get("XDG_DATA_HOME", "")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "dispatch"
+    user_home = environ.get("HOME") or os.path.expanduser("~")
+    return _absolute_home(Path(user_home, *DEFAULT_HOME.parts[1:]))
+
+
+def _absolute_home(home: Path) -> Path:
+    """``home`` as every process reads it: ``~`` expanded, relative to the working directory of the
+    process that loads the settings (a worker started elsewhere is handed the absolute path)."""
+    return Path(os.path.abspath(home.expanduser()))
+
+
 #: Longest suppression key: BLAKE2b takes keys of at most 64 bytes.
 _MAX_SUPPRESSION_KEY_BYTES: Final = 64
 
@@ -200,7 +231,11 @@ _MAX_SUPPRESSION_KEY_BYTES: Final = 64
 class Settings:
     """Every setting of a deployment. Build with :func:`load_settings`."""
 
-    home: Path = _setting(Path(".dispatch"), "state directory (embedded Redis data, metrics files)")
+    home: Path = _setting(
+        DEFAULT_HOME,
+        "state directory (embedded Redis data, plans, secrets, metrics files), made absolute when read; "
+        "unset: $XDG_DATA_HOME/dispatch if XDG_DATA_HOME is set",
+    )
     redis_url: str | None = _setting(None, "Redis/Valkey URL for application keys; unset = embedded")
     broker_db: int = _setting(1, "logical database of the dramatiq broker (apart from app keys)", low=0, high=15)
     heartbeat_timeout_ms: int = _setting(
@@ -448,6 +483,7 @@ def load_settings(
         values[name] = _convert(name, raw)
     for name, raw in (overrides or {}).items():
         values[name] = _convert(name, raw)
+    values["home"] = _absolute_home(values["home"]) if "home" in values else default_home(environ)
     return Settings(**values)
 
 
