@@ -85,7 +85,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument(
         "--recipients", type=int, default=20_000, help="audience rows to generate (some invalid, some duplicated)"
     )
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: DISPATCH_WORKERS, 2)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: DISPATCH_WORKERS)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object (last line)")
     p.set_defaults(handler=cmd_demo)
 

@@ -283,9 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     campaign_help = "campaign id (the id of its campaign file)"
 
     p = sub.add_parser("worker", help="run one worker process")
-    p.add_argument(
-        "--threads", type=int, default=None, help="batches run at once (default: DISPATCH_WORKER_THREADS, 2)"
-    )
+    p.add_argument("--threads", type=int, default=None, help="batches run at once (default: DISPATCH_WORKER_THREADS)")
     p.add_argument(
         "--metrics-port",
         type=int,
