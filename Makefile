@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The demo keeps its state in the checkout (`make clean` removes it) unless DISPATCH_HOME is set.
 demo: $(STAMP)
-	$(BIN)/dispatch demo $(ARGS)
+	DISPATCH_HOME="$${DISPATCH_HOME:-$(CURDIR)/.dispatch}" $(BIN)/dispatch demo $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -9,6 +9,11 @@ bounds: the loader only collects raw values, the model parses and checks them (a
 ``ConfigError`` naming the setting and the fix. Nothing here reads the environment or the disk at
 import time.
 
+``home`` (``DISPATCH_HOME``), where a deployment keeps its embedded server, plans and secrets, is
+always absolute once loaded: unset, it is ``$XDG_DATA_HOME/dispatch`` or ``~/.local/share/dispatch``
+(the same for every process of the user, whatever its working directory); a relative value is
+taken relative to the working directory of the process that loads it.
+
 Secret settings (provider tokens and keys, the API-key pepper, the suppression key, the receipt
 webhook secret, ``api_token``) are :class:`Secret` values: ``repr``, ``str`` and formatting show
 ``'**********'`` (so does ``repr(Settings)``, which also masks the Redis URL's password); code that
@@ -62,6 +67,7 @@ from dispatch.credentials import Secret, redact_url
 from dispatch.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_HOME",
     "SOURCE_NAME_PATTERN",
     "AudienceSource",
     "AudienceSources",
@@ -69,6 +75,7 @@ __all__ = [
     "PostgresSource",
     "Secret",
     "Settings",
+    "default_home",
     "describe_settings",
     "load_settings",
 ]
@@ -197,6 +204,30 @@ def _parse_source(name: str, spec: Any, where: str) -> AudienceSource:
     return FileSource(name=name, path=path)
 
 
+#: ``DISPATCH_HOME`` when neither it nor ``XDG_DATA_HOME`` is set, expanded by :func:`load_settings`.
+#: An absolute per-user directory, so that every process of a deployment (CLI, workers, API),
+#: whatever its working directory, finds the same embedded server, plans and secrets.
+DEFAULT_HOME: Final = Path("~/.local/share/dispatch")
+
+
+def default_home(environ: Mapping[str, str]) -> Path:
+    """Where a deployment lives when ``DISPATCH_HOME`` is unset: ``$XDG_DATA_HOME/dispatch`` (the
+    XDG base directory spec; a relative value is ignored, as the spec says), else
+    ``~/.local/share/dispatch``. The user's directories come from ``environ``, then from the
+    process's own environment (they describe the user, not the deployment)."""
+    xdg = environ.get("XDG_DATA_HOME") or os.environ.get("XDG_DATA_HOME", "")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "dispatch"
+    user_home = environ.get("HOME") or os.path.expanduser("~")
+    return _absolute_home(Path(user_home, *DEFAULT_HOME.parts[1:]))
+
+
+def _absolute_home(home: Path) -> Path:
+    """``home`` as every process reads it: ``~`` expanded, relative to the working directory of the
+    process that loads the settings (a worker started elsewhere is handed the absolute path)."""
+    return Path(os.path.abspath(home.expanduser()))
+
+
 #: Longest suppression key: BLAKE2b takes keys of at most 64 bytes.
 _MAX_SUPPRESSION_KEY_BYTES: Final = 64
 
@@ -212,7 +243,11 @@ class Settings:
     parses text the way ``DISPATCH_*`` variables are written, checks bounds and the cross-field
     rules, and raises :class:`ConfigError` naming the variable and the fix."""
 
-    home: Path = Field(default=Path(".dispatch"), description="state directory (embedded Redis data, metrics files)")
+    home: Path = Field(
+        default=DEFAULT_HOME,
+        description="state directory (embedded Redis data, plans, secrets, metrics files), made absolute when read; "
+        "unset: $XDG_DATA_HOME/dispatch if XDG_DATA_HOME is set",
+    )
     redis_url: str | None = Field(default=None, description="Redis/Valkey URL for application keys; unset = embedded")
     broker_db: int = Field(
         default=1, ge=0, le=15, description="logical database of the dramatiq broker (apart from app keys)"
@@ -552,6 +587,7 @@ def load_settings(
             raise ConfigError(key, "unknown setting", f"remove it, or use one of: {', '.join(sorted(_FIELDS))}")
         values[name] = raw
     values.update(overrides or {})
+    values["home"] = _absolute_home(Path(values["home"])) if "home" in values else default_home(environ)
     return Settings(**values)
 
 

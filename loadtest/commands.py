@@ -82,26 +82,36 @@ def add_commands(sub: Any) -> None:
     """Register ``demo``, ``mock-provider``, ``loadtest`` and ``bench`` on the ``dispatch`` parser's
     subparsers."""
     p = sub.add_parser("demo", help="run a complete demo campaign on embedded defaults")
-    p.add_argument("--recipients", type=int, default=20_000)
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument(
+        "--recipients", type=int, default=20_000, help="audience rows to generate (some invalid, some duplicated)"
+    )
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: DISPATCH_WORKERS)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object (last line)")
     p.set_defaults(handler=cmd_demo)
 
     p = sub.add_parser("mock-provider", help="serve the mock providers (Twilio, SendGrid, FCM, webhook)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8099)
-    p.add_argument("--faults", default=None, help="fault mix as JSON")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument(
+        "--port", type=int, default=8099, help="port to listen on (the provider base URLs' default; 0: any free one)"
+    )
+    p.add_argument(
+        "--faults",
+        default=None,
+        help='fault mix as JSON, e.g. {"p_500": 0.1, "latency_ms": 20} (default: none, every send succeeds)',
+    )
     p.set_defaults(handler=cmd_mock_provider)
 
     p = sub.add_parser("loadtest", help="send a synthetic campaign through real workers against the mock provider")
     p.add_argument("--recipients", type=int, required=True, help="audience rows to generate")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: the workers setting)")
-    p.add_argument("--channel", choices=default_registry().channel_names(sendable=True), default="sms")
+    p.add_argument(
+        "--channel", choices=default_registry().channel_names(sendable=True), default="sms", help="channel to send on"
+    )
     p.add_argument("--provider-latency", type=float, default=0.0, metavar="MS", help="mock latency per request")
     p.add_argument("--error-rate", type=float, default=0.0, metavar="P", help="share of requests answered 500/503")
     p.add_argument("--rate-limit", type=float, default=0.0, metavar="R", help="account limit per second (0 = none)")
     p.add_argument("--batch-size", type=int, default=None, help="recipients per batch (default: the setting)")
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--seed", type=int, default=7, help="seed of the generated audience (same seed, same rows)")
     p.add_argument(
         "--profile", type=float, default=0.0, metavar="S", help="py-spy the workers and the mock for S seconds"
     )

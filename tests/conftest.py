@@ -20,6 +20,18 @@ from dispatch.store.connect import with_db
 from dispatch.store.embedded import ensure_embedded, stop_embedded
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hermetic_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """No test reaches the real user's state: the default ``DISPATCH_HOME``
+    (``$XDG_DATA_HOME/dispatch``) lies in the session's temporary directory, and a
+    ``DISPATCH_HOME`` of the developer's shell is not inherited."""
+    data = tmp_path_factory.mktemp("xdg-data")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_DATA_HOME", str(data))
+        patch.delenv("DISPATCH_HOME", raising=False)
+        yield data
+
+
 @pytest.fixture(scope="session")
 def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL (database 0 unless the env URL names one) of the session's server."""

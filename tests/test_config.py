@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
@@ -59,6 +60,28 @@ def test_toml_unknown_key_and_bad_syntax(tmp_path: Path) -> None:
     path.write_text("batch_size = [\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings({}, config_file=path)
+
+
+def test_home_defaults_to_an_absolute_per_user_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the same for every process of the user, whatever directory it starts in
+    assert load_settings({"XDG_DATA_HOME": "/data/ann"}).home == Path("/data/ann/dispatch")
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    assert load_settings({"HOME": "/home/ann"}).home == Path("/home/ann/.local/share/dispatch")
+    # a relative XDG_DATA_HOME is ignored, as the XDG spec says
+    assert load_settings({"HOME": "/home/ann", "XDG_DATA_HOME": "data"}).home == Path("/home/ann/.local/share/dispatch")
+    assert load_settings({}).home.is_absolute()
+
+
+def test_a_relative_home_is_made_absolute_when_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings({"DISPATCH_HOME": "state"})
+    assert settings.home == Path(os.getcwd()) / "state"
+    # a worker started elsewhere is handed the same directory
+    from loadtest.cluster import settings_env
+
+    monkeypatch.chdir("/")
+    assert load_settings(settings_env(settings)).home == settings.home
+    assert load_settings({"DISPATCH_HOME": "~/state"}).home == Path.home() / "state"
 
 
 def test_settings_are_immutable() -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from dispatch.cli import main
 from dispatch.config import load_settings
 from dispatch.errors import EvictionPolicyError
 from dispatch.store.connect import check_server, resolve_redis
@@ -34,7 +35,7 @@ def test_resolve_starts_embedded_and_splits_databases(tmp_path: Path) -> None:
     settings = load_settings({"DISPATCH_HOME": str(tmp_path)})
     target = resolve_redis(settings)
     try:
-        assert target.started_embedded
+        assert target.started_embedded and target.embedded_home == tmp_path.resolve()
         assert target.app_url.endswith("/0")
         assert target.broker_url.endswith(f"/{settings.broker_db}")
     finally:
@@ -58,3 +59,33 @@ def test_eviction_policy_is_refused_with_a_fix(tmp_path: Path) -> None:
     finally:
         client.close()
         stop_embedded(tmp_path)
+
+
+def test_a_command_that_starts_the_embedded_server_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``dispatch plan`` (any command that needs Redis) may start the embedded server, which keeps
+    running: one line on stderr says so, where its data is and how to stop it; later commands
+    find it and say nothing. ``dispatch redis status`` names the home it looked in."""
+    home = tmp_path / "home"
+    for name in ("DISPATCH_REDIS_URL", "DISPATCH_API_URL", "DISPATCH_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DISPATCH_HOME", str(home))
+    monkeypatch.setenv("DISPATCH_CPU_SPEED_PROBE", "false")
+    (tmp_path / "c.toml").write_text('id = "c1"\nchannel = "sms"\nbody = "hi"\nquiet_hours = false\n')
+    (tmp_path / "a.csv").write_text("id,phone\n1,+447400123456\n")
+    try:
+        assert main(["plan", str(tmp_path / "c.toml"), "--audience", str(tmp_path / "a.csv")]) == 0
+        err = capsys.readouterr().err
+        notices = [line for line in err.splitlines() if "started an embedded Valkey server" in line]
+        assert len(notices) == 1, err
+        assert f"DISPATCH_HOME={home}" in notices[0] and str(home / "valkey-data") in notices[0]
+        assert "dispatch redis stop" in notices[0]
+        assert main(["status", "c1"]) == 0
+        assert "embedded" not in capsys.readouterr().err  # found running: nothing to say
+        assert main(["redis", "status"]) == 0
+        assert f"DISPATCH_HOME={home}" in capsys.readouterr().out
+    finally:
+        stop_embedded(home)
+    assert main(["redis", "status"]) == 1
+    assert f"not running (DISPATCH_HOME={home})" in capsys.readouterr().out

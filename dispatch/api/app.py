@@ -947,14 +947,20 @@ def cmd_apikey(args: argparse.Namespace, settings: Settings) -> int:
 
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve the HTTP API (campaigns, messages, suppressions, callbacks)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--public-url", default=None, help="URL providers call back (signatures cover it)")
-    p.set_defaults(handler=cmd_serve)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on")
+    p.add_argument(
+        "--public-url",
+        default=None,
+        help="URL providers call back (signatures cover it; default: DISPATCH_CALLBACK_BASE_URL, else http://HOST:PORT)",
+    )
+    p.set_defaults(handler=cmd_serve, uses_redis="always")
 
     p = sub.add_parser("apikey", help="API keys: create (prints the token once), list, revoke")
-    p.add_argument("action", choices=("create", "list", "revoke"))
+    p.add_argument(
+        "action", choices=("create", "list", "revoke"), help="create a key (its token is printed once), list, revoke"
+    )
     p.add_argument("key_id", nargs="?", default=None, help="key id (revoke)")
-    p.add_argument("--scope", choices=SCOPES, default="read")
+    p.add_argument("--scope", choices=SCOPES, default="read", help="what the key may do (create): read < write < admin")
     p.add_argument("--name", default=None, help="a label for the key (who uses it)")
-    p.set_defaults(handler=cmd_apikey)
+    p.set_defaults(handler=cmd_apikey, uses_redis="always")

@@ -25,10 +25,10 @@ from dispatch.send.broker import build_broker, enqueue_batch
 from dispatch.send.control import CampaignControl, parse_rate
 from dispatch.send.tracking import iter_outcomes
 from dispatch.store import keys
-from dispatch.store.connect import resolve_redis
+from dispatch.store.connect import RedisTarget, resolve_redis
 from dispatch.store.embedded import find_embedded, stop_embedded
 
-__all__ = ["main"]
+__all__ = ["CommandParser", "HelpFormatter", "announce_embedded", "build_parser", "main"]
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -36,6 +36,43 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 COMMAND_MODULES = ("dispatch.api.app", "dispatch.cli.plan")
 #: Entry-point group of installed packages that add subcommands (``add_commands(sub)``).
 COMMAND_PLUGINS = "dispatch.commands"
+#: ``set_defaults(uses_redis=...)`` of a command that uses the deployment's Redis: always, or only
+#: when it does not go through the API (``--api``). Before such a command runs, ``main`` finds (or
+#: starts) the server, and says so when it started the embedded one.
+USES_REDIS_ALWAYS = "always"
+USES_REDIS_WITHOUT_API = "without_api"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default, except where there is none to show: ``None`` (the
+    help then says what applies instead, usually a setting) and a flag's ``False``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of ``dispatch`` and of each subcommand (subparsers are built with the parent's
+    class, so commands added by other rooms and plugins show their defaults too)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def announce_embedded(target: RedisTarget) -> None:
+    """Tell the user, on stderr, when this command started the embedded server: it keeps running
+    in the background after the command ends, holding the deployment's data."""
+    if target.started_embedded and target.embedded_home is not None:
+        home = target.embedded_home
+        print(
+            f"dispatch: started an embedded Valkey server for DISPATCH_HOME={home} (data in {home / 'valkey-data'}); "
+            "it keeps running in the background: stop it with `dispatch redis stop`",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _client(settings: Settings) -> redis.Redis:
@@ -187,14 +224,18 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_redis(args: argparse.Namespace, settings: Settings) -> int:
+    where = f"DISPATCH_HOME={settings.home}"
+    if settings.redis_url is not None:
+        where += f"; this deployment uses DISPATCH_REDIS_URL={redact_url(settings.redis_url)}"
     if args.action == "stop":
-        print("stopped" if stop_embedded(settings.home) else "no embedded server was running")
+        print(f"stopped ({where})" if stop_embedded(settings.home) else f"no embedded server was running ({where})")
         return 0
     if args.action == "status":
         server = find_embedded(settings.home.resolve())
-        print(f"running pid {server.pid} at {server.shown_url}" if server else "not running")
+        print(f"running pid {server.pid} at {server.shown_url} ({where})" if server else f"not running ({where})")
         return 0 if server else 1
     target = resolve_redis(settings)
+    announce_embedded(target)
     print(redact_url(target.app_url))  # the password stays in $DISPATCH_HOME/valkey.password
     return 0
 
@@ -238,34 +279,44 @@ def cmd_callbacks(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dispatch", description="Plan, send and show message campaigns.")
+    parser = CommandParser(
+        prog="dispatch",
+        description="Plan, send and show message campaigns.",
+        epilog="Settings come from DISPATCH_* variables (and --config); see the README's Configuration.",
+    )
     parser.add_argument("--config", type=Path, default=None, help="TOML settings file (else DISPATCH_CONFIG)")
     parser.add_argument("--api", default=None, help="go through this dispatch API (else DISPATCH_API_URL)")
     parser.add_argument("--token", default=None, help="API bearer token (else DISPATCH_API_TOKEN)")
     sub = parser.add_subparsers(dest="command", required=True)
+    campaign_help = "campaign id (the id of its campaign file)"
 
     p = sub.add_parser("worker", help="run one worker process")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port")
-    p.set_defaults(handler=cmd_worker)
+    p.add_argument("--threads", type=int, default=None, help="batches run at once (default: DISPATCH_WORKER_THREADS)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus /metrics on this port (default: DISPATCH_METRICS_PORT; 0 = none)",
+    )
+    p.set_defaults(handler=cmd_worker, uses_redis=USES_REDIS_ALWAYS)
 
     for action in ("start", "pause", "resume", "cancel"):
         p = sub.add_parser(action, help=f"{action} a campaign")
-        p.add_argument("campaign")
-        p.set_defaults(handler=_simple(action))
+        p.add_argument("campaign", help=campaign_help)
+        p.set_defaults(handler=_simple(action), uses_redis=USES_REDIS_WITHOUT_API)
 
     p = sub.add_parser("retry-failed", help="send a campaign's dead-lettered messages again (only those)")
-    p.add_argument("campaign")
-    p.set_defaults(handler=cmd_retry_failed)
+    p.add_argument("campaign", help=campaign_help)
+    p.set_defaults(handler=cmd_retry_failed, uses_redis=USES_REDIS_ALWAYS)
 
     p = sub.add_parser("rate", help="change the rate cap of a running campaign ('unlimited' or 0 = no cap)")
-    p.add_argument("campaign")
+    p.add_argument("campaign", help=campaign_help)
     p.add_argument("rate", help="messages per second (above 0), or 'unlimited' (or 0) to remove the cap")
-    p.set_defaults(handler=cmd_rate)
+    p.set_defaults(handler=cmd_rate, uses_redis=USES_REDIS_WITHOUT_API)
 
     p = sub.add_parser("status", help="progress, rate and ETA of a campaign")
-    p.add_argument("campaign")
-    p.add_argument("--json", action="store_true", help="machine output (epoch seconds)")
+    p.add_argument("campaign", help=campaign_help)
+    p.add_argument("--json", action="store_true", help="machine output: one JSON object (epoch seconds)")
     p.add_argument("--utc", action="store_true", help="show times in UTC (else TZ, else the local zone)")
     p.add_argument(
         "--watch",
@@ -276,28 +327,41 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="redraw every SECONDS (2 if not given, at least 1) until the campaign ends or Ctrl-C",
     )
-    p.set_defaults(handler=cmd_status)
+    p.set_defaults(handler=cmd_status, uses_redis=USES_REDIS_WITHOUT_API)
 
     p = sub.add_parser("export", help="per-message outcomes as JSONL or CSV")
-    p.add_argument("campaign")
-    p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
-    p.add_argument("--output", type=Path, default=None)
-    p.set_defaults(handler=cmd_export)
+    p.add_argument("campaign", help=campaign_help)
+    p.add_argument(
+        "--format", choices=("jsonl", "csv"), default="jsonl", help="one JSON object per line, or CSV with a header"
+    )
+    p.add_argument("--output", type=Path, default=None, help="file to write (default: standard output)")
+    p.set_defaults(handler=cmd_export, uses_redis=USES_REDIS_WITHOUT_API)
 
     p = sub.add_parser("redis", help="the embedded Redis: start (prints URL), stop, status")
-    p.add_argument("action", choices=("start", "stop", "status"))
+    p.add_argument(
+        "action",
+        choices=("start", "stop", "status"),
+        help="start: start it unless it runs, print its URL (password masked); stop: shut it down cleanly; "
+        "status: whether it runs (exit 1 if not). Each names the DISPATCH_HOME it uses",
+    )
     p.set_defaults(handler=cmd_redis)
 
     p = sub.add_parser("callbacks", help="serve the provider delivery-receipt endpoints")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8098)
-    p.add_argument("--public-url", default=None, help="URL providers call (signatures cover it)")
-    p.set_defaults(handler=cmd_callbacks)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8098, help="port to listen on")
+    p.add_argument(
+        "--public-url",
+        default=None,
+        help="URL providers call (signatures cover it; default: DISPATCH_CALLBACK_BASE_URL, else http://HOST:PORT)",
+    )
+    p.set_defaults(handler=cmd_callbacks, uses_redis=USES_REDIS_ALWAYS)
 
     # Rooms that own their commands add them here, then installed plugins (the entry-point group
     # ``dispatch.commands``: the load-test kit registers ``demo``, ``mock-provider``, ``loadtest``
     # and ``bench`` that way, so dispatch never imports loadtest). Each is
-    # ``add_commands(sub) -> None`` registering parsers whose handler is ``(args, settings) -> int``.
+    # ``add_commands(sub) -> None`` registering parsers whose handler is ``(args, settings) -> int``,
+    # with a help text on every argument (``--help`` adds the defaults) and ``uses_redis`` set when
+    # the command uses the deployment's Redis (see USES_REDIS_ALWAYS).
     import importlib
     from importlib.metadata import entry_points
 
@@ -353,6 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         overrides = {k: v for k, v in (("api_url", args.api), ("api_token", args.token)) if v is not None}
         settings = load_settings(config_file=args.config, overrides=overrides)
+        uses_redis = getattr(args, "uses_redis", None)
+        local = uses_redis == USES_REDIS_ALWAYS or (uses_redis == USES_REDIS_WITHOUT_API and settings.api_url is None)
+        if local and settings.redis_url is None:
+            announce_embedded(resolve_redis(settings))  # the handler finds it running
         handler: Handler = args.handler
         return handler(args, settings)
     except BrokenPipeError:

@@ -204,34 +204,39 @@ def format_api_report(report: dict[str, Any]) -> str:
 
 def add_commands(sub: Any) -> None:
     """Register ``suppress`` and the planning command on the CLI's subparsers."""
+    channel_help = "a channel's list, or global (checked for every channel; '@' makes an email, else a phone)"
     p = sub.add_parser("suppress", help="suppression lists: add, remove, import, export, count")
     actions = p.add_subparsers(dest="action", required=True)
     for action in ("add", "remove"):
         a = actions.add_parser(action, help=f"{action} addresses")
-        a.add_argument("channel", choices=CHANNELS)
-        a.add_argument("addresses", nargs="+")
+        a.add_argument("channel", choices=CHANNELS, help=channel_help)
+        a.add_argument(
+            "addresses", nargs="+", help=f"addresses to {action} (normalized first: E.164 phones, email domains)"
+        )
     a = actions.add_parser("import", help="add one address (or hash, with --hashes) per line")
-    a.add_argument("channel", choices=CHANNELS)
-    a.add_argument("file", type=Path)
+    a.add_argument("channel", choices=CHANNELS, help=channel_help)
+    a.add_argument("file", type=Path, help="text file, one address (or exported hash) per line")
     a.add_argument("--hashes", action="store_true", help="the file holds hashes from 'export'")
     a = actions.add_parser("export", help="write the suppressed hashes (not addresses)")
-    a.add_argument("channel", choices=CHANNELS)
-    a.add_argument("--output", type=Path, default=None)
+    a.add_argument("channel", choices=CHANNELS, help=channel_help)
+    a.add_argument("--output", type=Path, default=None, help="file to write (default: standard output)")
     a = actions.add_parser("count", help="how many entries a list holds")
-    a.add_argument("channel", choices=CHANNELS)
+    a.add_argument("channel", choices=CHANNELS, help=channel_help)
     for a in actions.choices.values():
-        a.add_argument("--region", default=None, help="default region for national phone numbers")
-    p.set_defaults(handler=cmd_suppress)
+        a.add_argument(
+            "--region", default=None, help="default region of national phone numbers, e.g. US (default: none)"
+        )
+    p.set_defaults(handler=cmd_suppress, uses_redis="always")
 
     name = "plan" if "plan" not in sub.choices else "plan-campaign"
     p = sub.add_parser(name, help="plan a campaign with every check: counts by reason, batches, prediction")
-    p.add_argument("campaign_file", type=Path)
+    p.add_argument("campaign_file", type=Path, help="campaign file, TOML or JSON (id, channel, body, ...)")
     p.add_argument(
         "--audience",
         required=True,
         help="CSV/JSONL file (optionally .gz), postgresql:// DSN (with --query), or source:NAME (a configured source)",
     )
     p.add_argument("--query", default=None, help="SQL query for a PostgreSQL audience")
-    p.add_argument("--region", default=None, help="default region for national phone numbers (e.g. US)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_plan)
+    p.add_argument("--region", default=None, help="default region of national phone numbers, e.g. US (default: none)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(handler=cmd_plan, uses_redis="without_api")

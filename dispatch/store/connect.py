@@ -2,13 +2,16 @@
 
 ``resolve_redis(settings)`` returns the application URL and the broker URL (another logical
 database on the same server, because dramatiq's maintenance runs ``KEYS``), starting the embedded
-server when no ``DISPATCH_REDIS_URL`` is set. ``check_server`` refuses a server that could evict
-keys: dedup claims and snapshots silently vanishing would double-send or lose messages.
+server when no ``DISPATCH_REDIS_URL`` is set (``RedisTarget.started_embedded`` then says whether
+this call started it, so a command can tell its user that a server now runs in the background).
+``check_server`` refuses a server that could evict keys: dedup claims and snapshots silently
+vanishing would double-send or lose messages.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -28,13 +31,17 @@ class RedisTarget:
 
     app_url: str
     broker_url: str
-    #: True when this call started the embedded server (the caller then owns stopping it).
+    #: True when this call started the embedded server (the caller then owns stopping it, or,
+    #: for a command line that leaves it running, says so: the server outlives the command).
     started_embedded: bool
+    #: The embedded server's state directory (its data in ``valkey-data`` there); None when
+    #: ``DISPATCH_REDIS_URL`` names the server.
+    embedded_home: Path | None = None
 
     def __repr__(self) -> str:
         return (
             f"RedisTarget(app_url={redact_url(self.app_url)!r}, broker_url={redact_url(self.broker_url)!r}, "
-            f"started_embedded={self.started_embedded!r})"
+            f"started_embedded={self.started_embedded!r}, embedded_home={self.embedded_home!r})"
         )
 
 
@@ -73,15 +80,17 @@ def check_server(client: redis.Redis) -> None:
 def resolve_redis(settings: Settings, *, check: bool = True) -> RedisTarget:
     """Find (or start) the deployment's server and check it."""
     started = False
+    home: Path | None = None
     if settings.redis_url is None:
         server, started = ensure_embedded(settings.home)
-        app_url = server.url
+        app_url, home = server.url, server.home
     else:
         app_url = settings.redis_url
     target = RedisTarget(
         app_url=with_db(app_url, settings.app_db),
         broker_url=with_db(app_url, settings.broker_db),
         started_embedded=started,
+        embedded_home=home,
     )
     if check:
         client = redis.Redis.from_url(target.app_url, socket_timeout=5.0)
