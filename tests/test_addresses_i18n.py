@@ -326,3 +326,16 @@ def test_an_unknown_zone_is_rejected_even_with_a_default(redis_client: redis.Red
     spec = _spec(quiet_hours=QuietHours(), default_timezone="America/New_York")
     again = _planner(redis_client, tmp_path).plan_file(spec, path, processes=1)
     assert again.accepted == 2 and again.rejected == {"unknown_timezone": 2}
+
+
+def test_quiet_hours_planner_uses_the_default_only_for_a_missing_zone() -> None:
+    from datetime import UTC, datetime
+    from zoneinfo import ZoneInfo
+
+    from dispatch.rules.checks import QuietHoursPlanner
+
+    start = datetime(2026, 1, 15, 12, tzinfo=UTC)
+    fallback = QuietHoursPlanner(start, default_timezone=ZoneInfo("Europe/Berlin"))
+    assert fallback.not_before(None) == start and fallback.not_before("") == start and fallback.not_before(" ") == start
+    assert fallback.not_before("Mars/Olympus") == Reason.UNKNOWN_TIMEZONE
+    assert fallback.not_before(" America/New_York ") == datetime(2026, 1, 15, 13, tzinfo=UTC)

@@ -6,7 +6,10 @@ address), so ``total == accepted + sum(rejected.values())`` always holds. The ch
 
 1. the row itself (``malformed_row``, ``bad_encoding``, ``missing_column``, ``field_too_large``:
    see ``dispatch.plan.audience``);
-2. the channel's address (``missing_address``, ``invalid_phone``, ``not_sms_capable``, ...);
+2. the channel's address (``missing_address``, ``invalid_phone``, ``not_sms_capable``, ...); a
+   phone number without ``+`` is read in the recipient's own region, else the campaign's
+   (``CampaignSpec.region``, else the planner's ``default_region``); the numbers that failed for
+   want of a region are counted, and the report's ``extra["hints"]`` says what to set;
 3. consent for the channel (``no_consent``; ``CampaignSpec.require_consent``);
 4. freshness (``stale``, ``stale_missing``, ``stale_future``) when the campaign sets
    ``max_staleness``; a source whose watermark is itself too old fails the plan (PlanError);

@@ -35,7 +35,6 @@ from types import MappingProxyType
 from typing import Final
 from urllib.parse import urlsplit
 
-import email_validator
 import phonenumbers
 
 from channels import Registry, default_registry
@@ -93,6 +92,8 @@ def _ascii_domain(domain: str) -> bool:
 
 def _check_international_email(value: str) -> Result:
     """A non-ASCII address (RFC 6531/6532) by ``email-validator``, in the module's normal form."""
+    import email_validator  # only when a list holds such an address (it also loads dnspython)
+
     try:
         found = email_validator.validate_email(
             value,
