@@ -218,7 +218,7 @@ def test_plan_command_hints_at_the_region_and_region_sets_it(env: Path, capsys: 
         ("jörg@xn--bcher-kva.de", "jörg@xn--bcher-kva.de"),
         ("info@bücher.de", "info@xn--bcher-kva.de"),
         (" Ärger@Example.COM ", "Ärger@example.com"),  # the local part keeps its case, as for ASCII
-        ("用户@例子.广告", "用户@xn--fsqu00a.xn--3lr804guic"),
+        ("用户@例子.广告", "用户@xn--fsqu00a.xn--4rr70v"),
         ("θσερ@εχαμπλε.ψομ", "θσερ@xn--mxahbxey0c.xn--xxaf0a"),
     ],
 )
@@ -231,7 +231,7 @@ def test_internationalized_email_is_valid_and_normalized_one_way(raw: str, want:
 @pytest.mark.parametrize(
     "raw",
     ["jörg@bücher", "jö rg@bücher.de", "jörg@@bücher.de", "jörg@-bücher.de", "jörg.@bücher.de", "jörg@bücher..de",
-     '"jörg"@bücher.de', "jörg@[1.2.3.4]", "ö" * 65 + "@bücher.de", "Jörg <jörg@bücher.de>", "jörg@bücher.123"],
+     '"jörg"@bücher.de', "jörg@[1.2.3.4]", "ö" * 33 + "@bücher.de", "Jörg <jörg@bücher.de>", "jörg@bücher.123"],
 )  # fmt: skip
 def test_internationalized_email_invalid(raw: str) -> None:
     assert check_email(raw) == (Reason.INVALID_EMAIL, "")

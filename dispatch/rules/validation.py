@@ -107,7 +107,8 @@ def _check_international_email(value: str) -> Result:
     except email_validator.EmailNotValidError:
         return Reason.INVALID_EMAIL, ""
     domain = found.ascii_domain.lower()
-    if len(domain) > 253 or not _ascii_domain(domain):
+    # RFC 6531 keeps RFC 5321's 64 octets for the local part (email-validator checks it only in strict mode)
+    if len(found.local_part.encode()) > 64 or len(domain) > 253 or not _ascii_domain(domain):
         return Reason.INVALID_EMAIL, ""
     return None, f"{found.local_part}@{domain}"
 
