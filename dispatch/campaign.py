@@ -238,7 +238,9 @@ def _region(value: Any) -> str | None:
         raise problem(f"expected string, got {_shown(value)}")
     code = parse_region(value)
     if code is None:
-        raise problem(f"{_shown(value)} is not an ISO 3166 alpha-2 country code with a phone numbering plan (e.g. US, GB)")
+        raise problem(
+            f"{_shown(value)} is not an ISO 3166 alpha-2 country code with a phone numbering plan (e.g. US, GB)"
+        )
     return code
 
 

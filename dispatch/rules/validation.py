@@ -46,10 +46,10 @@ __all__ = [
     "ADDRESS_FIELD",
     "AddressValidator",
     "check_email",
-    "parse_region",
     "check_openid",
     "check_push_token",
     "check_webhook_url",
+    "parse_region",
 ]
 
 #: Which recipient address each channel sends to (from the standard registry).
@@ -84,9 +84,7 @@ def parse_region(value: str | None) -> str | None:
 def _ascii_domain(domain: str) -> bool:
     labels = domain.split(".")
     return (
-        len(labels) >= 2
-        and all(_LABEL.fullmatch(label) for label in labels)
-        and _TLD.fullmatch(labels[-1]) is not None
+        len(labels) >= 2 and all(_LABEL.fullmatch(label) for label in labels) and _TLD.fullmatch(labels[-1]) is not None
     )
 
 
