@@ -13,8 +13,9 @@ suppression and frequency caps key on:
   no IP-literal domains), at most 64 + 1 + 253 characters, a domain of at least two LDH labels
   with an alphabetic or ``xn--`` top-level label; the domain is lowercased, the local part is
   kept as given (RFC 5321 says it may be case-sensitive). Internationalized addresses
-  (RFC 6531/6532, ``jörg@bücher.de``) are checked by the ``email-validator`` library; only
-  ASCII addresses take the hand-written fast path (an ``str.isascii`` test away). One
+  (RFC 6531/6532, ``jörg@bücher.de``): a non-ASCII local part or domain is checked by the
+  ``email-validator`` library (domains cached: IDNA is the slow part), an ASCII part by the
+  rules above; all-ASCII addresses never leave the fast path (an ``str.isascii`` test). One
   normal form for both, so that dedup and the suppression hash see one mailbox once: the
   local part in Unicode NFC (RFC 6532 section 3.1), the domain as lowercased IDNA A-labels
   (``jörg@xn--bcher-kva.de``): the domain the DNS and SMTP servers see, equal whether the list
@@ -28,11 +29,12 @@ suppression and frequency caps key on:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import phonenumbers
@@ -88,27 +90,60 @@ def _ascii_domain(domain: str) -> bool:
     )
 
 
-def _check_international_email(value: str) -> Result:
-    """A non-ASCII address (RFC 6531/6532) by ``email-validator``, in the module's normal form."""
+def _smtputf8(address: str) -> Any:
+    """``email-validator``'s verdict on ``address`` (None: not valid); syntax only, no DNS."""
     import email_validator  # only when a list holds such an address (it also loads dnspython)
 
     try:
-        found = email_validator.validate_email(
-            value,
+        return email_validator.validate_email(
+            address,
             allow_smtputf8=True,
             allow_quoted_local=False,
             allow_domain_literal=False,
             allow_display_name=False,
             check_deliverability=False,
-            globally_deliverable=False,  # the domain shape is checked below, as for ASCII
+            globally_deliverable=False,  # the domain shape is checked as for ASCII addresses
         )
     except email_validator.EmailNotValidError:
+        return None
+
+
+@functools.lru_cache(maxsize=4_096)
+def _idn_domain(domain: str) -> str | None:
+    """The lowercased A-label form of a non-ASCII domain (IDNA 2008, UTS #46 mapping), None when
+    it is not valid. Cached: a list has few domains, and IDNA is most of the cost of an address."""
+    found = _smtputf8(f"x@{domain}")
+    if found is None:
+        return None
+    ascii_domain: str = found.ascii_domain.lower()
+    return ascii_domain if len(ascii_domain) <= 253 and _ascii_domain(ascii_domain) else None
+
+
+def _check_international_email(value: str) -> Result:
+    """A non-ASCII address (RFC 6531/6532), in the module's normal form: each part checked on
+    its own, the ASCII one as in :func:`check_email`, the other by ``email-validator``."""
+    local, at, domain = value.rpartition("@")
+    if not at or not local or not domain:
         return Reason.INVALID_EMAIL, ""
-    domain = found.ascii_domain.lower()
-    # RFC 6531 keeps RFC 5321's 64 octets for the local part (email-validator checks it only in strict mode)
-    if len(found.local_part.encode()) > 64 or len(domain) > 253 or not _ascii_domain(domain):
-        return Reason.INVALID_EMAIL, ""
-    return None, f"{found.local_part}@{domain}"
+    if domain.isascii():
+        domain = domain.lower()
+        if len(domain) > 253 or not _ascii_domain(domain):
+            return Reason.INVALID_EMAIL, ""
+    else:
+        found_domain = _idn_domain(domain)
+        if found_domain is None:
+            return Reason.INVALID_EMAIL, ""
+        domain = found_domain
+    if local.isascii():
+        if _LOCAL.fullmatch(local) is None or len(local) > 64:
+            return Reason.INVALID_EMAIL, ""
+    else:
+        found = _smtputf8(f"{local}@example.com")
+        # RFC 6531 keeps RFC 5321's 64 octets (email-validator checks them only in strict mode)
+        if found is None or len(found.local_part.encode()) > 64:
+            return Reason.INVALID_EMAIL, ""
+        local = found.local_part
+    return None, f"{local}@{domain}"
 
 
 def check_email(raw: str) -> Result:
