@@ -326,7 +326,7 @@ class CampaignSpec(BaseModel, metaclass=_RaisesPlanError):
             }
         ),
     ] = Field(default_factory=QuietHours)
-    #: IANA zone for recipients without a (known) timezone.
+    #: IANA zone for recipients without a timezone (a given but unknown zone is rejected, not defaulted).
     default_timezone: Annotated[
         str | None,
         PlainValidator(_zone),
