@@ -17,6 +17,7 @@ another). In a campaign file::
     require_consent = true           # only an explicit yes counts (default: only a no blocks)
     quiet_hours = { start = "08:00", end = "21:00" }   # the default; false turns it off
     default_timezone = "America/New_York"  # for recipients without a timezone
+    region = "US"                    # reads national phone numbers (ISO 3166 alpha-2); unset: only +...
     require_timezone = false         # true: reject recipients without a usable timezone
 
 ``deadline_in_s = 3600`` instead of ``deadline`` sets the deadline that many seconds after the
@@ -58,6 +59,7 @@ from channels import default_registry
 from dispatch.errors import PlanError
 from dispatch.models import field_errors, problem
 from dispatch.rules.checks import QuietHours
+from dispatch.rules.validation import parse_region
 from dispatch.store import keys
 
 __all__ = ["CAMPAIGN_ID_PATTERN", "CHANNELS", "CampaignSpec", "load_campaign_file", "parse_duration"]
@@ -229,6 +231,19 @@ def _zone(value: Any) -> str | None:
     return value
 
 
+def _region(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise problem(f"expected string, got {_shown(value)}")
+    code = parse_region(value)
+    if code is None:
+        raise problem(
+            f"{_shown(value)} is not an ISO 3166 alpha-2 country code with a phone numbering plan (e.g. US, GB)"
+        )
+    return code
+
+
 _INSTANT_SCHEMA: Final = {"type": ["string", "null"], "format": "date-time", "description": "RFC 3339, with an offset"}
 _CLOCK_SCHEMA: Final = {"type": "string", "pattern": r"^\d{2}:\d{2}(:\d{2})?$"}
 
@@ -311,11 +326,26 @@ class CampaignSpec(BaseModel, metaclass=_RaisesPlanError):
             }
         ),
     ] = Field(default_factory=QuietHours)
-    #: IANA zone for recipients without a (known) timezone.
+    #: IANA zone for recipients without a timezone (a given but unknown zone is rejected, not defaulted).
     default_timezone: Annotated[
         str | None,
         PlainValidator(_zone),
         WithJsonSchema({"type": ["string", "null"], "description": "IANA zone for recipients without one"}),
+    ] = None
+    #: The country whose national phone numbers the audience may hold (``07400 123456``, and
+    #: ``0044 7400 123456`` through its international prefix), ISO 3166 alpha-2, stored upper
+    #: case; a recipient's own ``region``/``country`` column wins. None: only numbers in
+    #: international format (``+44 ...``) are valid, unless the planner has a default (``--region``).
+    region: Annotated[
+        str | None,
+        PlainValidator(_region),
+        WithJsonSchema(
+            {
+                "type": ["string", "null"],
+                "pattern": "^[A-Za-z]{2}$",
+                "description": "ISO 3166 alpha-2 country for national phone numbers (e.g. GB)",
+            }
+        ),
     ] = None
     #: True: a recipient whose local time cannot be known is rejected (``unknown_timezone``);
     #: False: a recipient *without* a timezone is scheduled as if the window were open (a
@@ -356,6 +386,8 @@ class CampaignSpec(BaseModel, metaclass=_RaisesPlanError):
             ),
             "default_timezone": self.default_timezone,
             "require_timezone": self.require_timezone,
+            # only when set: a spec without a region keeps the fingerprint it had before the field
+            **({"region": self.region} if self.region is not None else {}),
         }
 
     def fingerprint(self) -> str:

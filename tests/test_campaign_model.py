@@ -40,6 +40,7 @@ as_of = "{as_of}"
 require_consent = true
 quiet_hours = {{ start = "09:30", end = "20:00" }}
 default_timezone = "America/New_York"
+region = "GB"
 require_timezone = true
 """
 #: The file, with the deadline and the watermark taken from the clock (a watermark in the future is refused).

@@ -167,9 +167,9 @@ def test_unknown_timezone_policy(redis_client: redis.Redis, tmp_path: Path) -> N
     assert _planner(redis_client, _settings(tmp_path)).plan(strict, rows).rejected == {"unknown_timezone": 2}
     fallback = CampaignSpec(id="tz-2", channel="sms", body="Hi", default_timezone="America/New_York")
     report = _planner(redis_client, _settings(tmp_path)).plan(fallback, rows)
-    assert report.accepted == 2 and report.extra["schedule"] == [
-        {"not_before": NOON + 3600, "recipients": 2, "batches": 1}
-    ]
+    # the default is for a recipient without a zone; a zone that is given but unknown is not guessed
+    assert report.accepted == 1 and report.rejected == {"unknown_timezone": 1}
+    assert report.extra["schedule"] == [{"not_before": NOON + 3600, "recipients": 1, "batches": 1}]
 
 
 def test_template_fields_must_exist(redis_client: redis.Redis, tmp_path: Path) -> None:

@@ -19,6 +19,10 @@ settings, the frequency cap. ``SOURCE`` is a CSV/JSONL file (optionally gzip), a
 source configured in the settings (``[sources.NAME]``, see ``dispatch.config``). With ``--api``,
 ``source:NAME`` names a source configured on the API server, which reads it. It registers as
 ``plan`` when the core CLI has no ``plan`` command, otherwise as ``plan-campaign``.
+``--region GB`` sets the campaign's ``region`` (national phone numbers are read as that
+country's) when the file sets none, locally and with ``--api`` alike; a file that sets another
+region is refused rather than overridden. The report ends with hints when rejections have a
+known remedy (national numbers and no region to read them).
 """
 
 from __future__ import annotations
@@ -35,13 +39,13 @@ import orjson
 import redis
 
 from channels import default_registry
-from dispatch.campaign import load_campaign_file
+from dispatch.campaign import CampaignSpec, load_campaign_file
 from dispatch.config import Settings
 from dispatch.errors import ConfigError, PlanError
 from dispatch.plan.planner import Planner, PlanReport
 from dispatch.plan.sources import find_source, parse_reference, plan_from_source, plan_postgres
 from dispatch.rules.suppression import GLOBAL, SuppressionStore, check_suppression_key, hasher_for
-from dispatch.rules.validation import AddressValidator
+from dispatch.rules.validation import AddressValidator, parse_region
 from dispatch.store.connect import resolve_redis
 
 __all__ = ["add_commands", "format_report", "normalizer"]
@@ -136,16 +140,29 @@ def format_report(report: PlanReport) -> str:
         unlisted = report.extra.get("rejected_unlisted") or 0
         more = f" ({unlisted:,} more rejected rows counted but not listed: file size cap)" if unlisted else ""
         lines.append(f"  rejected rows: {report.rejected_file}{more}")
+    lines.extend(f"  hint: {hint}" for hint in report.extra.get("hints") or ())
     return "\n".join(lines)
+
+
+def _region(in_file: Any, flag: str | None) -> str | None:
+    """The region ``--region`` gives the campaign (None: leave the file's as it is)."""
+    if flag is None:
+        return None
+    if in_file not in (None, "") and parse_region(str(in_file)) != parse_region(flag):
+        raise PlanError(f"the campaign file sets region = {in_file!r} and --region says {flag!r}: give one")
+    return flag  # checked by the spec, with its message
 
 
 def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     if settings.api_url is not None:
         return _plan_through_api(args, settings)
     spec = load_campaign_file(args.campaign_file)
+    region = _region(spec.region, args.region)
+    if region is not None:
+        spec = CampaignSpec.from_mapping({**spec.as_json(), "region": region})
     client = _client(settings)
     try:
-        planner = Planner.for_settings(client, settings, default_region=args.region)
+        planner = Planner.for_settings(client, settings)
         source: str = args.audience
         named = parse_reference(source)
         if source.startswith(("postgresql://", "postgres://")):
@@ -181,9 +198,12 @@ def _plan_through_api(args: argparse.Namespace, settings: Settings) -> int:
         )
     if args.query:
         raise PlanError("--query is only for a postgresql:// audience (a source:NAME has its own query)")
-    load_campaign_file(args.campaign_file)  # the same validation and messages as a local plan
+    checked = load_campaign_file(args.campaign_file)  # the same validation and messages as a local plan
     raw = args.campaign_file.read_bytes()
     spec: dict[str, Any] = tomllib.loads(raw.decode()) if args.campaign_file.suffix == ".toml" else orjson.loads(raw)
+    region = _region(spec.get("region"), args.region)
+    if region is not None:
+        spec["region"] = CampaignSpec.from_mapping({**checked.as_json(), "region": region}).region
     client = DispatchClient(settings.api_url or "", settings.api_token.reveal())
     named = parse_reference(args.audience)
     if named is not None:
@@ -237,6 +257,10 @@ def add_commands(sub: Any) -> None:
         help="CSV/JSONL file (optionally .gz), postgresql:// DSN (with --query), or source:NAME (a configured source)",
     )
     p.add_argument("--query", default=None, help="SQL query for a PostgreSQL audience")
-    p.add_argument("--region", default=None, help="default region of national phone numbers, e.g. US (default: none)")
+    p.add_argument(
+        "--region",
+        default=None,
+        help="the campaign's region: national phone numbers are read as this country's (ISO 3166, e.g. US)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(handler=cmd_plan, uses_redis="without_api")

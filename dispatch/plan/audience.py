@@ -26,6 +26,10 @@ Conventions, documented once here:
   leaves one open) times ``max_record_lines``.
 - A gzip stream may expand to ``max_decompressed_bytes`` and to ``max_gzip_ratio`` times its
   compressed size (plus 1 MiB); past either the read fails with AudienceError.
+- ``region``: the recipient's own region for reading a national phone number (ISO 3166 alpha-2,
+  e.g. ``GB``; it wins over the campaign's ``region``): the first of the columns
+  ``ColumnMap.region`` (default ``region``, then ``country``) that has a value in the row. Those
+  columns stay attributes too (``$country`` still renders).
 - ``updated_at``: ISO 8601 (``Z`` allowed) or, in JSONL/SQL, epoch seconds; a value without an
   offset is taken as UTC. Consent values: ``1/0``, ``true/false``, ``yes/no``, ``y/n``, ``t/f``
   (any case) or JSON booleans; an empty value means "not stated".
@@ -106,6 +110,8 @@ class Recipient:
     consent: Mapping[str, bool] = field(default_factory=lambda: _EMPTY)
     updated_at: datetime | None = None
     attributes: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    #: The recipient's own region value as given (``dispatch.rules.validation.parse_region``).
+    region: str | None = None
 
     def address(self, field_name: str) -> str | None:
         """The raw address in ``field_name`` (see ``dispatch.rules.validation.ADDRESS_FIELD``)."""
@@ -140,6 +146,8 @@ class ColumnMap:
     timezone: str | None = "timezone"
     locale: str | None = "locale"
     updated_at: str | None = "updated_at"
+    #: The recipient's region columns, in order of preference (not taken from the attributes).
+    region: tuple[str, ...] = ("region", "country")
     consent: Mapping[str, str] = field(
         default_factory=lambda: {spec.name: spec.consent_column for spec in default_registry().channels()}
     )
@@ -241,6 +249,7 @@ class _Builder:
         self.limit = limits.max_field_bytes
         self.mapped = tuple(columns.mapped().items())
         self.consent = tuple(columns.consent.items())
+        self.region = columns.region
 
     def build(
         self, row_no: int, get: Callable[[str], Any], attr_items: Iterable[tuple[str, Any]]
@@ -257,6 +266,13 @@ class _Builder:
             rid = values.pop("id")
             if rid is None or not rid.strip():
                 return RowRejected(row_no, Reason.MISSING_COLUMN, c.id, "no recipient id")
+            region = None
+            for column in self.region:
+                region = _text(get(column))
+                if region is not None:
+                    if _too_large(region, self.limit):
+                        return RowRejected(row_no, Reason.FIELD_TOO_LARGE, column, f"over {self.limit} bytes")
+                    break
             consent: dict[str, bool] = {}
             for channel, column in self.consent:
                 given = _parse_consent(get(column), column)
@@ -279,6 +295,7 @@ class _Builder:
             consent=consent or _EMPTY,
             updated_at=updated,
             attributes=attributes or _EMPTY,
+            region=region,
             **values,
         )
 
@@ -584,6 +601,8 @@ class CsvBuilder:
         self.updated_col = columns.updated_at
         self.updated_i = index.get(columns.updated_at) if columns.updated_at is not None else None
         self.attr_i = tuple((n, index[n]) for n in columns.attribute_columns(header) if n in index)
+        #: The header's region columns, in order of preference.
+        self.region_i = tuple(index[c] for c in columns.region if c in index)
         self.limit = limits.max_field_bytes
         self._last_time: tuple[str, datetime | None] = ("", None)
 
@@ -628,6 +647,11 @@ class CsvBuilder:
         except BadValue as exc:
             return RowRejected(row_no, Reason.MALFORMED_ROW, exc.field_name, exc.detail)
         attributes = {name: fields[i] for name, i in self.attr_i if fields[i]}
+        region = None
+        for i in self.region_i:
+            if fields[i]:
+                region = fields[i]
+                break
         return Recipient(
             row_no,
             rid,
@@ -641,6 +665,7 @@ class CsvBuilder:
             consent or _EMPTY,
             updated,
             attributes or _EMPTY,
+            region,
         )
 
 

@@ -131,7 +131,9 @@ class Chunk(NamedTuple):
     where orjson's own result keeps a ~4 KiB allocation), ``hashes`` (16 bytes each, concatenated), ``fingerprints``
     (the first 8 bytes of each hash as an integer), ``not_before``, ``cost`` (SMS segments,
     else 1) and ``id_fingerprints`` (``dispatch.plan.dedup.id_fingerprints`` of ``ids``: computed here,
-    in the worker processes, for the planner's dedup of repeated ids).
+    in the worker processes, for the planner's dedup of repeated ids). ``national``: how many of
+    the ``invalid_phone`` rejections are numbers without ``+`` that no region was there to read
+    (neither the recipient's nor the campaign's): the plan report's hint to set a region.
     """
 
     total: int
@@ -144,6 +146,7 @@ class Chunk(NamedTuple):
     not_before: array[float]
     cost: array[int]
     id_fingerprints: array[int]
+    national: int = 0
 
 
 class RowScanner:
@@ -205,6 +208,7 @@ class RowScanner:
         self.addr_i = index.get(column) if column is not None else None
         zone = c.timezone
         self.zone_i = index.get(zone) if zone is not None else None
+        self.region_i = self.builder.region_i  # the same columns, in the same order, as the general path
         self.updated_i = index.get(c.updated_at) if c.updated_at is not None else None
         self.consent_i = tuple(index[col] for col in c.consent.values() if col in index)
         own = c.consent.get(self.channel)
@@ -216,7 +220,7 @@ class RowScanner:
 
     def check(self, r: Recipient) -> tuple[str, str] | tuple[str, float, dict[str, str] | None]:
         """(field, reason) for a refused recipient, else (normalized address, not-before, attrs)."""
-        reason, address = self.validator.check(self.channel, r.address(self.field_name))
+        reason, address = self.validator.check(self.channel, r.address(self.field_name), r.region)
         if reason is not None:
             return self.field_name, str(reason)
         given = r.consent.get(self.channel)
@@ -235,6 +239,10 @@ class RowScanner:
         fields = self.config.template_fields
         attrs = {f: r.attributes.get(f) or "" for f in fields} if fields else None
         return address, not_before, attrs
+
+    def _unread(self, raw: str, region: str | None) -> bool:
+        """An invalid number is a national one no region was there to read (see ``Chunk.national``)."""
+        return self.validator.phones_for(region).default_region is None and not raw.lstrip().startswith("+")
 
     def cost(self, attrs: dict[str, str] | None) -> int:
         if self.static_cost is not None:
@@ -270,6 +278,8 @@ class RowScanner:
         found = self.check(item)
         if len(found) == 2:
             out.rejects.append((n, item.id, found[0], found[1]))
+            if found[1] == _INVALID_PHONE and self._unread(item.address(self.field_name) or "", item.region):
+                out.national += 1
             return
         address, not_before, attrs = found
         cost = self.cost(attrs)
@@ -298,6 +308,7 @@ class RowScanner:
         channel, field_name = self.channel, self.field_name
         sms = self.sms_numbers
         lookup = self.validator.phones.lookup
+        region_i, phones_for = self.region_i, self.validator.phones_for
         check_address = self.validator.check
         times, check_time = self._times, self._time
         zones, zone_of = self._zones, self._zone
@@ -346,9 +357,16 @@ class RowScanner:
                 rejects.append((n, rid, field_name, _MISSING_ADDRESS))
                 continue
             if sms:
-                address, capable = lookup(raw)
+                region = None
+                for i in region_i:  # the recipient's own region, as CsvBuilder reads it
+                    if fields[i]:
+                        region = fields[i]
+                        break
+                address, capable = (lookup if region is None else phones_for(region).lookup)(raw)
                 if address is None:
                     rejects.append((n, rid, field_name, _INVALID_PHONE))
+                    if self._unread(raw, region):
+                        out.national += 1
                     continue
                 if not capable:
                     rejects.append((n, rid, field_name, _NOT_SMS))
@@ -471,9 +489,10 @@ def _plain_lines(data: bytes, limits: ReadLimits, quote: str) -> list[str] | Non
 
 
 class _ChunkBuilder:
-    __slots__ = ("cost", "encoded", "fingerprints", "hashes", "ids", "not_before", "rejects", "rows")
+    __slots__ = ("cost", "encoded", "fingerprints", "hashes", "ids", "national", "not_before", "rejects", "rows")
 
     def __init__(self) -> None:
+        self.national = 0
         self.rejects: list[tuple[int, str, str, str]] = []
         self.rows: array[int] = array("q")
         self.ids: list[str] = []
@@ -506,6 +525,7 @@ class _ChunkBuilder:
             self.not_before,
             self.cost,
             id_fingerprints(ids, key),
+            self.national,
         )
 
 

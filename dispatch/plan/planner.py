@@ -6,7 +6,10 @@ address), so ``total == accepted + sum(rejected.values())`` always holds. The ch
 
 1. the row itself (``malformed_row``, ``bad_encoding``, ``missing_column``, ``field_too_large``:
    see ``dispatch.plan.audience``);
-2. the channel's address (``missing_address``, ``invalid_phone``, ``not_sms_capable``, ...);
+2. the channel's address (``missing_address``, ``invalid_phone``, ``not_sms_capable``, ...); a
+   phone number without ``+`` is read in the recipient's own region, else the campaign's
+   (``CampaignSpec.region``, else the planner's ``default_region``); the numbers that failed for
+   want of a region are counted, and the report's ``extra["hints"]`` says what to set;
 3. consent for the channel (``no_consent``; ``CampaignSpec.require_consent``);
 4. freshness (``stale``, ``stale_missing``, ``stale_future``) when the campaign sets
    ``max_staleness``; a source whose watermark is itself too old fails the plan (PlanError);
@@ -388,7 +391,8 @@ class Planner:
         self._dedup_memory = dedup_memory_bytes
         self._settings = settings
         self._region = default_region
-        self._validator = AddressValidator(default_region)
+        #: One validator (and its phone caches) per region planned in (``CampaignSpec.region``).
+        self._validators: dict[str | None, AddressValidator] = {}
         self._hasher = hasher or (suppression.hasher if suppression is not None else AddressHasher())
         self._suppression = suppression
         if frequency is None and frequency_cap is not None:
@@ -507,7 +511,7 @@ class Planner:
         """Plan from parsed rows or plain mappings (see the module docstring)."""
 
         def item_chunks(config: ScanConfig) -> Iterator[tuple[int, Chunk]]:
-            scanner = RowScanner(config, validator=self._validator)
+            scanner = RowScanner(config, validator=self._validator(config.region))
             items = as_audience(rows)
             while True:
                 part = list(islice(items, CHUNK_ROWS))
@@ -532,6 +536,12 @@ class Planner:
         if manifest.fingerprint != spec.fingerprint():
             raise PlanError(f"campaign {spec.id!r} was already planned with a different spec; use a new campaign id")
 
+    def _validator(self, region: str | None) -> AddressValidator:
+        found = self._validators.get(region)
+        if found is None:
+            found = self._validators[region] = AddressValidator(region)
+        return found
+
     def _limits(self) -> ReadLimits:
         s = self._settings
         return ReadLimits(max_decompressed_bytes=s.plan_max_decompressed_bytes, max_gzip_ratio=s.plan_max_gzip_ratio)
@@ -555,9 +565,10 @@ class Planner:
         started = now.timestamp()  # rounded as the scanner's not-before instants are: due-now batches stream
         as_of = spec.as_of or now
         freshness = FreshnessPolicy(max_staleness=spec.max_staleness) if spec.max_staleness else None
+        region = spec.region or self._region  # the campaign's, else the planner's (``--region``)
         config = ScanConfig(
             channel=spec.channel,
-            region=self._region,
+            region=region,
             hash_key=self._hasher.key,
             started=now,
             as_of=as_of,
@@ -587,8 +598,9 @@ class Planner:
         try:
             with rejected_path.open("w", newline="", encoding="utf-8") as handle:
                 rejects = _Rejects(handle, self._settings.plan_max_rejected_file_bytes)
+                national = _Tally()
                 total, accepted, cost_units, unseen, deferred = self._merge(
-                    spec, source(config), rejects, schedule, started, spill_dir=plans_dir, digest=digest
+                    spec, national.count(source(config)), rejects, schedule, started, spill_dir=plans_dir, digest=digest
                 )
                 if total == 0:
                     raise PlanError(f"campaign {spec.id}: the audience has no rows; nothing was planned")
@@ -635,7 +647,7 @@ class Planner:
                     **spec.policy(),
                     "frequency_cap": {"limit": cap.limit, "window_s": cap.window.total_seconds()} if cap else None,
                 },
-                config_hash=_config_hash(self._settings, size, cap, self._region),
+                config_hash=_config_hash(self._settings, size, cap, region),
                 schedule=_schedule_summary(schedule.runs),
                 dedup={"memory_bytes": self._dedup_memory, "spilled": deferred > 0, "deferred_rows": deferred},
                 expires_at=expires_at,
@@ -652,7 +664,7 @@ class Planner:
         if not committed:
             raise PlanError(f"campaign {spec.id!r} was planned concurrently by another process")
         self._client.zadd(keys.CAMPAIGNS, {spec.id: started})
-        return self._report(manifest, existing=False)
+        return self._report(manifest, existing=False, hints=_hints(national.n, region))
 
     def _replan(self, spec: CampaignSpec, stored: Manifest, chunks: Iterator[tuple[int, Chunk]]) -> PlanReport:
         """The stored plan when ``chunks`` (the new audience, scanned) is the audience it was
@@ -760,7 +772,7 @@ class Planner:
         unseen = admit.unseen if admit.kept else set()
         return total, admit.accepted, admit.cost_units, unseen, dedup.deferred
 
-    def _report(self, manifest: Manifest, *, existing: bool) -> PlanReport:
+    def _report(self, manifest: Manifest, *, existing: bool, hints: Sequence[str] = ()) -> PlanReport:
         return PlanReport(
             campaign_id=manifest.campaign_id,
             total=manifest.total,
@@ -771,11 +783,36 @@ class Planner:
             prediction=manifest.prediction,
             rejected_file=manifest.rejected_file,
             existing=existing,
-            extra={k: getattr(manifest, k) for k in _REPORT_EXTRA},
+            extra={**{k: getattr(manifest, k) for k in _REPORT_EXTRA}, "hints": list(hints)},
         )
 
     def manifest(self, campaign_id: str) -> Manifest:
         return load_manifest(self._client, campaign_id)
+
+
+class _Tally:
+    """Counts ``Chunk.national`` over the chunks passing through :meth:`count`."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def count(self, chunks: Iterator[tuple[int, Chunk]]) -> Iterator[tuple[int, Chunk]]:
+        for base, chunk in chunks:
+            self.n += chunk.national
+            yield base, chunk
+
+
+def _hints(national: int, region: str | None) -> list[str]:
+    """What the operator can do about the rejections (the report's ``hints``)."""
+    if not national:
+        return []
+    numbers = f"{national:,} number{'s were' if national != 1 else ' was'} not in international format"
+    if region is None:
+        return [
+            f'{numbers}; set region = "XX" in the campaign (XX: the ISO 3166 code of their country, e.g. US or '
+            "GB), a region column per recipient, or pass --region, to read national numbers"
+        ]
+    return [f"{numbers} and had a region/country value that is not an ISO 3166 alpha-2 code (e.g. GB)"]
 
 
 def _absolute(rejects: list[Rejection], base: int) -> list[Rejection]:

@@ -12,9 +12,14 @@ plan when the watermark itself is older than the policy allows.
 Quiet hours: each recipient gets a *not-before* instant, the earliest instant at or after the
 campaign start when their local wall-clock time is inside the allowed window (default
 08:00-21:00). Nobody is dropped for being outside the window, only scheduled later. Timezone
-choice, documented: a recipient whose timezone is empty or not a known IANA name gets the
-campaign's ``default_timezone`` when one is configured, and is rejected as
-``unknown_timezone`` otherwise (guessing a timezone could text someone at 03:00).
+choice, documented: a recipient *without* a timezone gets the campaign's ``default_timezone``
+when one is configured, and is rejected as ``unknown_timezone`` otherwise; a recipient whose
+timezone is given but is not a known IANA name (``Mars/Olympus``, ``America/New_Yrok``) is
+rejected as ``unknown_timezone`` even when a default exists: the source said where they are and
+we cannot read it, so the default would be a guess, and quiet hours are a compliance matter
+(TCPA: no texts before 08:00 or after 21:00 *recipient* local time); a typo'd zone sent at the
+default zone's 09:00 could be 03:00 where the recipient is. The count by reason in the plan
+report says how many, and the rejected file which rows.
 """
 
 from __future__ import annotations
@@ -252,11 +257,13 @@ class QuietHoursPlanner:
     _cache: dict[str, datetime | Reason] = field(default_factory=dict, init=False, repr=False)
 
     def not_before(self, timezone_name: str | None) -> datetime | Reason:
-        """The recipient's not-before instant (UTC), or ``Reason.UNKNOWN_TIMEZONE``."""
+        """The recipient's not-before instant (UTC), or ``Reason.UNKNOWN_TIMEZONE`` (a name that is
+        not an IANA zone, or none and no default: see the module docstring)."""
         key = timezone_name or ""
         found = self._cache.get(key)
         if found is None:
-            tz = resolve_timezone(timezone_name, self.default_timezone)
+            name = key.strip()  # surrounding spaces are not part of a name; all spaces is none
+            tz = resolve_timezone(name) if name else self.default_timezone
             found = Reason.UNKNOWN_TIMEZONE if tz is None else next_allowed(self.start_utc, tz, self.window)
             if len(self._cache) < _MAX_ZONE_CACHE:  # garbage names must not grow memory
                 self._cache[key] = found
