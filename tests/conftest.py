@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio as aredis
+from test_api_support import api_settings
 
 from dispatch.config import Settings, load_settings
 from dispatch.store.connect import with_db
@@ -96,3 +97,26 @@ def cluster_settings(redis_url: str, tmp_path: Path) -> Iterator[Settings]:
     finally:
         broker_db.flushdb()
         broker_db.close()
+
+
+# --- the API beside real workers (tests/test_api_triggered*.py) --------------------------------
+
+
+@pytest.fixture
+def e2e_settings(redis_url: str, tmp_path: Path) -> Iterator[Settings]:
+    """API settings on the test server with the broker in db 1 (flushed before and after)."""
+    broker_db = redis.Redis.from_url(with_db(redis_url, 1))
+    broker_db.flushdb()
+    yield api_settings(redis_url, tmp_path, DISPATCH_HEARTBEAT_TIMEOUT_MS="3000")
+    broker_db.flushdb()
+    broker_db.close()
+
+
+@pytest.fixture
+async def clients(e2e_settings: Settings) -> AsyncIterator[tuple[aredis.Redis, redis.Redis]]:
+    assert e2e_settings.redis_url is not None
+    app_client = aredis.Redis.from_url(e2e_settings.redis_url)
+    sync_client = redis.Redis.from_url(e2e_settings.redis_url)
+    yield app_client, sync_client
+    sync_client.close()
+    await app_client.aclose()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -330,25 +329,6 @@ async def test_the_sweep_recovers_a_crash_between_seal_and_enqueue_and_orphaned_
 
 
 # --- real workers ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def e2e_settings(redis_url: str, tmp_path: Path) -> Iterator[Settings]:
-    broker_db = redis.Redis.from_url(with_db(redis_url, 1))
-    broker_db.flushdb()
-    yield api_settings(redis_url, tmp_path, DISPATCH_HEARTBEAT_TIMEOUT_MS="3000")
-    broker_db.flushdb()
-    broker_db.close()
-
-
-@pytest.fixture
-async def clients(e2e_settings: Settings) -> AsyncIterator[tuple[aredis.Redis, redis.Redis]]:
-    assert e2e_settings.redis_url is not None
-    app_client = aredis.Redis.from_url(e2e_settings.redis_url)
-    sync_client = redis.Redis.from_url(e2e_settings.redis_url)
-    yield app_client, sync_client
-    sync_client.close()
-    await app_client.aclose()
 
 
 async def test_workers_deliver_micro_batched_messages_exactly_once(

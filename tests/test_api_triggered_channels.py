@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,7 +17,7 @@ import redis
 import redis.asyncio as aredis
 import yarl
 from aiohttp import web
-from test_api_support import Api, api_settings, running_api
+from test_api_support import Api, running_api
 
 from channels import default_registry
 from dispatch.api.client import DispatchClient
@@ -41,25 +39,6 @@ CHANNELS: dict[str, tuple[str, str, str]] = {
 }
 #: Response headers of a twin the adapters read.
 _KEPT_HEADERS = ("Content-Type", "X-Message-Id", "Retry-After")
-
-
-@pytest.fixture
-def settings(redis_url: str, tmp_path: Path) -> Iterator[Settings]:
-    broker_db = redis.Redis.from_url(with_db(redis_url, 1))
-    broker_db.flushdb()
-    yield api_settings(redis_url, tmp_path, DISPATCH_HEARTBEAT_TIMEOUT_MS="3000")
-    broker_db.flushdb()
-    broker_db.close()
-
-
-@pytest.fixture
-async def clients(settings: Settings) -> AsyncIterator[tuple[aredis.Redis, redis.Redis]]:
-    assert settings.redis_url is not None
-    app_client = aredis.Redis.from_url(settings.redis_url)
-    sync_client = redis.Redis.from_url(settings.redis_url)
-    yield app_client, sync_client
-    sync_client.close()
-    await app_client.aclose()
 
 
 def test_triggered_messages_take_every_channel_that_has_a_provider() -> None:
@@ -127,26 +106,26 @@ async def _wait_sent(api: Api, message_ids: list[str], timeout_s: float = 60.0) 
 
 @pytest.mark.parametrize("channel", sorted(CHANNELS))
 async def test_triggered_messages_reach_each_channels_provider_exactly_once(
-    settings: Settings, clients: tuple[aredis.Redis, redis.Redis], channel: str
+    e2e_settings: Settings, clients: tuple[aredis.Redis, redis.Redis], channel: str
 ) -> None:
-    assert settings.redis_url is not None
+    assert e2e_settings.redis_url is not None
     app_client, sync_client = clients
     address, setting, path = CHANNELS[channel][0], CHANNELS[channel][1], CHANNELS[channel][2]
-    broker = build_broker(settings, with_db(settings.redis_url, settings.broker_db))
+    broker = build_broker(e2e_settings, with_db(e2e_settings.redis_url, e2e_settings.broker_db))
     now = time.time()  # the API's clock: the per-hour triggered campaign cannot roll over mid-test
     try:
         async with (
             aiohttp.ClientSession() as session,
             RecordingServer(forwarder := Forwarder(session)) as provider,
             running_api(
-                settings,
+                e2e_settings,
                 app_client,
                 sync_client,
                 enqueue=lambda c, n, d: enqueue_batch(broker, c, n, d),
                 clock=lambda: now,
             ) as api,
         ):
-            with LocalCluster(settings, workers=1, worker_env={setting: provider.url + path}) as cluster:
+            with LocalCluster(e2e_settings, workers=1, worker_env={setting: provider.url + path}) as cluster:
                 forwarder.target = cluster.mock_url
                 sent = await asyncio.gather(
                     *(
@@ -186,7 +165,7 @@ async def test_triggered_messages_reach_each_channels_provider_exactly_once(
 
 
 async def test_channel_limits_of_triggered_messages_are_422_with_field_errors(
-    settings: Settings, clients: tuple[aredis.Redis, redis.Redis]
+    e2e_settings: Settings, clients: tuple[aredis.Redis, redis.Redis]
 ) -> None:
     app_client, sync_client = clients
     now = time.time()  # the API's clock: the per-hour triggered campaign cannot roll over mid-test
@@ -207,7 +186,7 @@ async def test_channel_limits_of_triggered_messages_are_422_with_field_errors(
         "push over 4,096 bytes": ({"channel": "push", "to": "fcm-" + "a" * 80, "body": "é" * 2049}, "body"),
         "a channel without a provider": ({"channel": "wechat", "to": "o" * 28, "body": "Hi"}, "channel"),
     }
-    async with running_api(settings, app_client, sync_client, clock=lambda: now) as api:
+    async with running_api(e2e_settings, app_client, sync_client, clock=lambda: now) as api:
         answers = {
             case: await api.call("POST", "/v1/messages", json=body, headers={"Idempotency-Key": f"case-{n}"})
             for n, (case, (body, _)) in enumerate(refused.items())

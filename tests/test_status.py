@@ -326,3 +326,37 @@ def test_cancel_mid_send_keeps_the_counters_adding_up(cluster_settings: Settings
     assert outcomes.count("sent") == sent and outcomes.count("failed") == failed
     assert len(outcomes) - sent - failed == cancelled["not_sent"]
     assert stats["accepted"] == sent and stats["duplicates"] == 0
+
+
+# --- the machine's measured speed against the plan's (issue 19) ---------------------------------
+
+
+def test_status_reports_the_plans_speed_factor_and_the_workers_now(redis_client: redis.Redis, tmp_path: Path) -> None:
+    from dispatch.plan.calibration import REFERENCE_PROBE_US, FleetSpeed, Speed
+
+    settings = load_settings({"DISPATCH_HOME": str(tmp_path), "DISPATCH_BATCH_SIZE": "50"})
+    spec = CampaignSpec(id="st-speed", channel="sms", body="Hi $first_name")
+    # a plan big enough that the machine's speed moves its finish: the planner asks for the factor
+    Planner(redis_client, settings, speed=lambda: Speed(1.2, 192.0, "workers", 1)).plan(
+        spec, generate_rows(5000, seed=5)
+    )
+    control = CampaignControl(redis_client, lambda *_: None, clock=Clock(1_000_000.0))
+    assert control.status("st-speed").speed_factor_plan == 1.2
+    control.start("st-speed")
+    assert control.status("st-speed").speed_factor_now is None  # no worker has measured yet
+    FleetSpeed(redis_client).publish("w-1", REFERENCE_PROBE_US * 1.8)
+    redis_client.set(keys.worker_alive("w-1"), b"1", px=60_000)
+    status = control.status("st-speed")
+    assert status.speed_factor_now == pytest.approx(1.8) and status.speed_change == pytest.approx(0.5)
+    body = status.as_dict()
+    assert (body["speed_factor_plan"], body["speed_factor_now"]) == (1.2, 1.8)
+    assert "this machine 50% slower than when the campaign was planned (speed factor 1.20 -> 1.80)" in render(
+        body, zone=ZoneInfo("UTC")
+    )
+
+
+def test_render_is_silent_about_a_speed_change_within_20_percent() -> None:
+    text = render(_body(speed_factor_plan=1.2, speed_factor_now=1.3), zone=ZoneInfo("UTC"))
+    assert "measure this machine" not in text
+    faster = render(_body(speed_factor_plan=2.0, speed_factor_now=1.0), zone=ZoneInfo("UTC"))
+    assert "measure this machine 50% faster" in faster

@@ -206,6 +206,12 @@ class CampaignStatus(_Body):
     started_at: float | None
     ended_at: float | None = Field(description="when the campaign completed or was cancelled (epoch seconds)")
     as_of: float = Field(description="when this status was read (epoch seconds)")
+    speed_factor_plan: float | None = Field(
+        default=None, description="the machine-speed factor the plan's prediction used (> 1: slower)"
+    )
+    speed_factor_now: float | None = Field(
+        default=None, description="the live workers' median machine-speed factor now (None: not measured)"
+    )
     verdict: Verdict
     prediction: Prediction
 

@@ -145,6 +145,14 @@ def render(status: Mapping[str, Any], *, zone: tzinfo, width: int = 40) -> str:
                 lines.append(f"          running {off:.0%} slower than predicted")
             elif off < -SLOWER_SHOWN:
                 lines.append(f"          running {-off:.0%} faster than predicted")
+        plan_factor, now_factor = status.get("speed_factor_plan"), status.get("speed_factor_now")
+        if plan_factor and now_factor and abs(now_factor / plan_factor - 1.0) > SLOWER_SHOWN:
+            change = now_factor / plan_factor - 1.0
+            word = "slower" if change > 0 else "faster"
+            lines.append(
+                f"          the workers measure this machine {abs(change):.0%} {word} than when the campaign was "
+                f"planned (speed factor {plan_factor:.2f} -> {now_factor:.2f})"
+            )
     if status.get("deadline") is not None:
         lines.append(f"deadline  {_when(status['deadline'], zone)}")
     return "\n".join(lines)

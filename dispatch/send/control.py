@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, cast
 
 import redis
 
 from dispatch.errors import CampaignStateError, ConfigError
+from dispatch.plan.calibration import FleetSpeed, speed_factor
 from dispatch.plan.snapshot import extend_retention, load_manifest
 from dispatch.send.tracking import campaign_counters
 from dispatch.store import keys
@@ -113,6 +115,18 @@ class CampaignStatus:
     ended_at: float | None = None
     #: When this status was read (epoch seconds).
     as_of: float = 0.0
+    #: The machine-speed factor the plan's prediction used, and the live workers' median now
+    #: (:mod:`dispatch.plan.calibration`; > 1: slower than the reference machine). None: unknown.
+    speed_factor_plan: float | None = None
+    speed_factor_now: float | None = None
+
+    @property
+    def speed_change(self) -> float | None:
+        """How much slower (> 0) or faster (< 0) the workers measure the machine now than the plan
+        did, as a share (0.3: 30% slower); None when either figure is unknown."""
+        if not self.speed_factor_plan or not self.speed_factor_now:
+            return None
+        return self.speed_factor_now / self.speed_factor_plan - 1.0
 
     @property
     def complete(self) -> bool:
@@ -131,7 +145,7 @@ class CampaignStatus:
 
     def with_accepted(self, accepted: int) -> CampaignStatus:
         """The same status for another accepted count (a triggered campaign counts its own)."""
-        return _compose(
+        composed = _compose(
             campaign_id=self.campaign_id,
             state=self.state,
             accepted=accepted,
@@ -145,6 +159,7 @@ class CampaignStatus:
             ended_at=self.ended_at,
             as_of=self.as_of,
         )
+        return replace(composed, speed_factor_plan=self.speed_factor_plan, speed_factor_now=self.speed_factor_now)
 
     def as_dict(self) -> dict[str, Any]:
         def rounded(value: float | None, digits: int) -> float | None:
@@ -170,6 +185,8 @@ class CampaignStatus:
             "started_at": self.started_at,
             "ended_at": self.ended_at,
             "as_of": round(self.as_of, 3),
+            "speed_factor_plan": rounded(self.speed_factor_plan, 3),
+            "speed_factor_now": rounded(self.speed_factor_now, 3),
         }
 
 
@@ -380,7 +397,7 @@ class CampaignControl:
             )
             live = live_rate([_parse_sample(item) for item in raw], now, outcomes)
         rate_raw = control.get(b"rate")
-        return _compose(
+        composed = _compose(
             campaign_id=campaign_id,
             state=state,
             accepted=accepted,
@@ -393,6 +410,16 @@ class CampaignControl:
             started_at=started,
             ended_at=ended,
             as_of=now,
+        )
+        plan_factor = (manifest.prediction or {}).get("speed_factor")
+        now_factor = None
+        if state in {"running", "paused"}:  # what the workers measure while they send
+            figures = list(FleetSpeed(self._client).live().values())
+            now_factor = speed_factor(statistics.median(figures)) if figures else None
+        return replace(
+            composed,
+            speed_factor_plan=float(plan_factor) if plan_factor else None,
+            speed_factor_now=now_factor,
         )
 
 

@@ -737,9 +737,8 @@ class SendMode(Protocol):
     async def close(self, ctx: SendContext, items: list[Item]) -> None: ...
 
 
-class PerMessageMode:
-    """Per-message channels: one record per message, claimed before the send; confirmations are
-    buffered and written ``TRACK_FLUSH`` at a time."""
+class _ModeBase:
+    """What both send modes know of their run: the tracker, this worker, the batch and its channel."""
 
     def __init__(self, tracker: Tracker, owner: str, campaign_id: str, batch: int, channel: Channel) -> None:
         self._tracker = tracker
@@ -747,6 +746,14 @@ class PerMessageMode:
         self._campaign_id = campaign_id
         self._batch = batch
         self._channel = channel
+
+
+class PerMessageMode(_ModeBase):
+    """Per-message channels: one record per message, claimed before the send; confirmations are
+    buffered and written ``TRACK_FLUSH`` at a time."""
+
+    def __init__(self, tracker: Tracker, owner: str, campaign_id: str, batch: int, channel: Channel) -> None:
+        super().__init__(tracker, owner, campaign_id, batch, channel)
         self._buffer: list[Outcome] = []
 
     async def claim(self, rows: list[Any]) -> _Claimed | None:
@@ -785,16 +792,12 @@ class PerMessageMode:
             await self._tracker.finish(self._campaign_id, self._batch, self._owner, taken)
 
 
-class GroupedMode:
+class GroupedMode(_ModeBase):
     """Batch channels: one group record for the messages without a record of their own, confirmed
     once for the whole run (the group's outcome, and the exceptions)."""
 
     def __init__(self, tracker: Tracker, owner: str, campaign_id: str, batch: int, channel: Channel) -> None:
-        self._tracker = tracker
-        self._owner = owner
-        self._campaign_id = campaign_id
-        self._batch = batch
-        self._channel = channel
+        super().__init__(tracker, owner, campaign_id, batch, channel)
         self._lost: list[Outcome] = []
 
     async def claim(self, rows: list[Any]) -> _Claimed | None:
