@@ -228,6 +228,9 @@ def _absolute_home(home: Path) -> Path:
     return Path(os.path.abspath(home.expanduser()))
 
 
+#: The mock provider's (and demo's) Twilio auth token: public, so it verifies no receipt.
+DEMO_SMS_AUTH_TOKEN: Final = "dispatch-demo-token"
+
 #: Longest suppression key: BLAKE2b takes keys of at most 64 bytes.
 _MAX_SUPPRESSION_KEY_BYTES: Final = 64
 
@@ -287,7 +290,7 @@ class Settings:
         default="http://127.0.0.1:8099", description="Twilio API base URL (or the mock provider's)"
     )
     sms_account_sid: str = Field(default="AC00000000000000000000000000000000", description="Twilio account SID")
-    sms_auth_token: Secret = Field(default=Secret("dispatch-demo-token"), description="Twilio auth token")
+    sms_auth_token: Secret = Field(default=Secret(DEMO_SMS_AUTH_TOKEN), description="Twilio auth token")
     sms_from: str = Field(default="+15005550006", description="sender number (E.164)")
     sms_rate: float = Field(default=0.0, ge=0, description="SMS segments per second for the account; 0 = unlimited")
     sms_honours_idempotency: bool = Field(

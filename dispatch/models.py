@@ -10,6 +10,7 @@ module holds what the models share: :func:`field_errors`, which turns a ``Valida
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
 from pydantic import ValidationError
@@ -57,37 +58,37 @@ def _n(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+def _items(ctx: dict[str, Any]) -> str:
+    return "fields" if ctx.get("field_type") == "Dictionary" else "items"
+
+
+#: Our wording of pydantic's error types (their ``ctx`` filled in); others keep pydantic's message.
+_REASONS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "missing": lambda ctx: "required",
+    "extra_forbidden": lambda ctx: "unknown field",
+    "literal_error": lambda ctx: (
+        "expected one of " + str(ctx.get("expected", "")).replace("'", "").replace(" or ", ", ")
+    ),
+    "string_too_short": lambda ctx: f"shorter than {ctx['min_length']} characters",
+    "string_too_long": lambda ctx: f"longer than {ctx['max_length']} characters",
+    "string_pattern_mismatch": lambda ctx: f"does not match {ctx['pattern']}",
+    "greater_than": lambda ctx: f"must be greater than {_n(ctx['gt'])}",
+    "greater_than_equal": lambda ctx: f"less than {_n(ctx['ge'])}",
+    "less_than_equal": lambda ctx: f"greater than {_n(ctx['le'])}",
+    "too_short": lambda ctx: f"fewer than {ctx['min_length']} {_items(ctx)}",
+    "too_long": lambda ctx: f"more than {ctx['max_length']} {_items(ctx)}",
+    "finite_number": lambda ctx: "expected a finite number",
+}
+_REASONS["enum"] = _REASONS["literal_error"]
+
+
 def _reason(error: ErrorDetails) -> str:
     kind = error["type"]
     ctx: dict[str, Any] = dict(error.get("ctx") or {})
-    if kind == "missing":
-        return "required"
-    if kind == "extra_forbidden":
-        return "unknown field"
     if kind in _EXPECTED:
         return f"expected {_EXPECTED[kind]}"
-    if kind in {"literal_error", "enum"}:
-        expected = str(ctx.get("expected", "")).replace("'", "").replace(" or ", ", ")
-        return f"expected one of {expected}"
-    if kind == "string_too_short":
-        return f"shorter than {ctx['min_length']} characters"
-    if kind == "string_too_long":
-        return f"longer than {ctx['max_length']} characters"
-    if kind == "string_pattern_mismatch":
-        return f"does not match {ctx['pattern']}"
-    if kind == "greater_than":
-        return f"must be greater than {_n(ctx['gt'])}"
-    if kind == "greater_than_equal":
-        return f"less than {_n(ctx['ge'])}"
-    if kind == "less_than_equal":
-        return f"greater than {_n(ctx['le'])}"
-    if kind == "too_short":
-        return f"fewer than {ctx['min_length']} {'fields' if ctx.get('field_type') == 'Dictionary' else 'items'}"
-    if kind == "too_long":
-        return f"more than {ctx['max_length']} {'fields' if ctx.get('field_type') == 'Dictionary' else 'items'}"
-    if kind == "finite_number":
-        return "expected a finite number"
-    return str(error["msg"])
+    reason = _REASONS.get(kind)
+    return reason(ctx) if reason is not None else str(error["msg"])
 
 
 def field_errors(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:

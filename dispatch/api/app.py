@@ -218,8 +218,10 @@ def _origin_text(source: str | None) -> str:
 
 
 def _existing_plan(deps: _Deps, spec: CampaignSpec, source: str | None = None) -> PlanReport | None:
-    """The stored plan when this id was planned with this spec and audience origin (``source``:
-    the configured source's name, None for an audience in the request); 409 when with another."""
+    """409 when this id was planned with another spec or audience origin (``source``: the
+    configured source's name, None for an audience in the request). The stored plan for the same
+    source, which is not read again; None otherwise (an uploaded audience is planned again, and
+    the planner answers the stored plan only for the same audience)."""
     pipe = deps.sync.pipeline(transaction=False)
     pipe.get(keys.manifest(spec.id))
     pipe.get(origin_key(spec.id))
@@ -237,6 +239,8 @@ def _existing_plan(deps: _Deps, spec: CampaignSpec, source: str | None = None) -
             "use a new id",
             slug="conflict",
         )
+    if source is None:
+        return None
     return Planner.for_settings(deps.sync, deps.settings).stored_plan(spec)  # the stored plan, reads nothing
 
 
@@ -326,7 +330,7 @@ async def create_campaign(request: web.Request) -> web.StreamResponse:
                 errors=[FieldError("audience.source", f"no configured source named {name!r} (configured: {known})")],
             )
         existing = await deps.io(_existing_plan, deps, spec, name)
-        if existing is not None and name is not None:  # a source's plan stands; it is not read again
+        if existing is not None:  # a source's plan stands; it is not read again
             return _json(_report_body(existing), 200, {"Location": f"/v1/campaigns/{spec.id}"})
         if name is not None:
             return await _run_plan(deps, _plan_source, deps, spec, name)
@@ -339,9 +343,7 @@ async def create_campaign(request: web.Request) -> web.StreamResponse:
     if not isinstance(part, BodyPartReader) or part.name != "spec":
         raise ApiProblem(422, "the first part must be 'spec'", errors=[FieldError("spec", "required")])
     spec = parse(CampaignSpec, _loads(await _read_part(part, deps.limits.spec_bytes)), "spec")
-    # An id planned before with this spec: the upload is read again and compared with the stored
-    # plan (the planner answers the stored plan for the same audience, 409 for another one).
-    await deps.io(_existing_plan, deps, spec)
+    await deps.io(_existing_plan, deps, spec)  # 409s only: the upload is read and compared
     part = await reader.next()
     if not isinstance(part, BodyPartReader) or part.name != "audience":
         raise ApiProblem(422, "the second part must be 'audience'", errors=[FieldError("audience", "required")])

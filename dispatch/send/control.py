@@ -303,7 +303,7 @@ class CampaignControl:
 
         Idempotent; any worker may call it. Returns False while the campaign is not finished.
         """
-        status = self.status(campaign_id)
+        status = self.status(campaign_id, speed=False)
         if not status.complete and status.state != "cancelled":
             return False
         control = keys.control(campaign_id)
@@ -362,10 +362,11 @@ class CampaignControl:
         self._client.hset(keys.control(campaign_id), "state", target)
         return True
 
-    def status(self, campaign_id: str) -> CampaignStatus:
+    def status(self, campaign_id: str, *, speed: bool = True) -> CampaignStatus:
         """The campaign's progress now. While it runs (or is paused) this also adds a sample to
         its progress ring, at most one every :data:`SAMPLE_EVERY_S` whoever reads: the workers'
-        gauges (every few seconds each) and status readers keep the live rate fed."""
+        gauges (every few seconds each) and status readers keep the live rate fed. ``speed``: also
+        read the workers' machine-speed figures (``speed_factor_now``; for people, not gauges)."""
         manifest = load_manifest(self._client, campaign_id)
         control: dict[bytes, bytes] = self._client.hgetall(keys.control(campaign_id))  # type: ignore[assignment]
         counters = campaign_counters(self._client, campaign_id)
@@ -413,7 +414,7 @@ class CampaignControl:
         )
         plan_factor = (manifest.prediction or {}).get("speed_factor")
         now_factor = None
-        if state in {"running", "paused"}:  # what the workers measure while they send
+        if speed and state in {"running", "paused"}:  # what the workers measure while they send
             figures = list(FleetSpeed(self._client).live().values())
             now_factor = speed_factor(statistics.median(figures)) if figures else None
         return replace(

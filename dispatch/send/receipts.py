@@ -18,13 +18,12 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
 
 import redis.asyncio as aredis
 from aiohttp import web
 
 from channels.receipts import OnReceipts, Receipt, RedisReplayGuard, ReplayGuard, receipt_routes
-from dispatch.config import Settings
+from dispatch.config import DEMO_SMS_AUTH_TOKEN, Settings
 from dispatch.send.tracking import Tracker, parse_ref
 from monitoring.metrics import Metrics
 
@@ -34,9 +33,6 @@ log = logging.getLogger(__name__)
 
 #: Receipt statuses that end a message's life at the provider (others, like "sent", are progress).
 FINAL_STATUSES = frozenset({"delivered", "failed", "bounced"})
-
-#: The SMS auth token ``Settings`` defaults to: public, for the demo and the mock provider only.
-DEMO_SMS_AUTH_TOKEN: Final[str] = Settings().sms_auth_token.reveal()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -283,7 +283,7 @@ class WorkerRuntime:
             future.result(timeout=5)
         now = time.time()
         for campaign_id, seen in list(self.engine.seen.items()):
-            status = self._control.status(campaign_id)
+            status = self._control.status(campaign_id, speed=False)
             if status.complete or status.state == "cancelled" or now - seen > CAMPAIGN_IDLE_S:
                 if status.complete or status.state == "cancelled":
                     self._control.finalize(campaign_id, self.settings.retention_s)
