@@ -495,10 +495,10 @@ async def test_a_client_campaign_cannot_take_over_the_triggered_campaign(
                 )
                 assert sent.status == 202, sent.body
                 await api.flush()
-                deadline = time.monotonic() + 45
+                deadline = time.monotonic() + 60  # until the send is confirmed (queued/sending are on the way)
                 while time.monotonic() < deadline:
                     record = (await api.call("GET", f"/v1/messages/{sent.json['message_id']}", token="read")).json
-                    if record["state"] != "pending":
+                    if record["state"] not in {"pending", "queued", "sending"}:
                         break
                     await asyncio.sleep(0.2)
                 await asyncio.to_thread(cluster.wait_drained)  # anything else would have been sent by then
