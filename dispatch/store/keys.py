@@ -18,6 +18,8 @@ __all__ = [
     "control",
     "counters",
     "dead_letters",
+    "engagement",
+    "engagement_counters",
     "is_triggered",
     "manifest",
     "progress",
@@ -68,6 +70,16 @@ def counters(cid: str) -> str:
 
 def control(cid: str) -> str:
     return f"{PREFIX}:{{{cid}}}:control"
+
+
+def engagement(cid: str, n: int) -> str:
+    """Hash of batch ``n``'s engagement: field ``<index>.<event>`` -> first time (epoch ms)."""
+    return f"{PREFIX}:{{{cid}}}:e:{n}"
+
+
+def engagement_counters(cid: str) -> str:
+    """Hash of a campaign's engagement counts: event -> messages with that event (each once)."""
+    return f"{PREFIX}:{{{cid}}}:engagement"
 
 
 def dead_letters(cid: str) -> str:
