@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 
 from channels.base import Retryable
-from channels.errors import ProviderConnectionError, ProviderTimeout, RetryableProviderError
+from channels.errors import ProviderConnectionError, ProviderTimeout, ProviderUnreachable, RetryableProviderError
 
 __all__ = ["json_or_none", "parse_retry_after", "retryable_from", "translate_errors"]
 
@@ -31,6 +31,10 @@ def translate_errors(provider: str) -> Iterator[None]:
     """
     try:
         yield
+    except aiohttp.ConnectionTimeoutError as exc:  # no connection in time: nothing was sent
+        raise ProviderUnreachable(f"{provider}: no connection in time") from exc
+    except aiohttp.ClientConnectorError as exc:  # refused, unreachable: nothing was sent
+        raise ProviderUnreachable(f"{provider}: connection failed ({type(exc).__name__})") from exc
     except TimeoutError as exc:  # aiohttp's ServerTimeoutError too
         raise ProviderTimeout(f"{provider}: no answer in time") from exc
     except aiohttp.ClientConnectionError as exc:  # refused, reset, disconnected
@@ -46,7 +50,7 @@ def retryable_from(ref: str, exc: RetryableProviderError) -> Retryable:
     provider: ``ambiguous`` tells the caller a resend without an honoured idempotency key may
     duplicate.
     """
-    ambiguous = isinstance(exc, ProviderTimeout | ProviderConnectionError)
+    ambiguous = isinstance(exc, ProviderTimeout | ProviderConnectionError) and not isinstance(exc, ProviderUnreachable)
     return Retryable(ref, str(exc), status=exc.status, retry_after=exc.retry_after, ambiguous=ambiguous)
 
 

@@ -16,7 +16,20 @@ from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-__all__ = ["Channel", "Message", "Permanent", "Result", "Retryable", "Sent", "send_each"]
+__all__ = [
+    "Channel",
+    "Found",
+    "InFlight",
+    "LookupResult",
+    "Message",
+    "NotFound",
+    "Permanent",
+    "Result",
+    "Retryable",
+    "Sent",
+    "Undecided",
+    "send_each",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,6 +85,47 @@ class Permanent:
 Result = Sent | Retryable | Permanent
 
 
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """A request whose fate is in doubt: it was issued, and no answer about it was recorded."""
+
+    #: Our opaque ref (campaign.batch.index).
+    ref: str
+    address: str
+    #: The rendered body as it was sent.
+    body: str
+    subject: str | None
+    idempotency_key: str
+    #: When the request was issued (epoch seconds).
+    issued_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """The provider has the message: it was sent."""
+
+    ref: str
+    provider_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class NotFound:
+    """The provider has no record of the message: it is safe to send again."""
+
+    ref: str
+
+
+@dataclass(frozen=True, slots=True)
+class Undecided:
+    """The provider cannot tell (no lookup API, the lookup failed, its records may lag)."""
+
+    ref: str
+    reason: str
+
+
+LookupResult = Found | NotFound | Undecided
+
+
 async def send_each(requests: Iterable[Awaitable[Result]]) -> list[Result]:
     """Run one request per message concurrently, for per-message APIs.
 
@@ -117,6 +171,14 @@ class Channel(ABC):
         Raises ``ProviderError`` subclasses only for failures of the call as a whole that the
         channel could not attribute to messages.
         """
+
+    #: Whether :meth:`lookup` asks the provider (False: it answers ``Undecided`` for everything).
+    can_lookup: bool = False
+
+    async def lookup(self, messages: Sequence[InFlight]) -> list[LookupResult]:
+        """Ask the provider whether requests in doubt reached it; one result per message, in
+        order. Default: the provider has no lookup API."""
+        return [Undecided(m.ref, "no lookup API") for m in messages]
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources the channel owns (not a shared HTTP session)."""

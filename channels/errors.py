@@ -30,6 +30,7 @@ __all__ = [
     "ProviderError",
     "ProviderRateLimited",
     "ProviderTimeout",
+    "ProviderUnreachable",
     "RetryableProviderError",
     "UnknownChannel",
 ]
@@ -85,6 +86,10 @@ class ProviderTimeout(RetryableProviderError):
 
 class ProviderConnectionError(RetryableProviderError):
     """The connection failed or was reset."""
+
+
+class ProviderUnreachable(ProviderConnectionError):
+    """The connection could not be opened: the request never left, so it cannot have been accepted."""
 
 
 class ProviderRateLimited(RetryableProviderError):

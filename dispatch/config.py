@@ -68,6 +68,7 @@ from dispatch.errors import ConfigError
 
 __all__ = [
     "DEFAULT_HOME",
+    "IN_DOUBT_ACTIONS",
     "SOURCE_NAME_PATTERN",
     "AudienceSource",
     "AudienceSources",
@@ -77,6 +78,7 @@ __all__ = [
     "Settings",
     "default_home",
     "describe_settings",
+    "in_doubt_policies",
     "load_settings",
 ]
 
@@ -285,6 +287,19 @@ class Settings:
         le=10_000,
         description="recipients per batch (one broker message) of per-message APIs; batch APIs: their limit",
     )
+    in_doubt: str = Field(
+        default="hold",
+        description="what happens to a message whose request may have reached a provider that cannot tell "
+        "(no lookup API, or no answer within in_doubt_wait_s): hold (dead-lettered as in_doubt for an operator), "
+        "resend (risk a duplicate) or drop (risk a miss); one value, or per provider: twilio=hold,fcm=resend,*=hold",
+    )
+    in_doubt_wait_s: float = Field(
+        default=120.0,
+        ge=0,
+        le=86400,
+        description="seconds a message in doubt waits for evidence (a provider lookup that failed, a delivery receipt) "
+        "before the in_doubt policy decides",
+    )
     max_attempts: int = Field(default=5, ge=1, le=50, description="provider attempts per message before dead-lettering")
     sms_base_url: str = Field(
         default="http://127.0.0.1:8099", description="Twilio API base URL (or the mock provider's)"
@@ -294,7 +309,9 @@ class Settings:
     sms_from: str = Field(default="+15005550006", description="sender number (E.164)")
     sms_rate: float = Field(default=0.0, ge=0, description="SMS segments per second for the account; 0 = unlimited")
     sms_honours_idempotency: bool = Field(
-        default=True, description="the SMS endpoint honours Idempotency-Key (the mock does; real Twilio does not)"
+        default=False,
+        description="the SMS endpoint honours Idempotency-Key (real Twilio does not: a message in doubt is looked up "
+        "in Twilio's Messages list before it is sent again; true only for a proxy that deduplicates)",
     )
     email_base_url: str = Field(
         default="http://127.0.0.1:8099", description="SendGrid API base URL (or the mock provider's)"
@@ -417,6 +434,7 @@ class Settings:
 
     @model_validator(mode="after")
     def _check_together(self) -> Settings:
+        in_doubt_policies(self.in_doubt)
         if len(self.suppression_key.reveal().encode()) > _MAX_SUPPRESSION_KEY_BYTES:
             raise ConfigError(
                 "DISPATCH_SUPPRESSION_KEY",
@@ -607,3 +625,27 @@ def describe_settings() -> list[tuple[str, str, str]]:
         return str(value)
 
     return [(_env_name(name), shown(info.default), str(info.description)) for name, info in _FIELDS.items()]
+
+
+#: What may happen to a message in doubt (see ``Settings.in_doubt``).
+IN_DOUBT_ACTIONS: Final = ("hold", "resend", "drop")
+
+
+def in_doubt_policies(text: str) -> dict[str, str]:
+    """``Settings.in_doubt`` as provider -> action (``"*"``: every other provider)."""
+    policies: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        provider, sep, action = part.rpartition("=")
+        provider = provider.strip() if sep else "*"
+        action = action.strip()
+        if action not in IN_DOUBT_ACTIONS or not provider:
+            raise ConfigError(
+                "DISPATCH_IN_DOUBT",
+                f"{part!r} is not one of {', '.join(IN_DOUBT_ACTIONS)}",
+                "give one action, or provider=action pairs, e.g. twilio=hold,fcm=resend,*=hold",
+            )
+        policies[provider] = action
+    policies.setdefault("*", "hold")
+    return policies

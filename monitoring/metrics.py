@@ -284,6 +284,18 @@ class Metrics:
             ("provider", "reason"),
             registry=r,
         )
+        self._in_doubt = Counter(
+            "dispatch_in_doubt_total",
+            "Messages whose request was in doubt (issued, answer lost), by provider and how it was resolved "
+            "(journal, receipt, idempotent, found, not_found, waiting, held, resent, dropped).",
+            ("provider", "resolution"),
+            registry=r,
+        )
+        self._redis_restarts = Counter(
+            "dispatch_redis_restarts_total",
+            "Redis restarts a worker noticed (its run id changed) and re-asserted what it knew after.",
+            registry=r,
+        )
         self._planner_rejections = Counter(
             "dispatch_planner_rejections_total",
             "Audience rows the planner rejected, by reason.",
@@ -367,6 +379,18 @@ class Metrics:
                 raise LabelValueError("cause", f"must be one of {', '.join(RETRY_CAUSES)}")
             child = self._counter(self._retries, key, (_code("provider", provider), cause))
         child.inc(n)
+
+    def record_in_doubt(self, provider: str, resolution: str, n: int = 1) -> None:
+        """Count ``n`` messages in doubt at ``provider`` resolved as ``resolution``."""
+        self._counter(
+            self._in_doubt,
+            ("doubt", provider, resolution),
+            lambda: (_code("provider", provider), _code("resolution", resolution)),
+        ).inc(n)
+
+    def record_redis_restart(self) -> None:
+        """Count a Redis restart this process noticed."""
+        self._redis_restarts.inc()
 
     def record_dedup_hit(self, channel: str, n: int = 1) -> None:
         """Count ``n`` sends skipped by the idempotency-key check."""

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -89,3 +92,31 @@ def test_a_command_that_starts_the_embedded_server_says_so(
         stop_embedded(home)
     assert main(["redis", "status"]) == 1
     assert f"not running (DISPATCH_HOME={home})" in capsys.readouterr().out
+
+
+def test_embedded_server_killed_comes_back_on_its_port_with_its_data(tmp_path: Path) -> None:
+    """A crashed embedded server restarts on the same port: workers holding its URL reconnect on
+    their own; what it had written to its AOF is still there."""
+    server, _ = ensure_embedded(tmp_path)
+    try:
+        client = redis.Redis.from_url(server.url)
+        client.set("kept", b"1")
+        client.execute_command("BGREWRITEAOF")  # on disk now, whatever the fsync timing
+        _wait_until(lambda: client.info("persistence")["aof_rewrite_in_progress"] == 0)
+        client.close()
+        os.kill(server.pid, signal.SIGKILL)
+        _wait_until(lambda: find_embedded(tmp_path) is None)
+        again, started = ensure_embedded(tmp_path)
+        assert started and again.port == server.port and again.pid != server.pid
+        client = redis.Redis.from_url(server.url)  # the old URL
+        assert client.get("kept") == b"1"
+        client.close()
+    finally:
+        stop_embedded(tmp_path)
+
+
+def _wait_until(condition: Callable[[], bool], within_s: float = 30.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)

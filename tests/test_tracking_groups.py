@@ -33,7 +33,7 @@ from dispatch.send.tracking import (
     CLAIM_BUSY,
     CLAIM_DONE,
     CLAIM_FRESH,
-    CLAIM_RECLAIMED,
+    CLAIM_IN_DOUBT,
     GroupOutcome,
     Outcome,
     Tracker,
@@ -242,24 +242,42 @@ async def test_dead_workers_group_is_resent_with_the_same_key_when_honoured(rig:
     assert {pid.split(":")[0] for _, _, pid, _ in rig.records("g-crash").values()} == {"m2"}
 
 
-async def test_dead_workers_group_is_dead_lettered_when_keys_are_not_honoured(rig: Rig) -> None:
+async def test_dead_workers_issued_group_is_held_in_doubt_when_nothing_can_tell(rig: Rig) -> None:
+    """A group whose request was issued by a worker that died is in doubt; with no lookup, no
+    receipt and no honoured key, the default policy holds it for an operator (never resent)."""
     accepted = rig.plan("g-unknown", 12)
     claim = await rig.tracker.claim_group("g-unknown", 0, "gone", accepted)
     assert claim is not None
+    assert await rig.tracker.issue("g-unknown", 0, "gone", [("g", 0, "sendgrid")]) == [True]
     retaken = await rig.tracker.claim_group("g-unknown", 0, "probe", accepted)
-    assert retaken is not None and retaken.code == CLAIM_RECLAIMED  # "gone" has no liveness key
+    assert retaken is not None and retaken.code == CLAIM_IN_DOUBT  # "gone" has no liveness key
+    assert retaken.issued_at is not None
     rig.sync.hset(keys.records("g-unknown", 0), "g", rig.raw("g-unknown")[b"g"].replace(b"|probe|", b"|gone|"))
     await send(rig.engine(idempotent=False), "g-unknown")
     counters = campaign_counters(rig.sync, "g-unknown")
-    assert counters["dead_letters"] == counters["failed"] == accepted and counters["sent"] == 0
-    assert {code for _, _, _, code in rig.records("g-unknown").values()} == {"inflight_unknown"}
+    assert counters["dead_letters"] == counters["failed"] == counters["in_doubt"] == accepted
+    assert counters["sent"] == 0
+    assert {code for _, _, _, code in rig.records("g-unknown").values()} == {"in_doubt"}
     assert rig.mock.ledger.accepted == 0
+
+
+async def test_dead_workers_group_never_issued_is_sent_not_doubted(rig: Rig) -> None:
+    """A claim alone marks nothing in flight: a worker that died before issuing leaves every
+    message claimable, and the next run sends each exactly once."""
+    accepted = rig.plan("g-unissued", 12)
+    claim = await rig.tracker.claim_group("g-unissued", 0, "gone", accepted)
+    assert claim is not None and claim.code == CLAIM_FRESH
+    await send(rig.engine(idempotent=False), "g-unissued")
+    counters = campaign_counters(rig.sync, "g-unissued")
+    assert counters["sent"] == accepted and counters["failed"] == counters["in_doubt"] == 0
+    assert rig.mock.ledger.accepted == accepted
 
 
 async def test_receipts_before_and_after_the_group_confirmation(rig: Rig) -> None:
     rig.plan("g-rcpt", 6)
     claim = await rig.tracker.claim_group("g-rcpt", 0, "w", 6)
     assert claim is not None
+    assert await rig.tracker.issue("g-rcpt", 0, "w", [("g", 0, "sendgrid")]) == [True]
     ref = [make_ref("g-rcpt", 0, i) for i in range(6)]
     assert await rig.tracker.apply_receipt(ref[1], "delivered", None, channel="email") == 2  # before confirmation
     assert await rig.tracker.apply_receipt(ref[1], "delivered", None, channel="email") == 2  # duplicate, still deferred

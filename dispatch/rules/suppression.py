@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import redis
 import redis.asyncio as aredis
@@ -139,12 +140,24 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+#: How long an addition stays in the list of recent additions (``recent_key``), which workers
+#: poll to stop messages already past their batch's suppression check (see :class:`RecentFence`).
+RECENT_KEEP_S = 300.0
+
+
 class _Keys:
     def __init__(self, prefix: str, hasher: AddressHasher, chunk: int) -> None:
         self.prefix, self.hasher, self.chunk = prefix, hasher, chunk
 
     def key(self, channel: str) -> str:
         return f"{self.prefix}:{channel}"
+
+    def recent(self) -> str:
+        """Sorted set of recent additions: ``<channel>:<hash hex>`` -> when added (epoch s)."""
+        return f"{self.prefix}:recent"
+
+    def recent_members(self, channel: str, hashes: Sequence[bytes], now: float) -> dict[str, float]:
+        return {f"{channel}:{h.hex()}": now for h in hashes}
 
 
 class SuppressionStore:
@@ -234,8 +247,13 @@ class SuppressionStore:
 
     def _add_hashes(self, channel: str, hashes: Sequence[bytes]) -> int:
         added = 0
+        now = time.time()
         for part in _chunks(hashes, self._k.chunk):
-            added += int(self._client.sadd(self._k.key(channel), *part))
+            pipe = self._client.pipeline(transaction=False)
+            pipe.sadd(self._k.key(channel), *part)
+            pipe.zadd(self._k.recent(), self._k.recent_members(channel, part, now))
+            pipe.zremrangebyscore(self._k.recent(), "-inf", now - RECENT_KEEP_S)
+            added += int(pipe.execute()[0])
         return added
 
 
@@ -256,9 +274,30 @@ class AsyncSuppressionStore:
     async def add(self, channel: str, addresses: Iterable[str]) -> int:
         hashes = [self._k.hasher(a) for a in addresses]
         added = 0
+        now = time.time()
         for part in _chunks(hashes, self._k.chunk):
-            added += int(await self._client.sadd(self._k.key(channel), *part))
+            pipe = self._client.pipeline(transaction=False)
+            pipe.sadd(self._k.key(channel), *part)
+            pipe.zadd(self._k.recent(), self._k.recent_members(channel, part, now))
+            pipe.zremrangebyscore(self._k.recent(), "-inf", now - RECENT_KEEP_S)
+            added += int((await pipe.execute())[0])
         return added
+
+    async def recent_since(self, since: float) -> list[tuple[str, bytes, float]]:
+        """Additions after ``since`` (epoch s): (channel, address hash, when), oldest first."""
+        raw = cast(
+            list[tuple[bytes, float]],
+            await self._client.zrangebyscore(self._k.recent(), f"({since}", "+inf", withscores=True),
+        )
+        out: list[tuple[str, bytes, float]] = []
+        for member, score in raw:
+            channel, _, digest = member.decode().rpartition(":")
+            out.append((channel, bytes.fromhex(digest), float(score)))
+        return out
+
+    @property
+    def hasher(self) -> AddressHasher:
+        return self._k.hasher
 
     async def remove(self, channel: str, addresses: Iterable[str]) -> int:
         hashes = [self._k.hasher(a) for a in addresses]

@@ -1,38 +1,57 @@
--- Claim a batch's messages for sending (dedup step), atomically.
+-- Take a batch's run and read its messages' states (dedup step), atomically. Nothing is marked
+-- 'sending' here: a message becomes 'sending' only as its request is issued (issue.lua), so a
+-- message this run never issues stays claimable by the next one.
 -- KEYS[1] message records hash of the batch, KEYS[2] campaign control hash
 -- ARGV[1] owner (worker id), ARGV[2] now (unix s), ARGV[3] liveness key prefix,
 -- ARGV[4] records TTL (s), ARGV[5..] message indices
--- Record format: state|attempts|owner|provider_id|code|ts
--- Returns {-1} when the campaign is not running, else per index two numbers:
---   code (0 done: terminal, skip; 1 claimed; 2 reclaimed from a dead owner: may have been sent;
---   3 busy: a live worker holds it) and attempts made so far.
+-- Record format: state|attempts|owner|provider_id|code|ts[|provider]
+-- The batch's run is a lease, field 'L' = owner: a live other owner's lease -> {-2} (the batch
+-- is being sent elsewhere; try later). Returns {-1} when the campaign is not running, else per
+-- index three values: code (0 done: terminal, skip; 1 claimable; 2 in doubt: issued by a run that
+-- is gone, it may have reached the provider; 3 busy: a live worker has it on the wire), attempts
+-- so far, and for code 2 the record's ts (when it was issued) and provider, for a 'retry' record
+-- 'retry' (it has been answered since any send: not a record a restart lost), else ''.
+-- An in-doubt record is re-owned (owner = ARGV[1], ts and provider kept): if this run dies too,
+-- it is in doubt again for the next.
 local state = redis.call('HGET', KEYS[2], 'state')
 if state ~= 'running' then
   return {-1}
 end
+local owner, alive = ARGV[1], ARGV[3]
+local lease = redis.call('HGET', KEYS[1], 'L')
+if lease and lease ~= owner and redis.call('EXISTS', alive .. lease) == 1 then
+  return {-2}
+end
+redis.call('HSET', KEYS[1], 'L', owner)
 local out = {}
 for i = 5, #ARGV do
   local idx = ARGV[i]
   local rec = redis.call('HGET', KEYS[1], idx)
-  local code, attempts = 1, 0
+  local code, attempts, extra = 1, 0, ''
   if rec then
-    local st, att, owner = string.match(rec, '^([^|]*)|([^|]*)|([^|]*)|')
+    local st, att, holder, pid, rcode, ts, provider =
+      string.match(rec, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|?([^|]*)$')
     attempts = tonumber(att) or 0
     if st == 'sending' then
-      -- our own process holds no run of this batch (the engine checks), so our own stale claim
-      -- is as orphaned as a dead worker's
-      if owner ~= ARGV[1] and redis.call('EXISTS', ARGV[3] .. owner) == 1 then code = 3 else code = 2 end
+      -- our own process holds no run of this batch (the engine checks), so our own stale issue
+      -- is as much in doubt as a dead worker's
+      if holder ~= owner and redis.call('EXISTS', alive .. holder) == 1 then
+        code = 3
+      else
+        code = 2
+        extra = ts .. '|' .. (provider or '')
+        redis.call('HSET', KEYS[1], idx, table.concat({st, att, owner, pid, rcode, ts, provider or ''}, '|'))
+      end
     elseif st == 'retry' then
       code = 1
+      extra = 'retry'
     else
       code = 0
     end
   end
-  if code == 1 or code == 2 then
-    redis.call('HSET', KEYS[1], idx, 'sending|' .. attempts .. '|' .. ARGV[1] .. '|||' .. ARGV[2])
-  end
   out[#out + 1] = code
   out[#out + 1] = attempts
+  out[#out + 1] = extra
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return out

@@ -7,16 +7,25 @@
 -- Group record (field 'g'): state|attempts|owner|provider_id_prefix|code|ts|first|last|members
 --   its members are the indices first..last that have no record of their own; 'members' counts
 --   them (finish_group.lua keeps it true when a member gets a record of its own).
--- Returns {-1} when the campaign is not running, else
---   {group code, group attempts, first, last, members, then index, code, attempts for every
---    index that is not a group member}
--- with the codes of claim.lua (0 done, 1 claimed, 2 reclaimed from a dead owner, 3 busy); a batch
--- without a group answers first 0, last -1.
+-- Returns {-1} when the campaign is not running, {-2} when a live other owner holds the batch's
+-- lease (field 'L', as claim.lua), else
+--   {group code, group attempts, first, last, members, group ts, then index, code, attempts, ts
+--    for every index that is not a group member}
+-- with the codes of claim.lua (0 done, 1 claimable, 2 in doubt: issued by a run that is gone,
+-- 3 busy); ts is when an in-doubt record was issued ('' otherwise). A batch without a group
+-- answers first 0, last -1. Nothing is marked 'sending' here (issue.lua does, per request): a new
+-- group record is written 'retry' (claimable) held by this owner; an in-doubt record is re-owned
+-- with its state and ts kept.
 local state = redis.call('HGET', KEYS[2], 'state')
 if state ~= 'running' then
   return {-1}
 end
 local owner, now, alive = ARGV[1], ARGV[2], ARGV[3]
+local lease = redis.call('HGET', KEYS[1], 'L')
+if lease and lease ~= owner and redis.call('EXISTS', alive .. lease) == 1 then
+  return {-2}
+end
+redis.call('HSET', KEYS[1], 'L', owner)
 local count = tonumber(ARGV[5])
 local flat = redis.call('HGETALL', KEYS[1])
 local own = {}
@@ -25,6 +34,8 @@ for i = 1, #flat, 2 do
   local field = flat[i]
   if field == 'g' then
     group = flat[i + 1]
+  elseif field == 'L' then
+    -- the lease, not a message
   elseif string.find(field, '^%d+$') then
     own[tonumber(field)] = flat[i + 1]
   end
@@ -42,17 +53,21 @@ local function holder_code(st, holder)
   return 0
 end
 
-local out = {0, 0, 0, -1, 0}
+local out = {0, 0, 0, -1, 0, ''}
 local first, last = 0, -1
 if group then
   local st, att, holder, pid, code, ts, f, l, n =
     string.match(group, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
   first, last = tonumber(f), tonumber(l)
   local gcode = holder_code(st, holder)
-  if gcode == 1 or gcode == 2 then
-    redis.call('HSET', KEYS[1], 'g', 'sending|' .. att .. '|' .. owner .. '|||' .. now .. '|' .. f .. '|' .. l .. '|' .. n)
+  local gts = ''
+  if gcode == 1 then
+    redis.call('HSET', KEYS[1], 'g', table.concat({'retry', att, owner, pid, code, ts, f, l, n}, '|'))
+  elseif gcode == 2 then
+    gts = ts
+    redis.call('HSET', KEYS[1], 'g', table.concat({st, att, owner, pid, code, ts, f, l, n}, '|'))
   end
-  out = {gcode, tonumber(att) or 0, first, last, tonumber(n)}
+  out = {gcode, tonumber(att) or 0, first, last, tonumber(n), gts}
 else
   local members = count
   for idx, _ in pairs(own) do
@@ -60,8 +75,8 @@ else
   end
   if members > 0 then
     first, last = 0, count - 1
-    redis.call('HSET', KEYS[1], 'g', 'sending|0|' .. owner .. '|||' .. now .. '|0|' .. last .. '|' .. members)
-    out = {1, 0, first, last, members}
+    redis.call('HSET', KEYS[1], 'g', 'retry|0|' .. owner .. '|||' .. now .. '|0|' .. last .. '|' .. members)
+    out = {1, 0, first, last, members, ''}
   end
 end
 
@@ -69,18 +84,21 @@ end
 for idx = 0, count - 1 do
   local rec = own[idx]
   if rec or idx < first or idx > last then
-    local code, attempts = 1, 0
+    local code, attempts, its = 1, 0, ''
     if rec then
-      local st, att, holder = string.match(rec, '^([^|]*)|([^|]*)|([^|]*)|')
+      local st, att, holder, pid, rcode, ts, provider =
+        string.match(rec, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|?([^|]*)$')
       attempts = tonumber(att) or 0
       code = holder_code(st, holder)
-    end
-    if code == 1 or code == 2 then
-      redis.call('HSET', KEYS[1], idx, 'sending|' .. attempts .. '|' .. owner .. '|||' .. now)
+      if code == 2 then
+        its = ts
+        redis.call('HSET', KEYS[1], idx, table.concat({st, att, owner, pid, rcode, ts, provider or ''}, '|'))
+      end
     end
     out[#out + 1] = idx
     out[#out + 1] = code
     out[#out + 1] = attempts
+    out[#out + 1] = its
   end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[4])

@@ -32,9 +32,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast, runtime_checkable
 
+import redis
 import redis.asyncio as aredis
 
-from channels.base import Channel, Message, Permanent, Result, Retryable, Sent
+from channels.base import Channel, InFlight, Message, Permanent, Result, Retryable, Sent
 from channels.email import Substitution
 from channels.errors import PermanentProviderError, RetryableProviderError
 from dispatch.plan.manifest import Manifest
@@ -42,12 +43,17 @@ from dispatch.plan.snapshot import SnapshotRow, decode_batch
 from dispatch.rules.frequency import AsyncFrequencyStore
 from dispatch.rules.suppression import AsyncSuppressionStore
 from dispatch.send.control import CONTROL_TTL_S
+from dispatch.send.fence import RecentFence
+from dispatch.send.journal import Journal
+from dispatch.send.reconcile import Reconciler
 from dispatch.send.retry import RetryPolicy
 from dispatch.send.tracking import (
+    BATCH_BUSY,
     CLAIM_BUSY,
     CLAIM_DONE,
     CLAIM_FRESH,
-    CLAIM_RECLAIMED,
+    CLAIM_IN_DOUBT,
+    GROUP_FIELD,
     GROUP_STATES,
     GroupOutcome,
     Outcome,
@@ -78,6 +84,7 @@ __all__ = [
     "chunk_size",
     "group_outcome",
     "limiter_burst",
+    "render",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,6 +104,17 @@ PER_MESSAGE_CHUNK = 8
 ACQUIRE_SLICE_S = 0.05
 #: How long a worker trusts its copy of an account limit's configuration.
 ACCOUNT_LIMIT_TTL_S = 5.0
+#: How often the engine reads Redis's run id to notice a restart (``Engine.check_redis``).
+RUN_ID_CHECK_S = 0.5
+#: How long new requests wait after a Redis restart is noticed, while every live worker writes
+#: again what it knows (its journal and its requests on the wire): several heartbeats.
+SETTLE_S = 2.0
+#: Rounds of "reconcile what a lost answer left in doubt, send again what never arrived" per run.
+SETTLE_ROUNDS = 2
+#: Seconds between a lost answer and asking the provider about it (its list may trail by a moment).
+LOOKUP_DELAY_S = 0.5
+#: When messages stay in doubt (the evidence may still come), the batch comes back this much later.
+IN_DOUBT_RECHECK_S = 5.0
 
 
 def chunk_size(channel: Channel) -> int:
@@ -127,6 +145,13 @@ class Item:
     suppress: bool = False
     #: A member of the batch's group record (batch channels): confirmed with the group.
     grouped: bool = False
+    #: Its request may have reached the provider and no answer says what became of it: it is
+    #: reconciled (``dispatch.send.reconcile``) before anything is sent again.
+    doubt: bool = False
+    #: When its request in doubt was issued (epoch s) and to which provider.
+    issued_at: float | None = None
+    #: Another run issued it first (or it is final already): this run leaves it alone.
+    foreign: bool = False
 
 
 @dataclass(slots=True)
@@ -143,6 +168,9 @@ class SendContext:
     substitution: Substitution | None = None
     #: Reads the campaign's state (the engine's cached view); None: the batch never stops early.
     read_state: Callable[[], Awaitable[str]] | None = None
+    #: Marks items ``sending`` as their request is issued and answers those that may go (the
+    #: others have ``foreign`` set, or an outcome such as a late opt-out); None: all may go.
+    issue: Callable[[list[Item]], Awaitable[list[Item]]] | None = None
 
     async def running(self) -> bool:
         """False once the campaign is seen paused or cancelled (``stopped`` then names the state)."""
@@ -238,12 +266,18 @@ async def render_step(ctx: SendContext, items: list[Item], nxt: Next) -> None:
     With ``ctx.substitution`` the body stays one template and each message carries its values
     instead: the provider renders, the same text for every recipient as ``safe_substitute``.
     """
+    render(ctx, items)
+    await nxt(ctx, items)
+
+
+def render(ctx: SendContext, items: Sequence[Item]) -> None:
+    """Set each item's ``message`` (``render_step`` without the chain)."""
     subject = ctx.manifest.subject
     own_subject = ctx.manifest.triggered  # each triggered message carries its own (SUBJECT_ATTRIBUTE)
     substitution = ctx.substitution
+    channel = ctx.channel.name
     if substitution is not None:
         body = substitution.body
-        channel = ctx.channel.name
         for item in items:
             item.message = Message(
                 ref=make_ref(ctx.campaign_id, ctx.batch, item.index),
@@ -253,18 +287,16 @@ async def render_step(ctx: SendContext, items: list[Item], nxt: Next) -> None:
                 idempotency_key=idempotency_key(ctx.campaign_id, item.recipient_id, channel),
                 attributes=substitution.values(item.attrs),
             )
-        await nxt(ctx, items)
         return
+    template = ctx.template
     for item in items:
-        body = ctx.template.safe_substitute(item.attrs) if item.attrs else ctx.template.template
         item.message = Message(
             ref=make_ref(ctx.campaign_id, ctx.batch, item.index),
             address=item.address,
-            body=body,
+            body=template.safe_substitute(item.attrs) if item.attrs else template.template,
             subject=(item.attrs or {}).get(SUBJECT_ATTRIBUTE) if own_subject else subject,
-            idempotency_key=idempotency_key(ctx.campaign_id, item.recipient_id, ctx.channel.name),
+            idempotency_key=idempotency_key(ctx.campaign_id, item.recipient_id, channel),
         )
-    await nxt(ctx, items)
 
 
 class RateLimitStep:
@@ -442,10 +474,16 @@ class SendStep:
         async def one_round() -> _Round:
             nonlocal first
             current = list(pending)
+            if ctx.issue is not None:
+                # the moment the requests are issued: only now do they become 'sending'
+                current = await ctx.issue(current)
             if not first:
                 ctx.retries += len(current)
             first = False
             round_ = _Round([])
+            if not current:
+                pending.clear()
+                return round_
             messages = [item.message for item in current if item.message is not None]
             started = time.perf_counter()
             try:
@@ -460,6 +498,7 @@ class SendStep:
                 code = exc.code or f"http_{exc.status}"
                 results = [Permanent(m.ref, code, str(exc), exc.status) for m in messages]
             elapsed = time.perf_counter() - started
+            issued_at = time.time() - elapsed
             rate_limited = False
             for item, result in zip(current, results, strict=True):
                 item.attempts += 1
@@ -470,6 +509,10 @@ class SendStep:
                 elif isinstance(result, Permanent):
                     item.outcome = Outcome(item.index, "failed", item.attempts, "", result.code)
                     item.suppress = result.suppress
+                elif result.ambiguous and not ctx.channel.supports_idempotency:
+                    # the request may have been accepted: a blind resend could duplicate it
+                    item.doubt = True
+                    item.issued_at = issued_at
                 else:
                     round_.pending.append(item)
                     round_.retry_after = max(round_.retry_after, result.retry_after or 0.0)
@@ -512,9 +555,13 @@ class Engine:
         rate_step: RateLimitStep | None = None,
         filters: Sequence[BatchFilter] = (),
         suppression: SuppressionFilter | None = None,
+        reconciler: Reconciler | None = None,
+        journal: Journal | None = None,
+        fence: RecentFence | None = None,
     ) -> None:
         self._filters = list(filters)
         self._suppression = suppression
+        self._metrics = metrics
         self._recorder: _Recorder = _MetricsRecorder(metrics) if metrics is not None else _NoMetrics()
         self._rate_step = rate_step
         #: Campaigns this process worked on recently (for progress gauges): id -> last seen.
@@ -530,6 +577,16 @@ class Engine:
         self._control: dict[str, tuple[float, str]] = {}
         #: Batches running in this process: a second run of one waits (see claim.lua).
         self._active: set[tuple[str, int]] = set()
+        #: The send mode of every running batch (its requests on the wire, for ``reassert``).
+        self._modes: dict[tuple[str, int], SendMode] = {}
+        self._reconciler = reconciler if reconciler is not None else Reconciler(policies={"*": "hold"}, wait_s=0.0)
+        self.journal = journal if journal is not None else Journal()
+        self._fence = fence
+        #: The Redis server's run id as last seen, when it was read, and until when issuing waits
+        #: after a restart (every worker re-asserts what it knows first: ``reassert``).
+        self._run_id: str | None = None
+        self._run_id_read = -math.inf
+        self._settle_until = 0.0
 
     async def _manifest(self, campaign_id: str) -> Manifest:
         manifest = self._manifests.get(campaign_id)
@@ -565,6 +622,58 @@ class Engine:
         self._control[campaign_id] = (now, state)
         return state
 
+    # -- Redis restarts -------------------------------------------------------------------------
+
+    async def check_redis(self, *, every_s: float = RUN_ID_CHECK_S) -> bool:
+        """Read the server's run id (at most every ``every_s``); when it changed, Redis restarted
+        and may have lost its last writes: write again what this process knows (``reassert``)
+        and hold new requests for ``SETTLE_S``, so every live worker re-asserts its own first.
+        Returns True when a restart was seen now."""
+        now = time.monotonic()
+        if now - self._run_id_read < every_s:
+            return False
+        self._run_id_read = now
+        info = await self._client.info("server")
+        run_id = str(info.get("run_id", ""))
+        previous, self._run_id = self._run_id, run_id
+        if previous is None or previous == run_id:
+            return False
+        self._settle_until = time.monotonic() + SETTLE_S
+        outcomes, inflight = await self.reassert()
+        log.warning(
+            "redis restarted (run id changed): re-asserted %d recent outcomes and %d requests in flight; "
+            "new requests wait %.1f s",
+            outcomes,
+            inflight,
+            SETTLE_S,
+        )
+        if self._metrics is not None:
+            self._metrics.record_redis_restart()
+        return True
+
+    async def reassert(self) -> tuple[int, int]:
+        """Write again every outcome the journal remembers and every request this process has on
+        the wire (a restarted Redis may have lost them); idempotent. Returns both counts."""
+        outcomes = 0
+        for campaign_id, batch, known in self.journal.batches():
+            entries = [(str(o.index), o.attempts, "") for o in known]
+            await self._tracker.issue(campaign_id, batch, self._owner, entries)
+            await self._tracker.finish(campaign_id, batch, self._owner, known)
+            outcomes += len(known)
+        inflight = 0
+        for mode in list(self._modes.values()):
+            inflight += await mode.reassert()
+        return outcomes, inflight
+
+    async def _settled(self) -> None:
+        """Wait out the settle window after a Redis restart (see ``check_redis``)."""
+        await self.check_redis()
+        wait = self._settle_until - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    # -- batches --------------------------------------------------------------------------------
+
     async def send_batch(self, campaign_id: str, batch: int) -> BatchOutcome:
         run = (campaign_id, batch)
         if run in self._active:
@@ -579,11 +688,13 @@ class Engine:
             raise
         finally:
             self._active.discard(run)
+            self._modes.pop(run, None)
         self._recorder.batch("retried" if outcome.requeue_after is not None else "completed")
         return outcome
 
     async def _send_batch(self, campaign_id: str, batch: int) -> BatchOutcome:
-        """Claim the batch's messages, filter them, send them through the chain, confirm them.
+        """Take the batch's lease, settle messages in doubt, filter the rest, send them through
+        the chain (each becomes ``sending`` as its request is issued), confirm them.
 
         How messages are claimed and confirmed depends on the channel (:class:`SendMode`): one
         record per message, or one group record for a batch API's request.
@@ -597,15 +708,35 @@ class Engine:
         snapshot = decode_batch(campaign_id, batch, raw_batch)
         if snapshot.not_before > time.time():
             return BatchOutcome(state="waiting", requeue_after=snapshot.not_before - time.time())
+        await self._settled()
         mode_class = GroupedMode if channel.messages_per_request > 1 else PerMessageMode
-        mode: SendMode = mode_class(self._tracker, self._owner, campaign_id, batch, channel)
+        mode: SendMode = mode_class(self._tracker, self._owner, campaign_id, batch, channel, self.journal)
         claimed = await mode.claim(snapshot.rows)
         if claimed is None:
             self._control.pop(campaign_id, None)
             state = await self.campaign_state(campaign_id)
             return BatchOutcome(state=state, requeue_after=1.0 if state == "paused" else None)
+        if claimed.batch_busy:
+            return BatchOutcome(state="busy", requeue_after=1.0)
+        self._modes[(campaign_id, batch)] = mode
+        try:
+            return await self._run(
+                campaign_id=campaign_id, batch=batch, manifest=manifest, channel=channel, mode=mode, claimed=claimed
+            )
+        finally:
+            await mode.release()
+
+    async def _run(
+        self,
+        *,
+        campaign_id: str,
+        batch: int,
+        manifest: Manifest,
+        channel: Channel,
+        mode: SendMode,
+        claimed: _Claimed,
+    ) -> BatchOutcome:
         self._recorder.dedup_hits(channel, claimed.dedup_hits)
-        await mode.lose(claimed.lost)
         ctx = SendContext(
             campaign_id=campaign_id,
             batch=batch,
@@ -615,19 +746,130 @@ class Engine:
             read_state=lambda: self.campaign_state(campaign_id),
         )
         mode.prepare(ctx)
+        ctx.issue = self._issuer(ctx, mode)
         items = claimed.items
-        filtered = await self._filter(ctx, items)
+        doubt = [item for item in items if item.doubt]
+        if doubt:
+            await self._settle(ctx, mode, doubt)
+        filtered = await self._filter(ctx, [item for item in items if not item.doubt])
         mode.hold(filtered)
         self._recorder.sends(channel, filtered)
-        await self._send_chunks(ctx, mode, [item for item in items if item.outcome is None])
+        await self._send_chunks(ctx, mode, [item for item in items if item.outcome is None and not item.doubt])
+        for _ in range(SETTLE_ROUNDS):
+            # answers lost on the wire (timeouts after the request left): reconcile, then send
+            # again what the provider never got
+            doubt = [item for item in items if item.doubt and item.outcome is None and not item.foreign]
+            if not doubt or not await ctx.running():
+                break
+            await asyncio.sleep(LOOKUP_DELAY_S)
+            resend = await self._settle(ctx, mode, doubt)
+            if resend:
+                await self._send_chunks(ctx, mode, resend)
         await mode.close(ctx, items)
         if self._suppression is not None:
             await self._suppression.feed(channel.name, [item.address for item in items if item.suppress])
-        if ctx.stopped == "paused" or claimed.busy:
+        if ctx.stopped == "paused" or claimed.busy or any(item.foreign for item in items):
             return BatchOutcome(state=ctx.stopped or "busy", requeue_after=1.0)
+        if any(item.doubt and item.outcome is None for item in items):
+            return BatchOutcome(state="in_doubt", requeue_after=IN_DOUBT_RECHECK_S)
         if any(item.outcome is not None and item.outcome.state == "retry" for item in items):
             return BatchOutcome(state="retry", requeue_after=max(ctx.long_wait, 1.0))
         return BatchOutcome(state="done", requeue_after=None)
+
+    def _issuer(self, ctx: SendContext, mode: SendMode) -> Callable[[list[Item]], Awaitable[list[Item]]]:
+        """``ctx.issue``: late opt-outs stop here, then the requests are marked in Redis."""
+        fence = self._fence
+
+        async def issue(items: list[Item]) -> list[Item]:
+            await self._settled()
+            if fence is not None:
+                stopped = await fence.stopped(ctx.channel.name, [item.address for item in items])
+                if any(stopped):
+                    # an opt-out since the batch's check: the message never leaves
+                    kept: list[Item] = []
+                    for item, hit in zip(items, stopped, strict=True):
+                        if hit:
+                            item.outcome = Outcome(item.index, "suppressed", item.attempts, "", "suppressed")
+                        else:
+                            kept.append(item)
+                    items = kept
+                    if not items:
+                        return []
+            return await mode.issue(items)
+
+        return issue
+
+    async def _settle(self, ctx: SendContext, mode: SendMode, items: list[Item]) -> list[Item]:
+        """Decide messages in doubt (``dispatch.send.reconcile``): sets the outcome of those
+        decided, clears ``doubt`` on those to send again (returned), leaves the rest in doubt."""
+        channel = ctx.channel
+        known = self.journal.known(ctx.campaign_id, ctx.batch)
+        undecided: list[Item] = []
+        resolutions: dict[str, int] = {}
+        for item in items:
+            remembered = known.get(item.index)
+            if remembered is not None:
+                item.outcome = Outcome(
+                    item.index, remembered.state, remembered.attempts, remembered.provider_id, remembered.code
+                )
+                item.doubt = False
+                resolutions["journal"] = resolutions.get("journal", 0) + 1
+            else:
+                undecided.append(item)
+        resend: list[Item] = []
+        if undecided:
+            for item in undecided:
+                if item.message is None:
+                    render(ctx, [item])
+            receipts = await self._receipt_evidence(ctx, undecided)
+            flights = [
+                InFlight(
+                    ref=item.message.ref,
+                    address=item.address,
+                    body=item.message.body,
+                    subject=item.message.subject,
+                    idempotency_key=item.message.idempotency_key,
+                    issued_at=item.issued_at if item.issued_at is not None else time.time(),
+                )
+                for item in undecided
+                if item.message is not None
+            ]
+            verdicts = await self._reconciler.decide(channel, flights, receipts)
+            for item, verdict in zip(undecided, verdicts, strict=True):
+                resolutions[verdict.resolution] = resolutions.get(verdict.resolution, 0) + 1
+                if verdict.decision == "sent":
+                    item.outcome = Outcome(item.index, "sent", item.attempts, verdict.provider_id)
+                    item.doubt = False
+                elif verdict.decision == "send":
+                    item.doubt = False
+                    resend.append(item)
+                elif verdict.decision == "fail":
+                    state = "dead" if verdict.code == "in_doubt" else "failed"
+                    item.outcome = Outcome(item.index, state, item.attempts, "", verdict.code)
+                    item.doubt = False
+        decided = [item.outcome for item in items if item.outcome is not None]
+        if decided:
+            self._recorder.sends(channel, decided)
+            await mode.confirm(decided)
+        for resolution, n in resolutions.items():
+            if resolution != "waiting":
+                log.info(
+                    "campaign %s batch %d: %d message(s) in doubt at %s resolved: %s",
+                    ctx.campaign_id,
+                    ctx.batch,
+                    n,
+                    channel.provider,
+                    resolution,
+                )
+            if self._metrics is not None:
+                self._metrics.record_in_doubt(channel.provider, resolution, n)
+        return resend
+
+    async def _receipt_evidence(self, ctx: SendContext, items: list[Item]) -> list[bool]:
+        """Whether a delivery receipt arrived for each message (kept until its send is confirmed)."""
+        fields = [f"r{item.index}" for item in items]
+        raw = cast(list[bytes | None], await self._client.hmget(keys.records(ctx.campaign_id, ctx.batch), fields))
+        return [value is not None for value in raw]
 
     async def _filter(self, ctx: SendContext, items: list[Item]) -> list[Outcome]:
         """Run the batch filters; the outcomes they set (a message stopped before any send)."""
@@ -652,6 +894,8 @@ class Engine:
                     ctx.hand_back(chunk)
             done: list[Outcome] = []
             for item in chunk:
+                if item.foreign or item.doubt:
+                    continue  # another run's, or reconciled after the chunks
                 if item.outcome is None:  # a step dropped it without a verdict: try again later
                     item.outcome = Outcome(item.index, "retry", item.attempts)
                 done.append(item.outcome)
@@ -715,96 +959,213 @@ class _NoMetrics:
 
 
 class SendMode(Protocol):
-    """How one run of a batch claims and confirms its messages (one object per run).
+    """How one run of a batch claims, issues and confirms its messages (one object per run).
 
-    The engine calls, in order: ``claim``; ``lose`` with the messages lost in flight; ``prepare``
-    with the run's context; ``hold`` with the outcomes the filters set; ``confirm`` once per sent
-    chunk; ``close`` once every chunk is done.
+    The engine calls, in order: ``claim``; ``prepare`` with the run's context; ``hold`` with the
+    outcomes the filters set; ``issue`` right before each provider request; ``confirm`` once per
+    sent chunk (and for messages in doubt it decided); ``close`` once every chunk is done;
+    ``release`` at the end, whatever happened. ``reassert`` writes the run's requests on the
+    wire again after a Redis restart.
     """
 
     async def claim(self, rows: list[Any]) -> _Claimed | None:
-        """Claim the batch's messages; None when the batch is owned by a live run elsewhere."""
+        """Take the batch's lease and read its messages; None when the campaign is not running."""
         ...
-
-    async def lose(self, lost: list[Outcome]) -> None: ...
 
     def prepare(self, ctx: SendContext) -> None: ...
 
     def hold(self, outcomes: list[Outcome]) -> None: ...
 
+    async def issue(self, items: list[Item]) -> list[Item]: ...
+
     async def confirm(self, outcomes: list[Outcome]) -> None: ...
 
     async def close(self, ctx: SendContext, items: list[Item]) -> None: ...
 
+    async def release(self) -> None: ...
+
+    async def reassert(self) -> int: ...
+
+
+class _Writer:
+    """A run's writes to its batch's records, coalesced: the issues of every chunk that is about
+    to send and the confirmations waiting go out in one round trip (``Tracker.advance``), so a
+    busy run costs about one round trip per chunk and a confirmation is written with the next
+    issue (or at ``TRACK_FLUSH``, or at the end of the run)."""
+
+    def __init__(self, tracker: Tracker, owner: str, campaign_id: str, batch: int, journal: Journal) -> None:
+        self._tracker = tracker
+        self._owner = owner
+        self._campaign_id = campaign_id
+        self._batch = batch
+        self._journal = journal
+        self._issues: list[tuple[list[tuple[str, int, str]], asyncio.Future[list[bool]]]] = []
+        self._outcomes: list[Outcome] = []
+        self._task: asyncio.Task[None] | None = None
+        self._error: BaseException | None = None
+        #: Issued and not answered: field -> (attempts, provider), for ``reassert``.
+        self.inflight: dict[str, tuple[int, str]] = {}
+
+    async def issue(self, entries: list[tuple[str, int, str]]) -> list[bool]:
+        future: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
+        self._issues.append((entries, future))
+        self._kick()
+        return await future
+
+    def confirm(self, outcomes: Sequence[Outcome]) -> None:
+        if not outcomes:
+            return
+        self._journal.remember(self._campaign_id, self._batch, outcomes)
+        self._outcomes.extend(outcomes)
+        if len(self._outcomes) >= TRACK_FLUSH:
+            self._kick()
+
+    async def flush(self) -> None:
+        """Write everything given so far; raises what the last failed write raised."""
+        while True:
+            task = self._task
+            if task is not None and not task.done():
+                await task
+                continue
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            if not self._outcomes and not self._issues:
+                return
+            self._kick()
+
+    def _kick(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        while self._issues or self._outcomes:
+            issues, self._issues = self._issues, []
+            outcomes, self._outcomes = self._outcomes, []
+            entries = [entry for part, _ in issues for entry in part]
+            try:
+                answers = await self._tracker.advance(self._campaign_id, self._batch, self._owner, outcomes, entries)
+            except BaseException as exc:  # Redis unreachable: the journal keeps the answers
+                self._outcomes[:0] = outcomes
+                for _, future in issues:
+                    if not future.done():
+                        future.set_exception(exc)
+                self._error = exc
+                return
+            self._journal.written(self._campaign_id, self._batch, outcomes)
+            for outcome in outcomes:
+                self.inflight.pop(str(outcome.index), None)
+            position = 0
+            for part, future in issues:
+                oks = answers[position : position + len(part)]
+                position += len(part)
+                for (field, attempts, provider), ok in zip(part, oks, strict=True):
+                    if ok:
+                        self.inflight[field] = (attempts, provider)
+                if not future.done():
+                    future.set_result(oks)
+
+    async def reassert(self) -> int:
+        entries = [(field, attempts, provider) for field, (attempts, provider) in self.inflight.items()]
+        if entries:
+            await self._tracker.issue(self._campaign_id, self._batch, self._owner, entries)
+        return len(entries)
+
 
 class _ModeBase:
-    """What both send modes know of their run: the tracker, this worker, the batch and its channel."""
+    """What both send modes know of their run: the tracker, this worker, the batch, its channel
+    and the run's writer."""
 
-    def __init__(self, tracker: Tracker, owner: str, campaign_id: str, batch: int, channel: Channel) -> None:
+    def __init__(  # noqa: PLR0917 - the run's identity, in one order everywhere
+        self, tracker: Tracker, owner: str, campaign_id: str, batch: int, channel: Channel, journal: Journal
+    ) -> None:
         self._tracker = tracker
         self._owner = owner
         self._campaign_id = campaign_id
         self._batch = batch
         self._channel = channel
+        self._journal = journal
+        self._writer = _Writer(tracker, owner, campaign_id, batch, journal)
+
+    async def confirm(self, outcomes: list[Outcome]) -> None:
+        self._writer.confirm(outcomes)
+
+    async def release(self) -> None:
+        try:
+            await self._tracker.release(self._campaign_id, self._batch, self._owner)
+        except (redis.RedisError, OSError) as exc:  # our next run of it takes the lease again
+            log.warning("batch %s/%d: lease not released (%s)", self._campaign_id, self._batch, type(exc).__name__)
+
+    async def reassert(self) -> int:
+        return await self._writer.reassert()
+
+    def _known(self, claimed: _Claimed, *, retry: set[int] | frozenset[int] = frozenset()) -> None:
+        """Messages this process answered whose records do not show it (a write that failed, or a
+        Redis restart that lost it): settled from the journal, never sent again. A ``retry``
+        record was written after the answer (an operator's ``retry-failed``): it is not one."""
+        known = self._journal.known(self._campaign_id, self._batch)
+        if known:
+            for item in claimed.items:
+                if item.index in known and item.index not in retry:
+                    item.doubt = True
+
+    async def _close_writer(self, ctx: SendContext) -> None:
+        await self._writer.flush()
+        if ctx.retries:
+            await self._tracker.finish(self._campaign_id, self._batch, self._owner, [], retries=ctx.retries)
 
 
 class PerMessageMode(_ModeBase):
-    """Per-message channels: one record per message, claimed before the send; confirmations are
-    buffered and written ``TRACK_FLUSH`` at a time."""
-
-    def __init__(self, tracker: Tracker, owner: str, campaign_id: str, batch: int, channel: Channel) -> None:
-        super().__init__(tracker, owner, campaign_id, batch, channel)
-        self._buffer: list[Outcome] = []
+    """Per-message channels: one record per message, written as its request is issued; answers
+    are written with the next issue (``_Writer``)."""
 
     async def claim(self, rows: list[Any]) -> _Claimed | None:
         claims = await self._tracker.claim(self._campaign_id, self._batch, self._owner, list(range(len(rows))))
         if claims is None:
             return None
-        claimed = _Claimed(self._channel.supports_idempotency, rows)
-        for index, (code, attempts) in enumerate(claims):
-            claimed.take(index, code, attempts, grouped=False)
+        claimed = _Claimed(rows)
+        if claims is BATCH_BUSY:
+            claimed.batch_busy = True
+            return claimed
+        for index, claim in enumerate(claims):
+            claimed.take(index, claim.code, claim.attempts, grouped=False, issued_at=claim.issued_at)
+        self._known(claimed, retry={index for index, claim in enumerate(claims) if claim.retry})
         return claimed
-
-    async def lose(self, lost: list[Outcome]) -> None:
-        if lost:
-            await self._tracker.finish(self._campaign_id, self._batch, self._owner, lost)
 
     def prepare(self, ctx: SendContext) -> None:
         pass
 
     def hold(self, outcomes: list[Outcome]) -> None:
-        self._buffer.extend(outcomes)
+        self._writer.confirm(outcomes)
 
-    async def confirm(self, outcomes: list[Outcome]) -> None:
-        self._buffer.extend(outcomes)
-        if len(self._buffer) >= TRACK_FLUSH:
-            await self._flush()
+    async def issue(self, items: list[Item]) -> list[Item]:
+        provider = self._channel.provider
+        oks = await self._writer.issue([(str(item.index), item.attempts, provider) for item in items])
+        allowed: list[Item] = []
+        for item, ok in zip(items, oks, strict=True):
+            if ok:
+                allowed.append(item)
+            else:
+                item.foreign = True
+        return allowed
 
     async def close(self, ctx: SendContext, items: list[Item]) -> None:
-        await self._flush()
-        if ctx.retries:
-            await self._tracker.finish(self._campaign_id, self._batch, self._owner, [], retries=ctx.retries)
-
-    async def _flush(self) -> None:
-        if self._buffer:
-            taken = self._buffer[:]
-            self._buffer.clear()
-            await self._tracker.finish(self._campaign_id, self._batch, self._owner, taken)
+        await self._close_writer(ctx)
 
 
 class GroupedMode(_ModeBase):
-    """Batch channels: one group record for the messages without a record of their own, confirmed
-    once for the whole run (the group's outcome, and the exceptions)."""
-
-    def __init__(self, tracker: Tracker, owner: str, campaign_id: str, batch: int, channel: Channel) -> None:
-        super().__init__(tracker, owner, campaign_id, batch, channel)
-        self._lost: list[Outcome] = []
+    """Batch channels: one group record for the messages without a record of their own, issued
+    with the first request of the run and confirmed once for the whole run (the group's outcome,
+    and the exceptions)."""
 
     async def claim(self, rows: list[Any]) -> _Claimed | None:
         claim = await self._tracker.claim_group(self._campaign_id, self._batch, self._owner, len(rows))
         if claim is None:
             return None
-        claimed = _Claimed(self._channel.supports_idempotency, rows)
+        claimed = _Claimed(rows)
+        if claim.busy:
+            claimed.batch_busy = True
+            return claimed
         others = claim.others
         if not others and claim.code == CLAIM_FRESH and (claim.first, claim.last) == (0, len(rows) - 1):
             # the usual run: every message is a member of a group claimed just now
@@ -812,17 +1173,15 @@ class GroupedMode(_ModeBase):
             claimed.items = [
                 Item(i, row.recipient_id, row.address, row.attrs, attempts, grouped=True) for i, row in enumerate(rows)
             ]
-            return claimed
-        for index in range(len(rows)):
-            other = others.get(index)
-            if other is not None:
-                claimed.take(index, other[0], other[1], grouped=False)
-            elif claim.first <= index <= claim.last:
-                claimed.take(index, claim.code, claim.attempts, grouped=True)
+        else:
+            for index in range(len(rows)):
+                other = others.get(index)
+                if other is not None:
+                    claimed.take(index, other[0], other[1], grouped=False, issued_at=claim.others_issued.get(index))
+                elif claim.first <= index <= claim.last:
+                    claimed.take(index, claim.code, claim.attempts, grouped=True, issued_at=claim.issued_at)
+        self._known(claimed)
         return claimed
-
-    async def lose(self, lost: list[Outcome]) -> None:
-        self._lost = lost  # written with the group's confirmation
 
     def prepare(self, ctx: SendContext) -> None:
         if isinstance(self._channel, SubstitutingChannel):
@@ -831,41 +1190,73 @@ class GroupedMode(_ModeBase):
     def hold(self, outcomes: list[Outcome]) -> None:
         pass  # the items carry them: ``group_outcome`` reads them in ``close``
 
+    async def issue(self, items: list[Item]) -> list[Item]:
+        provider = self._channel.provider
+        members = [item for item in items if item.grouped]
+        singles = [item for item in items if not item.grouped]
+        entries = [(str(item.index), item.attempts, provider) for item in singles]
+        if members:
+            entries.append((GROUP_FIELD, max(item.attempts for item in members), provider))
+        oks = await self._writer.issue(entries)
+        group_ok = bool(members) and oks[-1]
+        allowed: list[Item] = []
+        for item, ok in zip(singles, oks, strict=False):
+            if ok:
+                allowed.append(item)
+            else:
+                item.foreign = True
+        for item in members:
+            if group_ok:
+                allowed.append(item)
+            else:
+                item.foreign = True
+        return allowed
+
     async def confirm(self, outcomes: list[Outcome]) -> None:
-        pass
+        pass  # the items carry them: ``group_outcome`` reads them in ``close``
 
     async def close(self, ctx: SendContext, items: list[Item]) -> None:
         group, singles = group_outcome(ctx, items)
-        singles.extend(self._lost)
+        if group is not None:
+            # members whose request's answer was lost leave the group, still in doubt
+            singles.extend(
+                Outcome(item.index, "doubt", item.attempts, "", f"{item.issued_at or time.time():.3f}")
+                for item in items
+                if item.grouped and item.doubt and item.outcome is None and not item.foreign
+            )
+        await self._writer.flush()
+        self._journal.remember(self._campaign_id, self._batch, singles)
         if group is not None or singles or ctx.retries:
             await self._tracker.finish_group(
                 self._campaign_id, self._batch, self._owner, singles, group, retries=ctx.retries
             )
+        self._journal.written(self._campaign_id, self._batch, singles)
 
 
 class _Claimed:
-    """What a claim gave: messages to send, messages lost in flight (a dead worker's claims on a
-    channel without idempotency keys), and counts of busy and already-done ones."""
+    """What a claim gave: messages to send or to settle (``doubt``), counts of busy and
+    already-done ones, and whether a live worker holds the whole batch."""
 
-    __slots__ = ("busy", "dedup_hits", "items", "lost", "rows", "supports_idempotency")
+    __slots__ = ("batch_busy", "busy", "dedup_hits", "items", "rows")
 
-    def __init__(self, supports_idempotency: bool, rows: list[SnapshotRow]) -> None:
-        self.supports_idempotency = supports_idempotency
+    def __init__(self, rows: list[SnapshotRow]) -> None:
         self.rows = rows
         self.items: list[Item] = []
-        self.lost: list[Outcome] = []
         self.busy = self.dedup_hits = 0
+        self.batch_busy = False
 
-    def take(self, index: int, code: int, attempts: int, *, grouped: bool) -> None:
+    def take(self, index: int, code: int, attempts: int, *, grouped: bool, issued_at: float | None = None) -> None:
         if code == CLAIM_DONE:
             self.dedup_hits += 1
         elif code == CLAIM_BUSY:
             self.busy += 1
-        elif code == CLAIM_RECLAIMED and not self.supports_idempotency:
-            self.lost.append(Outcome(index, "dead", attempts, "", "inflight_unknown"))
         else:
             row = self.rows[index]
-            self.items.append(Item(index, row.recipient_id, row.address, row.attrs, attempts, grouped=grouped))
+            item = Item(index, row.recipient_id, row.address, row.attrs, attempts, grouped=grouped)
+            if code == CLAIM_IN_DOUBT:
+                item.doubt = True
+                item.issued_at = issued_at
+            self.items.append(item)
 
 
 def group_outcome(ctx: SendContext, items: Sequence[Item]) -> tuple[GroupOutcome | None, list[Outcome]]:

@@ -7,10 +7,14 @@
 -- ARGV[8] group code, ARGV[9] ref prefix ('<campaign>.<batch>.': a member's ref is it .. index),
 -- then groups of 5 for messages with an outcome of their own: index, state, attempts,
 -- provider_id, code. A state is one of sent, failed, suppressed, skipped, retry (claimable
--- again), dead (failed and dead-lettered).
+-- again), dead (failed and dead-lettered), doubt (still in doubt: a 'sending' record issued at
+-- the time given as its code; not counted).
 -- Own outcomes go first: a group member that gets one leaves the group (members - 1). Then the
--- group's state covers its remaining members and its counter moves by their number. Only claims
--- still held by this owner change, so a run taken over by another worker is never counted twice.
+-- group's state covers its remaining members and its counter moves by their number. Only
+-- messages this run may decide change: its own 'sending' records (issued by it), 'retry' records,
+-- and messages never issued (no record, not a member of someone else's group: the run holds the
+-- batch's lease); a run taken over by another worker is never counted twice.
+-- A record keeps the provider its request went to (field 7) when it had one.
 -- Group states: sent, retry, failed, suppressed, skipped ('dead' is always an own outcome: each
 -- dead letter is a member of the dead-letter set).
 -- Returns the number of messages whose outcome was applied.
@@ -27,21 +31,23 @@ if group then
   gst, gatt, gholder, gpid, gcode, gts, first, last, members =
     string.match(group, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
   first, last, members = tonumber(first), tonumber(last), tonumber(members)
-  mine = gst == 'sending' and gholder == owner
+  mine = (gst == 'sending' or gst == 'retry') and gholder == owner
 end
 local early = tonumber(redis.call('HGET', KEYS[1], 'rn') or '0')
 
 for i = 10, #ARGV, 5 do
   local idx, st, att, pid, code = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local rec = redis.call('HGET', KEYS[1], idx)
-  local claimed, member = false, false
+  local claimed, member, provider = false, false, ''
   if rec then
-    local cur, holder = string.match(rec, '^([^|]*)|[^|]*|([^|]*)|')
-    claimed = cur == 'sending' and holder == owner
+    local cur, holder, prov = string.match(rec, '^([^|]*)|[^|]*|([^|]*)|[^|]*|[^|]*|[^|]*|?([^|]*)$')
+    claimed = (cur == 'sending' and holder == owner) or cur == 'retry'
+    provider = prov or ''
   else
     local n = tonumber(idx)
-    member = mine and n >= first and n <= last
-    claimed = member
+    local covered = group and n >= first and n <= last
+    member = mine and covered
+    claimed = member or not covered
   end
   if claimed then
     local final = st
@@ -63,10 +69,20 @@ for i = 10, #ARGV, 5 do
       redis.call('HINCRBY', KEYS[2], 'failed', 1)
       redis.call('HINCRBY', KEYS[2], 'dead_letters', 1)
       redis.call('SADD', KEYS[3], ARGV[3] .. ':' .. idx)
-    elseif st ~= 'retry' then
+    elseif st ~= 'retry' and st ~= 'doubt' then
       redis.call('HINCRBY', KEYS[2], st, 1)
     end
-    redis.call('HSET', KEYS[1], idx, final .. '|' .. att .. '||' .. pid .. '|' .. code .. '|' .. now)
+    if st == 'dead' and code == 'in_doubt' then
+      redis.call('HINCRBY', KEYS[2], 'in_doubt', 1)
+    end
+    local value = final .. '|' .. att .. '||' .. pid .. '|' .. code .. '|' .. now
+    if st == 'doubt' then
+      -- still in doubt (a group member whose request's answer was lost): a 'sending' record of
+      -- its own, issued at 'code', that the next run reconciles
+      value = 'sending|' .. att .. '|' .. owner .. '|||' .. code
+    end
+    if provider ~= '' then value = value .. '|' .. provider end
+    redis.call('HSET', KEYS[1], idx, value)
     if member then members = members - 1 end
     applied = applied + 1
   end

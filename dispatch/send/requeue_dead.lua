@@ -11,9 +11,14 @@ for _, member in ipairs(members) do
     local key = ARGV[1] .. b
     local rec = redis.call('HGET', key, idx)
     if rec and string.sub(rec, 1, 7) == 'failed|' then
+      local code = string.match(rec, '^[^|]*|[^|]*|[^|]*|[^|]*|([^|]*)')
       redis.call('HSET', key, idx, 'retry|0||||' .. ARGV[2])
       redis.call('HINCRBY', KEYS[2], 'failed', -1)
       redis.call('HINCRBY', KEYS[2], 'dead_letters', -1)
+      if code == 'in_doubt' then
+        -- an operator decided to send a message held in doubt again
+        redis.call('HINCRBY', KEYS[2], 'in_doubt', -1)
+      end
       batches[b] = true
       count = count + 1
     end

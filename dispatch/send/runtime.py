@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from channels import ProviderSettings, ProviderSpec, Registry, default_registry
 from channels.base import Channel, Result, Retryable
-from dispatch.config import Settings
+from dispatch.config import Settings, in_doubt_policies
 from dispatch.errors import DispatchError
 from dispatch.plan.calibration import (
     EWMA_WEIGHT,
@@ -55,6 +55,9 @@ from dispatch.send.engine import (
     limiter_burst,
     render_step,
 )
+from dispatch.send.fence import RecentFence
+from dispatch.send.journal import Journal
+from dispatch.send.reconcile import Reconciler
 from dispatch.send.retry import RetryPolicy
 from dispatch.send.tracking import Tracker
 from dispatch.store import keys
@@ -62,7 +65,7 @@ from monitoring.exposition import MetricsServer, start_metrics_server
 from monitoring.metrics import Metrics, RetryCause, collect_queue_depths
 from ratelimit import Limit, RedisRateLimiter
 
-__all__ = ["WorkerRuntime", "build_channels", "provider_settings"]
+__all__ = ["WorkerRuntime", "build_channels", "provider_settings", "receipt_providers"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -102,6 +105,16 @@ def build_channels(
     return adapters
 
 
+def receipt_providers(registry: Registry) -> frozenset[str]:
+    """Providers that post delivery receipts (a message in doubt may still be proven sent)."""
+    return frozenset(
+        provider.name
+        for name in registry.channel_names(sendable=True)
+        for provider in [registry.provider_for(name)]
+        if provider.receipts != "none"
+    )
+
+
 def retry_cause(result: Retryable) -> RetryCause:
     status = result.status or 0
     if status == 429:
@@ -139,6 +152,7 @@ class WorkerRuntime:
         self._limiter_keys: list[str] = []
         self._fleet = FleetSpeed(self._sync)
         self._prober = threading.Thread(target=self._probe_speed, name="dispatch-speed-probe", daemon=True)
+        self._redis_check: Future[bool] | None = None
 
     @property
     def engine(self) -> Engine:
@@ -189,7 +203,8 @@ class WorkerRuntime:
         steps: list[Step] = [render_step, rate_step, send_step]
         hasher = hasher_for(s)
         check_suppression_key(self._sync, hasher)
-        suppression = SuppressionFilter(AsyncSuppressionStore(self._client, hasher=hasher))
+        suppression_store = AsyncSuppressionStore(self._client, hasher=hasher)
+        suppression = SuppressionFilter(suppression_store)
         filters: list[BatchFilter] = [suppression]
         if s.frequency_limit:
             cap = FrequencyCap(limit=s.frequency_limit, window=timedelta(seconds=s.frequency_window_s))
@@ -205,6 +220,13 @@ class WorkerRuntime:
             rate_step=rate_step,
             filters=filters,
             suppression=suppression,
+            reconciler=Reconciler(
+                policies=in_doubt_policies(s.in_doubt),
+                wait_s=s.in_doubt_wait_s,
+                receipt_providers=receipt_providers(default_registry()),
+            ),
+            journal=Journal(),
+            fence=RecentFence(suppression_store),
         )
 
     def _observe(self, ctx: SendContext, item: Item, result: Result, elapsed: float) -> None:
@@ -258,11 +280,22 @@ class WorkerRuntime:
             try:
                 self._beat_once()
                 self.metrics.heartbeat()
+                self._check_redis()
                 if time.monotonic() - last_gauges >= GAUGES_EVERY_S:
                     last_gauges = time.monotonic()
                     self._refresh_gauges()
             except (redis.RedisError, DispatchError) as exc:  # Redis restarting: keep trying
                 log.warning("heartbeat failed: %s", exc)
+
+    def _check_redis(self) -> None:
+        """Notice a Redis restart within a heartbeat even while no batch runs (``Engine.check_redis``);
+        never waits for it (the heartbeat must go on)."""
+        previous = self._redis_check
+        if self._engine is None or (previous is not None and not previous.done()):
+            return
+        if previous is not None and previous.exception() is not None:
+            log.warning("redis check failed: %s", type(previous.exception()).__name__)
+        self._redis_check = asyncio.run_coroutine_threadsafe(self._engine.check_redis(), self._loop)
 
     async def _limiter_rates(self) -> None:
         if self._limiter is None:

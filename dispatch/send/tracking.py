@@ -24,15 +24,18 @@ beside this module (``claim.lua``, ``claim_group.lua``, ``finish_group.lua``, ``
 ``requeue_dead.lua``) write and parse the same text; ``ts`` is epoch seconds with three decimals
 (``%.3f``), empty when unknown.
 
-In-flight policy after a crash: a record left ``sending`` by a worker whose liveness key has
-expired is *reclaimed*. If the channel honours idempotency keys the message is sent again with
-the same key (the provider answers with the original message); otherwise it is marked failed with
-code ``inflight_unknown`` and dead-lettered, because it may or may not have gone out: an operator
-decides with ``dispatch retry-failed``.
+A message becomes ``sending`` only as its request is issued (``issue.lua``, a compare-and-set
+that also names the provider, record field 7): a batch's run holds a *lease* (field ``L``) instead
+of claiming every message up front, so a message it never issued stays claimable. After a crash
+the in-doubt set is exactly the records left ``sending`` by a run that is gone: the requests that
+were on the wire. ``claim.lua`` reports them (code :data:`CLAIM_IN_DOUBT`, with the time they were
+issued) and re-owns them; the engine reconciles them (``dispatch.send.reconcile``) before anything
+is sent again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,12 +48,15 @@ import redis.asyncio as aredis
 from dispatch.store import keys
 
 __all__ = [
+    "BATCH_BUSY",
     "CLAIM_BUSY",
     "CLAIM_DONE",
     "CLAIM_FRESH",
+    "CLAIM_IN_DOUBT",
     "CLAIM_RECLAIMED",
     "COUNTERS",
     "GROUP_STATES",
+    "Claim",
     "GroupClaim",
     "GroupOutcome",
     "GroupRecord",
@@ -65,7 +71,9 @@ __all__ = [
     "record_value",
 ]
 
-CLAIM_DONE, CLAIM_FRESH, CLAIM_RECLAIMED, CLAIM_BUSY = 0, 1, 2, 3
+CLAIM_DONE, CLAIM_FRESH, CLAIM_IN_DOUBT, CLAIM_BUSY = 0, 1, 2, 3
+#: The old name of :data:`CLAIM_IN_DOUBT`.
+CLAIM_RECLAIMED = CLAIM_IN_DOUBT
 #: Counter names of a campaign (a hash; absent = 0).
 COUNTERS = (
     "sent",
@@ -77,6 +85,7 @@ COUNTERS = (
     "suppressed",
     "skipped",
     "retries",
+    "in_doubt",
 )
 
 
@@ -117,6 +126,29 @@ class GroupOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class Claim:
+    """What ``claim`` answered for one message: its claim code and attempts; for an in-doubt one
+    (:data:`CLAIM_IN_DOUBT`) when its request was issued and to which provider."""
+
+    code: int
+    attempts: int
+    issued_at: float | None = None
+    provider: str = ""
+    #: A claimable message with a ``retry`` record (not one without any).
+    retry: bool = False
+
+
+#: ``Tracker.claim``'s answer when a live worker holds the batch's lease.
+BATCH_BUSY: list[Claim] = []
+
+
+def _in_doubt_fields(raw: bytes | str) -> tuple[float | None, str]:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ts, _, provider = text.partition("|")
+    return (float(ts) if ts else None), provider
+
+
+@dataclass(frozen=True, slots=True)
 class GroupClaim:
     """What ``claim_group`` answered: the group's claim code, and the codes of the other messages.
 
@@ -130,28 +162,38 @@ class GroupClaim:
     members: int
     #: index -> (claim code, attempts) of every message that is not a group member.
     others: dict[int, tuple[int, int]]
+    #: When an in-doubt group's request was issued (None otherwise).
+    issued_at: float | None = None
+    #: index -> when an in-doubt non-member's request was issued.
+    others_issued: dict[int, float] = dataclasses.field(default_factory=dict)
+    #: A live worker holds the batch's lease: nothing was claimed.
+    busy: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class MessageRecord:
-    """One message's stored record, the hash value ``state|attempts|owner|provider_id|code|ts``."""
+    """One message's stored record, the hash value ``state|attempts|owner|provider_id|code|ts``
+    and, once its request was issued, ``|provider`` (the provider it went to)."""
 
     state: str
     attempts: int
-    #: The worker that claimed it last (``sending``: the one sending it now).
+    #: The worker that issued it last (``sending``: the one whose request is on the wire).
     owner: str
     provider_id: str
     code: str
     ts: float | None
+    provider: str = ""
 
     def encode(self) -> bytes:
         ts = "" if self.ts is None else f"{self.ts:.3f}"
-        return f"{self.state}|{self.attempts}|{self.owner}|{self.provider_id}|{self.code}|{ts}".encode()
+        tail = f"|{self.provider}" if self.provider else ""
+        return f"{self.state}|{self.attempts}|{self.owner}|{self.provider_id}|{self.code}|{ts}{tail}".encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> MessageRecord:
-        state, attempts, owner, provider_id, code, ts = raw.decode().split("|", 5)
-        return cls(state, int(attempts or 0), owner, provider_id, code, float(ts) if ts else None)
+        state, attempts, owner, provider_id, code, rest = raw.decode().split("|", 5)
+        ts, _, provider = rest.partition("|")
+        return cls(state, int(attempts or 0), owner, provider_id, code, float(ts) if ts else None, provider)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,11 +255,21 @@ class Record:
     code: str
     ts: float | None
     recipient_id: str = ""
+    #: The provider its request went to ('' when unknown: never issued, or a group's member).
+    provider: str = ""
 
     @classmethod
     def of(cls, batch: int, index: int, stored: MessageRecord, recipient_id: str = "") -> Record:
         return cls(
-            batch, index, stored.state, stored.attempts, stored.provider_id, stored.code, stored.ts, recipient_id
+            batch,
+            index,
+            stored.state,
+            stored.attempts,
+            stored.provider_id,
+            stored.code,
+            stored.ts,
+            recipient_id,
+            stored.provider,
         )
 
 
@@ -241,18 +293,45 @@ class Tracker:
         self._receipt = client.register_script(_script("receipt.lua"))
         self._claim_group = client.register_script(_script("claim_group.lua"))
         self._finish_group = client.register_script(_script("finish_group.lua"))
+        self._issue = client.register_script(_script("issue.lua"))
+        self._release = client.register_script(_script("release.lua"))
 
-    async def claim(
-        self, campaign_id: str, batch: int, owner: str, indices: Sequence[int]
-    ) -> list[tuple[int, int]] | None:
-        """Claim messages; ``None`` when the campaign is not running, else (code, attempts) each."""
+    async def claim(self, campaign_id: str, batch: int, owner: str, indices: Sequence[int]) -> list[Claim] | None:
+        """Take the batch's lease and read its messages' states; ``None`` when the campaign is not
+        running, :data:`BATCH_BUSY` (empty) when a live worker holds the lease, else one
+        :class:`Claim` per index."""
         raw = await self._claim(
             keys=[keys.records(campaign_id, batch), keys.control(campaign_id)],
             args=[owner, f"{time.time():.3f}", keys.worker_alive(""), self._ttl, *indices],
         )
         if raw and raw[0] == -1:
             return None
-        return [(int(raw[i]), int(raw[i + 1])) for i in range(0, len(raw), 2)]
+        if raw and raw[0] == -2:
+            return BATCH_BUSY
+        claims: list[Claim] = []
+        for i in range(0, len(raw), 3):
+            code, attempts = int(raw[i]), int(raw[i + 1])
+            if code == CLAIM_IN_DOUBT:
+                issued_at, provider = _in_doubt_fields(raw[i + 2])
+                claims.append(Claim(code, attempts, issued_at, provider))
+            else:
+                claims.append(Claim(code, attempts, retry=raw[i + 2] in {b"retry", "retry"}))
+        return claims
+
+    async def issue(
+        self, campaign_id: str, batch: int, owner: str, entries: Sequence[tuple[str, int, str]]
+    ) -> list[bool]:
+        """Mark messages ``sending`` as their requests are issued: ``entries`` of (field: an index
+        or ``"g"``, attempts so far, provider). True for each one this owner may send."""
+        args: list[Any] = [owner, f"{time.time():.3f}"]
+        for entry in entries:
+            args.extend(entry)
+        raw = await self._issue(keys=[keys.records(campaign_id, batch)], args=args)
+        return [bool(int(x)) for x in raw]
+
+    async def release(self, campaign_id: str, batch: int, owner: str) -> None:
+        """End a batch's run: drop its lease."""
+        await self._release(keys=[keys.records(campaign_id, batch)], args=[owner])
 
     async def finish(
         self, campaign_id: str, batch: int, owner: str, outcomes: Sequence[Outcome], *, retries: int = 0
@@ -269,8 +348,27 @@ class Tracker:
         )
         if raw and raw[0] == -1:
             return None
-        others = {int(raw[i]): (int(raw[i + 1]), int(raw[i + 2])) for i in range(5, len(raw), 3)}
-        return GroupClaim(int(raw[0]), int(raw[1]), int(raw[2]), int(raw[3]), int(raw[4]), others)
+        if raw and raw[0] == -2:
+            return GroupClaim(CLAIM_BUSY, 0, 0, -1, 0, {}, busy=True)
+        others: dict[int, tuple[int, int]] = {}
+        others_issued: dict[int, float] = {}
+        for i in range(6, len(raw), 4):
+            index, code = int(raw[i]), int(raw[i + 1])
+            others[index] = (code, int(raw[i + 2]))
+            issued, _ = _in_doubt_fields(raw[i + 3])
+            if code == CLAIM_IN_DOUBT and issued is not None:
+                others_issued[index] = issued
+        group_issued, _ = _in_doubt_fields(raw[5])
+        return GroupClaim(
+            int(raw[0]),
+            int(raw[1]),
+            int(raw[2]),
+            int(raw[3]),
+            int(raw[4]),
+            others,
+            issued_at=group_issued,
+            others_issued=others_issued,
+        )
 
     async def finish_group(
         self,
@@ -285,6 +383,52 @@ class Tracker:
         """Record a batch-channel run: ``outcomes`` of single messages first (a group member
         among them leaves the group), then ``group`` for the group's remaining members (``None``:
         the group keeps its claim). Returns the number of messages whose outcome was applied."""
+        applied = await self._finish_group(
+            keys=self._finish_keys(campaign_id, batch),
+            args=self._finish_args(campaign_id, batch, owner, outcomes, group, retries),
+        )
+        return int(applied)
+
+    async def advance(
+        self,
+        campaign_id: str,
+        batch: int,
+        owner: str,
+        outcomes: Sequence[Outcome],
+        entries: Sequence[tuple[str, int, str]],
+        *,
+        retries: int = 0,
+    ) -> list[bool]:
+        """Record ``outcomes`` (as :meth:`finish`) and issue ``entries`` (as :meth:`issue`) in one
+        round trip; the issue answers."""
+        pipe = self._client.pipeline(transaction=False)
+        if outcomes or retries:
+            await self._finish_group(
+                keys=self._finish_keys(campaign_id, batch),
+                args=self._finish_args(campaign_id, batch, owner, outcomes, None, retries),
+                client=pipe,
+            )
+        if entries:
+            args: list[Any] = [owner, f"{time.time():.3f}"]
+            for entry in entries:
+                args.extend(entry)
+            await self._issue(keys=[keys.records(campaign_id, batch)], args=args, client=pipe)
+        results = await pipe.execute()
+        return [bool(int(x)) for x in results[-1]] if entries else []
+
+    @staticmethod
+    def _finish_keys(campaign_id: str, batch: int) -> list[str]:
+        return [keys.records(campaign_id, batch), keys.counters(campaign_id), keys.dead_letters(campaign_id)]
+
+    @staticmethod
+    def _finish_args(  # noqa: PLR0917 - finish_group's arguments, in its order
+        campaign_id: str,
+        batch: int,
+        owner: str,
+        outcomes: Sequence[Outcome],
+        group: GroupOutcome | None,
+        retries: int,
+    ) -> list[Any]:
         if group is not None and group.state not in GROUP_STATES:
             raise ValueError(f"a group record cannot be {group.state!r}")
         args: list[Any] = [owner, f"{time.time():.3f}", batch, retries]
@@ -295,11 +439,7 @@ class Tracker:
         args.append(make_ref(campaign_id, batch, 0)[:-1])
         for o in outcomes:
             args.extend((o.index, o.state, o.attempts, o.provider_id, o.code))
-        applied = await self._finish_group(
-            keys=[keys.records(campaign_id, batch), keys.counters(campaign_id), keys.dead_letters(campaign_id)],
-            args=args,
-        )
-        return int(applied)
+        return args
 
     async def apply_receipt(self, ref: str, state: str, code: str | None, *, channel: str) -> int:
         """Move a sent message of ``channel`` to delivered/failed/bounced; see receipt.lua for
@@ -344,6 +484,7 @@ def iter_outcomes(client: redis.Redis, campaign_id: str, batches: int, *, cancel
                 record.code,
                 record.ts,
                 row.recipient_id,
+                record.provider,
             )
 
 

@@ -139,6 +139,21 @@ def _locked(home: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _previous_port(home: Path) -> int | None:
+    """The port the deployment's server last had, if it can be bound again now."""
+    try:
+        port = int(orjson.loads((home / "valkey.json").read_bytes())["port"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return None
+    return port
+
+
 def _recorded(home: Path) -> tuple[int, int] | None:
     """(pid, port) from the state file, if it names a live process."""
     try:
@@ -205,7 +220,9 @@ def ensure_embedded(home: Path, *, port: int | None = None) -> tuple[EmbeddedSer
         for name in ("valkey.log", "valkey.pid"):
             with contextlib.suppress(FileNotFoundError):
                 (home / name).chmod(0o600)
-        chosen = port or _free_port()
+        # the port it had before, when free: workers that outlived a crash of the server
+        # reconnect to the restarted one on their own (their URL names that port)
+        chosen = port or _previous_port(home) or _free_port()
         args = [
             str(valkey_binary()),
             "-",  # the rest of the configuration (the password) comes on stdin: not in ps
