@@ -291,6 +291,13 @@ class Metrics:
             ("provider", "resolution"),
             registry=r,
         )
+        self._sweeps = Counter(
+            "dispatch_sweeps_total",
+            "What the sweeper did to stalled campaigns: requeued (batches enqueued again), recounted (counters "
+            "recomputed from records).",
+            ("action",),
+            registry=r,
+        )
         self._redis_restarts = Counter(
             "dispatch_redis_restarts_total",
             "Redis restarts a worker noticed (its run id changed) and re-asserted what it knew after.",
@@ -387,6 +394,10 @@ class Metrics:
             ("doubt", provider, resolution),
             lambda: (_code("provider", provider), _code("resolution", resolution)),
         ).inc(n)
+
+    def record_sweep(self, action: str, n: int = 1) -> None:
+        """Count ``n`` repairs of stalled campaigns (``action``: requeued or recounted)."""
+        self._counter(self._sweeps, ("sweep", action), lambda: (_code("action", action),)).inc(n)
 
     def record_redis_restart(self) -> None:
         """Count a Redis restart this process noticed."""

@@ -206,12 +206,12 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     try:
         manifest = load_manifest(client, args.campaign)
         cancelled = client.hget(keys.control(args.campaign), "state") == b"cancelled"
-        fields = ["batch", "index", "recipient_id", "state", "attempts", "provider_id", "code", "ts"]
+        fields = ["batch", "index", "recipient_id", "state", "attempts", "provider", "provider_id", "code", "ts"]
         writer = csv.writer(out) if args.format == "csv" else None
         if writer is not None:
             writer.writerow(fields)
         for r in iter_outcomes(client, args.campaign, manifest.batches, cancelled=cancelled):
-            row = [r.batch, r.index, r.recipient_id, r.state, r.attempts, r.provider_id, r.code, r.ts]
+            row = [r.batch, r.index, r.recipient_id, r.state, r.attempts, r.provider, r.provider_id, r.code, r.ts]
             if writer is not None:
                 writer.writerow(safe_row(row))
             else:

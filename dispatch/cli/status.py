@@ -110,6 +110,11 @@ def render(status: Mapping[str, Any], *, zone: tzinfo, width: int = 40) -> str:
         extra.append(f"{counters['dead_letters']:,} dead letters")
     if extra:
         lines.append(f"also      {', '.join(extra)}")
+    if counters.get("in_doubt"):
+        lines.append(
+            f"in doubt  {counters['in_doubt']:,} held: their provider may have them and cannot tell "
+            "(dead letters; `dispatch retry-failed` sends them again)"
+        )
     cap = status.get("rate")
     cap_text = f", cap {cap:,.1f} msg/s" if cap else ""
     live = status.get("live_rate")

@@ -8,7 +8,7 @@
 -- The batch's run is a lease, field 'L' = owner: a live other owner's lease -> {-2} (the batch
 -- is being sent elsewhere; try later). Returns {-1} when the campaign is not running, else per
 -- index three values: code (0 done: terminal, skip; 1 claimable; 2 in doubt: issued by a run that
--- is gone, it may have reached the provider; 3 busy: a live worker has it on the wire), attempts
+-- is gone, it may have reached the provider; 3 busy: not given since the lease), attempts
 -- so far, and for code 2 the record's ts (when it was issued) and provider, for a 'retry' record
 -- 'retry' (it has been answered since any send: not a record a restart lost), else ''.
 -- An in-doubt record is re-owned (owner = ARGV[1], ts and provider kept): if this run dies too,
@@ -33,15 +33,12 @@ for i = 5, #ARGV do
       string.match(rec, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|?([^|]*)$')
     attempts = tonumber(att) or 0
     if st == 'sending' then
-      -- our own process holds no run of this batch (the engine checks), so our own stale issue
-      -- is as much in doubt as a dead worker's
-      if holder ~= owner and redis.call('EXISTS', alive .. holder) == 1 then
-        code = 3
-      else
-        code = 2
-        extra = ts .. '|' .. (provider or '')
-        redis.call('HSET', KEYS[1], idx, table.concat({st, att, owner, pid, rcode, ts, provider or ''}, '|'))
-      end
+      -- a request is on the wire only while its run holds the lease, and this run holds it now:
+      -- whoever issued it (a dead worker, a live one whose run ended without an answer, our own
+      -- process earlier) no longer has it in flight, so it is in doubt
+      code = 2
+      extra = ts .. '|' .. (provider or '')
+      redis.call('HSET', KEYS[1], idx, table.concat({st, att, owner, pid, rcode, ts, provider or ''}, '|'))
     elseif st == 'retry' then
       code = 1
       extra = 'retry'

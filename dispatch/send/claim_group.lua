@@ -43,9 +43,8 @@ end
 
 local function holder_code(st, holder)
   if st == 'sending' then
-    -- our own process holds no run of this batch (the engine checks), so our own stale claim
-    -- is as orphaned as a dead worker's
-    if holder ~= owner and redis.call('EXISTS', alive .. holder) == 1 then return 3 end
+    -- a request is on the wire only while its run holds the lease, and this run holds it now:
+    -- whoever issued it no longer has it in flight, so it is in doubt
     return 2
   elseif st == 'retry' then
     return 1

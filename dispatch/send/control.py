@@ -313,10 +313,18 @@ class CampaignControl:
         extend_retention(self._client, campaign_id, retention_s)
         ttl = int(retention_s)
         pipe = self._client.pipeline(transaction=False)
-        for key in (control, keys.counters(campaign_id), keys.dead_letters(campaign_id), keys.progress(campaign_id)):
+        for key in (
+            control,
+            keys.counters(campaign_id),
+            keys.dead_letters(campaign_id),
+            keys.progress(campaign_id),
+            keys.done_batches(campaign_id),
+            keys.engagement_counters(campaign_id),
+        ):
             pipe.expire(key, ttl)
         for number in range(manifest.batches):
             pipe.expire(keys.records(campaign_id, number), ttl)
+            pipe.expire(keys.engagement(campaign_id, number), ttl)
         pipe.execute()
         return True
 

@@ -707,6 +707,7 @@ class Engine:
         raw_batch = cast(bytes | None, await self._client.get(keys.batch(campaign_id, batch)))
         snapshot = decode_batch(campaign_id, batch, raw_batch)
         if snapshot.not_before > time.time():
+            await self._tracker.batch_waiting(campaign_id, batch, snapshot.not_before)
             return BatchOutcome(state="waiting", requeue_after=snapshot.not_before - time.time())
         await self._settled()
         mode_class = GroupedMode if channel.messages_per_request > 1 else PerMessageMode
@@ -774,6 +775,7 @@ class Engine:
             return BatchOutcome(state="in_doubt", requeue_after=IN_DOUBT_RECHECK_S)
         if any(item.outcome is not None and item.outcome.state == "retry" for item in items):
             return BatchOutcome(state="retry", requeue_after=max(ctx.long_wait, 1.0))
+        await self._tracker.batch_done(campaign_id, batch)
         return BatchOutcome(state="done", requeue_after=None)
 
     def _issuer(self, ctx: SendContext, mode: SendMode) -> Callable[[list[Item]], Awaitable[list[Item]]]:

@@ -40,7 +40,7 @@ from dispatch.plan.calibration import (
 )
 from dispatch.rules.frequency import AsyncFrequencyStore, FrequencyCap
 from dispatch.rules.suppression import AsyncSuppressionStore, check_suppression_key, hasher_for
-from dispatch.send.broker import BROKER_NAMESPACE, QUEUE
+from dispatch.send.broker import BROKER_NAMESPACE, QUEUE, enqueue_batch
 from dispatch.send.control import CampaignControl
 from dispatch.send.engine import (
     BatchFilter,
@@ -59,6 +59,7 @@ from dispatch.send.fence import RecentFence
 from dispatch.send.journal import Journal
 from dispatch.send.reconcile import Reconciler
 from dispatch.send.retry import RetryPolicy
+from dispatch.send.sweeper import Sweeper
 from dispatch.send.tracking import Tracker
 from dispatch.store import keys
 from monitoring.exposition import MetricsServer, start_metrics_server
@@ -153,6 +154,12 @@ class WorkerRuntime:
         self._fleet = FleetSpeed(self._sync)
         self._prober = threading.Thread(target=self._probe_speed, name="dispatch-speed-probe", daemon=True)
         self._redis_check: Future[bool] | None = None
+        self._sweeper = Sweeper(
+            self._sync,
+            lambda campaign_id, batch: enqueue_batch(self._broker, campaign_id, batch),
+            owner=owner,
+            on_action=self.metrics.record_sweep,
+        )
 
     @property
     def engine(self) -> Engine:
@@ -284,6 +291,7 @@ class WorkerRuntime:
                 if time.monotonic() - last_gauges >= GAUGES_EVERY_S:
                     last_gauges = time.monotonic()
                     self._refresh_gauges()
+                    self._sweeper.sweep()
             except (redis.RedisError, DispatchError) as exc:  # Redis restarting: keep trying
                 log.warning("heartbeat failed: %s", exc)
 

@@ -329,6 +329,20 @@ class Tracker:
         raw = await self._issue(keys=[keys.records(campaign_id, batch)], args=args)
         return [bool(int(x)) for x in raw]
 
+    async def batch_done(self, campaign_id: str, batch: int) -> None:
+        """Every message of the batch has its final outcome (``dispatch.send.sweeper`` reads it)."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.sadd(keys.done_batches(campaign_id), batch)
+        pipe.expire(keys.done_batches(campaign_id), self._ttl)
+        await pipe.execute()
+
+    async def batch_waiting(self, campaign_id: str, batch: int, until: float) -> None:
+        """The batch may not be sent before ``until`` (epoch s): it is not stalled meanwhile."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hset(keys.records(campaign_id, batch), "W", f"{until:.3f}")
+        pipe.expire(keys.records(campaign_id, batch), self._ttl)
+        await pipe.execute()
+
     async def release(self, campaign_id: str, batch: int, owner: str) -> None:
         """End a batch's run: drop its lease."""
         await self._release(keys=[keys.records(campaign_id, batch)], args=[owner])

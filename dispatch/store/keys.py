@@ -12,12 +12,14 @@ from __future__ import annotations
 __all__ = [
     "CAMPAIGNS",
     "RESERVED_ID_PREFIX",
+    "SWEEPER",
     "TRIGGERED_PREFIX",
     "WORKER_SPEED",
     "batch",
     "control",
     "counters",
     "dead_letters",
+    "done_batches",
     "engagement",
     "engagement_counters",
     "is_triggered",
@@ -80,6 +82,15 @@ def engagement(cid: str, n: int) -> str:
 def engagement_counters(cid: str) -> str:
     """Hash of a campaign's engagement counts: event -> messages with that event (each once)."""
     return f"{PREFIX}:{{{cid}}}:engagement"
+
+
+def done_batches(cid: str) -> str:
+    """Set of a campaign's batch numbers whose every message has its final outcome."""
+    return f"{PREFIX}:{{{cid}}}:done"
+
+
+#: The sweeper's election key: one worker at a time looks for stalled campaigns.
+SWEEPER = f"{PREFIX}:sweeper"
 
 
 def dead_letters(cid: str) -> str:
