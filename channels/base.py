@@ -6,6 +6,14 @@ message may hold (body limits) is the channel spec's, in ``channels.registry``. 
 never returns a bare bool: each message's outcome is ``Sent`` (with the provider's id),
 ``Retryable`` (with ``retry_after`` when the provider gave one) or ``Permanent`` (with the
 provider's error code).
+
+Reconciliation: when a worker died with requests on the wire, their fate is in doubt
+(``InFlight``). Before anything is resent to a provider that ignores idempotency keys, the engine
+asks the channel: ``lookup`` answers one ``LookupResult`` per request: ``Found`` (the provider has
+it: it was sent), ``NotFound`` (the provider has no record: safe to send again) or ``Undecided``
+(no lookup API, the lookup failed, or the provider's records may not be complete yet). A channel
+with a lookup sets ``can_lookup``; the default answers ``Undecided`` for every request.
+Lookups never put addresses into reasons, logs or exceptions.
 """
 
 from __future__ import annotations
@@ -16,7 +24,20 @@ from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-__all__ = ["Channel", "Message", "Permanent", "Result", "Retryable", "Sent", "send_each"]
+__all__ = [
+    "Channel",
+    "Found",
+    "InFlight",
+    "LookupResult",
+    "Message",
+    "NotFound",
+    "Permanent",
+    "Result",
+    "Retryable",
+    "Sent",
+    "Undecided",
+    "send_each",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,6 +93,47 @@ class Permanent:
 Result = Sent | Retryable | Permanent
 
 
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """A request whose fate is in doubt: it was on the wire when its worker died."""
+
+    #: Our opaque ref (campaign.batch.index).
+    ref: str
+    address: str
+    #: The rendered body as it was sent.
+    body: str
+    subject: str | None
+    idempotency_key: str
+    #: Epoch seconds when the request was issued.
+    issued_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """The provider has the message: it was sent (``provider_id`` as ``send`` would give it)."""
+
+    ref: str
+    provider_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class NotFound:
+    """The provider has no record of the message: safe to send again."""
+
+    ref: str
+
+
+@dataclass(frozen=True, slots=True)
+class Undecided:
+    """Cannot tell (no lookup API, the lookup failed, the provider's records may lag)."""
+
+    ref: str
+    reason: str
+
+
+LookupResult = Found | NotFound | Undecided
+
+
 async def send_each(requests: Iterable[Awaitable[Result]]) -> list[Result]:
     """Run one request per message concurrently, for per-message APIs.
 
@@ -105,6 +167,9 @@ class Channel(ABC):
     #: instance may set it from its configuration (Twilio honours the key only behind a proxy
     #: or mock that implements it).
     supports_idempotency: bool = False
+    #: Whether ``lookup`` can ask the provider what it has (a plain attribute, like
+    #: ``supports_idempotency``: SendGrid's lookup needs a paid add-on the configuration enables).
+    can_lookup: bool = False
 
     def cost(self, message: Message) -> int:
         """Rate-limit units one message costs (SMS: segments). Default: 1."""
@@ -117,6 +182,14 @@ class Channel(ABC):
         Raises ``ProviderError`` subclasses only for failures of the call as a whole that the
         channel could not attribute to messages.
         """
+
+    async def lookup(self, messages: Sequence[InFlight]) -> list[LookupResult]:
+        """Ask the provider about in-doubt requests: one result per message, in the same order.
+
+        Never raises for a provider failure: that is ``Undecided`` with a reason (no address in it).
+        The default (no lookup API) answers ``Undecided`` for each.
+        """
+        return [Undecided(message.ref, "no lookup API") for message in messages]
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources the channel owns (not a shared HTTP session)."""

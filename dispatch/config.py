@@ -294,7 +294,9 @@ class Settings:
     sms_from: str = Field(default="+15005550006", description="sender number (E.164)")
     sms_rate: float = Field(default=0.0, ge=0, description="SMS segments per second for the account; 0 = unlimited")
     sms_honours_idempotency: bool = Field(
-        default=True, description="the SMS endpoint honours Idempotency-Key (the mock does; real Twilio does not)"
+        default=True,
+        description="the SMS endpoint honours Idempotency-Key (real Twilio does not; the mock only with "
+        "--honour-idempotency)",
     )
     email_base_url: str = Field(
         default="http://127.0.0.1:8099", description="SendGrid API base URL (or the mock provider's)"
@@ -309,6 +311,11 @@ class Settings:
         default=False,
         description="the email endpoint honours Idempotency-Key (SendGrid does not: an email in flight when its worker "
         "dies is dead-lettered as inflight_unknown, not resent; true only for an endpoint that deduplicates)",
+    )
+    email_activity_api: bool = Field(
+        default=False,
+        description="the SendGrid account has the Email Activity API (a paid add-on): in-doubt emails are looked up "
+        "there before any resend",
     )
     push_base_url: str = Field(
         default="http://127.0.0.1:8099", description="FCM HTTP v1 base URL (or the mock provider's)"
