@@ -27,6 +27,8 @@ from channels.email import SendGridConfig, SendGridEmail
 from channels.push import PROVIDER as FCM_PROVIDER
 from channels.push import FcmConfig, FcmPush
 from channels.sms import LOOKUP_SKEW_S, TwilioConfig, TwilioSms
+from dispatch.config import Settings
+from loadtest.cluster import LocalCluster
 from loadtest.mock_ledger import JournalError
 from loadtest.mock_provider import FaultMix, MockConfig, MockProvider
 from loadtest.mock_sendgrid import parse_activity_query
@@ -490,4 +492,33 @@ async def test_sigkilled_mock_keeps_its_ledger(session: aiohttp.ClientSession, t
     finally:
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 20) == 0
+    assert (stats["accepted"], stats["restored"], stats["duplicates"]) == (2, 1, 1)
+
+
+def test_a_cluster_restarts_its_mock_on_the_same_port_with_its_ledger(
+    cluster_settings: Settings, tmp_path: Path
+) -> None:
+    """``LocalCluster.restart_mock``: a SIGKILLed mock comes back at the same URL, its ledger read
+    back from ``--ledger``, so a message accepted before and after counts as one duplicate."""
+    import urllib.request
+    from urllib.parse import urlencode
+
+    journal = tmp_path / "cluster-ledger.jsonl"
+    sid, token = cluster_settings.sms_account_sid, cluster_settings.sms_auth_token.reveal()
+    form = urlencode({"To": "+15553008888", "From": FROM, "Body": "drill"}).encode()
+    headers = {"Authorization": aiohttp.encode_basic_auth(sid, token)}
+
+    def send(url: str) -> int:
+        request = urllib.request.Request(f"{url}/2010-04-01/Accounts/{sid}/Messages.json", form, headers)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status: int = response.status
+            return status
+
+    with LocalCluster(cluster_settings, workers=0, mock_args=["--ledger", str(journal)]) as cluster:
+        before = cluster.mock_url
+        assert send(before) == 201
+        cluster.restart_mock(kill=True)
+        assert cluster.mock_url == before
+        assert send(cluster.mock_url) == 201
+        stats = cluster.mock_stats()
     assert (stats["accepted"], stats["restored"], stats["duplicates"]) == (2, 1, 1)
