@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -44,24 +44,35 @@ class Journal:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # unbuffered: a line is in the kernel's page cache once append returns, so a SIGKILL
-        # of the mock does not lose it (an OS crash may; the mock does not fsync)
-        self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
+        #: Opened on the first write (a journal that fails to read back leaves nothing open).
+        self._file: BinaryIO | None = None
+
+    def _writer(self) -> BinaryIO:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # unbuffered: a line is in the kernel's page cache once append returns, so a SIGKILL
+            # of the mock does not lose it (an OS crash may: the mock does not fsync)
+            self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
+        return self._file
 
     def read(self) -> Iterator[dict[str, Any]]:
-        """The lines written so far; a torn last line (the mock was killed mid-write) is skipped."""
-        with open(self.path, "rb") as handle:
-            lines = handle.read().split(b"\n")
-        last = len(lines) - 1
-        for number, line in enumerate(lines, 1):
+        """The lines written so far. A torn last line (the mock was killed mid-write: that request
+        never got its answer) is cut off the file, so the next line written starts clean."""
+        try:
+            with open(self.path, "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            return
+        complete = data.rfind(b"\n") + 1
+        if complete < len(data):
+            with open(self.path, "r+b") as handle:
+                handle.truncate(complete)
+        for number, line in enumerate(data[:complete].split(b"\n"), 1):
             if not line.strip():
                 continue
             try:
                 entry = orjson.loads(line)
             except orjson.JSONDecodeError:
-                if number - 1 == last:  # written partly when the mock died: the request never got an answer
-                    continue
                 raise JournalError(f"{self.path}: line {number} is not JSON") from None
             if not isinstance(entry, dict):
                 raise JournalError(f"{self.path}: line {number} is not a JSON object")
@@ -71,15 +82,18 @@ class Journal:
         if entries:
             data = b"".join(orjson.dumps(entry) + b"\n" for entry in entries)
             view = memoryview(data)
+            writer = self._writer()
             while view:  # a raw write may be partial
-                written = self._file.write(view)
+                written = writer.write(view)
                 view = view[written or 0 :]
 
     def truncate(self) -> None:
-        self._file.truncate(0)
+        self._writer().truncate(0)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class Ledger:

@@ -6,6 +6,7 @@ and the mock's ledger surviving its own restart (and SIGKILL).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -30,6 +31,7 @@ from channels.sms import LOOKUP_SKEW_S, TwilioConfig, TwilioSms
 from dispatch.config import Settings
 from loadtest.cluster import LocalCluster
 from loadtest.mock_ledger import JournalError
+from loadtest.mock_options import add_behaviour_options, behaviour_argv
 from loadtest.mock_provider import FaultMix, MockConfig, MockProvider
 from loadtest.mock_sendgrid import parse_activity_query
 
@@ -445,9 +447,21 @@ async def test_journal_skips_a_torn_last_line_and_refuses_a_broken_one(mock_of: 
     journal.write_bytes(orjson.dumps(line) + b"\n" + b'{"ch": "pu')
     async with mock_of(ledger_path=journal) as mock:
         assert mock.ledger.restored == 1
+    assert journal.read_bytes() == orjson.dumps(line) + b"\n"
+    async with mock_of(ledger_path=journal) as mock:  # and the next start reads it cleanly
+        assert mock.ledger.restored == 1
     journal.write_bytes(b'{"ch": "pu\n' + orjson.dumps(line) + b"\n")
     with pytest.raises(JournalError, match="line 1"):
         MockProvider(MockConfig(ledger_path=journal))
+
+
+def test_mock_behaviour_options_are_passed_on_as_given() -> None:
+    """``dispatch mock-provider`` hands its behaviour options to ``python -m loadtest.mock_provider``."""
+    parser = argparse.ArgumentParser()
+    add_behaviour_options(parser)
+    argv = ["--honour-idempotency", "--ledger", "ledger.jsonl", "--no-email-activity"]
+    assert behaviour_argv(parser.parse_args(argv)) == argv
+    assert behaviour_argv(parser.parse_args([])) == []
 
 
 async def _start_mock_process(journal: Path) -> tuple[asyncio.subprocess.Process, str]:
