@@ -152,7 +152,8 @@ class MockConfig:
     #: Append every accepted message to this file and replay it at start-up, so the ledger's
     #: counts (and the lookup APIs) survive a restart of the mock. None: in memory only.
     ledger_path: Path | None = None
-    #: Messages the lookup APIs (Twilio's Messages list, SendGrid's activity feed) remember.
+    #: Messages the lookup APIs (Twilio's Messages list, SendGrid's activity feed) remember, the
+    #: newest (a provider keeps months; ~0.5 KB each here). Reconciliation looks back minutes.
     lookup_messages: int = 200_000
     #: Seconds after acceptance a Twilio message leaves ``queued`` (gets ``date_sent``).
     twilio_sent_after_s: float = 1.0

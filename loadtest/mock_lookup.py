@@ -11,7 +11,7 @@ They are rebuilt from the ledger's journal when the mock restarts.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,8 @@ class SmsStore:
         self.limit = limit
         self._seq = 0
         self._all: deque[SmsRecord] = deque()
-        self._by_to: dict[str, deque[SmsRecord]] = {}
+        # lists, not deques, per number: most numbers hold one message (an empty deque is ~600 bytes)
+        self._by_to: dict[str, list[SmsRecord]] = {}
         self._by_sid: dict[str, SmsRecord] = {}
 
     def add(
@@ -45,7 +46,7 @@ class SmsStore:
         self._seq += 1
         record = SmsRecord(self._seq, sid, to, from_, messaging_service_sid, body, created)
         self._all.append(record)
-        self._by_to.setdefault(to, deque()).append(record)
+        self._by_to.setdefault(to, []).append(record)
         self._by_sid[sid] = record
         while len(self._all) > self.limit:
             self._forget(self._all.popleft())
@@ -53,17 +54,14 @@ class SmsStore:
 
     def _forget(self, old: SmsRecord) -> None:
         del self._by_sid[old.sid]
-        same = self._by_to[old.to]
-        same.popleft()  # records are appended in order: the oldest of its number is first
-        if not same:
-            del self._by_to[old.to]
+        _drop_oldest(self._by_to, old.to)
 
     def get(self, sid: str) -> SmsRecord | None:
         return self._by_sid.get(sid)
 
     def newest_first(self, to: str | None = None, *, before_seq: int | None = None) -> Iterator[SmsRecord]:
         """Records (to ``to`` if given), newest first, from just below ``before_seq`` if given."""
-        records = self._all if to is None else self._by_to.get(to, deque())
+        records: Sequence[SmsRecord] = self._all if to is None else self._by_to.get(to, [])
         for record in reversed(records):
             if before_seq is None or record.seq < before_seq:
                 yield record
@@ -99,15 +97,15 @@ class EmailStore:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._all: deque[EmailRecord] = deque()
-        self._by_to: dict[str, deque[EmailRecord]] = {}
-        self._by_ref: dict[str, deque[EmailRecord]] = {}
+        self._by_to: dict[str, list[EmailRecord]] = {}
+        self._by_ref: dict[str, list[EmailRecord]] = {}
 
     def add(self, record: EmailRecord) -> None:
         self._all.append(record)
-        self._by_to.setdefault(record.to_email, deque()).append(record)
+        self._by_to.setdefault(record.to_email, []).append(record)
         ref = record.unique_args.get("ref")
         if ref is not None:
-            self._by_ref.setdefault(ref, deque()).append(record)
+            self._by_ref.setdefault(ref, []).append(record)
         while len(self._all) > self.limit:
             old = self._all.popleft()
             _drop_oldest(self._by_to, old.to_email)
@@ -117,10 +115,11 @@ class EmailStore:
 
     def candidates(self, *, to_email: str | None = None, ref: str | None = None) -> Iterator[EmailRecord]:
         """Newest first, narrowed by the most selective index the query allows."""
+        records: Sequence[EmailRecord]
         if ref is not None:
-            records = self._by_ref.get(ref, deque())
+            records = self._by_ref.get(ref, [])
         elif to_email is not None:
-            records = self._by_to.get(to_email, deque())
+            records = self._by_to.get(to_email, [])
         else:
             records = self._all
         return reversed(records)
@@ -129,8 +128,9 @@ class EmailStore:
         return len(self._all)
 
 
-def _drop_oldest(index: dict[str, deque[Any]], key: str) -> None:
+def _drop_oldest(index: dict[str, list[Any]], key: str) -> None:
+    """Forget the oldest record under ``key`` (records are appended in order: it is the first)."""
     same = index[key]
-    same.popleft()
+    del same[0]
     if not same:
         del index[key]

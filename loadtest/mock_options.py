@@ -25,6 +25,13 @@ def add_behaviour_options(parser: argparse.ArgumentParser) -> None:
         help="append every accepted message to FILE and replay it at start-up (counts survive a restart)",
     )
     parser.add_argument(
+        "--lookup-messages",
+        type=int,
+        default=None,
+        metavar="N",
+        help="messages the lookup APIs remember, newest first (default 200,000; ~0.5 KB each)",
+    )
+    parser.add_argument(
         "--no-email-activity",
         action="store_true",
         help="do not serve SendGrid's Email Activity API (a paid add-on): GET /v3/messages answers 403",
@@ -38,6 +45,8 @@ def behaviour_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--honour-idempotency")
     if args.ledger is not None:
         argv += ["--ledger", str(args.ledger)]
+    if args.lookup_messages is not None:
+        argv += ["--lookup-messages", str(args.lookup_messages)]
     if args.no_email_activity:
         argv.append("--no-email-activity")
     return argv

@@ -287,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         honour_idempotency=args.honour_idempotency,
         ledger_path=args.ledger,
         email_activity=not args.no_email_activity,
+        **({} if args.lookup_messages is None else {"lookup_messages": args.lookup_messages}),
     )
     run_mock_provider(args.host, args.port, config, ready_file=args.ready_file)
     return 0

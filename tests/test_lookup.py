@@ -267,6 +267,22 @@ async def test_mock_date_sent_filter_misses_queued_messages_as_twilio_does(
     assert bad == (400, 20001)
 
 
+async def test_mock_lookups_remember_the_newest_messages(mock_of: MockFactory, session: aiohttp.ClientSession) -> None:
+    number = "+15553001212"
+    async with mock_of(lookup_messages=2) as mock:
+        sent = await twilio(session, mock).send([message(i, to=number, body=f"m{i}") for i in range(3)])
+        await sendgrid(session, mock).send([email(0), email(1), email(2)])
+        async with session.get(messages_url(mock), params={"To": number}, headers=AUTH) as response:
+            listed = [item["sid"] for item in (await response.json())["messages"]]
+        oldest = sent[0]
+        assert isinstance(oldest, Sent)
+        async with session.get(f"{messages_url(mock)[:-5]}/{oldest.provider_id}.json", headers=AUTH) as response:
+            forgotten = response.status
+        found = await sendgrid(session, mock).lookup([in_flight(email(i), 0.0) for i in range(3)])
+    assert listed == [r.provider_id for r in sent[:0:-1] if isinstance(r, Sent)] and forgotten == 404
+    assert [type(answer) for answer in found] == [NotFound, Found, Found]
+
+
 # -- SendGrid: the adapter's lookup and the mock's Email Activity API ---------------------------
 
 
@@ -459,7 +475,7 @@ def test_mock_behaviour_options_are_passed_on_as_given() -> None:
     """``dispatch mock-provider`` hands its behaviour options to ``python -m loadtest.mock_provider``."""
     parser = argparse.ArgumentParser()
     add_behaviour_options(parser)
-    argv = ["--honour-idempotency", "--ledger", "ledger.jsonl", "--no-email-activity"]
+    argv = ["--honour-idempotency", "--ledger", "ledger.jsonl", "--lookup-messages", "10", "--no-email-activity"]
     assert behaviour_argv(parser.parse_args(argv)) == argv
     assert behaviour_argv(parser.parse_args([])) == []
 
