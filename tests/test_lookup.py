@@ -331,6 +331,11 @@ async def test_sendgrid_lookup_needs_the_add_on(mock_of: MockFactory, session: a
     async with mock_of(email_activity=False) as without:  # configured on, the account has no add-on
         (answer,) = await sendgrid(session, without).lookup([doubt])
     assert isinstance(answer, Undecided) and "403" in answer.reason and "@" not in answer.reason
+    async with mock_of(faults=FaultMix(p_503=1.0)) as failing:
+        (unavailable,) = await sendgrid(session, failing).lookup([doubt])
+        (unauthorised,) = await sendgrid(session, failing, api_key="SG.wrong").lookup([doubt])
+    assert isinstance(unavailable, Undecided) and "503" in unavailable.reason
+    assert isinstance(unauthorised, Undecided) and "401" in unauthorised.reason
 
 
 async def test_mock_activity_api_answers_in_sendgrid_shape(
