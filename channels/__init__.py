@@ -1,7 +1,19 @@
 """Provider adapters, each speaking one provider's public wire format, and the registry of
 channels and providers (``channels.registry``; the standard one: :func:`default_registry`)."""
 
-from channels.base import Channel, Message, Permanent, Result, Retryable, Sent
+from channels.base import (
+    Channel,
+    Found,
+    InFlight,
+    LookupResult,
+    Message,
+    NotFound,
+    Permanent,
+    Result,
+    Retryable,
+    Sent,
+    Undecided,
+)
 from channels.errors import (
     ChannelConfigError,
     ChannelError,
@@ -26,7 +38,11 @@ __all__ = [
     "ChannelSpec",
     "DuplicateChannel",
     "DuplicateProvider",
+    "Found",
+    "InFlight",
+    "LookupResult",
     "Message",
+    "NotFound",
     "Permanent",
     "PermanentProviderError",
     "ProviderConnectionError",
@@ -40,6 +56,7 @@ __all__ = [
     "Retryable",
     "RetryableProviderError",
     "Sent",
+    "Undecided",
     "UnknownChannel",
     "default_registry",
 ]

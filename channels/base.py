@@ -6,6 +6,14 @@ message may hold (body limits) is the channel spec's, in ``channels.registry``. 
 never returns a bare bool: each message's outcome is ``Sent`` (with the provider's id),
 ``Retryable`` (with ``retry_after`` when the provider gave one) or ``Permanent`` (with the
 provider's error code).
+
+Reconciliation: when a worker died with requests on the wire, their fate is in doubt
+(``InFlight``). Before anything is resent to a provider that ignores idempotency keys, the engine
+asks the channel: ``lookup`` answers one ``LookupResult`` per request: ``Found`` (the provider has
+it: it was sent), ``NotFound`` (the provider has no record: safe to send again) or ``Undecided``
+(no lookup API, the lookup failed, or the provider's records may not be complete yet). A channel
+with a lookup sets ``can_lookup``; the default answers ``Undecided`` for every request.
+Lookups never put addresses into reasons, logs or exceptions.
 """
 
 from __future__ import annotations
@@ -87,7 +95,7 @@ Result = Sent | Retryable | Permanent
 
 @dataclass(frozen=True, slots=True)
 class InFlight:
-    """A request whose fate is in doubt: it was issued, and no answer about it was recorded."""
+    """A request whose fate is in doubt: it was on the wire when its worker died."""
 
     #: Our opaque ref (campaign.batch.index).
     ref: str
@@ -96,13 +104,13 @@ class InFlight:
     body: str
     subject: str | None
     idempotency_key: str
-    #: When the request was issued (epoch seconds).
+    #: Epoch seconds when the request was issued.
     issued_at: float
 
 
 @dataclass(frozen=True, slots=True)
 class Found:
-    """The provider has the message: it was sent."""
+    """The provider has the message: it was sent (``provider_id`` as ``send`` would give it)."""
 
     ref: str
     provider_id: str
@@ -110,14 +118,14 @@ class Found:
 
 @dataclass(frozen=True, slots=True)
 class NotFound:
-    """The provider has no record of the message: it is safe to send again."""
+    """The provider has no record of the message: safe to send again."""
 
     ref: str
 
 
 @dataclass(frozen=True, slots=True)
 class Undecided:
-    """The provider cannot tell (no lookup API, the lookup failed, its records may lag)."""
+    """Cannot tell (no lookup API, the lookup failed, the provider's records may lag)."""
 
     ref: str
     reason: str
@@ -159,6 +167,9 @@ class Channel(ABC):
     #: instance may set it from its configuration (Twilio honours the key only behind a proxy
     #: or mock that implements it).
     supports_idempotency: bool = False
+    #: Whether ``lookup`` can ask the provider what it has (a plain attribute, like
+    #: ``supports_idempotency``: SendGrid's lookup needs a paid add-on the configuration enables).
+    can_lookup: bool = False
 
     def cost(self, message: Message) -> int:
         """Rate-limit units one message costs (SMS: segments). Default: 1."""
@@ -172,13 +183,13 @@ class Channel(ABC):
         channel could not attribute to messages.
         """
 
-    #: Whether :meth:`lookup` asks the provider (False: it answers ``Undecided`` for everything).
-    can_lookup: bool = False
-
     async def lookup(self, messages: Sequence[InFlight]) -> list[LookupResult]:
-        """Ask the provider whether requests in doubt reached it; one result per message, in
-        order. Default: the provider has no lookup API."""
-        return [Undecided(m.ref, "no lookup API") for m in messages]
+        """Ask the provider about in-doubt requests: one result per message, in the same order.
+
+        Never raises for a provider failure: that is ``Undecided`` with a reason (no address in it).
+        The default (no lookup API) answers ``Undecided`` for each.
+        """
+        return [Undecided(message.ref, "no lookup API") for message in messages]
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources the channel owns (not a shared HTTP session)."""

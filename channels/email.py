@@ -28,6 +28,17 @@ request); 413 -> the request is split in halves; 401/403 or a 400 no message exp
 
 ``cost()`` is 1 per message: SendGrid's limits count requests and recipients, and a message is
 one recipient. A rate limit on *requests* should divide by ``max_batch``.
+
+Reconciliation (``lookup``) uses SendGrid's Email Activity API, a paid add-on: only when
+``SendGridConfig.activity_api`` says the deployment has it (setting ``email_activity_api``;
+otherwise ``can_lookup`` is false and every request is ``Undecided``). Each in-doubt request is
+one ``GET /v3/messages?limit=10&query=unique_args['ref']="<ref>"`` (our ``custom_args`` carry the
+ref, and nothing else identifies a recipient without the address): a message listed is
+``Found(provider_id=<X-Message-Id>:<ref>)``, the form ``send`` gives (the activity feed's
+``msg_id`` is the ``X-Message-Id`` followed by ``.filter...``). The feed lags by seconds to
+minutes, so an empty answer is ``NotFound`` only for a request issued at least
+``activity_lag_s`` ago, else ``Undecided("activity feed may lag")``. HTTP errors and timeouts
+are ``Undecided``.
 """
 
 from __future__ import annotations
@@ -37,19 +48,33 @@ import hashlib
 import re
 import string
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import urlencode
 
 import aiohttp
 import orjson
 
 from channels._http import json_or_none, parse_retry_after, retryable_from, translate_errors
-from channels.base import Channel, Message, Permanent, Result, Retryable, Sent
-from channels.errors import ChannelConfigError, PermanentProviderError, RetryableProviderError
+from channels.base import (
+    Channel,
+    Found,
+    InFlight,
+    LookupResult,
+    Message,
+    NotFound,
+    Permanent,
+    Result,
+    Retryable,
+    Sent,
+    Undecided,
+)
+from channels.errors import ChannelConfigError, PermanentProviderError, ProviderError, RetryableProviderError
 from channels.registry import ProviderSettings, ProviderSpec
 
 __all__ = [
+    "ACTIVITY_LAG_S",
     "MAX_PERSONALIZATIONS",
     "PROVIDER",
     "SendGridConfig",
@@ -61,6 +86,11 @@ __all__ = [
 #: SendGrid's per-request limit on personalizations (and on recipients in total).
 MAX_PERSONALIZATIONS: Final = 1000
 _PERSONALIZATION_FIELD: Final = re.compile(r"^personalizations\.(\d+)")
+#: Seconds the Email Activity feed may lag behind mail send: an empty answer for a request issued
+#: more recently proves nothing.
+ACTIVITY_LAG_S: Final = 120.0
+#: Activity queries in flight at once (the Email Activity API's rate limit is low).
+LOOKUP_CONCURRENCY: Final = 4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -79,8 +109,13 @@ class SendGridConfig:
     unsubscribe_url: str | None = None
     unsubscribe_mailto: str | None = None
     timeout_s: float = 30.0
-    #: Set only when the endpoint honours ``Idempotency-Key`` (the mock does, SendGrid does not).
+    #: Set only when the endpoint honours ``Idempotency-Key`` (an idempotent proxy, the mock with
+    #: ``honour_idempotency``; SendGrid does not).
     honours_idempotency: bool = False
+    #: The account has the Email Activity API (a paid add-on): reconciliation may look up.
+    activity_api: bool = False
+    #: Seconds an email may take to show in the activity feed (see ``ACTIVITY_LAG_S``).
+    activity_lag_s: float = ACTIVITY_LAG_S
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -94,6 +129,8 @@ class SendGridConfig:
             )
         if self.timeout_s <= 0:
             raise ChannelConfigError("SendGridConfig.timeout_s must be positive")
+        if self.activity_lag_s < 0:
+            raise ChannelConfigError("SendGridConfig.activity_lag_s must not be negative")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,12 +185,17 @@ class SendGridEmail(Channel):
     max_batch = MAX_PERSONALIZATIONS
     messages_per_request = MAX_PERSONALIZATIONS
 
-    def __init__(self, session: aiohttp.ClientSession, config: SendGridConfig) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, config: SendGridConfig, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self._session = session
         self._config = config
         self._url = f"{config.base_url.rstrip('/')}/v3/mail/send"
+        self._activity_url = f"{config.base_url.rstrip('/')}/v3/messages"
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+        self._clock = clock
         self.supports_idempotency = config.honours_idempotency
+        self.can_lookup = config.activity_api
         self._attributes_key = "dynamic_template_data" if config.template_id else "substitutions"
         targets = []
         if config.unsubscribe_mailto:
@@ -320,6 +362,52 @@ class SendGridEmail(Channel):
                 results[i] = Retryable(messages[i].ref, reason, status=status)
         return [result for result in results if result is not None]
 
+    # -- reconciliation -------------------------------------------------------------------------
+
+    async def lookup(self, messages: Sequence[InFlight]) -> list[LookupResult]:
+        if not self.can_lookup:
+            return await super().lookup(messages)
+        gate = asyncio.Semaphore(LOOKUP_CONCURRENCY)
+
+        async def one(message: InFlight) -> LookupResult:
+            async with gate:
+                return await self._lookup_one(message)
+
+        return list(await asyncio.gather(*(one(message) for message in messages)))
+
+    async def _lookup_one(self, message: InFlight) -> LookupResult:
+        ref = message.ref
+        query = f"unique_args['ref']=\"{_quoted(ref)}\""
+        url = f"{self._activity_url}?{urlencode({'limit': '10', 'query': query})}"
+        try:
+            with translate_errors(self.provider + " lookup"):
+                async with self._session.get(
+                    url, headers={"Authorization": f"Bearer {self._config.api_key}"}, timeout=self._timeout
+                ) as response:
+                    raw = await response.read()
+                    status = response.status
+        except ProviderError as exc:
+            return Undecided(ref, str(exc))
+        if status in (401, 403):
+            return Undecided(ref, f"sendgrid lookup: HTTP {status} (is the Email Activity add-on enabled for the key?)")
+        if status != 200:
+            return Undecided(ref, f"sendgrid lookup: HTTP {status}")
+        listed = (json_or_none(raw) or {}).get("messages")
+        if not isinstance(listed, list):
+            return Undecided(ref, "sendgrid lookup: unreadable answer")
+        for item in listed:
+            msg_id = item.get("msg_id") if isinstance(item, dict) else None
+            if isinstance(msg_id, str) and msg_id:
+                return Found(ref, f"{msg_id.split('.', 1)[0]}:{ref}")
+        if self._clock() - message.issued_at >= self._config.activity_lag_s:
+            return NotFound(ref)
+        return Undecided(ref, "activity feed may lag")
+
+
+def _quoted(value: str) -> str:
+    """``value`` inside a double-quoted activity query string."""
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
 
 def _errors(raw: bytes) -> list[Mapping[str, Any]]:
     payload = json_or_none(raw) or {}
@@ -358,12 +446,14 @@ def from_settings(session: aiohttp.ClientSession, settings: ProviderSettings) ->
             from_email=settings.text("from"),
             unsubscribe_url=settings.text("unsubscribe_url"),
             honours_idempotency=settings.flag("honours_idempotency"),
+            activity_api=settings.flag("activity_api"),
         ),
     )
 
 
-#: SendGrid in the registry (``channels.standard.default_registry``). Its Email Activity API needs
-#: a paid add-on, so reconciliation does not count on a lookup.
+#: SendGrid in the registry (``channels.standard.default_registry``). It has a lookup API, the
+#: Email Activity API, but as a paid add-on: an adapter can look up only when the setting
+#: ``email_activity_api`` says the account has it (``SendGridEmail.can_lookup``).
 PROVIDER: Final = ProviderSpec(
     adapter=SendGridEmail,
     settings_section="email",
@@ -371,4 +461,5 @@ PROVIDER: Final = ProviderSpec(
     idempotency_configurable=True,
     receipts="event_webhook",
     callback_path="/callbacks/sendgrid",
+    lookup_api=True,
 )

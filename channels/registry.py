@@ -168,8 +168,18 @@ class ProviderSpec:
     #: Path (under the public callback base URL) the provider posts receipts to, if any.
     callback_path: str | None = None
     #: Whether the provider has an API to look up what was sent (reconciliation after a crash:
-    #: Twilio's Messages list filters by ``To`` and ``DateSent``).
+    #: Twilio's Messages list, SendGrid's Email Activity API). It says the adapter implements
+    #: ``Channel.lookup``; an adapter instance's ``can_lookup`` says whether its configuration
+    #: allows it (SendGrid's is a paid add-on).
     lookup_api: bool = False
+
+    def __post_init__(self) -> None:
+        implements = self.adapter.lookup is not Channel.lookup
+        if self.lookup_api != implements:
+            raise ChannelConfigError(
+                f"provider {self.adapter.provider}: lookup_api={self.lookup_api} but its adapter "
+                f"{'implements' if implements else 'does not implement'} Channel.lookup"
+            )
 
     @property
     def name(self) -> str:

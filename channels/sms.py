@@ -15,10 +15,25 @@ Responses map to results as follows:
 - other 4xx: ``Permanent(code=<Twilio error code>)``; ``suppress`` for codes that say the
   address is bad or opted out (21211, 21610, 21614)
 - 401/403/404: the whole call is misconfigured; ``send`` raises ``PermanentProviderError``
+
+Reconciliation (``lookup``): Twilio has no idempotency keys, so an in-doubt request is looked up
+in the account's Messages list, ``GET .../Messages.json?To=<number>`` (plus ``From`` when a from
+number is configured), newest first, paging back (``next_page_uri``) until ``date_created`` is
+older than the earliest ``issued_at - LOOKUP_SKEW_S``. ``DateSent`` is not used: Twilio leaves
+``date_sent`` null while a message is queued, so the filter would miss exactly the messages just
+accepted. The Message resource does not show our ref (only the ``StatusCallback`` carries it),
+so the evidence is the same ``to`` and ``body`` with ``date_created`` within ``LOOKUP_SKEW_S`` of
+``issued_at``; when one lookup has several in-doubt requests with the same body to one number,
+each listed message is claimed by at most one of them (the nearest in time first). A listed
+match is ``Found(provider_id=<sid>)``; none is ``NotFound``; an HTTP error, timeout, or a number
+with more than ``LOOKUP_MAX_PAGES`` pages in the window is ``Undecided`` (with a reason that
+never holds the number).
 """
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -27,16 +42,32 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import aiohttp
 
 from channels._http import json_or_none, parse_retry_after, retryable_from, translate_errors
-from channels.base import Channel, Message, Permanent, Result, Retryable, Sent, send_each
+from channels.base import (
+    Channel,
+    Found,
+    InFlight,
+    LookupResult,
+    Message,
+    NotFound,
+    Permanent,
+    Result,
+    Retryable,
+    Sent,
+    Undecided,
+    send_each,
+)
 from channels.errors import (
     ChannelConfigError,
     PermanentProviderError,
+    ProviderError,
     RetryableProviderError,
 )
 from channels.registry import ProviderSettings, ProviderSpec
 from channels.segments import encoding, segments
 
 __all__ = [
+    "LOOKUP_MAX_PAGES",
+    "LOOKUP_SKEW_S",
     "PROVIDER",
     "SUPPRESS_CODES",
     "TWILIO_ERRORS",
@@ -69,6 +100,14 @@ TWILIO_ERRORS: Final[Mapping[int, str]] = {
 
 _MISCONFIGURED: Final = frozenset({401, 403, 404})
 
+#: Seconds either side of ``issued_at`` a listed message's ``date_created`` may lie and still be
+#: the in-doubt request: our clock and Twilio's differ, and a request waits in queues.
+LOOKUP_SKEW_S: Final = 300.0
+#: Pages of one number's messages a lookup reads at most; beyond, it is ``Undecided``.
+LOOKUP_MAX_PAGES: Final = 20
+#: Numbers looked up at once (Twilio's list API has its own, lower, concurrency limits).
+LOOKUP_CONCURRENCY: Final = 8
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TwilioConfig:
@@ -81,8 +120,11 @@ class TwilioConfig:
     messaging_service_sid: str | None = None
     status_callback_url: str | None = None
     timeout_s: float = 10.0
-    #: Set only when the endpoint honours ``Idempotency-Key`` (the mock does, Twilio does not).
+    #: Set only when the endpoint honours ``Idempotency-Key`` (an idempotent proxy, the mock with
+    #: ``honour_idempotency``; Twilio does not).
     honours_idempotency: bool = False
+    #: ``PageSize`` of the Messages list lookups (Twilio: 1-1,000).
+    lookup_page_size: int = 100
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -93,6 +135,8 @@ class TwilioConfig:
             raise ChannelConfigError("TwilioConfig needs from_number or messaging_service_sid")
         if self.timeout_s <= 0:
             raise ChannelConfigError("TwilioConfig.timeout_s must be positive")
+        if not 1 <= self.lookup_page_size <= 1000:
+            raise ChannelConfigError("TwilioConfig.lookup_page_size must be from 1 to 1000")
 
 
 def with_ref(url: str, ref: str) -> str:
@@ -110,11 +154,14 @@ class TwilioSms(Channel):
     #: Messages one ``send`` call sends concurrently (one HTTP request each).
     max_batch = 100
     #: Twilio refuses bodies over 1,600 characters (error 21617).
+    #: The Messages list answers reconciliation lookups.
+    can_lookup = True
 
     def __init__(self, session: aiohttp.ClientSession, config: TwilioConfig) -> None:
         self._session = session
         self._config = config
-        self._url = f"{config.base_url.rstrip('/')}/2010-04-01/Accounts/{config.account_sid}/Messages.json"
+        self._base_url = config.base_url.rstrip("/")
+        self._url = f"{self._base_url}/2010-04-01/Accounts/{config.account_sid}/Messages.json"
         self._authorization = aiohttp.encode_basic_auth(config.account_sid, config.auth_token)
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_s)
         self.supports_idempotency = config.honours_idempotency
@@ -187,6 +234,127 @@ class TwilioSms(Channel):
             status,
             suppress=code in SUPPRESS_CODES,
         )
+
+    # -- reconciliation -------------------------------------------------------------------------
+
+    async def lookup(self, messages: Sequence[InFlight]) -> list[LookupResult]:
+        by_number: dict[str, list[int]] = {}
+        for index, message in enumerate(messages):
+            by_number.setdefault(message.address, []).append(index)
+        results: list[LookupResult] = [Undecided(m.ref, "not looked up") for m in messages]
+        gate = asyncio.Semaphore(LOOKUP_CONCURRENCY)
+
+        async def one(number: str, indices: list[int]) -> None:
+            async with gate:
+                answers = await self._lookup_number(number, [messages[i] for i in indices])
+            for index, answer in zip(indices, answers, strict=True):
+                results[index] = answer
+
+        await asyncio.gather(*(one(number, indices) for number, indices in by_number.items()))
+        return results
+
+    async def _lookup_number(self, number: str, group: Sequence[InFlight]) -> list[LookupResult]:
+        since = min(m.issued_at for m in group) - LOOKUP_SKEW_S
+        try:
+            listed = await self._listed(number, since)
+        except ProviderError as exc:
+            return [Undecided(m.ref, str(exc)) for m in group]
+        return match_listed(group, listed)
+
+    async def _listed(self, number: str, since: float) -> list[Listed]:
+        """The number's messages created at or after ``since`` (newest first)."""
+        params = {"To": number, "PageSize": str(self._config.lookup_page_size)}
+        if self._config.from_number:
+            params["From"] = self._config.from_number
+        url: str | None = f"{self._url}?{urlencode(params)}"
+        listed: list[Listed] = []
+        for _ in range(LOOKUP_MAX_PAGES):
+            if url is None:
+                return listed
+            page = await self._page(url)
+            items = page.get("messages")
+            if not isinstance(items, list):
+                raise RetryableProviderError("twilio lookup: unreadable messages page")
+            older = False
+            for item in items:
+                entry = _listed_entry(item, self._config.messaging_service_sid)
+                if entry is None:
+                    continue
+                if entry.created < since:
+                    older = True
+                    break
+                listed.append(entry)
+            next_uri = page.get("next_page_uri")
+            url = None if older or not isinstance(next_uri, str) or not next_uri else self._base_url + next_uri
+        if url is None:
+            return listed
+        raise RetryableProviderError(f"twilio lookup: more than {LOOKUP_MAX_PAGES} pages of messages to the number")
+
+    async def _page(self, url: str) -> Mapping[str, Any]:
+        with translate_errors(self.provider + " lookup"):
+            async with self._session.get(
+                url, headers={"Authorization": self._authorization}, timeout=self._timeout
+            ) as response:
+                raw = await response.read()
+                status = response.status
+        if status != 200:
+            code = _code(json_or_none(raw) or {})
+            raise ProviderError(f"twilio lookup: {_reason(code, status)} (HTTP {status})", status=status)
+        payload = json_or_none(raw)
+        if payload is None:
+            raise ProviderError("twilio lookup: the answer is not JSON", status=status)
+        return payload
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """A message of Twilio's Messages list, as reconciliation compares it."""
+
+    sid: str
+    body: str
+    created: float
+
+
+def _listed_entry(item: object, messaging_service_sid: str | None) -> Listed | None:
+    if not isinstance(item, dict):
+        return None
+    sid, body, created = item.get("sid"), item.get("body"), item.get("date_created")
+    if not (isinstance(sid, str) and isinstance(body, str) and isinstance(created, str)):
+        return None
+    if messaging_service_sid and item.get("messaging_service_sid") not in (None, messaging_service_sid):
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(created).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return Listed(sid, body, when)
+
+
+def match_listed(group: Sequence[InFlight], listed: Sequence[Listed]) -> list[LookupResult]:
+    """Each in-doubt request of one number against the number's listed messages.
+
+    A listed message is evidence for a request when its body is the request's and it was created
+    within ``LOOKUP_SKEW_S`` of ``issued_at``; each listed message is claimed by one request at
+    most, the requests taken in order of issue and each claiming its nearest unclaimed match.
+    """
+    claimed: set[str] = set()
+    results: dict[int, LookupResult] = {}
+    for index in sorted(range(len(group)), key=lambda i: group[i].issued_at):
+        message = group[index]
+        matches = [
+            entry
+            for entry in listed
+            if entry.sid not in claimed
+            and entry.body == message.body
+            and abs(entry.created - message.issued_at) <= LOOKUP_SKEW_S
+        ]
+        if matches:
+            best = min(matches, key=lambda entry: abs(entry.created - message.issued_at))
+            claimed.add(best.sid)
+            results[index] = Found(message.ref, best.sid)
+        else:
+            results[index] = NotFound(message.ref)
+    return [results[i] for i in range(len(group))]
 
 
 def _code(payload: Mapping[str, Any]) -> int | None:

@@ -327,6 +327,11 @@ class Settings:
         description="the email endpoint honours Idempotency-Key (SendGrid does not: an email in flight when its worker "
         "dies is dead-lettered as inflight_unknown, not resent; true only for an endpoint that deduplicates)",
     )
+    email_activity_api: bool = Field(
+        default=False,
+        description="the SendGrid account has the Email Activity API (a paid add-on): in-doubt emails are looked up "
+        "there before any resend",
+    )
     push_base_url: str = Field(
         default="http://127.0.0.1:8099", description="FCM HTTP v1 base URL (or the mock provider's)"
     )

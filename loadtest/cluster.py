@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -86,11 +87,16 @@ class LocalCluster:
         home = self.settings.home.resolve()
         home.mkdir(parents=True, exist_ok=True)
         self.target = resolve_redis(self.settings)
-        ready = home / f"mock-{os.getpid()}.url"
+        self._start_mock(0)
+        for _ in range(self.workers):
+            self.add_worker()
+
+    def _start_mock(self, port: int) -> None:
+        ready = self.settings.home.resolve() / f"mock-{os.getpid()}.url"
         ready.unlink(missing_ok=True)
         self._mock = subprocess.Popen(
             [
-                sys.executable, "-m", "loadtest.mock_provider", "--port", "0", "--ready-file", str(ready),
+                sys.executable, "-m", "loadtest.mock_provider", "--port", str(port), "--ready-file", str(ready),
                 "--account-sid", self.settings.sms_account_sid, "--auth-token", self.settings.sms_auth_token.reveal(),
                 *self.mock_args,
             ],
@@ -102,8 +108,16 @@ class LocalCluster:
                 raise RuntimeError("the mock provider did not start")
             time.sleep(0.02)
         self.mock_url = ready.read_text().strip()
-        for _ in range(self.workers):
-            self.add_worker()
+
+    def restart_mock(self, *, kill: bool = True) -> None:
+        """Stop the mock provider (SIGKILL, a crash, or SIGTERM) and start it again on the same port
+        with the same ``mock_args``, so running workers keep their base URLs. Its ledger starts
+        empty unless ``mock_args`` has ``--ledger FILE`` (then it is read back from the file)."""
+        port = urlsplit(self.mock_url).port
+        if port is None:
+            raise RuntimeError("the mock provider is not running")
+        self._stop_mock(kill=kill)
+        self._start_mock(port)
 
     def env(self) -> dict[str, str]:
         """Environment of the cluster's processes: every setting of ``settings``, pointed at this
@@ -154,6 +168,17 @@ class LocalCluster:
         async with aiohttp.ClientSession() as session, session.post(f"{self.mock_url}/_mock/faults", json=faults) as r:
             r.raise_for_status()
 
+    def _stop_mock(self, *, kill: bool) -> None:
+        if self._mock is not None:
+            if self._mock.poll() is None:
+                self._mock.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+                try:
+                    self._mock.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self._mock.kill()
+                    self._mock.wait()
+            self._mock = None
+
     def stop(self) -> None:
         for proc in self._workers:
             if proc.poll() is None:
@@ -165,15 +190,7 @@ class LocalCluster:
                 proc.kill()
                 proc.wait()
         self._workers.clear()
-        if self._mock is not None:
-            if self._mock.poll() is None:
-                self._mock.send_signal(signal.SIGTERM)
-                try:
-                    self._mock.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self._mock.kill()
-                    self._mock.wait()
-            self._mock = None
+        self._stop_mock(kill=False)
         if self.target is not None and self.target.started_embedded:
             with contextlib.suppress(Exception):
                 stop_embedded(self.settings.home)

@@ -16,6 +16,7 @@ import orjson
 
 from channels import default_registry
 from dispatch.config import Settings
+from loadtest.mock_options import add_behaviour_options, behaviour_argv
 
 __all__ = ["add_commands", "cmd_bench", "cmd_demo", "cmd_loadtest", "cmd_mock_provider"]
 
@@ -31,7 +32,9 @@ def cmd_mock_provider(args: argparse.Namespace, settings: Settings) -> int:
 
     argv = ["--host", args.host, "--port", str(args.port)]
     argv += ["--account-sid", settings.sms_account_sid, "--auth-token", settings.sms_auth_token.reveal()]
-    return mock_main(argv + (["--faults", args.faults] if args.faults else []))
+    if args.faults:
+        argv += ["--faults", args.faults]
+    return mock_main(argv + behaviour_argv(args))
 
 
 def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
@@ -99,6 +102,7 @@ def add_commands(sub: Any) -> None:
         default=None,
         help='fault mix as JSON, e.g. {"p_500": 0.1, "latency_ms": 20} (default: none, every send succeeds)',
     )
+    add_behaviour_options(p)
     p.set_defaults(handler=cmd_mock_provider)
 
     p = sub.add_parser("loadtest", help="send a synthetic campaign through real workers against the mock provider")

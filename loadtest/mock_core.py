@@ -3,23 +3,32 @@
 Each provider twin (``mock_twilio``, ``mock_sendgrid``, ``mock_fcm``, ``mock_webhook``) runs the
 same steps: authenticate, ``MockState.inject_faults``, answer an idempotent replay, validate the
 request the way the real provider does, ``MockState.admit`` (server-side rate limit), then
-``MockState.accept`` into the ledger.
+record it in the ledger (``loadtest.mock_ledger``) and the lookup stores (``loadtest.mock_lookup``).
+
+By default the twins behave like the providers they imitate: Twilio, SendGrid and FCM ignore
+``Idempotency-Key`` (a replayed request is a new message, counted as a duplicate).
+``MockConfig.honour_idempotency`` makes them answer a replay with the original answer instead
+(an idempotent proxy in front of the provider). The webhook twin imitates a receiver built to our
+webhook contract, which honours the key, and always does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import math
 import random
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Final, Literal
 
 from aiohttp import web
+
+from loadtest.mock_ledger import Journal, Ledger
+from loadtest.mock_lookup import EmailRecord, EmailStore, SmsStore
 
 __all__ = [
     "DEFAULT_ACCOUNT_SID",
@@ -137,53 +146,21 @@ class MockConfig:
     seed: int | None = None
     #: Largest request body accepted (SendGrid's limit is 30 MB; keep tests cheaper).
     max_body_bytes: int = 32 * 1024 * 1024
-
-
-class Ledger:
-    """Every message the mock accepted: to count losses and real double sends."""
-
-    def __init__(self) -> None:
-        self.accepted = 0
-        #: Accepted messages whose (channel, address, content) was accepted before.
-        self.duplicates = 0
-        #: Requests answered from the idempotency store (not accepted again).
-        self.replays = 0
-        #: Requests refused by validation (bad address, missing field, ...), not by faults.
-        self.rejected = 0
-        self.per_second: dict[int, int] = {}
-        self.by_channel: Counter[str] = Counter()
-        self.faults: Counter[str] = Counter()
-        #: Most provider requests being handled at once (shows the client's concurrency).
-        self.max_in_flight = 0
-        #: Receipt callbacks the mock sent: "sent" (2xx answer) and "failed".
-        self.callbacks: Counter[str] = Counter()
-        self._seen: set[bytes] = set()
-
-    def record(self, channel: str, address: str, content: str, *, now: float | None = None) -> bool:
-        """Count one accepted message; True when it duplicates an earlier one."""
-        digest = hashlib.blake2b(f"{channel}\x00{address}\x00{content}".encode(), digest_size=16).digest()
-        second = int(time.time() if now is None else now)
-        self.accepted += 1
-        self.by_channel[channel] += 1
-        self.per_second[second] = self.per_second.get(second, 0) + 1
-        if digest in self._seen:
-            self.duplicates += 1
-            return True
-        self._seen.add(digest)
-        return False
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            "accepted": self.accepted,
-            "duplicates": self.duplicates,
-            "replays": self.replays,
-            "rejected": self.rejected,
-            "per_second": {str(second): n for second, n in sorted(self.per_second.items())},
-            "by_channel": dict(self.by_channel),
-            "faults": dict(self.faults),
-            "callbacks": dict(self.callbacks),
-            "max_in_flight": self.max_in_flight,
-        }
+    #: Answer a repeated ``Idempotency-Key`` with the original answer (Twilio, SendGrid and FCM
+    #: twins). False, like the real providers: a replay is accepted again as a new message.
+    honour_idempotency: bool = False
+    #: Append every accepted message to this file and replay it at start-up, so the ledger's
+    #: counts (and the lookup APIs) survive a restart of the mock. None: in memory only.
+    ledger_path: Path | None = None
+    #: Messages the lookup APIs (Twilio's Messages list, SendGrid's activity feed) remember, the
+    #: newest (a provider keeps months; ~0.5 KB each here). Reconciliation looks back minutes.
+    lookup_messages: int = 200_000
+    #: Seconds after acceptance a Twilio message leaves ``queued`` (gets ``date_sent``).
+    twilio_sent_after_s: float = 1.0
+    #: Serve SendGrid's Email Activity API (a paid add-on: off, it answers 403).
+    email_activity: bool = True
+    #: Seconds before an accepted email shows in the activity feed (SendGrid's lags).
+    email_activity_lag_s: float = 0.0
 
 
 class MockState:
@@ -194,7 +171,13 @@ class MockState:
         self.faults = config.faults
         #: Receipt behaviour; like ``faults`` it can change while the mock runs.
         self.receipts = config.receipts
-        self.ledger = Ledger()
+        self.journal = Journal(config.ledger_path) if config.ledger_path is not None else None
+        self.ledger = Ledger(self.journal)
+        self.sms = SmsStore(config.lookup_messages)
+        self.email = EmailStore(config.lookup_messages)
+        if self.journal is not None:
+            for entry in self.journal.read():
+                self._restore(entry)
         self.rng = random.Random(config.seed)
         #: (channel, idempotency key) -> (status, body, content type) of the original answer.
         self.idempotent: OrderedDict[tuple[str, str], _Answer] = OrderedDict()
@@ -203,9 +186,44 @@ class MockState:
         self._tasks: set[asyncio.Task[None]] = set()
         self.callback_sender: Callable[[str, bytes, Mapping[str, str]], Awaitable[None]] | None = None
 
+    def _restore(self, entry: Mapping[str, Any]) -> None:
+        """One journaled message back into the ledger and its lookup store."""
+        self.ledger.restore(entry)
+        channel, provider_id, created = entry.get("ch"), entry.get("id"), float(entry["ts"])
+        if channel == "sms" and isinstance(provider_id, str) and "body" in entry:
+            self.sms.add(
+                sid=provider_id,
+                to=str(entry["to"]),
+                from_=entry.get("from"),
+                messaging_service_sid=entry.get("msid"),
+                body=str(entry["body"]),
+                created=created,
+            )
+        elif channel == "email" and isinstance(provider_id, str):
+            ref = entry.get("ref")
+            self.email.add(
+                EmailRecord(
+                    msg_id=provider_id,
+                    to_email=str(entry["to"]),
+                    from_email=str(entry.get("from") or ""),
+                    subject=str(entry.get("subject") or ""),
+                    created=created,
+                    unique_args={} if ref is None else {"ref": str(ref)},
+                )
+            )
+
     def reset(self) -> None:
-        self.ledger = Ledger()
+        """Empty the ledger, the lookup stores, the idempotency store and the journal."""
+        if self.journal is not None:
+            self.journal.truncate()
+        self.ledger = Ledger(self.journal)
+        self.sms = SmsStore(self.config.lookup_messages)
+        self.email = EmailStore(self.config.lookup_messages)
         self.idempotent.clear()
+
+    def honours(self, channel: str) -> bool:
+        """Whether the twin of ``channel`` answers a repeated Idempotency-Key from its store."""
+        return channel == "webhook" or self.config.honour_idempotency
 
     # -- faults ---------------------------------------------------------------------------------
 
@@ -276,7 +294,7 @@ class MockState:
 
     def replay(self, channel: str, request: web.Request) -> web.Response | None:
         key = request.headers.get("Idempotency-Key")
-        if not key:
+        if not key or not self.honours(channel):
             return None
         stored = self.idempotent.get((channel, key))
         if stored is None:
@@ -289,7 +307,7 @@ class MockState:
 
     def remember(self, channel: str, request: web.Request, response: web.Response) -> None:
         key = request.headers.get("Idempotency-Key")
-        if key and (response.body is None or isinstance(response.body, bytes)):
+        if key and self.honours(channel) and (response.body is None or isinstance(response.body, bytes)):
             content_type = response.content_type or "application/json"
             # an exact-size copy: orjson's output keeps its whole (8 KiB) buffer allocated
             body = bytes(memoryview(response.body)) if response.body is not None else None
@@ -316,6 +334,8 @@ class MockState:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        if self.journal is not None:
+            self.journal.close()
 
 
 def reset_connection(request: web.Request) -> web.StreamResponse:

@@ -2,7 +2,8 @@
 
 Errors use Google's JSON shape with an ``FcmError`` detail. Tokens starting with ``bad`` are
 ``UNREGISTERED`` (404); an empty token or one with whitespace is ``INVALID_ARGUMENT`` naming
-``message.token``.
+``message.token``. Like FCM it ignores ``Idempotency-Key`` unless
+``MockConfig.honour_idempotency`` is set.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def fcm_routes(state: MockState) -> list[web.RouteDef]:
         name = f"projects/{project}/messages/0:{int(time.time() * 1000)}%{secrets.token_hex(8)}"
         notification = message.get("notification") or {}
         content = f"{notification.get('title')}\x00{notification.get('body')}\x00{message.get('data')}"
-        state.ledger.record("push", device, content)
+        state.ledger.record("push", device, content, key=request.headers.get("Idempotency-Key"), provider_id=name)
         response = web.Response(body=orjson.dumps({"name": name}), content_type="application/json")
         state.remember("push", request, response)
         await state.after_accept(request)

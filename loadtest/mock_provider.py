@@ -3,7 +3,13 @@
 It serves the Twilio Messages API, SendGrid's mail send, FCM HTTP v1 and our signed webhook
 (``loadtest.mock_twilio``, ``mock_sendgrid``, ``mock_fcm``, ``mock_webhook``), keeps
 a ledger of every accepted message (duplicates, idempotent replays, per-second counts) and
-injects faults from a ``FaultMix`` that can change while it runs.
+injects faults from a ``FaultMix`` that can change while it runs. It serves the providers' lookup
+APIs too (Twilio's Messages list and fetch, SendGrid's Email Activity API), for reconciliation.
+
+Like the real providers, the Twilio, SendGrid and FCM twins ignore ``Idempotency-Key`` unless
+``MockConfig(honour_idempotency=True)`` (``--honour-idempotency``). With
+``MockConfig(ledger_path=...)`` (``--ledger FILE``) the ledger is journaled and replayed at
+start-up, so duplicate counts hold across a restart (or a SIGKILL) of the mock.
 
 In a test or a benchmark::
 
@@ -15,9 +21,10 @@ In a test or a benchmark::
 From another process, the control endpoints:
 
 - ``GET /_mock/stats``: ``{"accepted", "duplicates", "replays", "rejected", "per_second",
-  "by_channel", "faults", "callbacks"}``
+  "by_channel", "faults", "callbacks", "restored"}`` (``restored``: read back from the journal)
 - ``POST /_mock/faults``: a ``FaultMix`` as JSON (fields omitted take their defaults)
-- ``POST /_mock/reset``: empty the ledger and the idempotency store
+- ``POST /_mock/reset``: empty the ledger (and its journal), the lookup stores and the
+  idempotency store
 
 Standalone: ``python -m loadtest.mock_provider --port 8080`` or ``run_mock_provider(...)``.
 """
@@ -53,6 +60,7 @@ from loadtest.mock_core import (
     ReceiptConfig,
 )
 from loadtest.mock_fcm import fcm_routes
+from loadtest.mock_options import add_behaviour_options
 from loadtest.mock_sendgrid import SendGridTwin
 from loadtest.mock_twilio import twilio_routes
 from loadtest.mock_webhook import webhook_routes
@@ -269,9 +277,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--auth-token", default=DEFAULT_AUTH_TOKEN)
     parser.add_argument("--ready-file", type=Path, default=None)
     parser.add_argument("--faults", default=None, help="FaultMix as JSON")
+    add_behaviour_options(parser)
     args = parser.parse_args(argv)
     faults = FaultMix.from_mapping(orjson.loads(args.faults)) if args.faults else FaultMix()
-    config = MockConfig(account_sid=args.account_sid, auth_token=args.auth_token, faults=faults)
+    config = MockConfig(
+        account_sid=args.account_sid,
+        auth_token=args.auth_token,
+        faults=faults,
+        honour_idempotency=args.honour_idempotency,
+        ledger_path=args.ledger,
+        email_activity=not args.no_email_activity,
+        **({} if args.lookup_messages is None else {"lookup_messages": args.lookup_messages}),
+    )
     run_mock_provider(args.host, args.port, config, ready_file=args.ready_file)
     return 0
 

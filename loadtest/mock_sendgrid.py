@@ -4,7 +4,16 @@ Validates like SendGrid (bearer key, <= 1,000 personalizations and recipients, a
 content) and answers with SendGrid's error shape ``{"errors": [{"message", "field", "help"}]}``.
 Accepted requests get 202 and ``X-Message-Id``; with ``ReceiptConfig.sendgrid_event_url`` set,
 events (processed, then delivered or bounce) follow, signed with ECDSA P-256 like SendGrid's
-signed event webhook (``public_key_b64`` is the verification key).
+signed event webhook (``public_key_b64`` is the verification key). Like SendGrid it ignores
+``Idempotency-Key`` unless ``MockConfig.honour_idempotency`` is set.
+
+The Email Activity API (a paid add-on at SendGrid: served only with ``MockConfig.email_activity``,
+else 403): ``GET /v3/messages?limit=N&query=...`` with the activity query language's equality
+clauses joined by ``AND`` (``to_email="a@b.c" AND unique_args['ref']="c.1.7"``; fields
+``to_email``, ``from_email``, ``subject``, ``msg_id``, ``status``, ``unique_args['<name>']``),
+answering ``{"messages": [{"from_email", "msg_id", "subject", "to_email", "status",
+"opens_count", "clicks_count", "last_event_time"}]}``, newest first. An email shows in the feed
+``MockConfig.email_activity_lag_s`` after acceptance (SendGrid's feed lags).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import re
 import secrets
 import time
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
@@ -24,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from loadtest.mock_core import MockState
+from loadtest.mock_lookup import EmailRecord
 
 __all__ = ["SendGridTwin", "sendgrid_error", "sign_sendgrid_events"]
 
@@ -34,6 +45,42 @@ _TO_REQUIRED: Final = (
     "object with a valid email address."
 )
 _HELP: Final = "http://sendgrid.com/docs/API_Reference/Web_API_v3/Mail/errors.html"
+#: One clause of the activity query language: ``name="value"`` or ``unique_args['name']="value"``.
+_CLAUSE: Final = re.compile(r"""\s*(?:unique_args\[['"]([^'"\]]+)['"]\]|(\w+))\s*=\s*"((?:[^"\\]|\\.)*)"\s*""")
+_AND: Final = re.compile(r"AND\s+", re.IGNORECASE)
+_QUERY_FIELDS: Final = frozenset({"to_email", "from_email", "subject", "msg_id", "status"})
+#: The activity feed's ``limit``: default and largest.
+_ACTIVITY_LIMIT: Final = 10
+_ACTIVITY_LIMIT_MAX: Final = 1000
+
+
+def parse_activity_query(query: str) -> list[tuple[str, str]]:
+    """``[(field, value)]`` of an activity query; ``unique_args['x']`` becomes ``unique_args.x``.
+
+    Raises ``ValueError`` for what the mock does not understand (OR, NOT, IN, unknown fields).
+    """
+    clauses: list[tuple[str, str]] = []
+    text = query.strip()
+    position = 0
+    while position < len(text):
+        if clauses:
+            joined = _AND.match(text, position)
+            if joined is None:
+                raise ValueError(f"expected AND at {text[position : position + 20]!r}")
+            position = joined.end()
+        match = _CLAUSE.match(text, position)
+        if match is None:
+            raise ValueError(f"invalid query clause at {text[position : position + 20]!r}")
+        position = match.end()
+        arg, name, value = match.groups()
+        value = re.sub(r"\\(.)", r"\1", value)
+        if arg is not None:
+            clauses.append((f"unique_args.{arg}", value))
+        elif name in _QUERY_FIELDS:
+            clauses.append((name, value))
+        else:
+            raise ValueError(f"unsupported query field {name!r}")
+    return clauses
 
 
 def sendgrid_error(
@@ -115,7 +162,7 @@ class SendGridTwin:
         self.public_key_b64 = base64.b64encode(der).decode()
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.post("/v3/mail/send", self.mail_send)]
+        return [web.post("/v3/mail/send", self.mail_send), web.get("/v3/messages", self.activity)]
 
     def _authorised(self, request: web.Request) -> bool:
         scheme, _, key = request.headers.get("Authorization", "").partition(" ")
@@ -149,16 +196,70 @@ class SendGridTwin:
         message_id = secrets.token_urlsafe(16)[:22]
         content = orjson.dumps([payload.get("content"), payload.get("template_id")]).decode()
         now = time.time()
-        for item in personalizations:
-            text = f"{item.get('subject')}\x00{content}\x00{item.get('dynamic_template_data')}"
-            for recipient in item["to"]:
-                state.ledger.record("email", recipient["email"], text, now=now)
+        key = request.headers.get("Idempotency-Key")
+        sender = str(payload["from"].get("email", ""))
+        default_subject = payload.get("subject")
+        with state.ledger.group():
+            for i, item in enumerate(personalizations):
+                text = f"{item.get('subject')}\x00{content}\x00{item.get('dynamic_template_data')}"
+                subject = str(item.get("subject") or default_subject or "")
+                custom = item.get("custom_args") or {}
+                ref = custom.get("ref") if isinstance(custom, dict) else None
+                for recipient in item["to"]:
+                    msg_id = f"{message_id}.filter0001.{i}.0"
+                    address = recipient["email"]
+                    detail = {"ref": ref, "subject": subject, "from": sender}
+                    state.ledger.record("email", address, text, now=now, key=key, provider_id=msg_id, detail=detail)
+                    args = {} if ref is None else {"ref": str(ref)}
+                    state.email.add(EmailRecord(msg_id, address, sender, subject, now, args))
         response = web.Response(status=202, headers={"X-Message-Id": message_id})
         state.remember("email", request, response)
         if state.receipts and state.receipts.sendgrid_event_url:
             state.spawn(self._events(message_id, personalizations))
         await state.after_accept(request)
         return response
+
+    async def activity(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v3/messages``: the Email Activity API (see the module docstring)."""
+        state = self.state
+        if not self._authorised(request):
+            return sendgrid_error(401, [("authorization required", None)])
+        if not state.config.email_activity:
+            return sendgrid_error(403, [("access forbidden", None)])
+        fault = await state.inject_faults(request, _fault_error)
+        if fault is not None:
+            return fault
+        limit_text = request.query.get("limit", str(_ACTIVITY_LIMIT))
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= _ACTIVITY_LIMIT_MAX:
+            return sendgrid_error(400, [("limit must be an integer from 1 to 1000", "limit")])
+        try:
+            clauses = parse_activity_query(request.query.get("query", ""))
+        except ValueError as exc:
+            return sendgrid_error(400, [(str(exc), "query")])
+        wanted = dict(clauses)
+        now = time.time()
+        visible_before = now - state.config.email_activity_lag_s
+        found: list[dict[str, Any]] = []
+        for record in state.email.candidates(to_email=wanted.get("to_email"), ref=wanted.get("unique_args.ref")):
+            if record.created > visible_before:
+                continue
+            status = "delivered"
+            if all(_matches(record, status, name, value) for name, value in clauses):
+                found.append(
+                    {
+                        "from_email": record.from_email,
+                        "msg_id": record.msg_id,
+                        "subject": record.subject,
+                        "to_email": record.to_email,
+                        "status": status,
+                        "opens_count": 0,
+                        "clicks_count": 0,
+                        "last_event_time": datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    }
+                )
+                if len(found) == int(limit_text):
+                    break
+        return web.Response(body=orjson.dumps({"messages": found}), content_type="application/json")
 
     async def _events(self, message_id: str, personalizations: list[dict[str, Any]]) -> None:
         receipts = self.state.receipts
@@ -188,3 +289,11 @@ class SendGridTwin:
                 events.append({**base, **final, "timestamp": now, "sg_event_id": secrets.token_urlsafe(16)})
         body = orjson.dumps(events)
         await sender(receipts.sendgrid_event_url, body, sign_sendgrid_events(self.private_key, body))
+
+
+def _matches(record: EmailRecord, status: str, name: str, value: str) -> bool:
+    if name == "status":
+        return status == value
+    if name.startswith("unique_args."):
+        return record.unique_args.get(name.removeprefix("unique_args.")) == value
+    return record.field_value(name) == value

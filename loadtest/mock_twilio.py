@@ -1,7 +1,18 @@
 """Twilio Messages API twin: ``POST /2010-04-01/Accounts/{AccountSid}/Messages.json``.
 
 Validates like Twilio (basic auth, required fields, E.164 ``To``), answers with Twilio's message
-resource or error JSON, and after acceptance may POST signed ``StatusCallback`` requests.
+resource or error JSON, and after acceptance may POST signed ``StatusCallback`` requests. Like
+Twilio it ignores ``Idempotency-Key`` unless ``MockConfig.honour_idempotency`` is set.
+
+The lookups of the real API, in its wire format:
+
+- ``GET .../Messages.json``: the account's messages, newest first, filtered by ``To``, ``From``
+  and ``DateSent`` / ``DateSent<`` / ``DateSent>`` (a UTC date ``YYYY-MM-DD``; ``<`` is on or
+  before, ``>`` on or after), paged by ``PageSize`` (1-1,000, default 50), ``Page`` and
+  ``PageToken`` (``PA`` + the last sid of the previous page) with ``next_page_uri``. As at
+  Twilio, ``date_sent`` is null while a message is ``queued`` (for
+  ``MockConfig.twilio_sent_after_s``), so a ``DateSent`` filter misses just-accepted messages.
+- ``GET .../Messages/{Sid}.json``: one message, or 404 with error 20404.
 """
 
 from __future__ import annotations
@@ -9,13 +20,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import re
 import secrets
 import time
 from collections.abc import Mapping
-from email.utils import formatdate
+from datetime import UTC, date, datetime
+from email.utils import format_datetime
 from typing import Any, Final
 from urllib.parse import urlencode
 
@@ -24,12 +37,19 @@ from aiohttp import web
 
 from channels.segments import segments
 from loadtest.mock_core import MockState
+from loadtest.mock_lookup import SmsRecord
 
-__all__ = ["TWILIO_PATH", "twilio_error", "twilio_routes", "twilio_signature"]
+__all__ = ["TWILIO_MESSAGE_PATH", "TWILIO_PATH", "rfc2822", "twilio_error", "twilio_routes", "twilio_signature"]
 
 TWILIO_PATH: Final = "/2010-04-01/Accounts/{account_sid}/Messages.json"
+TWILIO_MESSAGE_PATH: Final = "/2010-04-01/Accounts/{account_sid}/Messages/{sid}.json"
 _E164: Final = re.compile(r"^\+[1-9]\d{6,14}$")
 _BODY_MAX: Final = 1600
+#: Twilio's list page sizes: default and largest.
+_PAGE_SIZE: Final = 50
+_PAGE_SIZE_MAX: Final = 1000
+#: What a sent US SMS segment costs in the mock (Twilio prices are negative strings).
+_PRICE_PER_SEGMENT: Final = 0.0079
 
 
 def twilio_error(status: int, code: int, message: str, retry_after: float | None = None) -> web.Response:
@@ -69,33 +89,51 @@ def _authorised(request: web.Request, state: MockState) -> bool:
     return hmac.compare_digest(user, config.account_sid) and hmac.compare_digest(password, config.auth_token)
 
 
-def _resource(state: MockState, form: Mapping[str, str]) -> dict[str, Any]:
-    sid = "SM" + secrets.token_hex(16)
+def rfc2822(ts: float) -> str:
+    """A time as Twilio writes it: ``Thu, 03 Dec 2026 20:06:27 +0000``."""
+    return _rfc2822_second(int(ts))
+
+
+@functools.lru_cache(maxsize=4096)
+def _rfc2822_second(second: int) -> str:
+    # cached: at thousands of messages a second most share their second (formatting costs ~10 us)
+    return format_datetime(datetime.fromtimestamp(second, UTC))
+
+
+def _date_sent(state: MockState, record: SmsRecord, now: float) -> float | None:
+    """When the message left the queue, or None while it is ``queued``."""
+    sent = record.created + state.config.twilio_sent_after_s
+    return sent if now >= sent else None
+
+
+def _resource(state: MockState, record: SmsRecord, now: float) -> dict[str, Any]:
+    """The Message resource, as Twilio's create, fetch and list answer it."""
     account = state.config.account_sid
-    now = formatdate(usegmt=False)
-    body = form["Body"]
+    sid = record.sid
+    sent = _date_sent(state, record, now)
+    parts = segments(record.body)
     return {
         "account_sid": account,
         "api_version": "2010-04-01",
-        "body": body,
-        "date_created": now,
-        "date_sent": None,
-        "date_updated": now,
+        "body": record.body,
+        "date_created": rfc2822(record.created),
+        "date_sent": None if sent is None else rfc2822(sent),
+        "date_updated": rfc2822(record.created if sent is None else sent),
         "direction": "outbound-api",
         "error_code": None,
         "error_message": None,
-        "from": form.get("From"),
-        "messaging_service_sid": form.get("MessagingServiceSid"),
+        "from": record.from_,
+        "messaging_service_sid": record.messaging_service_sid,
         "num_media": "0",
-        "num_segments": str(segments(body)),
-        "price": None,
+        "num_segments": str(parts),
+        "price": None if sent is None else f"{-_PRICE_PER_SEGMENT * parts:.5f}",
         "price_unit": "USD",
         "sid": sid,
-        "status": "queued",
+        "status": "queued" if sent is None else "sent",
         "subresource_uris": {
             "media": f"/2010-04-01/Accounts/{account}/Messages/{sid}/Media.json",
         },
-        "to": form["To"],
+        "to": record.to,
         "uri": f"/2010-04-01/Accounts/{account}/Messages/{sid}.json",
     }
 
@@ -171,9 +209,27 @@ def twilio_routes(state: MockState) -> list[web.RouteDef]:
             return invalid
         if not state.admit():
             return twilio_error(429, 20429, "Too Many Requests", 1.0)
-        resource = _resource(state, form)
+        now = time.time()
+        record = state.sms.add(
+            sid="SM" + secrets.token_hex(16),
+            to=form["To"],
+            from_=form.get("From"),
+            messaging_service_sid=form.get("MessagingServiceSid"),
+            body=form["Body"],
+            created=now,
+        )
+        resource = _resource(state, record, now)
         response = web.Response(status=201, body=orjson.dumps(resource), content_type="application/json")
-        state.ledger.record("sms", form["To"], form["Body"], now=time.time())
+        detail = {"body": record.body, "from": record.from_, "msid": record.messaging_service_sid}
+        state.ledger.record(
+            "sms",
+            record.to,
+            record.body,
+            now=now,
+            key=request.headers.get("Idempotency-Key"),
+            provider_id=record.sid,
+            detail=detail,
+        )
         state.remember("sms", request, response)
         callback = form.get("StatusCallback")
         if callback:
@@ -181,4 +237,125 @@ def twilio_routes(state: MockState) -> list[web.RouteDef]:
         await state.after_accept(request)
         return response
 
-    return [web.post(TWILIO_PATH, create_message)]
+    def refused(request: web.Request) -> web.Response | None:
+        if not _authorised(request, state):
+            return twilio_error(401, 20003, "Authenticate")
+        if request.match_info["account_sid"] != state.config.account_sid:
+            return twilio_error(404, 20404, f"The requested resource {request.path} was not found")
+        return None
+
+    async def list_messages(request: web.Request) -> web.StreamResponse:
+        refusal = refused(request)
+        if refusal is not None:
+            return refusal
+        fault = await state.inject_faults(request, _fault_error)
+        if fault is not None:
+            return fault
+        try:
+            page = _message_page(state, request)
+        except ValueError as exc:
+            return twilio_error(400, 20001, str(exc))
+        return web.Response(body=orjson.dumps(page), content_type="application/json")
+
+    async def fetch_message(request: web.Request) -> web.StreamResponse:
+        refusal = refused(request)
+        if refusal is not None:
+            return refusal
+        fault = await state.inject_faults(request, _fault_error)
+        if fault is not None:
+            return fault
+        record = state.sms.get(request.match_info["sid"])
+        if record is None:
+            return twilio_error(404, 20404, f"The requested resource {request.path} was not found")
+        resource = _resource(state, record, time.time())
+        return web.Response(body=orjson.dumps(resource), content_type="application/json")
+
+    return [
+        web.post(TWILIO_PATH, create_message),
+        web.get(TWILIO_PATH, list_messages),
+        web.get(TWILIO_MESSAGE_PATH, fetch_message),
+    ]
+
+
+def _day(query: Mapping[str, str], name: str) -> date | None:
+    value = query.get(name)
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"Invalid {name}: expected a date YYYY-MM-DD") from None
+
+
+def _int(query: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    value = query.get(name)
+    if value is None:
+        return default
+    if not value.isdigit() or not low <= int(value) <= high:
+        raise ValueError(f"Invalid {name}: expected an integer from {low} to {high}")
+    return int(value)
+
+
+def _message_page(state: MockState, request: web.Request) -> dict[str, Any]:
+    """One page of Twilio's Messages list for ``request``'s filters (``ValueError``: bad filter)."""
+    query = request.query
+    to, from_ = query.get("To"), query.get("From")
+    on, on_or_before, on_or_after = _day(query, "DateSent"), _day(query, "DateSent<"), _day(query, "DateSent>")
+    dated = on is not None or on_or_before is not None or on_or_after is not None
+    size = _int(query, "PageSize", _PAGE_SIZE, 1, _PAGE_SIZE_MAX)
+    number = _int(query, "Page", 0, 0, 1_000_000)
+    token = query.get("PageToken")
+    before_seq = None
+    skip = number * size
+    if token is not None:
+        after = state.sms.get(token.removeprefix("PA"))
+        if not token.startswith("PA") or after is None:
+            raise ValueError("Invalid PageToken")
+        before_seq, skip = after.seq, 0
+    now = time.time()
+    items: list[dict[str, Any]] = []
+    last: SmsRecord | None = None
+    more = False
+    for record in state.sms.newest_first(to, before_seq=before_seq):
+        if from_ is not None and record.from_ != from_:
+            continue
+        if dated:
+            sent = _date_sent(state, record, now)
+            if sent is None:  # queued: no date_sent yet, as at Twilio
+                continue
+            day = datetime.fromtimestamp(sent, UTC).date()
+            if (
+                (on is not None and day != on)
+                or (on_or_before is not None and day > on_or_before)
+                or (on_or_after is not None and day < on_or_after)
+            ):
+                continue
+        if skip:
+            skip -= 1
+            continue
+        if len(items) == size:
+            more = True
+            break
+        items.append(_resource(state, record, now))
+        last = record
+    base = request.path
+    kept = [(name, value) for name, value in query.items() if name not in ("Page", "PageSize", "PageToken")]
+
+    def uri(page: int, page_token: str | None = None) -> str:
+        params = [*kept, ("PageSize", str(size)), ("Page", str(page))]
+        if page_token is not None:
+            params.append(("PageToken", page_token))
+        return f"{base}?{urlencode(params)}"
+
+    start = number * size
+    return {
+        "end": start + len(items) - 1 if items else start,
+        "first_page_uri": uri(0),
+        "messages": items,
+        "next_page_uri": uri(number + 1, f"PA{last.sid}") if more and last is not None else None,
+        "page": number,
+        "page_size": size,
+        "previous_page_uri": uri(number - 1) if number > 0 else None,
+        "start": start,
+        "uri": request.path_qs,
+    }

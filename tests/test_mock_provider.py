@@ -23,8 +23,10 @@ AUTH = {"Authorization": aiohttp.encode_basic_auth(SID, TOKEN)}
 
 
 @pytest.fixture
-async def mock() -> AsyncIterator[MockProvider]:
-    async with MockProvider(MockConfig(account_sid=SID, auth_token=TOKEN)) as provider:
+async def mock(request: pytest.FixtureRequest) -> AsyncIterator[MockProvider]:
+    """The mock; ``@pytest.mark.parametrize("mock", [{...}], indirect=True)`` adds MockConfig fields."""
+    extra = getattr(request, "param", {})
+    async with MockProvider(MockConfig(account_sid=SID, auth_token=TOKEN, **extra)) as provider:
         yield provider
 
 
@@ -131,6 +133,7 @@ async def test_control_endpoints(mock: MockProvider, http: aiohttp.ClientSession
     assert (mock.ledger.accepted, mock.ledger.duplicates) == (0, 0)
 
 
+@pytest.mark.parametrize("mock", [{"honour_idempotency": True}], indirect=True)
 async def test_idempotent_replay_returns_the_original(mock: MockProvider, http: aiohttp.ClientSession) -> None:
     form = {"To": "+15551234567", "From": "+15005550006", "Body": "x"}
     headers = {**AUTH, "Idempotency-Key": "k1"}

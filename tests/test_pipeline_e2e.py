@@ -75,7 +75,10 @@ def test_replanning_returns_the_same_plan_and_starting_twice_sends_once(settings
 
 def test_sigkilled_worker_batch_is_finished_by_another_without_double_send(settings: Settings) -> None:
     slow = replace(settings, send_concurrency=10, worker_threads=1)
-    with LocalCluster(slow, workers=2, mock_args=["--faults", '{"latency_ms": 40}']) as cluster:
+    # the mock honours Idempotency-Key here (as sms_honours_idempotency, true by default, claims):
+    # the in-doubt resend after the kill relies on it until reconciliation lands
+    mock_args = ["--faults", '{"latency_ms": 40}', "--honour-idempotency"]
+    with LocalCluster(slow, workers=2, mock_args=mock_args) as cluster:
         assert cluster.target is not None
         client = redis.Redis.from_url(cluster.target.app_url)
         broker = build_broker(slow, cluster.target.broker_url)
