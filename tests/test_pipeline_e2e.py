@@ -75,9 +75,11 @@ def test_replanning_returns_the_same_plan_and_starting_twice_sends_once(settings
 
 def test_sigkilled_worker_batch_is_finished_by_another_without_double_send(settings: Settings) -> None:
     slow = replace(settings, send_concurrency=10, worker_threads=1)
-    # the mock honours Idempotency-Key here (as sms_honours_idempotency, true by default, claims):
-    # the in-doubt resend after the kill relies on it until reconciliation lands
-    mock_args = ["--faults", '{"latency_ms": 40}', "--honour-idempotency"]
+    # the mock ignores Idempotency-Key, as Twilio does (and sms_honours_idempotency is false by
+    # default): the killed worker's requests in flight are looked up in the Messages list, and
+    # only those Twilio never got are sent again
+    assert settings.sms_honours_idempotency is False
+    mock_args = ["--faults", '{"latency_ms": 40}']
     with LocalCluster(slow, workers=2, mock_args=mock_args) as cluster:
         assert cluster.target is not None
         client = redis.Redis.from_url(cluster.target.app_url)
@@ -113,9 +115,10 @@ def test_sigkilled_email_worker_group_is_reclaimed_and_counted_once(settings: Se
     """A worker killed with a SendGrid request out: its group is reclaimed by another worker.
 
     With the default settings: SendGrid has no idempotency keys, so ``email_honours_idempotency``
-    is false by default and the reclaimed in-flight group is dead-lettered (``inflight_unknown``)
-    for an operator, never resent: every recipient ends sent or dead-lettered, counted once, and
-    nobody gets the email twice. (Resending with the same key where it is honoured is tested
+    is false by default, and its Email Activity API is a paid add-on (``email_activity_api`` false
+    by default): nothing can tell whether the group in flight was sent, so the default in-doubt
+    policy holds it (dead-lettered as ``in_doubt``) for an operator, never resent: every recipient
+    ends sent or dead-lettered, counted once, and nobody gets the email twice. (Resending with the same key where it is honoured is tested
     in-process in test_tracking_groups.py: the SendGrid twin does not keep its body-less 202
     answers for replays.) The worker is killed while its request is held 2 s by the twin, so the
     kill always lands with a request in flight.
@@ -157,10 +160,9 @@ def test_sigkilled_email_worker_group_is_reclaimed_and_counted_once(settings: Se
     assert status.complete, status.as_dict()
     assert counters["sent"] + counters["dead_letters"] == plan.accepted  # nothing lost, each counted once
     assert counters["failed"] == counters["dead_letters"]
-    # the messages of the request in flight are in doubt: dead-lettered, not resent (with the old
-    # default, true, they were resent)
-    assert counters["dead_letters"] == in_doubt, (counters, stats)
-    assert Counter(r.code for r in records if r.state != "sent") == {"inflight_unknown": in_doubt}
+    # the messages of the request in flight are in doubt: held (dead-lettered), not resent
+    assert counters["dead_letters"] == counters["in_doubt"] == in_doubt, (counters, stats)
+    assert Counter(r.code for r in records if r.state != "sent") == {"in_doubt": in_doubt}
     assert counters["sent"] <= stats["accepted"] <= plan.accepted
     assert stats["duplicates"] == 0  # a reclaimed in-flight group is never resent
 

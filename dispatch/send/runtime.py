@@ -230,7 +230,8 @@ class WorkerRuntime:
             reconciler=Reconciler(
                 policies=in_doubt_policies(s.in_doubt),
                 wait_s=s.in_doubt_wait_s,
-                receipt_providers=receipt_providers(default_registry()),
+                # receipts are evidence only where providers are told where to post them
+                receipt_providers=receipt_providers(default_registry()) if s.callback_base_url else frozenset(),
             ),
             journal=Journal(),
             fence=RecentFence(suppression_store),

@@ -44,6 +44,7 @@ from typing import Any
 
 import redis
 import redis.asyncio as aredis
+from redis.exceptions import NoScriptError
 
 from dispatch.store import keys
 
@@ -415,20 +416,35 @@ class Tracker:
     ) -> list[bool]:
         """Record ``outcomes`` (as :meth:`finish`) and issue ``entries`` (as :meth:`issue`) in one
         round trip; the issue answers."""
-        pipe = self._client.pipeline(transaction=False)
-        if outcomes or retries:
-            await self._finish_group(
-                keys=self._finish_keys(campaign_id, batch),
-                args=self._finish_args(campaign_id, batch, owner, outcomes, None, retries),
-                client=pipe,
-            )
-        if entries:
-            args: list[Any] = [owner, f"{time.time():.3f}"]
-            for entry in entries:
-                args.extend(entry)
-            await self._issue(keys=[keys.records(campaign_id, batch)], args=args, client=pipe)
-        results = await pipe.execute()
-        return [bool(int(x)) for x in results[-1]] if entries else []
+        finish = bool(outcomes or retries)
+        finish_keys = self._finish_keys(campaign_id, batch)
+        finish_args = self._finish_args(campaign_id, batch, owner, outcomes, None, retries) if finish else []
+        issue_args: list[Any] = [owner, f"{time.time():.3f}"]
+        for entry in entries:
+            issue_args.extend(entry)
+        issue_keys = [keys.records(campaign_id, batch)]
+        if not entries:
+            if finish:
+                await self._finish_group(keys=finish_keys, args=finish_args)
+            return []
+        if not finish:
+            raw = await self._issue(keys=issue_keys, args=issue_args)
+            return [bool(int(x)) for x in raw]
+        # both in one round trip: EVALSHA in a plain pipeline (a pipeline given Script objects
+        # asks SCRIPT EXISTS first, a second round trip); both scripts are idempotent, so after
+        # NOSCRIPT (a restarted server) they are loaded and the pipeline is sent again
+        for _ in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            pipe.evalsha(self._finish_group.sha, len(finish_keys), *finish_keys, *finish_args)
+            pipe.evalsha(self._issue.sha, len(issue_keys), *issue_keys, *issue_args)
+            try:
+                results = await pipe.execute()
+            except NoScriptError:
+                self._finish_group.sha = await self._client.script_load(self._finish_group.script)
+                self._issue.sha = await self._client.script_load(self._issue.script)
+                continue
+            return [bool(int(x)) for x in results[-1]]
+        raise RuntimeError("scripts could not be loaded")
 
     @staticmethod
     def _finish_keys(campaign_id: str, batch: int) -> list[str]:
