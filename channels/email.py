@@ -23,8 +23,8 @@ Results: 202 -> every message ``Sent`` with provider id ``<X-Message-Id>:<ref>``
 message ``Retryable`` with ``retry_after`` from ``Retry-After`` or ``X-RateLimit-Reset``; 5xx and
 transport failures -> ``Retryable``; 400 whose errors name ``personalizations.<i>`` -> those
 messages ``Permanent`` and the others resent once without them (SendGrid rejects the whole
-request); 413 -> the request is split in halves; 401/403 or a 400 no message explains -> raises
-``PermanentProviderError``.
+request); 413 -> the request is split in halves; 401/403 -> raises ``ProviderAccountError`` (the
+engine pauses the campaign); a 400 no message explains -> raises ``PermanentProviderError``.
 
 ``cost()`` is 1 per message: SendGrid's limits count requests and recipients, and a message is
 one recipient. A rate limit on *requests* should divide by ``max_batch``.
@@ -46,7 +46,12 @@ import orjson
 
 from channels._http import json_or_none, parse_retry_after, retryable_from, translate_errors
 from channels.base import Channel, Message, Permanent, Result, Retryable, Sent
-from channels.errors import ChannelConfigError, PermanentProviderError, RetryableProviderError
+from channels.errors import (
+    ChannelConfigError,
+    PermanentProviderError,
+    ProviderAccountError,
+    RetryableProviderError,
+)
 from channels.registry import ProviderSettings, ProviderSpec
 
 __all__ = [
@@ -285,7 +290,7 @@ class SendGridEmail(Channel):
             return first + second
         errors = _errors(raw)
         if status in (401, 403):
-            raise PermanentProviderError(
+            raise ProviderAccountError(
                 f"sendgrid: HTTP {status} (check api_key and sender verification)", status=status
             )
         bad = {

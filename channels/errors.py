@@ -13,6 +13,9 @@ The tree::
         │   ├── ProviderConnectionError
         │   └── ProviderRateLimited  (429)
         └── PermanentProviderError   retrying cannot help (bad credentials, malformed request)
+            └── ProviderAccountError     the provider refuses the account, not a message (401/403,
+                                         wrong account or project, exhausted balance): fixable by
+                                         an operator, so the caller pauses rather than fails
 
 Per-message outcomes are *results* (see ``channels.base``), not exceptions: a batch in which one
 recipient is invalid still sends the others.
@@ -26,6 +29,7 @@ __all__ = [
     "DuplicateChannel",
     "DuplicateProvider",
     "PermanentProviderError",
+    "ProviderAccountError",
     "ProviderConnectionError",
     "ProviderError",
     "ProviderRateLimited",
@@ -93,3 +97,10 @@ class ProviderRateLimited(RetryableProviderError):
 
 class PermanentProviderError(ProviderError):
     """Retrying cannot help (bad credentials, malformed request)."""
+
+
+class ProviderAccountError(PermanentProviderError):
+    """The provider refuses the account (credentials, project, balance): no message is at fault.
+
+    Its text names the provider and the setting to check; never a token or an address.
+    """

@@ -14,7 +14,8 @@ Responses map to results as follows:
   ``ambiguous``: the message may have gone out)
 - other 4xx: ``Permanent(code=<Twilio error code>)``; ``suppress`` for codes that say the
   address is bad or opted out (21211, 21610, 21614)
-- 401/403/404: the whole call is misconfigured; ``send`` raises ``PermanentProviderError``
+- 401/403/404: the account is refused (credentials, account sid); ``send`` raises
+  ``ProviderAccountError`` (the engine pauses the campaign)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from channels._http import json_or_none, parse_retry_after, retryable_from, tran
 from channels.base import Channel, Message, Permanent, Result, Retryable, Sent, send_each
 from channels.errors import (
     ChannelConfigError,
-    PermanentProviderError,
+    ProviderAccountError,
     RetryableProviderError,
 )
 from channels.registry import ProviderSettings, ProviderSpec
@@ -175,7 +176,7 @@ class TwilioSms(Channel):
         if status >= 500:
             return Retryable(ref, reason, status=status, retry_after=parse_retry_after(headers.get("Retry-After")))
         if status in _MISCONFIGURED:
-            raise PermanentProviderError(
+            raise ProviderAccountError(
                 f"twilio: {reason} (check account sid, auth token and base_url)",
                 status=status,
                 code=None if code is None else str(code),

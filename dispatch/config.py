@@ -47,7 +47,7 @@ import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Final, cast, get_args
+from typing import Any, ClassVar, Final, Literal, cast, get_args
 from urllib.parse import parse_qs, urlsplit
 
 import annotated_types
@@ -285,7 +285,38 @@ class Settings:
         le=10_000,
         description="recipients per batch (one broker message) of per-message APIs; batch APIs: their limit",
     )
-    max_attempts: int = Field(default=5, ge=1, le=50, description="provider attempts per message before dead-lettering")
+    max_attempts: int = Field(
+        default=5,
+        ge=1,
+        le=50,
+        description="provider attempts per message before dead-lettering; provider trouble (connection errors, "
+        "timeouts, 5xx, 429) is retried until retry_horizon_s instead",
+    )
+    retry_horizon_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="how long a batch's messages are retried through provider trouble before they are "
+        "dead-lettered (never past the campaign's deadline); 0: after max_attempts",
+    )
+    breaker_window_s: float = Field(default=10.0, gt=0, description="seconds of provider answers a breaker looks at")
+    breaker_min_failures: int = Field(
+        default=20, ge=1, description="least provider-trouble answers in the window that open its breaker"
+    )
+    breaker_failure_ratio: float = Field(
+        default=0.5, gt=0, le=1, description="share of provider trouble in the window that opens its breaker"
+    )
+    breaker_open_s: float = Field(
+        default=2.0, gt=0, description="seconds an opened breaker waits before one probe request"
+    )
+    breaker_max_open_s: float = Field(
+        default=10.0, gt=0, description="longest wait between two probes (doubles after each failed probe)"
+    )
+    breaker_probe_lease_s: float = Field(
+        default=15.0, gt=0, description="how long one worker holds a breaker's probe before another may take it"
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="worker log lines: text, or one JSON object per line"
+    )
     sms_base_url: str = Field(
         default="http://127.0.0.1:8099", description="Twilio API base URL (or the mock provider's)"
     )

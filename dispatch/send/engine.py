@@ -16,7 +16,9 @@ two slices and while waiting for one, so a pause or cancel stops the sends withi
 Short waits (5xx, timeouts, a 429 with a short Retry-After) are retried in-process with tenacity
 (exponential backoff with jitter, Retry-After honoured). A wait longer than the policy's
 ``long_wait_s`` puts the message back to ``retry`` and the batch goes back to the broker with a
-delay, so no worker slot sleeps through it. After ``max_attempts`` the message is dead-lettered.
+delay, so no worker slot sleeps through it. After ``max_attempts`` the message is dead-lettered,
+unless its answers were provider trouble: those wait for the provider (its breaker,
+``dispatch.send.health``) until the retry horizon (``dispatch.send.resilience``) has passed.
 Every number comes from one :class:`~dispatch.send.retry.RetryPolicy`.
 """
 
@@ -36,12 +38,14 @@ import redis.asyncio as aredis
 
 from channels.base import Channel, Message, Permanent, Result, Retryable, Sent
 from channels.email import Substitution
-from channels.errors import PermanentProviderError, RetryableProviderError
+from channels.errors import PermanentProviderError, ProviderAccountError, RetryableProviderError
 from dispatch.plan.manifest import Manifest
 from dispatch.plan.snapshot import SnapshotRow, decode_batch
 from dispatch.rules.frequency import AsyncFrequencyStore
 from dispatch.rules.suppression import AsyncSuppressionStore
 from dispatch.send.control import CONTROL_TTL_S
+from dispatch.send.health import Admission, ProviderHealth, is_trouble
+from dispatch.send.resilience import Resilience
 from dispatch.send.retry import RetryPolicy
 from dispatch.send.tracking import (
     CLAIM_BUSY,
@@ -127,6 +131,10 @@ class Item:
     suppress: bool = False
     #: A member of the batch's group record (batch channels): confirmed with the group.
     grouped: bool = False
+    #: Its last answer was provider trouble (``dispatch.send.health.is_trouble``), not about it.
+    trouble: bool = False
+    #: The provider that carried its last request ("" before any).
+    provider: str = ""
 
 
 @dataclass(slots=True)
@@ -143,6 +151,14 @@ class SendContext:
     substitution: Substitution | None = None
     #: Reads the campaign's state (the engine's cached view); None: the batch never stops early.
     read_state: Callable[[], Awaitable[str]] | None = None
+    #: Until when (epoch s) provider trouble is retried before a message is dead-lettered
+    #: (``dispatch.send.resilience``); None: after ``max_attempts``.
+    retry_until: float | None = None
+    #: The open breaker some of the batch's messages wait for (None: none waited).
+    waiting: Admission | None = None
+    #: Set when a provider refused the account: the campaign is paused with this reason.
+    pause_reason: str | None = None
+    pause_provider: str = ""
 
     async def running(self) -> bool:
         """False once the campaign is seen paused or cancelled (``stopped`` then names the state)."""
@@ -151,6 +167,11 @@ class SendContext:
             if state != "running":
                 self.stopped = state
         return self.stopped is None
+
+    def hand_back_retry(self, items: Sequence[Item]) -> None:
+        """Items that were not sent (no attempt spent): back to ``retry``."""
+        for item in items:
+            item.outcome = Outcome(item.index, "retry", item.attempts, "", item.outcome.code if item.outcome else "")
 
     def hand_back(self, items: Sequence[Item]) -> None:
         """Items a stop keeps from the provider: back to ``retry`` on pause, ``skipped`` on cancel."""
@@ -415,7 +436,17 @@ class _Round:
 
 
 class SendStep:
-    """Send with retries as ``retry`` (a :class:`RetryPolicy`) says; sets each item's outcome."""
+    """Send with retries as ``retry`` (a :class:`RetryPolicy`) says; sets each item's outcome.
+
+    With ``health`` (:class:`~dispatch.send.health.ProviderHealth`) every request first asks the
+    provider's breaker: while it is open the messages go back to ``retry`` unsent, no attempt
+    spent, and ``ctx.waiting`` says for whom (the batch goes back to the broker until the breaker
+    lets a probe through). Answers feed the breaker. Provider trouble (:func:`is_trouble`) does
+    not use up a message's ``max_attempts``: such a message is dead-lettered only once its retry
+    horizon ``ctx.retry_until`` has passed (no horizon known: after ``max_attempts`` as before).
+    A provider refusing the account (:class:`ProviderAccountError`: credentials, balance) leaves
+    the messages ``retry`` and sets ``ctx.pause_reason``: the campaign pauses, nothing fails.
+    """
 
     def __init__(
         self,
@@ -425,12 +456,27 @@ class SendStep:
         on_rate_limited: Callable[[SendContext, float | None], Awaitable[None]] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         metrics: Metrics | None = None,
+        health: ProviderHealth | None = None,
     ) -> None:
         self._metrics = metrics
         self._retry = retry
         self._on_result = on_result
         self._on_rate_limited = on_rate_limited
         self._sleep = sleep
+        self._health = health
+
+    async def _admit(self, ctx: SendContext, adapter: Channel, current: list[Item]) -> Admission | None:
+        """The breaker's verdict for ``adapter``; None (and the items handed back) while it is open."""
+        if self._health is None:
+            return Admission(adapter.provider, "closed")
+        admission = await self._health.admit(adapter.provider)
+        if admission.send:
+            return admission
+        for item in current:
+            item.outcome = Outcome(item.index, "retry", item.attempts, "", "breaker_open")
+        ctx.waiting = admission
+        ctx.long_wait = max(ctx.long_wait, admission.wait_s(time.time()))
+        return None
 
     async def __call__(self, ctx: SendContext, items: list[Item], nxt: Next) -> None:
         pending = [item for item in items if item.outcome is None]
@@ -442,18 +488,31 @@ class SendStep:
         async def one_round() -> _Round:
             nonlocal first
             current = list(pending)
+            round_ = _Round([])
+            pending[:] = []
+            adapter = ctx.channel  # the one place a request's provider is chosen
+            admission = await self._admit(ctx, adapter, current)
+            if admission is None or ctx.pause_reason is not None:
+                if admission is not None:  # another chunk found the account refused: stop here too
+                    ctx.hand_back_retry(current)
+                return round_
             if not first:
                 ctx.retries += len(current)
             first = False
-            round_ = _Round([])
             messages = [item.message for item in current if item.message is not None]
             started = time.perf_counter()
             try:
                 if self._metrics is not None:
-                    with self._metrics.inflight(ctx.channel.provider, len(messages)):
-                        results: Sequence[Result] = await ctx.channel.send(messages)
+                    with self._metrics.inflight(adapter.provider, len(messages)):
+                        results: Sequence[Result] = await adapter.send(messages)
                 else:
-                    results = await ctx.channel.send(messages)
+                    results = await adapter.send(messages)
+            except ProviderAccountError as exc:
+                # the account is refused: no message is at fault, none is spent; pause the campaign
+                ctx.pause_reason = f"provider {adapter.provider} refused the account: {exc}"
+                ctx.pause_provider = adapter.provider
+                ctx.hand_back_retry(current)
+                return round_
             except RetryableProviderError as exc:
                 results = [Retryable(m.ref, str(exc), exc.status, exc.retry_after) for m in messages]
             except PermanentProviderError as exc:
@@ -461,20 +520,33 @@ class SendStep:
                 results = [Permanent(m.ref, code, str(exc), exc.status) for m in messages]
             elapsed = time.perf_counter() - started
             rate_limited = False
+            ok = bad = 0
+            trouble_reason = ""
             for item, result in zip(current, results, strict=True):
                 item.attempts += 1
+                item.provider = adapter.provider
                 if self._on_result is not None:
                     self._on_result(ctx, item, result, elapsed)
                 if isinstance(result, Sent):
+                    ok += 1
                     item.outcome = Outcome(item.index, "sent", item.attempts, result.provider_id)
                 elif isinstance(result, Permanent):
+                    ok += 1  # an answer about the message: the provider works
                     item.outcome = Outcome(item.index, "failed", item.attempts, "", result.code)
                     item.suppress = result.suppress
                 else:
+                    item.trouble = is_trouble(result)
+                    if item.trouble:
+                        bad += 1
+                        trouble_reason = result.reason
                     round_.pending.append(item)
                     round_.retry_after = max(round_.retry_after, result.retry_after or 0.0)
                     rate_limited = rate_limited or result.status == 429
                     item.outcome = Outcome(item.index, "retry", item.attempts, "", f"http_{result.status or 0}")
+            if self._health is not None:
+                await self._health.record(
+                    adapter.provider, ok, bad, trouble_reason, probe=admission.verdict == "probe"
+                )
             if rate_limited and self._on_rate_limited is not None:
                 await self._on_rate_limited(ctx, round_.retry_after or None)
             pending[:] = round_.pending
@@ -488,8 +560,9 @@ class SendStep:
             await self._sleep(retry.first_retry_wait(last.retry_after))
             last = await retry.send_retrying(self._sleep)(one_round)
         if last is not None and last.pending:
+            out_of_time = ctx.retry_until is None or time.time() >= ctx.retry_until
             for item in last.pending:
-                if item.attempts >= retry.max_attempts:
+                if item.attempts >= retry.max_attempts and (out_of_time or not item.trouble):
                     code = item.outcome.code if item.outcome else "retry_exhausted"
                     item.outcome = Outcome(item.index, "dead", item.attempts, "", code)
             ctx.long_wait = max(ctx.long_wait, last.retry_after)
@@ -512,7 +585,10 @@ class Engine:
         rate_step: RateLimitStep | None = None,
         filters: Sequence[BatchFilter] = (),
         suppression: SuppressionFilter | None = None,
+        resilience: Resilience | None = None,
     ) -> None:
+        #: Retry horizons, waiting and paused campaigns, the batch log line (None: none of them).
+        self._resilience = resilience
         self._filters = list(filters)
         self._suppression = suppression
         self._recorder: _Recorder = _MetricsRecorder(metrics) if metrics is not None else _NoMetrics()
@@ -615,6 +691,8 @@ class Engine:
             read_state=lambda: self.campaign_state(campaign_id),
         )
         mode.prepare(ctx)
+        if self._resilience is not None:
+            await self._resilience.before(ctx, manifest.deadline)
         items = claimed.items
         filtered = await self._filter(ctx, items)
         mode.hold(filtered)
@@ -623,6 +701,10 @@ class Engine:
         await mode.close(ctx, items)
         if self._suppression is not None:
             await self._suppression.feed(channel.name, [item.address for item in items if item.suppress])
+        # -- provider trouble (dispatch.send.resilience): a refused account pauses the campaign
+        if self._resilience is not None and await self._resilience.after(ctx, items):
+            self._control.pop(campaign_id, None)
+            return BatchOutcome(state="paused", requeue_after=1.0)
         if ctx.stopped == "paused" or claimed.busy:
             return BatchOutcome(state=ctx.stopped or "busy", requeue_after=1.0)
         if any(item.outcome is not None and item.outcome.state == "retry" for item in items):

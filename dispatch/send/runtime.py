@@ -55,6 +55,8 @@ from dispatch.send.engine import (
     limiter_burst,
     render_step,
 )
+from dispatch.send.health import BreakerPolicy, ProviderHealth
+from dispatch.send.resilience import Resilience
 from dispatch.send.retry import RetryPolicy
 from dispatch.send.tracking import Tracker
 from dispatch.store import keys
@@ -131,6 +133,7 @@ class WorkerRuntime:
         self._client: aredis.Redis | None = None
         self._channels: dict[str, Channel] = {}
         self._engine: Engine | None = None
+        self.health: ProviderHealth | None = None
         self.metrics = Metrics(CollectorRegistry())
         self.metrics_server: MetricsServer | None = None
         self._control = CampaignControl(self._sync)
@@ -178,11 +181,13 @@ class WorkerRuntime:
         else:  # no account limit now: one an earlier start configured must not go on applying
             await limiter.remove(account_keys["sms"])
         rate_step = RateLimitStep(limiter, account_keys, metrics=self.metrics)
+        self.health = ProviderHealth(self._client, BreakerPolicy.from_settings(s), metrics=self.metrics)
         send_step = SendStep(
             self.retry,
             on_result=self._observe,
             on_rate_limited=rate_step.penalize,
             metrics=self.metrics,
+            health=self.health,
         )
         self._limiter = limiter
         self._limiter_keys = [key for name, key in account_keys.items() if name == "sms" and s.sms_rate > 0]
@@ -205,6 +210,7 @@ class WorkerRuntime:
             rate_step=rate_step,
             filters=filters,
             suppression=suppression,
+            resilience=Resilience(self._client, horizon_s=self.retry.retry_horizon_s, metrics=self.metrics),
         )
 
     def _observe(self, ctx: SendContext, item: Item, result: Result, elapsed: float) -> None:
