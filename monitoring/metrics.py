@@ -305,8 +305,8 @@ class Metrics:
         )
         self._breaker_transitions = Counter(
             "dispatch_provider_breaker_transitions_total",
-            "Breaker transitions a worker made: opened, reopened (a failed probe), closed.",
-            ("provider", "transition"),
+            "Breaker transitions a worker made, by the state reached: opened, reopened (a failed probe), closed.",
+            ("provider", "state"),
             registry=r,
         )
         self._account_pauses = Counter(
@@ -462,7 +462,7 @@ class Metrics:
 
     def record_breaker_transition(self, provider: str, transition: str) -> None:
         key = ("breaker_t", provider, transition)
-        labels = lambda: (_code("provider", provider), _code("transition", transition))  # noqa: E731
+        labels = lambda: (_code("provider", provider), _code("state", transition))  # noqa: E731
         self._counter(self._breaker_transitions, key, labels).inc()
 
     def record_account_error(self, provider: str, n: int = 1) -> None:

@@ -57,7 +57,9 @@ class Rig:
         column = "phone" if channel == "sms" else "email"
         rows = [{"id": f"{cid}-{i}", column: p, "first_name": "Ada"} for i, p in enumerate(phones)]
         settings = load_settings({"DISPATCH_HOME": str(self.home), "DISPATCH_BATCH_SIZE": str(batch_size)})
-        spec = CampaignSpec(id=cid, channel=channel, body="Hi $first_name", subject="Hi" if channel == "email" else None)
+        spec = CampaignSpec(
+            id=cid, channel=channel, body="Hi $first_name", subject="Hi" if channel == "email" else None
+        )
         report = Planner(self.sync, settings).plan(spec, rows)
         self.control.start(cid)
         return report.accepted, report.batches
@@ -86,12 +88,15 @@ async def rig(redis_client: redis.Redis, aredis_client: aredis.Redis, tmp_path: 
                 honours_idempotency=True,
             ),
         )
-        email = SendGridEmail(session, SendGridConfig(
+        email = SendGridEmail(
+            session,
+            SendGridConfig(
                 base_url=mock.url,
                 api_key=SG_KEY,
                 from_email="a@example.com",
                 unsubscribe_url="https://example.com/u/{ref}",
-            ))
+            ),
+        )
         metrics = Metrics(CollectorRegistry())
         transitions: list[Transition] = []
         health = ProviderHealth(aredis_client, POLICY, metrics=metrics, on_transition=transitions.append)
@@ -160,7 +165,7 @@ async def test_provider_outage_mid_campaign_waits_then_sends_everything_once(rig
     # once it recovered nobody is told to wait, and the gauge says closed again
     assert rig.control.status(cid, speed=False).waiting_for is None
     assert rig.sample("dispatch_provider_breaker_state", provider="twilio") == 0
-    assert rig.sample("dispatch_provider_breaker_transitions_total", provider="twilio", transition="opened") >= 1
+    assert rig.sample("dispatch_provider_breaker_transitions_total", provider="twilio", state="opened") >= 1
     # the probes spent few requests: the outage did not cost every message its attempts
     assert max(r.attempts for r in iter_records(rig.sync, cid, batches)) <= 1 + rig.mock.ledger.faults["outage"]
 
@@ -285,7 +290,7 @@ async def test_one_log_line_per_batch_with_counts_and_never_an_address(
     rig.mock.set_faults(FaultMix(outage_s=0.6, outage_mode="503"))
     await drive(rig, cid, batches)
     lines = [r for r in caplog.records if r.name == "dispatch.send.resilience"]
-    fields = [getattr(r, "batch") for r in lines if hasattr(r, "batch")]
+    fields = [r.batch for r in lines if hasattr(r, "batch")]
     assert {f["batch"] for f in fields} == set(range(batches))
     assert sum(f["sent"] for f in fields) == accepted
     assert any(f["waiting"] > 0 for f in fields)  # the outage made some runs wait
@@ -340,4 +345,3 @@ def test_settings_build_the_breaker_and_the_horizon(tmp_path: Path) -> None:
     assert RetryPolicy.from_settings(settings).retry_horizon_s == 900.0
     with pytest.raises(ValueError, match="failure_ratio"):
         BreakerPolicy(failure_ratio=0)
-

@@ -287,7 +287,8 @@ def _settled(read: Callable[[], dict[str, int]], *, quiet_s: float, within_s: fl
 def test_cancel_mid_send_keeps_the_counters_adding_up(cluster_settings: Settings) -> None:
     """Real workers, a mock provider failing some sends for good: running, paused and cancelled
     statuses all add up, and the cancelled one agrees with the per-message records."""
-    settings = replace(cluster_settings, max_attempts=1)
+    # trouble dead-lettered after one attempt (no retry horizon): the failures this test needs
+    settings = replace(cluster_settings, max_attempts=1, retry_horizon_s=0)
     cid = "st-e2e-cancel"
     rows = list(generate_rows(3000, seed=21))
     spec = CampaignSpec(id=cid, channel="sms", body="Hello $first_name", rate=150.0)  # ~20 s: cancelled long before

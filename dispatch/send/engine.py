@@ -544,9 +544,7 @@ class SendStep:
                     rate_limited = rate_limited or result.status == 429
                     item.outcome = Outcome(item.index, "retry", item.attempts, "", f"http_{result.status or 0}")
             if self._health is not None:
-                await self._health.record(
-                    adapter.provider, ok, bad, trouble_reason, probe=admission.verdict == "probe"
-                )
+                await self._health.record(adapter.provider, ok, bad, trouble_reason, probe=admission.verdict == "probe")
             if rate_limited and self._on_rate_limited is not None:
                 await self._on_rate_limited(ctx, round_.retry_after or None)
             pending[:] = round_.pending
