@@ -346,6 +346,11 @@ class Settings:
     )
     push_project: str = Field(default="dispatch-demo", description="FCM project id")
     push_access_token: Secret = Field(default=Secret("mock-fcm-access-token"), description="FCM OAuth access token")
+    push_service_account_file: Path | None = Field(
+        default=None,
+        description="FCM service-account JSON key: workers mint and share hourly OAuth tokens from it "
+        "(replaces push_access_token)",
+    )
     webhook_url: str = Field(
         default="http://127.0.0.1:8099/webhook", description="URL signed webhook messages are posted to"
     )

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from concurrent.futures import Future
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -26,10 +27,11 @@ import uvloop
 from dramatiq.brokers.redis import RedisBroker
 from prometheus_client import CollectorRegistry
 
-from channels import ProviderSettings, ProviderSpec, Registry, default_registry
+from channels import ChannelConfigError, ProviderSettings, ProviderSpec, Registry, default_registry
 from channels.base import Channel, Result, Retryable
+from channels.tokens import GoogleServiceAccount, TokenProvider
 from dispatch.config import Settings
-from dispatch.errors import DispatchError
+from dispatch.errors import ConfigError, DispatchError
 from dispatch.plan.calibration import (
     EWMA_WEIGHT,
     QUIET_RETRY_S,
@@ -58,13 +60,14 @@ from dispatch.send.engine import (
 from dispatch.send.health import BreakerPolicy, ProviderHealth
 from dispatch.send.resilience import Resilience
 from dispatch.send.retry import RetryPolicy
+from dispatch.send.tokens import SharedTokens
 from dispatch.send.tracking import Tracker
 from dispatch.store import keys
 from monitoring.exposition import MetricsServer, start_metrics_server
 from monitoring.metrics import Metrics, RetryCause, collect_queue_depths
 from ratelimit import Limit, RedisRateLimiter
 
-__all__ = ["WorkerRuntime", "build_channels", "provider_settings"]
+__all__ = ["WorkerRuntime", "build_channels", "provider_settings", "shared_tokens"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,9 +80,11 @@ GAUGES_EVERY_S = 2.0
 CAMPAIGN_IDLE_S = 60.0
 
 
-def provider_settings(settings: Settings, provider: ProviderSpec) -> ProviderSettings:
-    """The provider's settings section: the settings named ``<section>_*`` (secrets still wrapped)
-    and, when ``callback_base_url`` is set, the URL its receipts are posted to."""
+def provider_settings(
+    settings: Settings, provider: ProviderSpec, tokens: TokenProvider | None = None
+) -> ProviderSettings:
+    """The provider's settings section: the settings named ``<section>_*`` (secrets still wrapped),
+    when ``callback_base_url`` is set the URL its receipts are posted to, and its shared tokens."""
     prefix = provider.settings_section + "_"
     values = {
         f.name.removeprefix(prefix): getattr(settings, f.name)
@@ -88,20 +93,44 @@ def provider_settings(settings: Settings, provider: ProviderSpec) -> ProviderSet
     }
     base = settings.callback_base_url
     callback = base.rstrip("/") + provider.callback_path if base and provider.callback_path else None
-    return ProviderSettings(section=provider.settings_section, values=values, callback_url=callback)
+    return ProviderSettings(section=provider.settings_section, values=values, callback_url=callback, tokens=tokens)
 
 
 def build_channels(
-    settings: Settings, session: aiohttp.ClientSession, registry: Registry | None = None
+    settings: Settings,
+    session: aiohttp.ClientSession,
+    registry: Registry | None = None,
+    *,
+    tokens: Mapping[str, TokenProvider] | None = None,
 ) -> dict[str, Channel]:
     """One adapter per channel that has a provider (its default provider in ``registry``, the
-    standard one unless given), configured from settings; they share the process's session."""
+    standard one unless given), configured from settings; they share the process's session.
+    ``tokens``: refreshed credentials by channel (:func:`shared_tokens`)."""
     registry = registry if registry is not None else default_registry()
     adapters: dict[str, Channel] = {}
     for name in registry.channel_names(sendable=True):
         provider = registry.provider_for(name)
-        adapters[name] = provider.build(session, provider_settings(settings, provider))
+        adapters[name] = provider.build(session, provider_settings(settings, provider, (tokens or {}).get(name)))
     return adapters
+
+
+def shared_tokens(settings: Settings, client: aredis.Redis) -> dict[str, TokenProvider]:
+    """The refreshed credentials the settings ask for, by channel: FCM's from its service account."""
+    path = settings.push_service_account_file
+    if path is None:
+        return {}
+    setting = "DISPATCH_PUSH_SERVICE_ACCOUNT_FILE"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(setting, f"cannot read {path} ({exc.strerror})", "point it at the JSON key file") from None
+    except ValueError:
+        raise ConfigError(setting, f"{path} is not JSON", "download the service account's JSON key again") from None
+    try:
+        minter = GoogleServiceAccount(info)
+    except ChannelConfigError as exc:
+        raise ConfigError(setting, str(exc), "use the JSON key of a service account") from None
+    return {"push": SharedTokens(client, "fcm", minter)}
 
 
 def retry_cause(result: Retryable) -> RetryCause:
@@ -167,7 +196,7 @@ class WorkerRuntime:
         pool = aredis.BlockingConnectionPool.from_url(self._app_url, max_connections=64, timeout=30)
         self._client = aredis.Redis(connection_pool=pool)
         self._broker_client = aredis.Redis.from_url(self._broker_url)
-        self._channels = build_channels(s, self._session)
+        self._channels = build_channels(s, self._session, tokens=shared_tokens(s, self._client))
         for channel in self._channels.values():
             self.metrics.register_provider(channel.name, channel.provider)
         self.metrics.register_queue(QUEUE)
