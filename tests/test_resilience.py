@@ -7,6 +7,7 @@ import asyncio
 import heapq
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,15 +23,18 @@ from channels.base import Message, Permanent, Retryable, Sent
 from channels.email import SendGridConfig, SendGridEmail
 from channels.sms import TwilioConfig, TwilioSms
 from dispatch.campaign import CampaignSpec
-from dispatch.config import load_settings
+from dispatch.config import Settings, load_settings
 from dispatch.logs import JsonFormatter
 from dispatch.plan.planner import Planner
+from dispatch.send.broker import build_broker, enqueue_batch
 from dispatch.send.control import CampaignControl
 from dispatch.send.engine import BatchOutcome, Engine, SendStep, render_step
 from dispatch.send.health import BreakerPolicy, ProviderHealth, Transition, health_key, is_trouble, read_breaker
 from dispatch.send.resilience import Resilience, trouble_key
 from dispatch.send.retry import RetryPolicy
 from dispatch.send.tracking import Tracker, campaign_counters, iter_records
+from loadtest.audience import generate_rows
+from loadtest.cluster import LocalCluster
 from loadtest.mock_core import FaultMix, MockConfig
 from loadtest.mock_provider import MockProvider
 from monitoring.metrics import Metrics
@@ -345,3 +349,51 @@ def test_settings_build_the_breaker_and_the_horizon(tmp_path: Path) -> None:
     assert RetryPolicy.from_settings(settings).retry_horizon_s == 900.0
     with pytest.raises(ValueError, match="failure_ratio"):
         BreakerPolicy(failure_ratio=0)
+
+
+# --- real worker processes ---------------------------------------------------------------------
+
+
+def _wait_for(check: Callable[[], bool], within_s: float, what: str) -> None:
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_workers_wait_out_an_outage_and_finish_the_campaign_by_themselves(cluster_settings: Settings) -> None:
+    """Two real workers, the mock provider down (connections dropped) for 4 s mid-campaign:
+    nothing dead-lettered, every message accepted once, the campaign completes with no action."""
+    cid = "outage-e2e"
+    rows = list(generate_rows(1500, seed=18))
+    spec = CampaignSpec(id=cid, channel="sms", body="Hello $first_name", rate=250.0)  # ~6 s of sending
+    with LocalCluster(cluster_settings, workers=2) as cluster:
+        assert cluster.target is not None
+        client = redis.Redis.from_url(cluster.target.app_url)
+        broker = build_broker(cluster_settings, cluster.target.broker_url)
+        try:
+            plan = Planner(client, cluster_settings).plan(spec, rows)
+            control = CampaignControl(client, lambda c, n, d: enqueue_batch(broker, c, n, d))
+            control.start(cid)
+            _wait_for(lambda: campaign_counters(client, cid)["sent"] >= 300, 60, "300 messages sent")
+            asyncio.run(cluster.set_faults({"outage_s": 4.0, "outage_mode": "reset"}))
+            waiting: list[str] = []
+
+            def waiting_seen() -> bool:
+                status = control.status(cid, speed=False)
+                if status.waiting_for:
+                    waiting.append(status.waiting_for)
+                return bool(waiting)
+
+            _wait_for(waiting_seen, 30, "the campaign to say it waits for its provider")
+            _wait_for(lambda: control.status(cid, speed=False).complete, 120, "the campaign to complete")
+            counters = campaign_counters(client, cid)
+            stats = cluster.mock_stats()
+        finally:
+            broker.close()
+            client.close()
+    assert waiting[0].startswith("provider twilio (breaker open since ")
+    assert stats["faults"].get("outage", 0) > 0
+    assert counters["dead_letters"] == counters["failed"] == 0
+    assert counters["sent"] == plan.accepted == stats["accepted"]
+    assert stats["duplicates"] == 0
