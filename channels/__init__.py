@@ -13,6 +13,7 @@ from channels.errors import (
     ProviderError,
     ProviderRateLimited,
     ProviderTimeout,
+    ProviderUnreachable,
     RetryableProviderError,
     UnknownChannel,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "ProviderSettings",
     "ProviderSpec",
     "ProviderTimeout",
+    "ProviderUnreachable",
     "Registry",
     "Result",
     "Retryable",

@@ -1,7 +1,8 @@
 """HTTP plumbing shared by the adapters: one place translates aiohttp's exceptions.
 
 Every adapter wraps its request in ``translate_errors()``: a timeout becomes ``ProviderTimeout``,
-a refused, reset or dropped connection becomes ``ProviderConnectionError``. Adapters then turn
+a reset or dropped connection ``ProviderConnectionError`` (the request may have arrived), a
+connection that could not be made ``ProviderUnreachable`` (it never left: not in doubt). Adapters then turn
 those into per-message ``Retryable`` results with ``retryable_from``.
 """
 
@@ -17,7 +18,7 @@ import aiohttp
 import orjson
 
 from channels.base import Retryable
-from channels.errors import ProviderConnectionError, ProviderTimeout, RetryableProviderError
+from channels.errors import ProviderConnectionError, ProviderTimeout, ProviderUnreachable, RetryableProviderError
 
 __all__ = ["json_or_none", "parse_retry_after", "retryable_from", "translate_errors"]
 
@@ -33,6 +34,8 @@ def translate_errors(provider: str) -> Iterator[None]:
         yield
     except TimeoutError as exc:  # aiohttp's ServerTimeoutError too
         raise ProviderTimeout(f"{provider}: no answer in time") from exc
+    except aiohttp.ClientConnectorError as exc:  # refused, unresolvable: nothing was sent
+        raise ProviderUnreachable(f"{provider}: cannot connect ({type(exc).__name__})") from exc
     except aiohttp.ClientConnectionError as exc:  # refused, reset, disconnected
         raise ProviderConnectionError(f"{provider}: connection failed ({type(exc).__name__})") from exc
     except aiohttp.ClientPayloadError as exc:  # the body was cut off mid-response
@@ -46,7 +49,7 @@ def retryable_from(ref: str, exc: RetryableProviderError) -> Retryable:
     provider: ``ambiguous`` tells the caller a resend without an honoured idempotency key may
     duplicate.
     """
-    ambiguous = isinstance(exc, ProviderTimeout | ProviderConnectionError)
+    ambiguous = isinstance(exc, ProviderTimeout | ProviderConnectionError) and not isinstance(exc, ProviderUnreachable)
     return Retryable(ref, str(exc), status=exc.status, retry_after=exc.retry_after, ambiguous=ambiguous)
 
 

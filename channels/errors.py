@@ -11,6 +11,7 @@ The tree::
         ├── RetryableProviderError   worth retrying; carries ``retry_after`` when the provider said
         │   ├── ProviderTimeout
         │   ├── ProviderConnectionError
+        │   │   └── ProviderUnreachable  no connection could be made: the request never left
         │   └── ProviderRateLimited  (429)
         └── PermanentProviderError   retrying cannot help (bad credentials, malformed request)
             └── ProviderAccountError     the provider refuses the account, not a message (401/403,
@@ -34,6 +35,7 @@ __all__ = [
     "ProviderError",
     "ProviderRateLimited",
     "ProviderTimeout",
+    "ProviderUnreachable",
     "RetryableProviderError",
     "UnknownChannel",
 ]
@@ -89,6 +91,11 @@ class ProviderTimeout(RetryableProviderError):
 
 class ProviderConnectionError(RetryableProviderError):
     """The connection failed or was reset."""
+
+
+class ProviderUnreachable(ProviderConnectionError):
+    """No connection could be made (refused, no route, DNS): the request never left, so the
+    message is not in doubt and may go to another provider."""
 
 
 class ProviderRateLimited(RetryableProviderError):

@@ -39,6 +39,7 @@ from channels.segments import encoding, segments
 
 __all__ = [
     "PROVIDER",
+    "REROUTABLE_CODES",
     "SUPPRESS_CODES",
     "TWILIO_ERRORS",
     "TwilioConfig",
@@ -50,6 +51,10 @@ __all__ = [
 
 #: Twilio error codes meaning the address itself cannot receive SMS: suppress it.
 SUPPRESS_CODES: Final = frozenset({21211, 21610, 21614})
+
+#: Twilio error codes about this account's reach, not the message (region not enabled, no route
+#: from the sender): another provider may accept the message.
+REROUTABLE_CODES: Final = frozenset({21408, 21612})
 
 #: Short, PII-free descriptions of the Twilio error codes we expect (reasons end up in logs).
 TWILIO_ERRORS: Final[Mapping[int, str]] = {
@@ -63,6 +68,7 @@ TWILIO_ERRORS: Final[Mapping[int, str]] = {
     21604: "'To' number required",
     21606: "'From' number cannot send SMS",
     21610: "recipient unsubscribed (STOP)",
+    21612: "cannot route to this number from the sender",
     21614: "'To' is not a mobile number",
     21617: "body exceeds 1600 characters",
     30001: "queue overflow",
@@ -187,6 +193,7 @@ class TwilioSms(Channel):
             reason,
             status,
             suppress=code in SUPPRESS_CODES,
+            reroutable=code in REROUTABLE_CODES,
         )
 
 

@@ -327,6 +327,26 @@ class Settings:
     sms_honours_idempotency: bool = Field(
         default=True, description="the SMS endpoint honours Idempotency-Key (the mock does; real Twilio does not)"
     )
+    sms_providers: str = Field(
+        default="twilio",
+        description="SMS providers in priority order (e.g. twilio,aliyun): the next takes over when one's breaker "
+        "is open or it cannot reach a destination",
+    )
+    sms_routes: str = Field(
+        default="",
+        description="SMS providers by destination prefix, longest prefix first (e.g. +86=aliyun,twilio;+852=aliyun)",
+    )
+    aliyun_base_url: str = Field(
+        default="http://127.0.0.1:8099/aliyun", description="Aliyun SMS (dysmsapi) base URL (or the mock provider's)"
+    )
+    aliyun_access_key_id: str = Field(default="LTAI-mock-access-key", description="Aliyun AccessKey ID")
+    aliyun_access_key_secret: Secret = Field(
+        default=Secret("mock-aliyun-secret"), description="Aliyun AccessKey secret"
+    )
+    aliyun_sign_name: str = Field(default="dispatch", description="Aliyun SMS signature name (approved)")
+    aliyun_template_code: str = Field(
+        default="SMS_000000", description="Aliyun SMS template whose one parameter, content, takes the body"
+    )
     email_base_url: str = Field(
         default="http://127.0.0.1:8099", description="SendGrid API base URL (or the mock provider's)"
     )

@@ -84,6 +84,8 @@ class FaultMix:
     #: Destinations starting with one of these are refused for good (Twilio 21408: sending to
     #: the region is not enabled on the account), as a provider refuses a country.
     refuse_prefixes: tuple[str, ...] = ()
+    #: The account's balance is used up (Aliyun ``isv.AMOUNT_NOT_ENOUGH``).
+    balance_exhausted: bool = False
 
     def __post_init__(self) -> None:
         total = self.p_429 + self.p_500 + self.p_503 + self.p_timeout + self.p_reset
@@ -145,6 +147,8 @@ class MockConfig:
     auth_token: str = DEFAULT_AUTH_TOKEN
     sendgrid_api_key: str = "SG.mock-api-key"
     fcm_access_token: str = "mock-fcm-access-token"
+    aliyun_access_key_id: str = "LTAI-mock-access-key"
+    aliyun_access_key_secret: str = "mock-aliyun-secret"
     webhook_secret: str = "mock-webhook-secret"
     host: str = "127.0.0.1"
     port: int = 0

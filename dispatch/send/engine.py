@@ -30,7 +30,7 @@ import logging
 import math
 import string
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast, runtime_checkable
 
@@ -47,6 +47,7 @@ from dispatch.send.control import CONTROL_TTL_S
 from dispatch.send.health import Admission, ProviderHealth, is_trouble
 from dispatch.send.resilience import Resilience
 from dispatch.send.retry import RetryPolicy
+from dispatch.send.routing import Router
 from dispatch.send.tracking import (
     CLAIM_BUSY,
     CLAIM_DONE,
@@ -135,6 +136,10 @@ class Item:
     trouble: bool = False
     #: The provider that carried its last request ("" before any).
     provider: str = ""
+    #: Providers that refused it in a way another may not (``Permanent.reroutable``): skipped.
+    excluded: tuple[str, ...] = ()
+    #: The provider where its fate is in doubt (``SendStep.in_doubt``): retried there only.
+    pinned: str = ""
 
 
 @dataclass(slots=True)
@@ -446,6 +451,11 @@ class SendStep:
     horizon ``ctx.retry_until`` has passed (no horizon known: after ``max_attempts`` as before).
     A provider refusing the account (:class:`ProviderAccountError`: credentials, balance) leaves
     the messages ``retry`` and sets ``ctx.pause_reason``: the campaign pauses, nothing fails.
+
+    With ``routers`` (:class:`~dispatch.send.routing.Router` by channel) a message goes to the
+    first of its candidate providers whose breaker admits it, moves on after a ``reroutable``
+    refusal, and stays with a provider where its fate is in doubt (:meth:`in_doubt`); see
+    ``dispatch.send.routing``. Each item records the provider that carried it (``Item.provider``).
     """
 
     def __init__(
@@ -457,6 +467,7 @@ class SendStep:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         metrics: Metrics | None = None,
         health: ProviderHealth | None = None,
+        routers: Mapping[str, Router] | None = None,
     ) -> None:
         self._metrics = metrics
         self._retry = retry
@@ -464,19 +475,77 @@ class SendStep:
         self._on_rate_limited = on_rate_limited
         self._sleep = sleep
         self._health = health
+        self._routers = dict(routers or {})
 
-    async def _admit(self, ctx: SendContext, adapter: Channel, current: list[Item]) -> Admission | None:
-        """The breaker's verdict for ``adapter``; None (and the items handed back) while it is open."""
+    def in_doubt(self, ctx: SendContext, item: Item, provider: str) -> None:
+        """The hook for a message whose fate at ``provider`` is in doubt (the request may have been
+        accepted). It stays pinned to ``provider`` (``Item.pinned``): retried there only, with the
+        same idempotency key, never failed over.
+
+        TODO(reconciliation, issue 17): ask the provider (its lookup API) whether it took the
+        message before the retry, and settle it as ``sent`` when it did.
+        """
+        item.pinned = provider
+
+    async def _admit(self, provider: str) -> Admission:
         if self._health is None:
-            return Admission(adapter.provider, "closed")
-        admission = await self._health.admit(adapter.provider)
-        if admission.send:
-            return admission
-        for item in current:
-            item.outcome = Outcome(item.index, "retry", item.attempts, "", "breaker_open")
-        ctx.waiting = admission
-        ctx.long_wait = max(ctx.long_wait, admission.wait_s(time.time()))
-        return None
+            return Admission(provider, "closed")
+        return await self._health.admit(provider)
+
+    async def _assign(self, ctx: SendContext, items: list[Item]) -> list[tuple[Channel, Admission, list[Item]]]:
+        """Each item's provider for this round: its first candidate whose breaker admits it.
+
+        Items no candidate admits go back to ``retry`` (no attempt spent) and ``ctx.waiting``
+        names the breaker they wait for.
+        """
+        router = self._routers.get(ctx.channel.name)
+        admissions: dict[str, Admission] = {}
+        groups: dict[str, tuple[Channel, list[Item]]] = {}
+        for item in items:
+            if router is None:
+                candidates: Sequence[Channel] = (ctx.channel,)
+            else:
+                candidates = router.candidates(item.address)
+                if item.pinned:
+                    pinned = router.adapter(item.pinned)
+                    candidates = (pinned,) if pinned is not None else ()
+                candidates = [c for c in candidates if c.provider not in item.excluded]
+            chosen: Channel | None = None
+            for candidate in candidates:
+                admission = admissions.get(candidate.provider)
+                if admission is None:
+                    admission = admissions[candidate.provider] = await self._admit(candidate.provider)
+                if admission.send:
+                    chosen = candidate
+                    break
+            if chosen is None:
+                first = admissions.get(candidates[0].provider) if candidates else None
+                item.outcome = Outcome(item.index, "retry", item.attempts, "", "breaker_open")
+                if first is not None:
+                    ctx.waiting = first
+                    ctx.long_wait = max(ctx.long_wait, first.wait_s(time.time()))
+                continue
+            groups.setdefault(chosen.provider, (chosen, []))[1].append(item)
+        return [(adapter, admissions[name], group) for name, (adapter, group) in groups.items()]
+
+    async def _request(self, ctx: SendContext, adapter: Channel, items: list[Item]) -> tuple[Sequence[Result], float]:
+        """One call of ``adapter`` for ``items``: their results and how long it took."""
+        messages = [item.message for item in items if item.message is not None]
+        started = time.perf_counter()
+        try:
+            if self._metrics is not None:
+                with self._metrics.inflight(adapter.provider, len(messages)):
+                    results: Sequence[Result] = await adapter.send(messages)
+            else:
+                results = await adapter.send(messages)
+        except RetryableProviderError as exc:
+            results = [Retryable(m.ref, str(exc), exc.status, exc.retry_after) for m in messages]
+        except ProviderAccountError:
+            raise
+        except PermanentProviderError as exc:
+            code = exc.code or f"http_{exc.status}"
+            results = [Permanent(m.ref, code, str(exc), exc.status) for m in messages]
+        return results, time.perf_counter() - started
 
     async def __call__(self, ctx: SendContext, items: list[Item], nxt: Next) -> None:
         pending = [item for item in items if item.outcome is None]
@@ -484,44 +553,21 @@ class SendStep:
             await nxt(ctx, items)
             return
         first = True
+        router = self._routers.get(ctx.channel.name)
 
-        async def one_round() -> _Round:
-            nonlocal first
-            current = list(pending)
-            round_ = _Round([])
-            pending[:] = []
-            adapter = ctx.channel  # the one place a request's provider is chosen
-            admission = await self._admit(ctx, adapter, current)
-            if admission is None or ctx.pause_reason is not None:
-                if admission is not None:  # another chunk found the account refused: stop here too
-                    ctx.hand_back_retry(current)
-                return round_
-            if not first:
-                ctx.retries += len(current)
-            first = False
-            messages = [item.message for item in current if item.message is not None]
-            started = time.perf_counter()
+        async def one_group(adapter: Channel, admission: Admission, current: list[Item], round_: _Round) -> bool:
+            """Send ``current`` through ``adapter``; False when the provider refused the account."""
             try:
-                if self._metrics is not None:
-                    with self._metrics.inflight(adapter.provider, len(messages)):
-                        results: Sequence[Result] = await adapter.send(messages)
-                else:
-                    results = await adapter.send(messages)
+                results, elapsed = await self._request(ctx, adapter, current)
             except ProviderAccountError as exc:
                 # the account is refused: no message is at fault, none is spent; pause the campaign
                 ctx.pause_reason = f"provider {adapter.provider} refused the account: {exc}"
                 ctx.pause_provider = adapter.provider
                 ctx.hand_back_retry(current)
-                return round_
-            except RetryableProviderError as exc:
-                results = [Retryable(m.ref, str(exc), exc.status, exc.retry_after) for m in messages]
-            except PermanentProviderError as exc:
-                code = exc.code or f"http_{exc.status}"
-                results = [Permanent(m.ref, code, str(exc), exc.status) for m in messages]
-            elapsed = time.perf_counter() - started
-            rate_limited = False
+                return False
             ok = bad = 0
             trouble_reason = ""
+            rate_limited = False
             for item, result in zip(current, results, strict=True):
                 item.attempts += 1
                 item.provider = adapter.provider
@@ -534,8 +580,16 @@ class SendStep:
                     ok += 1  # an answer about the message: the provider works
                     item.outcome = Outcome(item.index, "failed", item.attempts, "", result.code)
                     item.suppress = result.suppress
+                    if result.reroutable and router is not None:
+                        item.excluded = (*item.excluded, adapter.provider)
+                        others = [c for c in router.candidates(item.address) if c.provider not in item.excluded]
+                        if others:  # another provider may take it: next round, not a failure
+                            item.outcome = Outcome(item.index, "retry", item.attempts, "", result.code)
+                            round_.pending.append(item)
                 else:
                     item.trouble = is_trouble(result)
+                    if result.ambiguous and router is not None:
+                        self.in_doubt(ctx, item, adapter.provider)
                     if item.trouble:
                         bad += 1
                         trouble_reason = result.reason
@@ -547,6 +601,30 @@ class SendStep:
                 await self._health.record(adapter.provider, ok, bad, trouble_reason, probe=admission.verdict == "probe")
             if rate_limited and self._on_rate_limited is not None:
                 await self._on_rate_limited(ctx, round_.retry_after or None)
+            return True
+
+        async def one_round() -> _Round:
+            nonlocal first
+            current = list(pending)
+            round_ = _Round([])
+            pending[:] = []
+            if ctx.pause_reason is not None:  # another chunk found the account refused: stop here too
+                ctx.hand_back_retry(current)
+                return round_
+            groups = await self._assign(ctx, current)
+            if not first:
+                ctx.retries += sum(len(group) for _, _, group in groups)
+            first = False
+            # the one place a request's provider is chosen: each group goes to its adapter
+            await asyncio.gather(
+                *(one_group(adapter, admission, group, round_) for adapter, admission, group in groups)
+            )
+            if ctx.pause_reason is not None:
+                for item in round_.pending:
+                    item.outcome = Outcome(
+                        item.index, "retry", item.attempts, "", item.outcome.code if item.outcome else ""
+                    )
+                round_.pending.clear()
             pending[:] = round_.pending
             return round_
 
@@ -690,7 +768,7 @@ class Engine:
         )
         mode.prepare(ctx)
         if self._resilience is not None:
-            await self._resilience.before(ctx, manifest.deadline)
+            await self._resilience.before(ctx, manifest.deadline, claimed.items)
         items = claimed.items
         filtered = await self._filter(ctx, items)
         mode.hold(filtered)

@@ -10,6 +10,9 @@ horizon) and :meth:`Resilience.after` (may turn the run's outcome into a pause):
 - **Waiting.** When the provider's breaker is open the run's messages go back unsent; the
   campaign's control hash names the provider (``waiting_for``) and ``status`` shows it while the
   breaker is not closed (:func:`waiting_for`). The batch comes back when a probe may go.
+- **In doubt.** A message whose fate at a provider is in doubt stays pinned to it across runs of
+  its batch (``dp:{cid}:pins:<batch>``: index -> provider), so a later run never fails it over to
+  another provider (``dispatch.send.routing``); the pin goes when the message is settled.
 - **Pause.** When the provider refused the account the campaign is paused (only a running one)
   with ``pause_reason``; nothing was marked failed, and ``resume`` sends from where it stopped.
 - **Log.** One line per run: campaign, batch, sent, failed, retried, waiting, duration. Never an
@@ -22,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 import redis.asyncio as aredis
@@ -34,7 +37,7 @@ from monitoring.metrics import Metrics
 if TYPE_CHECKING:
     from dispatch.send.engine import Item, SendContext
 
-__all__ = ["BatchSummary", "Resilience", "trouble_key", "waiting_for"]
+__all__ = ["BatchSummary", "Resilience", "pins_key", "trouble_key", "waiting_for"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,11 @@ return 1
 def trouble_key(campaign_id: str) -> str:
     """Hash: batch number -> when (epoch s) the batch first met provider trouble."""
     return keys.control(campaign_id).removesuffix(":control") + ":trouble"
+
+
+def pins_key(campaign_id: str, batch: int) -> str:
+    """Hash: message index -> the provider its fate is in doubt at."""
+    return keys.control(campaign_id).removesuffix(":control") + f":pins:{batch}"
 
 
 def waiting_for(client: redis.Redis, control: dict[bytes, bytes]) -> str | None:
@@ -116,26 +124,55 @@ class Resilience:
         self._pause = client.register_script(_PAUSE)
         #: Batches with a trouble mark, as this run found them: (campaign, batch) -> since.
         self._since: dict[tuple[str, int], float | None] = {}
+        #: Whether the run found pins for its batch.
+        self._pinned: dict[tuple[str, int], bool] = {}
         self._started: dict[tuple[str, int], float] = {}
 
-    async def before(self, ctx: SendContext, deadline: float | None) -> None:
-        """Set the run's retry horizon (``ctx.retry_until``)."""
+    async def before(self, ctx: SendContext, deadline: float | None, items: Sequence[Item] = ()) -> None:
+        """Set the run's retry horizon (``ctx.retry_until``) and the items' pins."""
         run = (ctx.campaign_id, ctx.batch)
         self._started[run] = time.perf_counter()
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hget(trouble_key(ctx.campaign_id), str(ctx.batch))
+        pipe.hgetall(pins_key(ctx.campaign_id, ctx.batch))
+        raw, pins = cast(tuple[bytes | None, dict[bytes, bytes]], tuple(await pipe.execute()))
+        self._pinned[run] = bool(pins)
+        if pins:
+            for item in items:
+                provider = pins.get(str(item.index).encode())
+                if provider is not None:
+                    item.pinned = provider.decode()
         if self._horizon_s <= 0:
             self._since[run] = None
             return
-        raw = cast(bytes | None, await self._client.hget(trouble_key(ctx.campaign_id), str(ctx.batch)))
         since = float(raw) if raw else None
         self._since[run] = since
         until = (since if since is not None else self._clock()) + self._horizon_s
         ctx.retry_until = min(until, deadline) if deadline is not None else until
+
+    async def _keep_pins(self, ctx: SendContext, items: Sequence[Item], *, had_pins: bool) -> None:
+        """Pins of messages still pending are kept; settled ones' go (one call, only if any)."""
+        keep: dict[Any, Any] = {
+            str(item.index): item.pinned
+            for item in items
+            if item.pinned and (item.outcome is None or item.outcome.state == "retry")
+        }
+        if not keep and not had_pins:
+            return
+        key = pins_key(ctx.campaign_id, ctx.batch)
+        pipe = self._client.pipeline(transaction=True)
+        pipe.delete(key)
+        if keep:
+            pipe.hset(key, mapping=keep)
+            pipe.expire(key, int(max(self._horizon_s, 3600)) + 86400)
+        await pipe.execute()
 
     async def after(self, ctx: SendContext, items: Sequence[Item]) -> bool:
         """Record the run; True when the campaign was paused for its provider's account."""
         run = (ctx.campaign_id, ctx.batch)
         since = self._since.pop(run, None)
         started = self._started.pop(run, time.perf_counter())
+        await self._keep_pins(ctx, items, had_pins=self._pinned.pop(run, False))
         troubled = ctx.waiting is not None or any(
             item.trouble and item.outcome is not None and item.outcome.state == "retry" for item in items
         )

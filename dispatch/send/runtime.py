@@ -27,7 +27,7 @@ import uvloop
 from dramatiq.brokers.redis import RedisBroker
 from prometheus_client import CollectorRegistry
 
-from channels import ChannelConfigError, ProviderSettings, ProviderSpec, Registry, default_registry
+from channels import ChannelConfigError, ProviderSettings, ProviderSpec, Registry, UnknownChannel, default_registry
 from channels.base import Channel, Result, Retryable
 from channels.tokens import GoogleServiceAccount, TokenProvider
 from dispatch.config import Settings
@@ -60,6 +60,7 @@ from dispatch.send.engine import (
 from dispatch.send.health import BreakerPolicy, ProviderHealth
 from dispatch.send.resilience import Resilience
 from dispatch.send.retry import RetryPolicy
+from dispatch.send.routing import Router, parse_providers, parse_routes
 from dispatch.send.tokens import SharedTokens
 from dispatch.send.tracking import Tracker
 from dispatch.store import keys
@@ -67,7 +68,7 @@ from monitoring.exposition import MetricsServer, start_metrics_server
 from monitoring.metrics import Metrics, RetryCause, collect_queue_depths
 from ratelimit import Limit, RedisRateLimiter
 
-__all__ = ["WorkerRuntime", "build_channels", "provider_settings", "shared_tokens"]
+__all__ = ["WorkerRuntime", "build_channels", "build_routers", "provider_settings", "shared_tokens"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -112,6 +113,44 @@ def build_channels(
         provider = registry.provider_for(name)
         adapters[name] = provider.build(session, provider_settings(settings, provider, (tokens or {}).get(name)))
     return adapters
+
+
+def build_routers(
+    settings: Settings,
+    session: aiohttp.ClientSession,
+    channels: dict[str, Channel],
+    registry: Registry | None = None,
+) -> dict[str, Router]:
+    """The providers of each channel that has several (SMS: ``sms_providers``, ``sms_routes``).
+
+    The channel's entry in ``channels`` becomes the first provider's adapter; the others are built
+    from their own settings sections. No router for a channel with one provider and no routes.
+    """
+    registry = registry if registry is not None else default_registry()
+    names = parse_providers(settings.sms_providers, "DISPATCH_SMS_PROVIDERS")
+    routes = parse_routes(settings.sms_routes, "DISPATCH_SMS_ROUTES")
+    if len(names) <= 1 and not routes:
+        if names and names[0] != channels["sms"].provider:
+            channels["sms"] = _provider_adapter(settings, session, registry, names[0])
+        return {}
+    adapters: dict[str, Channel] = {}
+    for name in names:
+        current = channels.get("sms")
+        use_current = current is not None and current.provider == name
+        adapters[name] = current if use_current and current else _provider_adapter(settings, session, registry, name)
+    router = Router("sms", adapters, routes)
+    channels["sms"] = router.primary
+    return {"sms": router}
+
+
+def _provider_adapter(settings: Settings, session: aiohttp.ClientSession, registry: Registry, name: str) -> Channel:
+    try:
+        spec = registry.provider(name)
+    except UnknownChannel as exc:
+        raise ConfigError("DISPATCH_SMS_PROVIDERS", str(exc), "name registered SMS providers") from None
+    if spec.channel != "sms":
+        raise ConfigError("DISPATCH_SMS_PROVIDERS", f"{name} serves {spec.channel}, not sms", "name SMS providers")
+    return spec.build(session, provider_settings(settings, spec))
 
 
 def shared_tokens(settings: Settings, client: aredis.Redis) -> dict[str, TokenProvider]:
@@ -161,6 +200,8 @@ class WorkerRuntime:
         self._session: aiohttp.ClientSession | None = None
         self._client: aredis.Redis | None = None
         self._channels: dict[str, Channel] = {}
+        #: Every adapter of this process (the channels' and their failover providers').
+        self._adapters: list[Channel] = []
         self._engine: Engine | None = None
         self.health: ProviderHealth | None = None
         self.metrics = Metrics(CollectorRegistry())
@@ -197,7 +238,11 @@ class WorkerRuntime:
         self._client = aredis.Redis(connection_pool=pool)
         self._broker_client = aredis.Redis.from_url(self._broker_url)
         self._channels = build_channels(s, self._session, tokens=shared_tokens(s, self._client))
-        for channel in self._channels.values():
+        routers = build_routers(s, self._session, self._channels)
+        self._adapters = list(self._channels.values())
+        for router in routers.values():
+            self._adapters.extend(a for a in router.adapters if a not in self._adapters)
+        for channel in self._adapters:
             self.metrics.register_provider(channel.name, channel.provider)
         self.metrics.register_queue(QUEUE)
         tracker = Tracker(self._client, ttl_s=s.retention_s)
@@ -217,6 +262,7 @@ class WorkerRuntime:
             on_rate_limited=rate_step.penalize,
             metrics=self.metrics,
             health=self.health,
+            routers=routers,
         )
         self._limiter = limiter
         self._limiter_keys = [key for name, key in account_keys.items() if name == "sms" and s.sms_rate > 0]
@@ -244,14 +290,14 @@ class WorkerRuntime:
 
     def _observe(self, ctx: SendContext, item: Item, result: Result, elapsed: float) -> None:
         """Per-message metrics of one provider answer (no address ever reaches a label)."""
-        provider = ctx.channel.provider
+        provider = item.provider or ctx.channel.provider
         self.metrics.observe_latency(provider, elapsed)
         if isinstance(result, Retryable):
             self.metrics.record_send(ctx.channel.name, provider, "retried")
             self.metrics.record_retry(provider, retry_cause(result))
 
     async def _close(self) -> None:
-        for channel in self._channels.values():
+        for channel in self._adapters:
             await channel.close()
         if self._session is not None:
             await self._session.close()
