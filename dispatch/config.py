@@ -309,7 +309,7 @@ class Settings:
         default=2.0, gt=0, description="seconds an opened breaker waits before one probe request"
     )
     breaker_max_open_s: float = Field(
-        default=10.0, gt=0, description="longest wait between two probes (doubles after each failed probe)"
+        default=5.0, gt=0, description="longest wait between two probes (doubles after each failed probe)"
     )
     breaker_probe_lease_s: float = Field(
         default=15.0, gt=0, description="how long one worker holds a breaker's probe before another may take it"

@@ -115,7 +115,7 @@ async def test_aliyun_sends_and_maps_every_answer(pair: Pair) -> None:
     (throttled,) = await adapter.send([message("+8613800138002")])
     assert isinstance(throttled, Retryable) and throttled.status == 429
     pair.second.set_faults(FaultMix(balance_exhausted=True))
-    with pytest.raises(ProviderAccountError, match="isv.AMOUNT_NOT_ENOUGH"):
+    with pytest.raises(ProviderAccountError, match=r"isv\.AMOUNT_NOT_ENOUGH"):
         await adapter.send([message("+8613800138003")])
     pair.second.set_faults(FaultMix())
     with pytest.raises(ProviderAccountError, match="SignatureDoesNotMatch") as caught:

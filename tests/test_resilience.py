@@ -345,7 +345,7 @@ def test_settings_build_the_breaker_and_the_horizon(tmp_path: Path) -> None:
         }
     )
     policy = BreakerPolicy.from_settings(settings)
-    assert (policy.min_failures, policy.open_s, policy.max_open_s) == (7, 3.0, 10.0)
+    assert (policy.min_failures, policy.open_s, policy.max_open_s) == (7, 3.0, 5.0)
     assert RetryPolicy.from_settings(settings).retry_horizon_s == 900.0
     with pytest.raises(ValueError, match="failure_ratio"):
         BreakerPolicy(failure_ratio=0)

@@ -82,7 +82,7 @@ class BreakerPolicy:
     failure_ratio: float = 0.5
     #: First open period; doubled after each failed probe up to ``max_open_s``.
     open_s: float = 2.0
-    max_open_s: float = 10.0
+    max_open_s: float = 5.0
     #: How long one worker holds the probe before another may take it over.
     probe_lease_s: float = 15.0
     #: How long a worker trusts a closed breaker it read.
