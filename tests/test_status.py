@@ -361,3 +361,13 @@ def test_render_is_silent_about_a_speed_change_within_20_percent() -> None:
     assert "measure this machine" not in text
     faster = render(_body(speed_factor_plan=2.0, speed_factor_now=1.0), zone=ZoneInfo("UTC"))
     assert "measure this machine 50% faster" in faster
+
+
+def test_render_says_what_a_campaign_waits_for_and_why_it_was_paused() -> None:
+    waiting = "provider twilio (breaker open since 2026-12-03T20:53:48Z: twilio 20503: error)"
+    text = render(_body(waiting_for=waiting), zone=ZoneInfo("UTC"))
+    assert f"waiting   for {waiting}" in text
+    reason = "provider twilio refused the account: twilio 20003: authentication failed"
+    paused = render(_body(state="paused", pause_reason=reason), zone=ZoneInfo("UTC"))
+    assert f"paused    {reason} (fix it, then: dispatch resume)" in paused
+    assert "waiting" not in render(_body(), zone=ZoneInfo("UTC"))
