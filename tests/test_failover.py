@@ -89,7 +89,7 @@ async def pair() -> AsyncIterator[Pair]:
 # --- the Aliyun adapter against its twin -------------------------------------------------------
 
 
-def test_rpc_signature_encodes_as_aliyun_documents() -> None:
+def test_rpc_signature_encodes_rfc3986_is_order_free_and_keyed() -> None:
     assert percent_encode("a b*~/:") == "a%20b%2A~%2F%3A"
     params = {"Action": "SendSms", "AccessKeyId": "id", "Timestamp": "2026-12-03T20:00:00Z"}
     signature = rpc_signature("POST", params, "secret")
