@@ -1,7 +1,8 @@
 """HTTP plumbing shared by the adapters: one place translates aiohttp's exceptions.
 
 Every adapter wraps its request in ``translate_errors()``: a timeout becomes ``ProviderTimeout``,
-a refused, reset or dropped connection becomes ``ProviderConnectionError``. Adapters then turn
+a reset or dropped connection ``ProviderConnectionError`` (the request may have arrived), a
+connection that could not be made ``ProviderUnreachable`` (it never left: not in doubt). Adapters then turn
 those into per-message ``Retryable`` results with ``retryable_from``.
 """
 

@@ -88,6 +88,9 @@ class Permanent:
     status: int | None = None
     #: True when the address itself is bad or opted out and should be suppressed.
     suppress: bool = False
+    #: True when the refusal is about this provider's reach (a region it does not serve, its own
+    #: per-number cap), not the message: another provider may accept it (failover).
+    reroutable: bool = False
 
 
 Result = Sent | Retryable | Permanent

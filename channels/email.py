@@ -23,8 +23,8 @@ Results: 202 -> every message ``Sent`` with provider id ``<X-Message-Id>:<ref>``
 message ``Retryable`` with ``retry_after`` from ``Retry-After`` or ``X-RateLimit-Reset``; 5xx and
 transport failures -> ``Retryable``; 400 whose errors name ``personalizations.<i>`` -> those
 messages ``Permanent`` and the others resent once without them (SendGrid rejects the whole
-request); 413 -> the request is split in halves; 401/403 or a 400 no message explains -> raises
-``PermanentProviderError``.
+request); 413 -> the request is split in halves; 401/403 -> raises ``ProviderAccountError`` (the
+engine pauses the campaign); a 400 no message explains -> raises ``PermanentProviderError``.
 
 ``cost()`` is 1 per message: SendGrid's limits count requests and recipients, and a message is
 one recipient. A rate limit on *requests* should divide by ``max_batch``.
@@ -70,7 +70,13 @@ from channels.base import (
     Sent,
     Undecided,
 )
-from channels.errors import ChannelConfigError, PermanentProviderError, ProviderError, RetryableProviderError
+from channels.errors import (
+    ChannelConfigError,
+    PermanentProviderError,
+    ProviderAccountError,
+    ProviderError,
+    RetryableProviderError,
+)
 from channels.registry import ProviderSettings, ProviderSpec
 
 __all__ = [
@@ -327,7 +333,7 @@ class SendGridEmail(Channel):
             return first + second
         errors = _errors(raw)
         if status in (401, 403):
-            raise PermanentProviderError(
+            raise ProviderAccountError(
                 f"sendgrid: HTTP {status} (check api_key and sender verification)", status=status
             )
         bad = {

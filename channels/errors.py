@@ -11,8 +11,12 @@ The tree::
         ├── RetryableProviderError   worth retrying; carries ``retry_after`` when the provider said
         │   ├── ProviderTimeout
         │   ├── ProviderConnectionError
+        │   │   └── ProviderUnreachable  no connection could be made: the request never left
         │   └── ProviderRateLimited  (429)
         └── PermanentProviderError   retrying cannot help (bad credentials, malformed request)
+            └── ProviderAccountError     the provider refuses the account, not a message (401/403,
+                                         wrong account or project, exhausted balance): fixable by
+                                         an operator, so the caller pauses rather than fails
 
 Per-message outcomes are *results* (see ``channels.base``), not exceptions: a batch in which one
 recipient is invalid still sends the others.
@@ -26,6 +30,7 @@ __all__ = [
     "DuplicateChannel",
     "DuplicateProvider",
     "PermanentProviderError",
+    "ProviderAccountError",
     "ProviderConnectionError",
     "ProviderError",
     "ProviderRateLimited",
@@ -89,7 +94,8 @@ class ProviderConnectionError(RetryableProviderError):
 
 
 class ProviderUnreachable(ProviderConnectionError):
-    """The connection could not be opened: the request never left, so it cannot have been accepted."""
+    """No connection could be made (refused, no route, DNS): the request never left, so the
+    message is not in doubt and may go to another provider."""
 
 
 class ProviderRateLimited(RetryableProviderError):
@@ -98,3 +104,10 @@ class ProviderRateLimited(RetryableProviderError):
 
 class PermanentProviderError(ProviderError):
     """Retrying cannot help (bad credentials, malformed request)."""
+
+
+class ProviderAccountError(PermanentProviderError):
+    """The provider refuses the account (credentials, project, balance): no message is at fault.
+
+    Its text names the provider and the setting to check; never a token or an address.
+    """

@@ -3,8 +3,9 @@
 ``POST {base_url}/v1/projects/{project_id}/messages:send`` with ``Authorization: Bearer <token>``
 and ``{"message": {"token", "notification": {"title", "body"}, "data"}}``: one message per
 request (FCM's batch endpoint was shut down in June 2024); a batch is sent concurrently.
-Minting the OAuth access token (service account, one hour) is the caller's job: pass the
-current one in ``FcmConfig.access_token`` or a ``token_source`` coroutine.
+Minting the OAuth access token (service account, one hour) is the caller's job: pass a
+:class:`channels.tokens.TokenProvider` in ``FcmConfig.tokens`` (a 401 then gets one new token and
+one resend of that message), or a static ``access_token`` / ``token_source`` coroutine.
 
 Results: 200 -> ``Sent(provider_id=<name>)``. Errors read Google's JSON
 ``{"error": {"code", "status", "message", "details": [{"@type": ...FcmError, "errorCode"}]}}``:
@@ -15,7 +16,8 @@ Results: 200 -> ``Sent(provider_id=<name>)``. Errors read Google's JSON
 - ``QUOTA_EXCEEDED`` / 429 -> ``Retryable`` with ``retry_after``; ``UNAVAILABLE``,
   ``INTERNAL``, 5xx and transport failures -> ``Retryable``
 - 401 / 403 other than the above (bad credentials, wrong project) -> raises
-  ``PermanentProviderError``
+  ``ProviderAccountError`` (the engine pauses the campaign); with ``tokens``, a 401 first gets
+  one forced token refresh and one resend
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import orjson
 
 from channels._http import json_or_none, parse_retry_after, retryable_from, translate_errors
 from channels.base import Channel, Message, Permanent, Result, Retryable, Sent, send_each
-from channels.errors import ChannelConfigError, PermanentProviderError, RetryableProviderError
+from channels.errors import ChannelConfigError, ProviderAccountError, RetryableProviderError
 from channels.registry import ProviderSettings, ProviderSpec
+from channels.tokens import TokenProvider
 
 __all__ = ["FCM_ERROR_TYPE", "PROVIDER", "FcmConfig", "FcmPush", "fcm_error_code"]
 
@@ -49,6 +52,8 @@ class FcmConfig:
     access_token: str | None = None
     #: Returns a current access token (called per batch); overrides ``access_token``.
     token_source: Callable[[], Awaitable[str]] | None = None
+    #: Shared, refreshed tokens (``channels.tokens``); overrides both of the above.
+    tokens: TokenProvider | None = None
     timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -56,8 +61,8 @@ class FcmConfig:
             raise ChannelConfigError("FcmConfig.base_url must be an http(s) URL")
         if not self.project_id:
             raise ChannelConfigError("FcmConfig needs project_id")
-        if not self.access_token and self.token_source is None:
-            raise ChannelConfigError("FcmConfig needs access_token or token_source")
+        if not self.access_token and self.token_source is None and self.tokens is None:
+            raise ChannelConfigError("FcmConfig needs access_token, token_source or tokens")
         if self.timeout_s <= 0:
             raise ChannelConfigError("FcmConfig.timeout_s must be positive")
 
@@ -107,10 +112,24 @@ class FcmPush(Channel):
         return self._config
 
     async def send(self, messages: Sequence[Message]) -> list[Result]:
-        source = self._config.token_source
-        token = await source() if source is not None else self._config.access_token
-        authorization = f"Bearer {token}"
-        return await send_each(self._send_one(m, authorization) for m in messages)
+        tokens, source = self._config.tokens, self._config.token_source
+        token: str | None
+        if tokens is not None:
+            token = await tokens.current()
+        else:
+            token = await source() if source is not None else self._config.access_token
+        return await send_each(self._send_refreshing(m, token or "") for m in messages)
+
+    async def _send_refreshing(self, message: Message, token: str) -> Result:
+        """One message; with ``tokens``, a 401 gets one new token and one resend (a 401 means the
+        request was refused, so the resend cannot duplicate)."""
+        tokens = self._config.tokens
+        try:
+            return await self._send_one(message, f"Bearer {token}")
+        except ProviderAccountError as exc:
+            if tokens is None or exc.status != 401:
+                raise
+        return await self._send_one(message, f"Bearer {await tokens.refresh(token)}")
 
     @staticmethod
     def _payload(message: Message) -> dict[str, Any]:
@@ -154,22 +173,27 @@ class FcmPush(Channel):
         if code == "INVALID_ARGUMENT" or google_status == "INVALID_ARGUMENT":
             return Permanent(ref, "INVALID_ARGUMENT", reason, status, suppress=_about_token(payload))
         if status in (401, 403) or code == "THIRD_PARTY_AUTH_ERROR":
-            raise PermanentProviderError(
-                f"fcm: {label} (check the access token and project id)", status=status, code=code
+            raise ProviderAccountError(
+                f"fcm: {label} (check the service account or access token, and the project id)",
+                status=status,
+                code=code,
             )
         return Permanent(ref, label, reason, status)
 
 
 def from_settings(session: aiohttp.ClientSession, settings: ProviderSettings) -> FcmPush:
     """The adapter from the ``push_*`` settings."""
-    return FcmPush(
-        session,
-        FcmConfig(
+    if settings.tokens is not None:  # minted from a service account and shared (dispatch.send.tokens)
+        config = FcmConfig(
+            base_url=settings.text("base_url"), project_id=settings.text("project"), tokens=settings.tokens
+        )
+    else:
+        config = FcmConfig(
             base_url=settings.text("base_url"),
             project_id=settings.text("project"),
             access_token=settings.text("access_token"),
-        ),
-    )
+        )
+    return FcmPush(session, config)
 
 
 #: FCM in the registry (``channels.standard.default_registry``): no idempotency key, no delivery

@@ -34,6 +34,7 @@ import aiohttp
 
 from channels.base import Channel
 from channels.errors import ChannelConfigError, DuplicateChannel, DuplicateProvider, UnknownChannel
+from channels.tokens import TokenProvider
 
 __all__ = [
     "AddressKind",
@@ -124,6 +125,9 @@ class ProviderSettings:
     section: str
     values: Mapping[str, object]
     callback_url: str | None = None
+    #: Refreshed credentials for providers whose tokens expire (``channels.tokens``); None: the
+    #: section's static ones.
+    tokens: TokenProvider | None = None
 
     def _raw(self, key: str) -> object:
         try:

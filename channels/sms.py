@@ -14,7 +14,8 @@ Responses map to results as follows:
   ``ambiguous``: the message may have gone out)
 - other 4xx: ``Permanent(code=<Twilio error code>)``; ``suppress`` for codes that say the
   address is bad or opted out (21211, 21610, 21614)
-- 401/403/404: the whole call is misconfigured; ``send`` raises ``PermanentProviderError``
+- 401/403/404: the account is refused (credentials, account sid); ``send`` raises
+  ``ProviderAccountError`` (the engine pauses the campaign)
 
 Reconciliation (``lookup``): Twilio has no idempotency keys, so an in-doubt request is looked up
 in the account's Messages list, ``GET .../Messages.json?To=<number>`` (plus ``From`` when a from
@@ -58,7 +59,7 @@ from channels.base import (
 )
 from channels.errors import (
     ChannelConfigError,
-    PermanentProviderError,
+    ProviderAccountError,
     ProviderError,
     RetryableProviderError,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "LOOKUP_MAX_PAGES",
     "LOOKUP_SKEW_S",
     "PROVIDER",
+    "REROUTABLE_CODES",
     "SUPPRESS_CODES",
     "TWILIO_ERRORS",
     "TwilioConfig",
@@ -80,6 +82,10 @@ __all__ = [
 
 #: Twilio error codes meaning the address itself cannot receive SMS: suppress it.
 SUPPRESS_CODES: Final = frozenset({21211, 21610, 21614})
+
+#: Twilio error codes about this account's reach, not the message (region not enabled, no route
+#: from the sender): another provider may accept the message.
+REROUTABLE_CODES: Final = frozenset({21408, 21612})
 
 #: Short, PII-free descriptions of the Twilio error codes we expect (reasons end up in logs).
 TWILIO_ERRORS: Final[Mapping[int, str]] = {
@@ -93,6 +99,7 @@ TWILIO_ERRORS: Final[Mapping[int, str]] = {
     21604: "'To' number required",
     21606: "'From' number cannot send SMS",
     21610: "recipient unsubscribed (STOP)",
+    21612: "cannot route to this number from the sender",
     21614: "'To' is not a mobile number",
     21617: "body exceeds 1600 characters",
     30001: "queue overflow",
@@ -222,7 +229,7 @@ class TwilioSms(Channel):
         if status >= 500:
             return Retryable(ref, reason, status=status, retry_after=parse_retry_after(headers.get("Retry-After")))
         if status in _MISCONFIGURED:
-            raise PermanentProviderError(
+            raise ProviderAccountError(
                 f"twilio: {reason} (check account sid, auth token and base_url)",
                 status=status,
                 code=None if code is None else str(code),
@@ -233,6 +240,7 @@ class TwilioSms(Channel):
             reason,
             status,
             suppress=code in SUPPRESS_CODES,
+            reroutable=code in REROUTABLE_CODES,
         )
 
     # -- reconciliation -------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from channels import email, push, sms, webhook
+from channels import aliyun_sms, email, push, sms, webhook
 from channels.registry import BodyLimits, ChannelSpec, Registry
 from channels.segments import segments
 
@@ -51,6 +51,7 @@ def default_registry() -> Registry:
     for channel in (SMS, EMAIL, PUSH, WEBHOOK, WECHAT):
         registry.add_channel(channel)
     registry.add_provider(sms.PROVIDER)
+    registry.add_provider(aliyun_sms.PROVIDER)  # a second SMS provider (DISPATCH_SMS_PROVIDERS)
     registry.add_provider(email.PROVIDER)
     registry.add_provider(push.PROVIDER)
     registry.add_provider(webhook.PROVIDER)

@@ -47,7 +47,7 @@ import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Final, cast, get_args
+from typing import Any, ClassVar, Final, Literal, cast, get_args
 from urllib.parse import parse_qs, urlsplit
 
 import annotated_types
@@ -300,7 +300,38 @@ class Settings:
         description="seconds a message in doubt waits for evidence (a provider lookup that failed, a delivery receipt) "
         "before the in_doubt policy decides",
     )
-    max_attempts: int = Field(default=5, ge=1, le=50, description="provider attempts per message before dead-lettering")
+    max_attempts: int = Field(
+        default=5,
+        ge=1,
+        le=50,
+        description="provider attempts per message before dead-lettering; provider trouble (connection errors, "
+        "timeouts, 5xx, 429) is retried until retry_horizon_s instead",
+    )
+    retry_horizon_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="how long a batch's messages are retried through provider trouble before they are "
+        "dead-lettered (never past the campaign's deadline); 0: after max_attempts",
+    )
+    breaker_window_s: float = Field(default=10.0, gt=0, description="seconds of provider answers a breaker looks at")
+    breaker_min_failures: int = Field(
+        default=20, ge=1, description="least provider-trouble answers in the window that open its breaker"
+    )
+    breaker_failure_ratio: float = Field(
+        default=0.5, gt=0, le=1, description="share of provider trouble in the window that opens its breaker"
+    )
+    breaker_open_s: float = Field(
+        default=2.0, gt=0, description="seconds an opened breaker waits before one probe request"
+    )
+    breaker_max_open_s: float = Field(
+        default=5.0, gt=0, description="longest wait between two probes (doubles after each failed probe)"
+    )
+    breaker_probe_lease_s: float = Field(
+        default=15.0, gt=0, description="how long one worker holds a breaker's probe before another may take it"
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="worker log lines: text, or one JSON object per line"
+    )
     sms_base_url: str = Field(
         default="http://127.0.0.1:8099", description="Twilio API base URL (or the mock provider's)"
     )
@@ -312,6 +343,26 @@ class Settings:
         default=False,
         description="the SMS endpoint honours Idempotency-Key (real Twilio does not: a message in doubt is looked up "
         "in Twilio's Messages list before it is sent again; true only for a proxy that deduplicates)",
+    )
+    sms_providers: str = Field(
+        default="twilio",
+        description="SMS providers in priority order (e.g. twilio,aliyun): the next takes over when one's breaker "
+        "is open or it cannot reach a destination",
+    )
+    sms_routes: str = Field(
+        default="",
+        description="SMS providers by destination prefix, longest prefix first (e.g. +86=aliyun,twilio;+852=aliyun)",
+    )
+    aliyun_base_url: str = Field(
+        default="http://127.0.0.1:8099/aliyun", description="Aliyun SMS (dysmsapi) base URL (or the mock provider's)"
+    )
+    aliyun_access_key_id: str = Field(default="LTAI-mock-access-key", description="Aliyun AccessKey ID")
+    aliyun_access_key_secret: Secret = Field(
+        default=Secret("mock-aliyun-secret"), description="Aliyun AccessKey secret"
+    )
+    aliyun_sign_name: str = Field(default="dispatch", description="Aliyun SMS signature name (approved)")
+    aliyun_template_code: str = Field(
+        default="SMS_000000", description="Aliyun SMS template whose one parameter, content, takes the body"
     )
     email_base_url: str = Field(
         default="http://127.0.0.1:8099", description="SendGrid API base URL (or the mock provider's)"
@@ -337,6 +388,11 @@ class Settings:
     )
     push_project: str = Field(default="dispatch-demo", description="FCM project id")
     push_access_token: Secret = Field(default=Secret("mock-fcm-access-token"), description="FCM OAuth access token")
+    push_service_account_file: Path | None = Field(
+        default=None,
+        description="FCM service-account JSON key: workers mint and share hourly OAuth tokens from it "
+        "(replaces push_access_token)",
+    )
     webhook_url: str = Field(
         default="http://127.0.0.1:8099/webhook", description="URL signed webhook messages are posted to"
     )

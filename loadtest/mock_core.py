@@ -51,6 +51,7 @@ DEFAULT_ACCOUNT_SID: Final = "AC" + "0" * 32
 DEFAULT_AUTH_TOKEN: Final = "mock-auth-token"
 
 Jitter = Literal["none", "exponential", "lognormal"]
+OutageMode = Literal["reset", "503"]
 
 #: Builds a provider-shaped error response: (HTTP status, message, Retry-After seconds or None).
 ErrorFactory = Callable[[int, str, float | None], web.Response]
@@ -82,6 +83,18 @@ class FaultMix:
     hang_s: float = 30.0
     #: Server-side limit: requests above this many accepted messages per second get 429.
     rate_limit_per_s: int | None = None
+    #: An outage: for this many seconds after the mix is set, every request fails as
+    #: ``outage_mode`` says ("reset": the connection drops unanswered; "503": Service Unavailable).
+    outage_s: float = 0.0
+    outage_mode: OutageMode = "503"
+    #: For this many seconds after the mix is set, every request is refused with 401 (rotated
+    #: credentials); the twin's own 401 shape.
+    unauthorized_s: float = 0.0
+    #: Destinations starting with one of these are refused for good (Twilio 21408: sending to
+    #: the region is not enabled on the account), as a provider refuses a country.
+    refuse_prefixes: tuple[str, ...] = ()
+    #: The account's balance is used up (Aliyun ``isv.AMOUNT_NOT_ENOUGH``).
+    balance_exhausted: bool = False
 
     def __post_init__(self) -> None:
         total = self.p_429 + self.p_500 + self.p_503 + self.p_timeout + self.p_reset
@@ -93,6 +106,18 @@ class FaultMix:
             raise ValueError("FaultMix: p_429 + p_500 + p_503 + p_timeout + p_reset must be <= 1")
         if self.jitter not in ("none", "exponential", "lognormal"):
             raise ValueError("FaultMix.jitter must be 'none', 'exponential' or 'lognormal'")
+        if self.outage_mode not in ("reset", "503"):
+            raise ValueError("FaultMix.outage_mode must be 'reset' or '503'")
+        if self.outage_s < 0 or self.unauthorized_s < 0:
+            raise ValueError("FaultMix.outage_s and unauthorized_s must not be negative")
+        # JSON gives a list; a str would be a tuple of its characters
+        if isinstance(self.refuse_prefixes, str) or not all(isinstance(p, str) for p in self.refuse_prefixes):
+            raise ValueError("FaultMix.refuse_prefixes must be a list of strings")
+        object.__setattr__(self, "refuse_prefixes", tuple(self.refuse_prefixes))
+
+    def refuses(self, address: str) -> bool:
+        """Whether ``address`` is refused by ``refuse_prefixes``."""
+        return address.startswith(self.refuse_prefixes) if self.refuse_prefixes else False
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> FaultMix:
@@ -131,6 +156,8 @@ class MockConfig:
     auth_token: str = DEFAULT_AUTH_TOKEN
     sendgrid_api_key: str = "SG.mock-api-key"
     fcm_access_token: str = "mock-fcm-access-token"
+    aliyun_access_key_id: str = "LTAI-mock-access-key"
+    aliyun_access_key_secret: str = "mock-aliyun-secret"
     webhook_secret: str = "mock-webhook-secret"
     host: str = "127.0.0.1"
     port: int = 0
@@ -212,6 +239,28 @@ class MockState:
                 )
             )
 
+    @property
+    def faults(self) -> FaultMix:
+        return self._faults
+
+    @faults.setter
+    def faults(self, mix: FaultMix) -> None:
+        """A new mix; its timed faults (outage, 401s) start now."""
+        self._faults = mix
+        self._faults_since = time.monotonic()
+
+    def timed_fault(self) -> str | None:
+        """The timed fault in force now: "unauthorized", "outage", or None."""
+        mix = self._faults
+        if not (mix.unauthorized_s or mix.outage_s):
+            return None
+        elapsed = time.monotonic() - self._faults_since
+        if elapsed < mix.unauthorized_s:
+            return "unauthorized"
+        if elapsed < mix.outage_s:
+            return "outage"
+        return None
+
     def reset(self) -> None:
         """Empty the ledger, the lookup stores, the idempotency store and the journal."""
         if self.journal is not None:
@@ -247,6 +296,14 @@ class MockState:
         if delay > 0:
             await asyncio.sleep(delay)
         mix = self.faults
+        timed = self.timed_fault()
+        if timed is not None:
+            self.ledger.faults[timed] += 1
+            if timed == "unauthorized":
+                return error(401, "Authenticate", None)
+            if mix.outage_mode == "reset":
+                return reset_connection(request)
+            return error(503, "Service Unavailable", None)
         roll = self.rng.random()
         for kind, p in (
             ("429", mix.p_429),

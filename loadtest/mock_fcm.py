@@ -4,10 +4,18 @@ Errors use Google's JSON shape with an ``FcmError`` detail. Tokens starting with
 ``UNREGISTERED`` (404); an empty token or one with whitespace is ``INVALID_ARGUMENT`` naming
 ``message.token``. Like FCM it ignores ``Idempotency-Key`` unless
 ``MockConfig.honour_idempotency`` is set.
+
+It is also Google's OAuth token endpoint (``POST /token``, the JWT-bearer grant a service
+account's ``token_uri`` points to): it checks the grant's form and the assertion's claims (``iss``,
+``aud`` = Google's token URL or this one, the FCM scope; not its signature: the twin holds no public keys), and answers
+``{"access_token", "expires_in", "token_type"}``. Minted tokens are accepted by the send endpoint
+besides the configured static one until ``POST /_mock/fcm/revoke`` (a rotated key: every minted
+token is refused with 401); ``GET /_mock/fcm/tokens`` counts mints.
 """
 
 from __future__ import annotations
 
+import base64
 import hmac
 import secrets
 import time
@@ -65,10 +73,68 @@ def _fault_error(status: int, message: str, retry_after: float | None) -> web.Re
     return fcm_error(status, message, code, retry_after=retry_after)
 
 
+#: The grant type of a service account's token request (RFC 7523).
+JWT_BEARER: Final = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+FCM_SCOPE: Final = "https://www.googleapis.com/auth/firebase.messaging"
+#: The audience of a service account's JWT grant.
+GOOGLE_TOKEN_URI: Final = "https://oauth2.googleapis.com/token"
+#: Seconds a minted token lives (Google's: an hour).
+TOKEN_LIFETIME_S: Final = 3600
+
+
+def _claims(assertion: str) -> dict[str, Any] | None:
+    """The JWT's claims (not verified), or None when it is not a JWT."""
+    parts = assertion.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        decoded = orjson.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, orjson.JSONDecodeError):
+        return None
+    return decoded if isinstance(decoded, dict) else None
+
+
 def fcm_routes(state: MockState) -> list[web.RouteDef]:
+    minted: set[str] = set()
+    mints = 0
+
+    def token_error(status: int, error: str, description: str) -> web.Response:
+        body = {"error": error, "error_description": description}
+        return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+    async def token(request: web.Request) -> web.StreamResponse:
+        nonlocal mints
+        form = await request.post()
+        claims = _claims(str(form.get("assertion", "")))
+        if form.get("grant_type") != JWT_BEARER or claims is None:
+            return token_error(400, "invalid_request", "Invalid JWT bearer grant.")
+        if state.timed_fault() == "unauthorized":
+            return token_error(400, "invalid_grant", "Invalid JWT Signature.")
+        # google-auth addresses the grant to Google's token endpoint whatever token_uri it posts to
+        audiences = {GOOGLE_TOKEN_URI, f"{request.scheme}://{request.host}{request.path}"}
+        if not claims.get("iss") or claims.get("aud") not in audiences:
+            return token_error(400, "invalid_grant", "Invalid JWT: bad iss or aud.")
+        if FCM_SCOPE not in str(claims.get("scope", "")).split():
+            return token_error(400, "invalid_scope", "The FCM scope is missing.")
+        mints += 1
+        access = f"ya29.mock-{mints}-{secrets.token_hex(8)}"
+        minted.add(access)
+        body = {"access_token": access, "expires_in": TOKEN_LIFETIME_S, "token_type": "Bearer"}
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    async def revoke(request: web.Request) -> web.Response:
+        minted.clear()
+        return web.Response(body=orjson.dumps({"revoked": True}), content_type="application/json")
+
+    async def token_stats(request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps({"minted": mints, "valid": len(minted)}), content_type="application/json")
+
+    def authorised(token: str) -> bool:
+        return token in minted or hmac.compare_digest(token, state.config.fcm_access_token)
+
     async def send(request: web.Request) -> web.StreamResponse:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme != "Bearer" or not hmac.compare_digest(token, state.config.fcm_access_token):
+        if scheme != "Bearer" or not authorised(token):
             return fcm_error(
                 401,
                 "Request had invalid authentication credentials. Expected OAuth 2 access token, "
@@ -111,4 +177,9 @@ def fcm_routes(state: MockState) -> list[web.RouteDef]:
         await state.after_accept(request)
         return response
 
-    return [web.post(FCM_PATH, send)]
+    return [
+        web.post(FCM_PATH, send),
+        web.post("/token", token),
+        web.post("/_mock/fcm/revoke", revoke),
+        web.get("/_mock/fcm/tokens", token_stats),
+    ]

@@ -1,7 +1,8 @@
 """The mock provider: one aiohttp application speaking the providers' APIs, with a ledger.
 
-It serves the Twilio Messages API, SendGrid's mail send, FCM HTTP v1 and our signed webhook
-(``loadtest.mock_twilio``, ``mock_sendgrid``, ``mock_fcm``, ``mock_webhook``), keeps
+It serves the Twilio Messages API, SendGrid's mail send, FCM HTTP v1 (and Google's OAuth token
+endpoint), Aliyun's SendSms and our signed webhook (``loadtest.mock_twilio``, ``mock_sendgrid``,
+``mock_fcm``, ``mock_aliyun``, ``mock_webhook``), keeps
 a ledger of every accepted message (duplicates, idempotent replays, per-second counts) and
 injects faults from a ``FaultMix`` that can change while it runs. It serves the providers' lookup
 APIs too (Twilio's Messages list and fetch, SendGrid's Email Activity API), for reconciliation.
@@ -50,6 +51,7 @@ import yarl
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from loadtest.mock_aliyun import aliyun_routes
 from loadtest.mock_core import (
     DEFAULT_ACCOUNT_SID,
     DEFAULT_AUTH_TOKEN,
@@ -135,6 +137,7 @@ def build_app(config: MockConfig) -> web.Application:
     app.add_routes(sendgrid.routes())
     app.add_routes(fcm_routes(state))
     app.add_routes(webhook_routes(state))
+    app.add_routes(aliyun_routes(state))
     app.cleanup_ctx.append(_callback_session)
     return app
 

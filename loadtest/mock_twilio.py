@@ -65,7 +65,7 @@ def twilio_error(status: int, code: int, message: str, retry_after: float | None
 
 
 def _fault_error(status: int, message: str, retry_after: float | None) -> web.Response:
-    code = {429: 20429, 500: 20500, 503: 20503}.get(status, 20500)
+    code = {401: 20003, 429: 20429, 500: 20500, 503: 20503}.get(status, 20500)
     return twilio_error(status, code, message, retry_after)
 
 
@@ -152,6 +152,8 @@ def _validate(state: MockState, form: Mapping[str, str]) -> web.Response | None:
         return twilio_error(400, 21610, "Attempt to send to unsubscribed recipient")
     if to in state.config.not_mobile:
         return twilio_error(400, 21614, f"'To' number {to} is not a valid mobile number")
+    if state.faults.refuses(to):
+        return twilio_error(400, 21408, f"Permission to send an SMS has not been enabled for the region of {to}")
     if len(form["Body"]) > _BODY_MAX:
         return twilio_error(400, 21617, "The concatenated message body exceeds the 1600 character limit.")
     return None

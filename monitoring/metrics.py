@@ -41,12 +41,14 @@ from monitoring.errors import LabelValueError, MultiprocessSetupError
 
 __all__ = [
     "BATCH_STATES",
+    "BREAKER_STATES",
     "CALLBACK_REJECT_REASONS",
     "CAMPAIGN_GAUGES",
     "LATENCY_BUCKETS",
     "OUTCOMES",
     "RETRY_CAUSES",
     "WAIT_BUCKETS",
+    "BreakerState",
     "Metrics",
     "Outcome",
     "RetryCause",
@@ -61,6 +63,9 @@ RetryCause = Literal["timeout", "connection", "http_5xx", "http_429"]
 
 OUTCOMES: Final[tuple[Outcome, ...]] = get_args(Outcome)
 RETRY_CAUSES: Final[tuple[RetryCause, ...]] = get_args(RetryCause)
+#: A provider's circuit breaker; the gauge's value is the index (0 closed, 1 half-open, 2 open).
+BreakerState = Literal["closed", "half_open", "open"]
+BREAKER_STATES: Final[tuple[BreakerState, ...]] = get_args(BreakerState)
 #: Batch states pre-created at zero; other snake_case states are accepted.
 BATCH_STATES: Final[tuple[str, ...]] = ("enqueued", "started", "completed", "failed", "retried", "cancelled")
 #: Callback rejection reasons pre-created at zero per provider; other snake_case codes are accepted.
@@ -310,6 +315,26 @@ class Metrics:
             registry=r,
         )
 
+        self._breaker_state = Gauge(
+            "dispatch_provider_breaker_state",
+            "Circuit breaker of a provider as a worker last saw it: 0 closed, 1 half-open, 2 open.",
+            ("provider",),
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self._breaker_transitions = Counter(
+            "dispatch_provider_breaker_transitions_total",
+            "Breaker transitions a worker made, by the state reached: opened, reopened (a failed probe), closed.",
+            ("provider", "state"),
+            registry=r,
+        )
+        self._account_pauses = Counter(
+            "dispatch_provider_account_errors_total",
+            "Campaigns paused because the provider refused the account (credentials, balance, ...).",
+            ("provider",),
+            registry=r,
+        )
+
         def campaign_gauge(name: str, doc: str) -> Gauge:
             return Gauge(name, doc, ("campaign",), multiprocess_mode="mostrecent", registry=r)
 
@@ -344,6 +369,8 @@ class Metrics:
         for reason in CALLBACK_REJECT_REASONS:
             self.record_callback_rejected(provider, reason, n=0)
         self.record_callback(provider, n=0)
+        self.record_account_error(provider, n=0)
+        self.set_breaker_state(provider, "closed")
         self.record_dedup_hit(channel, n=0)
         self._histogram(self._latency, ("lat", provider), lambda: (_code("provider", provider),))
         self._histogram(self._ratelimit_wait, ("wait", provider), lambda: (_code("provider", provider),))
@@ -462,6 +489,20 @@ class Metrics:
             ("cbrej", provider, reason),
             lambda: (_code("provider", provider), _code("reason", reason)),
         ).inc(n)
+
+    def set_breaker_state(self, provider: str, state: BreakerState) -> None:
+        """Publish a provider's breaker state (``BREAKER_STATES`` gives its value)."""
+        value = BREAKER_STATES.index(state)
+        self._gauge(self._breaker_state, ("breaker", provider), lambda: (_code("provider", provider),)).set(value)
+
+    def record_breaker_transition(self, provider: str, transition: str) -> None:
+        key = ("breaker_t", provider, transition)
+        labels = lambda: (_code("provider", provider), _code("state", transition))  # noqa: E731
+        self._counter(self._breaker_transitions, key, labels).inc()
+
+    def record_account_error(self, provider: str, n: int = 1) -> None:
+        """Count a campaign paused for a provider account problem (401/403, balance, ...)."""
+        self._counter(self._account_pauses, ("account", provider), lambda: (_code("provider", provider),)).inc(n)
 
     def record_planner_rejections(self, reason: str, n: int = 1) -> None:
         """Count ``n`` audience rows rejected by the planner for ``reason``."""

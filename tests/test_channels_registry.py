@@ -73,7 +73,7 @@ def test_default_registry_is_built_fresh_each_time() -> None:
     first, second = default_registry(), default_registry()
     assert first is not second
     first.add_provider(OTHER_SMS)
-    assert [p.name for p in second.providers("sms")] == ["twilio"]
+    assert [p.name for p in second.providers("sms")] == ["twilio", "aliyun"]
 
 
 def test_every_channel_a_campaign_can_use_has_a_provider() -> None:
@@ -88,6 +88,7 @@ def test_every_channel_a_campaign_can_use_has_a_provider() -> None:
         registry.provider_for("wechat")
     assert {p.name: p.channel for p in registry.providers()} == {
         "twilio": "sms",
+        "aliyun": "sms",
         "sendgrid": "email",
         "fcm": "push",
         "webhook": "webhook",
@@ -124,7 +125,7 @@ def test_specs_declare_what_the_channels_and_providers_are() -> None:
 def test_a_second_provider_of_a_channel_does_not_replace_the_default() -> None:
     registry = default_registry()
     registry.add_provider(OTHER_SMS)
-    assert [p.name for p in registry.providers("sms")] == ["twilio", "othersms"]
+    assert [p.name for p in registry.providers("sms")] == ["twilio", "aliyun", "othersms"]
     assert registry.provider_for("sms").name == "twilio"
 
 

@@ -138,12 +138,15 @@ async def test_dead_workers_requests_are_reconciled(rig: Rig) -> None:
     assert all(await tracker.issue("dead-2", 0, "gone", [(str(i), 0, "twilio") for i in range(accepted)]))
     half = accepted // 2
     # send the first half behind the engine's back, as the dead worker's requests did
-    from dispatch.send.engine import Item, SendContext, render
     from string import Template
 
+    from dispatch.send.engine import Item, SendContext, render
+
     manifest_engine = engine
-    manifest = await manifest_engine._manifest("dead-2")  # noqa: SLF001 - the run's own manifest
-    ctx = SendContext(campaign_id="dead-2", batch=0, channel=rig.channel, manifest=manifest, template=Template(manifest.body))
+    manifest = await manifest_engine._manifest("dead-2")
+    ctx = SendContext(
+        campaign_id="dead-2", batch=0, channel=rig.channel, manifest=manifest, template=Template(manifest.body)
+    )
     rows = [f"+447500{i:06d}" for i in range(half)]
     items = [Item(i, f"dead-2-{i}", phone, {"first_name": "Ada"}, 0) for i, phone in enumerate(rows)]
     render(ctx, items)
@@ -198,15 +201,15 @@ async def test_an_opt_out_during_the_batch_stops_messages_not_yet_issued(rig: Ri
     accepted = rig.plan("late-optout", 30)
     store = SuppressionStore(rig.sync, hasher=HASHER)
     engine = rig.engine()
-    fence = engine._fence  # noqa: SLF001
+    fence = engine._fence
     assert fence is not None
     # opted out after the batch check (the filter ran with an empty list), before the sends
-    original_filter = engine._filters  # noqa: SLF001
+    original_filter = engine._filters
 
     async def add_then_pass(ctx: object, items: object) -> None:
         store.add("sms", ["+447500000007", "+447500000012"])
 
-    engine._filters = [*original_filter, add_then_pass]  # noqa: SLF001
+    engine._filters = [*original_filter, add_then_pass]
     await rig.drain(engine, "late-optout")
     counters = campaign_counters(rig.sync, "late-optout")
     assert counters["suppressed"] == 2 and counters["sent"] == accepted - 2 == rig.mock.ledger.accepted

@@ -57,6 +57,7 @@ def exercise_everything(m: Metrics) -> None:
     m.record_callback("twilio")
     m.record_callback_rejected("twilio", "bad_signature")
     m.record_planner_rejections("invalid_phone", n=3)
+    m.record_breaker_transition("twilio", "opened")
     m.set_campaign_progress(
         "spring-sale",
         sent=10,

@@ -365,6 +365,7 @@ def worker(index: int) -> None:
         m.set_ratelimit_rate("sms:AC0123456789abcdef0123456789abcdef", 80.0 + index, 100.0)
         m.set_queue_depth("dispatch.sms", random.randint(0, 50))
         m.record_planner_rejections("invalid_phone")
+        m.record_breaker_transition("twilio", random.choice(["opened", "closed"]))
         m.set_campaign_progress(
             "spring-sale",
             sent=sent * 2,

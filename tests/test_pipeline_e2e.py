@@ -118,7 +118,8 @@ def test_sigkilled_email_worker_group_is_reclaimed_and_counted_once(settings: Se
     is false by default, and its Email Activity API is a paid add-on (``email_activity_api`` false
     by default): nothing can tell whether the group in flight was sent, so the default in-doubt
     policy holds it (dead-lettered as ``in_doubt``) for an operator, never resent: every recipient
-    ends sent or dead-lettered, counted once, and nobody gets the email twice. (Resending with the same key where it is honoured is tested
+    ends sent or dead-lettered, counted once, and nobody gets the email twice. (Resending with the
+    same key where it is honoured is tested
     in-process in test_tracking_groups.py: the SendGrid twin does not keep its body-less 202
     answers for replays.) The worker is killed while its request is held 2 s by the twin, so the
     kill always lands with a request in flight.

@@ -287,7 +287,8 @@ def _settled(read: Callable[[], dict[str, int]], *, quiet_s: float, within_s: fl
 def test_cancel_mid_send_keeps_the_counters_adding_up(cluster_settings: Settings) -> None:
     """Real workers, a mock provider failing some sends for good: running, paused and cancelled
     statuses all add up, and the cancelled one agrees with the per-message records."""
-    settings = replace(cluster_settings, max_attempts=1)
+    # trouble dead-lettered after one attempt (no retry horizon): the failures this test needs
+    settings = replace(cluster_settings, max_attempts=1, retry_horizon_s=0)
     cid = "st-e2e-cancel"
     rows = list(generate_rows(3000, seed=21))
     spec = CampaignSpec(id=cid, channel="sms", body="Hello $first_name", rate=150.0)  # ~20 s: cancelled long before
@@ -360,3 +361,13 @@ def test_render_is_silent_about_a_speed_change_within_20_percent() -> None:
     assert "measure this machine" not in text
     faster = render(_body(speed_factor_plan=2.0, speed_factor_now=1.0), zone=ZoneInfo("UTC"))
     assert "measure this machine 50% faster" in faster
+
+
+def test_render_says_what_a_campaign_waits_for_and_why_it_was_paused() -> None:
+    waiting = "provider twilio (breaker open since 2026-12-03T20:53:48Z: twilio 20503: error)"
+    text = render(_body(waiting_for=waiting), zone=ZoneInfo("UTC"))
+    assert f"waiting   for {waiting}" in text
+    reason = "provider twilio refused the account: twilio 20003: authentication failed"
+    paused = render(_body(state="paused", pause_reason=reason), zone=ZoneInfo("UTC"))
+    assert f"paused    {reason} (fix it, then: dispatch resume)" in paused
+    assert "waiting" not in render(_body(), zone=ZoneInfo("UTC"))

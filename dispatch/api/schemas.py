@@ -212,6 +212,13 @@ class CampaignStatus(_Body):
     speed_factor_now: float | None = Field(
         default=None, description="the live workers' median machine-speed factor now (None: not measured)"
     )
+    waiting_for: str | None = Field(
+        default=None,
+        description="what a running campaign waits for, e.g. 'provider twilio (breaker open since ...)'",
+    )
+    pause_reason: str | None = Field(
+        default=None, description="why a worker paused the campaign (a provider refused the account)"
+    )
     verdict: Verdict
     prediction: Prediction
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -93,9 +92,10 @@ def _control(settings: Settings) -> tuple[CampaignControl, Callable[[], None]]:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from dispatch.logs import configure_logging
     from dispatch.send.worker import run_worker
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_format)
     return run_worker(settings, threads=args.threads, metrics_port=args.metrics_port)
 
 

@@ -92,6 +92,12 @@ def render(status: Mapping[str, Any], *, zone: tzinfo, width: int = 40) -> str:
     channel = f" ({status['channel']})" if status.get("channel") else ""
     lines = [
         f"campaign  {status['campaign_id']}{channel}: {state}",
+        *([f"waiting   for {status['waiting_for']}"] if status.get("waiting_for") else []),
+        *(
+            [f"paused    {status['pause_reason']} (fix it, then: dispatch resume)"]
+            if status.get("pause_reason")
+            else []
+        ),
         f"progress  {_bar(share, width)} {share:6.1%}  {done:,} of {accepted:,} settled",
     ]
     parts = f"{sent:,} sent + {failed:,} failed + {not_sent:,} not sent"

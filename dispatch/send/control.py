@@ -22,6 +22,7 @@ import redis
 from dispatch.errors import CampaignStateError, ConfigError
 from dispatch.plan.calibration import FleetSpeed, speed_factor
 from dispatch.plan.snapshot import extend_retention, load_manifest
+from dispatch.send.resilience import waiting_for
 from dispatch.send.tracking import campaign_counters
 from dispatch.store import keys
 
@@ -119,6 +120,11 @@ class CampaignStatus:
     #: (:mod:`dispatch.plan.calibration`; > 1: slower than the reference machine). None: unknown.
     speed_factor_plan: float | None = None
     speed_factor_now: float | None = None
+    #: What a running campaign waits for: ``provider twilio (breaker open since ...)``; None: nothing.
+    waiting_for: str | None = None
+    #: Why a paused campaign was paused by a worker (a provider refused the account); None when an
+    #: operator paused it or it is not paused.
+    pause_reason: str | None = None
 
     @property
     def speed_change(self) -> float | None:
@@ -159,7 +165,13 @@ class CampaignStatus:
             ended_at=self.ended_at,
             as_of=self.as_of,
         )
-        return replace(composed, speed_factor_plan=self.speed_factor_plan, speed_factor_now=self.speed_factor_now)
+        return replace(
+            composed,
+            speed_factor_plan=self.speed_factor_plan,
+            speed_factor_now=self.speed_factor_now,
+            waiting_for=self.waiting_for,
+            pause_reason=self.pause_reason,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         def rounded(value: float | None, digits: int) -> float | None:
@@ -187,6 +199,8 @@ class CampaignStatus:
             "as_of": round(self.as_of, 3),
             "speed_factor_plan": rounded(self.speed_factor_plan, 3),
             "speed_factor_now": rounded(self.speed_factor_now, 3),
+            "waiting_for": self.waiting_for,
+            "pause_reason": self.pause_reason,
         }
 
 
@@ -290,7 +304,9 @@ class CampaignControl:
         self._transition(campaign_id, {"running"}, "paused")
 
     def resume(self, campaign_id: str) -> None:
-        self._transition(campaign_id, {"paused"}, "running")
+        """Resume a paused campaign; a pause reason a worker gave (``dispatch.send.resilience``) goes."""
+        if self._transition(campaign_id, {"paused"}, "running"):
+            self._client.hdel(keys.control(campaign_id), "pause_reason", "paused_at", "paused_by")
 
     def cancel(self, campaign_id: str) -> None:
         if self._transition(campaign_id, {"running", "paused", "planned"}, "cancelled"):
@@ -425,10 +441,13 @@ class CampaignControl:
         if speed and state in {"running", "paused"}:  # what the workers measure while they send
             figures = list(FleetSpeed(self._client).live().values())
             now_factor = speed_factor(statistics.median(figures)) if figures else None
+        reason = control.get(b"pause_reason")
         return replace(
             composed,
             speed_factor_plan=float(plan_factor) if plan_factor else None,
             speed_factor_now=now_factor,
+            waiting_for=waiting_for(self._client, control) if state == "running" else None,
+            pause_reason=reason.decode() if reason and state == "paused" else None,
         )
 
 

@@ -16,7 +16,9 @@ two slices and while waiting for one, so a pause or cancel stops the sends withi
 Short waits (5xx, timeouts, a 429 with a short Retry-After) are retried in-process with tenacity
 (exponential backoff with jitter, Retry-After honoured). A wait longer than the policy's
 ``long_wait_s`` puts the message back to ``retry`` and the batch goes back to the broker with a
-delay, so no worker slot sleeps through it. After ``max_attempts`` the message is dead-lettered.
+delay, so no worker slot sleeps through it. After ``max_attempts`` the message is dead-lettered,
+unless its answers were provider trouble: those wait for the provider (its breaker,
+``dispatch.send.health``) until the retry horizon (``dispatch.send.resilience``) has passed.
 Every number comes from one :class:`~dispatch.send.retry.RetryPolicy`.
 """
 
@@ -28,7 +30,7 @@ import logging
 import math
 import string
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast, runtime_checkable
 
@@ -37,16 +39,19 @@ import redis.asyncio as aredis
 
 from channels.base import Channel, InFlight, Message, Permanent, Result, Retryable, Sent
 from channels.email import Substitution
-from channels.errors import PermanentProviderError, RetryableProviderError
+from channels.errors import PermanentProviderError, ProviderAccountError, RetryableProviderError
 from dispatch.plan.manifest import Manifest
 from dispatch.plan.snapshot import SnapshotRow, decode_batch
 from dispatch.rules.frequency import AsyncFrequencyStore
 from dispatch.rules.suppression import AsyncSuppressionStore
 from dispatch.send.control import CONTROL_TTL_S
 from dispatch.send.fence import RecentFence
+from dispatch.send.health import Admission, ProviderHealth, is_trouble
 from dispatch.send.journal import Journal
-from dispatch.send.reconcile import Reconciler
+from dispatch.send.reconcile import Reconciler, Verdict
+from dispatch.send.resilience import Resilience
 from dispatch.send.retry import RetryPolicy
+from dispatch.send.routing import Router
 from dispatch.send.tracking import (
     BATCH_BUSY,
     CLAIM_BUSY,
@@ -152,6 +157,14 @@ class Item:
     issued_at: float | None = None
     #: Another run issued it first (or it is final already): this run leaves it alone.
     foreign: bool = False
+    #: Its last answer was provider trouble (``dispatch.send.health.is_trouble``), not about it.
+    trouble: bool = False
+    #: The provider that carried its last request ("" before any).
+    provider: str = ""
+    #: Providers that refused it in a way another may not (``Permanent.reroutable``): skipped.
+    excluded: tuple[str, ...] = ()
+    #: The provider where its fate is in doubt (``SendStep.in_doubt``): retried there only.
+    pinned: str = ""
 
 
 @dataclass(slots=True)
@@ -168,9 +181,17 @@ class SendContext:
     substitution: Substitution | None = None
     #: Reads the campaign's state (the engine's cached view); None: the batch never stops early.
     read_state: Callable[[], Awaitable[str]] | None = None
-    #: Marks items ``sending`` as their request is issued and answers those that may go (the
+    #: Marks items ``sending`` as their request is issued and answers those that may go to the provider named (the
     #: others have ``foreign`` set, or an outcome such as a late opt-out); None: all may go.
-    issue: Callable[[list[Item]], Awaitable[list[Item]]] | None = None
+    issue: Callable[[list[Item], str], Awaitable[list[Item]]] | None = None
+    #: Until when (epoch s) provider trouble is retried before a message is dead-lettered
+    #: (``dispatch.send.resilience``); None: after ``max_attempts``.
+    retry_until: float | None = None
+    #: The open breaker some of the batch's messages wait for (None: none waited).
+    waiting: Admission | None = None
+    #: Set when a provider refused the account: the campaign is paused with this reason.
+    pause_reason: str | None = None
+    pause_provider: str = ""
 
     async def running(self) -> bool:
         """False once the campaign is seen paused or cancelled (``stopped`` then names the state)."""
@@ -179,6 +200,11 @@ class SendContext:
             if state != "running":
                 self.stopped = state
         return self.stopped is None
+
+    def hand_back_retry(self, items: Sequence[Item]) -> None:
+        """Items that were not sent (no attempt spent): back to ``retry``."""
+        for item in items:
+            item.outcome = Outcome(item.index, "retry", item.attempts, "", item.outcome.code if item.outcome else "")
 
     def hand_back(self, items: Sequence[Item]) -> None:
         """Items a stop keeps from the provider: back to ``retry`` on pause, ``skipped`` on cancel."""
@@ -447,7 +473,22 @@ class _Round:
 
 
 class SendStep:
-    """Send with retries as ``retry`` (a :class:`RetryPolicy`) says; sets each item's outcome."""
+    """Send with retries as ``retry`` (a :class:`RetryPolicy`) says; sets each item's outcome.
+
+    With ``health`` (:class:`~dispatch.send.health.ProviderHealth`) every request first asks the
+    provider's breaker: while it is open the messages go back to ``retry`` unsent, no attempt
+    spent, and ``ctx.waiting`` says for whom (the batch goes back to the broker until the breaker
+    lets a probe through). Answers feed the breaker. Provider trouble (:func:`is_trouble`) does
+    not use up a message's ``max_attempts``: such a message is dead-lettered only once its retry
+    horizon ``ctx.retry_until`` has passed (no horizon known: after ``max_attempts`` as before).
+    A provider refusing the account (:class:`ProviderAccountError`: credentials, balance) leaves
+    the messages ``retry`` and sets ``ctx.pause_reason``: the campaign pauses, nothing fails.
+
+    With ``routers`` (:class:`~dispatch.send.routing.Router` by channel) a message goes to the
+    first of its candidate providers whose breaker admits it, moves on after a ``reroutable``
+    refusal, and stays with a provider where its fate is in doubt (:meth:`in_doubt`); see
+    ``dispatch.send.routing``. Each item records the provider that carried it (``Item.provider``).
+    """
 
     def __init__(
         self,
@@ -457,12 +498,83 @@ class SendStep:
         on_rate_limited: Callable[[SendContext, float | None], Awaitable[None]] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         metrics: Metrics | None = None,
+        health: ProviderHealth | None = None,
+        routers: Mapping[str, Router] | None = None,
     ) -> None:
         self._metrics = metrics
         self._retry = retry
         self._on_result = on_result
         self._on_rate_limited = on_rate_limited
         self._sleep = sleep
+        self._health = health
+        self._routers = dict(routers or {})
+
+    def in_doubt(self, ctx: SendContext, item: Item, provider: str) -> None:
+        """A message whose fate at ``provider`` is in doubt (the request may have been accepted)
+        stays pinned to ``provider`` (``Item.pinned``), never failed over: a provider honouring our
+        idempotency key gets it again with the same key; any other is asked first (the engine
+        reconciles it, ``dispatch.send.reconcile``) and gets it again only if it never had it."""
+        item.pinned = provider
+
+    async def _admit(self, provider: str) -> Admission:
+        if self._health is None:
+            return Admission(provider, "closed")
+        return await self._health.admit(provider)
+
+    async def _assign(self, ctx: SendContext, items: list[Item]) -> list[tuple[Channel, Admission, list[Item]]]:
+        """Each item's provider for this round: its first candidate whose breaker admits it.
+
+        Items no candidate admits go back to ``retry`` (no attempt spent) and ``ctx.waiting``
+        names the breaker they wait for.
+        """
+        router = self._routers.get(ctx.channel.name)
+        admissions: dict[str, Admission] = {}
+        groups: dict[str, tuple[Channel, list[Item]]] = {}
+        for item in items:
+            if router is None:
+                candidates: Sequence[Channel] = (ctx.channel,)
+            else:
+                candidates = router.candidates(item.address)
+                if item.pinned:
+                    pinned = router.adapter(item.pinned)
+                    candidates = (pinned,) if pinned is not None else ()
+                candidates = [c for c in candidates if c.provider not in item.excluded]
+            chosen: Channel | None = None
+            for candidate in candidates:
+                admission = admissions.get(candidate.provider)
+                if admission is None:
+                    admission = admissions[candidate.provider] = await self._admit(candidate.provider)
+                if admission.send:
+                    chosen = candidate
+                    break
+            if chosen is None:
+                first = admissions.get(candidates[0].provider) if candidates else None
+                item.outcome = Outcome(item.index, "retry", item.attempts, "", "breaker_open")
+                if first is not None:
+                    ctx.waiting = first
+                    ctx.long_wait = max(ctx.long_wait, first.wait_s(time.time()))
+                continue
+            groups.setdefault(chosen.provider, (chosen, []))[1].append(item)
+        return [(adapter, admissions[name], group) for name, (adapter, group) in groups.items()]
+
+    async def _request(self, ctx: SendContext, adapter: Channel, items: list[Item]) -> tuple[Sequence[Result], float]:
+        """One call of ``adapter`` for ``items``: their results and how long it took."""
+        messages = [item.message for item in items if item.message is not None]
+        started = time.perf_counter()
+        try:
+            if self._metrics is not None:
+                with self._metrics.inflight(adapter.provider, len(messages)):
+                    results: Sequence[Result] = await adapter.send(messages)
+            else:
+                results = await adapter.send(messages)
+        except RetryableProviderError as exc:
+            results = [Retryable(m.ref, str(exc), exc.status, exc.retry_after) for m in messages]
+        except ProviderAccountError:
+            raise
+        except PermanentProviderError as exc:
+            code = exc.code or f"http_{exc.status}"
+            results = [Permanent(m.ref, code, str(exc), exc.status) for m in messages]
+        return results, time.perf_counter() - started
 
     async def __call__(self, ctx: SendContext, items: list[Item], nxt: Next) -> None:
         pending = [item for item in items if item.outcome is None]
@@ -470,56 +582,91 @@ class SendStep:
             await nxt(ctx, items)
             return
         first = True
+        router = self._routers.get(ctx.channel.name)
 
-        async def one_round() -> _Round:
-            nonlocal first
-            current = list(pending)
+        async def one_group(adapter: Channel, admission: Admission, current: list[Item], round_: _Round) -> bool:
+            """Send ``current`` through ``adapter``; False when the provider refused the account."""
             if ctx.issue is not None:
                 # the moment the requests are issued: only now do they become 'sending'
-                current = await ctx.issue(current)
-            if not first:
-                ctx.retries += len(current)
-            first = False
-            round_ = _Round([])
-            if not current:
-                pending.clear()
-                return round_
-            messages = [item.message for item in current if item.message is not None]
-            started = time.perf_counter()
+                current = await ctx.issue(current, adapter.provider)
+                if not current:
+                    return True
             try:
-                if self._metrics is not None:
-                    with self._metrics.inflight(ctx.channel.provider, len(messages)):
-                        results: Sequence[Result] = await ctx.channel.send(messages)
-                else:
-                    results = await ctx.channel.send(messages)
-            except RetryableProviderError as exc:
-                results = [Retryable(m.ref, str(exc), exc.status, exc.retry_after) for m in messages]
-            except PermanentProviderError as exc:
-                code = exc.code or f"http_{exc.status}"
-                results = [Permanent(m.ref, code, str(exc), exc.status) for m in messages]
-            elapsed = time.perf_counter() - started
+                results, elapsed = await self._request(ctx, adapter, current)
+            except ProviderAccountError as exc:
+                # the account is refused: no message is at fault, none is spent; pause the campaign
+                ctx.pause_reason = f"provider {adapter.provider} refused the account: {exc}"
+                ctx.pause_provider = adapter.provider
+                ctx.hand_back_retry(current)
+                return False
             issued_at = time.time() - elapsed
+            ok = bad = 0
+            trouble_reason = ""
             rate_limited = False
             for item, result in zip(current, results, strict=True):
                 item.attempts += 1
+                item.provider = adapter.provider
                 if self._on_result is not None:
                     self._on_result(ctx, item, result, elapsed)
                 if isinstance(result, Sent):
+                    ok += 1
                     item.outcome = Outcome(item.index, "sent", item.attempts, result.provider_id)
                 elif isinstance(result, Permanent):
+                    ok += 1  # an answer about the message: the provider works
                     item.outcome = Outcome(item.index, "failed", item.attempts, "", result.code)
                     item.suppress = result.suppress
-                elif result.ambiguous and not ctx.channel.supports_idempotency:
-                    # the request may have been accepted: a blind resend could duplicate it
-                    item.doubt = True
-                    item.issued_at = issued_at
+                    if result.reroutable and router is not None:
+                        item.excluded = (*item.excluded, adapter.provider)
+                        others = [c for c in router.candidates(item.address) if c.provider not in item.excluded]
+                        if others:  # another provider may take it: next round, not a failure
+                            item.outcome = Outcome(item.index, "retry", item.attempts, "", result.code)
+                            round_.pending.append(item)
                 else:
+                    item.trouble = is_trouble(result)
+                    if item.trouble:
+                        bad += 1
+                        trouble_reason = result.reason
+                    if result.ambiguous:
+                        self.in_doubt(ctx, item, adapter.provider)
+                        if not adapter.supports_idempotency:
+                            # the request may have been accepted: a blind resend could duplicate
+                            # it; the engine reconciles it after the chunks (dispatch.send.reconcile)
+                            item.doubt = True
+                            item.issued_at = issued_at
+                            item.outcome = None
+                            continue
                     round_.pending.append(item)
                     round_.retry_after = max(round_.retry_after, result.retry_after or 0.0)
                     rate_limited = rate_limited or result.status == 429
                     item.outcome = Outcome(item.index, "retry", item.attempts, "", f"http_{result.status or 0}")
+            if self._health is not None:
+                await self._health.record(adapter.provider, ok, bad, trouble_reason, probe=admission.verdict == "probe")
             if rate_limited and self._on_rate_limited is not None:
                 await self._on_rate_limited(ctx, round_.retry_after or None)
+            return True
+
+        async def one_round() -> _Round:
+            nonlocal first
+            current = list(pending)
+            round_ = _Round([])
+            pending[:] = []
+            if ctx.pause_reason is not None:  # another chunk found the account refused: stop here too
+                ctx.hand_back_retry(current)
+                return round_
+            groups = await self._assign(ctx, current)
+            if not first:
+                ctx.retries += sum(len(group) for _, _, group in groups)
+            first = False
+            # the one place a request's provider is chosen: each group goes to its adapter
+            await asyncio.gather(
+                *(one_group(adapter, admission, group, round_) for adapter, admission, group in groups)
+            )
+            if ctx.pause_reason is not None:
+                for item in round_.pending:
+                    item.outcome = Outcome(
+                        item.index, "retry", item.attempts, "", item.outcome.code if item.outcome else ""
+                    )
+                round_.pending.clear()
             pending[:] = round_.pending
             return round_
 
@@ -531,8 +678,9 @@ class SendStep:
             await self._sleep(retry.first_retry_wait(last.retry_after))
             last = await retry.send_retrying(self._sleep)(one_round)
         if last is not None and last.pending:
+            out_of_time = ctx.retry_until is None or time.time() >= ctx.retry_until
             for item in last.pending:
-                if item.attempts >= retry.max_attempts:
+                if item.attempts >= retry.max_attempts and (out_of_time or not item.trouble):
                     code = item.outcome.code if item.outcome else "retry_exhausted"
                     item.outcome = Outcome(item.index, "dead", item.attempts, "", code)
             ctx.long_wait = max(ctx.long_wait, last.retry_after)
@@ -558,7 +706,11 @@ class Engine:
         reconciler: Reconciler | None = None,
         journal: Journal | None = None,
         fence: RecentFence | None = None,
+        adapters: Mapping[str, Channel] | None = None,
+        resilience: Resilience | None = None,
     ) -> None:
+        #: Retry horizons, waiting and paused campaigns, the batch log line (None: none of them).
+        self._resilience = resilience
         self._filters = list(filters)
         self._suppression = suppression
         self._metrics = metrics
@@ -582,6 +734,9 @@ class Engine:
         self._reconciler = reconciler if reconciler is not None else Reconciler(policies={"*": "hold"}, wait_s=0.0)
         self.journal = journal if journal is not None else Journal()
         self._fence = fence
+        #: Every provider's adapter by provider name (a message in doubt is asked where it went).
+        self._adapters: dict[str, Channel] = {c.provider: c for c in channels.values()}
+        self._adapters.update(adapters or {})
         #: The Redis server's run id as last seen, when it was read, and until when issuing waits
         #: after a restart (every worker re-asserts what it knows first: ``reassert``).
         self._run_id: str | None = None
@@ -748,6 +903,8 @@ class Engine:
         )
         mode.prepare(ctx)
         ctx.issue = self._issuer(ctx, mode)
+        if self._resilience is not None:
+            await self._resilience.before(ctx, manifest.deadline, claimed.items)
         items = claimed.items
         doubt = [item for item in items if item.doubt]
         if doubt:
@@ -769,6 +926,10 @@ class Engine:
         await mode.close(ctx, items)
         if self._suppression is not None:
             await self._suppression.feed(channel.name, [item.address for item in items if item.suppress])
+        # -- provider trouble (dispatch.send.resilience): a refused account pauses the campaign
+        if self._resilience is not None and await self._resilience.after(ctx, items):
+            self._control.pop(campaign_id, None)
+            return BatchOutcome(state="paused", requeue_after=1.0)
         if ctx.stopped == "paused" or claimed.busy or any(item.foreign for item in items):
             return BatchOutcome(state=ctx.stopped or "busy", requeue_after=1.0)
         if any(item.doubt and item.outcome is None for item in items):
@@ -778,11 +939,11 @@ class Engine:
         await self._tracker.batch_done(campaign_id, batch)
         return BatchOutcome(state="done", requeue_after=None)
 
-    def _issuer(self, ctx: SendContext, mode: SendMode) -> Callable[[list[Item]], Awaitable[list[Item]]]:
+    def _issuer(self, ctx: SendContext, mode: SendMode) -> Callable[[list[Item], str], Awaitable[list[Item]]]:
         """``ctx.issue``: late opt-outs stop here, then the requests are marked in Redis."""
         fence = self._fence
 
-        async def issue(items: list[Item]) -> list[Item]:
+        async def issue(items: list[Item], provider: str) -> list[Item]:
             await self._settled()
             if fence is not None:
                 stopped = await fence.stopped(ctx.channel.name, [item.address for item in items])
@@ -797,7 +958,7 @@ class Engine:
                     items = kept
                     if not items:
                         return []
-            return await mode.issue(items)
+            return await mode.issue(items, provider)
 
         return issue
 
@@ -836,7 +997,17 @@ class Engine:
                 for item in undecided
                 if item.message is not None
             ]
-            verdicts = await self._reconciler.decide(channel, flights, receipts)
+            verdicts: list[Verdict] = [Verdict("wait", "waiting")] * len(undecided)
+            by_provider: dict[str, list[int]] = {}
+            for position, item in enumerate(undecided):
+                by_provider.setdefault(item.provider or channel.provider, []).append(position)
+            for provider, positions in by_provider.items():
+                adapter = self._adapters.get(provider, channel)
+                answers = await self._reconciler.decide(
+                    adapter, [flights[i] for i in positions], [receipts[i] for i in positions]
+                )
+                for position, verdict in zip(positions, answers, strict=True):
+                    verdicts[position] = verdict
             for item, verdict in zip(undecided, verdicts, strict=True):
                 resolutions[verdict.resolution] = resolutions.get(verdict.resolution, 0) + 1
                 if verdict.decision == "sent":
@@ -978,7 +1149,7 @@ class SendMode(Protocol):
 
     def hold(self, outcomes: list[Outcome]) -> None: ...
 
-    async def issue(self, items: list[Item]) -> list[Item]: ...
+    async def issue(self, items: list[Item], provider: str) -> list[Item]: ...
 
     async def confirm(self, outcomes: list[Outcome]) -> None: ...
 
@@ -1130,7 +1301,9 @@ class PerMessageMode(_ModeBase):
             claimed.batch_busy = True
             return claimed
         for index, claim in enumerate(claims):
-            claimed.take(index, claim.code, claim.attempts, grouped=False, issued_at=claim.issued_at)
+            claimed.take(
+                index, claim.code, claim.attempts, grouped=False, issued_at=claim.issued_at, provider=claim.provider
+            )
         self._known(claimed, retry={index for index, claim in enumerate(claims) if claim.retry})
         return claimed
 
@@ -1140,8 +1313,7 @@ class PerMessageMode(_ModeBase):
     def hold(self, outcomes: list[Outcome]) -> None:
         self._writer.confirm(outcomes)
 
-    async def issue(self, items: list[Item]) -> list[Item]:
-        provider = self._channel.provider
+    async def issue(self, items: list[Item], provider: str) -> list[Item]:
         oks = await self._writer.issue([(str(item.index), item.attempts, provider) for item in items])
         allowed: list[Item] = []
         for item, ok in zip(items, oks, strict=True):
@@ -1192,8 +1364,7 @@ class GroupedMode(_ModeBase):
     def hold(self, outcomes: list[Outcome]) -> None:
         pass  # the items carry them: ``group_outcome`` reads them in ``close``
 
-    async def issue(self, items: list[Item]) -> list[Item]:
-        provider = self._channel.provider
+    async def issue(self, items: list[Item], provider: str) -> list[Item]:
         members = [item for item in items if item.grouped]
         singles = [item for item in items if not item.grouped]
         entries = [(str(item.index), item.attempts, provider) for item in singles]
@@ -1247,7 +1418,16 @@ class _Claimed:
         self.busy = self.dedup_hits = 0
         self.batch_busy = False
 
-    def take(self, index: int, code: int, attempts: int, *, grouped: bool, issued_at: float | None = None) -> None:
+    def take(
+        self,
+        index: int,
+        code: int,
+        attempts: int,
+        *,
+        grouped: bool,
+        issued_at: float | None = None,
+        provider: str = "",
+    ) -> None:
         if code == CLAIM_DONE:
             self.dedup_hits += 1
         elif code == CLAIM_BUSY:
@@ -1258,6 +1438,8 @@ class _Claimed:
             if code == CLAIM_IN_DOUBT:
                 item.doubt = True
                 item.issued_at = issued_at
+                if provider:  # its fate is at that provider: asked there, resent there only
+                    item.provider = item.pinned = provider
             self.items.append(item)
 
 

@@ -5,7 +5,9 @@ Four kinds of retry, one home:
 - **A message's provider attempts** (``SendStep``): a message that got a retryable answer (5xx, a
   timeout, a 429) is sent again in-process with tenacity, waiting the longer of the provider's
   ``Retry-After`` and an exponential backoff with full jitter. It stops once a message reached
-  ``max_attempts`` (it is then dead-lettered) or once a wait would exceed ``long_wait_s``.
+  ``max_attempts`` (it is then dead-lettered, unless its answers were provider trouble: those are
+  dead-lettered only once ``retry_horizon_s`` has passed, see ``dispatch.send.health``) or once a
+  wait would exceed ``long_wait_s``.
 - **A long wait** goes back to the broker: the message stays ``retry`` and the batch is enqueued
   again with that delay, so no worker slot sleeps through it (the engine's ``BatchOutcome``).
 - **A batch that raised** (Redis restarting, a bug) is retried by dramatiq's ``Retries``
@@ -14,8 +16,8 @@ Four kinds of retry, one home:
 - **A Redis outage inside a worker** is waited out in place with a capped exponential backoff
   (``reconnecting``): handing the batch back to dramatiq would need Redis too.
 
-The numbers are fields with the defaults the deployment runs with; only ``max_attempts`` is a
-setting today (:meth:`RetryPolicy.from_settings`), the others are for tests to shrink.
+The numbers are fields with the defaults the deployment runs with; only ``max_attempts`` and
+``retry_horizon_s`` are settings today (:meth:`RetryPolicy.from_settings`), the others are for tests to shrink.
 """
 
 from __future__ import annotations
@@ -129,6 +131,10 @@ class RetryPolicy:
     backoff_max_s: float = 2.0
     #: Waits longer than this go back to the broker instead of holding a worker slot.
     long_wait_s: float = 5.0
+    #: How long a batch's messages are retried through provider trouble (connection errors,
+    #: timeouts, 5xx, 429) before they are dead-lettered, from the batch's first trouble; never
+    #: past the campaign's deadline. 0: trouble is dead-lettered after ``max_attempts`` like the rest.
+    retry_horizon_s: float = 3600.0
     #: dramatiq retries of a batch that raised, and their backoff window in milliseconds.
     broker_max_retries: int = 20
     broker_min_backoff_ms: int = 500
@@ -142,13 +148,13 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError(f"RetryPolicy.max_attempts must be at least 1, got {self.max_attempts}")
-        for name in ("backoff_multiplier_s", "backoff_max_s", "long_wait_s", "outage_first_wait_s"):
+        for name in ("backoff_multiplier_s", "backoff_max_s", "long_wait_s", "outage_first_wait_s", "retry_horizon_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"RetryPolicy.{name} must not be negative, got {getattr(self, name)}")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RetryPolicy:
-        return cls(max_attempts=settings.max_attempts)
+        return cls(max_attempts=settings.max_attempts, retry_horizon_s=settings.retry_horizon_s)
 
     # -- a message's provider attempts ---------------------------------------------------------
 

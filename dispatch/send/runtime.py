@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from concurrent.futures import Future
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -26,10 +27,11 @@ import uvloop
 from dramatiq.brokers.redis import RedisBroker
 from prometheus_client import CollectorRegistry
 
-from channels import ProviderSettings, ProviderSpec, Registry, default_registry
+from channels import ChannelConfigError, ProviderSettings, ProviderSpec, Registry, UnknownChannel, default_registry
 from channels.base import Channel, Result, Retryable
+from channels.tokens import GoogleServiceAccount, TokenProvider
 from dispatch.config import Settings, in_doubt_policies
-from dispatch.errors import DispatchError
+from dispatch.errors import ConfigError, DispatchError
 from dispatch.plan.calibration import (
     EWMA_WEIGHT,
     QUIET_RETRY_S,
@@ -56,17 +58,28 @@ from dispatch.send.engine import (
     render_step,
 )
 from dispatch.send.fence import RecentFence
+from dispatch.send.health import BreakerPolicy, ProviderHealth
 from dispatch.send.journal import Journal
 from dispatch.send.reconcile import Reconciler
+from dispatch.send.resilience import Resilience
 from dispatch.send.retry import RetryPolicy
+from dispatch.send.routing import Router, parse_providers, parse_routes
 from dispatch.send.sweeper import Sweeper
+from dispatch.send.tokens import SharedTokens
 from dispatch.send.tracking import Tracker
 from dispatch.store import keys
 from monitoring.exposition import MetricsServer, start_metrics_server
 from monitoring.metrics import Metrics, RetryCause, collect_queue_depths
 from ratelimit import Limit, RedisRateLimiter
 
-__all__ = ["WorkerRuntime", "build_channels", "provider_settings", "receipt_providers"]
+__all__ = [
+    "WorkerRuntime",
+    "build_channels",
+    "build_routers",
+    "provider_settings",
+    "receipt_providers",
+    "shared_tokens",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,9 +92,11 @@ GAUGES_EVERY_S = 2.0
 CAMPAIGN_IDLE_S = 60.0
 
 
-def provider_settings(settings: Settings, provider: ProviderSpec) -> ProviderSettings:
-    """The provider's settings section: the settings named ``<section>_*`` (secrets still wrapped)
-    and, when ``callback_base_url`` is set, the URL its receipts are posted to."""
+def provider_settings(
+    settings: Settings, provider: ProviderSpec, tokens: TokenProvider | None = None
+) -> ProviderSettings:
+    """The provider's settings section: the settings named ``<section>_*`` (secrets still wrapped),
+    when ``callback_base_url`` is set the URL its receipts are posted to, and its shared tokens."""
     prefix = provider.settings_section + "_"
     values = {
         f.name.removeprefix(prefix): getattr(settings, f.name)
@@ -90,19 +105,24 @@ def provider_settings(settings: Settings, provider: ProviderSpec) -> ProviderSet
     }
     base = settings.callback_base_url
     callback = base.rstrip("/") + provider.callback_path if base and provider.callback_path else None
-    return ProviderSettings(section=provider.settings_section, values=values, callback_url=callback)
+    return ProviderSettings(section=provider.settings_section, values=values, callback_url=callback, tokens=tokens)
 
 
 def build_channels(
-    settings: Settings, session: aiohttp.ClientSession, registry: Registry | None = None
+    settings: Settings,
+    session: aiohttp.ClientSession,
+    registry: Registry | None = None,
+    *,
+    tokens: Mapping[str, TokenProvider] | None = None,
 ) -> dict[str, Channel]:
     """One adapter per channel that has a provider (its default provider in ``registry``, the
-    standard one unless given), configured from settings; they share the process's session."""
+    standard one unless given), configured from settings; they share the process's session.
+    ``tokens``: refreshed credentials by channel (:func:`shared_tokens`)."""
     registry = registry if registry is not None else default_registry()
     adapters: dict[str, Channel] = {}
     for name in registry.channel_names(sendable=True):
         provider = registry.provider_for(name)
-        adapters[name] = provider.build(session, provider_settings(settings, provider))
+        adapters[name] = provider.build(session, provider_settings(settings, provider, (tokens or {}).get(name)))
     return adapters
 
 
@@ -114,6 +134,63 @@ def receipt_providers(registry: Registry) -> frozenset[str]:
         for provider in [registry.provider_for(name)]
         if provider.receipts != "none"
     )
+
+
+def build_routers(
+    settings: Settings,
+    session: aiohttp.ClientSession,
+    channels: dict[str, Channel],
+    registry: Registry | None = None,
+) -> dict[str, Router]:
+    """The providers of each channel that has several (SMS: ``sms_providers``, ``sms_routes``).
+
+    The channel's entry in ``channels`` becomes the first provider's adapter; the others are built
+    from their own settings sections. No router for a channel with one provider and no routes.
+    """
+    registry = registry if registry is not None else default_registry()
+    names = parse_providers(settings.sms_providers, "DISPATCH_SMS_PROVIDERS")
+    routes = parse_routes(settings.sms_routes, "DISPATCH_SMS_ROUTES")
+    if len(names) <= 1 and not routes:
+        if names and names[0] != channels["sms"].provider:
+            channels["sms"] = _provider_adapter(settings, session, registry, names[0])
+        return {}
+    adapters: dict[str, Channel] = {}
+    for name in names:
+        current = channels.get("sms")
+        use_current = current is not None and current.provider == name
+        adapters[name] = current if use_current and current else _provider_adapter(settings, session, registry, name)
+    router = Router("sms", adapters, routes)
+    channels["sms"] = router.primary
+    return {"sms": router}
+
+
+def _provider_adapter(settings: Settings, session: aiohttp.ClientSession, registry: Registry, name: str) -> Channel:
+    try:
+        spec = registry.provider(name)
+    except UnknownChannel as exc:
+        raise ConfigError("DISPATCH_SMS_PROVIDERS", str(exc), "name registered SMS providers") from None
+    if spec.channel != "sms":
+        raise ConfigError("DISPATCH_SMS_PROVIDERS", f"{name} serves {spec.channel}, not sms", "name SMS providers")
+    return spec.build(session, provider_settings(settings, spec))
+
+
+def shared_tokens(settings: Settings, client: aredis.Redis) -> dict[str, TokenProvider]:
+    """The refreshed credentials the settings ask for, by channel: FCM's from its service account."""
+    path = settings.push_service_account_file
+    if path is None:
+        return {}
+    setting = "DISPATCH_PUSH_SERVICE_ACCOUNT_FILE"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(setting, f"cannot read {path} ({exc.strerror})", "point it at the JSON key file") from None
+    except ValueError:
+        raise ConfigError(setting, f"{path} is not JSON", "download the service account's JSON key again") from None
+    try:
+        minter = GoogleServiceAccount(info)
+    except ChannelConfigError as exc:
+        raise ConfigError(setting, str(exc), "use the JSON key of a service account") from None
+    return {"push": SharedTokens(client, "fcm", minter)}
 
 
 def retry_cause(result: Retryable) -> RetryCause:
@@ -144,7 +221,10 @@ class WorkerRuntime:
         self._session: aiohttp.ClientSession | None = None
         self._client: aredis.Redis | None = None
         self._channels: dict[str, Channel] = {}
+        #: Every adapter of this process (the channels' and their failover providers').
+        self._adapters: list[Channel] = []
         self._engine: Engine | None = None
+        self.health: ProviderHealth | None = None
         self.metrics = Metrics(CollectorRegistry())
         self.metrics_server: MetricsServer | None = None
         self._control = CampaignControl(self._sync)
@@ -185,8 +265,12 @@ class WorkerRuntime:
         pool = aredis.BlockingConnectionPool.from_url(self._app_url, max_connections=64, timeout=30)
         self._client = aredis.Redis(connection_pool=pool)
         self._broker_client = aredis.Redis.from_url(self._broker_url)
-        self._channels = build_channels(s, self._session)
-        for channel in self._channels.values():
+        self._channels = build_channels(s, self._session, tokens=shared_tokens(s, self._client))
+        routers = build_routers(s, self._session, self._channels)
+        self._adapters = list(self._channels.values())
+        for router in routers.values():
+            self._adapters.extend(a for a in router.adapters if a not in self._adapters)
+        for channel in self._adapters:
             self.metrics.register_provider(channel.name, channel.provider)
         self.metrics.register_queue(QUEUE)
         tracker = Tracker(self._client, ttl_s=s.retention_s)
@@ -199,11 +283,14 @@ class WorkerRuntime:
         else:  # no account limit now: one an earlier start configured must not go on applying
             await limiter.remove(account_keys["sms"])
         rate_step = RateLimitStep(limiter, account_keys, metrics=self.metrics)
+        self.health = ProviderHealth(self._client, BreakerPolicy.from_settings(s), metrics=self.metrics)
         send_step = SendStep(
             self.retry,
             on_result=self._observe,
             on_rate_limited=rate_step.penalize,
             metrics=self.metrics,
+            health=self.health,
+            routers=routers,
         )
         self._limiter = limiter
         self._limiter_keys = [key for name, key in account_keys.items() if name == "sms" and s.sms_rate > 0]
@@ -235,18 +322,20 @@ class WorkerRuntime:
             ),
             journal=Journal(),
             fence=RecentFence(suppression_store),
+            resilience=Resilience(self._client, horizon_s=self.retry.retry_horizon_s, metrics=self.metrics),
+            adapters={adapter.provider: adapter for adapter in self._adapters},
         )
 
     def _observe(self, ctx: SendContext, item: Item, result: Result, elapsed: float) -> None:
         """Per-message metrics of one provider answer (no address ever reaches a label)."""
-        provider = ctx.channel.provider
+        provider = item.provider or ctx.channel.provider
         self.metrics.observe_latency(provider, elapsed)
         if isinstance(result, Retryable):
             self.metrics.record_send(ctx.channel.name, provider, "retried")
             self.metrics.record_retry(provider, retry_cause(result))
 
     async def _close(self) -> None:
-        for channel in self._channels.values():
+        for channel in self._adapters:
             await channel.close()
         if self._session is not None:
             await self._session.close()
