@@ -27,6 +27,7 @@ from dispatch.plan.planner import Planner
 from dispatch.send.control import CampaignControl
 from dispatch.send.engine import Engine, SendStep, render_step
 from dispatch.send.health import BreakerPolicy, ProviderHealth
+from dispatch.send.reconcile import Reconciler
 from dispatch.send.resilience import Resilience
 from dispatch.send.retry import RetryPolicy
 from dispatch.send.routing import Route, Router, parse_routes
@@ -59,7 +60,7 @@ def twilio(session: aiohttp.ClientSession, mock: MockProvider) -> TwilioSms:
         auth_token=TOKEN,
         from_number="+15005550006",
         timeout_s=0.5,
-        honours_idempotency=True,
+        honours_idempotency=False,  # as real Twilio: in-doubt messages are looked up
     )
     return TwilioSms(session, config)
 
@@ -175,6 +176,9 @@ def rig_for(name: str, routes: tuple[Route, ...] = ()) -> object:
             owner="failover-test",
             concurrency=16,
             resilience=Resilience(aredis_client, horizon_s=retry.retry_horizon_s),
+            # lookups fail while Twilio is down: messages in doubt wait for it, as in production
+            reconciler=Reconciler(policies={"*": "hold"}, wait_s=60.0),
+            adapters={adapter.provider: adapter for adapter in router.adapters},
         )
         control = CampaignControl(redis_client, lambda cid, n, delay: None)
         yield Rig(redis_client, pair, engine, control, tmp_path)
