@@ -348,3 +348,29 @@ async def test_mock_recipients_clicks_and_replies_match_the_ledger_exactly(
     }
     ledger = {f"{cid}.0.{i}": set(e) for i, e in batch_events(server.sync, cid, 0).items()}
     assert ledger == {ref: events for ref, events in emitter.truth.items() if events}
+
+
+def test_the_planner_keeps_the_link_table_and_costs_the_rewritten_body(
+    redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    from dispatch.plan.planner import Planner
+
+    base = "https://go.example.com"
+    settings = load_settings({"DISPATCH_HOME": str(tmp_path), "DISPATCH_LINK_BASE_URL": base})
+    rows = [{"id": str(i), "phone": f"+447400{i:06d}", "first_name": "Al"} for i in range(10)]
+    # one segment with the link written out, two once it is tracked (a longer URL)
+    text = (
+        "Hi $first_name, our winter sale starts today with up to half off in every store and online. Do not miss it: "
+    )
+    spec = CampaignSpec(id="plan-links", channel="sms", body=text + "$link(https://shop.example/w)")
+    planned = plan_links(spec.body, channel="sms", campaign_id=spec.id, base_url=base)
+    sized = string.Template(planned.sized).safe_substitute(first_name="Al")
+    assert len(text.replace("$first_name", "Al") + "https://shop.example/w") <= 160 < len(sized)
+    report = Planner(redis_client, settings).plan(spec, rows)
+    assert report.cost_units == 2 * 10  # two segments each: the tracked body, not the written one
+    manifest = Manifest.decode(redis_client.get(keys.manifest(spec.id)) or b"", campaign_id=spec.id)
+    assert manifest.links == ["https://shop.example/w"] and manifest.body == spec.body
+    with pytest.raises(PlanError, match="DISPATCH_LINK_BASE_URL"):
+        Planner(redis_client, load_settings({"DISPATCH_HOME": str(tmp_path)})).plan(
+            CampaignSpec(id="plan-links-2", channel="sms", body="$link(https://shop.example/w)"), rows
+        )
