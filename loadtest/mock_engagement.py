@@ -1,8 +1,9 @@
 """Mock recipients: opens, clicks, replies and opt-outs at configured rates, with ground truth.
 
 Given the messages a mock provider accepted (:class:`Accepted`: ref, channel, address, the body
-as sent), :class:`EngagementEmitter` decides per message, with its own seeded RNG, what the
-recipient does (:class:`EngagementRates`) and does it over real HTTP, as the real parties would:
+as sent; :class:`AcceptedLog` collects them from a running mock), :class:`EngagementEmitter`
+decides per message, with its own seeded RNG, what the recipient does
+(:class:`EngagementRates`) and does it over real HTTP, as the real parties would:
 
 - email: SendGrid's signed event webhook (ECDSA, as ``mock_sendgrid``) with ``open`` (or
   ``open`` + ``sg_machine_open: true``), ``click``, ``unsubscribe`` events carrying the ref in
@@ -35,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from channels.receipts import twilio_signature
 from loadtest.mock_sendgrid import sign_sendgrid_events
 
-__all__ = ["HUMAN_USER_AGENT", "Accepted", "EngagementEmitter", "EngagementRates"]
+__all__ = ["HUMAN_USER_AGENT", "Accepted", "AcceptedLog", "EngagementEmitter", "EngagementRates"]
 
 #: A phone browser's User-Agent (a human click).
 HUMAN_USER_AGENT = (
@@ -62,6 +63,22 @@ class Accepted:
     channel: str
     address: str
     body: str = ""
+
+
+@dataclass
+class AcceptedLog:
+    """The messages a mock provider accepted: ``mock.on_accept(log)`` (``MockProvider.on_accept``)."""
+
+    accepted: list[Accepted] = field(default_factory=list)
+
+    def __call__(self, channel: str, ref: str | None, address: str, body: str) -> None:
+        if ref is not None:  # a message without our ref cannot be engaged with in the ledger
+            self.accepted.append(Accepted(ref, channel, address, body))
+
+    def take(self) -> list[Accepted]:
+        """The messages accepted since the last call (one round's)."""
+        taken, self.accepted = self.accepted, []
+        return taken
 
 
 @dataclass

@@ -153,6 +153,8 @@ class SendGridTwin:
             text = f"{item.get('subject')}\x00{content}\x00{item.get('dynamic_template_data')}"
             for recipient in item["to"]:
                 state.ledger.record("email", recipient["email"], text, now=now)
+                if state.on_accept is not None:
+                    state.on_accept("email", (item.get("custom_args") or {}).get("ref"), recipient["email"], "")
         response = web.Response(status=202, headers={"X-Message-Id": message_id})
         state.remember("email", request, response)
         if state.receipts and state.receipts.sendgrid_event_url:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from email.utils import formatdate
 from typing import Any, Final
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import orjson
 from aiohttp import web
@@ -176,6 +176,8 @@ def twilio_routes(state: MockState) -> list[web.RouteDef]:
         state.ledger.record("sms", form["To"], form["Body"], now=time.time())
         state.remember("sms", request, response)
         callback = form.get("StatusCallback")
+        if state.on_accept is not None:
+            state.on_accept("sms", dict(parse_qsl(urlsplit(callback or "").query)).get("ref"), form["To"], form["Body"])
         if callback:
             state.spawn(_status_callbacks(state, resource, callback))
         await state.after_accept(request)

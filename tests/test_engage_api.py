@@ -16,7 +16,7 @@ from test_api_support import Api, api_settings, running_api
 from channels.base import Message
 from channels.sms import TwilioConfig, TwilioSms
 from dispatch.engage.ledger import batch_events, engagement_counters
-from dispatch.engage.links import LinkStep
+from dispatch.engage.links import LinkSigner, LinkStep
 from dispatch.engage.replies import ReplyIndex, ReplyIndexStep
 from dispatch.plan.manifest import Manifest
 from dispatch.rules.suppression import AddressHasher
@@ -101,3 +101,20 @@ async def test_links_without_a_signer_go_out_untracked_and_sent_sms_are_indexed(
         "steps.0.2",
         None,
     ]
+
+
+async def test_dispatch_serve_redirects_tracked_links_without_an_api_key(
+    redis_url: str, tmp_path: Path, aredis_client: aredis.Redis, redis_client: redis.Redis
+) -> None:
+    settings = api_settings(redis_url, tmp_path, DISPATCH_LINK_BASE_URL="https://go.example")
+    redis_client.set(keys.manifest("served"), _manifest("served", "sms", links=["https://shop.example/a"]).encode())
+    signer = LinkSigner.from_settings(settings)  # the same $DISPATCH_HOME/link.key as the API's
+    assert signer is not None
+    token = signer.token("served", 0, 1, 0)
+    async with running_api(settings, aredis_client, redis_client) as api:
+        async with api.session.get(f"{api.base}/r/{token}", allow_redirects=False) as response:
+            assert (response.status, response.headers["Location"]) == (302, "https://shop.example/a")
+        async with api.session.get(f"{api.base}/r/{token[:-1]}", allow_redirects=False) as response:
+            assert response.status == 404
+    assert (tmp_path / "link.key").stat().st_mode & 0o077 == 0
+    assert engagement_counters(redis_client, "served")["bot_click"] == 1  # aiohttp's User-Agent: a script

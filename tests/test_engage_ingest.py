@@ -28,7 +28,7 @@ from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings, load_settings
 from dispatch.engage.ledger import batch_events, engagement_counters
 from dispatch.engage.links import LinkSigner, LinkStep, is_bot, plan_links, tracked_length
-from dispatch.engage.replies import ReplyIndex, is_optout
+from dispatch.engage.replies import ReplyIndex, ReplyIndexStep, is_optout
 from dispatch.errors import PlanError
 from dispatch.plan.manifest import Manifest
 from dispatch.rules.suppression import SuppressionStore, hasher_for
@@ -374,3 +374,63 @@ def test_the_planner_keeps_the_link_table_and_costs_the_rewritten_body(
         Planner(redis_client, load_settings({"DISPATCH_HOME": str(tmp_path)})).plan(
             CampaignSpec(id="plan-links-2", channel="sms", body="$link(https://shop.example/w)"), rows
         )
+
+
+async def test_sent_through_the_send_chain_then_engaged_by_mock_recipients(
+    server: Server, aredis_client: aredis.Redis
+) -> None:
+    """The real chain (render, links, send to the mock Twilio, reply index) then the mock's
+    recipients: every click and reply lands on the message it answers, exactly as emitted."""
+    from dispatch.send.engine import Engine, SendStep
+    from dispatch.send.retry import RetryPolicy
+    from dispatch.send.tracking import Tracker
+    from loadtest.mock_core import MockConfig
+    from loadtest.mock_engagement import AcceptedLog
+    from loadtest.mock_provider import MockProvider
+
+    cid, n = "sms-chain", 40
+    body = "Hi $name: $link(https://shop.example/deal)"
+    planned = plan_links(body, channel="sms", campaign_id=cid, base_url=server.base)
+    rows = [[f"r{i}", f"+4474007770{i:02d}", {"name": f"N{i}"}] for i in range(n)]
+    server.sync.set(keys.batch(cid, 0), orjson.dumps([0, rows]))
+    server.sync.set(keys.manifest(cid), _manifest(cid, n, body=planned.body, links=list(planned.links)).encode())
+    server.sync.hset(keys.control(cid), "state", "running")
+    signer = LinkSigner.from_settings(server.settings)
+    index = ReplyIndex(aredis_client, hasher=hasher_for(server.settings), ttl_s=3600)
+    log = AcceptedLog()
+    async with MockProvider(MockConfig(account_sid=SID, auth_token=TOKEN, seed=5)) as mock:
+        mock.on_accept(log)
+        channel = TwilioSms(
+            server.session,
+            TwilioConfig(
+                base_url=mock.url,
+                account_sid=SID,
+                auth_token=TOKEN,
+                from_number="+15005550006",
+                status_callback_url=f"{server.base}/callbacks/twilio",
+            ),
+        )
+        engine = Engine(
+            client=aredis_client,
+            tracker=Tracker(aredis_client, ttl_s=3600),
+            channels={"sms": channel},
+            steps=[render_step, LinkStep(signer), SendStep(RetryPolicy(max_attempts=3)), ReplyIndexStep(index)],
+            owner="test-worker",
+            concurrency=8,
+        )
+        assert (await engine.send_batch(cid, 0)).requeue_after is None
+    accepted = log.take()
+    assert len(accepted) == n and all(f"{server.base}/r/" in m.body and "$link" not in m.body for m in accepted)
+    emitter = EngagementEmitter(
+        server.session,
+        EngagementRates(p_click=0.4, p_reply=0.25, p_optout=0.15),
+        seed=3,
+        twilio_inbound_url=f"{server.base}/callbacks/twilio/inbound",
+        twilio_auth_token=TOKEN,
+    )
+    await emitter.emit(accepted)
+    assert emitter.failures == []
+    ledger = {f"{cid}.0.{i}": set(e) for i, e in batch_events(server.sync, cid, 0).items()}
+    assert ledger == {ref: events for ref, events in emitter.truth.items() if events}
+    opted = [m.address for m in accepted if "optout" in emitter.truth[m.ref]]
+    assert opted and all(server.suppression().contains_many("sms", opted))
