@@ -33,13 +33,15 @@ replies, which name no ref (the consumer finds the recipient's last message):
 
 - ``POST /callbacks/twilio/inbound``: Twilio's inbound-message webhook (form: ``From``, ``To``,
   ``Body``, ``MessageSid``), signed with ``X-Twilio-Signature`` exactly as the status callback;
-  the replay key is the ``MessageSid``.
+  the replay key is the ``MessageSid``; answered with empty TwiML (no automatic reply).
 - ``POST /callbacks/aliyun/replies?token=SECRET``: Aliyun's SMS reply push (``SmsUp``: a JSON
   list of ``{phone_number, content, send_time, sign_name, dest_code, sequence_id}``). Aliyun
   signs nothing it pushes to an HTTP URL, so the route is authenticated by a secret of ours in
   the URL's query (compared in constant time; the access log never shows a query string), and
-  replays are refused by each reply's ``sequence_id`` (or a hash of it when absent). Run it
-  behind TLS; restricting the source addresses to Aliyun's at the proxy adds a second lock.
+  a push is processed once by its replies' ``sequence_id``\ s (or a hash of the body when one
+  is missing). Aliyun retries any answer but a 200 (1, 5 and 10 minutes later), so the route
+  answers ``200 {"code": 0}``, to a repeat of a processed push too. Run it behind TLS;
+  restricting the source addresses to Aliyun's at the proxy adds a second lock.
 
 An :class:`EngagementEvent` carries the recipient's ``address`` only where the consumer needs
 it (an opt-out to suppress, a reply to find its message by): never log or label it.
@@ -543,9 +545,12 @@ def receipt_routes(
         receipts: Sequence[Receipt],
         events: Sequence[EngagementEvent] = (),
         replies: Sequence[InboundReply] = (),
+        *,
+        answer: Callable[[], web.Response] = lambda: web.Response(status=204),
+        replay_answer: Callable[[], web.Response] | None = None,
     ) -> web.Response:
         if not await replay_guard.claim(replay_key, replay_ttl_s):
-            return _refuse(403, "replayed callback")
+            return replay_answer() if replay_answer is not None else _refuse(403, "replayed callback")
         try:
             if receipts:
                 await on_receipts(list(receipts))
@@ -554,7 +559,7 @@ def receipt_routes(
         except Exception:
             await replay_guard.release(replay_key)  # let the provider's retry through
             raise
-        return web.Response(status=204)
+        return answer()
 
     async def twilio(request: web.Request) -> web.StreamResponse:
         assert twilio_auth_token is not None
@@ -648,7 +653,7 @@ def receipt_routes(
             return _refuse(400, str(exc))
         sid = params.get("MessageSid") or params.get("SmsSid")
         replay_key = f"twilio-inbound:{sid}" if sid else _twilio_replay_key(request.raw_path, params)
-        return await process(replay_key, (), (), [reply])
+        return await process(replay_key, (), (), [reply], answer=_empty_twiml)
 
     async def aliyun_replies(request: web.Request) -> web.StreamResponse:
         assert aliyun_reply_secret is not None
@@ -666,7 +671,9 @@ def receipt_routes(
             return _refuse(400, str(exc))
         ids = [str(item.get("sequence_id", "")) for item in payload]
         replay_key = "aliyun:" + ",".join(ids) if all(ids) else f"aliyun:{hashlib.sha256(raw).hexdigest()}"
-        return await process(replay_key, (), (), replies)
+        # Aliyun retries anything but a 200 (1, 5, 10 minutes later): a retry of a push we
+        # processed (its answer was lost) is acknowledged, not refused
+        return await process(replay_key, (), (), replies, answer=_aliyun_ok, replay_answer=_aliyun_ok)
 
     routes = []
     if twilio_auth_token:
@@ -680,6 +687,19 @@ def receipt_routes(
     if webhook_secret:
         routes.append(web.post(f"{prefix}/webhook", webhook))
     return routes
+
+
+def _empty_twiml() -> web.Response:
+    """Twilio's "no reply" answer to an inbound message."""
+    return web.Response(status=200, body=_EMPTY_TWIML, content_type="text/xml")
+
+
+_EMPTY_TWIML: Final = b'<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
+
+
+def _aliyun_ok() -> web.Response:
+    """The answer Aliyun's push wants: HTTP 200 and a numeric ``code`` (0)."""
+    return web.json_response({"code": 0, "msg": "ok"})
 
 
 def _twilio_replay_key(raw_path: str, params: Mapping[str, str]) -> str:

@@ -172,7 +172,7 @@ class EngagementEmitter:
             data=urlencode(params),
             headers={"X-Twilio-Signature": signature, "Content-Type": "application/x-www-form-urlencoded"},
         ) as response:
-            if response.status != 204:
+            if response.status != 200:
                 self.failures.append(response.status)
 
     async def _send_sendgrid(self, events: Sequence[dict[str, object]]) -> None:

@@ -49,7 +49,7 @@ from aiohttp import web
 
 from dispatch.config import Settings
 from dispatch.credentials import Secret, home_secret
-from dispatch.engage.ledger import EngagementLedger, split_ref
+from dispatch.engage.ledger import EngagementLedger
 from dispatch.errors import ConfigError, PlanError
 from dispatch.plan.manifest import Manifest
 from dispatch.store import keys
@@ -313,7 +313,6 @@ def link_routes(signer: LinkSigner, ledger: EngagementLedger, client: aredis.Red
         table = await tables.get(found.campaign_id)
         if found.link >= len(table):
             return web.Response(status=404)
-        split_ref(found.ref)  # a verified token always names a well-formed ref
         event = "bot_click" if is_bot(request.method, request.headers.get("User-Agent")) else "click"
         await ledger.record(found.ref, event)
         return web.Response(
