@@ -16,7 +16,7 @@ from test_api_support import Api, api_settings, running_api
 from channels.base import Message
 from channels.sms import TwilioConfig, TwilioSms
 from dispatch.engage.ledger import batch_events, engagement_counters
-from dispatch.engage.links import LinkSigner, LinkStep
+from dispatch.engage.links import CLICKS, LinkSigner, LinkStep
 from dispatch.engage.replies import ReplyIndex, ReplyIndexStep
 from dispatch.plan.manifest import Manifest
 from dispatch.rules.suppression import AddressHasher
@@ -116,5 +116,7 @@ async def test_dispatch_serve_redirects_tracked_links_without_an_api_key(
             assert (response.status, response.headers["Location"]) == (302, "https://shop.example/a")
         async with api.session.get(f"{api.base}/r/{token[:-1]}", allow_redirects=False) as response:
             assert response.status == 404
+        assert api.app is not None
+        await api.app[CLICKS].flush()
     assert (tmp_path / "link.key").stat().st_mode & 0o077 == 0
     assert engagement_counters(redis_client, "served")["bot_click"] == 1  # aiohttp's User-Agent: a script

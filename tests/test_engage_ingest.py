@@ -27,7 +27,7 @@ from channels.sms import TwilioConfig, TwilioSms
 from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings, load_settings
 from dispatch.engage.ledger import batch_events, engagement_counters
-from dispatch.engage.links import LinkSigner, LinkStep, is_bot, plan_links, tracked_length
+from dispatch.engage.links import CLICKS, LinkSigner, LinkStep, is_bot, plan_links, tracked_length
 from dispatch.engage.replies import ReplyIndex, ReplyIndexStep, is_optout
 from dispatch.errors import PlanError
 from dispatch.plan.manifest import Manifest
@@ -69,6 +69,11 @@ class Server:
     key: ec.EllipticCurvePrivateKey
     session: aiohttp.ClientSession
     sync: redis.Redis
+    app: web.Application
+
+    async def clicks_written(self) -> None:
+        """The redirect records clicks just after answering: wait for them."""
+        await self.app[CLICKS].flush()
 
     def suppression(self) -> SuppressionStore:
         return SuppressionStore(self.sync, hasher=hasher_for(self.settings))
@@ -98,7 +103,7 @@ async def server(tmp_path: Path, aredis_client: aredis.Redis, redis_client: redi
     await runner.setup()
     await web.SockSite(runner, sock).start()
     async with aiohttp.ClientSession() as session:
-        yield Server(base, settings, key, session, redis_client)
+        yield Server(base, settings, key, session, redis_client, app)
     await runner.cleanup()
 
 
@@ -223,6 +228,7 @@ async def test_rendered_links_are_signed_sized_as_planned_and_redirect_once(serv
     assert (await get(links[1][0], ua="facebookexternalhit/1.1 Facebot Twitterbot/1.0")).status == 302
     assert (await get(links[2][0], method="HEAD")).status == 302
     assert (await get(links[2][1], ua=None)).status == 302
+    await server.clicks_written()
     counters = engagement_counters(server.sync, cid)
     assert (counters["click"], counters["bot_click"]) == (1, 2)
     assert set(batch_events(server.sync, cid, 0)) == {0, 1, 2}
@@ -234,6 +240,7 @@ async def test_rendered_links_are_signed_sized_as_planned_and_redirect_once(serv
         assert response.status == 404
     async with server.session.get(f"{server.base}/r/{other}") as response:
         assert await response.read() == b""
+    await server.clicks_written()
     assert engagement_counters(server.sync, cid)["click"] == 1
 
 
@@ -342,6 +349,7 @@ async def test_mock_recipients_clicks_and_replies_match_the_ledger_exactly(
         twilio_auth_token=TOKEN,
     )
     await emitter.emit(accepted)
+    await server.clicks_written()
     assert emitter.failures == []
     counters = engagement_counters(server.sync, cid)
     truth = emitter.counts()
@@ -432,6 +440,7 @@ async def test_sent_through_the_send_chain_then_engaged_by_mock_recipients(
         twilio_auth_token=TOKEN,
     )
     await emitter.emit(accepted)
+    await server.clicks_written()
     assert emitter.failures == []
     ledger = {f"{cid}.0.{i}": set(e) for i, e in batch_events(server.sync, cid, 0).items()}
     assert ledger == {ref: events for ref, events in emitter.truth.items() if events}

@@ -867,7 +867,7 @@ def build_app(
         )
     )
     # tracked links (/r/{token}): authenticated by their MAC, not by API keys
-    app.add_routes(engagement.routes(app_client))
+    engagement.mount(app, app_client)
 
     async def start_sealer(app: web.Application) -> None:
         if sealer is not None:

@@ -11,7 +11,7 @@ from aiohttp import web
 from dispatch.config import Settings
 from dispatch.engage.apply import EngagementApplier
 from dispatch.engage.ledger import EngagementLedger
-from dispatch.engage.links import LinkSigner, link_routes
+from dispatch.engage.links import LinkSigner, mount_links
 from dispatch.engage.replies import ReplyIndex
 from dispatch.rules.suppression import AddressHasher, AsyncSuppressionStore, hasher_for
 
@@ -25,9 +25,10 @@ class Engagement:
     #: None when no public base URL for links is configured (no redirect route then).
     signer: LinkSigner | None
 
-    def routes(self, client: aredis.Redis) -> list[web.RouteDef]:
-        """The redirect route (``/r/{token}``) when links are configured."""
-        return link_routes(self.signer, self.ledger, client) if self.signer is not None else []
+    def mount(self, app: web.Application, client: aredis.Redis) -> None:
+        """The redirect route (``/r/{token}``) on ``app`` when links are configured."""
+        if self.signer is not None:
+            mount_links(app, self.signer, self.ledger, client)
 
 
 def build_engagement(settings: Settings, client: aredis.Redis, *, hasher: AddressHasher | None = None) -> Engagement:

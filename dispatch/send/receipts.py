@@ -171,5 +171,5 @@ def build_receipt_app(
             on_engagement=engagement.applier,
         )
     )
-    app.add_routes(engagement.routes(client))
+    engagement.mount(app, client)
     return app, applier
