@@ -446,3 +446,27 @@ async def test_sent_through_the_send_chain_then_engaged_by_mock_recipients(
     assert ledger == {ref: events for ref, events in emitter.truth.items() if events}
     opted = [m.address for m in accepted if "optout" in emitter.truth[m.ref]]
     assert opted and all(server.suppression().contains_many("sms", opted))
+
+
+async def test_a_burst_of_first_clicks_reads_the_link_table_once(server: Server) -> None:
+    import asyncio
+
+    cid = "sms-burst"
+    server.sync.set(keys.manifest(cid), _manifest(cid, 100, links=["https://shop.example/b"]).encode())
+    signer = LinkSigner.from_settings(server.settings)
+    assert signer is not None
+
+    def gets() -> int:
+        stats = server.sync.info("commandstats")
+        return int(stats.get("cmdstat_get", {}).get("calls", 0))
+
+    before = gets()
+
+    async def click(i: int) -> int:
+        async with server.session.get(signer.url(cid, 0, i, 0), allow_redirects=False) as response:
+            return response.status
+
+    assert await asyncio.gather(*(click(i) for i in range(100))) == [302] * 100
+    assert gets() - before == 1
+    await server.clicks_written()
+    assert engagement_counters(server.sync, cid)["bot_click"] == 100  # aiohttp's own User-Agent

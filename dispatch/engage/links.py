@@ -45,6 +45,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import math
 import re
 import struct
 import time
@@ -301,23 +302,40 @@ class LinkStep:
 
 
 class _LinkTables:
-    """Link tables of campaigns (manifests do not change once committed), bounded."""
+    """Link tables of campaigns (manifests do not change once committed), bounded. One read per
+    campaign however many requests arrive at once (a burst of clicks on a new campaign would
+    otherwise take a connection each); a campaign without a manifest is asked again after
+    ``miss_s``."""
 
-    def __init__(self, client: aredis.Redis, *, most: int = 1024) -> None:
+    def __init__(self, client: aredis.Redis, *, most: int = 1024, miss_s: float = 5.0) -> None:
         self._client = client
         self._most = most
-        self._tables: dict[str, tuple[str, ...]] = {}
+        self._miss_s = miss_s
+        self._tables: dict[str, tuple[tuple[str, ...], float]] = {}
+        self._loading: dict[str, asyncio.Future[tuple[str, ...]]] = {}
 
     async def get(self, campaign_id: str) -> tuple[str, ...]:
-        table = self._tables.get(campaign_id)
-        if table is None:
+        cached = self._tables.get(campaign_id)
+        if cached is not None and cached[1] >= time.monotonic():
+            return cached[0]
+        loading = self._loading.get(campaign_id)
+        if loading is not None:
+            return await asyncio.shield(loading)
+        future: asyncio.Future[tuple[str, ...]] = asyncio.get_running_loop().create_future()
+        self._loading[campaign_id] = future
+        try:
             raw = await self._client.get(keys.manifest(campaign_id))
-            if raw is None:
-                return ()  # not cached: a campaign planned later under this id is read then
-            table = tuple(Manifest.decode(raw, campaign_id=campaign_id).links or ())
-            if len(self._tables) >= self._most:
-                self._tables.clear()
-            self._tables[campaign_id] = table
+            table = () if raw is None else tuple(Manifest.decode(raw, campaign_id=campaign_id).links or ())
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters get it, nobody is warned about it
+            raise
+        finally:
+            del self._loading[campaign_id]
+        future.set_result(table)
+        if len(self._tables) >= self._most:
+            self._tables.clear()
+        self._tables[campaign_id] = (table, time.monotonic() + (self._miss_s if raw is None else math.inf))
         return table
 
 
