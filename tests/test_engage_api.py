@@ -3,6 +3,7 @@ rewritten before the rate limit, accepted SMS indexed for replies."""
 
 from __future__ import annotations
 
+import logging
 import string
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -104,8 +105,13 @@ async def test_links_without_a_signer_go_out_untracked_and_sent_sms_are_indexed(
 
 
 async def test_dispatch_serve_redirects_tracked_links_without_an_api_key(
-    redis_url: str, tmp_path: Path, aredis_client: aredis.Redis, redis_client: redis.Redis
+    redis_url: str,
+    tmp_path: Path,
+    aredis_client: aredis.Redis,
+    redis_client: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO)
     settings = api_settings(redis_url, tmp_path, DISPATCH_LINK_BASE_URL="https://go.example")
     redis_client.set(keys.manifest("served"), _manifest("served", "sms", links=["https://shop.example/a"]).encode())
     signer = LinkSigner.from_settings(settings)  # the same $DISPATCH_HOME/link.key as the API's
@@ -119,4 +125,6 @@ async def test_dispatch_serve_redirects_tracked_links_without_an_api_key(
         assert api.app is not None
         await api.app[CLICKS].flush()
     assert (tmp_path / "link.key").stat().st_mode & 0o077 == 0
+    logged = [r.getMessage() for r in caplog.records if "/r/" in r.getMessage()]
+    assert logged and all(token not in line and token[:-1] not in line for line in logged)
     assert engagement_counters(redis_client, "served")["bot_click"] == 1  # aiohttp's User-Agent: a script
