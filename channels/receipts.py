@@ -1,4 +1,4 @@
-"""Delivery receipts: verify provider callbacks and parse them into typed ``Receipt``s.
+r"""Delivery receipts: verify provider callbacks and parse them into typed ``Receipt``s.
 
 Three endpoints (``receipt_routes``):
 
@@ -26,6 +26,26 @@ raw body for SendGrid and our webhook receipts. If ``on_receipts`` fails the rep
 released and the provider gets 500, so its retry is processed. Twilio callbacks carry no
 timestamp, so only the replay guard bounds their reuse.
 
+Engagement (``on_engagement``, optional): the SendGrid route also turns ``open`` (with
+``sg_machine_open: true`` a ``machine_open``), ``click``, ``unsubscribe``/``group_unsubscribe``
+(``optout``) and ``spamreport`` into :class:`EngagementEvent`\ s; two more routes take inbound
+replies, which name no ref (the consumer finds the recipient's last message):
+
+- ``POST /callbacks/twilio/inbound``: Twilio's inbound-message webhook (form: ``From``, ``To``,
+  ``Body``, ``MessageSid``), signed with ``X-Twilio-Signature`` exactly as the status callback;
+  the replay key is the ``MessageSid``; answered with empty TwiML (no automatic reply).
+- ``POST /callbacks/aliyun/replies?token=SECRET``: Aliyun's SMS reply push (``SmsUp``: a JSON
+  list of ``{phone_number, content, send_time, sign_name, dest_code, sequence_id}``). Aliyun
+  signs nothing it pushes to an HTTP URL, so the route is authenticated by a secret of ours in
+  the URL's query (compared in constant time; the access log never shows a query string), and
+  a push is processed once by its replies' ``sequence_id``\ s (or a hash of the body when one
+  is missing). Aliyun retries any answer but a 200 (1, 5 and 10 minutes later), so the route
+  answers ``200 {"code": 0}``, to a repeat of a processed push too. Run it behind TLS;
+  restricting the source addresses to Aliyun's at the proxy adds a second lock.
+
+An :class:`EngagementEvent` carries the recipient's ``address`` only where the consumer needs
+it (an opt-out to suppress, a reply to find its message by): never log or label it.
+
 Each ``Receipt`` names the ``channel`` whose messages its provider sends: the consumer applies it
 only to a message of that channel (a Twilio callback never touches an email).
 
@@ -43,6 +63,7 @@ import hmac
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any, Final, Literal, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
@@ -60,18 +81,25 @@ from channels.sms import TwilioSms
 from channels.webhook import SignedWebhook
 
 __all__ = [
+    "ALIYUN_REPLY_TOKEN_PARAM",
     "SENDGRID_SIGNATURE_HEADER",
     "SENDGRID_TIMESTAMP_HEADER",
     "TWILIO_SIGNATURE_HEADER",
+    "EngagementEvent",
+    "InboundReply",
     "MemoryReplayGuard",
+    "OnEngagement",
     "OnReceipts",
     "Receipt",
     "ReceiptStatus",
     "RedisReplayGuard",
     "ReplayGuard",
     "load_sendgrid_public_key",
+    "parse_aliyun_replies",
+    "parse_sendgrid_engagement",
     "parse_sendgrid_events",
     "parse_twilio_callback",
+    "parse_twilio_inbound",
     "parse_webhook_receipts",
     "receipt_routes",
     "twilio_signature",
@@ -117,6 +145,42 @@ class Receipt:
     occurred_at: float
     #: Identifies the event (not the request): equal keys are the same event delivered twice.
     event_key: str
+
+
+EngagementKind = Literal["open", "machine_open", "click", "optout", "spamreport"]
+
+#: SendGrid engagement events -> ours (``open`` becomes ``machine_open`` with ``sg_machine_open``).
+_SENDGRID_ENGAGEMENT: Final[Mapping[str, EngagementKind]] = {
+    "open": "open",
+    "click": "click",
+    "unsubscribe": "optout",
+    "group_unsubscribe": "optout",
+    "spamreport": "spamreport",
+}
+#: The query parameter holding the Aliyun reply route's secret.
+ALIYUN_REPLY_TOKEN_PARAM: Final = "token"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngagementEvent:
+    """What a recipient did with one of our messages (named by ``ref``)."""
+
+    ref: str
+    event: EngagementKind
+    channel: str
+    occurred_at: float
+    #: The address to suppress (``optout`` and ``spamreport`` only; never logged).
+    address: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InboundReply:
+    """An SMS a recipient sent back: no ref, only the number (never logged) and the text."""
+
+    provider: str
+    phone: str
+    body: str
+    occurred_at: float
 
 
 class ReceiptError(ValueError):
@@ -317,6 +381,84 @@ def parse_sendgrid_events(events: Any) -> list[Receipt]:
     return receipts
 
 
+def parse_sendgrid_engagement(events: Any) -> list[EngagementEvent]:
+    """SendGrid's opens, clicks, unsubscribes and spam reports that carry our ref."""
+    if not isinstance(events, list):
+        raise ReceiptError("sendgrid events must be a JSON list")
+    out = []
+    for event in events:
+        if not isinstance(event, dict):
+            continue
+        kind = _SENDGRID_ENGAGEMENT.get(str(event.get("event", "")))
+        ref = event.get("ref")
+        if kind is None or not isinstance(ref, str):
+            continue
+        if kind == "open" and event.get("sg_machine_open") is True:
+            kind = "machine_open"
+        timestamp = event.get("timestamp")
+        email = event.get("email")
+        out.append(
+            EngagementEvent(
+                ref=ref,
+                event=kind,
+                channel=SendGridEmail.name,
+                occurred_at=float(timestamp) if isinstance(timestamp, int | float) else time.time(),
+                address=email if kind in ("optout", "spamreport") and isinstance(email, str) else None,
+            )
+        )
+    return out
+
+
+def parse_twilio_inbound(params: Mapping[str, str], *, now: float | None = None) -> InboundReply:
+    """Twilio's inbound-message webhook as a reply."""
+    phone = params.get("From", "")
+    if not phone:
+        raise ReceiptError("twilio inbound message without From")
+    return InboundReply(
+        provider=TwilioSms.provider,
+        phone=phone,
+        body=params.get("Body", ""),
+        occurred_at=time.time() if now is None else now,
+    )
+
+
+def parse_aliyun_replies(payload: Any, *, now: float | None = None) -> list[InboundReply]:
+    """Aliyun's ``SmsUp`` push: a JSON list of replies (``phone_number``, ``content``, ...)."""
+    if not isinstance(payload, list):
+        raise ReceiptError("aliyun replies must be a JSON list")
+    out = []
+    for item in payload:
+        if not isinstance(item, dict):
+            raise ReceiptError("each aliyun reply must be an object")
+        phone, content = item.get("phone_number"), item.get("content")
+        if not isinstance(phone, str) or not phone or not isinstance(content, str):
+            raise ReceiptError("each aliyun reply needs phone_number and content")
+        out.append(
+            InboundReply(
+                provider="aliyun",
+                phone=phone,
+                body=content,
+                occurred_at=_aliyun_time(item.get("send_time"), now),
+            )
+        )
+    return out
+
+
+def _aliyun_time(value: Any, now: float | None) -> float:
+    """``send_time`` is ``YYYY-MM-DD HH:MM:SS`` in Beijing time (UTC+8)."""
+    if isinstance(value, str):
+        try:
+            parsed = datetime.strptime(value, "%Y-%m-%d %H:%M:%S").replace(tzinfo=_BEIJING)
+        except ValueError:
+            pass
+        else:
+            return parsed.timestamp()
+    return time.time() if now is None else now
+
+
+_BEIJING: Final = timezone(timedelta(hours=8))
+
+
 def parse_webhook_receipts(payload: Any) -> list[Receipt]:
     """Our signed receipts: ``{"events": [{"ref", "status", ...}]}``."""
     events = payload.get("events") if isinstance(payload, dict) else None
@@ -351,6 +493,9 @@ def parse_webhook_receipts(payload: Any) -> list[Receipt]:
 
 #: What the routes call with the receipts of one verified callback.
 OnReceipts = Callable[[list[Receipt]], Awaitable[None]]
+#: What the routes call with the engagement of one verified callback: events that name their
+#: message, and replies that do not.
+OnEngagement = Callable[[list[EngagementEvent], list[InboundReply]], Awaitable[None]]
 
 
 class _BodyTooLarge(Exception):
@@ -386,21 +531,35 @@ def receipt_routes(
     max_body_bytes: int = 1024 * 1024,
     tolerance_s: float = 300.0,
     replay_ttl_s: int = 7 * 24 * 3600,
+    on_engagement: OnEngagement | None = None,
+    aliyun_reply_secret: str | None = None,
 ) -> list[web.RouteDef]:
-    """Routes for each configured provider (a ``None`` or empty credential leaves its route out)."""
+    """Routes for each configured provider (a ``None`` or empty credential leaves its route out).
+    With ``on_engagement``, SendGrid's engagement events go to it too, and the inbound-reply
+    routes are mounted (Twilio's with its auth token, Aliyun's with ``aliyun_reply_secret``)."""
     base = public_base_url.rstrip("/")
     sendgrid_key = load_sendgrid_public_key(sendgrid_public_key) if sendgrid_public_key else None
 
-    async def process(replay_key: str, receipts: Sequence[Receipt]) -> web.Response:
+    async def process(
+        replay_key: str,
+        receipts: Sequence[Receipt],
+        events: Sequence[EngagementEvent] = (),
+        replies: Sequence[InboundReply] = (),
+        *,
+        answer: Callable[[], web.Response] = lambda: web.Response(status=204),
+        replay_answer: Callable[[], web.Response] | None = None,
+    ) -> web.Response:
         if not await replay_guard.claim(replay_key, replay_ttl_s):
-            return _refuse(403, "replayed callback")
-        if receipts:
-            try:
+            return replay_answer() if replay_answer is not None else _refuse(403, "replayed callback")
+        try:
+            if receipts:
                 await on_receipts(list(receipts))
-            except Exception:
-                await replay_guard.release(replay_key)  # let the provider's retry through
-                raise
-        return web.Response(status=204)
+            if (events or replies) and on_engagement is not None:
+                await on_engagement(list(events), list(replies))
+        except Exception:
+            await replay_guard.release(replay_key)  # let the provider's retry through
+            raise
+        return answer()
 
     async def twilio(request: web.Request) -> web.StreamResponse:
         assert twilio_auth_token is not None
@@ -428,6 +587,7 @@ def receipt_routes(
         timestamp_header: str,
         verify: Callable[[bytes, str | None, str | None], bool],
         parse: Callable[[Any], list[Receipt]],
+        engagement: Callable[[Any], list[EngagementEvent]] | None = None,
     ) -> web.StreamResponse:
         """A JSON body signed over timestamp + body (SendGrid events, our webhook receipts)."""
         try:
@@ -439,10 +599,12 @@ def receipt_routes(
             return _refuse(401, "bad or stale signature")
         assert timestamp is not None  # a verified signature has a (digit-only) timestamp
         try:
-            receipts = parse(orjson.loads(raw))
+            payload = orjson.loads(raw)
+            receipts = parse(payload)
+            events = engagement(payload) if engagement is not None and on_engagement is not None else []
         except (orjson.JSONDecodeError, ReceiptError) as exc:
             return _refuse(400, str(exc))
-        return await process(_signed_body_replay_key(kind, timestamp, raw), receipts)
+        return await process(_signed_body_replay_key(kind, timestamp, raw), receipts, events)
 
     def sendgrid_verify(raw: bytes, signature: str | None, timestamp: str | None) -> bool:
         assert sendgrid_key is not None
@@ -460,6 +622,7 @@ def receipt_routes(
             timestamp_header=SENDGRID_TIMESTAMP_HEADER,
             verify=sendgrid_verify,
             parse=parse_sendgrid_events,
+            engagement=parse_sendgrid_engagement,
         )
 
     async def webhook(request: web.Request) -> web.StreamResponse:
@@ -472,14 +635,71 @@ def receipt_routes(
             parse=parse_webhook_receipts,
         )
 
+    async def twilio_inbound(request: web.Request) -> web.StreamResponse:
+        assert twilio_auth_token is not None
+        try:
+            raw = await _read_bounded(request, max_body_bytes)
+            params = dict(parse_qsl(raw.decode(), keep_blank_values=True))
+        except _BodyTooLarge:
+            return _refuse(413, "body too large")
+        except UnicodeDecodeError:
+            return _refuse(400, "body is not UTF-8")
+        signature = request.headers.get(TWILIO_SIGNATURE_HEADER)
+        if not verify_twilio_signature(base + request.raw_path, params, signature, twilio_auth_token):
+            return _refuse(401, "bad signature")
+        try:
+            reply = parse_twilio_inbound(params)
+        except ReceiptError as exc:
+            return _refuse(400, str(exc))
+        sid = params.get("MessageSid") or params.get("SmsSid")
+        replay_key = f"twilio-inbound:{sid}" if sid else _twilio_replay_key(request.raw_path, params)
+        return await process(replay_key, (), (), [reply], answer=_empty_twiml)
+
+    async def aliyun_replies(request: web.Request) -> web.StreamResponse:
+        assert aliyun_reply_secret is not None
+        given = request.query.get(ALIYUN_REPLY_TOKEN_PARAM, "")
+        if not hmac.compare_digest(given.encode(), aliyun_reply_secret.encode()):
+            return _refuse(401, "bad token")
+        try:
+            raw = await _read_bounded(request, max_body_bytes)
+        except _BodyTooLarge:
+            return _refuse(413, "body too large")
+        try:
+            payload = orjson.loads(raw)
+            replies = parse_aliyun_replies(payload)
+        except (orjson.JSONDecodeError, ReceiptError) as exc:
+            return _refuse(400, str(exc))
+        ids = [str(item.get("sequence_id", "")) for item in payload]
+        replay_key = "aliyun:" + ",".join(ids) if all(ids) else f"aliyun:{hashlib.sha256(raw).hexdigest()}"
+        # Aliyun retries anything but a 200 (1, 5, 10 minutes later): a retry of a push we
+        # processed (its answer was lost) is acknowledged, not refused
+        return await process(replay_key, (), (), replies, answer=_aliyun_ok, replay_answer=_aliyun_ok)
+
     routes = []
     if twilio_auth_token:
         routes.append(web.post(f"{prefix}/twilio", twilio))
+        if on_engagement is not None:
+            routes.append(web.post(f"{prefix}/twilio/inbound", twilio_inbound))
+    if aliyun_reply_secret and on_engagement is not None:
+        routes.append(web.post(f"{prefix}/aliyun/replies", aliyun_replies))
     if sendgrid_key is not None:
         routes.append(web.post(f"{prefix}/sendgrid", sendgrid))
     if webhook_secret:
         routes.append(web.post(f"{prefix}/webhook", webhook))
     return routes
+
+
+def _empty_twiml() -> web.Response:
+    """Twilio's "no reply" answer to an inbound message."""
+    return web.Response(status=200, body=_EMPTY_TWIML, content_type="text/xml")
+
+
+_EMPTY_TWIML: Final = b'<?xml version="1.0" encoding="UTF-8"?><Response></Response>'
+
+
+def _aliyun_ok() -> web.Response:
+    """The answer Aliyun's push wants: HTTP 200 and a numeric ``code`` (0)."""
+    return web.json_response({"code": 0, "msg": "ok"})
 
 
 def _twilio_replay_key(raw_path: str, params: Mapping[str, str]) -> str:

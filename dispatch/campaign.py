@@ -56,6 +56,7 @@ from pydantic import (
 from pydantic._internal._model_construction import ModelMetaclass
 
 from channels import default_registry
+from dispatch.engage.links import find_links, strip_links
 from dispatch.errors import PlanError
 from dispatch.models import field_errors, problem
 from dispatch.rules.checks import QuietHours
@@ -107,6 +108,10 @@ def _template(value: str) -> str:
         valid = False
     if not valid:
         raise problem("not a valid template: a '$' is not followed by a field name (write $$ for a dollar sign)")
+    try:
+        find_links(value)
+    except ValueError as exc:
+        raise problem(str(exc)) from None
     return value
 
 
@@ -371,7 +376,7 @@ class CampaignSpec(BaseModel, metaclass=_RaisesPlanError):
 
     @property
     def template_fields(self) -> tuple[str, ...]:
-        return tuple(string.Template(self.body).get_identifiers())
+        return tuple(string.Template(strip_links(self.body)).get_identifiers())
 
     def policy(self) -> dict[str, Any]:
         """The planning policy as plain JSON values (recorded in the manifest)."""

@@ -452,6 +452,22 @@ class Settings:
         default=None, description="HMAC secret of signed webhook delivery receipts"
     )
     callback_base_url: str | None = Field(default=None, description="public base URL providers post receipts to")
+    link_base_url: str | None = Field(
+        default=None,
+        description="public base URL of tracked links (<base>/r/<token>, served by `dispatch serve`); "
+        "unset: callback_base_url",
+    )
+    link_key: Secret = Field(
+        default=Secret(""),
+        description="secret key of tracked-link tokens, the same on every process; "
+        "unset: the key generated in $DISPATCH_HOME/link.key",
+    )
+    aliyun_reply_secret: Secret | None = Field(
+        default=None, description="secret in the query (?token=) of the Aliyun SMS reply push URL; unset: no route"
+    )
+    reply_window_s: int = Field(
+        default=7 * 86400, ge=60, description="seconds an SMS reply is matched to the last message sent to its number"
+    )
     provider_latency_ms: float = Field(default=20.0, ge=0, description="expected provider latency for predictions")
     cpu_per_message_us: float = Field(
         default=352.0,

@@ -212,6 +212,8 @@ class MockState:
         self.in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.callback_sender: Callable[[str, bytes, Mapping[str, str]], Awaitable[None]] | None = None
+        #: Called with (channel, ref, address, body) of each accepted message (``mock_engagement``).
+        self.on_accept: Callable[[str, str | None, str, str], None] | None = None
 
     def _restore(self, entry: Mapping[str, Any]) -> None:
         """One journaled message back into the ledger and its lookup store."""

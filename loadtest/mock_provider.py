@@ -38,7 +38,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -204,6 +204,10 @@ class MockProvider:
 
     def reset(self) -> None:
         self._state.reset()
+
+    def on_accept(self, callback: Callable[[str, str | None, str, str], None] | None) -> None:
+        """Call ``callback(channel, ref, address, body)`` for each message accepted from now on."""
+        self._state.on_accept = callback
 
     async def start(self) -> str:
         runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)

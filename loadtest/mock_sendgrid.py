@@ -212,6 +212,8 @@ class SendGridTwin:
                     state.ledger.record("email", address, text, now=now, key=key, provider_id=msg_id, detail=detail)
                     args = {} if ref is None else {"ref": str(ref)}
                     state.email.add(EmailRecord(msg_id, address, sender, subject, now, args))
+                    if state.on_accept is not None:
+                        state.on_accept("email", ref if isinstance(ref, str) else None, address, "")
         response = web.Response(status=202, headers={"X-Message-Id": message_id})
         state.remember("email", request, response)
         if state.receipts and state.receipts.sendgrid_event_url:

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from datetime import UTC, date, datetime
 from email.utils import format_datetime
 from typing import Any, Final
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import orjson
 from aiohttp import web
@@ -234,6 +234,8 @@ def twilio_routes(state: MockState) -> list[web.RouteDef]:
         )
         state.remember("sms", request, response)
         callback = form.get("StatusCallback")
+        if state.on_accept is not None:
+            state.on_accept("sms", dict(parse_qsl(urlsplit(callback or "").query)).get("ref"), form["To"], form["Body"])
         if callback:
             state.spawn(_status_callbacks(state, resource, callback))
         await state.after_accept(request)

@@ -33,3 +33,20 @@ async def test_unknown_campaign_and_event_are_refused(aredis_client: aredis.Redi
         await ledger.record("nope.0.1", "opened")
     with pytest.raises(ValueError):
         await ledger.record("not-a-ref", "open")
+
+
+async def test_pipelined_records_count_once_and_survive_a_flushed_script_cache(
+    aredis_client: aredis.Redis, redis_client: redis.Redis
+) -> None:
+    redis_client.set(keys.manifest("c2"), b"{}")
+    ledger = EngagementLedger(aredis_client, ttl_s=3600)
+    redis_client.script_flush()  # the server lost its scripts (a restart): loaded again, once
+    done = await ledger.record_pipelined(
+        [("c2.0.1", "click", 10.0), ("c2.0.1", "click", 11.0), ("gone.0.1", "click", 1.0)]
+    )
+    assert [r.outcome for r in done] == ["first", "duplicate", "unknown"]
+    assert await ledger.record_pipelined([]) == []
+    assert batch_events(redis_client, "c2", 0) == {1: {"click": 10.0}}
+    assert engagement_counters(redis_client, "c2")["click"] == 1
+    with pytest.raises(UnknownEvent):
+        await ledger.record_pipelined([("c2.0.2", "clicked", 1.0)])

@@ -131,7 +131,10 @@ async def test_callbacks_app_mounts_only_configured_providers(
     assert [route.resource.canonical for route in app.router.routes() if route.resource] == []
     real = api_settings(redis_url, tmp_path, DISPATCH_SMS_AUTH_TOKEN=TOKEN)
     app, _ = build_receipt_app(real, aredis_client, public_base_url="https://hooks.example.test")
-    assert {route.resource.canonical for route in app.router.routes() if route.resource} == {"/callbacks/twilio"}
+    assert {route.resource.canonical for route in app.router.routes() if route.resource} == {
+        "/callbacks/twilio",
+        "/callbacks/twilio/inbound",  # inbound replies: verified by the same token
+    }
 
 
 def test_callbacks_command_refuses_to_start_without_a_real_secret(redis_url: str, tmp_path: Path) -> None:

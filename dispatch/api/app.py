@@ -68,12 +68,14 @@ from dispatch.api.schemas import (
     CampaignCreateFromSource,
     CampaignCreateJson,
     CampaignPatch,
+    PushOpen,
     SuppressionAdd,
     TriggeredMessage,
     parse,
 )
 from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings
+from dispatch.engage.service import Engagement, build_engagement
 from dispatch.errors import AudienceError, CampaignNotFound, CampaignStateError, DispatchError, PlanError
 from dispatch.plan.audience import AudienceFormat, read_audience
 from dispatch.plan.manifest import Manifest
@@ -146,6 +148,7 @@ class _Deps:
     sealer: TriggeredSealer | None
     validator: AddressValidator = field(default_factory=AddressValidator)
     metrics: Metrics | None = None
+    engagement: Engagement | None = None
 
     async def io(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.io_pool, fn, *args)
@@ -649,6 +652,32 @@ async def remove_suppression(request: web.Request) -> web.StreamResponse:
     return _json({"channel": channel, "removed": removed})
 
 
+# --- engagement --------------------------------------------------------------------------------
+
+
+async def record_push_open(request: web.Request) -> web.StreamResponse:
+    """An app-reported push open (``open`` in the ledger, once per message)."""
+    deps = request.app[DEPS]
+    assert deps.engagement is not None
+    body = await _read_json(request, PushOpen, deps.limits.json_bytes)
+    try:
+        cid, batch, _ = parse_ref(body.ref)
+    except ValueError:
+        raise ApiProblem(404, "no such message") from None
+    raw = await deps.client.get(keys.manifest(cid))
+    if raw is None:
+        raise ApiProblem(404, "no such message")
+    manifest = Manifest.decode(raw, campaign_id=cid)
+    if batch >= manifest.batches and not manifest.triggered:
+        raise ApiProblem(404, "no such message")
+    if manifest.channel != "push":
+        raise ApiProblem(422, "not a push message", errors=[FieldError("ref", f"a {manifest.channel} message")])
+    recorded = await deps.engagement.ledger.record(body.ref, "open")
+    if recorded.outcome == "unknown":
+        raise ApiProblem(404, "no such message")
+    return _json({"ref": body.ref, "event": "open", "recorded": recorded.outcome == "first"})
+
+
 # --- health, docs ------------------------------------------------------------------------------
 
 
@@ -768,7 +797,9 @@ def build_app(
 
     ttl = settings.retention_s + 3600
     sealer = TriggeredSealer(app_client, enqueue_async, ttl_s=ttl) if enqueue is not None else None
+    engagement = build_engagement(settings, app_client, hasher=hasher)
     deps = _Deps(
+        engagement=engagement,
         settings=settings,
         client=app_client,
         sync=sync_client,
@@ -814,6 +845,7 @@ def build_app(
         "getMessage": get_message,
         "addSuppressions": add_suppressions,
         "removeSuppression": remove_suppression,
+        "recordPushOpen": record_push_open,
         "openapi": _openapi_handler(),
         "healthz": healthz,
         "readyz": readyz,
@@ -826,8 +858,16 @@ def build_app(
     base = public_base_url or settings.callback_base_url or "http://127.0.0.1:8080"
     # mounted only for providers with a real secret (never the public demo token)
     app.add_routes(
-        configured_receipt_routes(settings, applier, replay_guard=RedisReplayGuard(app_client), public_base_url=base)
+        configured_receipt_routes(
+            settings,
+            applier,
+            replay_guard=RedisReplayGuard(app_client),
+            public_base_url=base,
+            on_engagement=engagement.applier,
+        )
     )
+    # tracked links (/r/{token}): authenticated by their MAC, not by API keys
+    engagement.mount(app, app_client)
 
     async def start_sealer(app: web.Application) -> None:
         if sealer is not None:

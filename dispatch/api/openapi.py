@@ -203,6 +203,20 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         responses={200: (JSON, "SuppressionResult")},
     ),
     Operation(
+        operation_id="recordPushOpen",
+        method="POST",
+        path="/v1/events/push-open",
+        scope="write",
+        summary="Record that a push message was opened (reported by the app)",
+        description=(
+            "The app sends the `ref` it received in the push's data. Recorded once per message in the "
+            "engagement ledger (`open`); a repeat answers `recorded: false`. A ref of no known campaign "
+            "is a 404, one of a campaign on another channel than push a 422."
+        ),
+        request={JSON: "PushOpen"},
+        responses={200: (JSON, "EngagementRecorded")},
+    ),
+    Operation(
         operation_id="openapi",
         method="GET",
         path="/v1/openapi.json",

@@ -39,8 +39,9 @@ PROBLEM_JSON: Final = "application/problem+json"
 #: ``type`` URIs are this base plus a short slug (documented in the OpenAPI description).
 PROBLEM_BASE: Final = "https://dispatch.invalid/problems/"
 
-#: Route parameters that hold a recipient's address (phone number, email, push token, openid).
-ADDRESS_PARAMS: Final = frozenset({"address"})
+#: Route parameters that hold a recipient's address (phone number, email, push token, openid),
+#: or a tracked link's token (``/r/{token}``: whoever reads it can click as the recipient).
+ADDRESS_PARAMS: Final = frozenset({"address", "token"})
 #: Shown instead of a path segment that holds an address.
 REDACTED: Final = "{redacted}"
 #: Characters of a phone number as written in a path (digits and the usual separators).

@@ -39,6 +39,8 @@ __all__ = [
     "CampaignCreateFromSource",
     "CampaignCreateJson",
     "CampaignPatch",
+    "EngagementRecorded",
+    "PushOpen",
     "SuppressionAdd",
     "TriggeredMessage",
     "errors_of",
@@ -240,6 +242,19 @@ class MessagePage(_Body):
     next_cursor: str | None = Field(description="pass as ?cursor= for the next page")
 
 
+class PushOpen(_Body):
+    """An app's report that the user opened a push message."""
+
+    ref: str = Field(min_length=5, max_length=200, description="the message's ref (message_id), sent in the push data")
+
+
+class EngagementRecorded(_Body):
+    ref: str
+    event: str
+    #: True the first time; False when this message's event was already recorded.
+    recorded: bool
+
+
 class SuppressionResult(_Body):
     channel: str
     added: Count | None = None
@@ -291,6 +306,8 @@ MODELS: Final[dict[str, type[BaseModel]]] = {
         MessagePage,
         SuppressionAdd,
         SuppressionResult,
+        PushOpen,
+        EngagementRecorded,
         TriggeredMessage,
         TriggeredAccepted,
         ProblemFieldError,

@@ -266,7 +266,7 @@ def cmd_callbacks(args: argparse.Namespace, settings: Settings) -> int:
         runner = guarded_runner(app, settings)  # the API's header timeout and connection cap
         await runner.setup()
         await web.TCPSite(runner, args.host, args.port).start()
-        routes = ", ".join(f"/callbacks/{name}" for name in providers)
+        routes = ", ".join(sorted({r.resource.canonical for r in app.router.routes() if r.resource is not None}))
         print(f"receipt endpoint listening on {args.host}:{args.port}, public URL {public}: {routes}", flush=True)
         try:
             await asyncio.Event().wait()

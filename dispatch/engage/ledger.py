@@ -21,7 +21,7 @@ the ledger never holds an address.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Final
@@ -100,6 +100,44 @@ class EngagementLedger:
     async def record_many(self, events: Iterable[tuple[str, str, float | None]]) -> list[Recorded]:
         """Record several ``(ref, event, at)`` in order."""
         return [await self.record(ref, event, at=at) for ref, event, at in events]
+
+    async def record_pipelined(self, events: Sequence[tuple[str, str, float]]) -> list[Recorded]:
+        """:meth:`record` for several ``(ref, event, at)`` in one round trip (EVALSHA without
+        redis-py's per-pipeline SCRIPT EXISTS; loaded again if the server lost it). A malformed
+        ref or an unknown event raises before anything is sent."""
+        if not events:
+            return []
+        calls = []
+        for ref, event, at in events:
+            if event not in _EVENT_SET:
+                raise UnknownEvent(f"unknown engagement event {event!r}; one of {', '.join(EVENTS)}")
+            campaign_id, batch, index = split_ref(ref)
+            calls.append(
+                (
+                    keys.engagement(campaign_id, batch),
+                    keys.engagement_counters(campaign_id),
+                    keys.manifest(campaign_id),
+                    index,
+                    event,
+                    int(at * 1000),
+                    self._ttl,
+                )
+            )
+        try:
+            results = await self._evalsha_all(calls)
+        except redis.exceptions.NoScriptError:  # a restarted or flushed server: load it, once
+            await self._client.script_load(self._script.script)
+            results = await self._evalsha_all(calls)
+        return [
+            Recorded(ref, event, {1: "first", 0: "duplicate"}.get(result, "unknown"))
+            for (ref, event, _), result in zip(events, results, strict=True)
+        ]
+
+    async def _evalsha_all(self, calls: Sequence[tuple[str | int, ...]]) -> list[int]:
+        pipe = self._client.pipeline(transaction=False)
+        for call in calls:
+            pipe.evalsha(self._script.sha, 3, *call)
+        return [int(result) for result in await pipe.execute()]
 
 
 def batch_events(client: redis.Redis, campaign_id: str, batch: int) -> dict[int, dict[str, float]]:

@@ -97,6 +97,8 @@ class Manifest:
     rejected_unlisted: int | None = None
     #: The configured source an API-created campaign was planned from (appended by the API).
     audience_source: str | None = None
+    #: Tracked links of the body, numbered in order (``dispatch.engage.links``); unset: none.
+    links: list[str] | None = None
     #: Keys this code does not know, kept as they were and written after the known ones.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -170,6 +172,7 @@ OMITTED_WHEN_UNSET: Final = frozenset(
         "expires_at",
         "rejected_unlisted",
         "audience_source",
+        "links",
     }
 )
 #: Stored keys in the order they are written.

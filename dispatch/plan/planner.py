@@ -82,6 +82,7 @@ from channels import default_registry
 from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings
 from dispatch.csvsafe import safe_cell
+from dispatch.engage.links import plan_links
 from dispatch.errors import PlanError
 from dispatch.plan.audience import (
     ColumnMap,
@@ -559,7 +560,13 @@ class Planner:
             self._same_spec(spec, stored)
         if spec.channel not in ADDRESS_FIELD:
             raise PlanError(f"campaign {spec.id}: channel {spec.channel!r} has no address field")
-        _check_channel_limits(spec)
+        planned_links = plan_links(
+            spec.body,
+            channel=spec.channel,
+            campaign_id=spec.id,
+            base_url=self._settings.link_base_url or self._settings.callback_base_url,
+        )
+        _check_channel_limits(spec, planned_links.sized)
 
         now = datetime.fromtimestamp(self._clock(), UTC)
         started = now.timestamp()  # rounded as the scanner's not-before instants are: due-now batches stream
@@ -578,7 +585,7 @@ class Planner:
             require_timezone=spec.require_timezone,
             require_consent=spec.require_consent,
             template_fields=tuple(spec.template_fields),
-            body=spec.body,
+            body=planned_links.sized,  # costs and length checks see tracked links at their sent length
             columns=columns,
             limits=self._limits(),
             delimiter=delimiter,
@@ -628,7 +635,7 @@ class Planner:
                 campaign_id=spec.id,
                 fingerprint=spec.fingerprint(),
                 channel=spec.channel,
-                body=spec.body,
+                body=planned_links.body,
                 subject=spec.subject,
                 rate=spec.rate,
                 deadline=deadline,
@@ -654,6 +661,7 @@ class Planner:
                 prediction=prediction.as_dict(),
                 rejected_file=str(rejected_path),
                 rejected_unlisted=rejects.unlisted,
+                links=list(planned_links.links) or None,
             )
             ttl_ms = max(1000, int((expires_at - self._clock()) * 1000))
             committed = writer.commit(manifest, ttl_ms)
@@ -949,7 +957,7 @@ def _schedule_summary(runs: list[list[float]]) -> list[dict[str, float | int]]:
     return [{"not_before": nb, "recipients": g[0], "batches": g[1]} for nb, g in sorted(groups.items())]
 
 
-def _check_channel_limits(spec: CampaignSpec) -> None:
+def _check_channel_limits(spec: CampaignSpec, body: str) -> None:
     """The channel's message limits, before any row is read (``channels`` declares them): a
     subject where the provider requires one (SendGrid answers 400 without), and a body that no
     recipient's fields can bring under the length limit (Twilio refuses over 1,600 characters:
@@ -959,7 +967,7 @@ def _check_channel_limits(spec: CampaignSpec) -> None:
         raise PlanError(
             f"campaign {spec.id}: channel {spec.channel!r} needs a subject (the provider refuses mail without one)"
         )
-    shortest = string.Template(spec.body).safe_substitute(dict.fromkeys(spec.template_fields, ""))
+    shortest = string.Template(body).safe_substitute(dict.fromkeys(spec.template_fields, ""))
     if limits.max_chars is not None and len(shortest) > limits.max_chars:
         raise PlanError(
             f"campaign {spec.id}: the body is {len(shortest):,} characters without its fields; "

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import redis.asyncio as aredis
 from aiohttp import web
 
-from channels.receipts import OnReceipts, Receipt, RedisReplayGuard, ReplayGuard, receipt_routes
+from channels.receipts import OnEngagement, OnReceipts, Receipt, RedisReplayGuard, ReplayGuard, receipt_routes
 from dispatch.config import DEMO_SMS_AUTH_TOKEN, Settings
+from dispatch.engage.service import build_engagement
 from dispatch.send.tracking import Tracker, parse_ref
 from monitoring.metrics import Metrics
 
@@ -42,15 +43,19 @@ class ReceiptSecrets:
     twilio_auth_token: str | None = None
     sendgrid_public_key: str | None = None
     webhook_secret: str | None = None
+    #: The secret of the Aliyun SMS reply push URL (``?token=``): mounts its route.
+    aliyun_reply_secret: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ReceiptSecrets:
         token = settings.sms_auth_token.reveal()
         webhook = settings.receipt_webhook_secret
+        aliyun = settings.aliyun_reply_secret
         return cls(
             twilio_auth_token=token if token and token != DEMO_SMS_AUTH_TOKEN else None,
             sendgrid_public_key=settings.sendgrid_public_key or None,
             webhook_secret=(webhook.reveal() or None) if webhook is not None else None,
+            aliyun_reply_secret=(aliyun.reveal() or None) if aliyun is not None else None,
         )
 
     @property
@@ -60,6 +65,7 @@ class ReceiptSecrets:
             "twilio": self.twilio_auth_token,
             "sendgrid": self.sendgrid_public_key,
             "webhook": self.webhook_secret,
+            "aliyun": self.aliyun_reply_secret,
         }
         return [name for name, secret in configured.items() if secret]
 
@@ -108,9 +114,11 @@ def configured_receipt_routes(
     replay_guard: ReplayGuard,
     public_base_url: str,
     secrets: ReceiptSecrets | None = None,
+    on_engagement: OnEngagement | None = None,
 ) -> list[web.RouteDef]:
     """The receipt routes of every provider with a real secret (``ReceiptSecrets.from_settings``
-    unless ``secrets`` is given); logs which are mounted."""
+    unless ``secrets`` is given); logs which are mounted. With ``on_engagement``, SendGrid's
+    engagement events and the inbound-reply routes (Twilio, Aliyun) go to it."""
     chosen = secrets or ReceiptSecrets.from_settings(settings)
     if chosen.providers:
         log.info("delivery-receipt routes mounted: %s", ", ".join(chosen.providers))
@@ -126,6 +134,8 @@ def configured_receipt_routes(
         webhook_secret=chosen.webhook_secret,
         replay_guard=replay_guard,
         public_base_url=public_base_url,
+        on_engagement=on_engagement,
+        aliyun_reply_secret=chosen.aliyun_reply_secret,
     )
 
 
@@ -140,8 +150,10 @@ def build_receipt_app(
     metrics: Metrics | None = None,
 ) -> tuple[web.Application, ReceiptApplier]:
     """An aiohttp application serving ``/callbacks/{twilio,sendgrid,webhook}`` (each only with a
-    real secret; the keyword arguments add to the settings' secrets)."""
+    real secret; the keyword arguments add to the settings' secrets), the engagement routes
+    (inbound replies, ``/r/{token}`` when a link base URL is set) and their ledger writes."""
     applier = ReceiptApplier(Tracker(client, ttl_s=settings.retention_s), metrics)
+    engagement = build_engagement(settings, client)
     secrets = ReceiptSecrets.from_settings(settings)
     secrets = dataclasses.replace(
         secrets,
@@ -156,6 +168,8 @@ def build_receipt_app(
             replay_guard=replay_guard or RedisReplayGuard(client),
             public_base_url=public_base_url,
             secrets=secrets,
+            on_engagement=engagement.applier,
         )
     )
+    engagement.mount(app, client)
     return app, applier

@@ -31,6 +31,8 @@ from channels import ChannelConfigError, ProviderSettings, ProviderSpec, Registr
 from channels.base import Channel, Result, Retryable
 from channels.tokens import GoogleServiceAccount, TokenProvider
 from dispatch.config import Settings, in_doubt_policies
+from dispatch.engage.links import LinkSigner, LinkStep
+from dispatch.engage.replies import ReplyIndex, ReplyIndexStep
 from dispatch.errors import ConfigError, DispatchError
 from dispatch.plan.calibration import (
     EWMA_WEIGHT,
@@ -294,8 +296,16 @@ class WorkerRuntime:
         )
         self._limiter = limiter
         self._limiter_keys = [key for name, key in account_keys.items() if name == "sms" and s.sms_rate > 0]
-        steps: list[Step] = [render_step, rate_step, send_step]
         hasher = hasher_for(s)
+        # tracked links are rewritten before the rate limit counts segments; accepted SMS are
+        # indexed by number after the send, so a reply finds its message
+        steps: list[Step] = [
+            render_step,
+            LinkStep(LinkSigner.from_settings(s)),
+            rate_step,
+            send_step,
+            ReplyIndexStep(ReplyIndex(self._client, hasher=hasher, ttl_s=s.reply_window_s)),
+        ]
         check_suppression_key(self._sync, hasher)
         suppression_store = AsyncSuppressionStore(self._client, hasher=hasher)
         suppression = SuppressionFilter(suppression_store)
