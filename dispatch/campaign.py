@@ -62,7 +62,14 @@ from dispatch.rules.checks import QuietHours
 from dispatch.rules.validation import parse_region
 from dispatch.store import keys
 
-__all__ = ["CAMPAIGN_ID_PATTERN", "CHANNELS", "CampaignSpec", "load_campaign_file", "parse_duration"]
+__all__ = [
+    "CAMPAIGN_ID_PATTERN",
+    "CHANNELS",
+    "CampaignSpec",
+    "FollowUp",
+    "load_campaign_file",
+    "parse_duration",
+]
 
 #: Channels a campaign can use: the registered ones that have a provider.
 CHANNELS: Final = default_registry().channel_names(sendable=True)
@@ -248,6 +255,61 @@ _INSTANT_SCHEMA: Final = {"type": ["string", "null"], "format": "date-time", "de
 _CLOCK_SCHEMA: Final = {"type": "string", "pattern": r"^\d{2}:\d{2}(:\d{2})?$"}
 
 Instant = Annotated[datetime | None, PlainValidator(_instant), WithJsonSchema(_INSTANT_SCHEMA)]
+
+
+def _where(value: Any) -> str:
+    from dispatch.rounds.where import WhereError, parse_where
+
+    if not isinstance(value, str):
+        raise problem(f"expected a string like 'opened and not clicked', got {_shown(value)}")
+    try:
+        parse_where(value)
+    except WhereError as exc:
+        raise problem(str(exc).removeprefix("where: ")) from None
+    return value
+
+
+class FollowUp(BaseModel):
+    """A follow-up round's audience: the recipients of campaign ``from`` for whom ``where`` holds
+    (``dispatch.rounds.where``), starting ``after`` that campaign finished (``dispatch.rounds``).
+    ``contacts``: an audience file with the recipients' addresses for this round's channel (needed
+    when it differs from the source's; see ``dispatch.rounds.derive``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, title="FollowUp")
+
+    source: Annotated[
+        str,
+        Field(
+            alias="from", description="the earlier campaign's id", json_schema_extra={"pattern": CAMPAIGN_ID_PATTERN}
+        ),
+        AfterValidator(_campaign_id),
+    ]
+    where: Annotated[
+        str,
+        Field(
+            description="predicates delivered, opened, machine_opened, clicked, replied, opted_out, bounced, sent "
+            "with and / or / not / ()"
+        ),
+        PlainValidator(_where),
+        WithJsonSchema({"type": "string", "description": "e.g. 'opened and not clicked'"}),
+    ]
+    after: Annotated[
+        timedelta | None,
+        PlainValidator(_duration),
+        PlainSerializer(lambda v: None if v is None else v.total_seconds(), return_type=float | None),
+        WithJsonSchema({"type": ["number", "string", "null"], "description": "wait after the source finished: '72h'"}),
+    ] = None
+    contacts: Annotated[str | None, Field(max_length=4096)] = None
+
+    def as_data(self) -> dict[str, Any]:
+        return {
+            "from": self.source,
+            "where": self.where,
+            "after": self.after.total_seconds() if self.after else None,
+            "contacts": self.contacts,
+        }
+
+
 Flag = Annotated[bool, PlainValidator(_flag), WithJsonSchema({"type": "boolean"})]
 
 
@@ -351,6 +413,12 @@ class CampaignSpec(BaseModel, metaclass=_RaisesPlanError):
     #: False: a recipient *without* a timezone is scheduled as if the window were open (a
     #: timezone that is given but unknown is always rejected).
     require_timezone: Flag = False
+    #: A follow-up round: the audience derived from an earlier campaign's outcomes (None: the
+    #: audience is given with the plan, as always).
+    audience: Annotated[
+        FollowUp | None,
+        PlainSerializer(lambda v: None if v is None else v.as_data(), return_type=dict[str, Any] | None),
+    ] = None
     #: Input only: the deadline this many seconds after the spec is read (wins over ``deadline``).
     deadline_in_s: Annotated[
         float | None,
@@ -402,6 +470,8 @@ class CampaignSpec(BaseModel, metaclass=_RaisesPlanError):
             "rate": self.rate,
             "batch_size": self.batch_size,
             **self.policy(),
+            # only when set: a spec without one keeps the fingerprint it had before the field
+            **({"audience": self.audience.as_data()} if self.audience is not None else {}),
         }
         return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 

@@ -97,6 +97,9 @@ class Manifest:
     rejected_unlisted: int | None = None
     #: The configured source an API-created campaign was planned from (appended by the API).
     audience_source: str | None = None
+    #: Where a follow-up round's derived audience came from (``dispatch.rounds.derive``): source
+    #: campaign, ``where`` expression, when it was derived, counts.
+    lineage: dict[str, Any] | None = None
     #: Keys this code does not know, kept as they were and written after the known ones.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -170,6 +173,7 @@ OMITTED_WHEN_UNSET: Final = frozenset(
         "expires_at",
         "rejected_unlisted",
         "audience_source",
+        "lineage",
     }
 )
 #: Stored keys in the order they are written.

@@ -507,8 +507,16 @@ class Planner:
             return self._plan(spec, csv_chunks, cols, delimiter)
         return self.plan(spec, read_audience(path, columns=cols, delimiter=delimiter, limits=limits))
 
-    def plan(self, spec: CampaignSpec, rows: Iterable[AudienceRow | Mapping[str, Any]]) -> PlanReport:
-        """Plan from parsed rows or plain mappings (see the module docstring)."""
+    def plan(
+        self,
+        spec: CampaignSpec,
+        rows: Iterable[AudienceRow | Mapping[str, Any]],
+        *,
+        lineage: Callable[[], dict[str, Any]] | None = None,
+    ) -> PlanReport:
+        """Plan from parsed rows or plain mappings (see the module docstring). ``lineage``: where
+        a derived audience came from (``dispatch.rounds.derive``), asked once the rows are read and
+        recorded in the manifest."""
 
         def item_chunks(config: ScanConfig) -> Iterator[tuple[int, Chunk]]:
             scanner = RowScanner(config, validator=self._validator(config.region))
@@ -519,7 +527,7 @@ class Planner:
                     return
                 yield 0, scanner.scan_items(part)
 
-        return self._plan(spec, item_chunks, ColumnMap(), ",")
+        return self._plan(spec, item_chunks, ColumnMap(), ",", lineage=lineage)
 
     def stored_plan(self, spec: CampaignSpec) -> PlanReport | None:
         """The committed plan of ``spec.id`` (``existing=True``) without reading any audience;
@@ -552,6 +560,8 @@ class Planner:
         source: Callable[[ScanConfig], Iterator[tuple[int, Chunk]]],
         columns: ColumnMap,
         delimiter: str,
+        *,
+        lineage: Callable[[], dict[str, Any]] | None = None,
     ) -> PlanReport:
         raw = self._client.get(keys.manifest(spec.id))
         stored = Manifest.decode(cast(bytes, raw), campaign_id=spec.id) if raw is not None else None
@@ -654,6 +664,7 @@ class Planner:
                 prediction=prediction.as_dict(),
                 rejected_file=str(rejected_path),
                 rejected_unlisted=rejects.unlisted,
+                lineage=lineage() if lineage is not None else None,
             )
             ttl_ms = max(1000, int((expires_at - self._clock()) * 1000))
             committed = writer.commit(manifest, ttl_ms)

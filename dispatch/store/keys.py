@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "CAMPAIGNS",
+    "FUNNELS",
     "RESERVED_ID_PREFIX",
     "TRIGGERED_PREFIX",
     "WORKER_SPEED",
@@ -24,6 +25,7 @@ __all__ = [
     "manifest",
     "progress",
     "records",
+    "round_state",
     "staged_batch",
     "worker_alive",
 ]
@@ -31,6 +33,8 @@ __all__ = [
 PREFIX = "dp"
 #: Sorted set of campaign ids by creation time.
 CAMPAIGNS = f"{PREFIX}:campaigns"
+#: Hash of registered funnels: funnel id -> the funnel as JSON (``dispatch.rounds.funnel``).
+FUNNELS = f"{PREFIX}:funnels"
 #: Hash of the workers' machine-speed probes: worker id -> probe microseconds (dispatch.plan.calibration).
 WORKER_SPEED = f"{PREFIX}:workers:speed"
 #: Ids of triggered campaigns start with this (``triggered:sms-2026112512``); ':' is outside the
@@ -80,6 +84,12 @@ def engagement(cid: str, n: int) -> str:
 def engagement_counters(cid: str) -> str:
     """Hash of a campaign's engagement counts: event -> messages with that event (each once)."""
     return f"{PREFIX}:{{{cid}}}:engagement"
+
+
+def round_state(cid: str) -> str:
+    """Hash of a funnel round's start: its claim (owner, lease), when its source ended, and
+    whether it started (``dispatch.rounds.scheduler``)."""
+    return f"{PREFIX}:{{{cid}}}:round"
 
 
 def dead_letters(cid: str) -> str:

@@ -1,0 +1,376 @@
+"""Follow-up rounds: the where language, derived audiences, the funnel scheduler and the reports."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aredis
+
+from dispatch.campaign import CampaignSpec
+from dispatch.config import Settings, load_settings
+from dispatch.engage.ledger import EngagementLedger
+from dispatch.errors import ConfigError, PlanError
+from dispatch.plan.planner import Planner
+from dispatch.plan.snapshot import iter_batches, load_manifest
+from dispatch.rounds.derive import EmptyRound, plan_round
+from dispatch.rounds.funnel import load_funnel, register_funnel
+from dispatch.rounds.report import parse_prices, render_funnel_png, report_csv, round_report
+from dispatch.rounds.scheduler import RoundScheduler
+from dispatch.rounds.where import PREDICATES, WhereError, parse_where
+from dispatch.rules.suppression import SuppressionStore
+from dispatch.send.control import CampaignControl
+from dispatch.send.tracking import MessageRecord
+from dispatch.store import keys
+from monitoring.chart import PNG_SIGNATURE
+
+# --- the where language ------------------------------------------------------------------------
+
+
+def _mask(*names: str) -> int:
+    return sum(PREDICATES[n] for n in names)
+
+
+def test_where_precedence_not_binds_tightest_then_and_then_or() -> None:
+    where = parse_where("opened and not clicked or replied")
+    assert where(_mask("opened"))
+    assert not where(_mask("opened", "clicked"))
+    assert where(_mask("opened", "clicked", "replied"))
+    grouped = parse_where("opened and not (clicked or replied)")
+    assert not grouped(_mask("opened", "replied"))
+    assert parse_where("not not sent")(_mask("sent"))
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("opened and clikced", "unknown predicate 'clikced' at position 11"),
+        ("opened and", "ends at position 10"),
+        ("(opened or clicked", "expected ')'"),
+        ("opened clicked", "unexpected 'clicked' at position 7"),
+        ("opened & clicked", "unexpected character '&' at position 7"),
+        ("and opened", "unexpected 'and' at position 0"),
+        ("", "ends at position 0"),
+    ],
+)
+def test_where_errors_name_the_token_and_its_position(text: str, needle: str) -> None:
+    with pytest.raises(WhereError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        parse_where(text)
+
+
+# --- a source campaign with a known outcome ------------------------------------------------------
+
+
+def _settings(tmp_path: Path, **extra: str) -> Settings:
+    return load_settings({"DISPATCH_HOME": str(tmp_path), "DISPATCH_BATCH_SIZE": "4", **extra})
+
+
+def _phone(i: int) -> str:
+    return f"+4474001{i:05d}"
+
+
+def _plan_source(client: redis.Redis, settings: Settings, n: int, cid: str = "offer-1") -> None:
+    spec = CampaignSpec(id=cid, channel="sms", body="Hi $first_name", quiet_hours=False)
+    rows = [{"id": f"r{i}", "phone": _phone(i), "first_name": f"N{i}"} for i in range(n)]
+    Planner(client, settings).plan(spec, rows)
+
+
+def _refs(client: redis.Redis, cid: str) -> dict[str, str]:
+    """recipient id -> message ref."""
+    manifest = load_manifest(client, cid)
+    return {
+        row.recipient_id: f"{cid}.{batch.number}.{i}"
+        for batch in iter_batches(client, cid, manifest.batches)
+        for i, row in enumerate(batch.rows)
+    }
+
+
+def _set_state(client: redis.Redis, ref: str, state: str) -> None:
+    cid, batch, index = ref.rsplit(".", 2)
+    record = MessageRecord(state, 1, "w", "pid", "", 1.0)
+    client.hset(keys.records(cid, int(batch)), index, record.encode())
+    client.hincrby(keys.counters(cid), "sent", 1)
+    if state != "sent":
+        client.hincrby(keys.counters(cid), state, 1)
+
+
+def _seed(client: redis.Redis, url: str, cid: str, truth: dict[str, set[str]]) -> None:
+    """Record states and events: ``truth`` maps a state or a ledger event to recipient ids."""
+    refs = _refs(client, cid)
+    for rid, ref in refs.items():
+        _set_state(client, ref, "delivered" if rid in truth["delivered"] else "sent")
+
+    async def record() -> None:
+        aclient = aredis.Redis.from_url(url)
+        ledger = EngagementLedger(aclient, ttl_s=3600, clock=lambda: 1000.0)
+        for event in ("open", "machine_open", "click", "optout"):
+            for rid in sorted(truth.get(event, set())):
+                await ledger.record(refs[rid], event, at=500.0)
+        await aclient.aclose()
+
+    asyncio.run(record())
+
+
+def _snapshot_ids(client: redis.Redis, cid: str) -> set[str]:
+    manifest = load_manifest(client, cid)
+    return {row.recipient_id for b in iter_batches(client, cid, manifest.batches) for row in b.rows}
+
+
+def test_derived_round_keeps_exactly_the_matching_recipients_minus_opt_outs_and_suppressed(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    settings = _settings(tmp_path)
+    _plan_source(redis_client, settings, 20)
+    truth = {
+        "delivered": {f"r{i}" for i in range(18)},
+        "open": {"r1", "r2", "r3", "r4", "r5", "r19"},
+        "machine_open": {"r6", "r7"},  # machine opens are not opens
+        "click": {"r2", "r6"},
+        "optout": {"r3"},
+    }
+    _seed(redis_client, redis_url, "offer-1", truth)
+    SuppressionStore(redis_client, hasher=Planner.with_redis_checks(redis_client, settings)._hasher).add(
+        "sms", [_phone(4)]
+    )
+    spec = CampaignSpec(
+        id="offer-2",
+        channel="sms",
+        body="Hi $first_name, again",
+        quiet_hours=False,
+        audience={"from": "offer-1", "where": "opened and not clicked"},
+    )
+    planner = Planner.with_redis_checks(redis_client, settings)
+    report = plan_round(planner, redis_client, spec, clock=lambda: 2000.0)
+    # opened and not clicked: r1, r3, r4, r5, r19; r3 opted out; r4 suppressed
+    assert _snapshot_ids(redis_client, "offer-2") == {"r1", "r5", "r19"}
+    assert report.accepted == 3 and report.rejected == {"suppressed": 1}
+    lineage = load_manifest(redis_client, "offer-2").lineage
+    assert lineage is not None
+    assert lineage["from"] == "offer-1" and lineage["where"] == "opened and not clicked"
+    assert (lineage["scanned"], lineage["matched"], lineage["excluded_opted_out"]) == (20, 4, 1)
+    assert lineage["derived_at"] == 2000.0
+    # the template field came along from the source snapshot
+    rows = [r for b in iter_batches(redis_client, "offer-2", 1) for r in b.rows]
+    assert {r.attrs["first_name"] for r in rows if r.attrs} == {"N1", "N5", "N19"}
+    # planned again: the frozen audience, not a new derivation
+    again = plan_round(planner, redis_client, spec, clock=lambda: 9000.0)
+    assert again.existing and again.accepted == 3
+
+
+def test_events_after_the_cutoff_are_not_seen(redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    settings = _settings(tmp_path)
+    _plan_source(redis_client, settings, 4)
+    _seed(redis_client, redis_url, "offer-1", {"delivered": set(), "open": {"r0"}})
+    spec = CampaignSpec(
+        id="late", channel="sms", body="x", quiet_hours=False, audience={"from": "offer-1", "where": "opened"}
+    )
+    with pytest.raises(EmptyRound, match="nobody"):
+        plan_round(Planner(redis_client, settings), redis_client, spec, clock=lambda: 100.0)  # open at 500
+
+
+def test_cross_channel_round_reads_addresses_from_contacts(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    settings = _settings(tmp_path)
+    _plan_source(redis_client, settings, 6)
+    _seed(redis_client, redis_url, "offer-1", {"delivered": set(), "open": {"r1", "r2"}})
+    contacts = tmp_path / "contacts.csv"
+    contacts.write_text(
+        "id,email,timezone\n" + "".join(f"r{i},u{i}@example.com,Europe/London\n" for i in range(6) if i != 2)
+    )
+    base = {"id": "mail-2", "channel": "email", "subject": "s", "body": "b", "quiet_hours": False}
+    with pytest.raises(PlanError, match=r"give audience\.contacts"):
+        plan_round(
+            Planner(redis_client, settings),
+            redis_client,
+            CampaignSpec(**base, audience={"from": "offer-1", "where": "not opened"}),
+        )
+    spec = CampaignSpec(**base, audience={"from": "offer-1", "where": "opened", "contacts": str(contacts)})
+    report = plan_round(Planner(redis_client, settings), redis_client, spec)
+    assert report.accepted == 1 and _snapshot_ids(redis_client, "mail-2") == {"r1"}
+    lineage = load_manifest(redis_client, "mail-2").lineage
+    assert lineage is not None and lineage["missing_in_contacts"] == 1  # r2 is not in the file
+
+
+def test_a_round_cannot_derive_from_an_unknown_campaign(redis_client: redis.Redis, tmp_path: Path) -> None:
+    spec = CampaignSpec(id="r2", channel="sms", body="x", audience={"from": "nope", "where": "opened"})
+    with pytest.raises(PlanError, match="'nope', which is not a planned campaign"):
+        plan_round(Planner(redis_client, _settings(tmp_path)), redis_client, spec)
+
+
+# --- the scheduler -------------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Killed(BaseException):
+    """A scheduler dying mid-start (as from SIGKILL: nothing after it runs)."""
+
+
+def _funnel(tmp_path: Path) -> dict[str, object]:
+    audience = tmp_path / "a.csv"
+    audience.write_text("id,phone,first_name\n" + "".join(f"r{i},{_phone(i)},N{i}\n" for i in range(8)))
+    return {
+        "id": "offer",
+        "rounds": [
+            {"id": "offer-1", "channel": "sms", "body": "Hi $first_name", "quiet_hours": False, "audience": "a.csv"},
+            {
+                "id": "offer-2",
+                "channel": "sms",
+                "body": "Again $first_name",
+                "quiet_hours": False,
+                "audience": {"from": "offer-1", "where": "opened and not clicked", "after": "72h"},
+            },
+        ],
+    }
+
+
+def _scheduler(
+    client: redis.Redis,
+    settings: Settings,
+    clock: _Clock,
+    enqueued: list[tuple[str, int]],
+    *,
+    owner: str,
+    before_start: Callable[[str], None] | None = None,
+) -> RoundScheduler:
+    control = CampaignControl(client, lambda cid, n, d: enqueued.append((cid, n)), clock=clock)
+    return RoundScheduler(
+        client,
+        control,
+        lambda: Planner(client, settings, clock=clock),
+        owner=owner,
+        clock=clock,
+        lease_s=60,
+        before_start=before_start,
+    )
+
+
+def _complete(client: redis.Redis, cid: str, at: float) -> None:
+    client.hset(keys.control(cid), mapping={"state": "completed", "completed_at": f"{at:.3f}"})
+
+
+def test_funnel_file_errors_name_the_round(tmp_path: Path) -> None:
+    data = _funnel(tmp_path)
+    rounds = data["rounds"]
+    assert isinstance(rounds, list)
+    rounds[1]["audience"] = {"from": "offer-9", "where": "opened"}
+    with pytest.raises(PlanError, match=r"round 2: audience\.from 'offer-9' is not a round declared before it"):
+        load_funnel(data, base_dir=tmp_path)
+    rounds[1]["audience"] = {"from": "offer-1", "where": "opened or"}
+    with pytest.raises(PlanError, match=r"round 2: .*ends at position 9"):
+        load_funnel(data, base_dir=tmp_path)
+
+
+def test_rounds_start_once_when_due_even_when_a_scheduler_dies_mid_start(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    settings = _settings(tmp_path)
+    funnel = load_funnel(_funnel(tmp_path), base_dir=tmp_path)
+    assert register_funnel(redis_client, funnel)
+    clock = _Clock(1_000_000.0)
+    enqueued: list[tuple[str, int]] = []
+
+    def die(cid: str) -> None:
+        raise _Killed(cid)
+
+    doomed = _scheduler(redis_client, settings, clock, enqueued, owner="a", before_start=die)
+    survivor = _scheduler(redis_client, settings, clock, enqueued, owner="b")
+    with pytest.raises(_Killed):
+        doomed.tick()  # round 1 claimed and planned by a, which dies before starting it
+    assert [t.outcome for t in survivor.tick()] == ["busy", "waiting"]  # a's lease is live
+    clock.now += 61
+    assert [t.outcome for t in survivor.tick()] == ["started", "waiting"]
+    assert {cid for cid, _ in enqueued} == {"offer-1"} and len(enqueued) == 2  # 8 rows, batches of 4
+
+    _seed(redis_client, redis_url, "offer-1", {"delivered": set(), "open": {"r1", "r2"}, "click": {"r2"}})
+    _complete(redis_client, "offer-1", clock.now)
+    assert [t.outcome for t in survivor.tick()] == ["done", "waiting"]  # 72 h to go
+    clock.now += 72 * 3600 + 1
+
+    # two schedulers racing on the due round, the first killed after it started the campaign
+    after_start: list[str] = []
+    racer = _scheduler(redis_client, settings, clock, enqueued, owner="c", before_start=after_start.append)
+    barrier = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def run(s: RoundScheduler) -> None:
+        barrier.wait()
+        outcomes.extend(t.outcome for t in s.tick() if t.campaign_id == "offer-2")
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in (racer, survivor)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) in (["busy", "started"], ["done", "started"])
+    assert [cid for cid, _ in enqueued].count("offer-2") == 1  # one batch: r1 only
+    assert _snapshot_ids(redis_client, "offer-2") == {"r1"}
+    clock.now += 3600
+    assert [t.outcome for t in racer.tick()] == ["done", "done"]
+    assert [cid for cid, _ in enqueued].count("offer-2") == 1
+
+
+def test_a_scheduler_killed_after_starting_leaves_the_round_started_once(
+    redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    settings = _settings(tmp_path)
+    register_funnel(redis_client, load_funnel(_funnel(tmp_path), base_dir=tmp_path))
+    clock = _Clock(1_000_000.0)
+    enqueued: list[tuple[str, int]] = []
+    first = _scheduler(redis_client, settings, clock, enqueued, owner="a")
+    real_settle = first._finish
+
+    def die_before_settling(cid: str, state: str, detail: str) -> None:
+        raise _Killed(cid)
+
+    first._finish = die_before_settling  # type: ignore[method-assign]
+    with pytest.raises(_Killed):
+        first.tick()
+    first._finish = real_settle  # type: ignore[method-assign]
+    clock.now += 61
+    other = _scheduler(redis_client, settings, clock, enqueued, owner="b")
+    assert [t.outcome for t in other.tick()] == ["already_started", "waiting"]
+    assert len(enqueued) == 2  # the campaign's two batches, once
+
+
+# --- reports ---------------------------------------------------------------------------------------
+
+
+def test_report_counts_and_rates_match_the_ground_truth(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    settings = _settings(tmp_path)
+    _plan_source(redis_client, settings, 10)
+    truth = {
+        "delivered": {f"r{i}" for i in range(8)},
+        "open": {"r0", "r1", "r2", "r3"},
+        "machine_open": {"r4"},
+        "click": {"r0"},
+        "optout": {"r9"},
+    }
+    _seed(redis_client, redis_url, "offer-1", truth)
+    report = round_report(redis_client, "offer-1", parse_prices("twilio=0.01"))
+    assert (report.audience, report.accepted, report.sent, report.delivered) == (10, 10, 10, 8)
+    assert (report.human_opens, report.machine_opens, report.clicks, report.optouts) == (4, 1, 1, 1)
+    assert report.delivery_rate == 0.8 and report.open_rate == 4 / 8 and report.click_rate == 1 / 8
+    assert report.cost == pytest.approx(0.1)
+    assert report.provider == "twilio" and report.channel == "sms"
+    assert report_csv([report]).splitlines()[1].startswith("offer-1,sms,twilio,")
+    assert render_funnel_png([report]).startswith(PNG_SIGNATURE)
+
+
+def test_prices_setting_errors_name_the_entry() -> None:
+    assert parse_prices("twilio=0.0079, sendgrid=0.0009") == {"twilio": 0.0079, "sendgrid": 0.0009}
+    with pytest.raises(ConfigError, match=r"entry 2 \('sendgrid'\)"):
+        parse_prices("twilio=1,sendgrid")
