@@ -273,7 +273,10 @@ class FollowUp(BaseModel):
     """A follow-up round's audience: the recipients of campaign ``from`` for whom ``where`` holds
     (``dispatch.rounds.where``), starting ``after`` that campaign finished (``dispatch.rounds``).
     ``contacts``: an audience file with the recipients' addresses for this round's channel (needed
-    when it differs from the source's; see ``dispatch.rounds.derive``)."""
+    when it differs from the source's; see ``dispatch.rounds.derive``).
+
+    Like every audience (a file, a configured source), it is given beside the spec, not in it:
+    a funnel round's ``audience = { from = ..., where = ... }`` (``dispatch.rounds.funnel``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, title="FollowUp")
 
@@ -300,6 +303,15 @@ class FollowUp(BaseModel):
         WithJsonSchema({"type": ["number", "string", "null"], "description": "wait after the source finished: '72h'"}),
     ] = None
     contacts: Annotated[str | None, Field(max_length=4096)] = None
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> FollowUp:
+        """A follow-up from a funnel file's ``audience`` table (:class:`PlanError` naming each bad field)."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(f"audience.{field}: {reason}" for field, reason in field_errors(exc))
+            raise PlanError(problems) from None
 
     def as_data(self) -> dict[str, Any]:
         return {
@@ -413,12 +425,6 @@ class CampaignSpec(BaseModel, metaclass=_RaisesPlanError):
     #: False: a recipient *without* a timezone is scheduled as if the window were open (a
     #: timezone that is given but unknown is always rejected).
     require_timezone: Flag = False
-    #: A follow-up round: the audience derived from an earlier campaign's outcomes (None: the
-    #: audience is given with the plan, as always).
-    audience: Annotated[
-        FollowUp | None,
-        PlainSerializer(lambda v: None if v is None else v.as_data(), return_type=dict[str, Any] | None),
-    ] = None
     #: Input only: the deadline this many seconds after the spec is read (wins over ``deadline``).
     deadline_in_s: Annotated[
         float | None,
@@ -470,8 +476,6 @@ class CampaignSpec(BaseModel, metaclass=_RaisesPlanError):
             "rate": self.rate,
             "batch_size": self.batch_size,
             **self.policy(),
-            # only when set: a spec without one keeps the fingerprint it had before the field
-            **({"audience": self.audience.as_data()} if self.audience is not None else {}),
         }
         return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 

@@ -11,7 +11,7 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
-from dispatch.campaign import CampaignSpec
+from dispatch.campaign import CampaignSpec, FollowUp
 from dispatch.config import Settings, load_settings
 from dispatch.engage.ledger import EngagementLedger
 from dispatch.errors import ConfigError, PlanError
@@ -136,15 +136,10 @@ def test_derived_round_keeps_exactly_the_matching_recipients_minus_opt_outs_and_
     SuppressionStore(redis_client, hasher=Planner.with_redis_checks(redis_client, settings)._hasher).add(
         "sms", [_phone(4)]
     )
-    spec = CampaignSpec(
-        id="offer-2",
-        channel="sms",
-        body="Hi $first_name, again",
-        quiet_hours=False,
-        audience={"from": "offer-1", "where": "opened and not clicked"},
-    )
+    spec = CampaignSpec(id="offer-2", channel="sms", body="Hi $first_name, again", quiet_hours=False)
+    follow = FollowUp.from_mapping({"from": "offer-1", "where": "opened and not clicked"})
     planner = Planner.with_redis_checks(redis_client, settings)
-    report = plan_round(planner, redis_client, spec, clock=lambda: 2000.0)
+    report = plan_round(planner, redis_client, spec, follow, clock=lambda: 2000.0)
     # opened and not clicked: r1, r3, r4, r5, r19; r3 opted out; r4 suppressed
     assert _snapshot_ids(redis_client, "offer-2") == {"r1", "r5", "r19"}
     assert report.accepted == 3 and report.rejected == {"suppressed": 1}
@@ -157,7 +152,7 @@ def test_derived_round_keeps_exactly_the_matching_recipients_minus_opt_outs_and_
     rows = [r for b in iter_batches(redis_client, "offer-2", 1) for r in b.rows]
     assert {r.attrs["first_name"] for r in rows if r.attrs} == {"N1", "N5", "N19"}
     # planned again: the frozen audience, not a new derivation
-    again = plan_round(planner, redis_client, spec, clock=lambda: 9000.0)
+    again = plan_round(planner, redis_client, spec, follow, clock=lambda: 9000.0)
     assert again.existing and again.accepted == 3
 
 
@@ -165,11 +160,10 @@ def test_events_after_the_cutoff_are_not_seen(redis_client: redis.Redis, redis_u
     settings = _settings(tmp_path)
     _plan_source(redis_client, settings, 4)
     _seed(redis_client, redis_url, "offer-1", {"delivered": set(), "open": {"r0"}})
-    spec = CampaignSpec(
-        id="late", channel="sms", body="x", quiet_hours=False, audience={"from": "offer-1", "where": "opened"}
-    )
+    spec = CampaignSpec(id="late", channel="sms", body="x", quiet_hours=False)
+    follow = FollowUp.from_mapping({"from": "offer-1", "where": "opened"})
     with pytest.raises(EmptyRound, match="nobody"):
-        plan_round(Planner(redis_client, settings), redis_client, spec, clock=lambda: 100.0)  # open at 500
+        plan_round(Planner(redis_client, settings), redis_client, spec, follow, clock=lambda: 100.0)  # open at 500
 
 
 def test_cross_channel_round_reads_addresses_from_contacts(
@@ -182,24 +176,28 @@ def test_cross_channel_round_reads_addresses_from_contacts(
     contacts.write_text(
         "id,email,timezone\n" + "".join(f"r{i},u{i}@example.com,Europe/London\n" for i in range(6) if i != 2)
     )
-    base = {"id": "mail-2", "channel": "email", "subject": "s", "body": "b", "quiet_hours": False}
+    spec = CampaignSpec(id="mail-2", channel="email", subject="s", body="b", quiet_hours=False)
     with pytest.raises(PlanError, match=r"give audience\.contacts"):
         plan_round(
             Planner(redis_client, settings),
             redis_client,
-            CampaignSpec(**base, audience={"from": "offer-1", "where": "not opened"}),
+            spec,
+            FollowUp.from_mapping({"from": "offer-1", "where": "not opened"}),
         )
-    spec = CampaignSpec(**base, audience={"from": "offer-1", "where": "opened", "contacts": str(contacts)})
-    report = plan_round(Planner(redis_client, settings), redis_client, spec)
+    follow = FollowUp.from_mapping({"from": "offer-1", "where": "opened", "contacts": str(contacts)})
+    report = plan_round(Planner(redis_client, settings), redis_client, spec, follow)
     assert report.accepted == 1 and _snapshot_ids(redis_client, "mail-2") == {"r1"}
     lineage = load_manifest(redis_client, "mail-2").lineage
     assert lineage is not None and lineage["missing_in_contacts"] == 1  # r2 is not in the file
 
 
 def test_a_round_cannot_derive_from_an_unknown_campaign(redis_client: redis.Redis, tmp_path: Path) -> None:
-    spec = CampaignSpec(id="r2", channel="sms", body="x", audience={"from": "nope", "where": "opened"})
+    spec = CampaignSpec(id="r2", channel="sms", body="x")
+    follow = FollowUp.from_mapping({"from": "nope", "where": "opened"})
     with pytest.raises(PlanError, match="'nope', which is not a planned campaign"):
-        plan_round(Planner(redis_client, _settings(tmp_path)), redis_client, spec)
+        plan_round(Planner(redis_client, _settings(tmp_path)), redis_client, spec, follow)
+    with pytest.raises(PlanError, match=r"audience\.where: unknown predicate 'openned' at position 0"):
+        FollowUp.from_mapping({"from": "x", "where": "openned"})
 
 
 # --- the scheduler -------------------------------------------------------------------------------

@@ -249,15 +249,13 @@ def plan_round(
     planner: Planner,
     client: redis.Redis,
     spec: CampaignSpec,
+    follow: FollowUp,
     *,
     clock: Callable[[], float] = time.time,
     base_dir: Path | None = None,
 ) -> PlanReport:
-    """Plan a follow-up round (``spec.audience`` set). A round already planned is returned as it
-    is (``existing=True``): a derived audience is frozen once, never derived again."""
-    follow = spec.audience
-    if follow is None:
-        raise PlanError(f"campaign {spec.id}: not a follow-up round (no audience.from)")
+    """Plan the follow-up round ``spec`` with the audience ``follow``. A round already planned is
+    returned as it is (``existing=True``): a derived audience is frozen once, never derived again."""
     stored = planner.stored_plan(spec)
     if stored is not None:
         return stored

@@ -33,7 +33,7 @@ from typing import Any, cast
 import orjson
 import redis
 
-from dispatch.campaign import CampaignSpec
+from dispatch.campaign import CampaignSpec, FollowUp
 from dispatch.errors import PlanError
 from dispatch.store import keys
 
@@ -45,6 +45,8 @@ class Round:
     spec: CampaignSpec
     #: The audience file of a first round (absolute), None for a follow-up.
     audience_path: str | None = None
+    #: The derived audience of a follow-up round, None for a first round.
+    follow: FollowUp | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +60,26 @@ class Funnel:
     def as_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
-            "rounds": [{"spec": r.spec.as_json(), "audience_path": r.audience_path} for r in self.rounds],
+            "rounds": [
+                {
+                    "spec": r.spec.as_json(),
+                    "audience_path": r.audience_path,
+                    "follow": None if r.follow is None else r.follow.as_data(),
+                }
+                for r in self.rounds
+            ],
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Funnel:
-        rounds = tuple(Round(CampaignSpec.from_mapping(r["spec"]), r.get("audience_path")) for r in data["rounds"])
+        rounds = tuple(
+            Round(
+                CampaignSpec.from_mapping(r["spec"]),
+                r.get("audience_path"),
+                None if r.get("follow") is None else FollowUp.from_mapping(r["follow"]),
+            )
+            for r in data["rounds"]
+        )
         return cls(str(data["id"]), rounds)
 
 
@@ -89,28 +105,26 @@ def load_funnel(data: Any, *, base_dir: Path) -> Funnel:
         fields = dict(raw)
         audience = fields.pop("audience", None)
         path: str | None = None
-        if isinstance(audience, str):
-            path = str((base_dir / audience).resolve())
-        elif isinstance(audience, dict):
-            fields["audience"] = audience
-        else:
-            raise PlanError(f"{where}: audience must be a file path or {{ from = ..., where = ... }}")
+        follow: FollowUp | None = None
         try:
+            if isinstance(audience, str):
+                path = str((base_dir / audience).resolve())
+            elif isinstance(audience, dict):
+                follow = FollowUp.from_mapping(audience)
+            else:
+                raise PlanError("audience must be a file path or { from = ..., where = ... }")
             spec = CampaignSpec.from_mapping(fields)
         except PlanError as exc:
             raise PlanError(f"{where}: {exc}") from None
         if spec.id in seen:
             raise PlanError(f"{where}: round id {spec.id!r} appears twice")
-        follow = spec.audience
         if follow is not None:
             if follow.source not in seen:
                 raise PlanError(f"{where}: audience.from {follow.source!r} is not a round declared before it")
             if follow.contacts is not None and not Path(follow.contacts).is_absolute():
-                spec = CampaignSpec.from_mapping(
-                    {**spec.as_json(), "audience": {**follow.as_data(), "contacts": str(base_dir / follow.contacts)}}
-                )
+                follow = FollowUp.from_mapping({**follow.as_data(), "contacts": str(base_dir / follow.contacts)})
         seen.add(spec.id)
-        rounds.append(Round(spec, path))
+        rounds.append(Round(spec, path, follow))
     if rounds[0].audience_path is None:
         raise PlanError(f"funnel {funnel_id}, round 1: the first round needs an audience file")
     return Funnel(funnel_id, tuple(rounds))

@@ -105,7 +105,7 @@ class RoundScheduler:
 
     def due_at(self, round_: Round) -> float | None:
         """When ``round_`` may start (epoch s, the scheduler's clock); None while its source runs."""
-        follow = round_.spec.audience
+        follow = round_.follow
         if follow is None:
             return 0.0
         state_key = keys.round_state(round_.spec.id)
@@ -155,8 +155,8 @@ class RoundScheduler:
     def _plan(self, round_: Round) -> PlanReport:
         planner = self._planner()
         spec = round_.spec
-        if spec.audience is not None:
-            return plan_round(planner, self._client, spec, clock=self._clock)
+        if round_.follow is not None:
+            return plan_round(planner, self._client, spec, round_.follow, clock=self._clock)
         stored = planner.stored_plan(spec)
         if stored is not None:
             return stored
