@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio as aredis
+from test_api_support import api_settings, running_api
 
 from dispatch.campaign import CampaignSpec, FollowUp
 from dispatch.config import Settings, load_settings
@@ -372,3 +373,36 @@ def test_prices_setting_errors_name_the_entry() -> None:
     assert parse_prices("twilio=0.0079, sendgrid=0.0009") == {"twilio": 0.0079, "sendgrid": 0.0009}
     with pytest.raises(ConfigError, match=r"entry 2 \('sendgrid'\)"):
         parse_prices("twilio=1,sendgrid")
+
+
+# --- the API -------------------------------------------------------------------------------------
+
+
+async def test_api_report_of_a_campaign_and_its_rounds(
+    redis_url: str, redis_client: redis.Redis, aredis_client: aredis.Redis, tmp_path: Path
+) -> None:
+    settings = api_settings(redis_url, tmp_path, DISPATCH_PRICES="twilio=0.5", DISPATCH_BATCH_SIZE="4")
+    _plan_source(redis_client, settings, 6)
+    truth = {"delivered": {"r0", "r1", "r2", "r3"}, "open": {"r0", "r1"}, "click": {"r0"}}
+    await asyncio.to_thread(_seed, redis_client, redis_url, "offer-1", truth)
+    register_funnel(redis_client, load_funnel(_funnel(tmp_path), base_dir=tmp_path))
+    spec = CampaignSpec(id="offer-2", channel="sms", body="Again $first_name", quiet_hours=False)
+    follow = FollowUp.from_mapping({"from": "offer-1", "where": "opened and not clicked"})
+    await asyncio.to_thread(plan_round, Planner(redis_client, settings), redis_client, spec, follow)
+    async with running_api(settings, aredis_client, redis_client) as api:
+        reply = await api.call("GET", "/v1/campaigns/offer-1/report", token="read")
+        body = reply.json
+        assert [r["campaign_id"] for r in body["rounds"]] == ["offer-1", "offer-2"]
+        first = body["rounds"][0]
+        assert (first["sent"], first["delivered"], first["human_opens"], first["clicks"]) == (6, 4, 2, 1)
+        assert first["open_rate"] == 0.5 and first["click_rate"] == 0.25 and first["cost"] == 3.0
+        assert body["rounds"][1]["accepted"] == 1 and body["rounds"][1]["derived_from"] == "offer-1"
+        assert body["channels"]["sms"]["accepted"] == 7 and body["providers"]["twilio"]["sent"] == 6
+        csv_reply = await api.call("GET", "/v1/campaigns/offer-1/report?format=csv", token="read", check=False)
+        assert csv_reply.status == 200 and csv_reply.body.decode().count("\n") == 3
+        png = await api.call("GET", "/v1/campaigns/offer-1/report?format=png", token="read", check=False)
+        assert png.body.startswith(PNG_SIGNATURE)
+        assert (await api.call("GET", "/v1/campaigns/nope/report", token="read")).status == 404
+        assert (await api.call("GET", "/v1/campaigns/offer-1/report?format=xml", token="read")).status == 422
+        metrics = (await api.call("GET", "/metrics", token=None)).body.decode()
+        assert 'dispatch_engagement_messages{campaign="offer-1",channel="sms",event="human_opens"} 2.0' in metrics

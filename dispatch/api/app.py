@@ -80,6 +80,15 @@ from dispatch.plan.manifest import Manifest
 from dispatch.plan.planner import Planner, PlanReport
 from dispatch.plan.snapshot import SnapshotRow, batch_row, decode_row, decode_rows, load_manifest
 from dispatch.plan.sources import SourceUnavailable, plan_from_source
+from dispatch.rounds.report import (
+    RoundReport,
+    parse_prices,
+    publish_report,
+    render_funnel_png,
+    report_csv,
+    report_json,
+    rounds_report,
+)
 from dispatch.rules.checks import Reason
 from dispatch.rules.suppression import GLOBAL, AddressHasher, AsyncSuppressionStore, check_suppression_key, hasher_for
 from dispatch.rules.validation import AddressValidator
@@ -545,6 +554,28 @@ def _record(
 _PENDING: Final = MessageRecord("pending", 0, "", "", "", None)
 
 
+def _campaign_reports(deps: _Deps, cid: str) -> list[RoundReport]:
+    reports = rounds_report(deps.sync, cid, parse_prices(deps.settings.prices))
+    if deps.metrics is not None:
+        for report in reports:
+            publish_report(deps.metrics, report)
+    return reports
+
+
+async def get_campaign_report(request: web.Request) -> web.StreamResponse:
+    deps = request.app[DEPS]
+    cid = _campaign_id(request)
+    fmt = request.query.get("format", "json")
+    if fmt not in {"json", "csv", "png"} or set(request.query) - {"format"}:
+        raise ApiProblem(422, "bad query", errors=[FieldError("format", "one of json, csv, png; no other parameter")])
+    reports = await deps.io(_translate(_campaign_reports), deps, cid)
+    if fmt == "csv":
+        return web.Response(body=report_csv(reports).encode(), content_type="text/csv", charset="utf-8")
+    if fmt == "png":
+        return web.Response(body=await deps.io(render_funnel_png, reports), content_type="image/png")
+    return _json(report_json(reports))
+
+
 async def list_messages(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
     cid = _campaign_id(request)
@@ -809,6 +840,7 @@ def build_app(
         "pauseCampaign": _action("pause"),
         "resumeCampaign": _action("resume"),
         "cancelCampaign": _action("cancel"),
+        "getCampaignReport": get_campaign_report,
         "listCampaignMessages": list_messages,
         "sendMessage": send_message,
         "getMessage": get_message,

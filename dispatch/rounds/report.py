@@ -37,13 +37,24 @@ import redis
 
 from channels import default_registry
 from dispatch.engage.ledger import engagement_counters
-from dispatch.errors import ConfigError
+from dispatch.errors import CampaignNotFound, ConfigError
 from dispatch.plan.snapshot import load_manifest
 from dispatch.send.control import CampaignControl
 from dispatch.send.tracking import campaign_counters
 from monitoring.chart import BLACK, GRID, Canvas
+from monitoring.metrics import Metrics
 
-__all__ = ["RoundReport", "parse_prices", "render_funnel_png", "report_csv", "round_report", "totals"]
+__all__ = [
+    "RoundReport",
+    "parse_prices",
+    "publish_report",
+    "render_funnel_png",
+    "report_csv",
+    "report_json",
+    "round_report",
+    "rounds_report",
+    "totals",
+]
 
 #: Counts summed into channel and provider totals.
 _SUMMED: Final = (
@@ -189,6 +200,29 @@ def round_report(client: redis.Redis, campaign_id: str, prices: Mapping[str, flo
         started_at=status.started_at,
         ended_at=status.ended_at,
     )
+
+
+def rounds_report(client: redis.Redis, campaign_id: str, prices: Mapping[str, float]) -> list[RoundReport]:
+    """The report of ``campaign_id``, then of every registered funnel round derived from it
+    (directly or through another round) that was planned, in funnel order."""
+    from dispatch.rounds.funnel import registered_funnels
+
+    out = [round_report(client, campaign_id, prices)]
+    wanted = {campaign_id}
+    for funnel in registered_funnels(client):
+        for round_ in funnel.rounds:
+            if round_.follow is not None and round_.follow.source in wanted and round_.spec.id not in wanted:
+                wanted.add(round_.spec.id)
+                try:
+                    out.append(round_report(client, round_.spec.id, prices))
+                except CampaignNotFound:
+                    continue  # not planned yet
+    return out
+
+
+def publish_report(metrics: Metrics, report: RoundReport) -> None:
+    """The report's counts as the ``dispatch_engagement_messages`` gauges (Grafana's engagement row)."""
+    metrics.set_engagement(report.campaign_id, report.channel, {name: getattr(report, name) for name in _SUMMED})
 
 
 def totals(reports: Sequence[RoundReport], key: str) -> dict[str, dict[str, Any]]:
