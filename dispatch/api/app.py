@@ -32,6 +32,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -895,9 +896,16 @@ def guarded_runner(app: web.Application, settings: Settings) -> web.AppRunner:
 
 
 async def serve(
-    settings: Settings, *, host: str, port: int, public_url: str | None, stop: asyncio.Event | None = None
+    settings: Settings,
+    *,
+    host: str,
+    port: int,
+    public_url: str | None,
+    stop: asyncio.Event | None = None,
+    rounds: bool = True,
 ) -> None:
-    """Run the API until ``stop`` is set (or SIGTERM/SIGINT)."""
+    """Run the API until ``stop`` is set (or SIGTERM/SIGINT). ``rounds``: also run the funnel
+    round scheduler (``dispatch.rounds.scheduler``) in a thread of this process."""
     from dispatch.send.broker import build_broker, enqueue_batch
     from dispatch.store.connect import resolve_redis
 
@@ -930,14 +938,41 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, done.set)
     print(f"dispatch API listening on http://{host}:{port} (OpenAPI at /v1/openapi.json)", flush=True)
+    scheduler_stop = threading.Event()
+    scheduler = _round_scheduler(settings, sync, broker, app[DEPS].metrics, scheduler_stop) if rounds else None
     try:
         await done.wait()
     finally:
+        scheduler_stop.set()
+        if scheduler is not None:
+            await asyncio.to_thread(scheduler.join, 30)
         await runner.cleanup()
         await pipelined.aclose()
         await client.aclose()
         sync.close()
         broker.close()
+
+
+def _round_scheduler(
+    settings: Settings, client: redis.Redis, broker: Any, metrics: Metrics | None, stop: threading.Event
+) -> threading.Thread:
+    """The funnel round scheduler on a daemon thread (planning a round is blocking work)."""
+    from dispatch.rounds.scheduler import RoundScheduler
+    from dispatch.send.broker import enqueue_batch
+
+    control = CampaignControl(
+        client, lambda cid, n, delay: enqueue_batch(broker, cid, n, delay), retention_s=settings.retention_s
+    )
+    scheduler = RoundScheduler(
+        client,
+        control,
+        lambda: Planner.for_settings(client, settings),
+        metrics=metrics,
+        prices=parse_prices(settings.prices),
+    )
+    thread = threading.Thread(target=scheduler.run, args=(stop,), name="dispatch-rounds", daemon=True)
+    thread.start()
+    return thread
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -949,7 +984,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvloop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvloop.run(serve(settings, host=args.host, port=args.port, public_url=args.public_url))
+    uvloop.run(serve(settings, host=args.host, port=args.port, public_url=args.public_url, rounds=not args.no_rounds))
     return 0
 
 
@@ -987,6 +1022,11 @@ def add_commands(sub: Any) -> None:
         "--public-url",
         default=None,
         help="URL providers call back (signatures cover it; default: DISPATCH_CALLBACK_BASE_URL, else http://HOST:PORT)",
+    )
+    p.add_argument(
+        "--no-rounds",
+        action="store_true",
+        help="do not run the funnel round scheduler here (run `dispatch funnel run` elsewhere instead)",
     )
     p.set_defaults(handler=cmd_serve, uses_redis="always")
 

@@ -19,6 +19,8 @@ any number of processes. Per round, :meth:`RoundScheduler.tick`:
    resubmits it under a new id).
 
 Every instant is the injected ``clock`` (leases included), so a test moves time by hand.
+:meth:`RoundScheduler.run` also publishes each planned round's report as engagement gauges
+(``dispatch.rounds.report.publish_report``) when given ``metrics``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -40,8 +42,10 @@ from dispatch.errors import CampaignNotFound, PlanError
 from dispatch.plan.planner import Planner, PlanReport
 from dispatch.rounds.derive import EmptyRound, plan_round
 from dispatch.rounds.funnel import Funnel, Round, registered_funnels
+from dispatch.rounds.report import publish_report, round_report
 from dispatch.send.control import CampaignControl
 from dispatch.store import keys
+from monitoring.metrics import Metrics
 
 __all__ = ["DEFAULT_LEASE_S", "RoundScheduler", "Tick"]
 
@@ -82,6 +86,8 @@ class RoundScheduler:
         clock: Callable[[], float] = time.time,
         lease_s: float = DEFAULT_LEASE_S,
         before_start: Callable[[str], None] | None = None,
+        metrics: Metrics | None = None,
+        prices: Mapping[str, float] | None = None,
     ) -> None:
         self._client = client
         self._control = control
@@ -90,6 +96,8 @@ class RoundScheduler:
         self._clock = clock
         self._lease_s = lease_s
         self._before_start = before_start
+        self._metrics = metrics
+        self._prices = dict(prices or {})
         self._claim = client.register_script(_script("claim.lua"))
         self._settle = client.register_script(_script("settle.lua"))
 
@@ -168,13 +176,29 @@ class RoundScheduler:
         if int(self._settle(keys=[state_key], args=[self.owner, state, f"{self._clock():.3f}"])) == 1:
             self._client.hset(state_key, "detail", detail[:500])
 
+    def publish(self) -> int:
+        """Publish the report of every planned round of the registered funnels as engagement
+        gauges (``metrics``); returns the number published."""
+        if self._metrics is None:
+            return 0
+        published = 0
+        for funnel in registered_funnels(self._client):
+            for round_ in funnel.rounds:
+                try:
+                    publish_report(self._metrics, round_report(self._client, round_.spec.id, self._prices))
+                except CampaignNotFound:
+                    continue
+                published += 1
+        return published
+
     def run(self, stop: threading.Event, interval_s: float = DEFAULT_INTERVAL_S) -> None:
-        """Tick every ``interval_s`` until ``stop`` is set; an error is logged and retried."""
+        """Tick (and publish) every ``interval_s`` until ``stop`` is set; an error is logged and retried."""
         while not stop.is_set():
             try:
                 for tick in self.tick():
                     if tick.outcome in {"started", "empty", "failed", "already_started"}:
                         log.info("round %s: %s %s", tick.campaign_id, tick.outcome, tick.detail)
+                self.publish()
             except (redis.RedisError, CampaignNotFound, OSError) as exc:
                 log.warning("round scheduler: %s", exc)
             stop.wait(interval_s)
