@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import orjson
 import pytest
 import redis
 import redis.asyncio as aredis
@@ -406,3 +407,57 @@ async def test_api_report_of_a_campaign_and_its_rounds(
         assert (await api.call("GET", "/v1/campaigns/offer-1/report?format=xml", token="read")).status == 422
         metrics = (await api.call("GET", "/metrics", token=None)).body.decode()
         assert 'dispatch_engagement_messages{campaign="offer-1",channel="sms",event="human_opens"} 2.0' in metrics
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def test_cli_funnel_submit_starts_round_one_and_report_prints_every_format(
+    redis_url: str,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dispatch.cli import main as cli_main
+    from dispatch.store.connect import with_db
+
+    monkeypatch.setenv("DISPATCH_REDIS_URL", with_db(redis_url, 0))
+    monkeypatch.setenv("DISPATCH_BROKER_DB", "1")
+    monkeypatch.setenv("DISPATCH_HOME", str(tmp_path))
+    monkeypatch.setenv("DISPATCH_PRICES", "twilio=0.25")
+    data = _funnel(tmp_path)
+    rounds = data["rounds"]
+    assert isinstance(rounds, list)
+    lines = ['id = "offer"']
+    for r in rounds:
+        lines.append("[[rounds]]")
+        for key, value in r.items():
+            if isinstance(value, dict):
+                inner = ", ".join(f"{k} = {orjson.dumps(v).decode()}" for k, v in value.items())
+                lines.append(f"{key} = {{ {inner} }}")
+            else:
+                lines.append(f"{key} = {orjson.dumps(value).decode() if not isinstance(value, bool) else 'false'}")
+    (tmp_path / "offer.toml").write_text("\n".join(lines) + "\n")
+    broker_db = redis.Redis.from_url(with_db(redis_url, 1))
+    try:
+        assert cli_main(["funnel", "submit", str(tmp_path / "offer.toml")]) == 0
+        out = capsys.readouterr().out
+        assert "funnel offer: 2 rounds registered" in out and "offer-1: started" in out and "offer-2: waiting" in out
+        assert cli_main(["funnel", "submit", str(tmp_path / "offer.toml")]) == 0
+        assert "already registered" in capsys.readouterr().out
+        for ref in _refs(redis_client, "offer-1").values():
+            _set_state(redis_client, ref, "sent")
+        assert cli_main(["report", "offer"]) == 0
+        body = orjson.loads(capsys.readouterr().out)
+        assert [r["campaign_id"] for r in body["rounds"]] == ["offer-1"]  # round 2 is not planned yet
+        assert body["rounds"][0]["sent"] == 8 and body["providers"]["twilio"]["cost"] == 2.0
+        assert cli_main(["report", "offer-1", "--format", "csv"]) == 0
+        assert capsys.readouterr().out.splitlines()[1].startswith("offer-1,sms,twilio,")
+        assert cli_main(["report", "offer", "--format", "png", "--out", str(tmp_path / "f.png")]) == 0
+        assert (tmp_path / "f.png").read_bytes().startswith(PNG_SIGNATURE)
+        assert cli_main(["report", "nope"]) == 2
+        assert "no campaign 'nope'" in capsys.readouterr().err
+    finally:
+        broker_db.flushdb()
+        broker_db.close()
