@@ -461,3 +461,34 @@ def test_cli_funnel_submit_starts_round_one_and_report_prints_every_format(
     finally:
         broker_db.flushdb()
         broker_db.close()
+
+
+def test_masks_read_own_records_over_the_group_and_tell_undelivered_from_refused(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    from dispatch.rounds.derive import scan_masks
+    from dispatch.send.tracking import GroupRecord
+
+    settings = _settings(tmp_path, DISPATCH_BATCH_SIZE="6")
+    _plan_source(redis_client, settings, 6)
+    records = keys.records("offer-1", 0)
+    redis_client.hset(records, "g", GroupRecord("sent", 1, "w", "", "", 1.0, 0, 5, 6).encode())
+    redis_client.hset(records, "0", MessageRecord("delivered", 1, "", "p", "", 2.0).encode())
+    redis_client.hset(records, "1", MessageRecord("failed", 1, "", "p", "30005", 2.0).encode())  # a receipt's
+    redis_client.hset(records, "2", MessageRecord("failed", 3, "w", "", "21211", 2.0).encode())  # refused
+    redis_client.hset(records, "3", MessageRecord("bounced", 1, "", "p", "", 2.0).encode())
+    redis_client.hset(records, "4", MessageRecord("sending", 1, "w", "", "", 2.0).encode())
+    asyncio.run(_record_events(redis_url, {"offer-1.0.5": ["open", "bot_click", "reply"]}))
+    (batch,) = scan_masks(redis_client, "offer-1", 1)
+    sent, delivered, bounced = PREDICATES["sent"], PREDICATES["delivered"], PREDICATES["bounced"]
+    opened, replied = PREDICATES["opened"], PREDICATES["replied"]
+    assert list(batch.masks) == [sent | delivered, sent, 0, sent | bounced, 0, sent | opened | replied]
+
+
+async def _record_events(url: str, events: dict[str, list[str]]) -> None:
+    client = aredis.Redis.from_url(url)
+    ledger = EngagementLedger(client, ttl_s=3600)
+    for ref, names in events.items():
+        for name in names:
+            await ledger.record(ref, name)
+    await client.aclose()

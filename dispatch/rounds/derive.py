@@ -62,7 +62,8 @@ __all__ = ["EVENT_BITS", "STATE_BITS", "Deriver", "EmptyRound", "MaskedBatch", "
 
 _SENT, _DELIVERED, _BOUNCED = PREDICATES["sent"], PREDICATES["delivered"], PREDICATES["bounced"]
 _OPTED_OUT: Final = PREDICATES["opted_out"]
-#: Record state (bytes, as stored) -> its predicate bits.
+#: Record state (bytes, as stored) -> its predicate bits (a ``failed`` record without an owner,
+#: an undelivered receipt's, is ``sent`` too: see ``_apply_records``).
 STATE_BITS: Final = {
     b"sent": _SENT,
     b"delivered": _SENT | _DELIVERED,
@@ -133,7 +134,13 @@ def _apply_records(masks: bytearray, records: dict[bytes, bytes]) -> None:
         if field.isdigit():  # a record of its own wins over the group's
             index = int(field)
             if index < len(masks):
-                masks[index] = STATE_BITS.get(value[: value.index(b"|")], 0)
+                state, _, rest = value.partition(b"|")
+                own = STATE_BITS.get(state)
+                if own is None:
+                    # a receipt's 'failed' (undelivered after the provider accepted it) is written
+                    # without an owner (receipt.lua); a refused send keeps the worker's id
+                    own = _SENT if state == b"failed" and rest.split(b"|", 2)[1:2] == [b""] else 0
+                masks[index] = own
 
 
 def _apply_events(masks: bytearray, events: dict[bytes, bytes], cutoff_ms: int | None) -> None:

@@ -15,8 +15,9 @@ any number of processes. Per round, :meth:`RoundScheduler.tick`:
    exactly-once point: a scheduler that took over from one that died after starting finds the
    campaign started and enqueues nothing;
 4. settles it (``settle.lua``: ``started``, or ``empty`` when nobody qualifies, or ``failed``
-   with the planner's message when the round cannot be planned: an operator fixes and
-   resubmits it under a new id).
+   with the planner's message when the round cannot be planned or its contacts file cannot be
+   read: an operator fixes and resubmits it under a new id). Any other error (Redis down)
+   leaves the claim to expire, and a later tick tries again.
 
 Every instant is the injected ``clock`` (leases included), so a test moves time by hand.
 :meth:`RoundScheduler.run` also publishes each planned round's report as engagement gauges
@@ -38,7 +39,7 @@ from typing import Final, cast
 
 import redis
 
-from dispatch.errors import CampaignNotFound, PlanError
+from dispatch.errors import AudienceError, CampaignNotFound, PlanError
 from dispatch.plan.planner import Planner, PlanReport
 from dispatch.rounds.derive import EmptyRound, plan_round
 from dispatch.rounds.funnel import Funnel, Round, registered_funnels
@@ -150,7 +151,7 @@ class RoundScheduler:
         except EmptyRound as exc:
             self._finish(cid, "empty", str(exc))
             return Tick(cid, "empty", str(exc))
-        except PlanError as exc:
+        except (PlanError, AudienceError) as exc:  # AudienceError: the contacts file cannot be read
             log.warning("round %s cannot be planned: %s", cid, exc)
             self._finish(cid, "failed", str(exc))
             return Tick(cid, "failed", str(exc))
@@ -199,6 +200,6 @@ class RoundScheduler:
                     if tick.outcome in {"started", "empty", "failed", "already_started"}:
                         log.info("round %s: %s %s", tick.campaign_id, tick.outcome, tick.detail)
                 self.publish()
-            except (redis.RedisError, CampaignNotFound, OSError) as exc:
-                log.warning("round scheduler: %s", exc)
+            except Exception:  # the thread must outlive any one bad pass: the next tick retries
+                log.exception("round scheduler: this pass failed; retrying in %.0f s", interval_s)
             stop.wait(interval_s)

@@ -11,7 +11,8 @@ Grammar (keywords and predicates are lower case, whitespace separates tokens)::
 
 Predicates (:data:`PREDICATES`), each about one message of the source campaign:
 
-- ``sent``: the provider accepted it (record state sent, delivered, undelivered or bounced);
+- ``sent``: the provider accepted it (record state sent, delivered or bounced, or failed by an
+  undelivered receipt after it was sent);
 - ``delivered`` / ``bounced``: the provider's receipt said so (record state);
 - ``opened``: a human open in the engagement ledger (``open``; machine opens never count);
 - ``machine_opened``: an open by a machine (``machine_open``: Apple MPP, ``sg_machine_open``);
