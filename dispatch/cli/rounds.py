@@ -84,6 +84,13 @@ def cmd_funnel(args: argparse.Namespace, settings: Settings) -> int:
             client, lambda cid, n, d: enqueue_batch(broker, cid, n, d), retention_s=settings.retention_s
         )
         scheduler = RoundScheduler(client, control, lambda: Planner.for_settings(client, settings))
+        if args.action == "status":
+            found = find_funnel(client, args.funnel)
+            if found is None:
+                raise CampaignNotFound(f"no funnel {args.funnel!r} is registered")
+            for state in scheduler.states(found):
+                print(orjson.dumps(state).decode())
+            return 0
         if args.action == "run":
             stop = threading.Event()
             try:
@@ -105,6 +112,8 @@ def add_commands(sub: Any) -> None:
     actions = p.add_subparsers(dest="action", required=True)
     a = actions.add_parser("submit", help="register a funnel file and start its first round")
     a.add_argument("file", type=Path, help="the funnel file (TOML, see README 'Follow-up rounds')")
+    a = actions.add_parser("status", help="each round's state (waiting, claimed, started, empty, failed) as JSON")
+    a.add_argument("funnel", help="a registered funnel id")
     a = actions.add_parser("run", help="start each registered funnel's rounds when due (runs until stopped)")
     a.add_argument("--interval", type=float, default=DEFAULT_INTERVAL_S, help="seconds between scans")
     p.set_defaults(handler=cmd_funnel, uses_redis="always")

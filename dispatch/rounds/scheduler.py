@@ -131,6 +131,24 @@ class RoundScheduler:
         after = follow.after.total_seconds() if follow.after else 0.0
         return float(cast(bytes, ended)) + after
 
+    def states(self, funnel: Funnel) -> list[dict[str, str | float | None]]:
+        """Each round's state for people: ``state`` (waiting, claimed, started, empty, failed),
+        ``due_at`` (None while its source runs) and the settling ``detail``."""
+        out: list[dict[str, str | float | None]] = []
+        for round_ in funnel.rounds:
+            raw = cast(dict[bytes, bytes], self._client.hgetall(keys.round_state(round_.spec.id)))
+            out.append(
+                {
+                    "round": round_.spec.id,
+                    "from": None if round_.follow is None else round_.follow.source,
+                    "where": None if round_.follow is None else round_.follow.where,
+                    "state": raw.get(b"state", b"waiting").decode(),
+                    "due_at": self.due_at(round_),
+                    "detail": raw.get(b"detail", b"").decode(),
+                }
+            )
+        return out
+
     def _turn(self, round_: Round) -> Tick:
         cid = round_.spec.id
         state_key = keys.round_state(cid)
