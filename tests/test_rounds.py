@@ -272,6 +272,16 @@ def test_funnel_file_errors_name_the_round(tmp_path: Path) -> None:
         load_funnel(data, base_dir=tmp_path)
 
 
+def test_a_round_id_belongs_to_one_funnel(redis_client: redis.Redis, tmp_path: Path) -> None:
+    data = _funnel(tmp_path)
+    assert register_funnel(redis_client, load_funnel(data, base_dir=tmp_path))
+    assert not register_funnel(redis_client, load_funnel(data, base_dir=tmp_path))
+    with pytest.raises(PlanError, match="already registered with other rounds"):
+        register_funnel(redis_client, load_funnel({**data, "rounds": data["rounds"][:1]}, base_dir=tmp_path))  # type: ignore[index]
+    with pytest.raises(PlanError, match="round id 'offer-1' belongs to funnel 'offer'"):
+        register_funnel(redis_client, load_funnel({**data, "id": "thief"}, base_dir=tmp_path))
+
+
 def test_rounds_start_once_when_due_even_when_a_scheduler_dies_mid_start(
     redis_client: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:

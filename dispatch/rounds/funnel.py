@@ -19,7 +19,9 @@ Each round is a :class:`dispatch.campaign.CampaignSpec` (every field of a campai
 ``audience`` is either a file path (planned and started as soon as the funnel is submitted) or a
 :class:`dispatch.campaign.FollowUp` (derived and started by the scheduler,
 :mod:`dispatch.rounds.scheduler`, once its source finished and ``after`` passed). A follow-up
-must name a round declared before it. Registered funnels live in Redis (``keys.FUNNELS``) so any
+must name a round declared before it, so a round derives only from a round of its own funnel
+(there is no tenant model: the funnel is the unit one submitter owns, and a round id may belong
+to one funnel only, :func:`register_funnel`). Registered funnels live in Redis (``keys.FUNNELS``) so any
 process's scheduler sees them.
 """
 
@@ -141,9 +143,15 @@ def load_funnel_file(path: Path) -> Funnel:
 
 
 def register_funnel(client: redis.Redis, funnel: Funnel) -> bool:
-    """Store ``funnel`` for the schedulers; False when that id is registered with other rounds
-    (PlanError) or the same (no change)."""
+    """Store ``funnel`` for the schedulers (True); False when it is registered already with the
+    same rounds. PlanError when that id is registered with other rounds, or a round id is another
+    funnel's (rounds derive only from rounds of their own funnel)."""
     encoded = orjson.dumps(funnel.as_json())
+    ours = {r.spec.id for r in funnel.rounds}
+    for other in registered_funnels(client):
+        taken = sorted(ours & {r.spec.id for r in other.rounds}) if other.id != funnel.id else []
+        if taken:  # a round derives only from rounds of its own funnel, never from another's
+            raise PlanError(f"funnel {funnel.id!r}: round id {taken[0]!r} belongs to funnel {other.id!r}")
     if client.hsetnx(keys.FUNNELS, funnel.id, encoded):
         return True
     stored = cast(bytes, client.hget(keys.FUNNELS, funnel.id))
