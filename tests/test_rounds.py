@@ -509,3 +509,26 @@ async def _record_events(url: str, events: dict[str, list[str]]) -> None:
         for name in names:
             await ledger.record(ref, name)
     await client.aclose()
+
+
+def test_a_round_that_cannot_be_planned_is_settled_failed_and_shown(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    settings = _settings(tmp_path)
+    data = _funnel(tmp_path)
+    rounds = data["rounds"]
+    assert isinstance(rounds, list)
+    rounds[1]["audience"] = {"from": "offer-1", "where": "opened", "contacts": "gone.csv"}
+    rounds[1]["channel"], rounds[1]["subject"] = "email", "s"
+    register_funnel(redis_client, load_funnel(data, base_dir=tmp_path))
+    clock = _Clock(1_000_000.0)
+    scheduler = _scheduler(redis_client, settings, clock, [], owner="a")
+    assert [t.outcome for t in scheduler.tick()] == ["started", "waiting"]
+    _seed(redis_client, redis_url, "offer-1", {"delivered": set(), "open": {"r1"}})
+    _complete(redis_client, "offer-1", clock.now)
+    ticks = scheduler.tick()
+    assert ticks[1].outcome == "failed" and "gone.csv" in ticks[1].detail
+    assert [t.outcome for t in scheduler.tick()] == ["done", "done"]
+    funnel = load_funnel(data, base_dir=tmp_path)
+    state = scheduler.states(funnel)[1]
+    assert state["state"] == "failed" and "gone.csv" in str(state["detail"])

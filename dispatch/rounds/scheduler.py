@@ -66,7 +66,8 @@ def _script(name: str) -> str:
 @dataclass(frozen=True, slots=True)
 class Tick:
     """What one round's turn did: ``waiting`` (not due), ``busy`` (another scheduler holds it),
-    ``done`` (settled before), ``started``, ``empty``, ``failed``, ``already_started``."""
+    ``done`` (settled before), ``started``, ``empty``, ``failed``, ``already_started``, ``error``
+    (something else went wrong: logged, retried by a later tick)."""
 
     campaign_id: str
     outcome: str
@@ -110,7 +111,14 @@ class RoundScheduler:
         return out
 
     def tick_funnel(self, funnel: Funnel) -> list[Tick]:
-        return [self._turn(r) for r in funnel.rounds]
+        out = []
+        for round_ in funnel.rounds:
+            try:
+                out.append(self._turn(round_))
+            except Exception as exc:  # one round's trouble (Redis, a bug) never stops the others
+                log.exception("round %s: this turn failed; its claim expires and a later tick retries", round_.spec.id)
+                out.append(Tick(round_.spec.id, "error", type(exc).__name__))
+        return out
 
     def due_at(self, round_: Round) -> float | None:
         """When ``round_`` may start (epoch s, the scheduler's clock); None while its source runs."""
@@ -169,7 +177,7 @@ class RoundScheduler:
         except EmptyRound as exc:
             self._finish(cid, "empty", str(exc))
             return Tick(cid, "empty", str(exc))
-        except (PlanError, AudienceError) as exc:  # AudienceError: the contacts file cannot be read
+        except (PlanError, AudienceError, CampaignNotFound) as exc:  # a contacts file or a source gone
             log.warning("round %s cannot be planned: %s", cid, exc)
             self._finish(cid, "failed", str(exc))
             return Tick(cid, "failed", str(exc))
