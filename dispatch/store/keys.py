@@ -86,12 +86,6 @@ def engagement_counters(cid: str) -> str:
     return f"{PREFIX}:{{{cid}}}:engagement"
 
 
-def round_state(cid: str) -> str:
-    """Hash of a funnel round's start: its claim (owner, lease), when its source ended, and
-    whether it started (``dispatch.rounds.scheduler``)."""
-    return f"{PREFIX}:{{{cid}}}:round"
-
-
 def dead_letters(cid: str) -> str:
     return f"{PREFIX}:{{{cid}}}:dlq"
 
@@ -103,3 +97,9 @@ def progress(cid: str) -> str:
 
 def worker_alive(worker_id: str) -> str:
     return f"{PREFIX}:worker:{worker_id}"
+
+
+def round_state(cid: str) -> str:
+    """Hash of a funnel round's start: its claim (owner, lease), when its source ended, and
+    whether it started (``dispatch.rounds.scheduler``)."""
+    return f"{PREFIX}:{{{cid}}}:round"
