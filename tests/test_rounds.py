@@ -458,9 +458,9 @@ def test_cli_funnel_submit_starts_round_one_and_report_prints_every_format(
         assert "already registered" in capsys.readouterr().out
         assert cli_main(["funnel", "status", "offer"]) == 0
         states = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
-        assert [(s["round"], s["state"], s["due_at"]) for s in states] == [
-            ("offer-1", "started", 0.0),
-            ("offer-2", "waiting", None),
+        assert [(s["round"], s["state"], s["due_at"], s["source_state"]) for s in states] == [
+            ("offer-1", "started", 0.0, None),
+            ("offer-2", "waiting", None, "running"),
         ]
         assert states[1]["where"] == "opened and not clicked" and states[1]["from"] == "offer-1"
         for ref in _refs(redis_client, "offer-1").values():

@@ -140,7 +140,8 @@ class RoundScheduler:
         return float(cast(bytes, ended)) + after
 
     def states(self, funnel: Funnel) -> list[dict[str, str | float | None]]:
-        """Each round's state for people: ``state`` (waiting, claimed, started, empty, failed),
+        """Each round's state for people: ``state`` (waiting, claimed, started, empty, failed), its
+        source's state (a follow-up of a cancelled source waits for good: it never completes),
         ``due_at`` (None while its source runs) and the settling ``detail``."""
         out: list[dict[str, str | float | None]] = []
         for round_ in funnel.rounds:
@@ -151,11 +152,18 @@ class RoundScheduler:
                     "from": None if round_.follow is None else round_.follow.source,
                     "where": None if round_.follow is None else round_.follow.where,
                     "state": raw.get(b"state", b"waiting").decode(),
+                    "source_state": None if round_.follow is None else self._source_state(round_.follow.source),
                     "due_at": self.due_at(round_),
                     "detail": raw.get(b"detail", b"").decode(),
                 }
             )
         return out
+
+    def _source_state(self, campaign_id: str) -> str:
+        raw = self._client.hget(keys.control(campaign_id), "state")
+        if raw is not None:
+            return cast(bytes, raw).decode()
+        return "planned" if self._client.exists(keys.manifest(campaign_id)) else "unknown"
 
     def _turn(self, round_: Round) -> Tick:
         cid = round_.spec.id
