@@ -20,8 +20,11 @@ Rates (None when their denominator is 0):
 
 ``cost = sent * price`` with the provider's price from the ``prices`` setting
 (``DISPATCH_PRICES="twilio=0.0079,sendgrid=0.0009"``; None when the provider has none).
-Timing: ``predicted_start``/``predicted_finish`` (the plan's created_at + its predicted
-duration, and the start + it) against ``started_at``/``ended_at``.
+Timing: the predicted window, ``predicted_start`` (the start once started, else when it was
+planned) to ``predicted_finish`` (that + the plan's predicted duration), against the actual one,
+``started_at`` to ``ended_at`` (None while it runs).
+
+Provider: the channel's default provider in the registry (a campaign sends through one today).
 """
 
 from __future__ import annotations
