@@ -191,6 +191,15 @@ def test_cross_channel_round_reads_addresses_from_contacts(
     assert report.accepted == 1 and _snapshot_ids(redis_client, "mail-2") == {"r1"}
     lineage = load_manifest(redis_client, "mail-2").lineage
     assert lineage is not None and lineage["missing_in_contacts"] == 1  # r2 is not in the file
+    # a JSONL contacts file (no C-reader shortcut) is read row by row, with the same outcome
+    jsonl = tmp_path / "contacts.jsonl"
+    jsonl.write_text("".join(f'{{"id": "r{i}", "email": "u{i}@example.com"}}\n' for i in range(6) if i != 2))
+    spec3 = CampaignSpec(id="mail-3", channel="email", subject="s", body="b", quiet_hours=False)
+    follow3 = FollowUp.from_mapping({"from": "offer-1", "where": "opened", "contacts": str(jsonl)})
+    assert plan_round(Planner(redis_client, settings), redis_client, spec3, follow3).accepted == 1
+    assert _snapshot_ids(redis_client, "mail-3") == {"r1"}
+    lineage3 = load_manifest(redis_client, "mail-3").lineage
+    assert lineage3 is not None and lineage3["missing_in_contacts"] == 1 and lineage3["matched"] == 2
 
 
 def test_a_round_cannot_derive_from_an_unknown_campaign(redis_client: redis.Redis, tmp_path: Path) -> None:

@@ -475,11 +475,12 @@ class Planner:
         columns: ColumnMap | None = None,
         delimiter: str = ",",
         processes: int | None = None,
+        lineage: Callable[[], dict[str, Any]] | None = None,
     ) -> PlanReport:
         """Plan from a CSV or JSONL file (optionally gzip); a CSV header is checked against the
         template and the channel's address column before any row is read. A large plain CSV
         file is scanned by ``processes`` worker processes (default: one per CPU; see
-        ``dispatch.plan.csv_scan``)."""
+        ``dispatch.plan.csv_scan``). ``lineage``: as for :meth:`plan`."""
         cols = columns or ColumnMap()
         limits = self._limits()
         header = read_header(path, delimiter=delimiter, limits=limits)
@@ -504,8 +505,8 @@ class Planner:
                     yield base, chunk
                     base += chunk.total
 
-            return self._plan(spec, csv_chunks, cols, delimiter)
-        return self.plan(spec, read_audience(path, columns=cols, delimiter=delimiter, limits=limits))
+            return self._plan(spec, csv_chunks, cols, delimiter, lineage=lineage)
+        return self.plan(spec, read_audience(path, columns=cols, delimiter=delimiter, limits=limits), lineage=lineage)
 
     def plan(
         self,

@@ -35,6 +35,8 @@ was derived, the cutoff and the counts (:class:`Deriver.lineage`).
 
 from __future__ import annotations
 
+import csv
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import orjson
 import redis
 
-from dispatch.errors import CampaignNotFound, PlanError
+from dispatch.errors import AudienceError, CampaignNotFound, PlanError
 from dispatch.plan.audience import Recipient, read_audience
 from dispatch.plan.manifest import Manifest
 from dispatch.plan.snapshot import WRITE_CHUNK, load_manifest
@@ -62,6 +64,7 @@ __all__ = ["EVENT_BITS", "STATE_BITS", "Deriver", "EmptyRound", "MaskedBatch", "
 
 _SENT, _DELIVERED, _BOUNCED = PREDICATES["sent"], PREDICATES["delivered"], PREDICATES["bounced"]
 _OPTED_OUT: Final = PREDICATES["opted_out"]
+_GZIP_MAGIC: Final = b"\x1f\x8b"
 #: Record state (bytes, as stored) -> its predicate bits (a ``failed`` record without an owner,
 #: an undelivered receipt's, is ``sent`` too: see ``_apply_records``).
 STATE_BITS: Final = {
@@ -173,9 +176,9 @@ class Deriver:
     ) -> None:
         self._client = client
         self._source = source
-        self._where = where
+        self.where = where
         self._channel = channel
-        self._cutoff = cutoff
+        self.cutoff = cutoff
         self._contacts = contacts
         table = where.table
         self._keep = tuple(table[m] and not m & _OPTED_OUT for m in range(MASKS))
@@ -191,7 +194,7 @@ class Deriver:
         """The source rows the expression keeps (opted-out recipients left out)."""
         keep, excluded = self._keep.__getitem__, self._excluded.__getitem__
         src = self._source
-        for batch in scan_masks(self._client, src.campaign_id, src.batches, cutoff=self._cutoff):
+        for batch in scan_masks(self._client, src.campaign_id, src.batches, cutoff=self.cutoff):
             self.scanned += len(batch.rows)
             self.excluded_opted_out += sum(map(excluded, batch.masks))
             kept = list(compress(batch.rows, map(keep, batch.masks)))
@@ -215,12 +218,50 @@ class Deriver:
                 yield item
         self.missing_in_contacts = len(wanted)
 
+    def filter_contacts(self, path: Path, out: Path) -> bool:
+        """Write to ``out`` the header and the rows of the plain CSV file ``path`` whose ``id``
+        qualifies (each id once, its first row), copied as they are; True when done, False when
+        ``path`` is not a plain CSV file with an ``id`` column the C reader can read (the caller
+        then takes :meth:`contacts_rows`). The planner then reads ``out`` like any audience
+        file (``Planner.plan_file``: the header checks and the parallel CSV scan)."""
+        if path.suffix.lower() != ".csv":
+            return False
+        try:
+            with path.open("rb") as probe:
+                if probe.read(2) == _GZIP_MAGIC:
+                    return False
+        except OSError as exc:
+            raise AudienceError(f"cannot open contacts {path.name!r}: {exc.strerror}") from None
+        wanted = {row[0] for row in self.qualifying()}
+        try:
+            with (
+                path.open(newline="", encoding="utf-8", errors="surrogateescape") as source,
+                out.open("w", newline="", encoding="utf-8", errors="surrogateescape") as sink,
+            ):
+                reader = csv.reader(source)
+                header = next(reader, None)
+                if header is None or "id" not in header:
+                    return False
+                column = header.index("id")
+                writer = csv.writer(sink)
+                writer.writerow(header)
+                for row in reader:
+                    if len(row) > column and row[column] in wanted:
+                        wanted.discard(row[column])
+                        self.yielded += 1
+                        writer.writerow(row)
+        except csv.Error:
+            self.yielded = 0  # a row the C reader refuses: the per-row reader rejects it properly
+            return False
+        self.missing_in_contacts = len(wanted)
+        return True
+
     def lineage(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "from": self._source.campaign_id,
             "from_channel": self._source.channel,
-            "where": self._where.text,
-            "derived_at": self._cutoff,
+            "where": self.where.text,
+            "derived_at": self.cutoff,
             "source_accepted": self._source.accepted,
             "scanned": self.scanned,
             "matched": self.matched,
@@ -275,16 +316,20 @@ def plan_round(
         cutoff=clock(),
         contacts=follow.contacts,
     )
-    rows: Iterator[Any]
-    if follow.contacts is None:
-        rows = deriver.rows()
-    else:
+    try:
+        if follow.contacts is None:
+            return planner.plan(spec, deriver.rows(), lineage=deriver.lineage)
         path = Path(follow.contacts)
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
-        rows = deriver.contacts_rows(path)
-    try:
-        return planner.plan(spec, rows, lineage=deriver.lineage)
+        with tempfile.TemporaryDirectory(prefix="dispatch-round-") as tmp:
+            filtered = Path(tmp) / "contacts.csv"
+            if deriver.filter_contacts(path, filtered):
+                return planner.plan_file(spec, filtered, lineage=deriver.lineage)
+        deriver = Deriver(
+            client, source, deriver.where, channel=spec.channel, cutoff=deriver.cutoff, contacts=follow.contacts
+        )
+        return planner.plan(spec, deriver.contacts_rows(path), lineage=deriver.lineage)
     except PlanError:
         if deriver.yielded == 0:
             raise EmptyRound(
