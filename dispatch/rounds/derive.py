@@ -23,9 +23,11 @@ Where the new round's addresses come from:
 - another channel (email round 1, SMS round 2), or whenever ``contacts`` is given: the qualifying
   recipient ids are collected (a set of ids: memory grows with the *qualifying* count, not the
   source's) and ``contacts`` (an audience file, usually the one round 1 was planned from) is
-  re-read, keeping the rows of those ids; their phone, timezone, consent and ``updated_at``
-  then go through every planner check as in any plan. Qualifying ids missing from the file are
-  counted (``missing_in_contacts``).
+  filtered to the rows of those ids: a plain CSV file with an ``id`` column by the C csv reader
+  into a temporary CSV that ``Planner.plan_file`` plans like any file (:meth:`Deriver.filter_contacts`),
+  anything else (JSONL, gzip, a row the C reader refuses) row by row (:meth:`Deriver.contacts_rows`);
+  their phone, timezone, consent and ``updated_at`` then go through every planner check as in
+  any plan. Qualifying ids missing from the file are counted (``missing_in_contacts``).
 
 Either way the rows go through :meth:`dispatch.plan.planner.Planner.plan` (every check:
 validation, consent, freshness, quiet hours, dedup, suppression, frequency cap), frozen as the
