@@ -63,7 +63,14 @@ from dispatch.rules.checks import QuietHours
 from dispatch.rules.validation import parse_region
 from dispatch.store import keys
 
-__all__ = ["CAMPAIGN_ID_PATTERN", "CHANNELS", "CampaignSpec", "load_campaign_file", "parse_duration"]
+__all__ = [
+    "CAMPAIGN_ID_PATTERN",
+    "CHANNELS",
+    "CampaignSpec",
+    "FollowUp",
+    "load_campaign_file",
+    "parse_duration",
+]
 
 #: Channels a campaign can use: the registered ones that have a provider.
 CHANNELS: Final = default_registry().channel_names(sendable=True)
@@ -253,6 +260,73 @@ _INSTANT_SCHEMA: Final = {"type": ["string", "null"], "format": "date-time", "de
 _CLOCK_SCHEMA: Final = {"type": "string", "pattern": r"^\d{2}:\d{2}(:\d{2})?$"}
 
 Instant = Annotated[datetime | None, PlainValidator(_instant), WithJsonSchema(_INSTANT_SCHEMA)]
+
+
+def _where(value: Any) -> str:
+    from dispatch.rounds.where import WhereError, parse_where
+
+    if not isinstance(value, str):
+        raise problem(f"expected a string like 'opened and not clicked', got {_shown(value)}")
+    try:
+        parse_where(value)
+    except WhereError as exc:
+        raise problem(str(exc).removeprefix("where: ")) from None
+    return value
+
+
+class FollowUp(BaseModel):
+    """A follow-up round's audience: the recipients of campaign ``from`` for whom ``where`` holds
+    (``dispatch.rounds.where``), starting ``after`` that campaign finished (``dispatch.rounds``).
+    ``contacts``: an audience file with the recipients' addresses for this round's channel (needed
+    when it differs from the source's; see ``dispatch.rounds.derive``).
+
+    Like every audience (a file, a configured source), it is given beside the spec, not in it:
+    a funnel round's ``audience = { from = ..., where = ... }`` (``dispatch.rounds.funnel``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, title="FollowUp")
+
+    source: Annotated[
+        str,
+        Field(
+            alias="from", description="the earlier campaign's id", json_schema_extra={"pattern": CAMPAIGN_ID_PATTERN}
+        ),
+        AfterValidator(_campaign_id),
+    ]
+    where: Annotated[
+        str,
+        Field(
+            description="predicates delivered, opened, machine_opened, clicked, replied, opted_out, bounced, sent "
+            "with and / or / not / ()"
+        ),
+        PlainValidator(_where),
+        WithJsonSchema({"type": "string", "description": "e.g. 'opened and not clicked'"}),
+    ]
+    after: Annotated[
+        timedelta | None,
+        PlainValidator(_duration),
+        PlainSerializer(lambda v: None if v is None else v.total_seconds(), return_type=float | None),
+        WithJsonSchema({"type": ["number", "string", "null"], "description": "wait after the source finished: '72h'"}),
+    ] = None
+    contacts: Annotated[str | None, Field(max_length=4096)] = None
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> FollowUp:
+        """A follow-up from a funnel file's ``audience`` table (:class:`PlanError` naming each bad field)."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(f"audience.{field}: {reason}" for field, reason in field_errors(exc))
+            raise PlanError(problems) from None
+
+    def as_data(self) -> dict[str, Any]:
+        return {
+            "from": self.source,
+            "where": self.where,
+            "after": self.after.total_seconds() if self.after else None,
+            "contacts": self.contacts,
+        }
+
+
 Flag = Annotated[bool, PlainValidator(_flag), WithJsonSchema({"type": "boolean"})]
 
 

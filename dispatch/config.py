@@ -489,6 +489,10 @@ class Settings:
     )
     metrics_port: int = Field(default=0, ge=0, le=65535, description="port of a worker's /metrics endpoint (0 = none)")
     retention_s: int = Field(default=7 * 86400, ge=60, description="seconds campaign data is kept after it ends")
+    prices: str = Field(
+        default="",
+        description="price per message by provider for reports, e.g. twilio=0.0079,sendgrid=0.0009 (unset: no cost)",
+    )
     sources: AudienceSources = Field(
         default=AudienceSources(),
         description="named audience sources, [sources.NAME] tables in the TOML file or JSON here (see Configuration)",

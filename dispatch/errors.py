@@ -10,6 +10,8 @@ The tree::
     │   │                      rejections, never exceptions)
     │   └── SourceUnavailable  (dispatch.plan.sources) a configured source's database cannot be reached
     ├── PlanError              a campaign cannot be planned (stale source, bad template, ...)
+    │   ├── WhereError         (dispatch.rounds.where) a follow-up's ``where`` does not parse
+    │   └── EmptyRound         (dispatch.rounds.derive) nobody qualifies for a follow-up round
     ├── CampaignNotFound       no campaign with that id
     ├── CampaignStateError     the operation does not fit the campaign's state
     ├── ApiProblem             (dispatch.api.problems) an API request is refused: RFC 9457 problem

@@ -16,7 +16,8 @@
     of (a) and (c), and printed against each alone as well.
 
 It prints them, the ratios, and then the planner benchmark (``loadtest.bench_planner``: the
-fast audience + validation path and the naive csv + phonenumbers baseline).
+fast audience + validation path and the naive csv + phonenumbers baseline), and with
+``--derive-rows`` the derived-audience benchmark (``loadtest.bench_derive``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import orjson
 import uvloop
 
 from dispatch.config import Settings
-from loadtest import bench_planner
+from loadtest import bench_derive, bench_planner
 from loadtest.cluster import LocalCluster
 from loadtest.report import percentile
 from loadtest.runner import LoadtestOptions, children_running, cpu_seconds, run_loadtest
@@ -200,6 +201,13 @@ def prediction_matrix(
     return rows
 
 
+def _derive(rows: int) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        bench_derive.main(["--rows", str(rows)])
+    return out.getvalue()
+
+
 def _planner(rows: int, naive_rows: int) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -218,6 +226,7 @@ def run_bench(
     out_dir: Path | None = None,
     as_json: bool = False,
     prediction: bool = False,
+    derive_rows: int = 0,
 ) -> int:
     def say(*parts: object) -> None:
         if not as_json:
@@ -275,6 +284,11 @@ def run_bench(
         say(f"planner benchmark (loadtest.bench_planner --rows {planner_rows} --naive-rows {naive_rows}):")
         planner = _planner(planner_rows, naive_rows)
         say(planner.rstrip())
+    derive = ""
+    if derive_rows > 0:
+        say(f"derived-audience benchmark (loadtest.bench_derive --rows {derive_rows}):")
+        derive = _derive(derive_rows)
+        say(derive.rstrip())
     matrix: list[dict[str, Any]] = []
     if prediction:
         say(f"prediction matrix (DISPATCH_CPU_PER_MESSAGE_US={settings.cpu_per_message_us:g}):")
@@ -291,6 +305,7 @@ def run_bench(
             "ratio_mean": round(ratio_mean, 3),
             "ratio_sustained": round(ratio_sustained, 3),
             "planner": planner,
+            "derive": derive,
         }
         print(orjson.dumps(summary).decode())
     return 0 if report["ok"] else 1

@@ -78,6 +78,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         out_dir=args.out,
         as_json=args.json,
         prediction=args.prediction,
+        derive_rows=args.derive_rows,
     )
 
 
@@ -132,4 +133,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--out", type=Path, default=None, help="directory of the pipeline run's report and chart")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.add_argument("--prediction", action="store_true", help="also run the predicted-vs-actual matrix")
+    p.add_argument(
+        "--derive-rows", type=int, default=0, help="rows for the derived-audience benchmark (0: skip; bench_derive)"
+    )
     p.set_defaults(handler=cmd_bench)

@@ -30,7 +30,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Final, Literal, cast, get_args
 
@@ -353,6 +353,14 @@ class Metrics:
             ),
         }
 
+        self._engagement = Gauge(
+            "dispatch_engagement_messages",
+            "Messages of a campaign with each delivery outcome or engagement event (a round report's counts).",
+            ("campaign", "channel", "event"),
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+
         # Children by validated label values: the hot path is one dict lookup.
         self._children: dict[tuple[object, ...], Counter | Gauge | Histogram] = {}
         for state in BATCH_STATES:
@@ -542,6 +550,13 @@ class Metrics:
                 self._drop_campaign_series(gauges[name], cid)
             else:
                 gauges[name].labels(cid).set(value)
+
+    def set_engagement(self, campaign_id: str, channel: str, counts: Mapping[str, int]) -> None:
+        """Publish a campaign's report counts (``dispatch.rounds.report``): ``counts`` maps an
+        event code (``sent``, ``delivered``, ``human_opens``, ``clicks``, ...) to messages."""
+        cid, chan = _campaign(campaign_id), _code("channel", channel)
+        for event, value in counts.items():
+            self._engagement.labels(cid, chan, _code("event", event)).set(value)
 
     def end_campaign(self, campaign_id: str) -> None:
         """Remove every series of a campaign (from all processes' views in multiprocess mode)."""

@@ -21,7 +21,18 @@ from monitoring.metrics import (
 )
 
 #: Label names a metric may carry (``le`` is the histogram bucket bound).
-ALLOWED_LABELS = {"channel", "provider", "outcome", "cause", "reason", "state", "queue", "limiter", "campaign"}
+ALLOWED_LABELS = {
+    "channel",
+    "provider",
+    "outcome",
+    "cause",
+    "reason",
+    "state",
+    "queue",
+    "limiter",
+    "campaign",
+    "event",
+}
 #: Fragments of label names that would mean recipient data.
 ADDRESS_LIKE = re.compile(r"phone|email|e_mail|mail|token|address|addr|recipient|msisdn|number|user|to$")
 PHONE_VALUE = re.compile(r"\+?\d{7,15}")
@@ -67,6 +78,7 @@ def exercise_everything(m: Metrics) -> None:
         deadline_ts=2_050.0,
         paused=False,
     )
+    m.set_engagement("spring-sale", "email", {"delivered": 90, "human_opens": 30, "clicks": 4})
 
 
 def test_record_send_counts_per_channel_provider_outcome(metrics: Metrics) -> None:

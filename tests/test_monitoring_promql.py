@@ -46,6 +46,7 @@ KNOWN_LABELS = {
     "state",
     "queue",
     "limiter",
+    "event",
     "campaign",
     "le",
     "pid",
@@ -279,7 +280,7 @@ def test_dashboard_is_provisionable() -> None:
     assert variables["campaign"]["type"] == "query"
     assert "__inputs" not in dashboard  # import-only placeholders break file provisioning
     rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
-    assert len(rows) == 6
+    assert len(rows) == 7
     for word in ("Overview", "Campaign", "Provider", "Rate limit", "Queues", "Planner"):
         assert any(word.lower() in row.lower() for row in rows), word
     ids = [p["id"] for p in dashboard["panels"]]
@@ -373,6 +374,11 @@ def worker(index: int) -> None:
             predicted_finish_ts=start + 600,
             estimated_finish_ts=now + 700,
             deadline_ts=start + 900,
+        )
+        m.set_engagement(
+            "spring-sale",
+            "email",
+            {"sent": sent, "delivered": sent - 5, "human_opens": sent // 4, "machine_opens": 3, "clicks": sent // 20},
         )
         time.sleep(0.2)
 

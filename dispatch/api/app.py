@@ -32,6 +32,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -82,6 +83,15 @@ from dispatch.plan.manifest import Manifest
 from dispatch.plan.planner import Planner, PlanReport
 from dispatch.plan.snapshot import SnapshotRow, batch_row, decode_row, decode_rows, load_manifest
 from dispatch.plan.sources import SourceUnavailable, plan_from_source
+from dispatch.rounds.report import (
+    RoundReport,
+    parse_prices,
+    publish_report,
+    render_funnel_png,
+    report_csv,
+    report_json,
+    rounds_report,
+)
 from dispatch.rules.checks import Reason
 from dispatch.rules.suppression import GLOBAL, AddressHasher, AsyncSuppressionStore, check_suppression_key, hasher_for
 from dispatch.rules.validation import AddressValidator
@@ -548,6 +558,28 @@ def _record(
 _PENDING: Final = MessageRecord("pending", 0, "", "", "", None)
 
 
+def _campaign_reports(deps: _Deps, cid: str) -> list[RoundReport]:
+    reports = rounds_report(deps.sync, cid, parse_prices(deps.settings.prices))
+    if deps.metrics is not None:
+        for report in reports:
+            publish_report(deps.metrics, report)
+    return reports
+
+
+async def get_campaign_report(request: web.Request) -> web.StreamResponse:
+    deps = request.app[DEPS]
+    cid = _campaign_id(request)
+    fmt = request.query.get("format", "json")
+    if fmt not in {"json", "csv", "png"} or set(request.query) - {"format"}:
+        raise ApiProblem(422, "bad query", errors=[FieldError("format", "one of json, csv, png; no other parameter")])
+    reports = await deps.io(_translate(_campaign_reports), deps, cid)
+    if fmt == "csv":
+        return web.Response(body=report_csv(reports).encode(), content_type="text/csv", charset="utf-8")
+    if fmt == "png":
+        return web.Response(body=await deps.io(render_funnel_png, reports), content_type="image/png")
+    return _json(report_json(reports))
+
+
 async def list_messages(request: web.Request) -> web.StreamResponse:
     deps = request.app[DEPS]
     cid = _campaign_id(request)
@@ -840,6 +872,7 @@ def build_app(
         "pauseCampaign": _action("pause"),
         "resumeCampaign": _action("resume"),
         "cancelCampaign": _action("cancel"),
+        "getCampaignReport": get_campaign_report,
         "listCampaignMessages": list_messages,
         "sendMessage": send_message,
         "getMessage": get_message,
@@ -903,9 +936,16 @@ def guarded_runner(app: web.Application, settings: Settings) -> web.AppRunner:
 
 
 async def serve(
-    settings: Settings, *, host: str, port: int, public_url: str | None, stop: asyncio.Event | None = None
+    settings: Settings,
+    *,
+    host: str,
+    port: int,
+    public_url: str | None,
+    stop: asyncio.Event | None = None,
+    rounds: bool = True,
 ) -> None:
-    """Run the API until ``stop`` is set (or SIGTERM/SIGINT)."""
+    """Run the API until ``stop`` is set (or SIGTERM/SIGINT). ``rounds``: also run the funnel
+    round scheduler (``dispatch.rounds.scheduler``) in a thread of this process."""
     from dispatch.send.broker import build_broker, enqueue_batch
     from dispatch.store.connect import resolve_redis
 
@@ -938,14 +978,41 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, done.set)
     print(f"dispatch API listening on http://{host}:{port} (OpenAPI at /v1/openapi.json)", flush=True)
+    scheduler_stop = threading.Event()
+    scheduler = _round_scheduler(settings, sync, broker, app[DEPS].metrics, scheduler_stop) if rounds else None
     try:
         await done.wait()
     finally:
+        scheduler_stop.set()
+        if scheduler is not None:
+            await asyncio.to_thread(scheduler.join, 30)
         await runner.cleanup()
         await pipelined.aclose()
         await client.aclose()
         sync.close()
         broker.close()
+
+
+def _round_scheduler(
+    settings: Settings, client: redis.Redis, broker: Any, metrics: Metrics | None, stop: threading.Event
+) -> threading.Thread:
+    """The funnel round scheduler on a daemon thread (planning a round is blocking work)."""
+    from dispatch.rounds.scheduler import RoundScheduler
+    from dispatch.send.broker import enqueue_batch
+
+    control = CampaignControl(
+        client, lambda cid, n, delay: enqueue_batch(broker, cid, n, delay), retention_s=settings.retention_s
+    )
+    scheduler = RoundScheduler(
+        client,
+        control,
+        lambda: Planner.for_settings(client, settings),
+        metrics=metrics,
+        prices=parse_prices(settings.prices),
+    )
+    thread = threading.Thread(target=scheduler.run, args=(stop,), name="dispatch-rounds", daemon=True)
+    thread.start()
+    return thread
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -957,7 +1024,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvloop
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvloop.run(serve(settings, host=args.host, port=args.port, public_url=args.public_url))
+    uvloop.run(serve(settings, host=args.host, port=args.port, public_url=args.public_url, rounds=not args.no_rounds))
     return 0
 
 
@@ -995,6 +1062,11 @@ def add_commands(sub: Any) -> None:
         "--public-url",
         default=None,
         help="URL providers call back (signatures cover it; default: DISPATCH_CALLBACK_BASE_URL, else http://HOST:PORT)",
+    )
+    p.add_argument(
+        "--no-rounds",
+        action="store_true",
+        help="do not run the funnel round scheduler here (run `dispatch funnel run` elsewhere instead)",
     )
     p.set_defaults(handler=cmd_serve, uses_redis="always")
 

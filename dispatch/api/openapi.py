@@ -131,6 +131,18 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
         )
     ),
     Operation(
+        operation_id="getCampaignReport",
+        method="GET",
+        path="/v1/campaigns/{id}/report",
+        scope="read",
+        summary="Counts, rates, cost and timing of a campaign and of the follow-up rounds derived from it",
+        description="The campaign's round report, followed by those of every registered funnel round derived "
+        "from it (directly or through another round) that was planned; totals per channel and per provider. "
+        "`?format=csv` answers text/csv (one row per round) and `?format=png` an image/png funnel chart.",
+        parameters=[_CID, _query("format", {"type": "string", "enum": ["json", "csv", "png"]}, "answer format")],
+        responses={200: (JSON, "CampaignReport")},
+    ),
+    Operation(
         operation_id="listCampaignMessages",
         method="GET",
         path="/v1/campaigns/{id}/messages",

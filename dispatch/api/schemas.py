@@ -225,6 +225,52 @@ class CampaignStatus(_Body):
     prediction: Prediction
 
 
+Rate = Annotated[float | None, Field(description="see README 'Reports': denominator delivered where known, else sent")]
+
+
+class RoundTotals(_Body):
+    """Counts summed over rounds, and the rates of the sums."""
+
+    audience: Count
+    accepted: Count
+    sent: Count
+    delivered: Count
+    undelivered: Count
+    bounced: Count
+    failed: Count
+    human_opens: Count
+    machine_opens: Count
+    clicks: Count
+    bot_clicks: Count
+    replies: Count
+    optouts: Count
+    spam_reports: Count
+    cost: float | None
+    delivery_rate: Rate
+    open_rate: Rate
+    click_rate: Rate
+
+
+class RoundReport(RoundTotals):
+    """One round (campaign): counts, rates, cost and timing (``dispatch.rounds.report``)."""
+
+    campaign_id: str
+    channel: str
+    provider: str
+    derived_from: str | None = Field(description="the campaign this round's audience was derived from")
+    where: str | None = Field(description="the expression it was derived with")
+    predicted_start: float | None
+    predicted_finish: float | None
+    started_at: float | None
+    ended_at: float | None
+
+
+class CampaignReport(_Body):
+    rounds: list[RoundReport]
+    channels: dict[str, RoundTotals]
+    providers: dict[str, RoundTotals]
+
+
 class MessageRecord(_Body):
     message_id: str
     recipient_id: str
@@ -302,6 +348,9 @@ MODELS: Final[dict[str, type[BaseModel]]] = {
         PlanReport,
         CampaignStatus,
         CampaignPatch,
+        RoundTotals,
+        RoundReport,
+        CampaignReport,
         MessageRecord,
         MessagePage,
         SuppressionAdd,

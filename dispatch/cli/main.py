@@ -32,7 +32,7 @@ __all__ = ["CommandParser", "HelpFormatter", "announce_embedded", "build_parser"
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 #: Modules that register their own subcommands (see ``build_parser``).
-COMMAND_MODULES = ("dispatch.api.app", "dispatch.cli.plan")
+COMMAND_MODULES = ("dispatch.api.app", "dispatch.cli.plan", "dispatch.cli.rounds")
 #: Entry-point group of installed packages that add subcommands (``add_commands(sub)``).
 COMMAND_PLUGINS = "dispatch.commands"
 #: ``set_defaults(uses_redis=...)`` of a command that uses the deployment's Redis: always, or only

@@ -99,6 +99,9 @@ class Manifest:
     audience_source: str | None = None
     #: Tracked links of the body, numbered in order (``dispatch.engage.links``); unset: none.
     links: list[str] | None = None
+    #: Where a follow-up round's derived audience came from (``dispatch.rounds.derive``): source
+    #: campaign, ``where`` expression, when it was derived, counts.
+    lineage: dict[str, Any] | None = None
     #: Keys this code does not know, kept as they were and written after the known ones.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -173,6 +176,7 @@ OMITTED_WHEN_UNSET: Final = frozenset(
         "rejected_unlisted",
         "audience_source",
         "links",
+        "lineage",
     }
 )
 #: Stored keys in the order they are written.

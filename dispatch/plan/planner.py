@@ -476,11 +476,12 @@ class Planner:
         columns: ColumnMap | None = None,
         delimiter: str = ",",
         processes: int | None = None,
+        lineage: Callable[[], dict[str, Any]] | None = None,
     ) -> PlanReport:
         """Plan from a CSV or JSONL file (optionally gzip); a CSV header is checked against the
         template and the channel's address column before any row is read. A large plain CSV
         file is scanned by ``processes`` worker processes (default: one per CPU; see
-        ``dispatch.plan.csv_scan``)."""
+        ``dispatch.plan.csv_scan``). ``lineage``: as for :meth:`plan`."""
         cols = columns or ColumnMap()
         limits = self._limits()
         header = read_header(path, delimiter=delimiter, limits=limits)
@@ -505,11 +506,19 @@ class Planner:
                     yield base, chunk
                     base += chunk.total
 
-            return self._plan(spec, csv_chunks, cols, delimiter)
-        return self.plan(spec, read_audience(path, columns=cols, delimiter=delimiter, limits=limits))
+            return self._plan(spec, csv_chunks, cols, delimiter, lineage=lineage)
+        return self.plan(spec, read_audience(path, columns=cols, delimiter=delimiter, limits=limits), lineage=lineage)
 
-    def plan(self, spec: CampaignSpec, rows: Iterable[AudienceRow | Mapping[str, Any]]) -> PlanReport:
-        """Plan from parsed rows or plain mappings (see the module docstring)."""
+    def plan(
+        self,
+        spec: CampaignSpec,
+        rows: Iterable[AudienceRow | Mapping[str, Any]],
+        *,
+        lineage: Callable[[], dict[str, Any]] | None = None,
+    ) -> PlanReport:
+        """Plan from parsed rows or plain mappings (see the module docstring). ``lineage``: where
+        a derived audience came from (``dispatch.rounds.derive``), asked once the rows are read and
+        recorded in the manifest."""
 
         def item_chunks(config: ScanConfig) -> Iterator[tuple[int, Chunk]]:
             scanner = RowScanner(config, validator=self._validator(config.region))
@@ -520,7 +529,7 @@ class Planner:
                     return
                 yield 0, scanner.scan_items(part)
 
-        return self._plan(spec, item_chunks, ColumnMap(), ",")
+        return self._plan(spec, item_chunks, ColumnMap(), ",", lineage=lineage)
 
     def stored_plan(self, spec: CampaignSpec) -> PlanReport | None:
         """The committed plan of ``spec.id`` (``existing=True``) without reading any audience;
@@ -553,6 +562,8 @@ class Planner:
         source: Callable[[ScanConfig], Iterator[tuple[int, Chunk]]],
         columns: ColumnMap,
         delimiter: str,
+        *,
+        lineage: Callable[[], dict[str, Any]] | None = None,
     ) -> PlanReport:
         raw = self._client.get(keys.manifest(spec.id))
         stored = Manifest.decode(cast(bytes, raw), campaign_id=spec.id) if raw is not None else None
@@ -662,6 +673,7 @@ class Planner:
                 rejected_file=str(rejected_path),
                 rejected_unlisted=rejects.unlisted,
                 links=list(planned_links.links) or None,
+                lineage=lineage() if lineage is not None else None,
             )
             ttl_ms = max(1000, int((expires_at - self._clock()) * 1000))
             committed = writer.commit(manifest, ttl_ms)

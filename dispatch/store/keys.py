@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "CAMPAIGNS",
+    "FUNNELS",
     "RESERVED_ID_PREFIX",
     "SWEEPER",
     "TRIGGERED_PREFIX",
@@ -26,6 +27,7 @@ __all__ = [
     "manifest",
     "progress",
     "records",
+    "round_state",
     "staged_batch",
     "worker_alive",
 ]
@@ -33,6 +35,8 @@ __all__ = [
 PREFIX = "dp"
 #: Sorted set of campaign ids by creation time.
 CAMPAIGNS = f"{PREFIX}:campaigns"
+#: Hash of registered funnels: funnel id -> the funnel as JSON (``dispatch.rounds.funnel``).
+FUNNELS = f"{PREFIX}:funnels"
 #: Hash of the workers' machine-speed probes: worker id -> probe microseconds (dispatch.plan.calibration).
 WORKER_SPEED = f"{PREFIX}:workers:speed"
 #: Ids of triggered campaigns start with this (``triggered:sms-2026112512``); ':' is outside the
@@ -104,3 +108,9 @@ def progress(cid: str) -> str:
 
 def worker_alive(worker_id: str) -> str:
     return f"{PREFIX}:worker:{worker_id}"
+
+
+def round_state(cid: str) -> str:
+    """Hash of a funnel round's start: its claim (owner, lease), when its source ended, and
+    whether it started (``dispatch.rounds.scheduler``)."""
+    return f"{PREFIX}:{{{cid}}}:round"
