@@ -35,7 +35,7 @@ def translate_errors(provider: str) -> Iterator[None]:
     except aiohttp.ConnectionTimeoutError as exc:  # no connection in time: nothing was sent
         raise ProviderUnreachable(f"{provider}: no connection in time") from exc
     except aiohttp.ClientConnectorError as exc:  # refused, unreachable: nothing was sent
-        raise ProviderUnreachable(f"{provider}: connection failed ({type(exc).__name__})") from exc
+        raise ProviderUnreachable(f"{provider}: cannot connect ({type(exc).__name__})") from exc
     except TimeoutError as exc:  # aiohttp's ServerTimeoutError too
         raise ProviderTimeout(f"{provider}: no answer in time") from exc
     except aiohttp.ClientConnectionError as exc:  # refused, reset, disconnected

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
@@ -67,6 +68,8 @@ class LocalCluster:
     worker_env: dict[str, str] = field(default_factory=dict)
     #: One /metrics port per worker (by start order); empty = no endpoints.
     metrics_ports: list[int] = field(default_factory=list)
+    #: Where each worker's stderr goes (``worker-<n>.log``); None: inherited.
+    log_dir: Path | None = None
     target: RedisTarget | None = None
     mock_url: str = ""
     _mock: subprocess.Popen[bytes] | None = None
@@ -142,7 +145,14 @@ class LocalCluster:
         position = len(self._workers)
         if position < len(self.metrics_ports):
             env["DISPATCH_METRICS_PORT"] = str(self.metrics_ports[position])
-        proc = subprocess.Popen([sys.executable, "-m", "dispatch.cli", "worker"], env=env, stdin=subprocess.DEVNULL)
+        stderr: Any = None
+        if self.log_dir is not None:
+            stderr = (self.log_dir / f"worker-{position}.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dispatch.cli", "worker"], env=env, stdin=subprocess.DEVNULL, stderr=stderr
+        )
+        if stderr is not None:
+            stderr.close()  # the child holds its own descriptor
         self._workers.append(proc)
         return proc
 

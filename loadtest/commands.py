@@ -18,7 +18,7 @@ from channels import default_registry
 from dispatch.config import Settings
 from loadtest.mock_options import add_behaviour_options, behaviour_argv
 
-__all__ = ["add_commands", "cmd_bench", "cmd_demo", "cmd_loadtest", "cmd_mock_provider"]
+__all__ = ["add_commands", "cmd_bench", "cmd_chaos", "cmd_demo", "cmd_loadtest", "cmd_mock_provider"]
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -82,6 +82,27 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
+def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest.chaos import ChaosOptions, run_chaos
+
+    options = ChaosOptions(
+        recipients=args.recipients,
+        workers=args.workers,
+        rate=args.rate,
+        worker_kills=args.worker_kills,
+        valkey_kill=not args.no_valkey_kill,
+        cut_aof=not args.no_aof_cut,
+        outage_s=args.outage,
+    )
+    report = run_chaos(settings, options, say=(lambda _: None) if args.json else print)
+    if args.json:
+        print(orjson.dumps(report.as_dict()).decode())
+    else:
+        print(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2).decode())
+        print("PASS" if report.ok else "FAIL")
+    return 0 if report.ok else 1
+
+
 def add_commands(sub: Any) -> None:
     """Register ``demo``, ``mock-provider``, ``loadtest`` and ``bench`` on the ``dispatch`` parser's
     subparsers."""
@@ -123,6 +144,21 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--out", type=Path, default=None, help="directory of the JSON report and PNG chart")
     p.add_argument("--json", action="store_true", help="print the report as JSON (no progress bar)")
     p.set_defaults(handler=cmd_loadtest)
+
+    p = sub.add_parser(
+        "chaos",
+        help="crash drill: send a campaign while workers and Valkey are SIGKILLed and the provider is down, "
+        "then compare every recipient with the provider's ledger (run in a DISPATCH_HOME of its own)",
+    )
+    p.add_argument("--recipients", type=int, default=20_000, help="audience rows to generate")
+    p.add_argument("--workers", type=int, default=3, help="worker processes")
+    p.add_argument("--rate", type=float, default=500.0, help="campaign cap, messages per second")
+    p.add_argument("--worker-kills", type=int, default=2, help="worker SIGKILLs (each restarted 2 s later)")
+    p.add_argument("--no-valkey-kill", action="store_true", help="do not SIGKILL the Valkey server")
+    p.add_argument("--no-aof-cut", action="store_true", help="keep the AOF whole when Valkey is killed")
+    p.add_argument("--outage", type=float, default=20.0, metavar="S", help="provider outage in seconds (0: none)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    p.set_defaults(handler=cmd_chaos)
 
     p = sub.add_parser("bench", help="raw provider ceiling vs the full pipeline, and the planner benchmark")
     p.add_argument("--messages", type=int, default=200_000, help="messages the pipeline sends")

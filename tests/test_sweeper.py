@@ -42,12 +42,15 @@ def _campaign(client: redis.Redis, cid: str, batches: int) -> None:
 
 def test_stalled_campaign_gets_its_unfinished_unleased_batches_back(redis_client: redis.Redis) -> None:
     cid = "sweep-1"
-    _campaign(redis_client, cid, 4)
+    _campaign(redis_client, cid, 5)
     redis_client.sadd(keys.done_batches(cid), 0)  # done
-    redis_client.hset(keys.records(cid, 1), "L", "alive-worker")  # being sent
+    redis_client.hset(keys.records(cid, 1), "L", "alive-worker|1.0")  # being sent (its heartbeat says)
     redis_client.set(keys.worker_alive("alive-worker"), b"1")
+    redis_client.sadd(keys.worker_runs("alive-worker"), keys.run_member(cid, 1))
     redis_client.hset(keys.records(cid, 2), "W", "99999999999")  # waiting for quiet hours to end
     # batch 3: not done, no lease, not waiting: its broker message was lost
+    # batch 4: leased by a live worker that is not sending it (a restart lost the lease's release)
+    redis_client.hset(keys.records(cid, 4), "L", "alive-worker|1.0")
     enqueued: list[tuple[str, int]] = []
     actions: list[tuple[str, int]] = []
     clock = _Clock()
@@ -64,8 +67,8 @@ def test_stalled_campaign_gets_its_unfinished_unleased_batches_back(redis_client
     clock.now += 5
     assert sweeper.sweep() == []  # not stalled long enough
     clock.now += 6
-    assert sweeper.sweep() == [(cid, [3])]
-    assert enqueued == [(cid, 3)] and actions == [("requeued", 1)]
+    assert sweeper.sweep() == [(cid, [3, 4])]
+    assert enqueued == [(cid, 3), (cid, 4)] and actions == [("requeued", 2)]
     clock.now += 5
     assert sweeper.sweep() == []  # cooling down
     # a second worker is not elected while the first one sweeps

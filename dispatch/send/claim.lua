@@ -3,7 +3,7 @@
 -- message this run never issues stays claimable by the next one.
 -- KEYS[1] message records hash of the batch, KEYS[2] campaign control hash
 -- ARGV[1] owner (worker id), ARGV[2] now (unix s), ARGV[3] liveness key prefix,
--- ARGV[4] records TTL (s), ARGV[5..] message indices
+-- ARGV[4] records TTL (s), ARGV[5] this run ('<campaign>|<batch>'), ARGV[6..] message indices
 -- Record format: state|attempts|owner|provider_id|code|ts[|provider]
 -- The batch's run is a lease, field 'L' = owner: a live other owner's lease -> {-2} (the batch
 -- is being sent elsewhere; try later). Returns {-1} when the campaign is not running, else per
@@ -17,14 +17,23 @@ local state = redis.call('HGET', KEYS[2], 'state')
 if state ~= 'running' then
   return {-1}
 end
+-- A lease is 'owner|since'; it is live while its owner is alive and either took it less than
+-- LEASE_FRESH_S ago or says (its heartbeat's set of runs) that it is sending this batch: a live
+-- worker's lease on a batch it no longer sends (a run whose release a Redis restart lost) is stale.
+local function lease_live(lease, owner, alive, member, now)
+  if not lease then return false end
+  local holder, since = string.match(lease, '^([^|]*)|?([^|]*)$')
+  if holder == owner or redis.call('EXISTS', alive .. holder) == 0 then return false end
+  if tonumber(since) and tonumber(now) - tonumber(since) < 5 then return true end
+  return redis.call('SISMEMBER', alive .. holder .. ':runs', member) == 1
+end
 local owner, alive = ARGV[1], ARGV[3]
-local lease = redis.call('HGET', KEYS[1], 'L')
-if lease and lease ~= owner and redis.call('EXISTS', alive .. lease) == 1 then
+if lease_live(redis.call('HGET', KEYS[1], 'L'), owner, alive, ARGV[5], ARGV[2]) then
   return {-2}
 end
-redis.call('HSET', KEYS[1], 'L', owner)
+redis.call('HSET', KEYS[1], 'L', owner .. '|' .. ARGV[2])
 local out = {}
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   local idx = ARGV[i]
   local rec = redis.call('HGET', KEYS[1], idx)
   local code, attempts, extra = 1, 0, ''

@@ -2,7 +2,8 @@
 -- record* standing for every message that has no record of its own.
 -- KEYS[1] message records hash of the batch, KEYS[2] campaign control hash
 -- ARGV[1] owner (worker id), ARGV[2] now (unix s), ARGV[3] liveness key prefix,
--- ARGV[4] records TTL (s), ARGV[5] number of messages in the batch
+-- ARGV[4] records TTL (s), ARGV[5] number of messages in the batch, ARGV[6] this run
+-- ('<campaign>|<batch>')
 -- Own record (field = index): state|attempts|owner|provider_id|code|ts (as claim.lua).
 -- Group record (field 'g'): state|attempts|owner|provider_id_prefix|code|ts|first|last|members
 --   its members are the indices first..last that have no record of their own; 'members' counts
@@ -20,12 +21,21 @@ local state = redis.call('HGET', KEYS[2], 'state')
 if state ~= 'running' then
   return {-1}
 end
+-- A lease is 'owner|since'; it is live while its owner is alive and either took it less than
+-- LEASE_FRESH_S ago or says (its heartbeat's set of runs) that it is sending this batch: a live
+-- worker's lease on a batch it no longer sends (a run whose release a Redis restart lost) is stale.
+local function lease_live(lease, owner, alive, member, now)
+  if not lease then return false end
+  local holder, since = string.match(lease, '^([^|]*)|?([^|]*)$')
+  if holder == owner or redis.call('EXISTS', alive .. holder) == 0 then return false end
+  if tonumber(since) and tonumber(now) - tonumber(since) < 5 then return true end
+  return redis.call('SISMEMBER', alive .. holder .. ':runs', member) == 1
+end
 local owner, now, alive = ARGV[1], ARGV[2], ARGV[3]
-local lease = redis.call('HGET', KEYS[1], 'L')
-if lease and lease ~= owner and redis.call('EXISTS', alive .. lease) == 1 then
+if lease_live(redis.call('HGET', KEYS[1], 'L'), owner, alive, ARGV[6], now) then
   return {-2}
 end
-redis.call('HSET', KEYS[1], 'L', owner)
+redis.call('HSET', KEYS[1], 'L', owner .. '|' .. now)
 local count = tonumber(ARGV[5])
 local flat = redis.call('HGETALL', KEYS[1])
 local own = {}

@@ -777,6 +777,15 @@ class Engine:
         self._control[campaign_id] = (now, state)
         return state
 
+    def active_runs(self) -> list[tuple[str, int]]:
+        """The batches this process is sending now (read from other threads: a copy)."""
+        for _ in range(3):
+            try:
+                return list(self._active)
+            except RuntimeError:  # changed size while copied: try again
+                continue
+        return []
+
     # -- Redis restarts -------------------------------------------------------------------------
 
     async def check_redis(self, *, every_s: float = RUN_ID_CHECK_S) -> bool:

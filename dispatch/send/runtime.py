@@ -360,7 +360,15 @@ class WorkerRuntime:
 
     def _beat_once(self) -> None:
         ttl_ms = max(1000, self.settings.heartbeat_timeout_ms // 2)
-        self._sync.set(keys.worker_alive(self.owner), b"1", px=ttl_ms)
+        pipe = self._sync.pipeline(transaction=False)
+        pipe.set(keys.worker_alive(self.owner), b"1", px=ttl_ms)
+        runs = keys.worker_runs(self.owner)
+        pipe.delete(runs)
+        active = self._engine.active_runs() if self._engine is not None else []
+        if active:
+            pipe.sadd(runs, *(keys.run_member(cid, batch) for cid, batch in active))
+            pipe.pexpire(runs, ttl_ms)
+        pipe.execute()
         self._broker.do_qsize(QUEUE)  # any broker command refreshes dramatiq's heartbeat
 
     def _probe_speed(self) -> None:

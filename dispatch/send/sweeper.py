@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 #: Counters a message record decides (``retries`` counts events, not messages: left alone).
 _FROM_RECORDS = ("sent", "delivered", "undelivered", "bounced", "failed", "dead_letters", "suppressed", "skipped")
 _TERMINAL = ("sent", "failed", "suppressed", "skipped")
+#: A lease younger than this is its run's, whatever its holder's heartbeat says yet (claim.lua).
+LEASE_FRESH_S = 5.0
 
 
 @dataclass(slots=True)
@@ -149,7 +151,7 @@ class Sweeper:
             if batch in done:
                 continue
             lease, waiting = cast(list[bytes | None], self._client.hmget(keys.records(campaign_id, batch), ["L", "W"]))
-            if lease is not None and self._client.exists(keys.worker_alive(lease.decode())):
+            if lease is not None and self._sending(lease.decode(), campaign_id, batch, now):
                 continue
             if waiting is not None and float(waiting) > now:
                 continue
@@ -174,6 +176,15 @@ class Sweeper:
                 )
                 self._act("recounted", 1)
         return stuck
+
+    def _sending(self, lease: str, campaign_id: str, batch: int, now: float) -> bool:
+        """Whether the lease's holder is sending the batch (as ``claim.lua`` reads a lease)."""
+        holder, _, since = lease.partition("|")
+        if not self._client.exists(keys.worker_alive(holder)):
+            return False
+        if since and now - float(since) < LEASE_FRESH_S:
+            return True
+        return bool(self._client.sismember(keys.worker_runs(holder), keys.run_member(campaign_id, batch)))
 
     def _act(self, action: str, n: int) -> None:
         if self._on_action is not None:

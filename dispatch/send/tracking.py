@@ -303,7 +303,14 @@ class Tracker:
         :class:`Claim` per index."""
         raw = await self._claim(
             keys=[keys.records(campaign_id, batch), keys.control(campaign_id)],
-            args=[owner, f"{time.time():.3f}", keys.worker_alive(""), self._ttl, *indices],
+            args=[
+                owner,
+                f"{time.time():.3f}",
+                keys.worker_alive(""),
+                self._ttl,
+                keys.run_member(campaign_id, batch),
+                *indices,
+            ],
         )
         if raw and raw[0] == -1:
             return None
@@ -359,7 +366,14 @@ class Tracker:
         message without a record of its own; ``None`` when the campaign is not running."""
         raw = await self._claim_group(
             keys=[keys.records(campaign_id, batch), keys.control(campaign_id)],
-            args=[owner, f"{time.time():.3f}", keys.worker_alive(""), self._ttl, count],
+            args=[
+                owner,
+                f"{time.time():.3f}",
+                keys.worker_alive(""),
+                self._ttl,
+                count,
+                keys.run_member(campaign_id, batch),
+            ],
         )
         if raw and raw[0] == -1:
             return None

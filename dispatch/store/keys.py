@@ -28,8 +28,10 @@ __all__ = [
     "progress",
     "records",
     "round_state",
+    "run_member",
     "staged_batch",
     "worker_alive",
+    "worker_runs",
 ]
 
 PREFIX = "dp"
@@ -104,6 +106,16 @@ def dead_letters(cid: str) -> str:
 def progress(cid: str) -> str:
     """Ring of recent ``time:count`` progress samples, newest first (``dispatch.send.control``)."""
     return f"{PREFIX}:{{{cid}}}:progress"
+
+
+def worker_runs(worker_id: str) -> str:
+    """Set of the batches a live worker is sending now (``<campaign>|<batch>``), from its heartbeat:
+    a batch's lease (``claim.lua``) held by a live worker that is not sending it is stale."""
+    return worker_alive(worker_id) + ":runs"
+
+
+def run_member(cid: str, batch: int) -> str:
+    return f"{cid}|{batch}"
 
 
 def worker_alive(worker_id: str) -> str:
