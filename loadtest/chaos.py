@@ -41,6 +41,7 @@ from typing import Any
 
 import orjson
 import redis
+from dramatiq.errors import QueueJoinTimeout
 
 from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings
@@ -193,7 +194,13 @@ def run_chaos(settings: Settings, options: ChaosOptions, *, say: Callable[[str],
                         say("chaos: valkey restarted")
             time.sleep(0.1)
         report.elapsed_s = round(time.monotonic() - started, 1)
-        cluster.wait_drained(timeout_s=60)
+        try:
+            # duplicate batch messages still queued finish first (nothing is checked before);
+            # a message a Redis restart left in a live worker's ack set never drains: dramatiq
+            # requeues it only when that worker dies, and its run then finds every message done
+            cluster.wait_drained(timeout_s=15)
+        except QueueJoinTimeout:
+            report.events.append({"event": "broker-not-drained", "t": round(time.monotonic() - started, 1)})
         status = control.status(cid, speed=False)
         report.sent = status.counters["sent"]
         report.failed = status.counters["failed"]

@@ -258,3 +258,21 @@ async def test_advance_survives_a_flushed_script_cache(rig: Rig) -> None:
     answers = await tracker.advance("noscript-1", 0, "w", [Outcome(0, "sent", 1, "SM1")], [("1", 0, "twilio")])
     assert answers == [True]
     assert campaign_counters(rig.sync, "noscript-1")["sent"] == 1
+
+
+def test_the_journal_forgets_only_what_the_same_server_has_surely_kept() -> None:
+    now = [100.0]
+    journal = Journal(keep_s=3.0, clock=lambda: now[0])
+    outcome = Outcome(4, "sent", 1, "SM4")
+    journal.remember("c", 0, [outcome])
+    journal.written("c", 0, [outcome])
+    now[0] = 160.0  # a minute later, but Redis was unreachable all along: nothing is forgotten
+    assert journal.known("c", 0) == {4: outcome}
+    journal.durable(102.0)  # the same server seen 2 s after the write: not surely on disk yet
+    assert journal.known("c", 0) == {4: outcome}
+    journal.durable(104.0)
+    assert journal.known("c", 0) == {}
+    unwritten = Outcome(5, "sent", 1, "SM5")
+    journal.remember("c", 0, [unwritten])
+    journal.durable(500.0)  # never written: kept until it is
+    assert journal.known("c", 0) == {5: unwritten}

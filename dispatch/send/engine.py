@@ -801,6 +801,9 @@ class Engine:
         run_id = str(info.get("run_id", ""))
         previous, self._run_id = self._run_id, run_id
         if previous is None or previous == run_id:
+            if previous is not None:
+                # the same server since the last look: what was written before is on its disk
+                self.journal.durable(self._journal_clock_at(now))
             return False
         self._settle_until = time.monotonic() + SETTLE_S
         outcomes, inflight = await self.reassert()
@@ -814,6 +817,11 @@ class Engine:
         if self._metrics is not None:
             self._metrics.record_redis_restart()
         return True
+
+    def _journal_clock_at(self, monotonic_now: float) -> float:
+        """``monotonic_now`` less the time since the previous check: only what was written before
+        the previous look at the same server is surely durable now."""
+        return monotonic_now - RUN_ID_CHECK_S
 
     async def reassert(self) -> tuple[int, int]:
         """Write again every outcome the journal remembers and every request this process has on

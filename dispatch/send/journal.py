@@ -1,7 +1,10 @@
 """What a worker process knows of its own recent answers, for as long as Redis could lose them.
 
 Every final outcome a run confirms is remembered here *before* it is written to Redis, and kept
-``keep_s`` seconds after the write succeeded. So:
+until Redis has surely made it durable: an entry written at ``t`` is forgotten only once the
+engine has seen the same Redis server (same run id) at a time later than ``t + keep_s``
+(:meth:`Journal.durable`; ``keep_s`` covers ``appendfsync everysec``'s window). While Redis is
+unreachable nothing is forgotten, however long the outage. So:
 
 - when a write fails (Redis unreachable) the run's answers are not lost: the next run of the
   batch finds its messages ``sending`` (issued by this process) and takes the known answer instead
@@ -29,7 +32,7 @@ FINAL_STATES = frozenset({"sent", "failed", "dead", "suppressed", "skipped"})
 class Journal:
     """Recent final outcomes of this process, by (campaign, batch) and index."""
 
-    def __init__(self, *, keep_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, *, keep_s: float = 3.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._keep_s = keep_s
         self._clock = clock
         self._by_batch: dict[tuple[str, int], dict[int, Outcome]] = {}
@@ -44,19 +47,21 @@ class Journal:
                 known[outcome.index] = outcome
 
     def written(self, campaign_id: str, batch: int, outcomes: Sequence[Outcome]) -> None:
-        """``outcomes`` reached Redis: forget them ``keep_s`` from now."""
+        """``outcomes`` reached Redis (not yet surely its disk: see :meth:`durable`)."""
         now = self._clock()
-        self._prune(now)
         for outcome in outcomes:
             if outcome.state in FINAL_STATES:
                 self._written.append((now, campaign_id, batch, outcome.index, outcome))
 
+    def durable(self, seen_at: float) -> None:
+        """The same Redis server answered at ``seen_at`` (this journal's clock): what was written
+        more than ``keep_s`` before it is on its disk and is forgotten."""
+        self._prune(seen_at)
+
     def known(self, campaign_id: str, batch: int) -> dict[int, Outcome]:
-        self._prune(self._clock())
         return self._by_batch.get((campaign_id, batch), {})
 
     def batches(self) -> Iterator[tuple[str, int, list[Outcome]]]:
-        self._prune(self._clock())
         for (campaign_id, batch), known in list(self._by_batch.items()):
             if known:
                 yield campaign_id, batch, list(known.values())
