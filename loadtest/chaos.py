@@ -140,7 +140,6 @@ def run_chaos(settings: Settings, options: ChaosOptions, *, say: Callable[[str],
         if options.outage_s > 0:
             schedule.append((0.7, "outage"))
         schedule.sort()
-        aof_sizes: list[tuple[float, int]] = []
         restarts: list[tuple[float, str]] = []
         deadline = started + options.timeout_s
         done = 0
@@ -154,10 +153,6 @@ def run_chaos(settings: Settings, options: ChaosOptions, *, say: Callable[[str],
                 if status.complete:
                     report.completed = True
                     break
-            aof = _aof_file(home)
-            if aof is not None:
-                aof_sizes.append((time.monotonic(), aof.stat().st_size))
-                aof_sizes = aof_sizes[-40:]
             while schedule and done >= schedule[0][0] * plan.accepted:
                 _, event = schedule.pop(0)
                 report.events.append({"event": event, "at_done": done, "t": round(time.monotonic() - started, 1)})
@@ -170,13 +165,15 @@ def run_chaos(settings: Settings, options: ChaosOptions, *, say: Callable[[str],
                 elif event == "valkey-kill":
                     server = find_embedded(home)
                     assert server is not None
-                    second_ago = [size for t, size in aof_sizes if t <= time.monotonic() - 1.0]
+                    aof = _aof_file(home)
+                    kept = aof.stat().st_size if aof is not None else 0
+                    time.sleep(1.0)  # the last second before the crash: what the cut loses
                     os.kill(server.pid, signal.SIGKILL)
                     _wait(lambda: find_embedded(home) is None, 10)
-                    if options.cut_aof and aof is not None and second_ago:
-                        cut = aof.stat().st_size - second_ago[-1]
+                    if options.cut_aof and aof is not None:
+                        cut = aof.stat().st_size - kept
                         with aof.open("r+b") as handle:
-                            handle.truncate(second_ago[-1])
+                            handle.truncate(kept)
                         report.events[-1]["aof_bytes_cut"] = cut
                     restarts.append((time.monotonic() + options.restart_after_s, "valkey"))
                 elif event == "outage":

@@ -1076,12 +1076,21 @@ class Engine:
         chunks = [pending[i : i + size] for i in range(0, len(pending), size)]
 
         async def run_chunk(chunk: list[Item]) -> None:
-            async with self._sem:
-                if await ctx.running():
-                    await self._chain(ctx, chunk)
-                else:
-                    # pause: hand the message back untouched; cancel: it is not sent
-                    ctx.hand_back(chunk)
+            try:
+                async with self._sem:
+                    if await ctx.running():
+                        await self._chain(ctx, chunk)
+                    else:
+                        # pause: hand the message back untouched; cancel: it is not sent
+                        ctx.hand_back(chunk)
+            except BaseException:
+                # a step after the provider's answer failed (Redis went away): the answers are
+                # still this process's knowledge (the journal), never lost to a resend
+                answered = [
+                    item.outcome for item in chunk if item.outcome is not None and not item.foreign and not item.doubt
+                ]
+                await mode.confirm([o for o in answered if o.state != "retry"])
+                raise
             done: list[Outcome] = []
             for item in chunk:
                 if item.foreign or item.doubt:
@@ -1403,7 +1412,9 @@ class GroupedMode(_ModeBase):
         return allowed
 
     async def confirm(self, outcomes: list[Outcome]) -> None:
-        pass  # the items carry them: ``group_outcome`` reads them in ``close``
+        # the items carry them (``group_outcome`` reads them in ``close``); the journal keeps them
+        # in case the run ends before it closes
+        self._journal.remember(self._campaign_id, self._batch, outcomes)
 
     async def close(self, ctx: SendContext, items: list[Item]) -> None:
         group, singles = group_outcome(ctx, items)
@@ -1420,7 +1431,9 @@ class GroupedMode(_ModeBase):
             await self._tracker.finish_group(
                 self._campaign_id, self._batch, self._owner, singles, group, retries=ctx.retries
             )
-        self._journal.written(self._campaign_id, self._batch, singles)
+        self._journal.written(
+            self._campaign_id, self._batch, [item.outcome for item in items if item.outcome is not None] + singles
+        )
 
 
 class _Claimed:
