@@ -22,6 +22,7 @@ import redis
 from dispatch.errors import CampaignStateError, ConfigError
 from dispatch.plan.calibration import FleetSpeed, speed_factor
 from dispatch.plan.snapshot import extend_retention, load_manifest
+from dispatch.send.eta import LiveEta, live_eta
 from dispatch.send.tracking import campaign_counters
 from dispatch.store import keys
 
@@ -119,6 +120,13 @@ class CampaignStatus:
     #: (:mod:`dispatch.plan.calibration`; > 1: slower than the reference machine). None: unknown.
     speed_factor_plan: float | None = None
     speed_factor_now: float | None = None
+    #: The rate the ETA assumes (messages/s) and where it came from (:mod:`dispatch.send.eta`:
+    #: ``live``, ``before_gap``: the last rate before a quiet-hours wait, ``plan``, ``none``).
+    eta_rate: float | None = None
+    eta_source: str = "none"
+    #: The plan's range of the finish (epoch seconds; None: a plan without one, or not started).
+    predicted_finish_low: float | None = None
+    predicted_finish_high: float | None = None
 
     @property
     def speed_change(self) -> float | None:
@@ -146,6 +154,7 @@ class CampaignStatus:
     def with_accepted(self, accepted: int) -> CampaignStatus:
         """The same status for another accepted count (a triggered campaign counts its own)."""
         composed = _compose(
+            eta=None,
             campaign_id=self.campaign_id,
             state=self.state,
             accepted=accepted,
@@ -159,7 +168,13 @@ class CampaignStatus:
             ended_at=self.ended_at,
             as_of=self.as_of,
         )
-        return replace(composed, speed_factor_plan=self.speed_factor_plan, speed_factor_now=self.speed_factor_now)
+        return replace(
+            composed,
+            speed_factor_plan=self.speed_factor_plan,
+            speed_factor_now=self.speed_factor_now,
+            predicted_finish_low=self.predicted_finish_low,
+            predicted_finish_high=self.predicted_finish_high,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         def rounded(value: float | None, digits: int) -> float | None:
@@ -187,6 +202,10 @@ class CampaignStatus:
             "as_of": round(self.as_of, 3),
             "speed_factor_plan": rounded(self.speed_factor_plan, 3),
             "speed_factor_now": rounded(self.speed_factor_now, 3),
+            "eta_rate": rounded(self.eta_rate, 1),
+            "eta_source": self.eta_source,
+            "predicted_finish_low": rounded(self.predicted_finish_low, 3),
+            "predicted_finish_high": rounded(self.predicted_finish_high, 3),
         }
 
 
@@ -202,6 +221,7 @@ def live_rate(samples: Sequence[tuple[float, int]], now: float, count: int) -> f
 
 def _compose(
     *,
+    eta: LiveEta | None,
     campaign_id: str,
     state: str,
     accepted: int,
@@ -225,7 +245,15 @@ def _compose(
         not_sent = counters["suppressed"] + counters["skipped"]
         pending = max(0, accepted - sent - failed - not_sent)
     speed = live_rate if live_rate is not None else mean_rate
-    eta = pending / speed if pending and speed > 0 and state == "running" else None
+    eta_rate: float | None = None
+    source = "none"
+    if state != "running" or not pending:
+        eta_s = None
+    elif eta is not None:  # the live ETA (dispatch.send.eta)
+        eta_s, eta_rate, source = eta.eta_s, eta.rate, eta.source
+    else:  # no progress ring (a triggered campaign's own count): the current rate
+        eta_s = pending / speed if speed > 0 else None
+        eta_rate, source = (speed, "live") if eta_s is not None else (None, "none")
     return CampaignStatus(
         campaign_id=campaign_id,
         state=state,
@@ -238,7 +266,9 @@ def _compose(
         current_rate=speed,
         live_rate=live_rate,
         mean_rate=mean_rate,
-        eta_s=eta,
+        eta_s=eta_s,
+        eta_rate=eta_rate,
+        eta_source=source,
         predicted_s=predicted_s,
         deadline=deadline,
         started_at=started_at,
@@ -388,6 +418,10 @@ class CampaignControl:
         elapsed = (ended or now) - started if started is not None else 0.0
         mean = outcomes / elapsed if elapsed > 0 else 0.0
         live = None
+        rate_raw = control.get(b"rate")
+        cap = float(rate_raw) if rate_raw else manifest.rate
+        prediction = manifest.prediction or {}
+        eta: LiveEta | None = None
         if state in {"running", "paused"} and started is not None:
             raw = cast(
                 list[bytes],
@@ -396,23 +430,35 @@ class CampaignControl:
                     args=[f"{now:.3f}", outcomes, SAMPLE_EVERY_S, SAMPLES_KEPT],
                 ),
             )
-            live = live_rate([_parse_sample(item) for item in raw], now, outcomes)
-        rate_raw = control.get(b"rate")
+            samples = [_parse_sample(item) for item in raw]
+            live = live_rate(samples, now, outcomes)
+            pending = accepted - counters["sent"] - counters["failed"] - counters["suppressed"] - counters["skipped"]
+            eta = live_eta(
+                now=now,
+                done=outcomes,
+                pending=max(0, pending),
+                samples=samples,
+                schedule=[(float(g["not_before"]), int(g["recipients"])) for g in manifest.schedule or ()],
+                rate_cap=cap,
+                plan_rate=float(prediction["rate"]) if prediction.get("rate") else None,
+            )
         composed = _compose(
+            eta=eta,
             campaign_id=campaign_id,
             state=state,
             accepted=accepted,
             counters=counters,
             live_rate=live,
             mean_rate=mean,
-            rate=float(rate_raw) if rate_raw else manifest.rate,
+            rate=cap,
             predicted_s=manifest.predicted_duration_s,
             deadline=manifest.deadline,
             started_at=started,
             ended_at=ended,
             as_of=now,
         )
-        plan_factor = (manifest.prediction or {}).get("speed_factor")
+        plan_factor = prediction.get("speed_factor")
+        low, high = prediction.get("duration_low_s"), prediction.get("duration_high_s")
         now_factor = None
         if speed and state in {"running", "paused"}:  # what the workers measure while they send
             figures = list(FleetSpeed(self._client).live().values())
@@ -421,6 +467,8 @@ class CampaignControl:
             composed,
             speed_factor_plan=float(plan_factor) if plan_factor else None,
             speed_factor_now=now_factor,
+            predicted_finish_low=started + float(low) if started is not None and low else None,
+            predicted_finish_high=started + float(high) if started is not None and high else None,
         )
 
 

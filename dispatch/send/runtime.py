@@ -38,6 +38,7 @@ from dispatch.plan.calibration import (
     SpeedProbeError,
     quiet_probe,
 )
+from dispatch.plan.evidence import EvidenceStore
 from dispatch.rules.frequency import AsyncFrequencyStore, FrequencyCap
 from dispatch.rules.suppression import AsyncSuppressionStore, check_suppression_key, hasher_for
 from dispatch.send.broker import BROKER_NAMESPACE, QUEUE
@@ -56,6 +57,7 @@ from dispatch.send.engine import (
     render_step,
 )
 from dispatch.send.retry import RetryPolicy
+from dispatch.send.sendstats import SendStats
 from dispatch.send.tracking import Tracker
 from dispatch.store import keys
 from monitoring.exposition import MetricsServer, start_metrics_server
@@ -139,6 +141,8 @@ class WorkerRuntime:
         self._limiter_keys: list[str] = []
         self._fleet = FleetSpeed(self._sync)
         self._prober = threading.Thread(target=self._probe_speed, name="dispatch-speed-probe", daemon=True)
+        #: This process's send measurements, published as plan-time evidence (dispatch.plan.evidence).
+        self.send_stats = SendStats(EvidenceStore(self._sync), owner)
 
     @property
     def engine(self) -> Engine:
@@ -211,6 +215,7 @@ class WorkerRuntime:
         """Per-message metrics of one provider answer (no address ever reaches a label)."""
         provider = ctx.channel.provider
         self.metrics.observe_latency(provider, elapsed)
+        self.send_stats.observe(ctx.channel.name, provider, elapsed)
         if isinstance(result, Retryable):
             self.metrics.record_send(ctx.channel.name, provider, "retried")
             self.metrics.record_retry(provider, retry_cause(result))
@@ -258,6 +263,7 @@ class WorkerRuntime:
             try:
                 self._beat_once()
                 self.metrics.heartbeat()
+                self.send_stats.tick()
                 if time.monotonic() - last_gauges >= GAUGES_EVERY_S:
                     last_gauges = time.monotonic()
                     self._refresh_gauges()
@@ -299,6 +305,11 @@ class WorkerRuntime:
                 estimated_finish_ts=now + status.eta_s if status.eta_s is not None else None,
                 deadline_ts=status.deadline,
                 paused=status.state == "paused",
+                predicted_range_ts=(
+                    (status.predicted_finish_low, status.predicted_finish_high)
+                    if status.predicted_finish_low is not None and status.predicted_finish_high is not None
+                    else None
+                ),
             )
 
     def stop(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "CAMPAIGNS",
+    "EVIDENCE_WORKERS",
     "RESERVED_ID_PREFIX",
     "TRIGGERED_PREFIX",
     "WORKER_SPEED",
@@ -18,6 +19,7 @@ __all__ = [
     "control",
     "counters",
     "dead_letters",
+    "evidence",
     "is_triggered",
     "manifest",
     "progress",
@@ -31,6 +33,8 @@ PREFIX = "dp"
 CAMPAIGNS = f"{PREFIX}:campaigns"
 #: Hash of the workers' machine-speed probes: worker id -> probe microseconds (dispatch.plan.calibration).
 WORKER_SPEED = f"{PREFIX}:workers:speed"
+#: Sorted set of the workers that published send evidence: worker id -> last time (dispatch.plan.evidence).
+EVIDENCE_WORKERS = f"{PREFIX}:evidence:workers"
 #: Ids of triggered campaigns start with this (``triggered:sms-2026112512``); ':' is outside the
 #: alphabet of client-chosen campaign ids.
 TRIGGERED_PREFIX = "triggered:"
@@ -81,3 +85,8 @@ def progress(cid: str) -> str:
 
 def worker_alive(worker_id: str) -> str:
     return f"{PREFIX}:worker:{worker_id}"
+
+
+def evidence(channel: str, provider: str) -> str:
+    """Hash of a channel's and provider's running send statistics (``dispatch.plan.evidence``)."""
+    return f"{PREFIX}:evidence:{channel}:{provider}"
