@@ -24,7 +24,7 @@ ENDED = frozenset({"completed", "cancelled"})
 SLOWER_SHOWN = 0.20
 #: How the live ETA's rate was measured (``eta_source``), in the status's words.
 ETA_BASIS: Final = {
-    "live": "at the rate of the last 10 s",
+    "live": "at the current rate",
     "before_gap": "at the rate before the quiet-hours wait",
     "plan": "at the plan's rate (not measured yet)",
 }

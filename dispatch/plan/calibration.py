@@ -46,6 +46,8 @@ from dispatch.store import keys
 
 __all__ = [
     "EWMA_WEIGHT",
+    "LOCAL_PROBES",
+    "MIN_PROBE_SPREAD",
     "QUIET_RETRY_S",
     "REFERENCE_PROBE_US",
     "REPROBE_EVERY_S",

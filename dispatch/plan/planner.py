@@ -373,7 +373,7 @@ class Planner:
     (:mod:`dispatch.plan.evidence`, always asked first) (default:
     :func:`dispatch.plan.calibration.measure_speed`, or factor 1 when the ``cpu_speed_probe``
     setting is off). ``load``: cores' worth of CPU other processes use now, asked where the speed
-    is (default: :func:`dispatch.plan.calibration.busy_cores`, or 0 with the probe off).
+    is (default: :func:`dispatch.plan.calibration.busy_cores`; 0 with the probe off or ``speed`` given).
     """
 
     def __init__(
@@ -393,7 +393,8 @@ class Planner:
     ) -> None:
         self._client = client
         self._speed = speed or (functools.partial(measure_speed, client) if settings.cpu_speed_probe else Speed.off)
-        self._load = load or (busy_cores if settings.cpu_speed_probe else _no_load)
+        # an injected speed without a load: a test's fixed machine, not this one's load
+        self._load = load or (busy_cores if settings.cpu_speed_probe and speed is None else _no_load)
         self._evidence = EvidenceStore(client)
         self._dedup_memory = dedup_memory_bytes
         self._settings = settings

@@ -438,7 +438,7 @@ class CampaignControl:
                 done=outcomes,
                 pending=max(0, pending),
                 samples=samples,
-                schedule=[(float(g["not_before"]), int(g["recipients"])) for g in manifest.schedule or ()],
+                schedule=_held(manifest.schedule, float(prediction.get("start") or manifest.created_at)),
                 rate_cap=cap,
                 plan_rate=float(prediction["rate"]) if prediction.get("rate") else None,
             )
@@ -470,6 +470,13 @@ class CampaignControl:
             predicted_finish_low=started + float(low) if started is not None and low else None,
             predicted_finish_high=started + float(high) if started is not None and high else None,
         )
+
+
+def _held(schedule: list[Any] | None, planned_at: float) -> list[tuple[float, int]]:
+    """The plan's groups held back by quiet hours: (not_before, recipients) of those due after
+    the plan was made (the others were due at once; their not_before is no wait)."""
+    groups = [(float(g["not_before"]), int(g["recipients"])) for g in schedule or ()]
+    return [(nb, n) for nb, n in groups if nb > planned_at]
 
 
 def _parse_sample(raw: bytes) -> tuple[float, int]:
