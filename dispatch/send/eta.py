@@ -63,13 +63,13 @@ def _slope(points: Sequence[tuple[float, int]]) -> float | None:
 
 
 def _before_gap(samples: Sequence[tuple[float, int]], window_s: float) -> float | None:
-    """The rate of the most recent ``window_s`` of samples in which messages finished."""
+    """The rate over the ``window_s`` up to the last sample at which messages had finished
+    (the end of the last stretch of sending)."""
     ordered = sorted(samples)
     for end in range(len(ordered) - 1, 0, -1):
         t_end, n_end = ordered[end]
-        inside = [(t, n) for t, n in ordered[: end + 1] if t >= t_end - window_s]
-        if inside[0][1] < n_end:
-            return _slope(inside)
+        if ordered[end - 1][1] < n_end:
+            return _slope([(t, n) for t, n in ordered[: end + 1] if t >= t_end - window_s])
     return None
 
 
