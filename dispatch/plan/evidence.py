@@ -2,7 +2,7 @@
 
 The send itself is the best measurement of the send: a one-second synthetic probe of a shared VM
 read the machine 27% slower than it then ran (issue 21). So every worker process folds windows of
-its own sends (:class:`dispatch.send.sendstats.SendStats`, one window every few seconds) into
+its own sends (:class:`dispatch.send.sendstats.SendStats`, one window every two seconds) into
 running statistics per channel and provider, kept in Redis (:data:`dispatch.store.keys.evidence`,
 one hash of fixed fields per channel and provider: bounded size):
 
@@ -50,11 +50,11 @@ __all__ = [
 
 #: The measured quantities, in the order a window carries them.
 FIELDS: Final = ("cpu_s", "latency_s", "rate", "inflight", "workers")
-#: Weight of the newest window in the running statistics (a window is ~5 s of one worker's sends:
-#: the statistics remember roughly the last 20 windows, a minute or two of sending).
+#: Weight of the newest window in the running statistics (a window is ~2 s of one worker's sends:
+#: the statistics remember roughly the last 20 windows, some 20-40 s of sending).
 WEIGHT = 0.05
 #: Windows needed before the statistics are trusted over a probe.
-MIN_SAMPLES = 6
+MIN_SAMPLES = 4
 #: Evidence older than this (seconds since the last window) is not used: the machine may have changed.
 MAX_AGE_S = 86_400.0
 #: A worker counts as live this long after its last window.

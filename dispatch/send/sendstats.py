@@ -23,7 +23,7 @@ from dispatch.plan.evidence import EvidenceStore, Window
 __all__ = ["MIN_CPU_SHARE", "MIN_WINDOW_ANSWERS", "WINDOW_S", "SendStats"]
 
 #: Seconds of one window.
-WINDOW_S = 5.0
+WINDOW_S = 2.0
 #: A window with fewer answers is dropped (too few to say anything).
 MIN_WINDOW_ANSWERS = 100
 #: Least CPU share of one core the process used over a window for its CPU per answer to count.
