@@ -12,7 +12,7 @@ from dispatch.campaign import CampaignSpec
 from dispatch.config import load_settings
 from dispatch.plan.planner import Planner
 from dispatch.send.control import CampaignControl
-from dispatch.send.eta import ETA_WINDOW_S, live_eta, window_rate
+from dispatch.send.eta import ETA_WINDOW_S, RAMP_S, live_eta, window_rate
 from dispatch.store import keys
 from loadtest.audience import generate_rows
 
@@ -135,3 +135,17 @@ def test_status_reports_the_live_eta_and_the_rate_cap_from_the_ring(redis_client
     clock.now += 0.2
     capped = control.status("eta-live")
     assert capped.eta_rate == pytest.approx(4.0) and capped.eta_s == pytest.approx((accepted - 120) / 4.0)
+
+
+def test_the_first_seconds_leave_out_the_flat_start_and_blend_towards_the_plan() -> None:
+    # 3 s of start-up without an outcome, then 400/s
+    samples = [(T0 + s, 0) for s in range(4)] + [(T0 + 3 + s, 400 * s) for s in range(1, 3)]
+    now = T0 + 5.5
+    rate = window_rate(samples, now, 1_000)
+    assert rate == pytest.approx(400.0, rel=0.01)  # the flat start does not drag it down
+    eta = live_eta(now=now, done=1_000, pending=9_000, samples=samples, plan_rate=200.0)
+    weight = (now - (T0 + 3)) / RAMP_S  # 2.5 s of progress out of the ramp's 5
+    assert eta.source == "ramp" and eta.rate == pytest.approx(weight * rate + (1 - weight) * 200.0)
+    later = [*samples, *((T0 + 5 + s, 800 + 400 * s) for s in range(1, 6))]
+    steady = live_eta(now=T0 + 11, done=3_200, pending=6_800, samples=later, plan_rate=200.0)
+    assert steady.source == "live" and steady.rate == pytest.approx(400.0, rel=0.01)

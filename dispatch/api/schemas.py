@@ -224,10 +224,11 @@ class CampaignStatus(_Body):
         default=None, description="the live workers' median machine-speed factor now (None: not measured)"
     )
     eta_rate: float | None = Field(default=None, description="the rate (messages/s) eta_s assumes")
-    eta_source: Literal["live", "before_gap", "plan", "none"] = Field(
+    eta_source: Literal["live", "ramp", "before_gap", "plan", "none"] = Field(
         default="none",
-        description="where eta_rate came from: the last ~10 s of progress (live), the last rate before a quiet-hours "
-        "wait (before_gap), the plan's rate (plan: no measurement yet), none (no estimate)",
+        description="where eta_rate came from: the last ~10 s of progress (live), a blend moving from the plan's rate "
+        "to the measured one over the first seconds of progress (ramp), the last rate before a quiet-hours wait "
+        "(before_gap), the plan's rate (plan: no measurement yet), none (no estimate)",
     )
     predicted_finish_low: float | None = Field(
         default=None, description="started_at + prediction.duration_low_s (epoch seconds)"

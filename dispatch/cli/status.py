@@ -25,6 +25,7 @@ SLOWER_SHOWN = 0.20
 #: How the live ETA's rate was measured (``eta_source``), in the status's words.
 ETA_BASIS: Final = {
     "live": "at the current rate",
+    "ramp": "at the first seconds' rate, blended with the plan's",
     "before_gap": "at the rate before the quiet-hours wait",
     "plan": "at the plan's rate (not measured yet)",
 }

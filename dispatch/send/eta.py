@@ -8,6 +8,12 @@ steps a batch-at-a-time counter makes. The remaining work is walked the way the 
 batches held back by quiet hours from its ``not_before``; and the campaign's rate cap (``dispatch
 rate``, possibly changed since the rate was measured) bounds the rate.
 
+The first seconds of a send are its ramp (workers fetching their first batches, connections
+opening): a rate measured over them understates the send, and one measured over a second or two
+is noise. So the rate is read only from the first sample at which messages had finished (the flat
+start is left out), and over the first :data:`RAMP_S` of progress it moves linearly from the
+plan's rate to the measured one (``source`` ``ramp``).
+
 While the campaign waits for a quiet-hours window nothing finishes, so the window's rate says
 nothing of the send: the ETA then uses the rate of the last window in which messages finished, else
 the plan's rate. When work is due now and nothing finished over the window (a stall), the ETA is
@@ -20,12 +26,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["ETA_MIN_SPAN_S", "ETA_WINDOW_S", "LiveEta", "live_eta", "window_rate"]
+__all__ = ["ETA_MIN_SPAN_S", "ETA_WINDOW_S", "RAMP_S", "LiveEta", "live_eta", "window_rate"]
 
 #: Seconds of progress samples the live rate spans (the window ``dispatch status`` calls "last 10 s").
 ETA_WINDOW_S = 10.0
 #: Shortest span of samples a rate is measured over.
 ETA_MIN_SPAN_S = 1.0
+#: Seconds of progress over which the ETA's rate moves from the plan's to the measured one.
+RAMP_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,7 @@ class LiveEta:
 
     eta_s: float | None
     rate: float | None
-    source: Literal["live", "before_gap", "plan", "none"]
+    source: Literal["live", "ramp", "before_gap", "plan", "none"]
 
 
 def window_rate(
@@ -44,9 +52,26 @@ def window_rate(
     """Messages per second over the ``window_s`` before ``now``: the least-squares slope of the
     samples ``(time, messages done)`` inside the window and ``(now, count)``; None when the points
     span less than :data:`ETA_MIN_SPAN_S`."""
-    points = [(t, n) for t, n in samples if now - window_s <= t < now]
-    points.append((now, count))
+    points = _from_first_progress([(t, n) for t, n in samples if now - window_s <= t < now] + [(now, count)])
     return _slope(points)
+
+
+def _from_first_progress(points: list[tuple[float, int]]) -> list[tuple[float, int]]:
+    """``points`` without the flat start: from the last point before the count first grew."""
+    ordered = sorted(points)
+    for i in range(1, len(ordered)):
+        if ordered[i][1] > ordered[0][1]:
+            return ordered[i - 1 :]
+    return ordered
+
+
+def _first_progress(samples: Sequence[tuple[float, int]]) -> float | None:
+    """When messages had first finished: the time of the last sample before the count grew."""
+    ordered = sorted(samples)
+    for i in range(1, len(ordered)):
+        if ordered[i][1] > ordered[0][1]:
+            return ordered[i - 1][0]
+    return None
 
 
 def _slope(points: Sequence[tuple[float, int]]) -> float | None:
@@ -99,7 +124,11 @@ def live_eta(
     if held > pending:  # some of a later group went already (its not_before is an estimate): keep the last ones
         later = _trim(later, pending)
     rate = window_rate(samples, now, done, window_s=window_s)
-    source: Literal["live", "before_gap", "plan", "none"] = "live"
+    source: Literal["live", "ramp", "before_gap", "plan", "none"] = "live"
+    began = _first_progress([*samples, (now, done)])
+    if rate and plan_rate and began is not None and now - began < RAMP_S:
+        weight = (now - began) / RAMP_S
+        rate, source = weight * rate + (1.0 - weight) * plan_rate, "ramp"
     if not rate:
         covered = [t for t, _ in samples if now - window_s <= t < now]
         if due_now > 0 and rate is not None and covered and now - min(covered) >= window_s / 2:
