@@ -60,8 +60,8 @@ CASES: Final[dict[str, Case]] = {
     "capped": Case(recipients=20_000, rate_limit=2_000.0, what="rate-capped: 10 s at 2,000 segments/s"),
     "latency": Case(recipients=30_000, workers=1, latency_ms=200.0, what="latency-bound: 1 worker, 200 ms"),
 }
-#: Share of the campaign settled when the live ETA is read.
-ETA_AT: Final = 0.10
+#: Shares of the campaign settled when the live ETA is read (the target is for the first).
+ETA_AT: Final = (0.10, 0.25, 0.50)
 
 
 def parse_cases(text: str | None) -> list[str]:
@@ -116,7 +116,12 @@ def _pct(value: float, of: float) -> float | None:
 
 
 def run_case(settings: Settings, name: str, case: Case) -> dict[str, Any]:
-    eta = _EtaAt(ETA_AT)
+    etas = [_EtaAt(share) for share in ETA_AT]
+
+    def on_status(t: float, status: CampaignStatus) -> None:
+        for eta in etas:
+            eta(t, status)
+
     report = run_loadtest(
         replace(settings, workers=case.workers),
         LoadtestOptions(
@@ -126,7 +131,7 @@ def run_case(settings: Settings, name: str, case: Case) -> dict[str, Any]:
             provider_latency_ms=case.latency_ms,
             rate_limit=case.rate_limit or None,
             progress=False,
-            on_status=eta,
+            on_status=on_status,
         ),
     )
     pred = report["prediction"]
@@ -149,10 +154,6 @@ def run_case(settings: Settings, name: str, case: Case) -> dict[str, Any]:
         "speed_factor": pred["speed_factor"],
         "speed_spread": pred["speed_spread"],
         "busy_cores_at_plan": pred["busy_cores"],
-        "eta10_at_s": None if eta.t is None else round(eta.t, 2),
-        "eta10_source": eta.source,
-        "eta10_error_pct": None,
-        "eta10_error_of_remaining_pct": None,
         "ok": report["ok"],
         "lost": report["lost"],
         "duplicates": report["duplicates"],
@@ -160,16 +161,25 @@ def run_case(settings: Settings, name: str, case: Case) -> dict[str, Any]:
         "cpu_us_per_message": report["cpu"]["us_per_message"],
         "json_file": report["json_file"],
     }
-    if eta.t is not None and eta.eta_s is not None:
-        miss = eta.t + eta.eta_s - actual  # > 0: the ETA said later than it ended
-        row["eta10_error_pct"] = _pct(miss, actual)
-        row["eta10_error_of_remaining_pct"] = _pct(miss, actual - eta.t)
+    for eta in etas:
+        key = f"eta{round(eta.share * 100)}"
+        row[f"{key}_at_s"] = None if eta.t is None else round(eta.t, 2)
+        row[f"{key}_source"] = eta.source
+        row[f"{key}_error_pct"] = row[f"{key}_error_of_remaining_pct"] = None
+        if eta.t is not None and eta.eta_s is not None:
+            miss = eta.t + eta.eta_s - actual  # > 0: the ETA said later than it ended
+            row[f"{key}_error_pct"] = _pct(miss, actual)
+            row[f"{key}_error_of_remaining_pct"] = _pct(miss, actual - eta.t)
     return row
 
 
 def _line(row: dict[str, Any]) -> str:
     low, high = row["range_s"]
     eta = "-" if row["eta10_error_pct"] is None else f"{row['eta10_error_pct']:+.1f}% ({row['eta10_source']})"
+    later = "/".join(
+        "-" if row[f"{k}_error_pct"] is None else f"{row[f'{k}_error_pct']:+.1f}" for k in ("eta25", "eta50")
+    )
+    eta += f", at 25/50% {later}%"
     return (
         f"  {row['case']:<10} {row['bottleneck']:<15} predicted {row['predicted_s']:8.1f} s "
         f"range {low:7.1f}-{high:<8.1f} actual {row['actual_s']:8.1f} s error {row['error_pct']:+6.1f}% "

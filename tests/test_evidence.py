@@ -224,12 +224,13 @@ def test_the_range_spans_the_speed_spread_and_the_machines_load() -> None:
     assert spread.duration_s == pytest.approx(plain.duration_s)
     assert spread.duration_high_s - STARTUP_S == pytest.approx(work * 1.2)
     assert spread.duration_low_s - STARTUP_S == pytest.approx(work * 0.8)
-    # one core busy with other work: the point assumes it keeps half a core, the slow end all of it
+    # one core's worth of other work on two cores: the send gets 2 x 2 / (2 + 1) cores; at the
+    # slow end the other work grows by half: 2 x 2 / (2 + 1.5)
     busy = predict(
         schedule=[(0.0, n)], cost_units=n, capacity=replace(CPU_BOUND, busy_cores=1.0), start=0.0, deadline=None
     )
-    assert busy.duration_s - STARTUP_S == pytest.approx(work * 2 / 1.5)
-    assert busy.duration_high_s - STARTUP_S == pytest.approx(work * 2)
+    assert busy.duration_s - STARTUP_S == pytest.approx(work * 2 / (4 / 3))
+    assert busy.duration_high_s - STARTUP_S == pytest.approx(work * 2 / (4 / 3.5))
     assert busy.duration_low_s == pytest.approx(plain.duration_s)  # the fast end: the load goes away
     assert busy.busy_cores == 1.0
 
@@ -259,3 +260,13 @@ def test_the_verdict_reads_the_range() -> None:
         deadline=None,
     )
     assert limited.duration_high_s == pytest.approx(limited.duration_s * (1 + MIN_RANGE))
+
+
+def test_flush_publishes_the_last_partial_window(redis_client: redis.Redis) -> None:
+    stats, clock, cpu = _stats(redis_client)
+    _run(stats, clock, cpu, per_tick=500, cpu_per_answer=300e-6, ticks=2)  # 1 s: no full window yet
+    assert stats.published == 0
+    stats.flush()
+    assert stats.published == 1
+    evidence = EvidenceStore(redis_client).read("sms", "twilio")
+    assert evidence is not None and evidence.stats["rate"].mean == pytest.approx(1_000.0)

@@ -23,7 +23,9 @@ The prediction is a range as well as a point (``finish_low`` .. ``finish_high``,
 to 90th percentile): the same walk at the ends of the speed factor's stated spread
 (``Capacity.speed_spread``: from the deployment's own send evidence, :mod:`dispatch.plan.evidence`,
 or the probes' range) and of the machine's load (``Capacity.busy_cores``: CPU other processes used
-while planning; the point assumes they keep half of it, the slow end all of it, the fast end none),
+while planning, ``B`` cores of ``C``; the scheduler shares the cores in proportion to demand, so a
+CPU-bound send gets ``C x C / (C + B)`` of them: the point assumes the load stays as measured, the
+slow end that it grows by half, :data:`BUSY_SLOW_GROWTH`, the fast end that it goes away),
 and never narrower than :data:`MIN_RANGE` either side (start-up, the rate limiter's burst). The
 verdict reads the range: ``fits`` when even its slow end is before the deadline, ``at_risk`` when
 the deadline falls inside it, ``does_not_fit`` when even its fast end is after it.
@@ -86,9 +88,8 @@ def cpu_costs(channel: str, cpu_per_message_s: float) -> tuple[float, float]:
 
 #: Least relative half-width of the predicted range (the rate limiter's burst, start-up jitter).
 MIN_RANGE = 0.03
-#: Share of the CPU other processes used while planning that the point estimate assumes they keep
-#: during the send (the scheduler shares the cores between them and the pipeline's processes).
-BUSY_POINT_SHARE = 0.5
+#: How much the other processes' load may grow during the send at the slow end of the range.
+BUSY_SLOW_GROWTH = 1.5
 #: Fixed start-up cost: workers fetching the first batches, connections opening (warm workers).
 STARTUP_S = 0.2
 
@@ -159,7 +160,8 @@ def size_factor(messages: int, channel: str | None = None) -> float:
 
 def _ceilings(capacity: Capacity, avg_cost: float, messages: int) -> dict[str, float]:
     full = capacity.cores or os.cpu_count() or 1
-    cores = max(full * 0.1, full - capacity.busy_cores)
+    # the cores' share a CPU-bound send gets beside other load (the scheduler shares by demand)
+    cores = full * full / (full + max(0.0, capacity.busy_cores))
     scale = size_factor(messages, capacity.channel) * capacity.speed_factor
     machine_cpu = capacity.cpu_per_message_s * scale
     cpu = min(cores / machine_cpu, capacity.processes / (capacity.worker_cpu_per_message_s * scale))
@@ -217,9 +219,9 @@ def _ends(capacity: Capacity) -> tuple[Capacity, Capacity, Capacity]:
     """The capacity of the point estimate, of the range's fast end and of its slow end."""
     spread = max(0.0, capacity.speed_spread)
     busy = max(0.0, capacity.busy_cores)
-    point = replace(capacity, busy_cores=busy * BUSY_POINT_SHARE)
+    point = capacity
     fast = replace(capacity, speed_factor=capacity.speed_factor * max(0.1, 1.0 - spread), busy_cores=0.0)
-    slow = replace(capacity, speed_factor=capacity.speed_factor * (1.0 + spread), busy_cores=busy)
+    slow = replace(capacity, speed_factor=capacity.speed_factor * (1.0 + spread), busy_cores=busy * BUSY_SLOW_GROWTH)
     return point, fast, slow
 
 

@@ -316,6 +316,8 @@ class WorkerRuntime:
         self._stop.set()
         if self._heartbeat.is_alive():
             self._heartbeat.join(timeout=2)
+        with contextlib.suppress(redis.RedisError, ValueError):
+            self.send_stats.flush()  # the last window of a short send is evidence too
         if self._prober.is_alive():
             self._prober.join(timeout=5)
         if self._thread.is_alive():

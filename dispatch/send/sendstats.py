@@ -26,6 +26,8 @@ __all__ = ["MIN_CPU_SHARE", "MIN_WINDOW_ANSWERS", "WINDOW_S", "SendStats"]
 WINDOW_S = 2.0
 #: A window with fewer answers is dropped (too few to say anything).
 MIN_WINDOW_ANSWERS = 100
+#: A final window (the process stops) shorter than this is dropped.
+MIN_FINAL_S = 0.5
 #: Least CPU share of one core the process used over a window for its CPU per answer to count.
 MIN_CPU_SHARE = 0.3
 
@@ -78,13 +80,20 @@ class SendStats:
     def tick(self) -> None:
         """Called every heartbeat: notes whether answers came since the last one, and publishes
         the window once it is :data:`WINDOW_S` old."""
+        self._close(final=False)
+
+    def flush(self) -> None:
+        """Publish the window so far (the process stops: a short send's answers must not be lost)."""
+        self._close(final=True)
+
+    def _close(self, *, final: bool) -> None:
         now = self._clock()
         with self._lock:
-            if self._since_tick == 0:
+            if self._since_tick == 0 and not final:
                 self._busy = False
             self._since_tick = 0
             span = now - self._started
-            if span < self._window_s:
+            if span < (MIN_FINAL_S if final else self._window_s):
                 return
             tallies, busy = self._tallies, self._busy
             cpu_now = self._cpu()
