@@ -131,6 +131,8 @@ CAMPAIGN_GAUGES: Final[frozenset[str]] = frozenset(
         _CAMPAIGN_SENT,
         _CAMPAIGN_PLANNED,
         _CAMPAIGN_PREDICTED,
+        _CAMPAIGN_PREDICTED_LOW,
+        _CAMPAIGN_PREDICTED_HIGH,
         _CAMPAIGN_ESTIMATED,
         _CAMPAIGN_DEADLINE,
         _CAMPAIGN_PAUSED,
