@@ -270,3 +270,49 @@ def test_flush_publishes_the_last_partial_window(redis_client: redis.Redis) -> N
     assert stats.published == 1
     evidence = EvidenceStore(redis_client).read("sms", "twilio")
     assert evidence is not None and evidence.stats["rate"].mean == pytest.approx(1_000.0)
+
+
+def test_the_plan_report_shows_the_range_and_what_it_rests_on(redis_client: redis.Redis, tmp_path: Path) -> None:
+    from dispatch.cli.plan import format_report
+
+    settings = load_settings({"DISPATCH_HOME": str(tmp_path)})
+    planner = Planner(redis_client, settings, speed=lambda: Speed(2.0, 320.0, "local", 3, spread=0.1), load=lambda: 0.5)
+    report = planner.plan(CampaignSpec(id="ev-report", channel="sms", body="Hi"), _rows(3_000))
+    p = report.prediction
+    assert p["busy_cores"] == 0.5 and p["speed_source"] == "local" and p["verdict"] == "no_deadline"
+    text = format_report(report)
+    assert f"range        {p['duration_low_s']:,.0f}-{p['duration_high_s']:,.0f} s (p10-p90;" in text
+    assert "a speed probe of this machine, speed spread +-10%, 0.5 cores busy with other work" in text
+    assert "finish between" in text
+
+
+def test_status_shows_the_plans_range_and_whether_the_live_eta_is_inside() -> None:
+    from zoneinfo import ZoneInfo
+
+    from dispatch.cli.status import render
+
+    started = 1_764_000_000.0
+    body = {
+        "campaign_id": "c",
+        "state": "running",
+        "accepted": 1_000,
+        "counters": {"sent": 500, "failed": 0, "suppressed": 0, "skipped": 0},
+        "not_sent": 0,
+        "pending": 500,
+        "live_rate": 50.0,
+        "mean_rate": 50.0,
+        "started_at": started,
+        "predicted_s": 20.0,
+        "predicted_finish_low": started + 18.0,
+        "predicted_finish_high": started + 25.0,
+        "as_of": started + 10.0,
+        "eta_s": 10.0,
+        "eta_at": started + 20.0,
+        "eta_rate": 50.0,
+        "eta_source": "before_gap",
+    }
+    text = render(body, zone=ZoneInfo("UTC"))
+    assert "at the rate before the quiet-hours wait (50.0 msg/s) (in 10 s)" in text
+    assert "range 2025-11-24T16:00:18+00:00 .. 2025-11-24T16:00:25+00:00 (p10-p90) - live ETA inside" in text
+    late = render({**body, "eta_s": 30.0, "eta_at": started + 40.0}, zone=ZoneInfo("UTC"))
+    assert "live ETA outside" in late

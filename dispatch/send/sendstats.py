@@ -28,8 +28,10 @@ WINDOW_S = 2.0
 MIN_WINDOW_ANSWERS = 100
 #: A final window (the process stops) shorter than this is dropped.
 MIN_FINAL_S = 0.5
-#: Least CPU share of one core the process used over a window for its CPU per answer to count.
-MIN_CPU_SHARE = 0.3
+#: Least CPU share of one core the process used over a window for its CPU per answer to count
+#: (0.3 left a busy machine's workers, each on a fifth of a core beside a busy loop and the other
+#: sessions, without any evidence; below 0.1 the process's fixed polling, ~10 ms/s, weighs >10%).
+MIN_CPU_SHARE = 0.1
 
 
 @dataclass
