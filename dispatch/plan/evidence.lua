@@ -3,7 +3,8 @@
 -- ARGV[1] now (unix s), ARGV[2] weight of the newest sample (0..1), ARGV[3] worker id,
 -- ARGV[4] seconds a worker counts as live after its last sample, ARGV[5] seconds the hash is kept,
 -- ARGV[6..] name, value pairs
--- Per name the hash holds '<name>:mean', '<name>:var' (exponentially weighted, West 1979) and
+-- Per name the hash holds '<name>:mean', '<name>:var' (exponentially weighted, West 1979; a plain
+-- running mean and variance over the first 1/ARGV[2] windows) and
 -- '<name>:n'; the hash has a fixed set of fields, so its size is bounded.
 -- The number of live workers is folded in as 'workers'. Returns that number.
 local now = tonumber(ARGV[1])
@@ -26,9 +27,12 @@ for _, pair in ipairs(pairs_) do
   else
     mean = tonumber(redis.call('HGET', KEYS[1], name .. ':mean'))
     var = tonumber(redis.call('HGET', KEYS[1], name .. ':var'))
+    -- the first windows are averaged plainly (weight 1/(n+1)): an exponential average started at
+    -- its first value would hold on to that one (often a send's start) for dozens of windows
+    local wn = math.max(w, 1 / (n + 1))
     local d = x - mean
-    mean = mean + w * d
-    var = (1 - w) * (var + w * d * d)
+    mean = mean + wn * d
+    var = (1 - wn) * (var + wn * d * d)
   end
   redis.call('HSET', KEYS[1], name .. ':mean', tostring(mean), name .. ':var', tostring(var), name .. ':n', n + 1)
 end

@@ -13,8 +13,9 @@ one hash of fixed fields per channel and provider: bounded size):
 * ``inflight``: the process's mean concurrency over the window (``rate x latency``, Little's law);
 * ``workers``: worker processes that published within :data:`WORKER_LIVE_S`.
 
-Each is an exponentially weighted mean and variance (:data:`WEIGHT` for the newest window), so old
-sends fade and a spread is always at hand. A plan turns them into a speed factor (:func:`evidence_speed`):
+Each is an exponentially weighted mean and variance (:data:`WEIGHT` for the newest window; a plain
+mean over the first ``1 / WEIGHT`` windows, so the first window does not linger), so old sends
+fade and a spread is always at hand. A plan turns them into a speed factor (:func:`evidence_speed`):
 the worker CPU per message measured now over the worker CPU per message measured when the
 prediction's costs were fitted (:data:`REFERENCE_WORKER_CPU_S`), with a stated spread. Only when
 there is no recent evidence (:data:`MIN_SAMPLES`, :data:`MAX_AGE_S`) does the planner fall back to
