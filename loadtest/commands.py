@@ -151,6 +151,6 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--cases", default=None, help="with --matrix: comma-separated cases (default: all)")
     p.add_argument("--busy", type=int, default=0, metavar="N", help="with --matrix: run beside N busy loops")
     p.add_argument(
-        "--warmup", type=int, default=20_000, metavar="N", help="with --matrix: first send N per channel (0 = none)"
+        "--warmup", type=int, default=50_000, metavar="N", help="with --matrix: first send N per channel (0 = none)"
     )
     p.set_defaults(handler=cmd_bench)

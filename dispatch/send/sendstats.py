@@ -6,9 +6,10 @@ every heartbeat), closes a window every :data:`WINDOW_S`: the process's CPU seco
 the mean provider latency, and, when the process had answers in every heartbeat of the window,
 its rate and mean concurrency. The window goes to :class:`dispatch.plan.evidence.EvidenceStore`.
 
-A window tells the CPU cost only when the process had answers in every heartbeat of it (a send's
-start and end windows carry its set-up and idle polling: measured here, they put the workers' CPU
-per message 40% above what the whole send averaged) and spent a fair share of a core sending
+A window tells the CPU cost only when the process had answers in every heartbeat of it and of the
+window before (a send's first windows open its connections and fetch its first batches, its last
+one idles: measured here, such windows put the workers' CPU per message 40-55% above what the
+whole 20k-message send averaged) and spent a fair share of a core sending
 (:data:`MIN_CPU_SHARE`): a rate-capped or latency-bound send spends most of its time waiting, and
 the heartbeat's, the gauges' and the limiter's polling would then weigh on each message.
 """
@@ -65,6 +66,9 @@ class SendStats:
         self._tallies: dict[tuple[str, str], _Tally] = {}
         self._since_tick = 0
         self._busy = True
+        #: Whether the window before the current one was busy throughout (a send's first busy
+        #: window still opens its connections and fetches its first batches).
+        self._was_busy = False
         self._started = clock()
         self._cpu_started = cpu()
         #: Windows published and dropped so far (for tests and logs).
@@ -104,6 +108,7 @@ class SendStats:
             cpu_used = cpu_now - self._cpu_started
             self._tallies, self._busy, self._started, self._cpu_started = {}, True, now, cpu_now
         answers = sum(t.answers for t in tallies.values())
+        steady, self._was_busy = self._was_busy, busy and answers >= MIN_WINDOW_ANSWERS
         if answers < MIN_WINDOW_ANSWERS:
             if answers:
                 self.dropped += 1
@@ -115,7 +120,7 @@ class SendStats:
             latency = tally.latency_s / tally.answers
             rate = tally.answers / span if busy else None
             window = Window(
-                cpu_s=cpu_used / answers if busy and cpu_share >= MIN_CPU_SHARE else None,
+                cpu_s=cpu_used / answers if busy and steady and cpu_share >= MIN_CPU_SHARE else None,
                 latency_s=latency,
                 rate=rate,
                 inflight=rate * latency if rate is not None else None,
