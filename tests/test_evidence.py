@@ -26,7 +26,7 @@ from dispatch.plan.evidence import (
     provider_of,
 )
 from dispatch.plan.planner import Planner
-from dispatch.plan.prediction import MIN_RANGE, STARTUP_S, Capacity, predict
+from dispatch.plan.prediction import MIN_RANGE, MIN_RANGE_HIGH, STARTUP_S, Capacity, predict
 from dispatch.send.sendstats import MIN_WINDOW_ANSWERS, WINDOW_S, SendStats
 from dispatch.store import keys
 
@@ -221,7 +221,7 @@ def test_the_range_spans_the_speed_spread_and_the_machines_load() -> None:
     work = plain.duration_s - STARTUP_S
     # without a stated spread or load: the least range either side
     assert plain.duration_low_s == pytest.approx(plain.duration_s * (1 - MIN_RANGE))
-    assert plain.duration_high_s == pytest.approx(plain.duration_s * (1 + MIN_RANGE))
+    assert plain.duration_high_s == pytest.approx(plain.duration_s * (1 + MIN_RANGE_HIGH))
     spread = predict(
         schedule=[(0.0, n)], cost_units=n, capacity=replace(CPU_BOUND, speed_spread=0.2), start=0.0, deadline=None
     )
@@ -263,7 +263,7 @@ def test_the_verdict_reads_the_range() -> None:
         start=0.0,
         deadline=None,
     )
-    assert limited.duration_high_s == pytest.approx(limited.duration_s * (1 + MIN_RANGE))
+    assert limited.duration_high_s == pytest.approx(limited.duration_s * (1 + MIN_RANGE_HIGH))
 
 
 def test_flush_publishes_the_last_partial_window(redis_client: redis.Redis) -> None:

@@ -17,7 +17,7 @@ Each is an exponentially weighted mean and variance (:data:`WEIGHT` for the newe
 mean over the first ``1 / WEIGHT`` windows, so the first window does not linger), so old sends
 fade and a spread is always at hand. A plan turns them into a speed factor (:func:`evidence_speed`):
 the worker CPU per message measured now over the worker CPU per message measured when the
-prediction's costs were fitted (:data:`REFERENCE_WORKER_CPU_S`), with a stated spread. Only when
+prediction's costs stand for (:data:`REFERENCE_WORKER_CPU_S`), with a stated spread. Only when
 there is no recent evidence (:data:`MIN_SAMPLES`, :data:`MAX_AGE_S`) does the planner fall back to
 the synthetic probe (:mod:`dispatch.plan.calibration`).
 """
@@ -62,10 +62,13 @@ MAX_AGE_S = 86_400.0
 WORKER_LIVE_S = 30.0
 #: How long the statistics are kept after the last window.
 KEEP_S = 30 * 86_400
-#: Worker-process CPU seconds per message the prediction's cost constants stand for (the
-#: workers' own CPU when those were fitted, BENCHMARKS.md: SMS 160 us with one worker; email
-#: 14 us per recipient): a per-message-API channel's and a batch-API channel's.
-REFERENCE_WORKER_CPU_S: Final = (160e-6, 14e-6)
+#: Worker-process CPU seconds per message at speed factor 1 (the machine the prediction's cost
+#: constants stand for), per-message-API and batch-API channels. SMS: the workers' measured CPU per
+#: message over the factor their send's actual throughput implies (2 workers, CPU-bound, 20k-50k
+#: SMS, 2026-12-03: 303 us at 1.76, 384 us at 2.16, 367 us at 1.91, i.e. 172-192 us), beside the
+#: model's effective worker cost, 190 us (DEFAULT_WORKER_CPU_PER_MESSAGE_S). Email: the workers'
+#: 14 us per recipient of 2026-11-26 scaled by the same 185/160 (not validated yet).
+REFERENCE_WORKER_CPU_S: Final = (185e-6, 16.2e-6)
 #: z of the 10th and 90th percentiles of a normal distribution.
 Z90 = 1.2816
 
