@@ -139,13 +139,13 @@ def test_status_reports_the_live_eta_and_the_rate_cap_from_the_ring(redis_client
 
 def test_the_first_seconds_leave_out_the_flat_start_and_blend_towards_the_plan() -> None:
     # 3 s of start-up without an outcome, then 400/s
-    samples = [(T0 + s, 0) for s in range(4)] + [(T0 + 3 + s, 400 * s) for s in range(1, 3)]
-    now = T0 + 5.5
-    rate = window_rate(samples, now, 1_000)
+    samples = [(T0 + s, 0) for s in range(4)] + [(T0 + 4, 400)]
+    now = T0 + 4.5
+    rate = window_rate(samples, now, 600)
     assert rate == pytest.approx(400.0, rel=0.01)  # the flat start does not drag it down
-    eta = live_eta(now=now, done=1_000, pending=9_000, samples=samples, plan_rate=200.0)
-    weight = (now - (T0 + 3)) / RAMP_S  # 2.5 s of progress out of the ramp's 5
+    eta = live_eta(now=now, done=600, pending=9_400, samples=samples, plan_rate=200.0)
+    weight = (now - (T0 + 3)) / RAMP_S  # 1.5 s of progress out of the ramp's 2
     assert eta.source == "ramp" and eta.rate == pytest.approx(weight * rate + (1 - weight) * 200.0)
-    later = [*samples, *((T0 + 5 + s, 800 + 400 * s) for s in range(1, 6))]
+    later = [*samples, *((T0 + 4 + s, 400 + 400 * s) for s in range(1, 7))]
     steady = live_eta(now=T0 + 11, done=3_200, pending=6_800, samples=later, plan_rate=200.0)
     assert steady.source == "live" and steady.rate == pytest.approx(400.0, rel=0.01)
