@@ -320,3 +320,16 @@ def test_status_shows_the_plans_range_and_whether_the_live_eta_is_inside() -> No
     assert "range 2025-11-24T16:00:18+00:00 .. 2025-11-24T16:00:25+00:00 (p10-p90) - live ETA inside" in text
     late = render({**body, "eta_s": 30.0, "eta_at": started + 40.0}, zone=ZoneInfo("UTC"))
     assert "live ETA outside" in late
+
+
+def test_a_window_with_a_broken_clock_is_dropped_not_raised(redis_client: redis.Redis) -> None:
+    stats, clock, _cpu = _stats(redis_client)
+    ticks = int(WINDOW_S / 0.5)
+    for _ in range(ticks):
+        stats.observe("sms", "twilio", math.inf)  # the heartbeat thread must survive it
+        for _ in range(MIN_WINDOW_ANSWERS):
+            stats.observe("sms", "twilio", 0.004)
+        clock.now += 0.5
+        stats.tick()
+    assert stats.published == 0 and stats.dropped == 1
+    assert EvidenceStore(redis_client).read("sms", "twilio") is None

@@ -16,6 +16,7 @@ the heartbeat's, the gauges' and the limiter's polling would then weigh on each 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from dispatch.plan.evidence import EvidenceStore, Window
 
 __all__ = ["MIN_CPU_SHARE", "MIN_WINDOW_ANSWERS", "WINDOW_S", "SendStats"]
+
+log = logging.getLogger(__name__)
 
 #: Seconds of one window.
 WINDOW_S = 2.0
@@ -125,5 +128,10 @@ class SendStats:
                 rate=rate,
                 inflight=rate * latency if rate is not None else None,
             )
-            self._store.record(channel, provider, self._owner, window, now=self._wall())
+            try:
+                self._store.record(channel, provider, self._owner, window, now=self._wall())
+            except ValueError as exc:  # a clock gone wrong: drop the window, never the heartbeat
+                log.warning("send evidence window dropped: %s", exc)
+                self.dropped += 1
+                continue
             self.published += 1
