@@ -9,6 +9,7 @@ only when a command runs.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,20 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from loadtest.bench import run_bench
+
+    if args.matrix:
+        from loadtest.bench_predict import parse_cases, run_matrix
+        from loadtest.runner import LoadtestError
+
+        if args.busy < 0 or args.warmup < 0:
+            raise LoadtestError("--busy and --warmup must be 0 or more")
+        return run_matrix(
+            replace(settings, workers=args.workers or settings.workers),
+            cases=parse_cases(args.cases),
+            busy=args.busy,
+            warmup=args.warmup,
+            as_json=args.json,
+        )
 
     return run_bench(
         settings,
@@ -171,5 +186,15 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--prediction", action="store_true", help="also run the predicted-vs-actual matrix")
     p.add_argument(
         "--derive-rows", type=int, default=0, help="rows for the derived-audience benchmark (0: skip; bench_derive)"
+    )
+    p.add_argument(
+        "--matrix",
+        action="store_true",
+        help="only the prediction matrix of issue 21: point, range, actual, error, live ETA at 10%% per case",
+    )
+    p.add_argument("--cases", default=None, help="with --matrix: comma-separated cases (default: all)")
+    p.add_argument("--busy", type=int, default=0, metavar="N", help="with --matrix: run beside N busy loops")
+    p.add_argument(
+        "--warmup", type=int, default=50_000, metavar="N", help="with --matrix: first send N per channel (0 = none)"
     )
     p.set_defaults(handler=cmd_bench)

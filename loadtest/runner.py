@@ -110,6 +110,8 @@ class LoadtestOptions:
     profile_s: float = 0.0
     #: Called with each sample (the bench prints its own lines).
     on_sample: Callable[[Sample], None] | None = field(default=None, compare=False)
+    #: Called with (seconds since the start, status) at every poll (the prediction matrix reads the live ETA).
+    on_status: Callable[[float, CampaignStatus], None] | None = field(default=None, compare=False)
 
 
 def free_port() -> int:
@@ -407,7 +409,7 @@ def _with_workers(
             baseline=baseline,
         )
         cpu = meter.stop()
-        speed_after = local_speed().factor
+        speed_after = local_speed(probes=1).factor
         time.sleep(0.2)  # answers in flight when the counters completed reach the ledger
         stats = cluster.mock_stats()
         profile = profiler.finish(options.profile_s + 15) if profiler is not None else None
@@ -461,6 +463,8 @@ def _sample(
     while True:
         status = control.status(cid)
         now = time.monotonic()
+        if options.on_status is not None:
+            options.on_status(now - started, status)
         if status.complete and finished_at is None:
             finished_at = now
         if now >= next_sample or finished_at is not None:
@@ -569,6 +573,12 @@ def _build_report(
             "predicted_rate": round(float(plan["prediction"]["rate"]), 1),
             "plan_s": round(plan_s, 3),
             "speed_factor": plan["prediction"].get("speed_factor", 1.0),  # the plan's (dispatch.plan.calibration)
+            # the plan's range (p10-p90) and what it rests on (dispatch.plan.prediction, dispatch.plan.evidence)
+            "predicted_low_s": round(float(plan["prediction"].get("duration_low_s") or predicted), 3),
+            "predicted_high_s": round(float(plan["prediction"].get("duration_high_s") or predicted), 3),
+            "speed_source": plan["prediction"].get("speed_source", "off"),
+            "speed_spread": plan["prediction"].get("speed_spread", 0.0),
+            "busy_cores": plan["prediction"].get("busy_cores", 0.0),
         },
         "provider": {
             "accepted": int(stats["accepted"]),

@@ -125,6 +125,8 @@ _PHONE_LIKE_SEGMENT = re.compile(r"\d{7,}")
 _CAMPAIGN_SENT = "dispatch_campaign_sent_messages"
 _CAMPAIGN_PLANNED = "dispatch_campaign_planned_messages"
 _CAMPAIGN_PREDICTED = "dispatch_campaign_predicted_finish_timestamp_seconds"
+_CAMPAIGN_PREDICTED_LOW = "dispatch_campaign_predicted_finish_low_timestamp_seconds"
+_CAMPAIGN_PREDICTED_HIGH = "dispatch_campaign_predicted_finish_high_timestamp_seconds"
 _CAMPAIGN_ESTIMATED = "dispatch_campaign_estimated_finish_timestamp_seconds"
 _CAMPAIGN_DEADLINE = "dispatch_campaign_deadline_timestamp_seconds"
 _CAMPAIGN_PAUSED = "dispatch_campaign_paused"
@@ -134,6 +136,8 @@ CAMPAIGN_GAUGES: Final[frozenset[str]] = frozenset(
         _CAMPAIGN_SENT,
         _CAMPAIGN_PLANNED,
         _CAMPAIGN_PREDICTED,
+        _CAMPAIGN_PREDICTED_LOW,
+        _CAMPAIGN_PREDICTED_HIGH,
         _CAMPAIGN_ESTIMATED,
         _CAMPAIGN_DEADLINE,
         _CAMPAIGN_PAUSED,
@@ -344,8 +348,16 @@ class Metrics:
             ),
             _CAMPAIGN_PLANNED: campaign_gauge(_CAMPAIGN_PLANNED, "Messages a running campaign will send."),
             _CAMPAIGN_PREDICTED: campaign_gauge(_CAMPAIGN_PREDICTED, "Finish time the planner predicted (Unix time)."),
+            _CAMPAIGN_PREDICTED_LOW: campaign_gauge(
+                _CAMPAIGN_PREDICTED_LOW, "Fast end (10th percentile) of the planner's predicted finish (Unix time)."
+            ),
+            _CAMPAIGN_PREDICTED_HIGH: campaign_gauge(
+                _CAMPAIGN_PREDICTED_HIGH, "Slow end (90th percentile) of the planner's predicted finish (Unix time)."
+            ),
             _CAMPAIGN_ESTIMATED: campaign_gauge(
-                _CAMPAIGN_ESTIMATED, "Finish time estimated from current progress (Unix time)."
+                _CAMPAIGN_ESTIMATED,
+                "Live ETA: finish time re-estimated from the measured recent rate, the remaining work, "
+                "quiet-hour waits and the rate cap (Unix time).",
             ),
             _CAMPAIGN_DEADLINE: campaign_gauge(_CAMPAIGN_DEADLINE, "Campaign deadline (Unix time)."),
             _CAMPAIGN_PAUSED: campaign_gauge(
@@ -528,21 +540,26 @@ class Metrics:
         estimated_finish_ts: float | None = None,
         deadline_ts: float | None = None,
         paused: bool = False,
+        predicted_range_ts: tuple[float, float] | None = None,
     ) -> None:
         """Publish a running campaign's progress, finish estimates and deadline.
 
         ``sent`` counts messages with a final outcome; ``total`` the planned messages. Times are
         Unix timestamps; ``None`` leaves that series absent (no deadline, no estimate yet).
         ``paused`` is True while the campaign is not expected to progress (paused or waiting for
-        a quiet-hours window), which keeps the stalled-campaign alert quiet.
+        a quiet-hours window), which keeps the stalled-campaign alert quiet. ``predicted_range_ts``:
+        the fast and slow ends of the planner's predicted finish (Unix timestamps).
         """
         cid = _campaign(campaign_id)
         gauges = self._campaign_gauges
         gauges[_CAMPAIGN_SENT].labels(cid).set(sent)
         gauges[_CAMPAIGN_PLANNED].labels(cid).set(total)
         gauges[_CAMPAIGN_PAUSED].labels(cid).set(1 if paused else 0)
+        low, high = predicted_range_ts if predicted_range_ts is not None else (None, None)
         for name, value in (
             (_CAMPAIGN_PREDICTED, predicted_finish_ts),
+            (_CAMPAIGN_PREDICTED_LOW, low),
+            (_CAMPAIGN_PREDICTED_HIGH, high),
             (_CAMPAIGN_ESTIMATED, estimated_finish_ts),
             (_CAMPAIGN_DEADLINE, deadline_ts),
         ):

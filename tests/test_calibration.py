@@ -18,6 +18,8 @@ from dispatch.campaign import CampaignSpec
 from dispatch.config import Settings, load_settings
 from dispatch.plan.calibration import (
     FACTOR_RANGE,
+    LOCAL_PROBES,
+    MIN_PROBE_SPREAD,
     REFERENCE_PROBE_US,
     FleetSpeed,
     Speed,
@@ -27,6 +29,7 @@ from dispatch.plan.calibration import (
     probe_us,
     quiet_probe,
     speed_factor,
+    spread_of,
 )
 from dispatch.plan.planner import Planner
 from dispatch.plan.prediction import STARTUP_S, Capacity, Prediction, predict
@@ -98,8 +101,10 @@ def test_only_live_workers_count_and_the_dead_are_pruned(redis_client: redis.Red
 
 def test_without_workers_the_planner_probes_its_own_machine(redis_client: redis.Redis) -> None:
     speed = measure_speed(redis_client)
-    assert speed.source == "local" and speed.samples == 1 and speed.probe_us is not None
+    # several probes (LOCAL_PROBES), their median, and a stated spread
+    assert speed.source == "local" and speed.samples == LOCAL_PROBES and speed.probe_us is not None
     assert speed.factor == speed_factor(speed.probe_us)
+    assert speed.spread >= MIN_PROBE_SPREAD
 
 
 def test_a_failing_probe_leaves_the_costs_unscaled(
@@ -187,3 +192,9 @@ def test_a_worker_publishes_its_probe_and_withdraws_it_on_stop(cluster_settings:
         assert measure_speed(client).source == "workers"
     assert client.hlen(keys.WORKER_SPEED) == 0
     client.close()
+
+
+def test_the_spread_of_several_probes_is_half_their_range_over_the_median_with_a_floor() -> None:
+    assert spread_of([100.0]) == 0.0  # one figure says nothing of how far off it is
+    assert spread_of([100.0, 120.0, 140.0]) == pytest.approx(20.0 / 120.0)
+    assert spread_of([100.0, 100.5, 101.0]) == MIN_PROBE_SPREAD  # agreeing by chance is no certainty

@@ -256,3 +256,30 @@ def test_profile_summary_ranks_self_inclusive_and_packages() -> None:
     assert summary["inclusive"][0] == ("Thread.run (threading.py)", 1.0)
     assert summary["ours"] == [("Engine.send (dispatch/engine.py)", 0.9)]
     assert dict(summary["packages"]) == {"threading": 1.0, "dispatch": 0.9, "aiohttp": 0.6, "tenacity": 0.1}
+
+
+def test_a_prediction_matrix_case_reports_range_and_live_eta_and_the_workers_leave_evidence(
+    env: dict[str, str], redis_url: str
+) -> None:
+    from dispatch.plan.evidence import EvidenceStore
+    from loadtest.bench_predict import Case, parse_cases, run_case
+
+    settings = load_settings()
+    row = run_case(settings, "tiny", Case(recipients=3000, workers=1))
+    assert row["ok"] and row["lost"] == 0 and row["duplicates"] == 0
+    low, high = row["range_s"]
+    assert low < row["predicted_s"] < high
+    assert row["inside_range"] == (low <= row["actual_s"] <= high)
+    assert row["error_pct"] == pytest.approx((row["predicted_s"] - row["actual_s"]) / row["actual_s"] * 100, abs=0.1)
+    assert row["eta10_at_s"] is not None and row["eta10_source"] in {"live", "ramp", "plan"}
+    assert row["eta10_error_pct"] is not None
+    # the worker folded its sends into the deployment's evidence (its last window on stop)
+    client = redis.Redis.from_url(with_db(redis_url, 0))
+    try:
+        evidence = EvidenceStore(client).read("sms", "twilio")
+    finally:
+        client.close()
+    assert evidence is not None and evidence.stats["latency_s"].n >= 1 and evidence.stats["workers"].mean >= 1
+    with pytest.raises(LoadtestError, match="unknown case"):
+        parse_cases("sms-20k,fax-1")
+    assert parse_cases(None) == ["sms-20k", "sms-200k", "sms-1m", "email-300k", "capped", "latency"]

@@ -77,6 +77,7 @@ def exercise_everything(m: Metrics) -> None:
         estimated_finish_ts=2_100.0,
         deadline_ts=2_050.0,
         paused=False,
+        predicted_range_ts=(1_900.0, 2_150.0),
     )
     m.set_engagement("spring-sale", "email", {"delivered": 90, "human_opens": 30, "clicks": 4})
 
@@ -180,7 +181,13 @@ def test_callbacks_planner_and_dedup(metrics: Metrics) -> None:
 
 def test_campaign_progress_and_end_campaign_removes_its_series(metrics: Metrics) -> None:
     metrics.set_campaign_progress(
-        "c-1", sent=10, total=100, predicted_finish_ts=500.0, estimated_finish_ts=650.0, deadline_ts=600.0
+        "c-1",
+        sent=10,
+        total=100,
+        predicted_finish_ts=500.0,
+        estimated_finish_ts=650.0,
+        deadline_ts=600.0,
+        predicted_range_ts=(470.0, 560.0),
     )
     metrics.set_campaign_progress("c-2", sent=1, total=2, deadline_ts=900.0, paused=True)
 
@@ -189,6 +196,9 @@ def test_campaign_progress_and_end_campaign_removes_its_series(metrics: Metrics)
     assert value(metrics, "dispatch_campaign_predicted_finish_timestamp_seconds", campaign="c-1") == 500
     assert value(metrics, "dispatch_campaign_estimated_finish_timestamp_seconds", campaign="c-1") == 650
     assert value(metrics, "dispatch_campaign_deadline_timestamp_seconds", campaign="c-1") == 600
+    assert value(metrics, "dispatch_campaign_predicted_finish_low_timestamp_seconds", campaign="c-1") == 470
+    assert value(metrics, "dispatch_campaign_predicted_finish_high_timestamp_seconds", campaign="c-1") == 560
+    assert value(metrics, "dispatch_campaign_predicted_finish_low_timestamp_seconds", campaign="c-2") is None
     assert value(metrics, "dispatch_campaign_paused", campaign="c-1") == 0
     assert value(metrics, "dispatch_campaign_paused", campaign="c-2") == 1
     # No estimate given: the series is absent rather than a made-up number.

@@ -374,6 +374,7 @@ def worker(index: int) -> None:
             predicted_finish_ts=start + 600,
             estimated_finish_ts=now + 700,
             deadline_ts=start + 900,
+            predicted_range_ts=(start + 560, start + 680),
         )
         m.set_engagement(
             "spring-sale",

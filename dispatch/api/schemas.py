@@ -80,7 +80,7 @@ Scalar = Annotated[
     WithJsonSchema({"type": ["string", "number", "boolean", "null"]}),
 ]
 Count = Annotated[int, Field(ge=0)]
-Verdict = Literal["fits", "does_not_fit", "no_deadline"]
+Verdict = Literal["fits", "at_risk", "does_not_fit", "no_deadline"]
 
 
 class CampaignCreateJson(_Body):
@@ -167,6 +167,17 @@ class Prediction(_Body):
     speed_factor: float = Field(
         default=1.0, description="machine-speed factor the CPU ceiling was scaled by (1: not measured, >1: slower)"
     )
+    finish_low: float = Field(default=0.0, description="fast end (10th percentile) of the predicted finish (epoch s)")
+    finish_high: float = Field(default=0.0, description="slow end (90th percentile) of the predicted finish (epoch s)")
+    duration_low_s: float = Field(default=0.0, description="finish_low - start")
+    duration_high_s: float = Field(default=0.0, description="finish_high - start")
+    speed_source: Literal["evidence", "workers", "local", "off"] = Field(
+        default="off",
+        description="where speed_factor came from: this deployment's recent sends (evidence), the workers' or the "
+        "planner's synthetic probe, or not measured (off: the campaign's finish does not depend on it)",
+    )
+    speed_spread: float = Field(default=0.0, description="relative p10-p90 half-width of speed_factor")
+    busy_cores: float = Field(default=0.0, description="cores' worth of CPU other processes used while planning")
 
 
 class PlanReport(_Body):
@@ -220,6 +231,19 @@ class CampaignStatus(_Body):
     )
     pause_reason: str | None = Field(
         default=None, description="why a worker paused the campaign (a provider refused the account)"
+    )
+    eta_rate: float | None = Field(default=None, description="the rate (messages/s) eta_s assumes")
+    eta_source: Literal["live", "ramp", "before_gap", "plan", "none"] = Field(
+        default="none",
+        description="where eta_rate came from: the last ~10 s of progress (live), a blend moving from the plan's rate "
+        "to the measured one over the first seconds of progress (ramp), the last rate before a quiet-hours wait "
+        "(before_gap), the plan's rate (plan: no measurement yet), none (no estimate)",
+    )
+    predicted_finish_low: float | None = Field(
+        default=None, description="started_at + prediction.duration_low_s (epoch seconds)"
+    )
+    predicted_finish_high: float | None = Field(
+        default=None, description="started_at + prediction.duration_high_s (epoch seconds)"
     )
     verdict: Verdict
     prediction: Prediction

@@ -134,7 +134,15 @@ def format_report(report: PlanReport) -> str:
     speed = p.get("speed_factor", 1.0)
     measured = f", machine {speed:.2f}x the reference's CPU time" if speed != 1.0 else ""
     lines.append(f"  prediction   {p['rate']:,.1f} msg/s ({p['bottleneck']}{measured}), {p['duration_s']:,.0f} s")
+    if p.get("finish_high"):
+        lines.append(
+            f"  range        {p['duration_low_s']:,.0f}-{p['duration_high_s']:,.0f} s (p10-p90; {_range_basis(p)})"
+        )
     lines.append(f"               start {start}, finish {finish}")
+    if p.get("finish_high"):
+        low = datetime.fromtimestamp(p["finish_low"], UTC).isoformat(timespec="seconds")
+        high = datetime.fromtimestamp(p["finish_high"], UTC).isoformat(timespec="seconds")
+        lines.append(f"               finish between {low} and {high}")
     lines.append(f"  verdict      {p['verdict']}: {p['advice']}")
     if report.rejected_file:
         unlisted = report.extra.get("rejected_unlisted") or 0
@@ -142,6 +150,24 @@ def format_report(report: PlanReport) -> str:
         lines.append(f"  rejected rows: {report.rejected_file}{more}")
     lines.extend(f"  hint: {hint}" for hint in report.extra.get("hints") or ())
     return "\n".join(lines)
+
+
+#: What the plan's speed factor was measured from, in the report's words.
+SPEED_SOURCES: Final = {
+    "evidence": "this deployment's recent sends",
+    "workers": "the workers' speed probes",
+    "local": "a speed probe of this machine",
+    "off": "speed not measured: rate limits or size decide",
+}
+
+
+def _range_basis(p: dict[str, Any]) -> str:
+    parts = [SPEED_SOURCES.get(str(p.get("speed_source")), str(p.get("speed_source")))]
+    if p.get("speed_spread"):
+        parts.append(f"speed spread +-{p['speed_spread']:.0%}")
+    if p.get("busy_cores"):
+        parts.append(f"{p['busy_cores']:.1f} cores busy with other work while planning")
+    return ", ".join(parts)
 
 
 def _region(in_file: Any, flag: str | None) -> str | None:

@@ -13,15 +13,22 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, tzinfo
-from typing import Any
+from typing import Any, Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-__all__ = ["ENDED", "SLOWER_SHOWN", "reader_zone", "render", "watch", "watch_interval"]
+__all__ = ["ENDED", "ETA_BASIS", "SLOWER_SHOWN", "reader_zone", "render", "watch", "watch_interval"]
 
 #: States after which a campaign no longer changes (``--watch`` stops).
 ENDED = frozenset({"completed", "cancelled"})
 #: The live ETA and the plan's prediction are said to differ past this share.
 SLOWER_SHOWN = 0.20
+#: How the live ETA's rate was measured (``eta_source``), in the status's words.
+ETA_BASIS: Final = {
+    "live": "at the current rate",
+    "ramp": "at the first seconds' rate, blended with the plan's",
+    "before_gap": "at the rate before the quiet-hours wait",
+    "plan": "at the plan's rate (not measured yet)",
+}
 #: Shortest time between two redraws of ``--watch``.
 MIN_WATCH_S = 1.0
 
@@ -147,9 +154,18 @@ def render(status: Mapping[str, Any], *, zone: tzinfo, width: int = 40) -> str:
         elif eta_at is None:
             estimate = "unknown (no messages finished lately)"
         else:
-            estimate = f"{_when(eta_at, zone)} at the current rate (in {_span(eta_s or 0.0)})"
+            basis = ETA_BASIS.get(str(status.get("eta_source") or "live"), "at the current rate")
+            rate = status.get("eta_rate")
+            at = f" ({rate:,.1f} msg/s)" if rate else ""
+            estimate = f"{_when(eta_at, zone)} {basis}{at} (in {_span(eta_s or 0.0)})"
         lines.append(f"finish    {estimate}")
         lines.append(f"predicted {_when(predicted_finish, zone)} ({_span(predicted_s)} from the start)")
+        low, high = status.get("predicted_finish_low"), status.get("predicted_finish_high")
+        if low is not None and high is not None:
+            inside = ""
+            if eta_at is not None:
+                inside = " - live ETA inside" if low <= eta_at <= high else " - live ETA outside"
+            lines.append(f"          range {_when(low, zone)} .. {_when(high, zone)} (p10-p90){inside}")
         if eta_at is not None and predicted_s > 0:
             off = (eta_at - started) / predicted_s - 1.0
             if off > SLOWER_SHOWN:

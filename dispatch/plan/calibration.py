@@ -46,6 +46,8 @@ from dispatch.store import keys
 
 __all__ = [
     "EWMA_WEIGHT",
+    "LOCAL_PROBES",
+    "MIN_PROBE_SPREAD",
     "QUIET_RETRY_S",
     "REFERENCE_PROBE_US",
     "REPROBE_EVERY_S",
@@ -53,12 +55,14 @@ __all__ = [
     "FleetSpeed",
     "Speed",
     "SpeedProbeError",
+    "busy_cores",
     "local_speed",
     "measure_speed",
     "probe_process",
     "probe_us",
     "quiet_probe",
     "speed_factor",
+    "spread_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,6 +97,11 @@ QUIET_RETRY_S = 5.0
 #: load test's plan came right after the snapshot's writes, while Redis was still persisting it:
 #: factors of 1.16-1.30 where the same machine, quiet, gave 0.93-1.0).
 LOCAL_QUIET_TRIES = 4
+#: Probes a planner runs on its own machine; their median is the figure and their range the
+#: spread (one probe of a shared VM is noise: 11-16% apart between runs of the same machine).
+LOCAL_PROBES = 3
+#: Least relative spread stated for a probed figure (three probes can agree by chance).
+MIN_PROBE_SPREAD = 0.05
 #: A planner measures the speed only when a machine :data:`FACTOR_RANGE`'s top times slower
 #: would move the campaign's finish by at least this much (rate-bound and small campaigns: never).
 SPEED_MATTERS_S = 1.0
@@ -220,6 +229,26 @@ def quiet_probe(
     return figure
 
 
+#: Load samples a planner takes (each :data:`LOAD_SAMPLE_S` long); their median is its figure.
+LOAD_SAMPLES = 3
+LOAD_SAMPLE_S = 0.3
+
+
+def busy_cores(samples: int = LOAD_SAMPLES, sample_s: float = LOAD_SAMPLE_S) -> float:
+    """Cores' worth of CPU the machine's other processes use now (the median of ``samples``
+    readings of /proc/stat, ``sample_s`` each; the caller sleeps meanwhile). 0 where it cannot be read."""
+    cores = os.cpu_count() or 1
+    readings = []
+    for _ in range(max(1, samples)):
+        before = _cpu_ticks()
+        time.sleep(sample_s)
+        after = _cpu_ticks()
+        if before is None or after is None:
+            return 0.0
+        readings.append(_busy_share(before, after) * cores)
+    return statistics.median(readings)
+
+
 def speed_factor(probe: float) -> float:
     """How much more CPU time the work takes now than when the costs were measured (> 1: slower)."""
     low, high = FACTOR_RANGE
@@ -228,12 +257,15 @@ def speed_factor(probe: float) -> float:
 
 @dataclass(frozen=True)
 class Speed:
-    """The speed factor a prediction used, and where it came from."""
+    """The speed factor a prediction used, where it came from, and how sure it is: ``spread`` is
+    the relative half-width of its 10th-90th percentile range (0.1: the factor may be 10% lower
+    or higher), which widens the plan's range (:mod:`dispatch.plan.prediction`)."""
 
     factor: float
     probe_us: float | None
-    source: Literal["workers", "local", "off"]
+    source: Literal["evidence", "workers", "local", "off"]
     samples: int
+    spread: float = 0.0
 
     @classmethod
     def off(cls) -> Speed:
@@ -269,21 +301,37 @@ class FleetSpeed:
         return live
 
 
-def local_speed(quiet_tries: int = LOCAL_QUIET_TRIES) -> Speed:
-    """This machine's speed, probed now: at a quiet moment if one comes within ``quiet_tries``
-    checks (:func:`quiet_probe`), else as busy as it is (factor 1 and a warning if it fails)."""
+def _one_local_probe(quiet_tries: int) -> float:
+    probe = None
+    for _ in range(quiet_tries):
+        if (probe := quiet_probe()) is not None:
+            break
+    if probe is None:
+        log.info("machine busy through %d load checks: probing anyway (the factor may overstate)", quiet_tries)
+        probe = probe_process()[0]
+    return probe
+
+
+def spread_of(figures: list[float]) -> float:
+    """Relative spread of several figures of one quantity: half their range over their median,
+    at least :data:`MIN_PROBE_SPREAD` (0 for a single figure: nothing says how far off it is)."""
+    if len(figures) < 2:
+        return 0.0
+    middle = statistics.median(figures)
+    return max(MIN_PROBE_SPREAD, (max(figures) - min(figures)) / 2 / middle) if middle > 0 else 0.0
+
+
+def local_speed(quiet_tries: int = LOCAL_QUIET_TRIES, probes: int = LOCAL_PROBES) -> Speed:
+    """This machine's speed, probed now ``probes`` times (each at a quiet moment if one comes
+    within ``quiet_tries`` checks, :func:`quiet_probe`, else as busy as it is): the median, and the
+    spread of the figures (:func:`spread_of`). Factor 1 and a warning if the probe fails."""
     try:
-        probe = None
-        for _ in range(quiet_tries):
-            if (probe := quiet_probe()) is not None:
-                break
-        if probe is None:
-            log.info("machine busy through %d load checks: probing anyway (the factor may overstate)", quiet_tries)
-            probe = probe_process()[0]
+        figures = [_one_local_probe(quiet_tries) for _ in range(max(1, probes))]
     except SpeedProbeError as exc:  # no loopback socket, a stall: predict unscaled
         log.warning("speed probe failed, predicting with the reference machine's speed: %s", exc)
         return Speed.off()
-    return Speed(speed_factor(probe), probe, "local", 1)
+    probe = statistics.median(figures)
+    return Speed(speed_factor(probe), probe, "local", len(figures), spread=spread_of(figures))
 
 
 def measure_speed(client: redis.Redis) -> Speed:
@@ -291,7 +339,7 @@ def measure_speed(client: redis.Redis) -> Speed:
     figures = list(FleetSpeed(client).live().values())
     if figures:
         probe = statistics.median(figures)
-        speed = Speed(speed_factor(probe), probe, "workers", len(figures))
+        speed = Speed(speed_factor(probe), probe, "workers", len(figures), spread=spread_of(figures))
     else:
         speed = local_speed()
     if speed.probe_us is not None:

@@ -116,7 +116,7 @@ class Manifest:
 
     @property
     def verdict(self) -> str:
-        """The prediction's verdict: ``fits``, ``does_not_fit`` or ``no_deadline``."""
+        """The prediction's verdict: ``fits``, ``at_risk``, ``does_not_fit`` or ``no_deadline``."""
         return str(self.prediction["verdict"])
 
     def as_dict(self) -> dict[str, Any]:

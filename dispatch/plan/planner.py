@@ -69,7 +69,7 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from itertools import chain, islice
 from pathlib import Path
@@ -93,9 +93,10 @@ from dispatch.plan.audience import (
     read_audience,
     read_header,
 )
-from dispatch.plan.calibration import FACTOR_RANGE, SPEED_MATTERS_S, Speed, measure_speed
+from dispatch.plan.calibration import FACTOR_RANGE, SPEED_MATTERS_S, Speed, busy_cores, measure_speed
 from dispatch.plan.csv_scan import CHUNK_ROWS, Chunk, RowScanner, ScanConfig, scan_csv_file
 from dispatch.plan.dedup import DEDUP_MEMORY_BYTES, Candidates, Dedup
+from dispatch.plan.evidence import EvidenceStore, evidence_speed, provider_of
 from dispatch.plan.manifest import Manifest
 from dispatch.plan.prediction import Capacity, cpu_costs, predict, speed_shift
 from dispatch.plan.snapshot import Row, SnapshotWriter, decode_open_row, encode_open_row, load_manifest
@@ -369,8 +370,11 @@ class Planner:
     cap (None: none). Both must hash addresses the same way (``hasher``, default: the
     suppression store's). :meth:`with_redis_checks` builds a planner with both on. ``speed``: how
     much slower than the reference the machines run now, asked only where it moves the predicted
-    finish (default: :func:`dispatch.plan.calibration.measure_speed`, or factor 1 when the
-    ``cpu_speed_probe`` setting is off).
+    finish and only when this deployment's own recent sends of the channel left no evidence
+    (:mod:`dispatch.plan.evidence`, always asked first) (default:
+    :func:`dispatch.plan.calibration.measure_speed`, or factor 1 when the ``cpu_speed_probe``
+    setting is off). ``load``: cores' worth of CPU other processes use now, asked where the speed
+    is (default: :func:`dispatch.plan.calibration.busy_cores`; 0 with the probe off or ``speed`` given).
     """
 
     def __init__(
@@ -386,9 +390,13 @@ class Planner:
         clock: Callable[[], float] = time.time,
         dedup_memory_bytes: int = DEDUP_MEMORY_BYTES,
         speed: Callable[[], Speed] | None = None,
+        load: Callable[[], float] | None = None,
     ) -> None:
         self._client = client
         self._speed = speed or (functools.partial(measure_speed, client) if settings.cpu_speed_probe else Speed.off)
+        # an injected speed without a load: a test's fixed machine, not this one's load
+        self._load = load or (busy_cores if settings.cpu_speed_probe and speed is None else _no_load)
+        self._evidence = EvidenceStore(client)
         self._dedup_memory = dedup_memory_bytes
         self._settings = settings
         self._region = default_region
@@ -442,6 +450,14 @@ class Planner:
             hasher=hasher,
             suppression=SuppressionStore(client, hasher=hasher),
         )
+
+    def measured_speed(self, channel: str) -> Speed:
+        """The speed factor for ``channel``: from this deployment's recent sends when they left
+        enough evidence (:mod:`dispatch.plan.evidence`), else the ``speed`` callable's (the probe)."""
+        evidence = self._evidence.read(channel, provider_of(channel))
+        if evidence is not None and evidence.usable(self._clock()):
+            return evidence_speed(evidence, batch_api=channel in PROVIDER_BATCH_LIMITS)
+        return self._speed()
 
     def capacity(self, spec: CampaignSpec, speed_factor: float = 1.0) -> Capacity:
         """What the workers can do for ``spec``, their CPU costs scaled by ``speed_factor``
@@ -632,12 +648,22 @@ class Planner:
             deadline = spec.deadline.timestamp() if spec.deadline else None
             runs = [(run[0], int(run[1])) for run in schedule.runs]
             capacity = self.capacity(spec)
+            speed_source = "off"
             if speed_shift(schedule=runs, cost_units=cost_units, capacity=capacity, slower=FACTOR_RANGE[1]) >= (
                 SPEED_MATTERS_S
             ):
-                capacity = self.capacity(spec, self._speed().factor)
+                speed = self.measured_speed(spec.channel)
+                capacity = replace(
+                    self.capacity(spec, speed.factor), speed_spread=speed.spread, busy_cores=self._load()
+                )
+                speed_source = speed.source
             prediction = predict(
-                schedule=runs, cost_units=cost_units, capacity=capacity, start=started, deadline=deadline
+                schedule=runs,
+                cost_units=cost_units,
+                capacity=capacity,
+                start=started,
+                deadline=deadline,
+                speed_source=speed_source,
             )
             retention = self._settings.retention_s
             expires_at = max(prediction.finish, deadline or 0.0) + retention
@@ -957,6 +983,10 @@ class _Admission:
                 add(not_before[i], encoded[i])
         self.accepted += accepted
         self.cost_units += cost_units
+
+
+def _no_load() -> float:
+    return 0.0
 
 
 def _schedule_summary(runs: list[list[float]]) -> list[dict[str, float | int]]:

@@ -18,6 +18,18 @@ The send rate is the smallest of three ceilings:
 
 Batches held back by quiet hours start no earlier than their ``not_before``; the prediction walks
 the batches in time order, so gaps in the schedule show up in the finish time.
+
+The prediction is a range as well as a point (``finish_low`` .. ``finish_high``, meant as the 10th
+to 90th percentile): the same walk at the ends of the speed factor's stated spread
+(``Capacity.speed_spread``: from the deployment's own send evidence, :mod:`dispatch.plan.evidence`,
+or the probes' range) and of the machine's load (``Capacity.busy_cores``: CPU other processes used
+while planning, ``B`` cores of ``C``; the scheduler shares the cores in proportion to demand, so a
+CPU-bound send gets ``C x C / (C + B)`` of them: the point assumes the load stays as measured, the
+slow end that it grows by half, :data:`BUSY_SLOW_GROWTH`, the fast end that it goes away),
+and never narrower than :data:`MIN_RANGE` below and :data:`MIN_RANGE_HIGH` above the point
+(start-up jitter; a rate limit is never beaten, but a send near it often falls short of it). The
+verdict reads the range: ``fits`` when even its slow end is before the deadline, ``at_risk`` when
+the deadline falls inside it, ``does_not_fit`` when even its fast end is after it.
 """
 
 from __future__ import annotations
@@ -30,7 +42,19 @@ from typing import Any, Final, Literal
 
 from channels import default_registry
 
-__all__ = ["Capacity", "Prediction", "cpu_costs", "predict", "size_factor", "speed_shift"]
+__all__ = [
+    "MIN_RANGE",
+    "MIN_RANGE_HIGH",
+    "Capacity",
+    "Prediction",
+    "Verdict",
+    "cpu_costs",
+    "predict",
+    "size_factor",
+    "speed_shift",
+]
+
+Verdict = Literal["fits", "at_risk", "does_not_fit", "no_deadline"]
 
 #: Effective CPU cost of one SMS through the full send path (seconds) over every process of the
 #: machine (workers, Redis, the local mock provider): cores / CPU-bound throughput measured by
@@ -73,6 +97,12 @@ def cpu_costs(channel: str, cpu_per_message_s: float) -> tuple[float, float]:
     return cpu_per_message_s, cpu_per_message_s * share
 
 
+#: Least relative width of the predicted range below and above the point (rate-capped 20k SMS at
+#: 2,000/s on a busy 2-core machine, five runs: 2% faster to 9% slower than the cap's 9.7 s).
+MIN_RANGE = 0.03
+MIN_RANGE_HIGH = 0.12
+#: How much the other processes' load may grow during the send at the slow end of the range.
+BUSY_SLOW_GROWTH = 1.5
 #: Fixed start-up cost: workers fetching the first batches, connections opening (warm workers).
 STARTUP_S = 0.2
 
@@ -95,6 +125,10 @@ class Capacity:
     #: CPU time the work takes now over the time it took when the costs were measured
     #: (:mod:`dispatch.plan.calibration`): both CPU costs are multiplied by it.
     speed_factor: float = 1.0
+    #: Relative spread (10th-90th percentile half-width) of ``speed_factor`` (0: not stated).
+    speed_spread: float = 0.0
+    #: Cores' worth of CPU other processes used when the plan was made (0: idle or not measured).
+    busy_cores: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,11 +141,21 @@ class Prediction:
     start: float
     finish: float
     deadline: float | None
-    verdict: Literal["fits", "does_not_fit", "no_deadline"]
+    verdict: Verdict
     required_rate: float | None
     advice: str
     #: The machine-speed factor the CPU ceiling was scaled by (1.0: not measured).
     speed_factor: float = 1.0
+    #: The range of the finish (10th-90th percentile, epoch seconds) and of the duration.
+    finish_low: float = 0.0
+    finish_high: float = 0.0
+    duration_low_s: float = 0.0
+    duration_high_s: float = 0.0
+    #: Where the speed factor came from (``evidence``: this deployment's sends; ``workers``,
+    #: ``local``: the synthetic probe; ``off``: not measured) and its stated relative spread.
+    speed_source: str = "off"
+    speed_spread: float = 0.0
+    busy_cores: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,7 +172,9 @@ def size_factor(messages: int, channel: str | None = None) -> float:
 
 
 def _ceilings(capacity: Capacity, avg_cost: float, messages: int) -> dict[str, float]:
-    cores = capacity.cores or os.cpu_count() or 1
+    full = capacity.cores or os.cpu_count() or 1
+    # the cores' share a CPU-bound send gets beside other load (the scheduler shares by demand)
+    cores = full * full / (full + max(0.0, capacity.busy_cores))
     scale = size_factor(messages, capacity.channel) * capacity.speed_factor
     machine_cpu = capacity.cpu_per_message_s * scale
     cpu = min(cores / machine_cpu, capacity.processes / (capacity.worker_cpu_per_message_s * scale))
@@ -182,6 +228,16 @@ def speed_shift(*, schedule: Sequence[tuple[float, int]], cost_units: int, capac
     return _finish(schedule, 0.0, slow) - _finish(schedule, 0.0, now)
 
 
+def _ends(capacity: Capacity) -> tuple[Capacity, Capacity, Capacity]:
+    """The capacity of the point estimate, of the range's fast end and of its slow end."""
+    spread = max(0.0, capacity.speed_spread)
+    busy = max(0.0, capacity.busy_cores)
+    point = capacity
+    fast = replace(capacity, speed_factor=capacity.speed_factor * max(0.1, 1.0 - spread), busy_cores=0.0)
+    slow = replace(capacity, speed_factor=capacity.speed_factor * (1.0 + spread), busy_cores=busy * BUSY_SLOW_GROWTH)
+    return point, fast, slow
+
+
 def predict(
     *,
     schedule: Sequence[tuple[float, int]],
@@ -189,32 +245,51 @@ def predict(
     capacity: Capacity,
     start: float,
     deadline: float | None,
+    speed_source: str = "off",
 ) -> Prediction:
-    """Predict a campaign's send window.
+    """Predict a campaign's send window: the point estimate and its range (module docstring).
 
     ``schedule`` is ``(not_before, messages)`` per batch; ``cost_units`` the total rate-limit cost
     of all messages (SMS segments).
     """
     messages = sum(n for _, n in schedule)
     avg_cost = cost_units / messages if messages else 1.0
-    bottleneck, rate = _bottleneck(capacity, avg_cost, messages)
+    point, fast, slow = _ends(capacity)
+    bottleneck, rate = _bottleneck(point, avg_cost, messages)
     finish = _finish(schedule, start, rate) if messages else start
     duration = finish - start
-    required: float | None = None
-    if deadline is None:
-        verdict: Literal["fits", "does_not_fit", "no_deadline"] = "no_deadline"
-        advice = "no deadline set"
-    elif finish <= deadline:
-        verdict = "fits"
-        advice = f"fits with {deadline - finish:.0f}s to spare"
+    if messages:
+        low = _finish(schedule, start, _bottleneck(fast, avg_cost, messages)[1])
+        high = _finish(schedule, start, _bottleneck(slow, avg_cost, messages)[1])
     else:
-        verdict = "does_not_fit"
+        low = high = start
+    low = min(low, start + duration * (1.0 - MIN_RANGE))
+    high = max(high, start + duration * (1.0 + MIN_RANGE_HIGH))
+    required: float | None = None
+    verdict: Verdict
+    if deadline is None:
+        verdict = "no_deadline"
+        advice = "no deadline set"
+    elif high <= deadline:
+        verdict = "fits"
+        advice = f"fits with {deadline - finish:.0f}s to spare ({deadline - high:.0f}s at the slow end of the range)"
+    else:
+        verdict = "at_risk" if low <= deadline else "does_not_fit"
         window = deadline - start - STARTUP_S
         required = messages / window if window > 0 else None
-        parts = [f"finishes {finish - deadline:.0f}s after the deadline"]
+        if verdict == "at_risk":
+            at_point = (
+                f"fits by {deadline - finish:.0f}s" if finish <= deadline else f"misses it by {finish - deadline:.0f}s"
+            )
+            parts = [
+                f"the deadline is inside the predicted range ({low - start:.0f}-{high - start:.0f}s): "
+                f"{at_point} at the point estimate"
+            ]
+        else:
+            parts = [f"finishes {finish - deadline:.0f}s after the deadline ({low - deadline:.0f}s at the fast end)"]
         if required is not None:
             parts.append(f"needs {required:.1f} msg/s where {rate:.1f} msg/s is possible ({bottleneck})")
-        parts.append(f"or a deadline at least {finish - deadline:.0f}s later")
+        parts.append(f"or a deadline at least {high - deadline:.0f}s later")
         if window > 0:
             parts.append(f"or an audience of at most {int(window * rate)}")
         advice = "; ".join(parts)
@@ -231,4 +306,11 @@ def predict(
         required_rate=required,
         advice=advice,
         speed_factor=round(capacity.speed_factor, 3),
+        finish_low=low,
+        finish_high=high,
+        duration_low_s=low - start,
+        duration_high_s=high - start,
+        speed_source=speed_source,
+        speed_spread=round(capacity.speed_spread, 3),
+        busy_cores=round(capacity.busy_cores, 2),
     )

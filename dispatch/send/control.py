@@ -22,6 +22,7 @@ import redis
 from dispatch.errors import CampaignStateError, ConfigError
 from dispatch.plan.calibration import FleetSpeed, speed_factor
 from dispatch.plan.snapshot import extend_retention, load_manifest
+from dispatch.send.eta import LiveEta, live_eta
 from dispatch.send.resilience import waiting_for
 from dispatch.send.tracking import campaign_counters
 from dispatch.store import keys
@@ -125,6 +126,13 @@ class CampaignStatus:
     #: Why a paused campaign was paused by a worker (a provider refused the account); None when an
     #: operator paused it or it is not paused.
     pause_reason: str | None = None
+    #: The rate the ETA assumes (messages/s) and where it came from (:mod:`dispatch.send.eta`:
+    #: ``live``, ``before_gap``: the last rate before a quiet-hours wait, ``plan``, ``none``).
+    eta_rate: float | None = None
+    eta_source: str = "none"
+    #: The plan's range of the finish (epoch seconds; None: a plan without one, or not started).
+    predicted_finish_low: float | None = None
+    predicted_finish_high: float | None = None
 
     @property
     def speed_change(self) -> float | None:
@@ -152,6 +160,7 @@ class CampaignStatus:
     def with_accepted(self, accepted: int) -> CampaignStatus:
         """The same status for another accepted count (a triggered campaign counts its own)."""
         composed = _compose(
+            eta=None,
             campaign_id=self.campaign_id,
             state=self.state,
             accepted=accepted,
@@ -171,6 +180,8 @@ class CampaignStatus:
             speed_factor_now=self.speed_factor_now,
             waiting_for=self.waiting_for,
             pause_reason=self.pause_reason,
+            predicted_finish_low=self.predicted_finish_low,
+            predicted_finish_high=self.predicted_finish_high,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -201,6 +212,10 @@ class CampaignStatus:
             "speed_factor_now": rounded(self.speed_factor_now, 3),
             "waiting_for": self.waiting_for,
             "pause_reason": self.pause_reason,
+            "eta_rate": rounded(self.eta_rate, 1),
+            "eta_source": self.eta_source,
+            "predicted_finish_low": rounded(self.predicted_finish_low, 3),
+            "predicted_finish_high": rounded(self.predicted_finish_high, 3),
         }
 
 
@@ -216,6 +231,7 @@ def live_rate(samples: Sequence[tuple[float, int]], now: float, count: int) -> f
 
 def _compose(
     *,
+    eta: LiveEta | None,
     campaign_id: str,
     state: str,
     accepted: int,
@@ -239,7 +255,15 @@ def _compose(
         not_sent = counters["suppressed"] + counters["skipped"]
         pending = max(0, accepted - sent - failed - not_sent)
     speed = live_rate if live_rate is not None else mean_rate
-    eta = pending / speed if pending and speed > 0 and state == "running" else None
+    eta_rate: float | None = None
+    source = "none"
+    if state != "running" or not pending:
+        eta_s = None
+    elif eta is not None:  # the live ETA (dispatch.send.eta)
+        eta_s, eta_rate, source = eta.eta_s, eta.rate, eta.source
+    else:  # no progress ring (a triggered campaign's own count): the current rate
+        eta_s = pending / speed if speed > 0 else None
+        eta_rate, source = (speed, "live") if eta_s is not None else (None, "none")
     return CampaignStatus(
         campaign_id=campaign_id,
         state=state,
@@ -252,7 +276,9 @@ def _compose(
         current_rate=speed,
         live_rate=live_rate,
         mean_rate=mean_rate,
-        eta_s=eta,
+        eta_s=eta_s,
+        eta_rate=eta_rate,
+        eta_source=source,
         predicted_s=predicted_s,
         deadline=deadline,
         started_at=started_at,
@@ -412,6 +438,10 @@ class CampaignControl:
         elapsed = (ended or now) - started if started is not None else 0.0
         mean = outcomes / elapsed if elapsed > 0 else 0.0
         live = None
+        rate_raw = control.get(b"rate")
+        cap = float(rate_raw) if rate_raw else manifest.rate
+        prediction = manifest.prediction or {}
+        eta: LiveEta | None = None
         if state in {"running", "paused"} and started is not None:
             raw = cast(
                 list[bytes],
@@ -420,23 +450,35 @@ class CampaignControl:
                     args=[f"{now:.3f}", outcomes, SAMPLE_EVERY_S, SAMPLES_KEPT],
                 ),
             )
-            live = live_rate([_parse_sample(item) for item in raw], now, outcomes)
-        rate_raw = control.get(b"rate")
+            samples = [_parse_sample(item) for item in raw]
+            live = live_rate(samples, now, outcomes)
+            pending = accepted - counters["sent"] - counters["failed"] - counters["suppressed"] - counters["skipped"]
+            eta = live_eta(
+                now=now,
+                done=outcomes,
+                pending=max(0, pending),
+                samples=samples,
+                schedule=_held(manifest.schedule, float(prediction.get("start") or manifest.created_at)),
+                rate_cap=cap,
+                plan_rate=float(prediction["rate"]) if prediction.get("rate") else None,
+            )
         composed = _compose(
+            eta=eta,
             campaign_id=campaign_id,
             state=state,
             accepted=accepted,
             counters=counters,
             live_rate=live,
             mean_rate=mean,
-            rate=float(rate_raw) if rate_raw else manifest.rate,
+            rate=cap,
             predicted_s=manifest.predicted_duration_s,
             deadline=manifest.deadline,
             started_at=started,
             ended_at=ended,
             as_of=now,
         )
-        plan_factor = (manifest.prediction or {}).get("speed_factor")
+        plan_factor = prediction.get("speed_factor")
+        low, high = prediction.get("duration_low_s"), prediction.get("duration_high_s")
         now_factor = None
         if speed and state in {"running", "paused"}:  # what the workers measure while they send
             figures = list(FleetSpeed(self._client).live().values())
@@ -448,7 +490,16 @@ class CampaignControl:
             speed_factor_now=now_factor,
             waiting_for=waiting_for(self._client, control) if state == "running" else None,
             pause_reason=reason.decode() if reason and state == "paused" else None,
+            predicted_finish_low=started + float(low) if started is not None and low else None,
+            predicted_finish_high=started + float(high) if started is not None and high else None,
         )
+
+
+def _held(schedule: list[Any] | None, planned_at: float) -> list[tuple[float, int]]:
+    """The plan's groups held back by quiet hours: (not_before, recipients) of those due after
+    the plan was made (the others were due at once; their not_before is no wait)."""
+    groups = [(float(g["not_before"]), int(g["recipients"])) for g in schedule or ()]
+    return [(nb, n) for nb, n in groups if nb > planned_at]
 
 
 def _parse_sample(raw: bytes) -> tuple[float, int]:

@@ -42,6 +42,7 @@ from dispatch.plan.calibration import (
     SpeedProbeError,
     quiet_probe,
 )
+from dispatch.plan.evidence import EvidenceStore
 from dispatch.rules.frequency import AsyncFrequencyStore, FrequencyCap
 from dispatch.rules.suppression import AsyncSuppressionStore, check_suppression_key, hasher_for
 from dispatch.send.broker import BROKER_NAMESPACE, QUEUE, enqueue_batch
@@ -66,6 +67,7 @@ from dispatch.send.reconcile import Reconciler
 from dispatch.send.resilience import Resilience
 from dispatch.send.retry import RetryPolicy
 from dispatch.send.routing import Router, parse_providers, parse_routes
+from dispatch.send.sendstats import SendStats
 from dispatch.send.sweeper import Sweeper
 from dispatch.send.tokens import SharedTokens
 from dispatch.send.tracking import Tracker
@@ -242,6 +244,8 @@ class WorkerRuntime:
             owner=owner,
             on_action=self.metrics.record_sweep,
         )
+        #: This process's send measurements, published as plan-time evidence (dispatch.plan.evidence).
+        self.send_stats = SendStats(EvidenceStore(self._sync), owner)
 
     @property
     def engine(self) -> Engine:
@@ -340,6 +344,7 @@ class WorkerRuntime:
         """Per-message metrics of one provider answer (no address ever reaches a label)."""
         provider = item.provider or ctx.channel.provider
         self.metrics.observe_latency(provider, elapsed)
+        self.send_stats.observe(ctx.channel.name, provider, elapsed)
         if isinstance(result, Retryable):
             self.metrics.record_send(ctx.channel.name, provider, "retried")
             self.metrics.record_retry(provider, retry_cause(result))
@@ -396,6 +401,7 @@ class WorkerRuntime:
                 self._beat_once()
                 self.metrics.heartbeat()
                 self._check_redis()
+                self.send_stats.tick()
                 if time.monotonic() - last_gauges >= GAUGES_EVERY_S:
                     last_gauges = time.monotonic()
                     self._refresh_gauges()
@@ -448,12 +454,19 @@ class WorkerRuntime:
                 estimated_finish_ts=now + status.eta_s if status.eta_s is not None else None,
                 deadline_ts=status.deadline,
                 paused=status.state == "paused",
+                predicted_range_ts=(
+                    (status.predicted_finish_low, status.predicted_finish_high)
+                    if status.predicted_finish_low is not None and status.predicted_finish_high is not None
+                    else None
+                ),
             )
 
     def stop(self) -> None:
         self._stop.set()
         if self._heartbeat.is_alive():
             self._heartbeat.join(timeout=2)
+        with contextlib.suppress(redis.RedisError, ValueError):
+            self.send_stats.flush()  # the last window of a short send is evidence too
         if self._prober.is_alive():
             self._prober.join(timeout=5)
         if self._thread.is_alive():

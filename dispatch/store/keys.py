@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "CAMPAIGNS",
+    "EVIDENCE_WORKERS",
     "FUNNELS",
     "RESERVED_ID_PREFIX",
     "SWEEPER",
@@ -23,6 +24,7 @@ __all__ = [
     "done_batches",
     "engagement",
     "engagement_counters",
+    "evidence",
     "is_triggered",
     "manifest",
     "progress",
@@ -41,6 +43,8 @@ CAMPAIGNS = f"{PREFIX}:campaigns"
 FUNNELS = f"{PREFIX}:funnels"
 #: Hash of the workers' machine-speed probes: worker id -> probe microseconds (dispatch.plan.calibration).
 WORKER_SPEED = f"{PREFIX}:workers:speed"
+#: Sorted set of the workers that published send evidence: worker id -> last time (dispatch.plan.evidence).
+EVIDENCE_WORKERS = f"{PREFIX}:evidence:workers"
 #: Ids of triggered campaigns start with this (``triggered:sms-2026112512``); ':' is outside the
 #: alphabet of client-chosen campaign ids.
 TRIGGERED_PREFIX = "triggered:"
@@ -126,3 +130,8 @@ def round_state(cid: str) -> str:
     """Hash of a funnel round's start: its claim (owner, lease), when its source ended, and
     whether it started (``dispatch.rounds.scheduler``)."""
     return f"{PREFIX}:{{{cid}}}:round"
+
+
+def evidence(channel: str, provider: str) -> str:
+    """Hash of a channel's and provider's running send statistics (``dispatch.plan.evidence``)."""
+    return f"{PREFIX}:evidence:{channel}:{provider}"
