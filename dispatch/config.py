@@ -375,8 +375,9 @@ class Settings:
     )
     email_honours_idempotency: bool = Field(
         default=False,
-        description="the email endpoint honours Idempotency-Key (SendGrid does not: an email in flight when its worker "
-        "dies is dead-lettered as inflight_unknown, not resent; true only for an endpoint that deduplicates)",
+        description="the email endpoint honours Idempotency-Key (SendGrid does not: an email in doubt is looked up in "
+        "the Email Activity API where email_activity_api is set, else follows in_doubt; true only for an endpoint "
+        "that deduplicates)",
     )
     email_activity_api: bool = Field(
         default=False,
