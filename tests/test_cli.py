@@ -40,7 +40,7 @@ def test_plan_status_export_locally(
     assert status["state"] == "planned" and status["accepted"] == plan["accepted"]
     assert cli_main(["export", "cli-1", "--format", "csv"]) == 0
     exported = capsys.readouterr().out.splitlines()
-    assert exported[0] == "batch,index,recipient_id,state,attempts,provider_id,code,ts"
+    assert exported[0] == "batch,index,recipient_id,state,attempts,provider,provider_id,code,ts"
     assert len(exported) == 1 + plan["accepted"]  # every accepted message, queued until claimed
     assert all(",queued," in line for line in exported[1:])
     assert all("+" not in line for line in exported)  # no addresses

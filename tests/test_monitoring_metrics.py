@@ -32,6 +32,8 @@ ALLOWED_LABELS = {
     "limiter",
     "campaign",
     "event",
+    "resolution",
+    "action",
 }
 #: Fragments of label names that would mean recipient data.
 ADDRESS_LIKE = re.compile(r"phone|email|e_mail|mail|token|address|addr|recipient|msisdn|number|user|to$")
@@ -69,6 +71,9 @@ def exercise_everything(m: Metrics) -> None:
     m.record_callback_rejected("twilio", "bad_signature")
     m.record_planner_rejections("invalid_phone", n=3)
     m.record_breaker_transition("twilio", "opened")
+    m.record_in_doubt("twilio", "found", 2)
+    m.record_sweep("requeued", 3)
+    m.record_redis_restart()
     m.set_campaign_progress(
         "spring-sale",
         sent=10,

@@ -68,7 +68,22 @@ EVALUATE_AFTER_S = 8.0
 RANGES = {"$__rate_interval": "15s", "$__interval": "15s", "$__range": "1m"}
 
 #: Dashboard expressions the real pipeline cannot feed yet, and why (see the module docstring).
-KNOWN_GAPS: dict[str, str] = {}
+KNOWN_GAPS: dict[str, str] = {
+    "sum by (provider, state) (increase(dispatch_provider_breaker_transitions_total[10m]))": "this campaign's "
+    "scattered 503s never open a breaker (tests/test_resilience.py opens one)",
+    'sum by (channel) (dispatch_engagement_messages{event="human_opens"}) / (sum by (channel) '
+    '(dispatch_engagement_messages{event="delivered"}) > 0 or sum by (channel) '
+    '(dispatch_engagement_messages{event="sent"}))': "engagement gauges come from round reports "
+    "(dispatch serve's scheduler), not from workers",
+    'sum by (channel) (dispatch_engagement_messages{event="clicks"}) / (sum by (channel) '
+    '(dispatch_engagement_messages{event="delivered"}) > 0 or sum by (channel) '
+    '(dispatch_engagement_messages{event="sent"}))': "engagement gauges come from round reports",
+    'sum by (channel, event) (dispatch_engagement_messages{event=~"delivered|human_opens|machine_opens|clicks|'
+    'replies|optouts"})': "engagement gauges come from round reports",
+    "sum by (provider, resolution) (increase(dispatch_in_doubt_total[10m]))": "nothing is in doubt without a crash "
+    "or a lost answer (tests/test_inflight.py, dispatch chaos)",
+    "sum by (action) (increase(dispatch_sweeps_total[10m]))": "no campaign stalls in this run",
+}
 
 #: Series the campaign must move (not just the zeros workers prime at start-up): query -> why.
 MUST_MOVE = {

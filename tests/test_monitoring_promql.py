@@ -48,6 +48,8 @@ KNOWN_LABELS = {
     "limiter",
     "event",
     "campaign",
+    "resolution",
+    "action",
     "le",
     "pid",
     "instance",
@@ -280,8 +282,8 @@ def test_dashboard_is_provisionable() -> None:
     assert variables["campaign"]["type"] == "query"
     assert "__inputs" not in dashboard  # import-only placeholders break file provisioning
     rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
-    assert len(rows) == 7
-    for word in ("Overview", "Campaign", "Provider", "Rate limit", "Queues", "Planner"):
+    assert len(rows) == 8
+    for word in ("Overview", "Campaign", "Provider", "Rate limit", "Queues", "Planner", "Engagement", "Delivery"):
         assert any(word.lower() in row.lower() for row in rows), word
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
@@ -367,6 +369,9 @@ def worker(index: int) -> None:
         m.set_queue_depth("dispatch.sms", random.randint(0, 50))
         m.record_planner_rejections("invalid_phone")
         m.record_breaker_transition("twilio", random.choice(["opened", "closed"]))
+        m.record_in_doubt("twilio", random.choice(["found", "not_found"]))
+        m.record_sweep("requeued")
+        m.record_redis_restart()
         m.set_campaign_progress(
             "spring-sale",
             sent=sent * 2,
